@@ -1,0 +1,1 @@
+"""Corpus CLIs (installed as ``megatron_glm.data_prep``): preprocess, tokenizer training, merge."""

@@ -1,0 +1,127 @@
+"""Reading JSONL corpora: inputs given as files, globs or folders; plain, gzip or zstd.
+
+Lines travel as raw bytes in batches (decoding and JSON parsing happen in the workers), and
+each document's verdict is one of ``SKIP_CAUSES`` or its texts, so every CLI that reads a
+corpus skips, counts and reports bad lines the same way.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import io
+import json
+import os
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+try:  # ~3x faster parsing; the standard library is the fallback
+    import orjson
+
+    _loads = orjson.loads
+except ImportError:  # pragma: no cover - orjson is in install_requires
+    _loads = json.loads
+
+SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst")
+SKIP_CAUSES = ("invalid-utf8", "malformed-json", "not-an-object", "missing-key", "not-a-string", "empty")
+
+
+class CorpusError(ValueError):
+    """Inputs that cannot be read at all (nothing matches, unreadable file)."""
+
+
+def expand_inputs(specs: Sequence[str]) -> list[str]:
+    """Files as given, globs expanded, folders searched recursively for JSONL files; sorted, unique."""
+    out: list[str] = []
+    for spec in specs:
+        if os.path.isdir(spec):
+            found = sorted(
+                os.path.join(root, name)
+                for root, _, names in os.walk(spec)
+                for name in names
+                if name.endswith(SUFFIXES)
+            )
+            if not found:
+                raise CorpusError(f"input folder {spec} holds no file ending in {', '.join(SUFFIXES)}")
+        elif os.path.isfile(spec):
+            found = [spec]
+        elif glob.has_magic(spec):
+            found = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
+            if not found:
+                raise CorpusError(f"input pattern {spec!r} matches no file")
+        else:
+            raise CorpusError(f"input {spec} is not a file, a folder or a glob that matches files")
+        out.extend(p for p in found if p not in out)
+    return out
+
+
+def open_binary(path: str):
+    """A binary line reader over a plain, .gz or .zst file, and the raw file (for progress)."""
+    raw = open(path, "rb")
+    if path.endswith(".gz"):
+        return gzip.GzipFile(fileobj=raw, mode="rb"), raw
+    if path.endswith(".zst"):
+        try:
+            import zstandard
+        except ImportError as e:  # pragma: no cover - zstandard is in install_requires
+            raise CorpusError(f"{path}: reading .zst needs the zstandard package (pip install zstandard)") from e
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw), 1 << 20), raw
+    return raw, raw
+
+
+@dataclass
+class LineBatch:
+    path: str
+    first_line: int  # 1-based line number of lines[0]
+    lines: list[bytes]
+    raw_bytes: int  # bytes of the (possibly compressed) file consumed by this batch
+
+
+def iter_line_batches(paths: Sequence[str], batch_bytes: int = 1 << 20) -> Iterator[LineBatch]:
+    """Yield consecutive lines in batches of about ``batch_bytes`` (memory stays bounded)."""
+    for path in paths:
+        reader, raw = open_binary(path)
+        with reader, raw:
+            lines: list[bytes] = []
+            size, first, last_pos = 0, 1, 0
+            try:
+                for number, line in enumerate(reader, 1):
+                    lines.append(line)
+                    size += len(line)
+                    if size >= batch_bytes:
+                        pos = raw.tell()
+                        yield LineBatch(path, first, lines, pos - last_pos)
+                        lines, size, first, last_pos = [], 0, number + 1, pos
+            except (OSError, EOFError) as e:  # truncated gzip/zstd stream, unreadable file
+                raise CorpusError(f"{path}: cannot be read past line {first + len(lines) - 1}: {e}") from e
+            yield LineBatch(path, first, lines, os.path.getsize(path) - last_pos)
+
+
+def parse_line(line: bytes, keys: Sequence[str]) -> tuple[str | None, list[str] | None]:
+    """``(None, texts)`` for a usable document, ``(cause, None)`` for a skipped one."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        return "invalid-utf8", None
+    try:
+        obj = _loads(text)
+    except ValueError:
+        return "malformed-json", None
+    if not isinstance(obj, dict):
+        return "not-an-object", None
+    texts = []
+    for key in keys:
+        if key not in obj:
+            return "missing-key", None
+        value = obj[key]
+        if not isinstance(value, str):
+            return "not-a-string", None
+        if not value.strip():
+            return "empty", None
+        texts.append(value)
+    return None, texts
+
+
+def is_blank(line: bytes) -> bool:
+    """Blank lines (a trailing newline, say) are not documents and are not counted as skipped."""
+    return not line.strip()

@@ -1,0 +1,324 @@
+"""glm-preprocess: JSONL corpora -> Megatron indexed datasets ``{prefix}_{key}_document.bin/.idx``.
+
+The main process reads raw lines and writes; workers decode, parse and tokenize batches of
+about a megabyte. At most ``4 x workers`` batches are in flight and results are consumed in
+submission order, so memory is bounded whatever the corpus size and the output is
+byte-identical whatever the worker count. Nothing appears under the output names before
+the run has finished (see ``IndexedDatasetWriter``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+from megatron_glm.data_prep.jsonl import (
+    SKIP_CAUSES,
+    CorpusError,
+    expand_inputs,
+    is_blank,
+    iter_line_batches,
+    parse_line,
+)
+
+MAX_REPORTED = 5  # file:line examples listed in the summary
+
+
+class PreprocessError(RuntimeError):
+    """A run that stops (``--strict`` on a bad line, unusable inputs); nothing is written."""
+
+
+@dataclass
+class Encoded:
+    """What a worker returns for one batch of lines."""
+
+    path: str
+    docs: int
+    skips: list  # (line number, cause)
+    tokens: list  # per json key: (flat token array, per-document lengths)
+    raw_bytes: int
+
+
+# -- worker side -------------------------------------------------------------------------
+_WORKER: dict = {}
+
+
+def _init_worker(spec, keys, append_eod, dtype) -> None:
+    from megatron_glm.data.tokenizer import GLMTokenizer
+
+    tok = GLMTokenizer(spec)
+    _WORKER.update(tok=tok, keys=keys, eod=tok.eod_id if append_eod else None, dtype=dtype)
+
+
+def _encode_one(tok, text):
+    try:
+        return tok.encode_batch([text])[0]
+    except (UnicodeError, RuntimeError, TypeError):
+        return None
+
+
+def encode_lines(batch) -> Encoded:
+    """Decode, parse and tokenize one batch; the verdict of every line is kept in order."""
+    import numpy as np
+
+    tok, keys, eod, dtype = _WORKER["tok"], _WORKER["keys"], _WORKER["eod"], _WORKER["dtype"]
+    skips, kept_lines, columns = [], [], [[] for _ in keys]
+    for number, line in enumerate(batch.lines, batch.first_line):
+        if is_blank(line):
+            continue
+        cause, texts = parse_line(line, keys)
+        if cause:
+            skips.append((number, cause))
+            continue
+        kept_lines.append(number)
+        for column, text in zip(columns, texts):
+            column.append(text)
+    encoded = []
+    for column in columns:
+        try:
+            encoded.append(tok.encode_batch(column))
+        except (UnicodeError, RuntimeError, TypeError):  # e.g. a lone surrogate: find the culprit
+            encoded.append([_encode_one(tok, text) for text in column])
+    keep = [
+        i for i in range(len(kept_lines))
+        if all(ids is not None and len(ids) > 0 for ids in (col[i] for col in encoded))
+    ]
+    for i in sorted(set(range(len(kept_lines))) - set(keep)):
+        bad = any(col[i] is None for col in encoded)
+        skips.append((kept_lines[i], "invalid-utf8" if bad else "empty"))
+    skips.sort()
+    tokens = []
+    for col in encoded:
+        docs = [col[i] + [eod] if eod is not None else col[i] for i in keep]
+        lengths = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
+        flat = np.fromiter((t for d in docs for t in d), dtype=dtype, count=int(lengths.sum()))
+        tokens.append((flat, lengths))
+    return Encoded(batch.path, len(keep), skips, tokens, batch.raw_bytes)
+
+
+# -- main side ---------------------------------------------------------------------------
+@dataclass
+class Summary:
+    files: int = 0
+    docs: int = 0
+    tokens: int = 0
+    raw_bytes: int = 0
+    skipped: collections.Counter = field(default_factory=collections.Counter)
+    examples: list = field(default_factory=list)  # "file:line: cause"
+    seconds: float = 0.0
+    outputs: list = field(default_factory=list)
+
+    def line(self) -> str:
+        s = max(self.seconds, 1e-9)
+        return (
+            f"{self.docs:,} documents, {self.tokens:,} tokens from {self.files} file(s) "
+            f"({self.raw_bytes / 1e6:,.1f} MB) in {self.seconds:.1f} s: "
+            f"{self.docs / s:,.0f} docs/s, {self.tokens / s / 1e6:,.2f} M tokens/s, {self.raw_bytes / s / 1e6:,.1f} MB/s"
+        )
+
+
+def _ordered_map(fn, items, workers: int, initargs):
+    """Like ``Pool.imap`` but with at most ``4 x workers`` tasks in flight (bounded memory)."""
+    if workers <= 1:
+        _init_worker(*initargs)
+        yield from map(fn, items)
+        return
+    import multiprocessing as mp
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    pool = mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=initargs)
+    try:
+        window = collections.deque()
+        for item in items:
+            window.append(pool.apply_async(fn, (item,)))
+            if len(window) >= 4 * workers:
+                yield window.popleft().get()
+        while window:
+            yield window.popleft().get()
+        pool.close()
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+class _Progress:
+    """tqdm on a terminal, a log line every ``interval`` seconds otherwise."""
+
+    def __init__(self, total_bytes: int, enabled: bool, interval: float):
+        self.total, self.interval, self.start = total_bytes, interval, time.monotonic()
+        self.last_log = self.start
+        self.bar = None
+        self.enabled = enabled
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1000, smoothing=0.1,
+                            desc="glm-preprocess", file=sys.stderr)
+
+    def update(self, summary: Summary, raw_bytes: int) -> None:
+        now = time.monotonic()
+        rate = max(now - self.start, 1e-9)
+        stats = f"{summary.docs / rate:,.0f} docs/s, {summary.tokens / rate / 1e6:.2f} M tok/s"
+        if self.bar is not None:
+            self.bar.update(raw_bytes)
+            self.bar.set_postfix_str(stats, refresh=False)
+        elif self.enabled and now - self.last_log >= self.interval:
+            self.last_log = now
+            pct = 100.0 * summary.raw_bytes / max(self.total, 1)
+            print(f"glm-preprocess: {pct:5.1f}% {summary.raw_bytes / 1e6:,.0f} MB, {stats}, "
+                  f"{summary.raw_bytes / rate / 1e6:.1f} MB/s", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def output_prefix(prefix: str, key: str) -> str:
+    return f"{prefix}_{key}_document"
+
+
+def preprocess(
+    inputs,
+    output_prefix_: str,
+    spec,
+    json_keys=("text",),
+    append_eod: bool = False,
+    workers: int = 1,
+    strict: bool = False,
+    overwrite: bool = False,
+    progress: bool = False,
+    log_interval: float = 10.0,
+    batch_bytes: int = 1 << 20,
+) -> Summary:
+    """Run the whole conversion; raises ``PreprocessError`` (nothing written) on a stop."""
+    import numpy as np
+
+    from megatron_glm.data.indexed import IndexedDatasetWriter, best_dtype, bin_path, idx_path
+    from megatron_glm.data.tokenizer import GLMTokenizer
+
+    spec = spec.resolved()
+    json_keys = list(json_keys)
+    if len(set(json_keys)) != len(json_keys):
+        raise PreprocessError(f"--json-keys repeats a key: {json_keys}")
+    prefixes = {key: output_prefix(output_prefix_, key) for key in json_keys}
+    if not overwrite:
+        existing = [p for pre in prefixes.values() for p in (bin_path(pre), idx_path(pre)) if os.path.exists(p)]
+        if existing:
+            raise PreprocessError(f"{', '.join(existing)} already exist(s); pass --overwrite to replace")
+    try:
+        paths = expand_inputs(inputs)
+    except CorpusError as e:
+        raise PreprocessError(str(e)) from e
+    tok = GLMTokenizer(spec)
+    dtype = best_dtype(tok.vocab_size)
+    summary = Summary(files=len(paths))
+    bar = _Progress(sum(os.path.getsize(p) for p in paths), progress, log_interval)
+    start = time.monotonic()
+    writers = {key: IndexedDatasetWriter(prefixes[key], dtype, overwrite=overwrite) for key in json_keys}
+    try:
+        results = _ordered_map(encode_lines, iter_line_batches(paths, batch_bytes), workers,
+                               (spec, json_keys, append_eod, dtype))
+        for res in results:
+            for number, cause in res.skips:
+                where = f"{res.path}:{number}: {cause}"
+                if strict:
+                    raise PreprocessError(f"{where} (--strict stops at the first bad line; nothing was written)")
+                summary.skipped[cause] += 1
+                if len(summary.examples) < MAX_REPORTED:
+                    summary.examples.append(where)
+            for key, (flat, lengths) in zip(json_keys, res.tokens):
+                writers[key].add_documents(flat, lengths)
+            summary.docs += res.docs
+            summary.tokens += int(res.tokens[0][0].size) if res.tokens else 0
+            summary.raw_bytes += res.raw_bytes
+            bar.update(summary, res.raw_bytes)
+        summary.seconds = time.monotonic() - start
+        meta = {
+            "inputs": [os.path.abspath(p) for p in paths],
+            "json_keys": json_keys,
+            "append_eod": append_eod,
+            "documents": summary.docs,
+            "skipped": dict(summary.skipped),
+            "dtype": str(np.dtype(dtype)),
+            "tokenizer": tok.describe(),
+            "megatron_glm_version": __import__("megatron_glm").__version__,
+        }
+        for key, writer in writers.items():
+            with open(prefixes[key] + ".meta.json.tmp", "w") as f:
+                json.dump({**meta, "json_key": key, "tokens": writer.num_tokens}, f, indent=1)
+            writer.finalize()
+            os.replace(prefixes[key] + ".meta.json.tmp", prefixes[key] + ".meta.json")
+            summary.outputs.append(prefixes[key])
+    except BaseException:
+        for key, writer in writers.items():
+            writer.abort()
+            if os.path.exists(prefixes[key] + ".meta.json.tmp"):
+                os.remove(prefixes[key] + ".meta.json.tmp")
+        raise
+    finally:
+        bar.close()
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from megatron_glm.data.tokenizer import add_tokenizer_args
+
+    p = argparse.ArgumentParser(
+        prog="glm-preprocess",
+        description="Tokenize JSONL corpora (.jsonl, .jsonl.gz, .jsonl.zst; files, globs or folders) into "
+        "Megatron indexed datasets {output-prefix}_{key}_document.bin/.idx.",
+    )
+    p.add_argument("--input", nargs="+", required=True, help="files, globs or folders")
+    p.add_argument("--output-prefix", required=True)
+    p.add_argument("--json-keys", nargs="+", default=["text"], help="keys to extract, one dataset each (default: text)")
+    p.add_argument("--append-eod", action="store_true", help="append the end-of-document token to every document")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes (default: all cores)")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad line instead of skipping it")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
+    p.add_argument("--log-interval", type=float, default=10.0, help="seconds between progress lines off a terminal")
+    add_tokenizer_args(p)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.workers < 1:
+        print("glm-preprocess: --workers must be at least 1", file=sys.stderr)
+        return 2
+    from megatron_glm.data.tokenizer import TokenizerError, spec_from_args
+
+    def _terminate(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, _terminate)  # clean up temporary files on kill, as on Ctrl-C
+    try:
+        summary = preprocess(
+            args.input, args.output_prefix, spec_from_args(args), args.json_keys, args.append_eod,
+            args.workers, args.strict, args.overwrite, progress=not args.no_progress, log_interval=args.log_interval,
+        )
+    except (PreprocessError, TokenizerError, CorpusError, FileExistsError) as e:
+        print(f"glm-preprocess: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("glm-preprocess: interrupted; temporary files removed, nothing written", file=sys.stderr)
+        return 130
+    print(f"glm-preprocess: {summary.line()}")
+    if summary.skipped:
+        causes = ", ".join(f"{c} {summary.skipped[c]:,}" for c in SKIP_CAUSES if summary.skipped[c])
+        print(f"glm-preprocess: skipped {sum(summary.skipped.values()):,} line(s): {causes}")
+        for example in summary.examples:
+            print(f"  {example}")
+    for prefix in summary.outputs:
+        print(f"glm-preprocess: wrote {prefix}.bin/.idx")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Fused Triton kernels with their torch references (installed as ``megatron_glm.kernels``)."""

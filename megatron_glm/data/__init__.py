@@ -1,0 +1,1 @@
+"""The data side: tokenizers, the indexed binary format, and training datasets."""

@@ -1,0 +1,407 @@
+"""Megatron's indexed binary dataset: ``{prefix}.bin`` (tokens) and ``{prefix}.idx`` (index).
+
+Byte-compatible with Megatron-LM / megatron-core (layout in REFERENCE.md section 4), so corpora
+move freely between the two stacks. The writer streams: its memory does not grow with the
+corpus (lengths and document boundaries spill to temporary files), and it writes under
+temporary names that are renamed only when the index is complete, so an interrupted run
+never leaves a valid-looking partial dataset. The reader memory-maps both files and checks
+the header against the file sizes before it trusts a single count, so a corrupt or
+truncated file gives an error naming the file, never a segfault or a huge allocation.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+MAGIC = b"MMIDIDX\x00\x00"
+VERSION = 1
+HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequence count, doc-index length
+DTYPE_CODES = {
+    1: np.uint8,
+    2: np.int8,
+    3: np.int16,
+    4: np.int32,
+    5: np.int64,
+    6: np.float64,
+    7: np.float32,
+    8: np.uint16,
+}
+CODE_OF_DTYPE = {np.dtype(v): k for k, v in DTYPE_CODES.items()}
+_CHUNK = 1 << 22  # entries per chunk when streaming index arrays
+
+
+class IndexedDatasetError(ValueError):
+    """A .bin/.idx pair that cannot be read as it is (corrupt, truncated, wrong dtype)."""
+
+
+def bin_path(prefix: str | os.PathLike) -> str:
+    return f"{os.fspath(prefix)}.bin"
+
+
+def idx_path(prefix: str | os.PathLike) -> str:
+    return f"{os.fspath(prefix)}.idx"
+
+
+def best_dtype(vocab_size: int) -> np.dtype:
+    """The token dtype Megatron picks: uint16 below 65500 ids, else int32."""
+    return np.dtype(np.uint16 if vocab_size < 65500 else np.int32)
+
+
+def check_dtype_holds_vocab(dtype, vocab_size: int, where: str = "dataset") -> None:
+    """Refuse a token dtype too narrow for the vocabulary (ids would wrap silently)."""
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "iu":
+        raise IndexedDatasetError(f"{where}: token dtype {dtype} is not an integer type")
+    if vocab_size - 1 > np.iinfo(dtype).max:
+        raise IndexedDatasetError(
+            f"{where}: token dtype {dtype} holds ids up to {np.iinfo(dtype).max}, but the "
+            f"tokenizer has {vocab_size} ids; re-run glm-preprocess with this tokenizer "
+            f"(it picks {best_dtype(vocab_size)} for this vocabulary)"
+        )
+
+
+def dataset_exists(prefix) -> bool:
+    return os.path.exists(bin_path(prefix)) and os.path.exists(idx_path(prefix))
+
+
+class _Spill:
+    """An append-only int array that moves to a temporary file past a few MB."""
+
+    def __init__(self, path: str, dtype):
+        self.path, self.dtype = path, np.dtype(dtype)
+        self._chunks: list[np.ndarray] = []
+        self._buffered = 0
+        self._file = None
+        self.size = 0
+
+    def extend(self, values) -> None:
+        arr = np.asarray(values, dtype=self.dtype).ravel()
+        if arr.size == 0:
+            return
+        self._chunks.append(arr)
+        self._buffered += arr.size
+        self.size += arr.size
+        if self._buffered >= _CHUNK:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._file is None:
+            self._file = open(self.path, "wb")
+        for arr in self._chunks:
+            self._file.write(arr.tobytes())
+        self._chunks, self._buffered = [], 0
+
+    def chunks(self) -> Iterator[np.ndarray]:
+        if self._file is not None:
+            self._file.flush()
+            with open(self.path, "rb") as f:
+                while True:
+                    data = f.read(_CHUNK * self.dtype.itemsize)
+                    if not data:
+                        break
+                    yield np.frombuffer(data, dtype=self.dtype)
+        yield from self._chunks
+
+    def last(self) -> int:
+        if self._chunks:
+            return int(self._chunks[-1][-1])
+        with open(self.path, "rb") as f:
+            f.seek(-self.dtype.itemsize, os.SEEK_END)
+            return int(np.frombuffer(f.read(self.dtype.itemsize), dtype=self.dtype)[0])
+
+    def close(self, remove: bool = True) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if remove and os.path.exists(self.path):
+            os.remove(self.path)
+
+
+class IndexedDatasetWriter:
+    """Writes ``{prefix}.bin/.idx``; nothing appears under the final names before ``finalize``.
+
+    Use as a context manager: leaving the block normally finalizes, leaving it by an
+    exception removes the temporary files and leaves any previous dataset untouched.
+    """
+
+    def __init__(self, prefix, dtype, overwrite: bool = False):
+        self.prefix = os.fspath(prefix)
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in CODE_OF_DTYPE:
+            raise ValueError(f"unsupported token dtype {self.dtype}; use one of {sorted(map(str, CODE_OF_DTYPE))}")
+        if not overwrite:
+            for path in (bin_path(self.prefix), idx_path(self.prefix)):
+                if os.path.exists(path):
+                    raise FileExistsError(f"{path} already exists; pass --overwrite to replace it")
+        Path(self.prefix).parent.mkdir(parents=True, exist_ok=True)
+        tag = f".tmp-{os.getpid()}"
+        self._bin_tmp = bin_path(self.prefix) + tag
+        self._idx_tmp = idx_path(self.prefix) + tag
+        self._bin = open(self._bin_tmp, "wb", buffering=1 << 20)
+        self._lengths = _Spill(self._idx_tmp + ".lengths", np.int32)
+        self._doc_idx = _Spill(self._idx_tmp + ".docs", np.int64)
+        self._doc_idx.extend([0])
+        self.num_sequences = 0
+        self.num_tokens = 0
+        self._done = False
+
+    # -- adding data -------------------------------------------------------------------
+    def add_item(self, tokens) -> None:
+        """Append one sequence to the current document (close it with ``end_document``)."""
+        arr = self._as_tokens(tokens)
+        self._bin.write(arr.tobytes())
+        self._lengths.extend([arr.size])
+        self.num_sequences += 1
+        self.num_tokens += arr.size
+
+    def end_document(self) -> None:
+        self._doc_idx.extend([self.num_sequences])
+
+    def add_document(self, tokens, lengths: Iterable[int] | None = None) -> None:
+        """Append a document made of one sequence, or of several of the given ``lengths``."""
+        arr = self._as_tokens(tokens)
+        lengths = np.asarray([arr.size] if lengths is None else list(lengths), dtype=np.int64)
+        if int(lengths.sum()) != arr.size or (lengths < 0).any():
+            raise ValueError(f"sequence lengths {lengths.tolist()} do not add up to the {arr.size} tokens given")
+        self._bin.write(arr.tobytes())
+        self._lengths.extend(lengths)
+        self.num_sequences += lengths.size
+        self.num_tokens += arr.size
+        self._doc_idx.extend([self.num_sequences])
+
+    def add_documents(self, tokens, doc_lengths) -> None:
+        """Append many one-sequence documents at once: ``tokens`` concatenated, split by ``doc_lengths``."""
+        arr = self._as_tokens(tokens)
+        doc_lengths = np.asarray(doc_lengths, dtype=np.int64)
+        if int(doc_lengths.sum()) != arr.size:
+            raise ValueError(f"document lengths add up to {int(doc_lengths.sum())}, not the {arr.size} tokens given")
+        self._bin.write(arr.tobytes())
+        self._lengths.extend(doc_lengths)
+        self._doc_idx.extend(self.num_sequences + np.arange(1, doc_lengths.size + 1))
+        self.num_sequences += doc_lengths.size
+        self.num_tokens += arr.size
+
+    def add_dataset(self, prefix) -> None:
+        """Append a whole existing dataset (merge); its dtype must match."""
+        other = IndexedDataset(prefix)
+        if other.dtype != self.dtype:
+            raise IndexedDatasetError(
+                f"{idx_path(prefix)}: token dtype {other.dtype} differs from {self.dtype} of the merge; "
+                "re-run glm-preprocess so all parts use the same tokenizer"
+            )
+        lengths, doc_idx = other.sequence_lengths, other.document_indices
+        for start in range(0, lengths.size, _CHUNK):
+            self._lengths.extend(lengths[start : start + _CHUNK])
+        for start in range(1, doc_idx.size, _CHUNK):
+            self._doc_idx.extend(doc_idx[start : start + _CHUNK].astype(np.int64) + self.num_sequences)
+        with open(bin_path(prefix), "rb") as f:
+            while block := f.read(1 << 24):
+                self._bin.write(block)
+        self.num_sequences += lengths.size
+        self.num_tokens += other.num_tokens
+        other.close()
+
+    def _as_tokens(self, tokens) -> np.ndarray:
+        arr = np.asarray(tokens)
+        if arr.dtype != self.dtype:
+            if arr.size and (arr.min() < np.iinfo(self.dtype).min or arr.max() > np.iinfo(self.dtype).max):
+                raise IndexedDatasetError(f"token ids {arr.min()}..{arr.max()} do not fit dtype {self.dtype}")
+            arr = arr.astype(self.dtype)
+        return np.ascontiguousarray(arr).ravel()
+
+    # -- finishing ---------------------------------------------------------------------
+    def finalize(self) -> None:
+        """Write the index, flush both files to disk, then rename them into place."""
+        if self._done:
+            return
+        if self._doc_idx.last() != self.num_sequences:
+            self.end_document()  # a trailing add_item without end_document
+        self._bin.flush()
+        os.fsync(self._bin.fileno())
+        self._bin.close()
+        with open(self._idx_tmp, "wb") as f:
+            code = CODE_OF_DTYPE[self.dtype]
+            f.write(HEADER.pack(MAGIC, VERSION, code, self.num_sequences, self._doc_idx.size))
+            for chunk in self._lengths.chunks():
+                f.write(chunk.tobytes())
+            pointer = 0
+            for chunk in self._lengths.chunks():
+                sizes = chunk.astype(np.int64) * self.dtype.itemsize
+                ends = np.cumsum(sizes) + pointer
+                f.write((ends - sizes).tobytes())
+                pointer = int(ends[-1]) if ends.size else pointer
+            for chunk in self._doc_idx.chunks():
+                f.write(chunk.tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        self._lengths.close()
+        self._doc_idx.close()
+        # An old index must never describe the new .bin, even for a moment.
+        if os.path.exists(idx_path(self.prefix)):
+            os.remove(idx_path(self.prefix))
+        os.replace(self._bin_tmp, bin_path(self.prefix))
+        os.replace(self._idx_tmp, idx_path(self.prefix))
+        self._done = True
+
+    def abort(self) -> None:
+        """Remove every temporary file; any dataset already under the final names stays."""
+        if self._done:
+            return
+        self._bin.close()
+        self._lengths.close()
+        self._doc_idx.close()
+        for path in (self._bin_tmp, self._idx_tmp):
+            if os.path.exists(path):
+                os.remove(path)
+        self._done = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.finalize()
+        else:
+            self.abort()
+        return False
+
+
+def _corrupt(path, problem: str) -> IndexedDatasetError:
+    return IndexedDatasetError(
+        f"{path}: {problem}; the file is corrupt or truncated: re-run glm-preprocess to rebuild it"
+    )
+
+
+class IndexedDataset:
+    """Memory-mapped reader: random access to sequences and documents without reading the file."""
+
+    def __init__(self, prefix):
+        self.prefix = os.fspath(prefix)
+        ipath, bpath = idx_path(self.prefix), bin_path(self.prefix)
+        for path in (ipath, bpath):
+            if not os.path.exists(path):
+                raise FileNotFoundError(
+                    f"{path} not found; a dataset prefix names a .bin/.idx pair written by glm-preprocess "
+                    f"(it writes {{output_prefix}}_{{json_key}}_document.bin/.idx)"
+                )
+        idx_size = os.path.getsize(ipath)
+        if idx_size < HEADER.size:
+            raise _corrupt(ipath, f"{idx_size} bytes, shorter than the {HEADER.size}-byte header")
+        with open(ipath, "rb") as f:
+            magic, version, code, num_seq, doc_len = HEADER.unpack(f.read(HEADER.size))
+        if magic != MAGIC:
+            raise IndexedDatasetError(f"{ipath}: not a Megatron indexed dataset (magic {magic!r}, expected {MAGIC!r})")
+        if version != VERSION:
+            raise IndexedDatasetError(f"{ipath}: index version {version} is not supported (only {VERSION})")
+        if code not in DTYPE_CODES:
+            raise _corrupt(ipath, f"unknown dtype code {code}")
+        expected = HEADER.size + 12 * num_seq + 8 * doc_len
+        if idx_size != expected or doc_len < 1:
+            raise _corrupt(
+                ipath,
+                f"{idx_size} bytes, but its header promises {num_seq} sequences and {doc_len - 1} documents "
+                f"({expected} bytes)",
+            )
+        self.dtype = np.dtype(DTYPE_CODES[code])
+        self._idx = np.memmap(ipath, dtype=np.uint8, mode="r")
+        buf = self._idx
+        off = HEADER.size
+        self.sequence_lengths = np.frombuffer(buf, dtype=np.int32, count=num_seq, offset=off)
+        off += 4 * num_seq
+        self.sequence_pointers = np.frombuffer(buf, dtype=np.int64, count=num_seq, offset=off)
+        off += 8 * num_seq
+        self.document_indices = np.frombuffer(buf, dtype=np.int64, count=doc_len, offset=off)
+
+        bin_size = os.path.getsize(bpath)
+        itemsize = self.dtype.itemsize
+        want = int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * itemsize if num_seq else 0
+        if bin_size != want:
+            raise _corrupt(bpath, f"{bin_size} bytes, but {ipath} describes {want} bytes of {self.dtype} tokens")
+        if self.document_indices[0] != 0 or self.document_indices[-1] != num_seq:
+            raise _corrupt(ipath, "document index does not start at 0 and end at the sequence count")
+        self.num_tokens = want // itemsize
+        self._bin = np.memmap(bpath, dtype=self.dtype, mode="r") if bin_size else np.empty(0, self.dtype)
+
+    # -- sizes -------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self.sequence_lengths.size
+
+    @property
+    def num_documents(self) -> int:
+        return self.document_indices.size - 1
+
+    def document_lengths(self) -> np.ndarray:
+        """Tokens per document (int64), summing its sequences."""
+        cum = np.zeros(len(self) + 1, dtype=np.int64)
+        np.cumsum(self.sequence_lengths, out=cum[1:])
+        return cum[self.document_indices[1:]] - cum[self.document_indices[:-1]]
+
+    # -- access ------------------------------------------------------------------------
+    def get(self, i: int, offset: int = 0, length: int | None = None) -> np.ndarray:
+        """Tokens of sequence ``i`` (a read-only view), optionally a slice of it."""
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"sequence {i} out of range for {len(self)} sequences in {self.prefix}")
+        size = int(self.sequence_lengths[i])
+        length = size - offset if length is None else length
+        if offset < 0 or length < 0 or offset + length > size:
+            raise IndexError(f"slice [{offset}, {offset + length}) outside sequence {i} of {size} tokens")
+        start = int(self.sequence_pointers[i]) // self.dtype.itemsize + offset
+        return self._bin[start : start + length]
+
+    __getitem__ = get
+
+    def document(self, d: int, offset: int = 0, length: int | None = None) -> np.ndarray:
+        """Tokens of document ``d`` (its sequences are contiguous in the .bin), or a slice of it."""
+        if not 0 <= d < self.num_documents:
+            raise IndexError(f"document {d} out of range for {self.num_documents} documents in {self.prefix}")
+        first, end = int(self.document_indices[d]), int(self.document_indices[d + 1])
+        if first == end:
+            return self._bin[:0]
+        start = int(self.sequence_pointers[first]) // self.dtype.itemsize
+        size = int(self.sequence_pointers[end - 1]) // self.dtype.itemsize + int(self.sequence_lengths[end - 1]) - start
+        length = size - offset if length is None else length
+        if offset < 0 or length < 0 or offset + length > size:
+            raise IndexError(f"slice [{offset}, {offset + length}) outside document {d} of {size} tokens")
+        return self._bin[start + offset : start + offset + length]
+
+    def verify(self) -> None:
+        """Full consistency check of the index (O(sequences), in chunks): for `glm-preprocess --verify`."""
+        itemsize, pointer = self.dtype.itemsize, 0
+        for start in range(0, len(self), _CHUNK):
+            lengths = self.sequence_lengths[start : start + _CHUNK].astype(np.int64)
+            if (lengths < 0).any():
+                raise _corrupt(idx_path(self.prefix), f"negative sequence length near sequence {start}")
+            ends = np.cumsum(lengths * itemsize) + pointer
+            if not np.array_equal(ends - lengths * itemsize, self.sequence_pointers[start : start + _CHUNK]):
+                raise _corrupt(idx_path(self.prefix), f"sequence pointers disagree with lengths near sequence {start}")
+            pointer = int(ends[-1])
+        for start in range(0, self.document_indices.size - 1, _CHUNK):
+            part = self.document_indices[start : start + _CHUNK + 1]
+            if (np.diff(part) < 0).any():
+                raise _corrupt(idx_path(self.prefix), f"document index decreases near document {start}")
+
+    def close(self) -> None:
+        """Drop the memory maps (they unmap once no returned view still uses them)."""
+        self._bin = self._idx = None
+
+    def __repr__(self) -> str:
+        return (
+            f"IndexedDataset({self.prefix!r}: {self.num_documents} documents, {len(self)} sequences, "
+            f"{self.num_tokens} {self.dtype} tokens)"
+        )
+
+
+def merge_datasets(prefixes: list, output_prefix, overwrite: bool = False) -> IndexedDataset:
+    """Concatenate datasets (same dtype) into one, in the given order."""
+    if not prefixes:
+        raise ValueError("nothing to merge: give at least one input prefix")
+    dtype = IndexedDataset(prefixes[0]).dtype
+    with IndexedDatasetWriter(output_prefix, dtype, overwrite=overwrite) as writer:
+        for prefix in prefixes:
+            writer.add_dataset(prefix)
+    return IndexedDataset(output_prefix)

@@ -1,0 +1,244 @@
+"""One tokenizer interface over sentencepiece models and Hugging Face ``tokenizers`` files.
+
+GLM needs ten special tokens (REFERENCE.md section 1). Every backend gets them by the same
+rule, so ids never depend on which code path loaded the tokenizer: for each role, in the
+fixed order of ``SPECIAL_TOKENS``, reuse the base vocabulary's token if it has one under a
+known spelling (BERT's ``[MASK]``, GPT-2's ``<|endoftext|>``, sentencepiece's ``<unk>``...),
+otherwise append the canonical spelling after the base vocabulary. Plain ``encode`` never
+produces a special token from raw text (a corpus that contains the string "[MASK]" stays
+text); ``encode(..., allow_special=True)`` recognises the spellings, for prompts.
+
+The embedding table is padded to a multiple of 128 x TP (Megatron's rule), reported by
+``padded_vocab_size``; the extra rows are never produced by the tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+# role -> spellings recognised in a base vocabulary; the first is the canonical one we append.
+SPECIAL_TOKENS: dict[str, tuple[str, ...]] = {
+    "pad": ("[pad]", "[PAD]", "<pad>"),
+    "cls": ("[CLS]", "<cls>"),
+    "mask": ("[MASK]", "<mask>"),
+    "smask": ("[sMASK]",),
+    "gmask": ("[gMASK]",),
+    "sop": ("[sop]", "<|startofpiece|>"),
+    "eop": ("[eop]", "<|endofpiece|>"),
+    "eos": ("[eos]", "</s>", "<|endoftext|>", "<eos>"),
+    "unk": ("[unk]", "[UNK]", "<unk>"),
+    "sep": ("[sep]", "[SEP]", "<sep>"),
+}
+
+TOKENIZER_TYPES = ("auto", "sentencepiece", "hf", "bert", "bert-cased", "gpt2")
+MEGATRON_TYPE_NAMES = {
+    "SentencePieceTokenizer": "sentencepiece",
+    "GPTSentencePieceTokenizer": "sentencepiece",
+    "HuggingFaceTokenizer": "hf",
+    "BertWordPieceLowerCase": "bert",
+    "BertWordPieceCase": "bert-cased",
+    "GPT2BPETokenizer": "gpt2",
+}
+
+
+class TokenizerError(ValueError):
+    """A tokenizer that cannot be loaded as given (missing file, unknown type)."""
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """How to load a tokenizer: small and picklable, so worker processes load their own."""
+
+    type: str = "auto"
+    model: str | None = None  # sentencepiece .model or HF tokenizer.json (or a folder holding one)
+    vocab_file: str | None = None  # BERT vocab.txt or GPT-2 vocab.json
+    merge_file: str | None = None  # GPT-2 merges.txt
+
+    def resolved(self) -> "TokenizerSpec":
+        """The spec with ``auto`` replaced by the type its files imply, files checked to exist."""
+        kind = MEGATRON_TYPE_NAMES.get(self.type, self.type)
+        if kind not in TOKENIZER_TYPES:
+            raise TokenizerError(f"unknown tokenizer type {self.type!r}; choose one of {', '.join(TOKENIZER_TYPES)}")
+        model = self.model
+        if model and os.path.isdir(model):
+            model = os.path.join(model, "tokenizer.json")
+        for path in (model, self.vocab_file, self.merge_file):
+            if path and not os.path.isfile(path):
+                raise TokenizerError(f"tokenizer file {path} not found")
+        if kind == "auto":
+            if model:
+                kind = "hf" if model.endswith(".json") else "sentencepiece"
+            elif self.vocab_file and self.merge_file:
+                kind = "gpt2"
+            elif self.vocab_file:
+                kind = "bert"
+            else:
+                raise TokenizerError(
+                    "no tokenizer given: pass --tokenizer-model (sentencepiece .model or tokenizer.json), "
+                    "--vocab-file (BERT vocab.txt), or --vocab-file and --merge-file (GPT-2)"
+                )
+        needs = {"sentencepiece": ("model",), "hf": ("model",), "bert": ("vocab_file",),
+                 "bert-cased": ("vocab_file",), "gpt2": ("vocab_file", "merge_file")}[kind]
+        values = {"model": model, "vocab_file": self.vocab_file, "merge_file": self.merge_file}
+        missing = [f"--{n.replace('_', '-').replace('model', 'tokenizer-model')}" for n in needs if not values[n]]
+        if missing:
+            raise TokenizerError(f"tokenizer type {kind} needs {' and '.join(missing)}")
+        return TokenizerSpec(kind, model, self.vocab_file, self.merge_file)
+
+    def files(self) -> list[str]:
+        return [p for p in (self.model, self.vocab_file, self.merge_file) if p]
+
+
+def add_tokenizer_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("tokenizer")
+    g.add_argument("--tokenizer-type", default="auto",
+                   help=f"one of {', '.join(TOKENIZER_TYPES)} (Megatron names such as "
+                        "SentencePieceTokenizer are accepted); auto infers it from the files")
+    g.add_argument("--tokenizer-model", help="sentencepiece .model, or Hugging Face tokenizer.json (or its folder)")
+    g.add_argument("--vocab-file", help="BERT vocab.txt, or GPT-2 vocab.json (with --merge-file)")
+    g.add_argument("--merge-file", help="GPT-2 merges.txt")
+
+
+def spec_from_args(args) -> TokenizerSpec:
+    return TokenizerSpec(args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file).resolved()
+
+
+class _SentencePiece:
+    def __init__(self, path: str):
+        import sentencepiece
+
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=path)
+        self.size = self.sp.get_piece_size()
+
+    def token_to_id(self, piece: str) -> int | None:
+        i = self.sp.piece_to_id(piece)
+        return i if self.sp.id_to_piece(i) == piece else None
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return self.sp.encode(list(texts), num_threads=1)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.sp.decode(list(ids))
+
+
+class _HuggingFace:
+    def __init__(self, spec: TokenizerSpec):
+        import tokenizers
+
+        if spec.type == "hf":
+            tok = tokenizers.Tokenizer.from_file(spec.model)
+        elif spec.type in ("bert", "bert-cased"):
+            tok = tokenizers.BertWordPieceTokenizer(spec.vocab_file, lowercase=spec.type == "bert")._tokenizer
+        else:
+            tok = tokenizers.ByteLevelBPETokenizer(spec.vocab_file, spec.merge_file)._tokenizer
+        tok.encode_special_tokens = True  # raw text never turns into a special token
+        self.tok = tok
+        self.size = tok.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.tok.token_to_id(token)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=False)
+
+
+class GLMTokenizer:
+    """A base tokenizer plus the GLM special tokens, with ids fixed by the rule above."""
+
+    def __init__(self, spec: TokenizerSpec):
+        self.spec = spec.resolved()
+        self._base = _SentencePiece(self.spec.model) if self.spec.type == "sentencepiece" else _HuggingFace(self.spec)
+        self.base_vocab_size = self._base.size
+        self.special_ids: dict[str, int] = {}
+        self._added: dict[int, str] = {}  # ids appended after the base vocabulary
+        for role, spellings in SPECIAL_TOKENS.items():
+            found = next((i for i in map(self._base.token_to_id, spellings) if i is not None), None)
+            if found is None:
+                found = self.base_vocab_size + len(self._added)
+                self._added[found] = spellings[0]
+            self.special_ids[role] = found
+        self.vocab_size = self.base_vocab_size + len(self._added)
+        spelled = sorted({s for spellings in SPECIAL_TOKENS.values() for s in spellings}, key=len, reverse=True)
+        self._special_re = re.compile("(" + "|".join(map(re.escape, spelled)) + ")")
+        self._id_of_spelling = {s: self.special_ids[r] for r, sp in SPECIAL_TOKENS.items() for s in sp}
+
+    # special ids as attributes: tok.mask_id, tok.eos_id, ...
+    def __getattr__(self, name: str) -> int:
+        ids = self.__dict__.get("special_ids")
+        if ids is not None and name.endswith("_id") and name[:-3] in ids:
+            return ids[name[:-3]]
+        raise AttributeError(name)
+
+    @property
+    def eod_id(self) -> int:
+        """End of document, appended by ``glm-preprocess --append-eod``."""
+        return self.special_ids["eos"]
+
+    def padded_vocab_size(self, tensor_parallel_size: int = 1, multiple: int = 128) -> int:
+        """Vocabulary rounded up to ``multiple * tensor_parallel_size`` (Megatron's padding)."""
+        step = multiple * tensor_parallel_size
+        return -(-self.vocab_size // step) * step
+
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        if not allow_special:
+            return self._base.encode_batch([text])[0]
+        ids: list[int] = []
+        for k, part in enumerate(self._special_re.split(text)):
+            if k % 2:
+                ids.append(self._id_of_spelling[part])
+            elif part:
+                ids.extend(self._base.encode_batch([part])[0])
+        return ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return self._base.encode_batch(texts)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        out, run = [], []
+        for i in map(int, ids):
+            if i in self._added:
+                if run:
+                    out.append(self._base.decode(run))
+                    run = []
+                out.append(self._added[i])
+            elif 0 <= i < self.base_vocab_size:
+                run.append(i)
+            else:
+                raise ValueError(f"token id {i} is outside this tokenizer's {self.vocab_size} ids")
+        if run:
+            out.append(self._base.decode(run))
+        return "".join(out)
+
+    def fingerprint(self) -> str:
+        """sha256 over the tokenizer files: datasets record it to catch a tokenizer swap."""
+        h = hashlib.sha256(self.spec.type.encode())
+        for path in self.spec.files():
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        return h.hexdigest()
+
+    def describe(self) -> dict:
+        return {
+            "type": self.spec.type,
+            "files": [os.path.abspath(p) for p in self.spec.files()],
+            "fingerprint": self.fingerprint(),
+            "vocab_size": self.vocab_size,
+            "special_ids": dict(self.special_ids),
+        }
+
+    def __repr__(self) -> str:
+        return f"GLMTokenizer({self.spec.type}, {self.vocab_size} ids, {len(self._added)} specials appended)"
+
+
+def load_tokenizer(spec: TokenizerSpec | None = None, **kwargs) -> GLMTokenizer:
+    """``load_tokenizer(model="spm.model")`` or ``load_tokenizer(TokenizerSpec(...))``."""
+    return GLMTokenizer(spec or TokenizerSpec(**kwargs))
