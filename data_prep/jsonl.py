@@ -43,7 +43,7 @@ def expand_inputs(specs: Sequence[str]) -> list[str]:
             )
             if not found:
                 raise CorpusError(f"input folder {spec} holds no file ending in {', '.join(SUFFIXES)}")
-        elif os.path.isfile(spec):
+        elif os.path.exists(spec):  # a file, or a named pipe fed by another program
             found = [spec]
         elif glob.has_magic(spec):
             found = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
@@ -81,20 +81,22 @@ def iter_line_batches(paths: Sequence[str], batch_bytes: int = 1 << 20) -> Itera
     """Yield consecutive lines in batches of about ``batch_bytes`` (memory stays bounded)."""
     for path in paths:
         reader, raw = open_binary(path)
+        compressed = reader is not raw
         with reader, raw:
             lines: list[bytes] = []
-            size, first, last_pos = 0, 1, 0
+            size, first, consumed, reported = 0, 1, 0, 0
             try:
                 for number, line in enumerate(reader, 1):
                     lines.append(line)
                     size += len(line)
                     if size >= batch_bytes:
-                        pos = raw.tell()
-                        yield LineBatch(path, first, lines, pos - last_pos)
-                        lines, size, first, last_pos = [], 0, number + 1, pos
+                        consumed = raw.tell() if compressed else consumed + size
+                        yield LineBatch(path, first, lines, consumed - reported)
+                        lines, size, first, reported = [], 0, number + 1, consumed
+                consumed = raw.tell() if compressed else consumed + size
             except (OSError, EOFError) as e:  # truncated gzip/zstd stream, unreadable file
                 raise CorpusError(f"{path}: cannot be read past line {first + len(lines) - 1}: {e}") from e
-            yield LineBatch(path, first, lines, os.path.getsize(path) - last_pos)
+            yield LineBatch(path, first, lines, consumed - reported)
 
 
 def parse_line(line: bytes, keys: Sequence[str]) -> tuple[str | None, list[str] | None]:

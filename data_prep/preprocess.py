@@ -49,8 +49,12 @@ class Encoded:
 _WORKER: dict = {}
 
 
-def _init_worker(spec, keys, append_eod, dtype) -> None:
+def _init_worker(spec, keys, append_eod, dtype, in_subprocess=True) -> None:
     from megatron_glm.data.tokenizer import GLMTokenizer
+
+    if in_subprocess:  # the main process alone handles Ctrl-C and SIGTERM, and stops the workers
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     tok = GLMTokenizer(spec)
     _WORKER.update(tok=tok, keys=keys, eod=tok.eod_id if append_eod else None, dtype=dtype)
@@ -124,27 +128,31 @@ class Summary:
 
 
 def _ordered_map(fn, items, workers: int, initargs):
-    """Like ``Pool.imap`` but with at most ``4 x workers`` tasks in flight (bounded memory)."""
+    """Like ``Pool.imap`` but with at most ``4 x workers`` tasks in flight (bounded memory).
+
+    A worker that dies (out of memory, a crash in a tokenizer) raises ``BrokenProcessPool``
+    here instead of hanging the run.
+    """
     if workers <= 1:
-        _init_worker(*initargs)
+        _init_worker(*initargs, in_subprocess=False)
         yield from map(fn, items)
         return
     import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    pool = mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=initargs)
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_init_worker,
+                               initargs=initargs)
     try:
         window = collections.deque()
         for item in items:
-            window.append(pool.apply_async(fn, (item,)))
+            window.append(pool.submit(fn, item))
             if len(window) >= 4 * workers:
-                yield window.popleft().get()
+                yield window.popleft().result()
         while window:
-            yield window.popleft().get()
-        pool.close()
+            yield window.popleft().result()
     finally:
-        pool.terminate()
-        pool.join()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _Progress:
@@ -255,6 +263,10 @@ def preprocess(
             writer.finalize()
             os.replace(prefixes[key] + ".meta.json.tmp", prefixes[key] + ".meta.json")
             summary.outputs.append(prefixes[key])
+    except CorpusError as e:  # an input that breaks off half-way (truncated .gz/.zst)
+        for writer in writers.values():
+            writer.abort()
+        raise PreprocessError(f"{e}; nothing was written") from e
     except BaseException:
         for key, writer in writers.items():
             writer.abort()
@@ -292,12 +304,14 @@ def main(argv=None) -> int:
     if args.workers < 1:
         print("glm-preprocess: --workers must be at least 1", file=sys.stderr)
         return 2
+    from concurrent.futures.process import BrokenProcessPool
+
     from megatron_glm.data.tokenizer import TokenizerError, spec_from_args
 
     def _terminate(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
 
-    signal.signal(signal.SIGTERM, _terminate)  # clean up temporary files on kill, as on Ctrl-C
+    previous = signal.signal(signal.SIGTERM, _terminate)  # clean up temporary files on kill, as on Ctrl-C
     try:
         summary = preprocess(
             args.input, args.output_prefix, spec_from_args(args), args.json_keys, args.append_eod,
@@ -309,6 +323,12 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("glm-preprocess: interrupted; temporary files removed, nothing written", file=sys.stderr)
         return 130
+    except BrokenProcessPool as e:
+        print(f"glm-preprocess: error: a worker process died ({e}); temporary files removed, nothing written. "
+              "Lower --workers if memory is short", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(f"glm-preprocess: {summary.line()}")
     if summary.skipped:
         causes = ", ".join(f"{c} {summary.skipped[c]:,}" for c in SKIP_CAUSES if summary.skipped[c])

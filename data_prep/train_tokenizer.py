@@ -1,6 +1,7 @@
 """glm-train-tokenizer: train a sentencepiece model on JSONL with the GLM special tokens built in.
 
-The special tokens become sentencepiece pad/unk/eos and control symbols, so the model's own
+Normalisation is the identity, so ``decode(encode(text)) == text`` for any text (with byte
+fallback for characters outside the learned alphabet). The special tokens become sentencepiece pad/unk/eos and control symbols, so the model's own
 vocabulary holds all ten and ``GLMTokenizer`` appends nothing. Control symbols are never
 produced from raw text: a corpus that spells "[MASK]" keeps it as text.
 """
@@ -15,19 +16,15 @@ import tempfile
 from megatron_glm.data_prep.jsonl import CorpusError, expand_inputs, is_blank, iter_line_batches, parse_line
 
 
-def iter_training_lines(paths, key: str, max_chars: int):
-    """Non-empty lines of every usable document (sentencepiece trains on lines)."""
+def iter_training_texts(paths, key: str, max_chars: int):
+    """Every usable document, cut to ``max_chars`` (newlines kept: they become pieces too)."""
     for batch in iter_line_batches(paths):
         for line in batch.lines:
             if is_blank(line):
                 continue
             cause, texts = parse_line(line, [key])
-            if cause:
-                continue
-            for piece in texts[0].splitlines():
-                piece = piece.strip()
-                if piece:
-                    yield piece[:max_chars]
+            if not cause:
+                yield texts[0][:max_chars]
 
 
 def train_tokenizer(inputs, model_prefix: str, vocab_size: int = 32000, key: str = "text",
@@ -49,14 +46,19 @@ def train_tokenizer(inputs, model_prefix: str, vocab_size: int = 32000, key: str
     os.makedirs(out_dir, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".spm-") as tmp:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter_training_lines(paths, key, 16384),
+            sentence_iterator=iter_training_texts(paths, key, 4096),
             model_prefix=os.path.join(tmp, "m"),
             vocab_size=vocab_size,
             model_type=model_type,
             character_coverage=character_coverage,
             input_sentence_size=input_sentence_size,
             shuffle_input_sentence=True,
-            max_sentence_length=16384,
+            max_sentence_length=16384,  # bytes; 4096 characters of UTF-8 fit
+            # Exact round trips (whitespace and newlines matter in code and prose alike).
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True,
+            split_digits=True,
             byte_fallback=byte_fallback,
             pad_id=0, pad_piece=canonical["pad"],
             unk_id=1, unk_piece=canonical["unk"],

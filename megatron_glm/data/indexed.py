@@ -369,6 +369,20 @@ class IndexedDataset:
             raise IndexError(f"slice [{offset}, {offset + length}) outside document {d} of {size} tokens")
         return self._bin[start + offset : start + offset + length]
 
+    def fingerprint(self) -> str:
+        """Identity of the contents, cheap at any size: counts plus a hash of the index's ends.
+
+        Sample-index caches are keyed by it, so a rebuilt corpus never reuses a stale cache.
+        """
+        import hashlib
+
+        h = hashlib.sha1(f"{self.dtype}-{len(self)}-{self.num_documents}-{self.num_tokens}".encode())
+        head = self._idx[: 1 << 20]
+        tail = self._idx[max(len(self._idx) - (1 << 20), 0) :]
+        h.update(head.tobytes())
+        h.update(tail.tobytes())
+        return h.hexdigest()
+
     def verify(self) -> None:
         """Full consistency check of the index (O(sequences), in chunks): for `glm-preprocess --verify`."""
         itemsize, pointer = self.dtype.itemsize, 0

@@ -166,6 +166,8 @@ class GLMTokenizer:
                 self._added[found] = spellings[0]
             self.special_ids[role] = found
         self.vocab_size = self.base_vocab_size + len(self._added)
+        # decode spells every special token the same way, whether the base vocabulary had it or not
+        self._spelling = {i: SPECIAL_TOKENS[r][0] for r, i in self.special_ids.items()}
         spelled = sorted({s for spellings in SPECIAL_TOKENS.values() for s in spellings}, key=len, reverse=True)
         self._special_re = re.compile("(" + "|".join(map(re.escape, spelled)) + ")")
         self._id_of_spelling = {s: self.special_ids[r] for r, sp in SPECIAL_TOKENS.items() for s in sp}
@@ -204,11 +206,11 @@ class GLMTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         out, run = [], []
         for i in map(int, ids):
-            if i in self._added:
+            if i in self._spelling:
                 if run:
                     out.append(self._base.decode(run))
                     run = []
-                out.append(self._added[i])
+                out.append(self._spelling[i])
             elif 0 <= i < self.base_vocab_size:
                 run.append(i)
             else:

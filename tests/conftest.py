@@ -1,0 +1,36 @@
+"""Shared fixtures: a real corpus (stdlib docstrings) and a sentencepiece model trained on it.
+
+Built once per test session: the corpus and tokenizer are what users would make with the
+project's own CLIs, so every data test runs on realistic text.
+"""
+
+import json
+
+import pytest
+
+from megatron_glm.data_prep.stdlib_corpus import write_corpus
+from megatron_glm.data_prep.train_tokenizer import train_tokenizer
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """Path of a JSONL corpus of 1,500 docstrings, and the texts themselves."""
+    root = tmp_path_factory.mktemp("corpus")
+    path = str(root / "corpus.jsonl")
+    write_corpus(path, max_docs=1500)
+    with open(path, encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for line in f]
+    return path, texts
+
+
+@pytest.fixture(scope="session")
+def spm_model(corpus, tmp_path_factory):
+    prefix = str(tmp_path_factory.mktemp("tok") / "spm")
+    return train_tokenizer([corpus[0]], prefix, vocab_size=1500, threads=2)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(spm_model):
+    from megatron_glm.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(model=spm_model)

@@ -1,0 +1,223 @@
+"""glm-preprocess end to end: output decodes to the input, invariance, bad lines, safety of outputs."""
+
+import gzip
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from megatron_glm.data.indexed import IndexedDataset
+from megatron_glm.data.tokenizer import TokenizerSpec
+from megatron_glm.data_prep.preprocess import PreprocessError, main, preprocess
+from tests.helpers import write_jsonl
+
+
+def run(inputs, prefix, spm_model, **kw):
+    return preprocess(inputs, str(prefix), TokenizerSpec(model=spm_model), **kw)
+
+
+def files_of(prefix):
+    return {ext: open(f"{prefix}{ext}", "rb").read() for ext in (".bin", ".idx")}
+
+
+def test_output_decodes_to_the_input(tmp_path, corpus, spm_model, tokenizer):
+    path, texts = corpus
+    summary = run([path], tmp_path / "out", spm_model, append_eod=True)
+    ds = IndexedDataset(tmp_path / "out_text_document")
+    ds.verify()
+    assert summary.docs == ds.num_documents == len(texts)
+    assert summary.tokens == ds.num_tokens and not summary.skipped
+    for d, text in enumerate(texts):
+        tokens = ds.document(d).tolist()
+        assert tokens[-1] == tokenizer.eod_id
+        assert tokenizer.decode(tokens[:-1]) == text
+    meta = json.load(open(tmp_path / "out_text_document.meta.json"))
+    assert meta["tokenizer"]["fingerprint"] == tokenizer.fingerprint() and meta["documents"] == len(texts)
+
+
+def test_same_bytes_whatever_the_workers_batches_and_compression(tmp_path, corpus, spm_model):
+    """1 or 2 worker processes, tiny or large batches, plain/gz/zst, file/glob/folder: one output."""
+    zstandard = pytest.importorskip("zstandard")
+    path, _ = corpus
+    ref = run([path], tmp_path / "ref", spm_model, append_eod=True, workers=1)
+    expected = files_of(tmp_path / "ref_text_document")
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    raw = open(path, "rb").read()
+    half = raw.index(b"\n", len(raw) // 2) + 1
+    (folder / "a.jsonl.gz").write_bytes(gzip.compress(raw[:half]))
+    (folder / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(raw[half:]))
+    cases = {
+        "w2": dict(inputs=[path], workers=2, batch_bytes=8192),
+        "w2-big": dict(inputs=[path], workers=2),
+        "w1-tiny": dict(inputs=[path], workers=1, batch_bytes=100),
+        "folder": dict(inputs=[str(folder)], workers=2),
+        "glob": dict(inputs=[str(folder / "*.json*")], workers=1),
+    }
+    for name, kw in cases.items():
+        inputs = kw.pop("inputs")
+        summary = run(inputs, tmp_path / name, spm_model, append_eod=True, **kw)
+        assert files_of(tmp_path / f"{name}_text_document") == expected, name
+        assert (summary.docs, summary.tokens) == (ref.docs, ref.tokens)
+
+
+def test_several_json_keys_stay_aligned(tmp_path, spm_model, tokenizer):
+    rows = [{"title": f"title {i}", "text": f"body number {i} " * (i + 1)} for i in range(20)]
+    rows.insert(5, {"text": "a body without a title"})  # dropped from both datasets
+    path = write_jsonl(tmp_path / "two.jsonl", rows)
+    summary = run([path], tmp_path / "kv", spm_model, json_keys=["title", "text"])
+    titles, bodies = IndexedDataset(tmp_path / "kv_title_document"), IndexedDataset(tmp_path / "kv_text_document")
+    assert titles.num_documents == bodies.num_documents == 20
+    assert summary.skipped == {"missing-key": 1} and summary.examples == [f"{path}:6: missing-key"]
+    for i in range(20):
+        assert tokenizer.decode(titles.document(i).tolist()) == f"title {i}"
+        assert tokenizer.decode(bodies.document(i).tolist()) == f"body number {i} " * (i + 1)
+
+
+BAD_LINES = [
+    (b'{"text": 5}', "not-a-string"),
+    (b"this is not json", "malformed-json"),
+    (b'\xff\xfe{"text": "latin-1 bytes"}', "invalid-utf8"),
+    (b'{"body": "wrong key"}', "missing-key"),
+    (b'{"text": "   \\n  "}', "empty"),
+    (b'["a", "list"]', "not-an-object"),
+    (b'{"text": "truncated', "malformed-json"),
+]
+
+
+def corpus_with_bad_lines(tmp_path):
+    rows = []
+    for k, (line, _) in enumerate(BAD_LINES):
+        rows.append({"text": f"good document {k}"})
+        rows.append(line)
+    rows.append(b"")  # a blank line is not a document and not an error
+    rows.append({"text": "the last good document"})
+    return write_jsonl(tmp_path / "bad.jsonl", rows)
+
+
+def test_bad_lines_are_skipped_counted_and_located(tmp_path, spm_model, capsys):
+    path = corpus_with_bad_lines(tmp_path)
+    assert main(["--input", path, "--output-prefix", str(tmp_path / "o"), "--tokenizer-model", spm_model,
+                 "--workers", "2", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert IndexedDataset(tmp_path / "o_text_document").num_documents == len(BAD_LINES) + 1
+    counts = {}
+    for _, cause in BAD_LINES:
+        counts[cause] = counts.get(cause, 0) + 1
+    assert f"skipped {len(BAD_LINES)} line(s)" in out
+    for cause, n in counts.items():
+        assert f"{cause} {n}" in out
+    for k, (_, cause) in enumerate(BAD_LINES[:5]):  # the first five are listed with file:line
+        assert f"{path}:{2 * k + 2}: {cause}" in out
+
+
+def test_strict_stops_at_the_first_bad_line_and_writes_nothing(tmp_path, spm_model, capsys):
+    path = corpus_with_bad_lines(tmp_path)
+    rc = main(["--input", path, "--output-prefix", str(tmp_path / "o"), "--tokenizer-model", spm_model,
+               "--strict", "--no-progress"])
+    assert rc == 1
+    assert f"{path}:2: not-a-string" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["bad.jsonl"]
+
+
+def test_existing_output_is_kept_without_overwrite(tmp_path, corpus, spm_model, capsys):
+    run([corpus[0]], tmp_path / "o", spm_model)
+    before = files_of(tmp_path / "o_text_document")
+    other = write_jsonl(tmp_path / "other.jsonl", [{"text": "something else entirely"}])
+    args = ["--input", other, "--output-prefix", str(tmp_path / "o"), "--tokenizer-model", spm_model, "--no-progress"]
+    assert main(args) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert files_of(tmp_path / "o_text_document") == before
+    assert main(args + ["--overwrite"]) == 0
+    assert IndexedDataset(tmp_path / "o_text_document").num_documents == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--input", "/nonexistent/*.jsonl"], "matches no file"),
+    (["--input", "/nonexistent/file.jsonl"], "not a file, a folder or a glob"),
+    (["--input", "{corpus}", "--tokenizer-type", "nope"], "unknown tokenizer type"),
+    (["--input", "{corpus}", "--json-keys", "text", "text"], "repeats a key"),
+])
+def test_bad_arguments_are_named(tmp_path, corpus, spm_model, capsys, argv, message):
+    argv = [a.replace("{corpus}", corpus[0]) for a in argv]
+    rc = main(argv + ["--output-prefix", str(tmp_path / "o"), "--tokenizer-model", spm_model, "--no-progress"])
+    assert rc == 1 and message in capsys.readouterr().err
+    assert not os.listdir(tmp_path)
+
+
+def test_truncated_gzip_is_an_error_not_a_partial_dataset(tmp_path, corpus, spm_model):
+    data = gzip.compress(open(corpus[0], "rb").read())
+    (tmp_path / "cut.jsonl.gz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(PreprocessError, match="cut.jsonl.gz: cannot be read past line"):
+        run([str(tmp_path / "cut.jsonl.gz")], tmp_path / "o", spm_model)
+    assert os.listdir(tmp_path) == ["cut.jsonl.gz"]
+
+
+def start_on_a_pipe(tmp_path, corpus, spm_model, extra=()):
+    """glm-preprocess reading a named pipe we feed by hand, so we can stop it mid-run for sure."""
+    fifo = tmp_path / "feed.jsonl"
+    os.mkfifo(fifo)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "megatron_glm.data_prep.preprocess", "--input", str(fifo), "--output-prefix",
+         str(tmp_path / "o"), "--tokenizer-model", spm_model, "--workers", "2", "--no-progress", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    writer = open(fifo, "wb")
+    lines = open(corpus[0], "rb").read()
+    writer.write(lines * 3)  # several batches: the writers have started and hold temporary files
+    writer.flush()
+    deadline = time.time() + 60
+    while not any(".tmp-" in p for p in os.listdir(tmp_path)):
+        assert time.time() < deadline and proc.poll() is None, proc.stderr.read()
+        time.sleep(0.05)
+    return proc, writer
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_run_leaves_no_dataset_and_keeps_the_old_one(tmp_path, corpus, spm_model, sig):
+    run([corpus[0]], tmp_path / "o", spm_model)  # an earlier dataset that --overwrite would replace
+    before = files_of(tmp_path / "o_text_document")
+    proc, writer = start_on_a_pipe(tmp_path, corpus, spm_model, ["--overwrite"])
+    proc.send_signal(sig)
+    rc = proc.wait(timeout=60)
+    writer.close()
+    assert files_of(tmp_path / "o_text_document") == before
+    leftovers = [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+    if sig == signal.SIGTERM:
+        assert rc == 130 and b"nothing written" in proc.stderr.read()
+        assert leftovers == [], "a terminated run cleans up after itself"
+    else:
+        assert all(not p.endswith((".bin", ".idx")) for p in leftovers), "temporary names only"
+
+
+def test_help_starts_without_heavy_imports():
+    """`glm-preprocess --help` must not pay for torch/numpy/tokenizer imports (start-up < 2 s)."""
+    code = (
+        "import sys; from megatron_glm.data_prep import preprocess, train_tokenizer, merge;"
+        "preprocess.build_parser();"
+        "print(sorted(m for m in ('torch', 'numpy', 'sentencepiece', 'tokenizers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    subprocess.run([sys.executable, "-m", "megatron_glm.data_prep.preprocess", "--help"], check=True,
+                   capture_output=True)
+
+
+def test_merge_cli_concatenates(tmp_path, corpus, spm_model):
+    from megatron_glm.data_prep import merge
+
+    run([corpus[0]], tmp_path / "a", spm_model)
+    shutil.copy(corpus[0], tmp_path / "again.jsonl")
+    run([str(tmp_path / "again.jsonl")], tmp_path / "b", spm_model)
+    a = IndexedDataset(tmp_path / "a_text_document")
+    assert merge.main(["--input", str(tmp_path / "a_text_document"), str(tmp_path / "b_text_document"),
+                       "--output-prefix", str(tmp_path / "ab")]) == 0
+    ab = IndexedDataset(tmp_path / "ab")
+    assert ab.num_documents == 2 * a.num_documents
+    assert np.array_equal(ab.document(a.num_documents + 7), a.document(7))

@@ -1,0 +1,130 @@
+"""Tokenizers: one rule for the GLM special tokens over every backend, round trips, padding."""
+
+import json
+
+import pytest
+
+from megatron_glm.data.tokenizer import (
+    SPECIAL_TOKENS,
+    GLMTokenizer,
+    TokenizerError,
+    TokenizerSpec,
+    load_tokenizer,
+)
+
+TEXT = "Return the number of items in a container.\n\n  Raises  ValueError if  empty."
+ROLES = list(SPECIAL_TOKENS)
+
+
+def check_common(tok: GLMTokenizer):
+    ids = [tok.special_ids[r] for r in ROLES]
+    assert len(set(ids)) == len(ids), "every special role needs its own id"
+    assert all(0 <= i < tok.vocab_size for i in ids)
+    for tp in (1, 2, 4, 8):
+        padded = tok.padded_vocab_size(tp)
+        assert padded % (128 * tp) == 0 and tok.vocab_size <= padded < tok.vocab_size + 128 * tp
+    # specials are recognised in prompts, never in raw text; decode spells them canonically
+    prompt = "Paris is the [MASK] of France. [gMASK]"
+    with_special = tok.encode(prompt, allow_special=True)
+    assert tok.mask_id in with_special and tok.gmask_id in with_special
+    assert not set(tok.encode(prompt)) & (set(ids) - {tok.unk_id}), "raw text may only produce [unk]"
+    assert tok.decode([tok.sop_id]) == "[sop]" and tok.decode([tok.eop_id]) == "[eop]"
+    assert tok.eod_id == tok.eos_id
+    with pytest.raises(ValueError, match="outside"):
+        tok.decode([tok.vocab_size])
+
+
+def test_sentencepiece_from_glm_train_tokenizer(tokenizer, corpus):
+    check_common(tokenizer)
+    assert tokenizer.spec.type == "sentencepiece"
+    assert tokenizer.vocab_size == tokenizer.base_vocab_size == 1500, "trained models hold all specials"
+    for text in corpus[1][:300] + [TEXT, "unicode: héllo ✓ 漢字 \t tabs"]:
+        assert tokenizer.decode(tokenizer.encode(text)) == text
+    prompt = "The [sMASK] is here. [MASK]"
+    assert tokenizer.decode(tokenizer.encode(prompt, allow_special=True)) == prompt
+
+
+@pytest.fixture(scope="module")
+def trained_bpe(tmp_path_factory, corpus):
+    """A byte-level BPE trained here (no network), saved both as tokenizer.json and GPT-2 files."""
+    tokenizers = pytest.importorskip("tokenizers")
+    root = tmp_path_factory.mktemp("hf")
+    bpe = tokenizers.ByteLevelBPETokenizer()
+    bpe.train_from_iterator(corpus[1][:500], vocab_size=600, special_tokens=["<|endoftext|>"])
+    bpe.save(str(root / "tokenizer.json"))
+    bpe.save_model(str(root))
+    return root
+
+
+def test_hf_tokenizer_json(trained_bpe):
+    tok = load_tokenizer(model=str(trained_bpe / "tokenizer.json"))
+    assert tok.spec.type == "hf"
+    check_common(tok)
+    assert tok.decode(tok.encode(TEXT)) == TEXT
+    # <|endoftext|> is reused as eos; every other role is appended in the fixed role order
+    saved = json.loads((trained_bpe / "tokenizer.json").read_text())
+    eot = next(t["id"] for t in saved["added_tokens"] if t["content"] == "<|endoftext|>")
+    assert tok.eos_id == eot
+    appended = [r for r in ROLES if r != "eos"]
+    assert [tok.special_ids[r] for r in appended] == list(range(tok.base_vocab_size, tok.base_vocab_size + 9))
+    # a folder holding tokenizer.json loads the same tokenizer
+    assert load_tokenizer(model=str(trained_bpe)).special_ids == tok.special_ids
+
+
+def test_gpt2_vocab_and_merges(trained_bpe):
+    tok = load_tokenizer(vocab_file=str(trained_bpe / "vocab.json"), merge_file=str(trained_bpe / "merges.txt"))
+    assert tok.spec.type == "gpt2"
+    check_common(tok)
+    assert tok.decode(tok.encode(TEXT)) == TEXT
+    same = load_tokenizer(model=str(trained_bpe / "tokenizer.json"))
+    assert tok.encode(TEXT) == same.encode(TEXT) and tok.special_ids == same.special_ids
+
+
+@pytest.fixture(scope="module")
+def bert_vocab(tmp_path_factory):
+    words = ["the", "cat", "sat", "on", "mat", "a", "dog", "##s", "##ed", ".", ","]
+    path = tmp_path_factory.mktemp("bert") / "vocab.txt"
+    path.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words) + "\n")
+    return str(path)
+
+
+def test_bert_wordpiece(bert_vocab):
+    tok = load_tokenizer(vocab_file=bert_vocab)
+    assert tok.spec.type == "bert"
+    check_common(tok)
+    # BERT's own spellings are reused...
+    assert (tok.pad_id, tok.unk_id, tok.cls_id, tok.sep_id, tok.mask_id) == (0, 1, 2, 3, 4)
+    # ...and the GLM-only ones appended after the 16 base ids, in role order
+    assert [tok.smask_id, tok.gmask_id, tok.sop_id, tok.eop_id, tok.eos_id] == [16, 17, 18, 19, 20]
+    assert tok.vocab_size == 21 and tok.padded_vocab_size(2) == 256
+    assert tok.encode("The cats sat.") == [5, 6, 12, 7, 14]  # the cat ##s sat .
+    assert tok.decode(tok.encode("the dogs sat on a mat.")) == "the dogs sat on a mat."
+    cased = load_tokenizer(TokenizerSpec("BertWordPieceCase", vocab_file=bert_vocab))
+    assert cased.spec.type == "bert-cased" and cased.encode("The") == [cased.unk_id]
+
+
+def test_fingerprint_tracks_the_files(bert_vocab, tmp_path):
+    a = load_tokenizer(vocab_file=bert_vocab)
+    other = tmp_path / "vocab.txt"
+    other.write_text(open(bert_vocab).read() + "extra\n")
+    b = load_tokenizer(vocab_file=str(other))
+    assert a.fingerprint() == load_tokenizer(vocab_file=bert_vocab).fingerprint() != b.fingerprint()
+    json.dumps(a.describe())  # recorded beside preprocessed data
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        (TokenizerSpec(), "no tokenizer given"),
+        (TokenizerSpec(model="/nonexistent/spm.model"), "not found"),
+        (TokenizerSpec("wordlevel", model=__file__), "unknown tokenizer type"),
+    ],
+)
+def test_bad_specs(spec, message):
+    with pytest.raises(TokenizerError, match=message):
+        spec.resolved()
+
+
+def test_gpt2_needs_merges(trained_bpe):
+    with pytest.raises(TokenizerError, match="--merge-file"):
+        TokenizerSpec("gpt2", vocab_file=str(trained_bpe / "vocab.json")).resolved()
