@@ -1,7 +1,7 @@
 """Training data over several corpora: Megatron's ``--data-path`` weights and ``--split``.
 
 ``--data-path 0.7 A 0.3 B`` draws 70% of the samples from A and 30% from B, interleaved so
-that every prefix of the sample sequence is as close to those proportions as it can be;
+that every prefix of the sample sequence keeps those proportions (see ``blend_index``);
 ``--split 949,50,1`` cuts each corpus's documents into train/valid/test ranges. Everything
 is deterministic from (seed, data, sample length, split, sample counts), cached, and any
 sample is fetched by its index alone.
@@ -75,8 +75,9 @@ def split_documents(num_documents: int, fractions: Sequence[float]) -> list[tupl
 def blend_index(weights: Sequence[float], num_samples: int) -> dict[str, np.ndarray]:
     """Which corpus and which of its samples each blended sample is.
 
-    Corpus ``d``'s ``k``-th sample is placed at time ``(k + 0.5) / w_d``; merging by time keeps
-    every prefix within one sample of the target proportions (and is vectorised).
+    Corpus ``d``'s ``k``-th sample is placed at time ``(k + 0.5) / w_d`` and the samples are
+    merged by time: vectorised (Megatron's greedy needs a C++ loop), and every prefix of ``n``
+    samples holds ``n * w_d`` of corpus ``d`` to within ``0.5 + w_d * k / 2`` for ``k`` corpora.
     """
     times, owners = [], []
     for d, w in enumerate(weights):
