@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import json
 import os
 import signal
@@ -99,9 +100,12 @@ def encode_lines(batch) -> Encoded:
     skips.sort()
     tokens = []
     for col in encoded:
-        docs = [col[i] + [eod] if eod is not None else col[i] for i in keep]
+        docs = [col[i] for i in keep]
         lengths = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
-        flat = np.fromiter((t for d in docs for t in d), dtype=dtype, count=int(lengths.sum()))
+        flat = np.fromiter(itertools.chain.from_iterable(docs), dtype=dtype, count=int(lengths.sum()))
+        if eod is not None:
+            flat = np.insert(flat, np.cumsum(lengths), eod)
+            lengths += 1
         tokens.append((flat, lengths))
     return Encoded(batch.path, len(keep), skips, tokens, batch.raw_bytes)
 

@@ -1,0 +1,70 @@
+"""The README's first command: the whole data pipeline on material every machine has.
+
+1. a corpus: the docstrings of Python's standard library (``data_prep/stdlib_corpus.py``);
+2. a sentencepiece tokenizer trained on it (``glm-train-tokenizer``);
+3. the indexed binary dataset (``glm-preprocess``);
+4. packed train/valid/test samples from it, decoded back to text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def step(title: str) -> float:
+    print(f"\n== {title}", flush=True)
+    return time.perf_counter()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m megatron_glm.demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", default="demo_out")
+    p.add_argument("--vocab-size", type=int, default=8000)
+    p.add_argument("--seq-length", type=int, default=256)
+    args = p.parse_args(argv)
+    os.makedirs(args.workdir, exist_ok=True)
+    corpus = os.path.join(args.workdir, "stdlib_docstrings.jsonl")
+    spm_prefix = os.path.join(args.workdir, "spm")
+    data_prefix = os.path.join(args.workdir, "stdlib")
+
+    from megatron_glm.data_prep.stdlib_corpus import write_corpus
+
+    t = step("corpus: Python standard library docstrings")
+    n = write_corpus(corpus)
+    print(f"{n:,} documents, {os.path.getsize(corpus) / 1e6:.1f} MB -> {corpus} ({time.perf_counter() - t:.1f} s)")
+
+    from megatron_glm.data_prep.train_tokenizer import train_tokenizer
+
+    t = step(f"tokenizer: sentencepiece unigram, {args.vocab_size} pieces, GLM special tokens built in")
+    model = train_tokenizer([corpus], spm_prefix, args.vocab_size, overwrite=True)
+    print(f"-> {model} ({time.perf_counter() - t:.1f} s)")
+
+    from megatron_glm.data.tokenizer import load_tokenizer
+    from megatron_glm.data_prep.preprocess import preprocess
+
+    tok = load_tokenizer(model=model)
+    t = step("glm-preprocess: JSONL -> Megatron .bin/.idx")
+    summary = preprocess([corpus], data_prefix, tok.spec, append_eod=True, workers=os.cpu_count() or 1,
+                         overwrite=True)
+    print(summary.line())
+
+    from megatron_glm.data.blended_dataset import build_train_valid_test_datasets
+
+    step(f"packed samples of {args.seq_length} tokens, split 95,5,0")
+    train, valid, test = build_train_valid_test_datasets(
+        [f"{data_prefix}_text_document"], "95,5,0", args.seq_length, [None, None, None], tokenizer=tok)
+    print(f"train {len(train):,} / valid {len(valid):,} / test {len(test) if test else 0:,} samples")
+    sample = train[0]
+    print(f"train[0] holds {len(sample['document_lengths'])} document piece(s) of lengths "
+          f"{sample['document_lengths'].tolist()}; its first 200 characters:")
+    print("  " + tok.decode(sample["text"].tolist())[:200].replace("\n", "\n  "))
+    print("\nThe GLM model, pretraining and blank filling build on this data (issue 3).")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
