@@ -31,7 +31,7 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6.100", "megatron-core>=0.9", "psutil>=5.9"],
+        "test": ["pytest>=8", "pytest-timeout>=2.2", "hypothesis>=6.100", "megatron-core>=0.9", "psutil>=5.9"],
         "mpi": ["mpi4py>=3.1"],
         "wandb": ["wandb>=0.16"],
     },

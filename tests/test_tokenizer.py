@@ -128,3 +128,15 @@ def test_bad_specs(spec, message):
 def test_gpt2_needs_merges(trained_bpe):
     with pytest.raises(TokenizerError, match="--merge-file"):
         TokenizerSpec("gpt2", vocab_file=str(trained_bpe / "vocab.json")).resolved()
+
+
+def test_train_tokenizer_cli_keeps_an_existing_model(spm_model, corpus, capsys):
+    from megatron_glm.data_prep.train_tokenizer import main
+
+    before = open(spm_model, "rb").read()
+    prefix = spm_model[: -len(".model")]
+    assert main(["--input", corpus[0], "--model-prefix", prefix, "--vocab-size", "500"]) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert open(spm_model, "rb").read() == before
+    assert main(["--input", "/nonexistent/*.jsonl", "--model-prefix", prefix + "2"]) == 1
+    assert "matches no file" in capsys.readouterr().err
