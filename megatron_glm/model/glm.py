@@ -1,0 +1,172 @@
+"""GLM, top to bottom: word + 2D position embeddings, pre-LN transformer layers, tied logits.
+
+Parameter names follow the original implementation (REFERENCE.md section 3) so its
+checkpoints map one to one: ``word_embeddings``, ``transformer.position_embeddings``,
+``transformer.block_position_embeddings``, ``transformer.layers.{i}.attention.query_key_value``
+(``[Q; K; V]`` along the output dimension), ``...attention.dense``, ``...mlp.dense_h_to_4h``,
+``...mlp.dense_4h_to_h``, ``transformer.final_layernorm``.
+
+The model takes the batch contract (DESIGN.md): tokens ``[B, S]``, ``position_ids [B, 2, S]``
+and the attention bounds ``attn_lo``/``attn_hi`` ``[B, S]``. With a ``KVCache`` it runs
+incrementally: keys and values of earlier calls are kept, the bounds index the whole cache.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_glm.config import ModelConfig
+from megatron_glm.model.attention import interval_attention
+from megatron_glm.model.rotary import apply_rotary_2d
+
+
+class KVCache:
+    """Keys and values per layer, ``[B, H, S_cached, D]``, grown by each incremental call."""
+
+    def __init__(self, num_layers: int):
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        if self.keys[layer] is not None:
+            k = torch.cat([self.keys[layer], k], dim=2)
+            v = torch.cat([self.values[layer], v], dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys[0] is None else self.keys[0].shape[2]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Select batch rows (beam search keeps the caches of the surviving beams)."""
+        self.keys = [k.index_select(0, index) for k in self.keys]
+        self.values = [v.index_select(0, index) for v in self.values]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        self.query_key_value = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.impl = "sdpa"
+
+    def forward(self, x, position_ids, attn_lo, attn_hi, cache: KVCache | None = None):
+        b, s, _ = x.shape
+        heads, d = self.cfg.num_attention_heads, self.cfg.head_dim
+        q, k, v = self.query_key_value(x).view(b, s, 3, heads, d).permute(2, 0, 3, 1, 4)
+        if self.cfg.position_embedding_type == "rotary_2d":
+            q = apply_rotary_2d(q, position_ids, self.cfg.rotary_base)
+            k = apply_rotary_2d(k, position_ids, self.cfg.rotary_base)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        p = self.cfg.attention_dropout if self.training else 0.0
+        out = interval_attention(q, k, v, attn_lo, attn_hi, dropout_p=p, impl=self.impl)
+        return self.dense(out.transpose(1, 2).reshape(b, s, heads * d))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.geglu = cfg.geglu
+        width = 2 * cfg.ffn_hidden_size if cfg.geglu else cfg.ffn_hidden_size
+        self.dense_h_to_4h = nn.Linear(cfg.hidden_size, width)
+        self.dense_4h_to_h = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size)
+
+    def forward(self, x):
+        h = self.dense_h_to_4h(x)
+        if self.geglu:
+            h, gate = h.chunk(2, dim=-1)
+            h = h * F.gelu(gate, approximate="tanh")
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return self.dense_4h_to_h(h)
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.deepnorm = cfg.deepnorm
+        self.alpha = (2.0 * cfg.num_layers) ** 0.5 if cfg.deepnorm else 1.0
+        self.input_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+        self.attention = Attention(cfg, layer)
+        self.post_attention_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+        self.mlp = MLP(cfg)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(self, x, position_ids, attn_lo, attn_hi, cache=None):
+        if self.deepnorm:  # post-LN: LN(alpha * x + f(x))
+            x = self.input_layernorm(self.alpha * x + self.dropout(self.attention(x, position_ids, attn_lo, attn_hi, cache)))
+            return self.post_attention_layernorm(self.alpha * x + self.dropout(self.mlp(x)))
+        x = x + self.dropout(self.attention(self.input_layernorm(x), position_ids, attn_lo, attn_hi, cache))
+        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.position_embedding_type == "learned_2d":
+            rows = cfg.max_position_embeddings + 1
+            self.position_embeddings = nn.Embedding(rows, cfg.hidden_size)
+            self.block_position_embeddings = nn.Embedding(rows, cfg.hidden_size)
+        self.embedding_dropout = nn.Dropout(cfg.hidden_dropout)
+        self.layers = nn.ModuleList(TransformerLayer(cfg, i) for i in range(cfg.num_layers))
+        self.final_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+
+
+class GLMModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.transformer = Transformer(cfg)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """N(0, std) everywhere, output projections scaled by 1/sqrt(2L); DeepNorm's beta when on."""
+        cfg = self.cfg
+        out_std = cfg.init_method_std / math.sqrt(2.0 * cfg.num_layers)
+        beta = (8.0 * cfg.num_layers) ** -0.25 if cfg.deepnorm else 1.0
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif "layernorm" in name:
+                nn.init.ones_(p)
+            elif cfg.deepnorm and ("dense" in name or "query_key_value" in name):
+                nn.init.normal_(p, std=cfg.init_method_std * beta)
+            elif name.endswith(("attention.dense.weight", "dense_4h_to_h.weight")):
+                nn.init.normal_(p, std=out_std)
+            else:
+                nn.init.normal_(p, std=cfg.init_method_std)
+
+    def embed(self, tokens, position_ids):
+        h = self.word_embeddings(tokens)
+        if self.cfg.position_embedding_type == "learned_2d":
+            h = h + self.transformer.position_embeddings(position_ids[:, 0])
+            h = h + self.transformer.block_position_embeddings(position_ids[:, 1])
+        return self.transformer.embedding_dropout(h)
+
+    def forward(self, tokens, position_ids, attn_lo, attn_hi, cache: KVCache | None = None):
+        """Logits ``[B, S, V]`` over the padded vocabulary (tied to the word embeddings)."""
+        h = self.embed(tokens, position_ids)
+        for layer in self.transformer.layers:
+            h = layer(h, position_ids, attn_lo, attn_hi, cache)
+        h = self.transformer.final_layernorm(h)
+        return F.linear(h, self.word_embeddings.weight)
+
+    def set_attention_impl(self, impl: str) -> None:
+        for layer in self.transformer.layers:
+            layer.attention.impl = impl
+
+
+def glm_loss(logits, labels, loss_mask):
+    """Mean cross entropy over the tokens with ``loss_mask`` (Part B), in fp32; and per-sample sums."""
+    losses = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
+    masked = losses * loss_mask
+    return masked.sum() / loss_mask.sum().clamp(min=1.0), masked.sum(dim=1), loss_mask.sum(dim=1)

@@ -1,0 +1,1 @@
+"""Pretraining: the loop, the DeepSpeed engine, checkpoints, learning-rate schedule, metrics."""

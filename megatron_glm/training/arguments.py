@@ -1,0 +1,125 @@
+"""glm-pretrain's flags, named as in Megatron-LM, and their checks (before any work starts)."""
+
+from __future__ import annotations
+
+import argparse
+
+from megatron_glm.config import PRESETS, ModelConfig, preset
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from megatron_glm.data.tokenizer import add_tokenizer_args
+
+    p = argparse.ArgumentParser(prog="glm-pretrain", description="Pretrain GLM with autoregressive blank infilling.")
+    g = p.add_argument_group("model")
+    g.add_argument("--preset", choices=sorted(PRESETS), help="sizes of a published GLM (flags below override)")
+    g.add_argument("--num-layers", type=int)
+    g.add_argument("--hidden-size", type=int)
+    g.add_argument("--num-attention-heads", type=int)
+    g.add_argument("--ffn-hidden-size", type=int)
+    g.add_argument("--max-position-embeddings", type=int)
+    g.add_argument("--position-embedding-type", choices=["learned_2d", "rotary_2d"], default="learned_2d")
+    g.add_argument("--hidden-dropout", type=float, default=0.1)
+    g.add_argument("--attention-dropout", type=float, default=0.1)
+    g.add_argument("--init-method-std", type=float, default=0.02)
+    g.add_argument("--geglu", action="store_true", help="GLM-130B's gated MLP")
+    g.add_argument("--deepnorm", action="store_true", help="GLM-130B's DeepNorm (post-LN, scaled residual)")
+    g.add_argument("--attention-impl", choices=["sdpa", "eager"], default="sdpa")
+
+    g = p.add_argument_group("blank infilling (REFERENCE.md section 1)")
+    g.add_argument("--bert-prob", type=float, default=1.0, help="token objective ([MASK]) probability")
+    g.add_argument("--gap-sentence-prob", type=float, default=0.0, help="sentence objective ([sMASK]) probability")
+    g.add_argument("--mask-ratio", type=float, default=0.15)
+    g.add_argument("--poisson-lambda", type=float, default=3.0)
+    g.add_argument("--gap-sentence-ratio", type=float, default=0.15)
+    g.add_argument("--gpt-min-ratio", type=float, default=0.5, help="shortest [gMASK] suffix, fraction of the text")
+    g.add_argument("--no-shuffle-blocks", action="store_true", help="keep Part B spans in text order")
+    g.add_argument("--single-span-prob", type=float, default=0.0)
+    g.add_argument("--short-seq-prob", type=float, default=0.0)
+    g.add_argument("--no-task-mask", action="store_true", help="[MASK] for every objective")
+    g.add_argument("--packed-segments", action="store_true", help="one segment per document (GLM-130B style)")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", nargs="+", required=True, help="prefix, or weight/prefix pairs: 0.7 A 0.3 B")
+    g.add_argument("--split", default="949,50,1")
+    g.add_argument("--seq-length", type=int, default=512)
+    g.add_argument("--data-cache-path", help="sample-index cache (default: index-cache/ beside the data)")
+    add_tokenizer_args(p)
+
+    g = p.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, default=4)
+    g.add_argument("--global-batch-size", type=int, default=None, help="default: micro batch x data-parallel size")
+    g.add_argument("--train-iters", type=int, required=True)
+    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine"], default="cosine")
+    g.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
+    g.add_argument("--lr-warmup-fraction", type=float, default=None)
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--fp16", action="store_true")
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2, 3])
+    g.add_argument("--deepspeed-config", help="a DeepSpeed JSON; its keys override the flags that set them")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+
+    g = p.add_argument_group("checkpoints and logging")
+    g.add_argument("--save", help="checkpoint folder")
+    g.add_argument("--load", help="resume from this folder's latest checkpoint (often the same as --save)")
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--keep-last", type=int, default=3, help="checkpoints kept (older ones deleted)")
+    g.add_argument("--eval-interval", type=int, default=1000)
+    g.add_argument("--eval-iters", type=int, default=10, help="micro-batches per validation")
+    g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--log-dir", help="metrics.jsonl and TensorBoard events (default: --save)")
+    g.add_argument("--tensorboard", action="store_true", help="write TensorBoard events (needs tensorboard)")
+    g.add_argument("--wandb-project", help="log to Weights & Biases (offline unless WANDB_MODE/API key say otherwise)")
+    return p
+
+
+def model_config_from_args(args, vocab_size: int) -> ModelConfig:
+    base = preset(args.preset) if args.preset else ModelConfig()
+    for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "max_position_embeddings"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(base, name, value)
+    if args.hidden_size is not None and args.ffn_hidden_size is None:
+        base.ffn_hidden_size = 4 * args.hidden_size
+    if args.max_position_embeddings is None and not args.preset:
+        base.max_position_embeddings = args.seq_length
+    base.vocab_size = vocab_size
+    base.position_embedding_type = args.position_embedding_type
+    base.hidden_dropout, base.attention_dropout = args.hidden_dropout, args.attention_dropout
+    base.init_method_std, base.geglu, base.deepnorm = args.init_method_std, args.geglu, args.deepnorm
+    base.validate(seq_length=args.seq_length)
+    return base
+
+
+def validate_args(args, data_parallel_size: int = 1) -> None:
+    """Everything that can be checked before a process group, a tokenizer or data is touched."""
+    problems = []
+    if args.bf16 and args.fp16:
+        problems.append("--bf16 and --fp16 exclude each other")
+    if args.global_batch_size is None:
+        args.global_batch_size = args.micro_batch_size * data_parallel_size
+    step = args.micro_batch_size * data_parallel_size
+    if args.micro_batch_size < 1 or args.global_batch_size % step:
+        problems.append(f"--global-batch-size {args.global_batch_size} is not a multiple of --micro-batch-size "
+                        f"{args.micro_batch_size} x data-parallel size {data_parallel_size}")
+    if args.train_iters < 1:
+        problems.append("--train-iters must be positive")
+    if args.save_interval is not None and args.save_interval < 1:
+        problems.append("--save-interval must be positive")
+    if args.save_interval and not args.save:
+        problems.append("--save-interval needs --save")
+    if args.eval_interval < 1 or args.log_interval < 1:
+        problems.append("--eval-interval and --log-interval must be positive")
+    if args.lr_warmup_fraction is not None and not 0 <= args.lr_warmup_fraction <= 1:
+        problems.append("--lr-warmup-fraction must be in [0, 1]")
+    if problems:
+        raise ValueError("; ".join(problems))

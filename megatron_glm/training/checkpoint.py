@@ -1,0 +1,174 @@
+"""Atomic checkpoints around the DeepSpeed engine, and exact resume.
+
+Layout: ``{save}/iter_{N:07d}/`` holds DeepSpeed's files (model, optimizer, scheduler) plus
+``meta.json`` (model configuration, tokenizer, iteration, consumed samples) and
+``rng_state_{rank}.pt``; ``{save}/latest`` names the newest complete one (the file DeepSpeed
+reads too). A save is written under ``{save}/.tmp-iter_N/``, flushed, renamed into place,
+and only then does ``latest`` change (itself by an atomic rename), so a run killed at any
+moment, mid-save included, resumes from the last complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+
+import numpy as np
+import torch
+
+from megatron_glm.config import ModelConfig
+
+LATEST = "latest"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed here (another architecture, tokenizer, missing files)."""
+
+
+def tag_of(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def fault_point(name: str) -> None:
+    """Crash here with SIGKILL when ``MEGATRON_GLM_FAULT`` names this point (kill-and-resume tests)."""
+    if os.environ.get("MEGATRON_GLM_FAULT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fsync_tree(path: str) -> None:
+    for root, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        fd = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "python_pos": random.getstate()[2]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), state["python_pos"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(engine, save_dir: str, iteration: int, meta: dict, keep_last: int, rank: int = 0) -> str:
+    """Write checkpoint ``iteration`` atomically; returns its folder."""
+    tag = tag_of(iteration)
+    tmp_root = os.path.join(save_dir, f".tmp-{tag}")
+    if rank == 0:  # the remains of saves that were killed
+        for name in os.listdir(save_dir) if os.path.isdir(save_dir) else []:
+            if name.startswith(".tmp-iter_"):
+                shutil.rmtree(os.path.join(save_dir, name), ignore_errors=True)
+    engine.save_checkpoint(tmp_root, tag=tag, client_state={"iteration": iteration}, save_latest=False)
+    staged = os.path.join(tmp_root, tag)
+    torch.save(rng_state(), os.path.join(staged, f"rng_state_{rank}.pt"))
+    if rank == 0:
+        with open(os.path.join(staged, "meta.json"), "w") as f:
+            json.dump({**meta, "iteration": iteration}, f, indent=1)
+    fault_point("save:staged")
+    if rank == 0:
+        _fsync_tree(staged)
+        final = os.path.join(save_dir, tag)
+        if os.path.exists(final):  # the same iteration saved again: keep the old one until the new is in place
+            os.replace(final, final + ".old")
+        os.replace(staged, final)
+        fault_point("save:renamed")
+        with open(os.path.join(save_dir, LATEST + ".tmp"), "w") as f:
+            f.write(tag)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(os.path.join(save_dir, LATEST + ".tmp"), os.path.join(save_dir, LATEST))
+        shutil.rmtree(final + ".old", ignore_errors=True)
+        shutil.rmtree(tmp_root, ignore_errors=True)
+        prune(save_dir, keep_last)
+    return os.path.join(save_dir, tag)
+
+
+def list_checkpoints(save_dir: str) -> list[int]:
+    if not os.path.isdir(save_dir):
+        return []
+    return sorted(int(n[5:]) for n in os.listdir(save_dir) if n.startswith("iter_") and n[5:].isdigit())
+
+
+def prune(save_dir: str, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints (never the one ``latest`` names)."""
+    latest = read_latest(save_dir)
+    for it in list_checkpoints(save_dir)[:-keep_last] if keep_last > 0 else []:
+        if tag_of(it) != latest:
+            shutil.rmtree(os.path.join(save_dir, tag_of(it)), ignore_errors=True)
+
+
+def resume_tag(load_dir: str) -> str | None:
+    """The newest complete checkpoint: a folder under a final name is complete by construction.
+
+    It is normally the one ``latest`` names; a run killed between renaming a new checkpoint
+    into place and updating ``latest`` leaves a newer complete one, which wins.
+    """
+    done = [i for i in list_checkpoints(load_dir) if os.path.exists(os.path.join(load_dir, tag_of(i), "meta.json"))]
+    return tag_of(done[-1]) if done else None
+
+
+def read_latest(load_dir: str) -> str | None:
+    path = os.path.join(load_dir, LATEST)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return f.read().strip()
+
+
+def read_meta(load_dir: str, tag: str) -> dict:
+    folder = os.path.join(load_dir, tag)
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"{load_dir}/{LATEST} names {tag}, but {folder} does not exist; "
+                              f"point {LATEST} at one of {[tag_of(i) for i in list_checkpoints(load_dir)]}")
+    with open(os.path.join(folder, "meta.json")) as f:
+        return json.load(f)
+
+
+def check_compatible(meta: dict, model_cfg: ModelConfig, tokenizer_fingerprint: str | None, where: str) -> None:
+    """Refuse a checkpoint of another architecture or tokenizer, naming every difference."""
+    saved = ModelConfig.from_dict(meta["model"])
+    diffs = saved.architecture_differences(model_cfg)
+    if diffs:
+        raise CheckpointError(f"{where} holds another architecture (checkpoint vs flags): {'; '.join(diffs)}. "
+                              "Pass the flags it was trained with, or start a new --save folder")
+    recorded = meta.get("tokenizer", {}).get("fingerprint")
+    if tokenizer_fingerprint and recorded and recorded != tokenizer_fingerprint:
+        raise CheckpointError(f"{where} was trained with another tokenizer ({meta['tokenizer'].get('files')}); "
+                              "pass the same tokenizer files")
+
+
+def load_checkpoint(engine, load_dir: str, tag: str, rank: int = 0) -> dict:
+    """Restore model, optimizer, scheduler (DeepSpeed) and RNG; returns the checkpoint's meta."""
+    meta = read_meta(load_dir, tag)
+    path, _ = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+    if path is None:
+        raise CheckpointError(f"DeepSpeed could not load {load_dir}/{tag}: its model states are missing")
+    rng_path = os.path.join(load_dir, tag, f"rng_state_{rank}.pt")
+    set_rng_state(torch.load(rng_path, weights_only=True))
+    return meta
+
+
+def load_model_weights(load_dir: str, tag: str | None = None) -> tuple[dict, dict]:
+    """(state dict, meta) of a checkpoint for inference, without DeepSpeed or an optimizer."""
+    tag = tag or resume_tag(load_dir)
+    if tag is None:
+        raise CheckpointError(f"{load_dir} holds no complete checkpoint (iter_*/meta.json): not a megatron-glm "
+                              "checkpoint folder, or no save has finished yet")
+    meta = read_meta(load_dir, tag)
+    states = torch.load(os.path.join(load_dir, tag, "mp_rank_00_model_states.pt"), map_location="cpu",
+                        weights_only=False)
+    return states["module"], meta

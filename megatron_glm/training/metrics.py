@@ -1,0 +1,113 @@
+"""Training metrics: console lines, metrics.jsonl, TensorBoard and wandb; FLOPs and MFU.
+
+``metrics.jsonl`` gets every iteration's exact loss (tests compare resumed and uninterrupted
+runs with it); the console gets a line every ``--log-interval`` iterations.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+# dense bf16 peak FLOP/s by device name fragment (REFERENCE.md section 5)
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def flops_per_token(num_layers: int, hidden: int, seq_length: int, vocab: int) -> float:
+    """Megatron's training FLOPs per token without recomputation: 72Lh^2 + 12Lhs + 6Vh."""
+    return 72 * num_layers * hidden**2 + 12 * num_layers * hidden * seq_length + 6 * vocab * hidden
+
+
+def device_peak_flops() -> float | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((peak for key, peak in PEAK_FLOPS.items() if key in name), None)
+
+
+def memory_summary() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"mem {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+    try:
+        import resource
+
+        return f"rss {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
+    except ImportError:  # pragma: no cover - not on Linux
+        return ""
+
+
+class MetricsLogger:
+    def __init__(self, log_dir: str | None, tensorboard: bool, wandb_project: str | None, config: dict, enabled: bool):
+        self.enabled, self.file, self.tb, self.wandb = enabled, None, None, None
+        if not enabled:
+            return
+        if log_dir:
+            os.makedirs(log_dir, exist_ok=True)
+            self.file = open(os.path.join(log_dir, "metrics.jsonl"), "a", buffering=1)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise RuntimeError("--tensorboard needs the tensorboard package: pip install tensorboard") from e
+            self.tb = SummaryWriter(os.path.join(log_dir or "runs", "tensorboard"))
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError as e:
+                raise RuntimeError("--wandb-project needs wandb: pip install 'megatron-glm[wandb]'") from e
+            if not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ:
+                os.environ["WANDB_MODE"] = "offline"  # never block a cluster job on a login prompt
+            self.wandb = wandb.init(project=wandb_project, config=config, dir=log_dir)
+
+    def record(self, iteration: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        if self.file:
+            self.file.write(json.dumps({"iteration": iteration, **values}) + "\n")
+        numeric = {k: v for k, v in values.items() if isinstance(v, (int, float))}
+        if self.tb:
+            for k, v in numeric.items():
+                self.tb.add_scalar(k, v, iteration)
+        if self.wandb:
+            self.wandb.log(numeric, step=iteration)
+
+    def console(self, line: str) -> None:
+        if self.enabled:
+            print(line, file=sys.stdout, flush=True)
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+        if self.tb:
+            self.tb.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+class Throughput:
+    """Tokens/s, TFLOP/s, MFU and ETA over the iterations since the last report."""
+
+    def __init__(self, tokens_per_iteration: int, flops_per_tok: float, total_iterations: int):
+        self.tokens, self.flops, self.total = tokens_per_iteration, flops_per_tok, total_iterations
+        self.peak = device_peak_flops()
+        self.last_time, self.last_iter = time.perf_counter(), None
+
+    def report(self, iteration: int) -> dict:
+        now = time.perf_counter()
+        if self.last_iter is None:
+            self.last_iter = iteration - 1
+        done = max(iteration - self.last_iter, 1)
+        seconds = (now - self.last_time) / done
+        self.last_time, self.last_iter = now, iteration
+        tps = self.tokens / seconds
+        out = {"iteration_time": seconds, "tokens_per_s": tps, "tflops": tps * self.flops / 1e12,
+               "eta_s": seconds * (self.total - iteration)}
+        if self.peak:
+            out["mfu"] = tps * self.flops / self.peak
+        return out

@@ -1,0 +1,247 @@
+"""glm-pretrain: the pretraining loop, driving the DeepSpeed engine one micro-batch at a time.
+
+The engine owns the optimizer step, gradient accumulation, clipping and mixed precision;
+this loop owns the data (sample indices from ``consumed_samples``, the blank-infilling
+collator), validation, metrics and checkpoints. Everything that depends on randomness is
+seeded or checkpointed, so a resumed run repeats an uninterrupted one exactly (bitwise on CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import socket
+import sys
+import time
+
+
+class TrainingError(RuntimeError):
+    """A run that must stop (a non-finite loss, say); the last complete checkpoint stays the latest."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(device: str) -> None:
+    """One process without a launcher gets a one-rank group; launchers set the environment themselves."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", verbose=False)
+
+
+def deepspeed_config(args, grad_accum: int) -> dict:
+    config = {
+        "train_micro_batch_size_per_gpu": args.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": args.clip_grad,
+        "zero_optimization": {"stage": args.zero_stage},
+        "bf16": {"enabled": args.bf16},
+        "fp16": {"enabled": args.fp16, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                 "hysteresis": 2, "min_loss_scale": 1},
+        "steps_per_print": 10**12,
+        "wall_clock_breakdown": False,
+    }
+    if args.deepspeed_config:
+        with open(args.deepspeed_config) as f:
+            user = json.load(f)
+        for key, value in user.items():  # the JSON wins over the flags it sets
+            config[key] = {**config[key], **value} if isinstance(value, dict) and isinstance(config.get(key), dict) else value
+    return config
+
+
+def param_groups(model, weight_decay: float):
+    """No weight decay on biases and LayerNorm parameters (Megatron's rule)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if name.endswith("bias") or "layernorm" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def grad_norm(engine, params) -> float:
+    norm = engine.get_global_grad_norm()
+    if norm is not None:
+        return float(norm)
+    import torch
+
+    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
+
+
+def pretrain(argv=None) -> dict:
+    """Run glm-pretrain; returns a summary (iterations done, last losses)."""
+    from megatron_glm.training.arguments import build_parser, model_config_from_args, validate_args
+
+    args = build_parser().parse_args(argv)
+    validate_args(args, data_parallel_size=int(os.environ.get("WORLD_SIZE", "1")))
+
+    import numpy as np
+    import torch
+
+    from megatron_glm.data.blank_infilling import (
+        OBJECTIVES, BlankInfillingCollator, BlankInfillingConfig, SpecialIds, sentence_end_ids)
+    from megatron_glm.data.blended_dataset import build_train_valid_test_datasets
+    from megatron_glm.data.sampler import PretrainingSampler
+    from megatron_glm.data.tokenizer import GLMTokenizer, spec_from_args
+    from megatron_glm.model.glm import GLMModel, glm_loss
+    from megatron_glm.training import checkpoint as ckpt
+    from megatron_glm.training.lr_schedule import LRSchedule
+    from megatron_glm.training.metrics import MetricsLogger, Throughput, flops_per_token, memory_summary
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = GLMTokenizer(spec_from_args(args))
+    model_cfg = model_config_from_args(args, tokenizer.padded_vocab_size())
+    load_tag = ckpt.resume_tag(args.load) if args.load else None
+    if load_tag:  # refuse an incompatible checkpoint before any work (and before anything is written)
+        ckpt.check_compatible(ckpt.read_meta(args.load, load_tag), model_cfg, tokenizer.fingerprint(), args.load)
+
+    init_distributed(device)
+    import deepspeed
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    grad_accum = args.global_batch_size // (args.micro_batch_size * world)
+    n_eval = args.eval_iters * args.micro_batch_size if args.eval_interval <= args.train_iters else 0
+    train_ds, valid_ds, _ = build_train_valid_test_datasets(
+        args.data_path, args.split, args.seq_length, [args.train_iters * args.global_batch_size, n_eval or 0, 0],
+        seed=args.seed, cache_dir=args.data_cache_path, tokenizer=tokenizer)
+    bi_cfg = BlankInfillingConfig(
+        seq_length=args.seq_length, token_prob=args.bert_prob, sentence_prob=args.gap_sentence_prob,
+        mask_ratio=args.mask_ratio, poisson_lambda=args.poisson_lambda, sentence_ratio=args.gap_sentence_ratio,
+        gmask_min_ratio=args.gpt_min_ratio, shuffle_spans=not args.no_shuffle_blocks,
+        single_span_prob=args.single_span_prob, short_seq_prob=args.short_seq_prob,
+        task_mask=not args.no_task_mask, packed=args.packed_segments, seed=args.seed)
+    ends = sentence_end_ids(tokenizer) if args.gap_sentence_prob > 0 else None
+    collate = BlankInfillingCollator(bi_cfg, SpecialIds.from_tokenizer(tokenizer), ends)
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    model = GLMModel(model_cfg).to(device)
+    model.set_attention_impl(args.attention_impl)
+    schedule = LRSchedule(args.lr, args.min_lr, args.lr_decay_style,
+                          args.lr_warmup_iters or int(round((args.lr_warmup_fraction or 0.0) * args.train_iters)),
+                          args.lr_decay_iters or args.train_iters)
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr,
+                                  betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule.as_torch(optimizer),
+                                           config=deepspeed_config(args, grad_accum))
+    iteration, consumed = 0, 0
+    if load_tag:
+        meta = ckpt.load_checkpoint(engine, args.load, load_tag, rank)
+        iteration, consumed = meta["iteration"], meta["consumed_samples"]
+
+    log = MetricsLogger(args.log_dir or args.save, args.tensorboard, args.wandb_project, vars(args), rank == 0)
+    log.console(f"glm-pretrain: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
+                f"{model_cfg.num_layers} layers, hidden {model_cfg.hidden_size}, vocab {model_cfg.vocab_size} "
+                f"(padded), seq {args.seq_length}, global batch {args.global_batch_size} = {args.micro_batch_size} "
+                f"x {grad_accum} accumulation x {world} ranks, device {device}"
+                + (f"; resumed from {args.load}/{load_tag} at iteration {iteration}" if load_tag else ""))
+    meta_base = {"model": model_cfg.to_dict(), "tokenizer": tokenizer.describe(), "seq_length": args.seq_length,
+                 "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}}
+    sampler = iter(PretrainingSampler(len(train_ds), consumed, args.micro_batch_size, rank, world))
+    speed = Throughput(args.global_batch_size * args.seq_length,
+                       flops_per_token(model_cfg.num_layers, model_cfg.hidden_size, args.seq_length, model_cfg.vocab_size),
+                       args.train_iters)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def to_device(batch):
+        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+    def evaluate() -> float:
+        engine.eval()
+        total, count = 0.0, 0.0
+        with torch.no_grad():
+            for k in range(args.eval_iters):
+                idx = range(k * args.micro_batch_size, (k + 1) * args.micro_batch_size)
+                b = to_device(collate([(i, valid_ds[i]) for i in idx]))
+                logits = engine(b["tokens"], b["position_ids"], b["attn_lo"], b["attn_hi"])
+                _, sums, counts = glm_loss(logits, b["labels"], b["loss_mask"])
+                total, count = total + float(sums.sum()), count + float(counts.sum())
+        engine.train()
+        return total / max(count, 1.0)
+
+    last_saved = load_tag
+    history = []
+    engine.train()
+    try:
+        while iteration < args.train_iters:
+            losses, by_objective = [], np.zeros((len(OBJECTIVES), 2))
+            for micro in range(grad_accum):
+                idx = next(sampler)
+                b = to_device(collate([(i, train_ds[i]) for i in idx]))
+                logits = engine(b["tokens"], b["position_ids"], b["attn_lo"], b["attn_hi"])
+                loss, sums, counts = glm_loss(logits, b["labels"], b["loss_mask"])
+                engine.backward(loss)
+                if micro == grad_accum - 1:
+                    norm = grad_norm(engine, params)
+                engine.step()
+                losses.append(float(loss.detach()))
+                for obj, s, c in zip(b["objective"].tolist(), sums.tolist(), counts.tolist()):
+                    by_objective[obj] += (s, c)
+            iteration += 1
+            consumed += args.global_batch_size
+            lm_loss = sum(losses) / len(losses)
+            if not math.isfinite(lm_loss) and not args.fp16:
+                raise TrainingError(
+                    f"loss is {lm_loss} at iteration {iteration}; stopped without saving, the latest checkpoint is "
+                    f"{last_saved or 'none'}. Lower --lr, raise --clip-grad or --lr-warmup-iters, or check the data")
+            values = {"lm_loss": lm_loss, "lr": engine.get_lr()[0], "grad_norm": norm, "consumed_samples": consumed,
+                      "skipped_steps": int(getattr(engine, "skipped_steps", 0))}
+            for k, name in enumerate(OBJECTIVES):
+                if by_objective[k, 1]:
+                    values[f"loss_{name}"] = by_objective[k, 0] / by_objective[k, 1]
+            if args.fp16:
+                values["loss_scale"] = float(engine.optimizer.cur_scale) if hasattr(engine.optimizer, "cur_scale") else None
+            if iteration % args.log_interval == 0 or iteration == args.train_iters:
+                values.update(speed.report(iteration))
+                parts = [f"iter {iteration}/{args.train_iters}", f"loss {lm_loss:.4f}"]
+                parts += [f"{n} {values['loss_' + n]:.3f}" for n in OBJECTIVES if "loss_" + n in values]
+                parts += [f"lr {values['lr']:.2e}", f"grad {norm:.3f}", f"{values['tokens_per_s']:,.0f} tok/s",
+                          f"{values['tflops']:.2f} TFLOP/s"]
+                if "mfu" in values:
+                    parts.append(f"MFU {values['mfu']:.1%}")
+                parts += [memory_summary(), f"ETA {time.strftime('%H:%M:%S', time.gmtime(values['eta_s']))}"]
+                log.console(" | ".join(parts))
+            if valid_ds is not None and iteration % args.eval_interval == 0:
+                values["valid_loss"] = evaluate()
+                log.console(f"validation at iter {iteration}: loss {values['valid_loss']:.4f} "
+                            f"(ppl {math.exp(min(values['valid_loss'], 50)):.2f})")
+            log.record(iteration, values)
+            history.append(lm_loss)
+            if args.save and ((args.save_interval and iteration % args.save_interval == 0)
+                              or iteration == args.train_iters):
+                folder = ckpt.save_checkpoint(engine, args.save, iteration, {**meta_base, "consumed_samples": consumed},
+                                              args.keep_last, rank)
+                last_saved = os.path.basename(folder)
+                log.console(f"saved {folder}")
+    finally:
+        log.close()
+    return {"iteration": iteration, "losses": history, "model": model, "tokenizer": tokenizer}
+
+
+def main(argv=None) -> int:
+    from megatron_glm.data.indexed import IndexedDatasetError
+    from megatron_glm.data.tokenizer import TokenizerError
+    from megatron_glm.training.checkpoint import CheckpointError
+
+    try:
+        pretrain(argv)
+    except (ValueError, TokenizerError, IndexedDatasetError, CheckpointError, FileNotFoundError, TrainingError) as e:
+        print(f"glm-pretrain: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
