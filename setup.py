@@ -29,6 +29,8 @@ setup(
         # JSON parsing is a third of glm-preprocess's per-line cost with the standard library
         "orjson>=3.9",
         "tqdm>=4.60",
+        # owns data parallelism, ZeRO, mixed precision and the optimizer step
+        "deepspeed>=0.14.1",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.2", "hypothesis>=6.100", "megatron-core>=0.9", "psutil>=5.9"],
@@ -40,6 +42,8 @@ setup(
             "glm-preprocess=megatron_glm.data_prep.preprocess:main",
             "glm-train-tokenizer=megatron_glm.data_prep.train_tokenizer:main",
             "glm-merge-datasets=megatron_glm.data_prep.merge:main",
+            "glm-pretrain=megatron_glm.training.pretrain:main",
+            "glm-generate=megatron_glm.model.generation:main",
         ]
     },
 )

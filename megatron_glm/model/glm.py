@@ -47,6 +47,15 @@ class KVCache:
         self.keys = [k.index_select(0, index) for k in self.keys]
         self.values = [v.index_select(0, index) for v in self.values]
 
+    def truncate(self, length: int) -> None:
+        self.keys = [k[:, :, :length] for k in self.keys]
+        self.values = [v[:, :, :length] for v in self.values]
+
+    def copy(self) -> "KVCache":
+        other = KVCache(len(self.keys))
+        other.keys, other.values = list(self.keys), list(self.values)
+        return other
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):

@@ -170,5 +170,5 @@ def load_model_weights(load_dir: str, tag: str | None = None) -> tuple[dict, dic
                               "checkpoint folder, or no save has finished yet")
     meta = read_meta(load_dir, tag)
     states = torch.load(os.path.join(load_dir, tag, "mp_rank_00_model_states.pt"), map_location="cpu",
-                        weights_only=False)
+                        weights_only=True)
     return states["module"], meta

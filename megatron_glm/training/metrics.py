@@ -93,15 +93,13 @@ class MetricsLogger:
 class Throughput:
     """Tokens/s, TFLOP/s, MFU and ETA over the iterations since the last report."""
 
-    def __init__(self, tokens_per_iteration: int, flops_per_tok: float, total_iterations: int):
+    def __init__(self, tokens_per_iteration: int, flops_per_tok: float, total_iterations: int, start_iteration: int):
         self.tokens, self.flops, self.total = tokens_per_iteration, flops_per_tok, total_iterations
         self.peak = device_peak_flops()
-        self.last_time, self.last_iter = time.perf_counter(), None
+        self.last_time, self.last_iter = time.perf_counter(), start_iteration
 
     def report(self, iteration: int) -> dict:
         now = time.perf_counter()
-        if self.last_iter is None:
-            self.last_iter = iteration - 1
         done = max(iteration - self.last_iter, 1)
         seconds = (now - self.last_time) / done
         self.last_time, self.last_iter = now, iteration

@@ -152,7 +152,7 @@ def pretrain(argv=None) -> dict:
     sampler = iter(PretrainingSampler(len(train_ds), consumed, args.micro_batch_size, rank, world))
     speed = Throughput(args.global_batch_size * args.seq_length,
                        flops_per_token(model_cfg.num_layers, model_cfg.hidden_size, args.seq_length, model_cfg.vocab_size),
-                       args.train_iters)
+                       args.train_iters, iteration)
     params = [p for p in model.parameters() if p.requires_grad]
 
     def to_device(batch):
