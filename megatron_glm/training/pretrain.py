@@ -219,6 +219,7 @@ def pretrain(argv=None) -> dict:
                             f"(ppl {math.exp(min(values['valid_loss'], 50)):.2f})")
             log.record(iteration, values)
             history.append(lm_loss)
+            ckpt.fault_point(f"iteration:{iteration}")
             if args.save and ((args.save_interval and iteration % args.save_interval == 0)
                               or iteration == args.train_iters):
                 folder = ckpt.save_checkpoint(engine, args.save, iteration, {**meta_base, "consumed_samples": consumed},

@@ -1,0 +1,188 @@
+"""The blank-infilling collator against the paper's definition, independently re-derived here."""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from megatron_glm.data.blank_infilling import (
+    DOCUMENT, SENTENCE, TOKEN, BlankInfillingCollator, BlankInfillingConfig, SpecialIds)
+
+SP = SpecialIds(pad=0, mask=1, smask=2, gmask=3, sop=4, eop=5)
+PERIOD = 6  # a sentence end token in the synthetic text
+BLANKS = {SP.mask, SP.smask, SP.gmask}
+
+
+def segments_of(row, S):
+    """Split a row into segments by its attention bounds; returns [(start, sep, end)] (end excludes padding)."""
+    lo, hi = row["attn_lo"], row["attn_hi"]
+    out, i = [], 0
+    while i < S:
+        if hi[i] == i + 1 and lo[i] == i and row["tokens"][i] == SP.pad and row["loss_mask"][i] == 0:
+            i += 1  # padding row
+            continue
+        start = lo[i]
+        sep = hi[i]
+        j = start
+        while j < S and lo[j] == start and not (row["tokens"][j] == SP.pad and row["loss_mask"][j] == 0 and hi[j] == j + 1 and lo[j] == j):
+            j += 1
+        out.append((start, sep, j))
+        i = j
+    return out
+
+
+def reconstruct(row, start, sep, end):
+    """Put each Part B span back into its blank, using only the row's tokens and positions."""
+    part_a = list(row["tokens"][start:sep])
+    spans = {}
+    i = sep
+    while i < end:
+        assert row["tokens"][i] == SP.sop and row["pos1"][i] == 1
+        mask_pos = row["pos0"][i]
+        n = 0
+        while i + n + 1 < end and row["pos1"][i + n + 1] == n + 2:
+            n += 1
+        span_labels = row["labels"][i:i + n + 1]
+        assert span_labels[-1] == SP.eop
+        assert list(row["tokens"][i + 1:i + n + 1]) == list(span_labels[:-1]), "inputs are targets shifted by one"
+        assert (row["pos0"][i:i + n + 1] == mask_pos).all()
+        spans[mask_pos] = list(span_labels[:-1])
+        i += n + 1
+    assert sorted(spans) == [k for k, t in enumerate(part_a) if t in BLANKS], "one span per blank"
+    text = []
+    for k, t in enumerate(part_a):
+        text.extend(spans[k] if t in BLANKS else [t])
+    return text
+
+
+def check_row(row, text, docs, cfg):
+    S = cfg.seq_length
+    segs = segments_of(row, S)
+    rebuilt = []
+    for start, sep, end in segs:
+        rebuilt += reconstruct(row, start, sep, end)
+        # Part A: bidirectional over Part A, positions 0.., block positions 0, no loss
+        assert (row["attn_lo"][start:sep] == start).all() and (row["attn_hi"][start:sep] == sep).all()
+        assert (row["pos0"][start:sep] == np.arange(sep - start)).all() and (row["pos1"][start:sep] == 0).all()
+        assert (row["loss_mask"][start:sep] == 0).all()
+        # Part B: causal, plus all of Part A; loss everywhere
+        assert (row["attn_lo"][sep:end] == start).all() and (row["attn_hi"][sep:end] == np.arange(sep, end) + 1).all()
+        assert (row["loss_mask"][sep:end] == 1).all()
+    used = len(rebuilt)
+    assert rebuilt == list(text[:used]), "Part A plus the spans give back the text"
+    used_end = segs[-1][2] if segs else 0
+    assert (row["tokens"][used_end:] == SP.pad).all() and (row["loss_mask"][used_end:] == 0).all()
+    if cfg.packed:
+        doc_ends = set(np.cumsum(docs).tolist())
+        assert all(sum(e - s for s, _, e in segs[:k + 1]) >= 0 for k in range(len(segs)))
+        # each segment's text lies in one document
+        pos = 0
+        for start, sep, end in segs:
+            length = len(reconstruct(row, start, sep, end))
+            first_end = next(e for e in sorted(doc_ends) if e > pos)
+            assert pos + length <= first_end
+            pos += length
+    return used
+
+
+texts = st.integers(20, 400).flatmap(lambda n: st.tuples(
+    st.lists(st.integers(7, 99), min_size=n, max_size=n),
+    st.lists(st.integers(1, n), min_size=0, max_size=4)))
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=texts, S=st.sampled_from([64, 128, 512]), token=st.floats(0, 1), packed=st.booleans(),
+       shuffle=st.booleans(), index=st.integers(0, 10**6), short=st.sampled_from([0.0, 0.5]))
+def test_rows_follow_the_definition(data, S, token, packed, shuffle, index, short):
+    values, cuts = data
+    text = np.asarray(values)
+    text[::9] = PERIOD
+    cut = sorted(set(cuts))
+    docs = np.diff([0] + [c for c in cut if c < len(text)] + [len(text)])
+    cfg = BlankInfillingConfig(seq_length=S, token_prob=token, sentence_prob=(1 - token) / 2, packed=packed,
+                               shuffle_spans=shuffle, short_seq_prob=short)
+    collate = BlankInfillingCollator(cfg, SP, np.array([PERIOD]))
+    row = collate.encode(index, text, docs)
+    check_row(row, text, docs, cfg)
+    again = collate.encode(index, text, docs)
+    assert all(np.array_equal(row[k], again[k]) for k in row if k != "objective"), "deterministic per index"
+
+
+def test_token_objective_statistics():
+    """15% masked (one span of overshoot at most), span lengths ~ Poisson(3) truncated to 1..39."""
+    S, lam = 512, 3.0
+    collate = BlankInfillingCollator(BlankInfillingConfig(seq_length=S), SP)
+    rng = np.random.default_rng(0)
+    lengths, fractions = [], []
+    for i in range(400):
+        text = rng.integers(7, 99, S)
+        row = collate.encode(i, text, None)
+        a_end = int(row["attn_hi"][0])
+        blanks = int(np.isin(row["tokens"][:a_end], list(BLANKS)).sum())
+        masked = int(row["loss_mask"].sum()) - blanks  # each span adds its [eop] target
+        used = a_end - blanks + masked
+        fractions.append(masked / used)
+        starts = np.flatnonzero(row["tokens"] == SP.sop)
+        ends = list(starts[1:]) + [int(row["loss_mask"].nonzero()[0][-1]) + 1]
+        lengths += [e - s - 1 for s, e in zip(starts, ends)]
+        assert used + 2 * blanks <= S
+    # truncated Poisson mean: sum k p(k) / sum p(k) over k = 1..39 (computed here, not by the collator)
+    pmf = [lam**k * math.exp(-lam) / math.factorial(k) for k in range(1, 40)]
+    mean = sum(k * p for k, p in zip(range(1, 40), pmf)) / sum(pmf)
+    assert abs(np.mean(lengths) - mean) < 0.15, (np.mean(lengths), mean)
+    assert min(lengths) >= 1 and max(lengths) <= 39
+    assert 0.15 <= np.mean(fractions) < 0.15 + mean / S * 3
+    assert min(fractions) >= 0.15
+
+
+def test_sentence_and_document_objectives():
+    S = 256
+    rng = np.random.default_rng(1)
+    sent = BlankInfillingCollator(BlankInfillingConfig(seq_length=S, token_prob=0.0, sentence_prob=1.0), SP,
+                                  np.array([PERIOD]))
+    doc = BlankInfillingCollator(BlankInfillingConfig(seq_length=S, token_prob=0.0, sentence_prob=0.0), SP)
+    ratios = []
+    for i in range(200):
+        text = rng.integers(7, 99, S)
+        text[rng.choice(S, 20, replace=False)] = PERIOD
+        row = sent.encode(i, text, None)
+        assert row["objective"] == SENTENCE and SP.smask in row["tokens"]
+        start, sep = 0, int(row["attn_hi"][0])
+        for s in np.flatnonzero(row["tokens"] == SP.sop):  # each span is whole sentences: ends at a period
+            span = row["labels"][s:s + 1 + np.argmax(row["labels"][s:] == SP.eop)]
+            assert span[-1] == PERIOD or s + len(span) >= sep, "a masked sentence ends at a sentence end"
+        row = doc.encode(i, text, None)
+        assert row["objective"] == DOCUMENT
+        sep = int(row["attn_hi"][0])
+        assert row["tokens"][sep - 1] == SP.gmask and (row["tokens"][:sep] == SP.gmask).sum() == 1, "one suffix"
+        n = int(row["loss_mask"].sum()) - 1
+        ratios.append(n / (sep - 1 + n))
+        assert (row["pos0"][sep:sep + n + 1] == sep - 1).all(), "all generated tokens at the [gMASK] position"
+    assert 0.5 - 0.01 <= min(ratios) and max(ratios) <= 1.0 and abs(np.mean(ratios) - 0.75) < 0.03
+
+
+def test_objective_mixture_and_batch_contract():
+    import torch
+
+    cfg = BlankInfillingConfig(seq_length=64, token_prob=0.5, sentence_prob=0.3, task_mask=False)
+    collate = BlankInfillingCollator(cfg, SP, np.array([PERIOD]))
+    rng = np.random.default_rng(2)
+    samples = [(i, {"text": rng.integers(7, 99, 64), "document_lengths": np.array([30, 34])}) for i in range(600)]
+    batch = collate(samples)
+    assert batch["tokens"].shape == (600, 64) and batch["position_ids"].shape == (600, 2, 64)
+    assert batch["attn_lo"].dtype == torch.int32 and batch["loss_mask"].dtype == torch.float32
+    counts = np.bincount(batch["objective"].numpy(), minlength=3) / 600
+    assert abs(counts[TOKEN] - 0.5) < 0.06 and abs(counts[DOCUMENT] - 0.2) < 0.06
+    assert not ((batch["tokens"] == SP.smask) | (batch["tokens"] == SP.gmask)).any(), "task masks off: [MASK] only"
+    # the same sample index gives the same row whatever batch it lands in
+    single = collate([samples[17]])
+    assert torch.equal(single["tokens"][0], batch["tokens"][17])
+
+
+@pytest.mark.parametrize("bad", [dict(token_prob=0.8, sentence_prob=0.5), dict(mask_ratio=1.5),
+                                 dict(gmask_min_ratio=0.9, gmask_max_ratio=0.5), dict(seq_length=4)])
+def test_bad_configurations(bad):
+    with pytest.raises(ValueError):
+        BlankInfillingCollator(BlankInfillingConfig(**{"seq_length": 64, **bad}), SP)

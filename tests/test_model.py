@@ -1,0 +1,174 @@
+"""The GLM model: mask semantics, attention paths, KV-cache generation, shape checks."""
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_glm.config import ModelConfig, preset
+from megatron_glm.data.blank_infilling import BlankInfillingCollator, BlankInfillingConfig, SpecialIds
+from megatron_glm.model.attention import interval_attention
+from megatron_glm.model.generation import GenerationConfig, _feed, fill_blanks
+from megatron_glm.model.glm import GLMModel, KVCache
+
+SP = SpecialIds(pad=0, mask=1, smask=2, gmask=3, sop=4, eop=5)
+VOCAB = 128
+
+
+def model_for(kind: str, **kw) -> GLMModel:
+    torch.manual_seed(0)
+    cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, max_position_embeddings=64,
+                      vocab_size=VOCAB, position_embedding_type=kind, hidden_dropout=0.0, attention_dropout=0.0, **kw)
+    return GLMModel(cfg).eval()
+
+
+def batch(packed=False, index=3):
+    collate = BlankInfillingCollator(BlankInfillingConfig(seq_length=64, packed=packed), SP)
+    text = np.random.default_rng(index).integers(6, VOCAB, 64)
+    return collate([(index, {"text": text, "document_lengths": np.array([25, 39])})])
+
+
+def logits(model, b, tokens=None):
+    return model(b["tokens"] if tokens is None else tokens, b["position_ids"], b["attn_lo"], b["attn_hi"])
+
+
+KINDS = ["learned_2d", "rotary_2d"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_part_b_never_leaks_backwards(kind):
+    model, b = model_for(kind), batch()
+    sep = int(b["attn_hi"][0, 0])
+    base = logits(model, b)
+    for j in (sep, sep + 3, int(b["loss_mask"][0].nonzero()[-1])):
+        changed = b["tokens"].clone()
+        changed[0, j] = (changed[0, j] + 7) % VOCAB
+        out = logits(model, b, changed)
+        assert torch.allclose(out[0, :j], base[0, :j], atol=1e-6), "Part A and earlier Part B are unchanged"
+        assert not torch.allclose(out[0, j:j + 1], base[0, j:j + 1]), "the changed position itself changes"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_part_a_is_seen_by_everything(kind):
+    model, b = model_for(kind), batch()
+    sep = int(b["attn_hi"][0, 0])
+    base = logits(model, b)
+    changed = b["tokens"].clone()
+    changed[0, sep - 1] = (changed[0, sep - 1] + 5) % VOCAB  # the last Part A token
+    out = logits(model, b, changed)
+    end = int(b["loss_mask"][0].nonzero()[-1]) + 1
+    differs = (out[0, :end] - base[0, :end]).abs().amax(-1) > 1e-6
+    assert differs.all(), "every Part A and Part B position depends on every Part A token"
+
+
+def test_packed_segments_never_see_each_other():
+    model, b = model_for("learned_2d"), batch(packed=True)
+    lo = b["attn_lo"][0]
+    starts = sorted(set(lo.tolist()) - {i for i in range(64) if b["tokens"][0, i] == SP.pad and lo[i] == i})
+    assert len(starts) >= 2, "two documents give two segments"
+    second = starts[1]
+    base = logits(model, b)
+    changed = b["tokens"].clone()
+    changed[0, :second] = (changed[0, :second] + 11) % VOCAB  # rewrite the whole first segment
+    out = logits(model, b, changed)
+    assert torch.allclose(out[0, second:], base[0, second:], atol=1e-6)
+
+
+def test_sdpa_equals_the_dense_eager_reference():
+    q, k, v = (torch.randn(2, 3, 40, 16) for _ in range(3))
+    b = batch(packed=True)
+    lo, hi = b["attn_lo"][:, :40].expand(2, 40), b["attn_hi"][:, :40].expand(2, 40)
+    torch.testing.assert_close(interval_attention(q, k, v, lo, hi, impl="sdpa"),
+                               interval_attention(q, k, v, lo, hi, impl="eager"), atol=1e-5, rtol=1e-5)
+    # the eager path is the textbook definition: softmax over the allowed keys only
+    scores = q[0, 0] @ k[0, 0].T / 4.0
+    row = 5
+    allowed = slice(int(lo[0, row]), int(hi[0, row]))
+    expected = torch.softmax(scores[row, allowed], -1) @ v[0, 0, allowed]
+    torch.testing.assert_close(interval_attention(q, k, v, lo, hi, impl="eager")[0, 0, row], expected)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_kv_cache_logits_equal_full_recompute(kind):
+    """Part A once, then [sop] and tokens one by one == one pass over the whole sequence."""
+    model = model_for(kind, geglu=kind == "rotary_2d")
+    part_a = [9, 10, 1, 11, 12, 1, 13]  # two [MASK]s at 2 and 5
+    spans = [[20, 21, 22], [30, 31]]
+    cache = KVCache(model.cfg.num_layers)
+    a = len(part_a)
+    pos = torch.stack([torch.arange(a), torch.zeros(a, dtype=torch.long)])[None]
+    model(torch.tensor([part_a]), pos, torch.zeros(1, a, dtype=torch.int32), torch.full((1, a), a, dtype=torch.int32), cache)
+    incremental = []
+    for mask_pos, span in zip((2, 5), spans):
+        for j, t in enumerate([SP.sop] + span):
+            incremental.append(_feed(model, cache, torch.tensor([[t]]), torch.tensor([[mask_pos]]),
+                                     torch.tensor([[j + 1]]))[0])
+    tokens = part_a + [SP.sop] + spans[0] + [SP.sop] + spans[1]
+    n = len(tokens)
+    pos0 = list(range(a)) + [2] * 4 + [5] * 3
+    pos1 = [0] * a + [1, 2, 3, 4] + [1, 2, 3]
+    lo = torch.zeros(1, n, dtype=torch.int32)
+    hi = torch.tensor([[a] * a + list(range(a + 1, n + 1))], dtype=torch.int32)
+    full = model(torch.tensor([tokens]), torch.tensor([[pos0, pos1]]), lo, hi)[0, a:]
+    torch.testing.assert_close(torch.stack(incremental), full, atol=1e-5, rtol=1e-5)
+
+
+class ToyTokenizer:
+    """Ids are characters' code points (small alphabet); enough to drive fill_blanks."""
+
+    mask_id, smask_id, gmask_id, sop_id, eop_id = 1, 2, 3, 4, 5
+
+    def encode(self, text, allow_special=True):
+        return [1 if ch == "_" else 6 + (ord(ch) % 100) for ch in text]
+
+    def decode(self, ids):
+        return "".join("?" if i < 6 else chr(i - 6 + 32) for i in ids)
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "sample", "beam"])
+def test_fill_blanks_strategies(strategy):
+    model = model_for("learned_2d")
+    cfg = GenerationConfig(strategy, max_new_tokens=5, num_beams=3, top_k=10, top_p=0.9, seed=0)
+    filled, spans = fill_blanks(model, ToyTokenizer(), "ab_cd_e", cfg)
+    assert len(spans) == 2 and all(len(s) <= 5 for s in spans)
+    again = fill_blanks(model, ToyTokenizer(), "ab_cd_e", cfg)
+    assert (filled, spans) == again, "seeded generation is reproducible"
+    if strategy == "greedy":  # the first greedy token is the argmax after [sop] at the first blank
+        cache = KVCache(2)
+        ids = ToyTokenizer().encode("ab_cd_e")
+        a = len(ids)
+        pos = torch.stack([torch.arange(a), torch.zeros(a, dtype=torch.long)])[None]
+        model(torch.tensor([ids]), pos, torch.zeros(1, a, dtype=torch.int32), torch.full((1, a), a, dtype=torch.int32), cache)
+        first = int(_feed(model, cache, torch.tensor([[4]]), torch.tensor([[2]]), torch.tensor([[1]])).argmax())
+        if first == ToyTokenizer.eop_id:
+            assert spans[0] == ""
+        else:
+            assert spans[0][:1] == ToyTokenizer().decode([first])
+    with pytest.raises(ValueError, match="no \\[MASK\\]"):
+        fill_blanks(model, ToyTokenizer(), "abc", cfg)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(hidden_size=100, num_attention_heads=3), "not divisible"),
+    (dict(vocab_size=0), "vocab size"),
+    (dict(position_embedding_type="alibi"), "learned_2d or rotary_2d"),
+    (dict(hidden_dropout=1.5), "hidden-dropout"),
+])
+def test_impossible_shapes_are_named(change, message):
+    cfg = preset("glm-tiny", vocab_size=VOCAB)
+    for k, v in change.items():
+        setattr(cfg, k, v)
+    with pytest.raises(ValueError, match=message):
+        cfg.validate()
+    with pytest.raises(ValueError, match="exceeds --max-position-embeddings"):
+        preset("glm-tiny", vocab_size=VOCAB).validate(seq_length=1024)
+
+
+def test_presets_have_the_published_sizes():
+    expected = {"glm-base": (12, 768, 12), "glm-large": (24, 1024, 16), "glm-410m": (30, 1024, 16),
+                "glm-515m": (30, 1152, 18), "glm-2b": (36, 2048, 32), "glm-10b": (48, 4096, 64)}
+    for name, (layers, hidden, heads) in expected.items():
+        cfg = preset(name, vocab_size=30592)
+        assert (cfg.num_layers, cfg.hidden_size, cfg.num_attention_heads) == (layers, hidden, heads)
+        assert cfg.ffn_hidden_size == 4 * hidden
+    model = GLMModel(preset("glm-tiny", vocab_size=VOCAB))
+    assert model.word_embeddings.weight is not None and model.transformer.position_embeddings.num_embeddings == 513
