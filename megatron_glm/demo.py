@@ -72,7 +72,10 @@ def main(argv=None) -> int:
 
     from megatron_glm.training.pretrain import pretrain
 
+    import shutil
+
     ckpt = os.path.join(args.workdir, "checkpoints")
+    shutil.rmtree(ckpt, ignore_errors=True)  # a fresh run each time: the second step shows the resume
     half = args.train_iters // 2
     common = ["--data-path", f"{data_prefix}_text_document", "--tokenizer-model", model, "--preset", "glm-tiny",
               "--seq-length", "128", "--micro-batch-size", "16", "--global-batch-size", "32", "--lr", "2e-3",
