@@ -33,7 +33,8 @@ setup(
         "deepspeed>=0.14.1",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.2", "hypothesis>=6.100", "megatron-core>=0.9", "psutil>=5.9"],
+        "test": ["pytest>=8", "pytest-timeout>=2.2", "hypothesis>=6.100", "megatron-core>=0.9", "psutil>=5.9",
+                 "tensorboard>=2.14", "wandb>=0.16"],
         "mpi": ["mpi4py>=3.1"],
         "wandb": ["wandb>=0.16"],
     },

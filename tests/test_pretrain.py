@@ -77,6 +77,8 @@ def test_refuses_another_architecture_and_writes_nothing(tmp_path, data):
     (("--seq-length", "4096", "--max-position-embeddings", "512"), "exceeds --max-position-embeddings"),
     (("--global-batch-size", "3"), "not a multiple of --micro-batch-size"),
     (("--num-attention-heads", "3"), "not divisible"),
+    (("--fp16", ""), "use --bf16 on CPU"),
+    (("--bf16", "", "--fp16", ""), "exclude each other"),
 ])
 def test_bad_flags_are_named(tmp_path, data, change, message):
     argv = args(data, str(tmp_path / "ckpt"), iters=2)
@@ -84,7 +86,30 @@ def test_bad_flags_are_named(tmp_path, data, change, message):
         if flag in argv:
             argv[argv.index(flag) + 1] = value
         else:
-            argv += [flag, value]
+            argv += [flag, value] if value else [flag]
     result = run(argv)
     assert result.returncode == 1 and message in result.stderr, result.stderr[-2000:]
     assert not os.path.exists(tmp_path / "ckpt")
+
+
+def test_bf16_tensorboard_and_wandb(tmp_path, data):
+    """bf16 through the engine tracks fp32 closely; TensorBoard and (offline) wandb get the metrics."""
+    fp32 = str(tmp_path / "fp32" / "ckpt")
+    assert run(args(data, fp32, iters=4)).returncode == 0
+    bf16 = str(tmp_path / "bf16" / "ckpt")
+    env_free = {k: v for k, v in os.environ.items() if not k.startswith("WANDB")}
+    result = subprocess.run([sys.executable, "-m", "megatron_glm.training.pretrain",
+                             *args(data, bf16, iters=4, extra=["--bf16", "--tensorboard", "--wandb-project", "glm-test"])],
+                            env=env_free, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ours, ref = records(bf16), records(fp32)
+    for a, b in zip(ours, ref):
+        assert abs(a["lm_loss"] - b["lm_loss"]) < 0.05 * b["lm_loss"], (a, b)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(os.path.join(bf16, "tensorboard"))
+    events.Reload()
+    logged = [e.value for e in events.Scalars("lm_loss")]
+    assert logged == pytest.approx([r["lm_loss"] for r in ours], rel=1e-6)
+    runs = os.listdir(os.path.join(bf16, "wandb"))
+    assert any(name.startswith("offline-run-") for name in runs), runs

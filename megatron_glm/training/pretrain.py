@@ -99,6 +99,8 @@ def pretrain(argv=None) -> dict:
     from megatron_glm.training.metrics import MetricsLogger, Throughput, flops_per_token, memory_summary
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.fp16 and device == "cpu":
+        raise ValueError("--fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16 optimizer); use --bf16 on CPU")
     tokenizer = GLMTokenizer(spec_from_args(args))
     model_cfg = model_config_from_args(args, tokenizer.padded_vocab_size())
     load_tag = ckpt.resume_tag(args.load) if args.load else None
