@@ -92,8 +92,11 @@ def main(argv=None) -> int:
 
     from megatron_glm.model.generation import GenerationConfig, fill_blanks, load_for_inference
 
-    step("glm-generate: blanks in sentences the model has not seen")
-    glm, tok = load_for_inference(ckpt)
+    step("glm-generate: blanks in sentences the model has not seen (a 2 M-parameter model after a few CPU "
+         "minutes: expect frequent words, not answers)")
+    import torch
+
+    glm, tok = load_for_inference(ckpt, device="cuda" if torch.cuda.is_available() else "cpu")
     prompts = [
         "Return a new [MASK] containing all items from the iterable in ascending order.",
         "If the file does not exist, [MASK] is raised.",

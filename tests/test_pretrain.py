@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -61,9 +62,17 @@ def test_kill_anywhere_then_resume_equals_an_uninterrupted_run(tmp_path, data):
     assert names == ["iter_0000006", "iter_0000008", "latest", "metrics.jsonl"], "keeps the last 2, no temporaries"
 
 
-def test_refuses_another_architecture_and_writes_nothing(tmp_path, data):
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data):
+    save = str(tmp_path_factory.mktemp("trained") / "ckpt")
+    result = run(args(data, save, iters=2))
+    assert result.returncode == 0, result.stderr
+    return save
+
+
+def test_refuses_another_architecture_and_writes_nothing(tmp_path, data, trained):
     save = str(tmp_path / "ckpt")
-    assert run(args(data, save, iters=2)).returncode == 0
+    shutil.copytree(trained, save)
     before = {n: os.path.getmtime(os.path.join(save, n)) for n in os.listdir(save)}
     wrong = args(data, save, iters=4)
     wrong[wrong.index("--hidden-size") + 1] = "64"
@@ -113,3 +122,32 @@ def test_bf16_tensorboard_and_wandb(tmp_path, data):
     assert logged == pytest.approx([r["lm_loss"] for r in ours], rel=1e-6)
     runs = os.listdir(os.path.join(bf16, "wandb"))
     assert any(name.startswith("offline-run-") for name in runs), runs
+
+
+def test_glm_generate_cli_and_a_mismatched_tokenizer(tmp_path, trained):
+    cmd = [sys.executable, "-m", "megatron_glm.model.generation", "--load", trained, "--max-new-tokens", "4"]
+    result = subprocess.run(cmd + ["--text", "Return the [MASK] of the list.", "--strategy", "beam", "--num-beams", "2"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    filled = result.stdout.strip()
+    assert filled.startswith("Return the ") and filled.endswith(" of the list.") and "[MASK]" not in filled
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "word"]) + "\n")
+    result = subprocess.run(cmd + ["--vocab-file", str(vocab), "--text", "a [MASK] b"], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 1 and "pass the tokenizer the model was trained with" in result.stderr
+    result = subprocess.run(cmd + ["--text", "no blank here"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "no [MASK]" in result.stderr
+
+
+def test_a_deepspeed_json_overrides_the_flags_it_sets(tmp_path):
+    from megatron_glm.training.arguments import build_parser
+    from megatron_glm.training.pretrain import deepspeed_config
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"gradient_clipping": 0.5, "zero_optimization": {"stage": 1, "reduce_bucket_size": 1000}}))
+    parsed = build_parser().parse_args(["--data-path", "x", "--train-iters", "1", "--clip-grad", "2.0",
+                                        "--zero-stage", "0", "--deepspeed-config", str(path)])
+    config = deepspeed_config(parsed, grad_accum=3)
+    assert config["gradient_clipping"] == 0.5 and config["gradient_accumulation_steps"] == 3
+    assert config["zero_optimization"] == {"stage": 1, "reduce_bucket_size": 1000}
