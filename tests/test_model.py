@@ -34,9 +34,10 @@ def logits(model, b, tokens=None):
 KINDS = ["learned_2d", "rotary_2d"]
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_part_b_never_leaks_backwards(kind):
-    model, b = model_for(kind), batch()
+@pytest.mark.parametrize("kind, options", [("learned_2d", {}), ("rotary_2d", {}), ("learned_2d", {"deepnorm": True}),
+                                           ("rotary_2d", {"geglu": True})])
+def test_part_b_never_leaks_backwards(kind, options):
+    model, b = model_for(kind, **options), batch()
     sep = int(b["attn_hi"][0, 0])
     base = logits(model, b)
     for j in (sep, sep + 3, int(b["loss_mask"][0].nonzero()[-1])):
@@ -161,6 +162,20 @@ def test_impossible_shapes_are_named(change, message):
         cfg.validate()
     with pytest.raises(ValueError, match="exceeds --max-position-embeddings"):
         preset("glm-tiny", vocab_size=VOCAB).validate(seq_length=1024)
+
+
+def test_deepnorm_is_post_ln_with_scaled_residuals():
+    model = model_for("learned_2d", deepnorm=True)
+    layer = model.transformer.layers[0]
+    assert layer.alpha == pytest.approx((2 * 2) ** 0.5)
+    x = torch.randn(1, 5, 64)
+    pos = torch.zeros(1, 2, 5, dtype=torch.long)
+    lo, hi = torch.zeros(1, 5, dtype=torch.int32), torch.full((1, 5), 5, dtype=torch.int32)
+    h = layer.input_layernorm(layer.alpha * x + layer.attention(x, pos, lo, hi))
+    expected = layer.post_attention_layernorm(layer.alpha * h + layer.mlp(h))
+    torch.testing.assert_close(layer(x, pos, lo, hi), expected)
+    out = layer(x, pos, lo, hi)
+    torch.testing.assert_close(out.mean(-1), torch.zeros(1, 5), atol=1e-5, rtol=0), "post-LN output is normalised"
 
 
 def test_presets_have_the_published_sizes():
