@@ -13,6 +13,7 @@ incrementally: keys and values of earlier calls are kept, the bounds index the w
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -64,18 +65,25 @@ class Attention(nn.Module):
         self.query_key_value = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
         self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.impl = "sdpa"
+        self.rng_fork = contextlib.nullcontext  # tensor parallelism: a per-rank RNG for dropout on split heads
+
+    def core_attention(self, q, k, v, attn_lo, attn_hi):
+        p = self.cfg.attention_dropout if self.training else 0.0
+        with self.rng_fork():
+            return interval_attention(q, k, v, attn_lo, attn_hi, dropout_p=p, impl=self.impl)
 
     def forward(self, x, position_ids, attn_lo, attn_hi, cache: KVCache | None = None):
-        b, s, _ = x.shape
-        heads, d = self.cfg.num_attention_heads, self.cfg.head_dim
-        q, k, v = self.query_key_value(x).view(b, s, 3, heads, d).permute(2, 0, 3, 1, 4)
+        qkv = self.query_key_value(x)  # [Q; K; V] of this rank's heads (all heads without TP)
+        b, s = qkv.shape[:2]
+        d = self.cfg.head_dim
+        heads = qkv.shape[-1] // (3 * d)
+        q, k, v = qkv.view(b, s, 3, heads, d).permute(2, 0, 3, 1, 4)
         if self.cfg.position_embedding_type == "rotary_2d":
             q = apply_rotary_2d(q, position_ids, self.cfg.rotary_base)
             k = apply_rotary_2d(k, position_ids, self.cfg.rotary_base)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        p = self.cfg.attention_dropout if self.training else 0.0
-        out = interval_attention(q, k, v, attn_lo, attn_hi, dropout_p=p, impl=self.impl)
+        out = self.core_attention(q, k, v, attn_lo, attn_hi)
         return self.dense(out.transpose(1, 2).reshape(b, s, heads * d))
 
 
@@ -127,6 +135,23 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerLayer(cfg, i) for i in range(cfg.num_layers))
         self.final_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
 
+    def run_layers(self, h, position_ids, attn_lo, attn_hi, cache=None):
+        """The layer stack (activation recomputation replaces this on the instance)."""
+        for layer in self.layers:
+            h = layer(h, position_ids, attn_lo, attn_hi, cache)
+        return h
+
+
+class TiedOutput(nn.Module):
+    """Logits from the word-embedding matrix, and the matching per-token cross entropy."""
+
+    def forward(self, h, weight):
+        return F.linear(h, weight)
+
+    @staticmethod
+    def cross_entropy(logits, labels):
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
+
 
 class GLMModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -135,6 +160,7 @@ class GLMModel(nn.Module):
         self.cfg = cfg
         self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.transformer = Transformer(cfg)
+        self.output_layer = TiedOutput()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -164,18 +190,21 @@ class GLMModel(nn.Module):
     def forward(self, tokens, position_ids, attn_lo, attn_hi, cache: KVCache | None = None):
         """Logits ``[B, S, V]`` over the padded vocabulary (tied to the word embeddings)."""
         h = self.embed(tokens, position_ids)
-        for layer in self.transformer.layers:
-            h = layer(h, position_ids, attn_lo, attn_hi, cache)
+        h = self.transformer.run_layers(h, position_ids, attn_lo, attn_hi, cache)
         h = self.transformer.final_layernorm(h)
-        return F.linear(h, self.word_embeddings.weight)
+        return self.output_layer(h, self.word_embeddings.weight)
+
+    def loss(self, logits, labels, loss_mask):
+        """``glm_loss`` with the cross entropy that matches the output layer (vocab-parallel or not)."""
+        return glm_loss(logits, labels, loss_mask, self.output_layer.cross_entropy)
 
     def set_attention_impl(self, impl: str) -> None:
         for layer in self.transformer.layers:
             layer.attention.impl = impl
 
 
-def glm_loss(logits, labels, loss_mask):
+def glm_loss(logits, labels, loss_mask, cross_entropy=TiedOutput.cross_entropy):
     """Mean cross entropy over the tokens with ``loss_mask`` (Part B), in fp32; and per-sample sums."""
-    losses = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
+    losses = cross_entropy(logits, labels)
     masked = losses * loss_mask
     return masked.sum() / loss_mask.sum().clamp(min=1.0), masked.sum(dim=1), loss_mask.sum(dim=1)

@@ -1,0 +1,1 @@
+"""Megatron-style model parallelism ("mpu"): process groups, mappings, parallel layers, RNG."""
