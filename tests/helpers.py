@@ -13,3 +13,35 @@ def write_jsonl(path, rows):
                 row = row.encode("utf-8")
             f.write(row.rstrip(b"\n") + b"\n")
     return str(path)
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, fn, world, port, out_dir, args):
+    import os
+
+    import torch
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    result = fn(rank, world, *args)
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def spawn(fn, world, out_dir, *args):
+    """Run ``fn(rank, world, *args)`` in ``world`` real processes (gloo); returns each rank's result."""
+    import os
+
+    import torch
+    import torch.multiprocessing as mp
+
+    os.makedirs(str(out_dir), exist_ok=True)
+    mp.start_processes(_entry, args=(fn, world, free_port(), str(out_dir), args), nprocs=world, start_method="spawn")
+    return [torch.load(os.path.join(str(out_dir), f"rank{r}.pt"), weights_only=False) for r in range(world)]
