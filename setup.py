@@ -34,7 +34,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.2", "hypothesis>=6.100", "megatron-core>=0.9", "psutil>=5.9",
-                 "tensorboard>=2.14", "wandb>=0.16"],
+                 "tensorboard>=2.14", "wandb>=0.16", "mpi4py>=3.1", "mpich"],
         "mpi": ["mpi4py>=3.1"],
         "wandb": ["wandb>=0.16"],
     },

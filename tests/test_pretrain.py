@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from megatron_glm.data_prep.preprocess import preprocess
 
@@ -151,3 +152,34 @@ def test_a_deepspeed_json_overrides_the_flags_it_sets(tmp_path):
     config = deepspeed_config(parsed, grad_accum=3)
     assert config["gradient_clipping"] == 0.5 and config["gradient_accumulation_steps"] == 3
     assert config["zero_optimization"] == {"stage": 1, "reduce_bucket_size": 1000}
+
+
+def test_tensor_parallel_pretraining_matches_one_process(tmp_path, data):
+    """glm-pretrain under torchrun with TP=2, sequence parallelism and recomputation == one process."""
+    from megatron_glm.training.checkpoint import load_model_weights
+    from tests.helpers import free_port
+
+    no_dropout = ["--hidden-dropout", "0", "--attention-dropout", "0"]
+    one = str(tmp_path / "tp1" / "ckpt")
+    assert run(args(data, one, iters=4, extra=no_dropout)).returncode == 0
+    two = str(tmp_path / "tp2" / "ckpt")
+    extra = no_dropout + ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--recompute-granularity", "full"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             str(free_port()), "-m", "megatron_glm.training.pretrain", *args(data, two, 4, extra)],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = records(one), records(two)
+    assert [r["iteration"] for r in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b):
+        assert y["lm_loss"] == pytest.approx(x["lm_loss"], rel=1e-4)
+        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-3)
+    assert sorted(n for n in os.listdir(os.path.join(two, "iter_0000004")) if n.startswith("mp_rank")) == \
+        ["mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt"]
+    merged, meta = load_model_weights(two)
+    single, _ = load_model_weights(one)
+    assert meta["tensor_model_parallel_size"] == 2 and merged.keys() == single.keys()
+    for name in single:
+        torch.testing.assert_close(merged[name], single[name], atol=2e-4, rtol=1e-3, msg=name)
+    result = run(args(data, two, iters=6, extra=no_dropout))  # resuming TP=2 on one process is refused
+    assert result.returncode == 1 and "--tensor-model-parallel-size 2" in result.stderr

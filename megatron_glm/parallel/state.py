@@ -105,6 +105,10 @@ def initialize_model_parallel(tp: int = 1, pp: int = 1, backend: str | None = No
     if not dist.is_initialized():
         launch = discover_launch()
         check_layout(launch.world_size, tp, pp, **model_sizes)  # before any group exists
+        # the standard variables, for DeepSpeed and anything else that reads them
+        for key, value in (("RANK", launch.rank), ("WORLD_SIZE", launch.world_size), ("LOCAL_RANK", launch.local_rank),
+                           ("MASTER_ADDR", launch.master_addr), ("MASTER_PORT", launch.master_port)):
+            os.environ.setdefault(key, str(value))
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if backend == "nccl":
             torch.cuda.set_device(launch.local_rank)

@@ -26,6 +26,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--deepnorm", action="store_true", help="GLM-130B's DeepNorm (post-LN, scaled residual)")
     g.add_argument("--attention-impl", choices=["sdpa", "eager"], default="sdpa")
 
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--sequence-parallel", action="store_true", help="LayerNorm and dropout on sequence chunks (TP>1)")
+    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
+    g.add_argument("--recompute-method", choices=["uniform", "block"], default="uniform")
+    g.add_argument("--recompute-num-layers", type=int, default=1)
+
     g = p.add_argument_group("blank infilling (REFERENCE.md section 1)")
     g.add_argument("--bert-prob", type=float, default=1.0, help="token objective ([MASK]) probability")
     g.add_argument("--gap-sentence-prob", type=float, default=0.0, help="sentence objective ([sMASK]) probability")
@@ -100,9 +107,20 @@ def model_config_from_args(args, vocab_size: int) -> ModelConfig:
     return base
 
 
-def validate_args(args, data_parallel_size: int = 1) -> None:
+def validate_args(args, world_size: int = 1) -> None:
     """Everything that can be checked before a process group, a tokenizer or data is touched."""
     problems = []
+    tp = args.tensor_model_parallel_size
+    if tp < 1 or world_size % tp:
+        problems.append(f"world size {world_size} is not a multiple of --tensor-model-parallel-size {tp}")
+        tp = 1
+    if args.sequence_parallel and tp == 1:
+        problems.append("--sequence-parallel needs --tensor-model-parallel-size > 1")
+    if args.sequence_parallel and args.seq_length % tp:
+        problems.append(f"--sequence-parallel needs --seq-length {args.seq_length} divisible by the TP size {tp}")
+    if args.recompute_num_layers < 1:
+        problems.append("--recompute-num-layers must be at least 1")
+    data_parallel_size = max(world_size // tp, 1)
     if args.bf16 and args.fp16:
         problems.append("--bf16 and --fp16 exclude each other")
     if args.global_batch_size is None:

@@ -79,6 +79,8 @@ def save_checkpoint(engine, save_dir: str, iteration: int, meta: dict, keep_last
         with open(os.path.join(staged, "meta.json"), "w") as f:
             json.dump({**meta, "iteration": iteration}, f, indent=1)
     fault_point("save:staged")
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # every rank's files are in the staging folder before it moves
     if rank == 0:
         _fsync_tree(staged)
         final = os.path.join(save_dir, tag)
@@ -94,6 +96,8 @@ def save_checkpoint(engine, save_dir: str, iteration: int, meta: dict, keep_last
         shutil.rmtree(final + ".old", ignore_errors=True)
         shutil.rmtree(tmp_root, ignore_errors=True)
         prune(save_dir, keep_last)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
     return os.path.join(save_dir, tag)
 
 
@@ -138,8 +142,13 @@ def read_meta(load_dir: str, tag: str) -> dict:
         return json.load(f)
 
 
-def check_compatible(meta: dict, model_cfg: ModelConfig, tokenizer_fingerprint: str | None, where: str) -> None:
-    """Refuse a checkpoint of another architecture or tokenizer, naming every difference."""
+def check_compatible(meta: dict, model_cfg: ModelConfig, tokenizer_fingerprint: str | None, where: str,
+                     tensor_parallel: int = 1) -> None:
+    """Refuse a checkpoint of another architecture, tokenizer or layout, naming every difference."""
+    saved_tp = meta.get("tensor_model_parallel_size", 1)
+    if saved_tp != tensor_parallel:
+        raise CheckpointError(f"{where} was saved with --tensor-model-parallel-size {saved_tp}, this run has "
+                              f"{tensor_parallel}: resume with the same layout (resharding is glm-convert's job)")
     saved = ModelConfig.from_dict(meta["model"])
     diffs = saved.architecture_differences(model_cfg)
     if diffs:
@@ -169,6 +178,16 @@ def load_model_weights(load_dir: str, tag: str | None = None) -> tuple[dict, dic
         raise CheckpointError(f"{load_dir} holds no complete checkpoint (iter_*/meta.json): not a megatron-glm "
                               "checkpoint folder, or no save has finished yet")
     meta = read_meta(load_dir, tag)
-    states = torch.load(os.path.join(load_dir, tag, "mp_rank_00_model_states.pt"), map_location="cpu",
-                        weights_only=True)
-    return states["module"], meta
+    tp = meta.get("tensor_model_parallel_size", 1)
+    shards = [torch.load(os.path.join(load_dir, tag, f"mp_rank_{r:02d}_model_states.pt"), map_location="cpu",
+                         weights_only=True)["module"] for r in range(tp)]
+    if tp == 1:
+        return shards[0], meta
+    from megatron_glm.parallel.tensor_parallel import partition_of, unshard_tensors
+
+    geglu = meta["model"].get("geglu", False)
+    merged = {}
+    for name, tensor in shards[0].items():
+        spec = partition_of(name, geglu)
+        merged[name] = tensor if spec is None else unshard_tensors([s[name] for s in shards], *spec)
+    return merged, meta

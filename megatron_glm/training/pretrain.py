@@ -12,7 +12,6 @@ import json
 import math
 import os
 import random
-import socket
 import sys
 import time
 
@@ -21,22 +20,15 @@ class TrainingError(RuntimeError):
     """A run that must stop (a non-finite loss, say); the last complete checkpoint stays the latest."""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_distributed(device: str) -> None:
-    """One process without a launcher gets a one-rank group; launchers set the environment themselves."""
+def init_distributed(device: str, tp: int, model_cfg) -> None:
+    """Process groups from whatever launched us (torchrun, Slurm, MPI, or nothing), then DeepSpeed's comm."""
     import deepspeed
-    import torch.distributed as dist
 
-    if dist.is_initialized():
-        return
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, value)
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    from megatron_glm.parallel import state
+
+    state.initialize_model_parallel(tp=tp, backend="nccl" if device == "cuda" else "gloo",
+                                    num_attention_heads=model_cfg.num_attention_heads,
+                                    hidden_size=model_cfg.hidden_size, vocab_size=model_cfg.vocab_size)
     deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", verbose=False)
 
 
@@ -69,13 +61,27 @@ def param_groups(model, weight_decay: float):
 
 
 def grad_norm(engine, params) -> float:
+    """The global gradient norm: shards summed over the TP group, replicated parameters counted once."""
     norm = engine.get_global_grad_norm()
     if norm is not None:
         return float(norm)
     import torch
+    import torch.distributed as dist
 
-    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
+    from megatron_glm.parallel import state
+
+    sharded = torch.zeros(1)
+    replicated = torch.zeros(1)
+    for p in params:
+        if p.grad is not None:
+            sq = p.grad.detach().float().pow(2).sum().cpu()
+            if getattr(p, "tensor_model_parallel", False):
+                sharded += sq
+            else:
+                replicated += sq
+    if state.get_tensor_model_parallel_world_size() > 1:
+        dist.all_reduce(sharded, group=state.get_tensor_model_parallel_group())
+    return float((sharded + replicated).sqrt())
 
 
 def pretrain(argv=None) -> dict:
@@ -83,7 +89,9 @@ def pretrain(argv=None) -> dict:
     from megatron_glm.training.arguments import build_parser, model_config_from_args, validate_args
 
     args = build_parser().parse_args(argv)
-    validate_args(args, data_parallel_size=int(os.environ.get("WORLD_SIZE", "1")))
+    from megatron_glm.parallel.state import discover_launch
+
+    validate_args(args, world_size=int(os.environ.get("WORLD_SIZE", 0)) or discover_launch().world_size)
 
     import numpy as np
     import torch
@@ -93,7 +101,7 @@ def pretrain(argv=None) -> dict:
     from megatron_glm.data.blended_dataset import build_train_valid_test_datasets
     from megatron_glm.data.sampler import PretrainingSampler
     from megatron_glm.data.tokenizer import GLMTokenizer, spec_from_args
-    from megatron_glm.model.glm import GLMModel, glm_loss
+    from megatron_glm.model.glm import GLMModel
     from megatron_glm.training import checkpoint as ckpt
     from megatron_glm.training.lr_schedule import LRSchedule
     from megatron_glm.training.metrics import MetricsLogger, Throughput, flops_per_token, memory_summary
@@ -102,16 +110,23 @@ def pretrain(argv=None) -> dict:
     if args.fp16 and device == "cpu":
         raise ValueError("--fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16 optimizer); use --bf16 on CPU")
     tokenizer = GLMTokenizer(spec_from_args(args))
-    model_cfg = model_config_from_args(args, tokenizer.padded_vocab_size())
+    tp = args.tensor_model_parallel_size
+    model_cfg = model_config_from_args(args, tokenizer.padded_vocab_size(tp))
     load_tag = ckpt.resume_tag(args.load) if args.load else None
     if load_tag:  # refuse an incompatible checkpoint before any work (and before anything is written)
-        ckpt.check_compatible(ckpt.read_meta(args.load, load_tag), model_cfg, tokenizer.fingerprint(), args.load)
+        ckpt.check_compatible(ckpt.read_meta(args.load, load_tag), model_cfg, tokenizer.fingerprint(), args.load, tp)
 
-    init_distributed(device)
+    init_distributed(device, tp, model_cfg)
     import deepspeed
     import torch.distributed as dist
 
-    rank, world = dist.get_rank(), dist.get_world_size()
+    from megatron_glm.parallel import state
+    from megatron_glm.parallel.random import model_parallel_seed
+    from megatron_glm.parallel.recompute import apply_ac
+    from megatron_glm.parallel.tensor_parallel import apply_tp
+
+    rank = dist.get_rank()
+    dp_rank, world = state.get_data_parallel_rank(), state.get_data_parallel_world_size()
     grad_accum = args.global_batch_size // (args.micro_batch_size * world)
     n_eval = args.eval_iters * args.micro_batch_size if args.eval_interval <= args.train_iters else 0
     train_ds, valid_ds, _ = build_train_valid_test_datasets(
@@ -128,16 +143,19 @@ def pretrain(argv=None) -> dict:
 
     random.seed(args.seed)
     np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    model = GLMModel(model_cfg).to(device)
+    model_parallel_seed(args.seed, state.get_tensor_model_parallel_rank())
+    model = GLMModel(model_cfg)  # the full model on every rank, then this rank's shard (same init as TP=1)
     model.set_attention_impl(args.attention_impl)
+    apply_tp(model, sequence_parallel=args.sequence_parallel)
+    apply_ac(model, args.recompute_granularity, args.recompute_method, args.recompute_num_layers)
+    model = model.to(device)
     schedule = LRSchedule(args.lr, args.min_lr, args.lr_decay_style,
                           args.lr_warmup_iters or int(round((args.lr_warmup_fraction or 0.0) * args.train_iters)),
                           args.lr_decay_iters or args.train_iters)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr,
                                   betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule.as_torch(optimizer),
-                                           config=deepspeed_config(args, grad_accum))
+                                           config=deepspeed_config(args, grad_accum), mpu=state)
     iteration, consumed = 0, 0
     if load_tag:
         meta = ckpt.load_checkpoint(engine, args.load, load_tag, rank)
@@ -147,11 +165,13 @@ def pretrain(argv=None) -> dict:
     log.console(f"glm-pretrain: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
                 f"{model_cfg.num_layers} layers, hidden {model_cfg.hidden_size}, vocab {model_cfg.vocab_size} "
                 f"(padded), seq {args.seq_length}, global batch {args.global_batch_size} = {args.micro_batch_size} "
-                f"x {grad_accum} accumulation x {world} ranks, device {device}"
+                f"x {grad_accum} accumulation x {world} data-parallel ranks, TP {tp}"
+                f"{' + sequence parallel' if args.sequence_parallel else ''}, device {device}"
                 + (f"; resumed from {args.load}/{load_tag} at iteration {iteration}" if load_tag else ""))
     meta_base = {"model": model_cfg.to_dict(), "tokenizer": tokenizer.describe(), "seq_length": args.seq_length,
+                 "tensor_model_parallel_size": tp,
                  "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}}
-    sampler = iter(PretrainingSampler(len(train_ds), consumed, args.micro_batch_size, rank, world))
+    sampler = iter(PretrainingSampler(len(train_ds), consumed, args.micro_batch_size, dp_rank, world))
     speed = Throughput(args.global_batch_size * args.seq_length,
                        flops_per_token(model_cfg.num_layers, model_cfg.hidden_size, args.seq_length, model_cfg.vocab_size),
                        args.train_iters, iteration)
@@ -168,7 +188,7 @@ def pretrain(argv=None) -> dict:
                 idx = range(k * args.micro_batch_size, (k + 1) * args.micro_batch_size)
                 b = to_device(collate([(i, valid_ds[i]) for i in idx]))
                 logits = engine(b["tokens"], b["position_ids"], b["attn_lo"], b["attn_hi"])
-                _, sums, counts = glm_loss(logits, b["labels"], b["loss_mask"])
+                _, sums, counts = model.loss(logits, b["labels"], b["loss_mask"])
                 total, count = total + float(sums.sum()), count + float(counts.sum())
         engine.train()
         return total / max(count, 1.0)
@@ -183,7 +203,7 @@ def pretrain(argv=None) -> dict:
                 idx = next(sampler)
                 b = to_device(collate([(i, train_ds[i]) for i in idx]))
                 logits = engine(b["tokens"], b["position_ids"], b["attn_lo"], b["attn_hi"])
-                loss, sums, counts = glm_loss(logits, b["labels"], b["loss_mask"])
+                loss, sums, counts = model.loss(logits, b["labels"], b["loss_mask"])
                 engine.backward(loss)
                 if micro == grad_accum - 1:
                     norm = grad_norm(engine, params)
