@@ -33,6 +33,11 @@ def _entry(rank, fn, world, port, out_dir, args):
     torch.set_num_threads(1)
     result = fn(rank, world, *args)
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # no rank leaves while a peer still talks to it (gloo aborts on a closed peer)
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def spawn(fn, world, out_dir, *args):

@@ -74,8 +74,8 @@ def test_megatron_rank_order(tmp_path):
     assert results[0]["tp_ranks"] == [0, 1] and results[0]["dp_ranks"] == [0, 2] and results[0]["pp_ranks"] == [0, 4]
 
 
-def outputs(text):
-    return sorted((json.loads(line) for line in text.splitlines() if line.startswith("{")), key=lambda r: r["rank"])
+def outputs(folder):
+    return [json.load(open(os.path.join(folder, f"rank{r}.json"))) for r in range(2)]
 
 
 def clean_env():
@@ -91,10 +91,10 @@ def check(found, source):
 
 def test_torchrun(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           PROBE]
+           PROBE, "2", str(tmp_path)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=clean_env())
     assert result.returncode == 0, result.stderr[-2000:]
-    check(outputs(result.stdout), "torchrun")
+    check(outputs(tmp_path), "torchrun")
 
 
 def test_simulated_slurm_srun(tmp_path):
@@ -104,20 +104,20 @@ def test_simulated_slurm_srun(tmp_path):
     for rank in range(2):
         env = {**clean_env(), "SLURM_PROCID": str(rank), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(rank),
                "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": "77", "MASTER_PORT": str(port)}
-        procs.append(subprocess.Popen([sys.executable, PROBE], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        procs.append(subprocess.Popen([sys.executable, PROBE, "2", str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True))
     out = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [e[-1500:] for _, e in out]
-    check(outputs("".join(o for o, _ in out)), "slurm")
+    check(outputs(tmp_path), "slurm")
 
 
-def test_mpiexec():
+def test_mpiexec(tmp_path):
     import mpi4py  # noqa: F401  (the test extra installs mpi4py and mpich)
 
     mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
     if not os.path.exists(mpiexec):
         pytest.fail("mpiexec is missing: the test extra installs mpich from PyPI")
-    result = subprocess.run([mpiexec, "-n", "2", sys.executable, PROBE], capture_output=True, text=True, timeout=300,
-                            env=clean_env())
+    result = subprocess.run([mpiexec, "-n", "2", sys.executable, PROBE, "2", str(tmp_path)], capture_output=True,
+                            text=True, timeout=300, env=clean_env())
     assert result.returncode == 0, result.stderr[-2000:]
-    check(outputs(result.stdout), "mpi")
+    check(outputs(tmp_path), "mpi")

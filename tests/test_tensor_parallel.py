@@ -173,3 +173,34 @@ def test_dropout_runs_are_reproducible_from_the_seed(tmp_path):
     assert first[0][0] == first[0][1], "recomputation replays the same dropout masks"
     assert first[0][0] == first[1][0], "all TP ranks agree on the loss"
     assert first[0][0] != other[0][0]
+
+
+def no_collective_worker(rank, world):
+    import torch.distributed as dist
+
+    from megatron_glm.config import ModelConfig
+    from megatron_glm.model.glm import GLMModel
+    from megatron_glm.parallel import state
+    from megatron_glm.parallel.recompute import apply_ac
+    from megatron_glm.parallel.tensor_parallel import apply_tp
+
+    state.initialize_model_parallel(tp=1)
+    model = GLMModel(ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, max_position_embeddings=SEQ,
+                                 vocab_size=VOCAB))
+    kinds_before = {type(m).__name__ for m in model.modules()}
+    apply_ac(apply_tp(model, sequence_parallel=False), "full")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a collective ran with TP=1")
+
+    for name in ("all_reduce", "all_gather", "reduce_scatter", "broadcast"):
+        setattr(dist, name, refuse)
+    b = make_batch(0)
+    loss = model.loss(model(b["tokens"], b["position_ids"], b["attn_lo"], b["attn_hi"]), b["labels"], b["loss_mask"])[0]
+    loss.backward()
+    return {"same_modules": {type(m).__name__ for m in model.modules()} == kinds_before, "loss": float(loss.detach())}
+
+
+def test_tp1_is_the_plain_model_and_runs_no_collective(tmp_path):
+    (result,) = spawn(no_collective_worker, 1, tmp_path)
+    assert result["same_modules"] and result["loss"] > 0

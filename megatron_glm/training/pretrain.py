@@ -263,6 +263,11 @@ def main(argv=None) -> int:
     except (ValueError, TokenizerError, IndexedDatasetError, CheckpointError, FileNotFoundError, TrainingError) as e:
         print(f"glm-pretrain: error: {e}", file=sys.stderr)
         return 1
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # leave together: gloo aborts a rank whose peer has gone
+        dist.barrier()
+        dist.destroy_process_group()
     return 0
 
 
