@@ -161,6 +161,9 @@ class GLMModel(nn.Module):
         self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.transformer = Transformer(cfg)
         self.output_layer = TiedOutput()
+        # pipeline parallelism keeps a slice of the layers: embeddings on the first stage (pre_process),
+        # the final LayerNorm and logits on the last (post_process); see parallel/pipeline_stage.py
+        self.pre_process = self.post_process = True
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -187,12 +190,22 @@ class GLMModel(nn.Module):
             h = h + self.transformer.block_position_embeddings(position_ids[:, 1])
         return self.transformer.embedding_dropout(h)
 
-    def forward(self, tokens, position_ids, attn_lo, attn_hi, cache: KVCache | None = None):
-        """Logits ``[B, S, V]`` over the padded vocabulary (tied to the word embeddings)."""
-        h = self.embed(tokens, position_ids)
+    def output_weight(self):
+        """The tied output matrix: the word embeddings, or their copy on a last pipeline stage."""
+        return self.word_embeddings.weight if hasattr(self, "word_embeddings") else self.tied_weight_copy
+
+    def forward(self, tokens, position_ids, attn_lo, attn_hi, cache: KVCache | None = None, hidden_states=None):
+        """Logits ``[B, S, V]`` over the padded vocabulary (tied to the word embeddings).
+
+        A pipeline stage without ``pre_process`` starts from ``hidden_states``; one without
+        ``post_process`` returns its hidden states.
+        """
+        h = self.embed(tokens, position_ids) if self.pre_process else hidden_states
         h = self.transformer.run_layers(h, position_ids, attn_lo, attn_hi, cache)
+        if not self.post_process:
+            return h
         h = self.transformer.final_layernorm(h)
-        return self.output_layer(h, self.word_embeddings.weight)
+        return self.output_layer(h, self.output_weight())
 
     def loss(self, logits, labels, loss_mask):
         """``glm_loss`` with the cross entropy that matches the output layer (vocab-parallel or not)."""

@@ -116,7 +116,7 @@ def initialize_model_parallel(tp: int = 1, pp: int = 1, backend: str | None = No
                                 rank=launch.rank, world_size=launch.world_size)
     world, rank = dist.get_world_size(), dist.get_rank()
     dp = check_layout(world, tp, pp, **model_sizes)
-    groups = {"tp": None, "pp": None, "dp": None, "embedding": None}
+    groups = {"tp": None, "pp": None, "dp": None, "embedding": None, "mp": None}
     for p in range(pp):  # every rank takes part in every new_group call, in the same order
         for d in range(dp):
             ranks = [(p * dp + d) * tp + t for t in range(tp)]
@@ -139,6 +139,11 @@ def initialize_model_parallel(tp: int = 1, pp: int = 1, backend: str | None = No
             g = dist.new_group(emb)
             if rank in emb:
                 groups["embedding"], _STATE["embedding_ranks"] = g, emb
+    for d in range(dp):  # model parallel = TP x PP of one data-parallel replica (DeepSpeed's "mp")
+        ranks = [(p * dp + d) * tp + t for p in range(pp) for t in range(tp)]
+        g = dist.new_group(ranks)
+        if rank in ranks:
+            groups["mp"], _STATE["mp_ranks"] = g, ranks
     _STATE.update(groups=groups, tp=tp, pp=pp, dp=dp)
     return launch
 
@@ -216,7 +221,30 @@ def is_pipeline_last_stage() -> bool:
     return get_pipeline_model_parallel_rank() == get_pipeline_model_parallel_world_size() - 1
 
 
-# DeepSpeed also asks for these older names
-get_model_parallel_group = get_tensor_model_parallel_group
-get_model_parallel_world_size = get_tensor_model_parallel_world_size
-get_model_parallel_rank = get_tensor_model_parallel_rank
+# DeepSpeed's "model parallel" is TP x PP: checkpoint files are named by this rank
+# (mp_rank_XX = pp_rank * tp + tp_rank) and gradient norms are summed over this group.
+def get_model_parallel_group():
+    return _require()["groups"]["mp"]
+
+
+def get_model_parallel_world_size() -> int:
+    return get_tensor_model_parallel_world_size() * get_pipeline_model_parallel_world_size()
+
+
+def get_model_parallel_rank() -> int:
+    return _index_in("mp_ranks")
+
+
+def mark_for_gradient_norm(params) -> None:
+    """Count each parameter once in DeepSpeed's model-parallel gradient norm.
+
+    DeepSpeed counts a parameter when it is marked ``model_parallel`` or when this rank is
+    model-parallel rank 0. Shards are marked already; replicated parameters (LayerNorms,
+    biases, position tables) are marked on TP rank 0 of every pipeline stage, so each
+    stage's copies count once and none twice.
+    """
+    if get_tensor_model_parallel_rank() != 0:
+        return
+    for p in params:
+        if not getattr(p, "tensor_model_parallel", False):
+            p.model_parallel = True

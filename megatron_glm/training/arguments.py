@@ -29,6 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--sequence-parallel", action="store_true", help="LayerNorm and dropout on sequence chunks (TP>1)")
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
+                   help="interleaved 1F1B: layers per model chunk (each rank holds several chunks)")
+    g.add_argument("--pipeline-layers", type=int, nargs="+", default=None,
+                   help="explicit layer counts per (virtual) stage, instead of a uniform split")
     g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
     g.add_argument("--recompute-method", choices=["uniform", "block"], default="uniform")
     g.add_argument("--recompute-num-layers", type=int, default=1)
@@ -110,17 +115,24 @@ def model_config_from_args(args, vocab_size: int) -> ModelConfig:
 def validate_args(args, world_size: int = 1) -> None:
     """Everything that can be checked before a process group, a tokenizer or data is touched."""
     problems = []
-    tp = args.tensor_model_parallel_size
-    if tp < 1 or world_size % tp:
-        problems.append(f"world size {world_size} is not a multiple of --tensor-model-parallel-size {tp}")
-        tp = 1
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    if tp < 1 or pp < 1 or world_size % (tp * pp):
+        problems.append(f"world size {world_size} is not a multiple of --tensor-model-parallel-size {tp} x "
+                        f"--pipeline-model-parallel-size {pp}")
+        tp = pp = 1
+    if pp > 1 and args.zero_stage >= 2:
+        problems.append(f"--zero-stage {args.zero_stage} cannot be combined with pipeline parallelism (DeepSpeed "
+                        "partitions gradients that the pipeline schedule accumulates); use --zero-stage 0 or 1")
+    vpp_layers = args.num_layers_per_virtual_pipeline_stage
+    if vpp_layers is not None and vpp_layers < 1:
+        problems.append("--num-layers-per-virtual-pipeline-stage must be positive")
     if args.sequence_parallel and tp == 1:
         problems.append("--sequence-parallel needs --tensor-model-parallel-size > 1")
     if args.sequence_parallel and args.seq_length % tp:
         problems.append(f"--sequence-parallel needs --seq-length {args.seq_length} divisible by the TP size {tp}")
     if args.recompute_num_layers < 1:
         problems.append("--recompute-num-layers must be at least 1")
-    data_parallel_size = max(world_size // tp, 1)
+    data_parallel_size = max(world_size // (tp * pp), 1)
     if args.bf16 and args.fp16:
         problems.append("--bf16 and --fp16 exclude each other")
     if args.global_batch_size is None:
@@ -139,5 +151,12 @@ def validate_args(args, world_size: int = 1) -> None:
         problems.append("--eval-interval and --log-interval must be positive")
     if args.lr_warmup_fraction is not None and not 0 <= args.lr_warmup_fraction <= 1:
         problems.append("--lr-warmup-fraction must be in [0, 1]")
+    if vpp_layers and pp > 1 and not problems:
+        micro = args.global_batch_size // (args.micro_batch_size * data_parallel_size)
+        if micro % pp:
+            problems.append(f"the interleaved schedule needs micro-batches per step ({micro}) divisible by "
+                            f"--pipeline-model-parallel-size {pp}")
+        if args.eval_iters % pp:
+            problems.append(f"the interleaved schedule needs --eval-iters ({args.eval_iters}) divisible by {pp}")
     if problems:
         raise ValueError("; ".join(problems))

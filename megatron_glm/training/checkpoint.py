@@ -143,12 +143,14 @@ def read_meta(load_dir: str, tag: str) -> dict:
 
 
 def check_compatible(meta: dict, model_cfg: ModelConfig, tokenizer_fingerprint: str | None, where: str,
-                     tensor_parallel: int = 1) -> None:
+                     tensor_parallel: int = 1, pipeline_parallel: int = 1) -> None:
     """Refuse a checkpoint of another architecture, tokenizer or layout, naming every difference."""
-    saved_tp = meta.get("tensor_model_parallel_size", 1)
-    if saved_tp != tensor_parallel:
-        raise CheckpointError(f"{where} was saved with --tensor-model-parallel-size {saved_tp}, this run has "
-                              f"{tensor_parallel}: resume with the same layout (resharding is glm-convert's job)")
+    for flag, saved, now in (("--tensor-model-parallel-size", meta.get("tensor_model_parallel_size", 1), tensor_parallel),
+                             ("--pipeline-model-parallel-size", meta.get("pipeline_model_parallel_size", 1),
+                              pipeline_parallel)):
+        if saved != now:
+            raise CheckpointError(f"{where} was saved with {flag} {saved}, this run has {now}: resume with the same "
+                                  "layout (resharding a checkpoint is glm-convert's job)")
     saved = ModelConfig.from_dict(meta["model"])
     diffs = saved.architecture_differences(model_cfg)
     if diffs:
@@ -178,16 +180,30 @@ def load_model_weights(load_dir: str, tag: str | None = None) -> tuple[dict, dic
         raise CheckpointError(f"{load_dir} holds no complete checkpoint (iter_*/meta.json): not a megatron-glm "
                               "checkpoint folder, or no save has finished yet")
     meta = read_meta(load_dir, tag)
-    tp = meta.get("tensor_model_parallel_size", 1)
-    shards = [torch.load(os.path.join(load_dir, tag, f"mp_rank_{r:02d}_model_states.pt"), map_location="cpu",
-                         weights_only=True)["module"] for r in range(tp)]
-    if tp == 1:
-        return shards[0], meta
+    tp, pp = meta.get("tensor_model_parallel_size", 1), meta.get("pipeline_model_parallel_size", 1)
     from megatron_glm.parallel.tensor_parallel import partition_of, unshard_tensors
 
     geglu = meta["model"].get("geglu", False)
     merged = {}
-    for name, tensor in shards[0].items():
-        spec = partition_of(name, geglu)
-        merged[name] = tensor if spec is None else unshard_tensors([s[name] for s in shards], *spec)
+    for p in range(pp):  # DeepSpeed names files by model-parallel rank = pp_rank * tp + tp_rank
+        shards = [torch.load(os.path.join(load_dir, tag, f"mp_rank_{p * tp + t:02d}_model_states.pt"),
+                             map_location="cpu", weights_only=True)["module"] for t in range(tp)]
+        ranges = meta["pipeline_layers"][p] if pp > 1 else None
+        for name, tensor in shards[0].items():
+            spec = partition_of(name, geglu)
+            full = tensor if spec is None or tp == 1 else unshard_tensors([s[name] for s in shards], *spec)
+            merged[_global_name(name, ranges)] = full
     return merged, meta
+
+
+def _global_name(name: str, ranges) -> str:
+    """A stage's parameter name in the single-model numbering (``[chunk.]transformer.layers.{local}``)."""
+    if ranges is None:
+        return name
+    parts = name.split(".")
+    chunk = 0
+    if parts[0].isdigit() and len(ranges) > 1:  # interleaved: the engine wrapped a ModuleList of chunks
+        chunk, parts = int(parts[0]), parts[1:]
+    if parts[:2] == ["transformer", "layers"]:
+        parts[2] = str(ranges[chunk][0] + int(parts[2]))
+    return ".".join(parts)

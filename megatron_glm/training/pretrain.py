@@ -20,13 +20,13 @@ class TrainingError(RuntimeError):
     """A run that must stop (a non-finite loss, say); the last complete checkpoint stays the latest."""
 
 
-def init_distributed(device: str, tp: int, model_cfg) -> None:
+def init_distributed(device: str, tp: int, pp: int, model_cfg) -> None:
     """Process groups from whatever launched us (torchrun, Slurm, MPI, or nothing), then DeepSpeed's comm."""
     import deepspeed
 
     from megatron_glm.parallel import state
 
-    state.initialize_model_parallel(tp=tp, backend="nccl" if device == "cuda" else "gloo",
+    state.initialize_model_parallel(tp=tp, pp=pp, backend="nccl" if device == "cuda" else "gloo",
                                     num_attention_heads=model_cfg.num_attention_heads,
                                     hidden_size=model_cfg.hidden_size, vocab_size=model_cfg.vocab_size)
     deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", verbose=False)
@@ -60,30 +60,6 @@ def param_groups(model, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def grad_norm(engine, params) -> float:
-    """The global gradient norm: shards summed over the TP group, replicated parameters counted once."""
-    norm = engine.get_global_grad_norm()
-    if norm is not None:
-        return float(norm)
-    import torch
-    import torch.distributed as dist
-
-    from megatron_glm.parallel import state
-
-    sharded = torch.zeros(1)
-    replicated = torch.zeros(1)
-    for p in params:
-        if p.grad is not None:
-            sq = p.grad.detach().float().pow(2).sum().cpu()
-            if getattr(p, "tensor_model_parallel", False):
-                sharded += sq
-            else:
-                replicated += sq
-    if state.get_tensor_model_parallel_world_size() > 1:
-        dist.all_reduce(sharded, group=state.get_tensor_model_parallel_group())
-    return float((sharded + replicated).sqrt())
-
-
 def pretrain(argv=None) -> dict:
     """Run glm-pretrain; returns a summary (iterations done, last losses)."""
     from megatron_glm.training.arguments import build_parser, model_config_from_args, validate_args
@@ -104,6 +80,7 @@ def pretrain(argv=None) -> dict:
     from megatron_glm.model.glm import GLMModel
     from megatron_glm.training import checkpoint as ckpt
     from megatron_glm.training.lr_schedule import LRSchedule
+    from megatron_glm.training.step import StepRunner
     from megatron_glm.training.metrics import MetricsLogger, Throughput, flops_per_token, memory_summary
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -114,13 +91,24 @@ def pretrain(argv=None) -> dict:
     model_cfg = model_config_from_args(args, tokenizer.padded_vocab_size(tp))
     load_tag = ckpt.resume_tag(args.load) if args.load else None
     if load_tag:  # refuse an incompatible checkpoint before any work (and before anything is written)
-        ckpt.check_compatible(ckpt.read_meta(args.load, load_tag), model_cfg, tokenizer.fingerprint(), args.load, tp)
+        ckpt.check_compatible(ckpt.read_meta(args.load, load_tag), model_cfg, tokenizer.fingerprint(), args.load, tp,
+                              args.pipeline_model_parallel_size)
 
-    init_distributed(device, tp, model_cfg)
+    pp = args.pipeline_model_parallel_size
+    per_chunk = args.num_layers_per_virtual_pipeline_stage
+    if per_chunk and model_cfg.num_layers % (pp * per_chunk):
+        raise ValueError(f"--num-layers {model_cfg.num_layers} is not divisible by --pipeline-model-parallel-size "
+                         f"{pp} x --num-layers-per-virtual-pipeline-stage {per_chunk}")
+    vpp = model_cfg.num_layers // (pp * per_chunk) if per_chunk else 1
+    from megatron_glm.parallel.pipeline import partition_layers
+
+    partition_layers(model_cfg.num_layers, pp, vpp, args.pipeline_layers)  # an impossible split fails here
+    init_distributed(device, tp, pp, model_cfg)
     import deepspeed
     import torch.distributed as dist
 
     from megatron_glm.parallel import state
+    from megatron_glm.parallel.pipeline_stage import TiedEmbedding, apply_pp
     from megatron_glm.parallel.random import model_parallel_seed
     from megatron_glm.parallel.recompute import apply_ac
     from megatron_glm.parallel.tensor_parallel import apply_tp
@@ -148,81 +136,72 @@ def pretrain(argv=None) -> dict:
     model.set_attention_impl(args.attention_impl)
     apply_tp(model, sequence_parallel=args.sequence_parallel)
     apply_ac(model, args.recompute_granularity, args.recompute_method, args.recompute_num_layers)
-    model = model.to(device)
+    chunks = apply_pp(model, vpp, args.pipeline_layers)
+    module = chunks[0] if len(chunks) == 1 else torch.nn.ModuleList(chunks)
+    state.mark_for_gradient_norm(module.parameters())
+    module = module.to(device)
     schedule = LRSchedule(args.lr, args.min_lr, args.lr_decay_style,
                           args.lr_warmup_iters or int(round((args.lr_warmup_fraction or 0.0) * args.train_iters)),
                           args.lr_decay_iters or args.train_iters)
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr,
+    optimizer = torch.optim.AdamW(param_groups(module, args.weight_decay), lr=args.lr,
                                   betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule.as_torch(optimizer),
-                                           config=deepspeed_config(args, grad_accum), mpu=state)
+    # one engine.backward per micro-batch and chunk: that is the engine's accumulation count
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=schedule.as_torch(optimizer),
+                                           config=deepspeed_config(args, grad_accum * len(chunks)), mpu=state)
+    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+    tied = TiedEmbedding(chunks, dtype)
     iteration, consumed = 0, 0
     if load_tag:
         meta = ckpt.load_checkpoint(engine, args.load, load_tag, rank)
         iteration, consumed = meta["iteration"], meta["consumed_samples"]
+    tied.broadcast_weight()
+    seq_local = args.seq_length // tp if args.sequence_parallel else args.seq_length
+    runner = StepRunner(engine, chunks, tied, grad_accum, vpp, (args.micro_batch_size, seq_local,
+                        model_cfg.hidden_size), dtype, device)
 
     log = MetricsLogger(args.log_dir or args.save, args.tensorboard, args.wandb_project, vars(args), rank == 0)
     log.console(f"glm-pretrain: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
                 f"{model_cfg.num_layers} layers, hidden {model_cfg.hidden_size}, vocab {model_cfg.vocab_size} "
                 f"(padded), seq {args.seq_length}, global batch {args.global_batch_size} = {args.micro_batch_size} "
                 f"x {grad_accum} accumulation x {world} data-parallel ranks, TP {tp}"
-                f"{' + sequence parallel' if args.sequence_parallel else ''}, device {device}"
+                f"{' + sequence parallel' if args.sequence_parallel else ''}, PP {pp}"
+                f"{f' x {vpp} virtual' if vpp > 1 else ''}, ZeRO {args.zero_stage}, device {device}"
                 + (f"; resumed from {args.load}/{load_tag} at iteration {iteration}" if load_tag else ""))
     meta_base = {"model": model_cfg.to_dict(), "tokenizer": tokenizer.describe(), "seq_length": args.seq_length,
-                 "tensor_model_parallel_size": tp,
+                 "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
+                 "pipeline_layers": [[[r.start, r.stop] for r in stage]
+                                     for stage in partition_layers(model_cfg.num_layers, pp, vpp, args.pipeline_layers)],
                  "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}}
     sampler = iter(PretrainingSampler(len(train_ds), consumed, args.micro_batch_size, dp_rank, world))
     speed = Throughput(args.global_batch_size * args.seq_length,
                        flops_per_token(model_cfg.num_layers, model_cfg.hidden_size, args.seq_length, model_cfg.vocab_size),
                        args.train_iters, iteration)
-    params = [p for p in model.parameters() if p.requires_grad]
 
     def to_device(batch):
         return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
     def evaluate() -> float:
-        engine.eval()
-        total, count = 0.0, 0.0
-        with torch.no_grad():
-            for k in range(args.eval_iters):
-                idx = range(k * args.micro_batch_size, (k + 1) * args.micro_batch_size)
-                b = to_device(collate([(i, valid_ds[i]) for i in idx]))
-                logits = engine(b["tokens"], b["position_ids"], b["attn_lo"], b["attn_hi"])
-                _, sums, counts = model.loss(logits, b["labels"], b["loss_mask"])
-                total, count = total + float(sums.sum()), count + float(counts.sum())
-        engine.train()
-        return total / max(count, 1.0)
+        batches = [to_device(collate([(i, valid_ds[i]) for i in range(k * args.micro_batch_size,
+                                                                        (k + 1) * args.micro_batch_size)]))
+                   for k in range(args.eval_iters)]
+        return runner.evaluate(batches)
 
     last_saved = load_tag
     history = []
     engine.train()
     try:
         while iteration < args.train_iters:
-            losses, by_objective = [], np.zeros((len(OBJECTIVES), 2))
-            for micro in range(grad_accum):
-                idx = next(sampler)
-                b = to_device(collate([(i, train_ds[i]) for i in idx]))
-                logits = engine(b["tokens"], b["position_ids"], b["attn_lo"], b["attn_hi"])
-                loss, sums, counts = model.loss(logits, b["labels"], b["loss_mask"])
-                engine.backward(loss)
-                if micro == grad_accum - 1:
-                    norm = grad_norm(engine, params)
-                engine.step()
-                losses.append(float(loss.detach()))
-                for obj, s, c in zip(b["objective"].tolist(), sums.tolist(), counts.tolist()):
-                    by_objective[obj] += (s, c)
+            batches = [to_device(collate([(i, train_ds[i]) for i in next(sampler)])) for _ in range(grad_accum)]
+            values = runner.train(batches)
+            lm_loss, norm = values["lm_loss"], values["grad_norm"]
             iteration += 1
             consumed += args.global_batch_size
-            lm_loss = sum(losses) / len(losses)
             if not math.isfinite(lm_loss) and not args.fp16:
                 raise TrainingError(
                     f"loss is {lm_loss} at iteration {iteration}; stopped without saving, the latest checkpoint is "
                     f"{last_saved or 'none'}. Lower --lr, raise --clip-grad or --lr-warmup-iters, or check the data")
-            values = {"lm_loss": lm_loss, "lr": engine.get_lr()[0], "grad_norm": norm, "consumed_samples": consumed,
-                      "skipped_steps": int(getattr(engine, "skipped_steps", 0))}
-            for k, name in enumerate(OBJECTIVES):
-                if by_objective[k, 1]:
-                    values[f"loss_{name}"] = by_objective[k, 0] / by_objective[k, 1]
+            values.update({"lr": engine.get_lr()[0], "consumed_samples": consumed,
+                           "skipped_steps": int(getattr(engine, "skipped_steps", 0))})
             if args.fp16:
                 values["loss_scale"] = float(engine.optimizer.cur_scale) if hasattr(engine.optimizer, "cur_scale") else None
             if iteration % args.log_interval == 0 or iteration == args.train_iters:

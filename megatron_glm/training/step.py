@@ -1,0 +1,101 @@
+"""One optimizer step (or one validation pass) over a global batch, through the pipeline schedule.
+
+The DeepSpeed engine sees one ``backward`` per micro-batch and model chunk and steps at the
+last one: the last stage's loss goes through ``engine.backward``; other stages run their
+backward from the received gradient (``backward_from``, which works on freed outputs) and
+then give the engine an empty ``backward`` so its accumulation, gradient reduction and mixed
+precision bookkeeping run as usual. Losses are divided by the accumulation count here, so
+the engine is told not to scale them again.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_glm.data.blank_infilling import OBJECTIVES
+from megatron_glm.parallel import state
+from megatron_glm.parallel.pipeline import backward_from, get_schedule
+
+
+def gradient_norm(params) -> float:
+    """Global gradient norm, each parameter counted once (``state.mark_for_gradient_norm``)."""
+    counted_everywhere = state.get_model_parallel_rank() == 0 if state.model_parallel_is_initialized() else True
+    total = torch.zeros(1, dtype=torch.float64)
+    for p in params:
+        if p.grad is not None and (getattr(p, "model_parallel", False) or counted_everywhere):
+            total += p.grad.detach().double().pow(2).sum().cpu()
+    if state.model_parallel_is_initialized() and state.get_model_parallel_world_size() > 1:
+        dist.all_reduce(total, group=state.get_model_parallel_group())
+    return float(total.sqrt())
+
+
+class StepRunner:
+    def __init__(self, engine, chunks, tied, grad_accum: int, vpp: int, shape, dtype, device):
+        self.engine, self.chunks, self.tied = engine, chunks, tied
+        self.grad_accum, self.shape, self.dtype, self.device = grad_accum, shape, dtype, device
+        self.pp = state.get_pipeline_model_parallel_world_size()
+        self.schedule = get_schedule(self.pp, vpp)
+        self.params = [p for c in chunks for p in c.parameters() if p.requires_grad]
+
+    def _run(self, batches, forward_only: bool):
+        stats = np.zeros(2 + 2 * len(OBJECTIVES))  # loss sum, loss count, then (sum, tokens) per objective
+        engine, calls = self.engine, [0]
+        total_calls = len(batches) * len(self.chunks)
+        norm = [None]
+
+        def forward_step(chunk, m, hidden):
+            b = batches[m]
+            out = chunk(b["tokens"], b["position_ids"], b["attn_lo"], b["attn_hi"], hidden_states=hidden)
+            if not chunk.post_process:
+                return out
+            loss, sums, counts = chunk.loss(out, b["labels"], b["loss_mask"])
+            stats[0] += float(loss.detach())
+            stats[1] += 1
+            for obj, s, c in zip(b["objective"].tolist(), sums.tolist(), counts.tolist()):
+                stats[2 + 2 * obj] += s
+                stats[3 + 2 * obj] += c
+            return loss
+
+        def backward_step(chunk, hidden, out, out_grad):
+            calls[0] += 1
+            last = calls[0] == total_calls
+            if out_grad is None:
+                engine.backward(out / self.grad_accum, scale_wrt_gas=False)
+            else:
+                backward_from(out, out_grad)
+                if last and self.tied.active and self.tied.first_chunk is not None:
+                    self.tied.recv_grad_into(self.tied.first_chunk.word_embeddings.weight)
+                engine.backward(torch.zeros((), requires_grad=True, device=self.device), scale_wrt_gas=False)
+            if last:
+                norm[0] = gradient_norm(self.params)
+            engine.step()
+            return hidden.grad if hidden is not None else None
+
+        self.schedule(forward_step, backward_step, self.chunks, len(batches), shape=self.shape, dtype=self.dtype,
+                      forward_only=forward_only)
+        if not forward_only:
+            self.tied.send_grad()
+            self.tied.broadcast_weight()
+        if self.pp > 1:  # the last stage has the losses; rank 0 logs
+            t = torch.from_numpy(stats)
+            dist.all_reduce(t, group=state.get_pipeline_model_parallel_group())
+            stats = t.numpy()
+        return stats, norm[0]
+
+    def train(self, batches) -> dict:
+        stats, norm = self._run(batches, forward_only=False)
+        reported = self.engine.get_global_grad_norm()
+        out = {"lm_loss": stats[0] / max(stats[1], 1), "grad_norm": float(reported) if reported is not None else norm}
+        for k, name in enumerate(OBJECTIVES):
+            if stats[3 + 2 * k]:
+                out[f"loss_{name}"] = stats[2 + 2 * k] / stats[3 + 2 * k]
+        return out
+
+    def evaluate(self, batches) -> float:
+        self.engine.eval()
+        with torch.no_grad():
+            stats, _ = self._run(batches, forward_only=True)
+        self.engine.train()
+        return sum(stats[2::2]) / max(sum(stats[3::2]), 1.0)
