@@ -53,21 +53,28 @@ def _neighbours():
     return ranks[(i - 1) % len(ranks)], ranks[(i + 1) % len(ranks)]
 
 
+ACTIVATION, GRADIENT = 1, 2  # message tags: with 2 stages (and rings), prev and next are the same rank
+
+
 def communicate(send_next=None, send_prev=None, recv_prev: bool = False, recv_next: bool = False,
                 shape=None, dtype=None):
-    """One batched exchange with the neighbours; returns ``(from_prev, from_next)``."""
+    """One batched exchange with the neighbours; returns ``(from_prev, from_next)``.
+
+    Activations flow forward and gradients backward under different tags, so when the
+    previous and the next stage are the same rank a gradient is never taken for an activation.
+    """
     prev, nxt = _neighbours()
     ops, from_prev, from_next = [], None, None
     if send_prev is not None:
-        ops.append(dist.P2POp(dist.isend, send_prev.contiguous(), prev))
+        ops.append(dist.P2POp(dist.isend, send_prev.contiguous(), prev, tag=GRADIENT))
     if recv_prev:
         from_prev = torch.empty(shape, dtype=dtype, device=_device())
-        ops.append(dist.P2POp(dist.irecv, from_prev, prev))
+        ops.append(dist.P2POp(dist.irecv, from_prev, prev, tag=ACTIVATION))
     if send_next is not None:
-        ops.append(dist.P2POp(dist.isend, send_next.contiguous(), nxt))
+        ops.append(dist.P2POp(dist.isend, send_next.contiguous(), nxt, tag=ACTIVATION))
     if recv_next:
         from_next = torch.empty(shape, dtype=dtype, device=_device())
-        ops.append(dist.P2POp(dist.irecv, from_next, nxt))
+        ops.append(dist.P2POp(dist.irecv, from_next, nxt, tag=GRADIENT))
     if ops:
         for req in dist.batch_isend_irecv(ops):
             req.wait()
@@ -186,6 +193,8 @@ def forward_backward_pipelining_with_interleaving(forward_step, backward_step, c
 
     def forward_helper(k: int):
         c = chunk_id(k, True)
+        if first_rank and c == 0 and len(inputs[c]) == len(outputs[c]):
+            inputs[c].append(None)  # the first virtual stage reads data, nothing was received for it
         inp = inputs[c][len(outputs[c])]
         out = forward_step(chunks[c], micro_id(k), inp)
         outputs[c].append(out)

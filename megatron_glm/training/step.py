@@ -1,7 +1,9 @@
 """One optimizer step (or one validation pass) over a global batch, through the pipeline schedule.
 
-The DeepSpeed engine sees one ``backward`` per micro-batch and model chunk and steps at the
-last one: the last stage's loss goes through ``engine.backward``; other stages run their
+The DeepSpeed engine sees one ``backward`` per micro-batch and model chunk; its optimizer step
+(and the gradient-norm all-reduce across stages that clipping needs) runs after the schedule
+has finished on every stage, never in the middle of it, where it would wait on a stage that
+waits on us. The last stage's loss goes through ``engine.backward``; other stages run their
 backward from the received gradient (``backward_from``, which works on freed outputs) and
 then give the engine an empty ``backward`` so its accumulation, gradient reduction and mixed
 precision bookkeeping run as usual. Losses are divided by the accumulation count here, so
@@ -67,16 +69,19 @@ class StepRunner:
                 backward_from(out, out_grad)
                 if last and self.tied.active and self.tied.first_chunk is not None:
                     self.tied.recv_grad_into(self.tied.first_chunk.word_embeddings.weight)
-                engine.backward(torch.zeros((), requires_grad=True, device=self.device), scale_wrt_gas=False)
-            if last:
-                norm[0] = gradient_norm(self.params)
-            engine.step()
+                empty = torch.zeros((), requires_grad=True, device=self.device) * 1.0  # a loss with no parameters
+                engine.backward(empty, scale_wrt_gas=False)
+            if not last:  # the engine counts micro-steps in step(); the real step waits for every stage
+                engine.step()
             return hidden.grad if hidden is not None else None
 
         self.schedule(forward_step, backward_step, self.chunks, len(batches), shape=self.shape, dtype=self.dtype,
                       forward_only=forward_only)
         if not forward_only:
+            # collectives across stages (gradient norm, clipping) only once every stage has finished
             self.tied.send_grad()
+            norm[0] = gradient_norm(self.params)
+            engine.step()
             self.tied.broadcast_weight()
         if self.pp > 1:  # the last stage has the losses; rank 0 logs
             t = torch.from_numpy(stats)
