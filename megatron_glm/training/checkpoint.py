@@ -72,6 +72,8 @@ def save_checkpoint(engine, save_dir: str, iteration: int, meta: dict, keep_last
         for name in os.listdir(save_dir) if os.path.isdir(save_dir) else []:
             if name.startswith(".tmp-iter_"):
                 shutil.rmtree(os.path.join(save_dir, name), ignore_errors=True)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # nobody writes into the staging folder before it is clean
     engine.save_checkpoint(tmp_root, tag=tag, client_state={"iteration": iteration}, save_latest=False)
     staged = os.path.join(tmp_root, tag)
     torch.save(rng_state(), os.path.join(staged, f"rng_state_{rank}.pt"))

@@ -47,9 +47,14 @@ class StepRunner:
         total_calls = len(batches) * len(self.chunks)
         norm = [None]
 
+        # without pipelining the engine runs the forward (ZeRO-3 gathers parameters and resets its
+        # prefetching there); pipeline chunks are called directly (ZeRO-3 is refused with pipelining)
+        call = (lambda c, *a, **k: engine(*a, **k)) if len(self.chunks) == 1 and self.pp == 1 else \
+            (lambda c, *a, **k: c(*a, **k))
+
         def forward_step(chunk, m, hidden):
             b = batches[m]
-            out = chunk(b["tokens"], b["position_ids"], b["attn_lo"], b["attn_hi"], hidden_states=hidden)
+            out = call(chunk, b["tokens"], b["position_ids"], b["attn_lo"], b["attn_hi"], hidden_states=hidden)
             if not chunk.post_process:
                 return out
             loss, sums, counts = chunk.loss(out, b["labels"], b["loss_mask"])
@@ -91,6 +96,10 @@ class StepRunner:
 
     def train(self, batches) -> dict:
         stats, norm = self._run(batches, forward_only=False)
+        if state.get_data_parallel_world_size() > 1:  # the global batch's loss, not this replica's share
+            t = torch.from_numpy(stats)
+            dist.all_reduce(t, group=state.get_data_parallel_group())
+            stats = t.numpy()
         reported = self.engine.get_global_grad_norm()
         out = {"lm_loss": stats[0] / max(stats[1], 1), "grad_norm": float(reported) if reported is not None else norm}
         for k, name in enumerate(OBJECTIVES):

@@ -1,0 +1,114 @@
+"""glm-pretrain under pipeline, tensor and data parallelism with ZeRO: every layout equals one process.
+
+Real processes under torchrun (gloo). The model is tiny (4 layers) and dropout is off, so
+the runs differ from the single-process one only by floating-point summation order.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from megatron_glm.data_prep.preprocess import preprocess
+from tests.helpers import free_port
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, corpus, tokenizer, spm_model):
+    root = tmp_path_factory.mktemp("three_d")
+    preprocess([corpus[0]], str(root / "docs"), tokenizer.spec, append_eod=True)
+    return str(root / "docs_text_document"), spm_model, str(root / "cache")
+
+
+def argv(data, log_dir, iters=3, extra=()):
+    prefix, model, cache = data
+    return ["--data-path", prefix, "--tokenizer-model", model, "--num-layers", "4", "--hidden-size", "32",
+            "--num-attention-heads", "4", "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "8",
+            "--train-iters", str(iters), "--lr", "1e-3", "--split", "90,10,0", "--eval-interval", "2",
+            "--eval-iters", "2", "--log-interval", "1", "--hidden-dropout", "0", "--attention-dropout", "0",
+            "--data-cache-path", cache, "--log-dir", log_dir, *extra]
+
+
+def launch(nproc, args, fault=None):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env["MEGATRON_GLM_FAULT"] = fault or ""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(free_port()), "-m", "megatron_glm.training.pretrain", *args]
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "megatron_glm.training.pretrain", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def records(folder):
+    with open(os.path.join(folder, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, data):
+    out = str(tmp_path_factory.mktemp("single"))
+    result = launch(1, argv(data, out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return records(out)
+
+
+LAYOUTS = {
+    "PP2 1F1B": (2, ["--pipeline-model-parallel-size", "2"]),
+    "PP2 interleaved": (2, ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"]),
+    "TP2xPP2": (4, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]),
+    "DP2xTP2 ZeRO-1": (4, ["--tensor-model-parallel-size", "2", "--zero-stage", "1"]),
+    "DP2xPP2 ZeRO-1": (4, ["--pipeline-model-parallel-size", "2", "--zero-stage", "1"]),
+    "DP2xTP2xPP2 ZeRO-1 + SP": (8, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+                                    "--zero-stage", "1", "--sequence-parallel"]),
+    "DP2 ZeRO-0": (2, ["--zero-stage", "0"]),
+    "DP2 ZeRO-2": (2, ["--zero-stage", "2"]),
+    "DP2 ZeRO-3": (2, ["--zero-stage", "3"]),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_layout_equals_one_process(tmp_path, data, single, name):
+    nproc, extra = LAYOUTS[name]
+    result = launch(nproc, argv(data, str(tmp_path), extra=extra))
+    assert result.returncode == 0, result.stderr[-3000:]
+    ours = records(str(tmp_path))
+    assert [r["iteration"] for r in ours] == [r["iteration"] for r in single]
+    for a, b in zip(ours, single):
+        assert a["lm_loss"] == pytest.approx(b["lm_loss"], rel=2e-5), name
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=2e-4), name
+        assert ("valid_loss" in a) == ("valid_loss" in b)
+        if "valid_loss" in b:
+            assert a["valid_loss"] == pytest.approx(b["valid_loss"], rel=2e-5), name
+
+
+def test_kill_and_resume_on_a_3d_layout(tmp_path, data):
+    nproc, extra = 8, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--zero-stage", "1"]
+    clean = str(tmp_path / "clean")
+    ckpt = ["--save", clean, "--save-interval", "2"]
+    assert launch(nproc, argv(data, clean, iters=4, extra=extra + ckpt)).returncode == 0
+    killed = str(tmp_path / "killed")
+    resume = ["--save", killed, "--load", killed, "--save-interval", "2"]
+    assert launch(nproc, argv(data, killed, iters=4, extra=extra + resume), fault="iteration:3").returncode != 0
+    result = launch(nproc, argv(data, killed, iters=4, extra=extra + resume))
+    assert result.returncode == 0, result.stderr[-3000:]
+    reference = {r["iteration"]: r for r in records(clean)}
+    seen = records(killed)
+    assert {r["iteration"] for r in seen} == {1, 2, 3, 4}
+    for r in seen:
+        assert r["lm_loss"] == reference[r["iteration"]]["lm_loss"], r["iteration"]
+    files = os.listdir(os.path.join(killed, "iter_0000004"))
+    assert sum(f.startswith("mp_rank_") for f in files) == 4, "one model shard per TP x PP rank"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--pipeline-model-parallel-size", "2", "--zero-stage", "2"], "cannot be combined with pipeline"),
+    (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "3"], "not divisible by"),
+    (["--pipeline-model-parallel-size", "2", "--pipeline-layers", "3", "2"], "--pipeline-layers"),
+    (["--pipeline-model-parallel-size", "3"], "not a multiple of"),
+])
+def test_impossible_layouts_fail_before_work(tmp_path, data, extra, message):
+    result = launch(2, argv(data, str(tmp_path / "log"), extra=extra))
+    assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+    assert not os.path.exists(tmp_path / "log")
