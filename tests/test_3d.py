@@ -65,6 +65,7 @@ LAYOUTS = {
     "DP2 ZeRO-0": (2, ["--zero-stage", "0"]),
     "DP2 ZeRO-2": (2, ["--zero-stage", "2"]),
     "DP2 ZeRO-3": (2, ["--zero-stage", "3"]),
+    "DP2 ZeRO-2 + CPU offload": (2, ["--zero-stage", "2", "--cpu-offload"]),
 }
 
 
@@ -112,3 +113,26 @@ def test_impossible_layouts_fail_before_work(tmp_path, data, extra, message):
     result = launch(2, argv(data, str(tmp_path / "log"), extra=extra))
     assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
     assert not os.path.exists(tmp_path / "log")
+
+
+def test_bf16_pipeline_tracks_bf16_one_process(tmp_path, data):
+    """bf16 runs without a loss scaler; PP=2 follows the one-process bf16 run (same optimizer path)."""
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    assert launch(1, argv(data, one, extra=["--bf16"])).returncode == 0
+    result = launch(2, argv(data, two, extra=["--bf16", "--pipeline-model-parallel-size", "2"]))
+    assert result.returncode == 0, result.stderr[-3000:]
+    for a, b in zip(records(two), records(one)):
+        assert a["lm_loss"] == pytest.approx(b["lm_loss"], rel=1e-3)
+        assert a["skipped_steps"] == 0 and "loss_scale" not in a
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(),
+                    reason="DeepSpeed's CPU accelerator has no fp16 optimizer: this needs a GPU")
+def test_fp16_survives_an_injected_overflow(tmp_path, data):
+    out = str(tmp_path / "fp16")
+    result = launch(1, argv(data, out, iters=4, extra=["--fp16"]), fault="overflow:2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = records(out)
+    assert seen[0]["skipped_steps"] == 0 and seen[1]["skipped_steps"] == 1, "the overflowing step is skipped"
+    assert seen[2]["loss_scale"] < seen[0]["loss_scale"], "and the scale drops"
+    assert all(r["lm_loss"] < 100 for r in (seen[2], seen[3])), "training goes on"

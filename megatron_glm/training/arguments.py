@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fp16", action="store_true")
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2, 3])
+    g.add_argument("--cpu-offload", action="store_true", help="keep optimizer states in host memory (ZeRO >= 1)")
     g.add_argument("--deepspeed-config", help="a DeepSpeed JSON; its keys override the flags that set them")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
 
@@ -120,6 +121,8 @@ def validate_args(args, world_size: int = 1) -> None:
         problems.append(f"world size {world_size} is not a multiple of --tensor-model-parallel-size {tp} x "
                         f"--pipeline-model-parallel-size {pp}")
         tp = pp = 1
+    if args.cpu_offload and args.zero_stage < 1:
+        problems.append("--cpu-offload needs --zero-stage 1, 2 or 3 (the optimizer states must be partitioned)")
     if pp > 1 and args.zero_stage >= 2:
         problems.append(f"--zero-stage {args.zero_stage} cannot be combined with pipeline parallelism (DeepSpeed "
                         "partitions gradients that the pipeline schedule accumulates); use --zero-stage 0 or 1")

@@ -37,7 +37,10 @@ def deepspeed_config(args, grad_accum: int) -> dict:
         "train_micro_batch_size_per_gpu": args.micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": args.clip_grad,
-        "zero_optimization": {"stage": args.zero_stage},
+        "zero_optimization": {"stage": args.zero_stage,
+                              **({"offload_optimizer": {"device": "cpu"}} if args.cpu_offload else {})},
+        # our AdamW serves with offload too (DeepSpeed would otherwise insist on its compiled CPU Adam)
+        "zero_force_ds_cpu_optimizer": False,
         "bf16": {"enabled": args.bf16},
         "fp16": {"enabled": args.fp16, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
                  "hysteresis": 2, "min_loss_scale": 1},
@@ -192,7 +195,8 @@ def pretrain(argv=None) -> dict:
     try:
         while iteration < args.train_iters:
             batches = [to_device(collate([(i, train_ds[i]) for i in next(sampler)])) for _ in range(grad_accum)]
-            values = runner.train(batches)
+            values = runner.train(batches, inject_overflow=os.environ.get("MEGATRON_GLM_FAULT") ==
+                                  f"overflow:{iteration + 1}")
             lm_loss, norm = values["lm_loss"], values["grad_norm"]
             iteration += 1
             consumed += args.global_batch_size

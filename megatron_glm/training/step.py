@@ -41,7 +41,7 @@ class StepRunner:
         self.schedule = get_schedule(self.pp, vpp)
         self.params = [p for c in chunks for p in c.parameters() if p.requires_grad]
 
-    def _run(self, batches, forward_only: bool):
+    def _run(self, batches, forward_only: bool, overflow: bool = False):
         stats = np.zeros(2 + 2 * len(OBJECTIVES))  # loss sum, loss count, then (sum, tokens) per objective
         engine, calls = self.engine, [0]
         total_calls = len(batches) * len(self.chunks)
@@ -58,6 +58,8 @@ class StepRunner:
             if not chunk.post_process:
                 return out
             loss, sums, counts = chunk.loss(out, b["labels"], b["loss_mask"])
+            if overflow:  # fault injection: an fp16 overflow, as a too-large loss scale would cause
+                loss = loss * float("inf")
             stats[0] += float(loss.detach())
             stats[1] += 1
             for obj, s, c in zip(b["objective"].tolist(), sums.tolist(), counts.tolist()):
@@ -94,8 +96,8 @@ class StepRunner:
             stats = t.numpy()
         return stats, norm[0]
 
-    def train(self, batches) -> dict:
-        stats, norm = self._run(batches, forward_only=False)
+    def train(self, batches, inject_overflow: bool = False) -> dict:
+        stats, norm = self._run(batches, forward_only=False, overflow=inject_overflow)
         if state.get_data_parallel_world_size() > 1:  # the global batch's loss, not this replica's share
             t = torch.from_numpy(stats)
             dist.all_reduce(t, group=state.get_data_parallel_group())
