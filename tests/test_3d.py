@@ -49,9 +49,9 @@ def records(folder):
 @pytest.fixture(scope="module")
 def single(tmp_path_factory, data):
     out = str(tmp_path_factory.mktemp("single"))
-    result = launch(1, argv(data, out))
+    result = launch(1, argv(data, out, extra=["--save", out]))
     assert result.returncode == 0, result.stderr[-3000:]
-    return records(out)
+    return records(out), out
 
 
 LAYOUTS = {
@@ -71,8 +71,13 @@ LAYOUTS = {
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_equals_one_process(tmp_path, data, single, name):
+    import torch
+
+    from megatron_glm.training.checkpoint import CheckpointError, load_model_weights
+
+    single, single_dir = single
     nproc, extra = LAYOUTS[name]
-    result = launch(nproc, argv(data, str(tmp_path), extra=extra))
+    result = launch(nproc, argv(data, str(tmp_path), extra=extra + ["--save", str(tmp_path)]))
     assert result.returncode == 0, result.stderr[-3000:]
     ours = records(str(tmp_path))
     assert [r["iteration"] for r in ours] == [r["iteration"] for r in single]
@@ -82,6 +87,15 @@ def test_layout_equals_one_process(tmp_path, data, single, name):
         assert ("valid_loss" in a) == ("valid_loss" in b)
         if "valid_loss" in b:
             assert a["valid_loss"] == pytest.approx(b["valid_loss"], rel=2e-5), name
+    reference, _ = load_model_weights(single_dir)
+    if "ZeRO-3" in name:
+        with pytest.raises(CheckpointError, match="ZeRO-3 partitions"):
+            load_model_weights(str(tmp_path))
+        return
+    merged, _ = load_model_weights(str(tmp_path))  # shards of every TP x PP rank (and chunk) put back together
+    assert merged.keys() == reference.keys()
+    for key in reference:
+        torch.testing.assert_close(merged[key], reference[key], atol=1e-4, rtol=1e-3, msg=key)
 
 
 def test_kill_and_resume_on_a_3d_layout(tmp_path, data):

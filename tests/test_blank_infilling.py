@@ -149,7 +149,7 @@ def test_sentence_and_document_objectives():
         text[rng.choice(S, 20, replace=False)] = PERIOD
         row = sent.encode(i, text, None)
         assert row["objective"] == SENTENCE and SP.smask in row["tokens"]
-        start, sep = 0, int(row["attn_hi"][0])
+        sep = int(row["attn_hi"][0])
         for s in np.flatnonzero(row["tokens"] == SP.sop):  # each span is whole sentences: ends at a period
             span = row["labels"][s:s + 1 + np.argmax(row["labels"][s:] == SP.eop)]
             assert span[-1] == PERIOD or s + len(span) >= sep, "a masked sentence ends at a sentence end"

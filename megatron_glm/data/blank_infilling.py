@@ -112,7 +112,7 @@ class BlankInfillingCollator:
 
     def encode(self, index: int, text, document_lengths=None) -> dict:
         """The row arrays for one sample, deterministic from (seed, index)."""
-        cfg, S = self.cfg, self.cfg.seq_length
+        cfg = self.cfg
         rng = np.random.default_rng([cfg.seed, int(index)])
         text = np.asarray(text, dtype=np.int64)
         docs = np.asarray([len(text)] if document_lengths is None else document_lengths, dtype=np.int64)

@@ -16,7 +16,6 @@ import random
 import shutil
 import signal
 
-import numpy as np
 import torch
 
 from megatron_glm.config import ModelConfig
@@ -182,6 +181,9 @@ def load_model_weights(load_dir: str, tag: str | None = None) -> tuple[dict, dic
         raise CheckpointError(f"{load_dir} holds no complete checkpoint (iter_*/meta.json): not a megatron-glm "
                               "checkpoint folder, or no save has finished yet")
     meta = read_meta(load_dir, tag)
+    if meta.get("args", {}).get("zero_stage") == 3:
+        raise CheckpointError(f"{load_dir}/{tag} holds ZeRO-3 partitions, not whole weights: consolidate them first "
+                              "(DeepSpeed's zero_to_fp32.py; glm-convert will do it)")
     tp, pp = meta.get("tensor_model_parallel_size", 1), meta.get("pipeline_model_parallel_size", 1)
     from megatron_glm.parallel.tensor_parallel import partition_of, unshard_tensors
 
