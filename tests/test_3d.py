@@ -150,3 +150,34 @@ def test_fp16_survives_an_injected_overflow(tmp_path, data):
     assert seen[0]["skipped_steps"] == 0 and seen[1]["skipped_steps"] == 1, "the overflowing step is skipped"
     assert seen[2]["loss_scale"] < seen[0]["loss_scale"], "and the scale drops"
     assert all(r["lm_loss"] < 100 for r in (seen[2], seen[3])), "training goes on"
+
+
+def test_resume_with_another_data_parallel_size(tmp_path, data):
+    """Saved on one process, resumed on two (ZeRO-0): the same samples, the same losses."""
+    clean = str(tmp_path / "clean")
+    assert launch(1, argv(data, clean, iters=4)).returncode == 0
+    moved = str(tmp_path / "moved")
+    ckpt = ["--save", moved, "--load", moved, "--save-interval", "2"]
+    assert launch(1, argv(data, moved, iters=4, extra=ckpt), fault="iteration:3").returncode != 0
+    result = launch(2, argv(data, moved, iters=4, extra=ckpt))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stdout and "x 2 data-parallel ranks" in result.stdout
+    reference = {r["iteration"]: r for r in records(clean)}
+    for r in records(moved):
+        assert r["lm_loss"] == pytest.approx(reference[r["iteration"]]["lm_loss"], rel=2e-5), r["iteration"]
+        assert r["consumed_samples"] == 8 * r["iteration"]
+
+
+def test_kill_and_resume_with_dropout_under_tensor_parallelism(tmp_path, data):
+    """Dropout on split heads draws from the TP tracker's RNG: it is checkpointed too (bitwise resume)."""
+    extra = ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--hidden-dropout", "0.1",
+             "--attention-dropout", "0.1"]
+    clean = str(tmp_path / "clean")
+    assert launch(2, argv(data, clean, iters=4, extra=extra)).returncode == 0
+    killed = str(tmp_path / "killed")
+    resume = ["--save", killed, "--load", killed, "--save-interval", "2"]
+    assert launch(2, argv(data, killed, iters=4, extra=extra + resume), fault="iteration:3").returncode != 0
+    assert launch(2, argv(data, killed, iters=4, extra=extra + resume)).returncode == 0
+    reference = {r["iteration"]: r["lm_loss"] for r in records(clean)}
+    for r in records(killed):
+        assert r["lm_loss"] == reference[r["iteration"]], r["iteration"]

@@ -1,8 +1,8 @@
 """Atomic checkpoints around the DeepSpeed engine, and exact resume.
 
 Layout: ``{save}/iter_{N:07d}/`` holds DeepSpeed's files (model, optimizer, scheduler) plus
-``meta.json`` (model configuration, tokenizer, iteration, consumed samples) and
-``rng_state_{rank}.pt``; ``{save}/latest`` names the newest complete one (the file DeepSpeed
+``meta.json`` (model configuration, tokenizer, layout, iteration, consumed samples) and one
+``rng_state_pp{p}_tp{t}_dp{d}.pt`` per rank (default, TP-tracker and Python RNG states); ``{save}/latest`` names the newest complete one (the file DeepSpeed
 reads too). A save is written under ``{save}/.tmp-iter_N/``, flushed, renamed into place,
 and only then does ``latest`` change (itself by an atomic rename), so a run killed at any
 moment, mid-save included, resumes from the last complete checkpoint.
@@ -50,17 +50,37 @@ def _fsync_tree(path: str) -> None:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "python_pos": random.getstate()[2]}
+    from megatron_glm.parallel.random import get_rng_tracker
+
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "python_pos": random.getstate()[2],
+             "tracker": get_rng_tracker().get_states()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
+    from megatron_glm.parallel.random import get_rng_tracker
+
     torch.set_rng_state(state["torch"])
     random.setstate((3, tuple(state["python"]), state["python_pos"]))
+    get_rng_tracker().set_states(state.get("tracker", {}))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def rng_file(folder: str, pp: int, tp: int, dp: int) -> str:
+    """RNG states are keyed by position in the layout, so a resume with another DP size finds them."""
+    return os.path.join(folder, f"rng_state_pp{pp:02d}_tp{tp:02d}_dp{dp:03d}.pt")
+
+
+def _position():
+    from megatron_glm.parallel import state
+
+    if not state.model_parallel_is_initialized():
+        return 0, 0, 0
+    return (state.get_pipeline_model_parallel_rank(), state.get_tensor_model_parallel_rank(),
+            state.get_data_parallel_rank())
 
 
 def save_checkpoint(engine, save_dir: str, iteration: int, meta: dict, keep_last: int, rank: int = 0) -> str:
@@ -75,7 +95,7 @@ def save_checkpoint(engine, save_dir: str, iteration: int, meta: dict, keep_last
         torch.distributed.barrier()  # nobody writes into the staging folder before it is clean
     engine.save_checkpoint(tmp_root, tag=tag, client_state={"iteration": iteration}, save_latest=False)
     staged = os.path.join(tmp_root, tag)
-    torch.save(rng_state(), os.path.join(staged, f"rng_state_{rank}.pt"))
+    torch.save(rng_state(), rng_file(staged, *_position()))
     if rank == 0:
         with open(os.path.join(staged, "meta.json"), "w") as f:
             json.dump({**meta, "iteration": iteration}, f, indent=1)
@@ -163,14 +183,17 @@ def check_compatible(meta: dict, model_cfg: ModelConfig, tokenizer_fingerprint: 
                               "pass the same tokenizer files")
 
 
-def load_checkpoint(engine, load_dir: str, tag: str, rank: int = 0) -> dict:
+def load_checkpoint(engine, load_dir: str, tag: str) -> dict:
     """Restore model, optimizer, scheduler (DeepSpeed) and RNG; returns the checkpoint's meta."""
     meta = read_meta(load_dir, tag)
     path, _ = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load {load_dir}/{tag}: its model states are missing")
-    rng_path = os.path.join(load_dir, tag, f"rng_state_{rank}.pt")
-    set_rng_state(torch.load(rng_path, weights_only=True))
+    pp, tp, dp = _position()
+    path = rng_file(os.path.join(load_dir, tag), pp, tp, dp)
+    if not os.path.exists(path):  # more data-parallel replicas than were saved: replica 0's streams
+        path = rng_file(os.path.join(load_dir, tag), pp, tp, 0)
+    set_rng_state(torch.load(path, weights_only=True))
     return meta
 
 

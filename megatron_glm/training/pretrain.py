@@ -155,7 +155,7 @@ def pretrain(argv=None) -> dict:
     tied = TiedEmbedding(chunks, dtype)
     iteration, consumed = 0, 0
     if load_tag:
-        meta = ckpt.load_checkpoint(engine, args.load, load_tag, rank)
+        meta = ckpt.load_checkpoint(engine, args.load, load_tag)
         iteration, consumed = meta["iteration"], meta["consumed_samples"]
     tied.broadcast_weight()
     seq_local = args.seq_length // tp if args.sequence_parallel else args.seq_length
