@@ -81,10 +81,11 @@ def pretrain(argv=None) -> dict:
     from megatron_glm.data.sampler import PretrainingSampler
     from megatron_glm.data.tokenizer import GLMTokenizer, spec_from_args
     from megatron_glm.model.glm import GLMModel
+    from megatron_glm.parallel.pipeline import partition_layers
     from megatron_glm.training import checkpoint as ckpt
     from megatron_glm.training.lr_schedule import LRSchedule
-    from megatron_glm.training.step import StepRunner
     from megatron_glm.training.metrics import MetricsLogger, Throughput, flops_per_token, memory_summary
+    from megatron_glm.training.step import StepRunner
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if args.fp16 and device == "cpu":
@@ -103,8 +104,6 @@ def pretrain(argv=None) -> dict:
         raise ValueError(f"--num-layers {model_cfg.num_layers} is not divisible by --pipeline-model-parallel-size "
                          f"{pp} x --num-layers-per-virtual-pipeline-stage {per_chunk}")
     vpp = model_cfg.num_layers // (pp * per_chunk) if per_chunk else 1
-    from megatron_glm.parallel.pipeline import partition_layers
-
     partition_layers(model_cfg.num_layers, pp, vpp, args.pipeline_layers)  # an impossible split fails here
     init_distributed(device, tp, pp, model_cfg)
     import deepspeed
