@@ -116,34 +116,24 @@ def initialize_model_parallel(tp: int = 1, pp: int = 1, backend: str | None = No
                                 rank=launch.rank, world_size=launch.world_size)
     world, rank = dist.get_world_size(), dist.get_rank()
     dp = check_layout(world, tp, pp, **model_sizes)
-    groups = {"tp": None, "pp": None, "dp": None, "embedding": None, "mp": None}
-    for p in range(pp):  # every rank takes part in every new_group call, in the same order
-        for d in range(dp):
-            ranks = [(p * dp + d) * tp + t for t in range(tp)]
-            g = dist.new_group(ranks)
+
+    def index(p, d, t):
+        return (p * dp + d) * tp + t
+
+    pipelines = [[index(p, d, t) for p in range(pp)] for d in range(dp) for t in range(tp)]
+    layouts = {
+        "tp": [[index(p, d, t) for t in range(tp)] for p in range(pp) for d in range(dp)],
+        "dp": [[index(p, d, t) for d in range(dp)] for p in range(pp) for t in range(tp)],
+        "pp": pipelines,
+        "embedding": [sorted({ranks[0], ranks[-1]}) for ranks in pipelines],  # first and last stage: the tied matrix
+        "mp": [[index(p, d, t) for p in range(pp) for t in range(tp)] for d in range(dp)],  # DeepSpeed's "mp"
+    }
+    groups = {}
+    for key, rank_lists in layouts.items():  # every rank calls new_group for every group, in the same order
+        for ranks in rank_lists:
+            group = dist.new_group(ranks)
             if rank in ranks:
-                groups["tp"], _STATE["tp_ranks"] = g, ranks
-    for p in range(pp):
-        for t in range(tp):
-            ranks = [(p * dp + d) * tp + t for d in range(dp)]
-            g = dist.new_group(ranks)
-            if rank in ranks:
-                groups["dp"], _STATE["dp_ranks"] = g, ranks
-    for d in range(dp):
-        for t in range(tp):
-            ranks = [(p * dp + d) * tp + t for p in range(pp)]
-            g = dist.new_group(ranks)
-            if rank in ranks:
-                groups["pp"], _STATE["pp_ranks"] = g, ranks
-            emb = sorted({ranks[0], ranks[-1]})  # first and last stage hold the tied embedding
-            g = dist.new_group(emb)
-            if rank in emb:
-                groups["embedding"], _STATE["embedding_ranks"] = g, emb
-    for d in range(dp):  # model parallel = TP x PP of one data-parallel replica (DeepSpeed's "mp")
-        ranks = [(p * dp + d) * tp + t for p in range(pp) for t in range(tp)]
-        g = dist.new_group(ranks)
-        if rank in ranks:
-            groups["mp"], _STATE["mp_ranks"] = g, ranks
+                groups[key], _STATE[f"{key}_ranks"] = group, ranks
     _STATE.update(groups=groups, tp=tp, pp=pp, dp=dp)
     return launch
 
