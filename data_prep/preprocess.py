@@ -50,12 +50,24 @@ class Encoded:
 _WORKER: dict = {}
 
 
+def _die_with_parent() -> None:
+    """On Linux, a worker is killed when the main process dies (even by SIGKILL): no orphans."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: workers exit when their task queue closes
+        pass
+
+
 def _init_worker(spec, keys, append_eod, dtype, in_subprocess=True) -> None:
     from megatron_glm.data.tokenizer import GLMTokenizer
 
     if in_subprocess:  # the main process alone handles Ctrl-C and SIGTERM, and stops the workers
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        _die_with_parent()
 
     tok = GLMTokenizer(spec)
     _WORKER.update(tok=tok, keys=keys, eod=tok.eod_id if append_eod else None, dtype=dtype)

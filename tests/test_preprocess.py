@@ -183,10 +183,15 @@ def start_on_a_pipe(tmp_path, corpus, spm_model, extra=()):
 def test_killed_run_leaves_no_dataset_and_keeps_the_old_one(tmp_path, corpus, spm_model, sig):
     run([corpus[0]], tmp_path / "o", spm_model)  # an earlier dataset that --overwrite would replace
     before = files_of(tmp_path / "o_text_document")
+    import psutil
+
     proc, writer = start_on_a_pipe(tmp_path, corpus, spm_model, ["--overwrite"])
+    workers = psutil.Process(proc.pid).children()
     proc.send_signal(sig)
     rc = proc.wait(timeout=60)
     writer.close()
+    gone, alive = psutil.wait_procs(workers, timeout=30)
+    assert not alive, "no worker outlives the main process, not even after SIGKILL"
     assert files_of(tmp_path / "o_text_document") == before
     leftovers = [p for p in os.listdir(tmp_path) if ".tmp-" in p]
     if sig == signal.SIGTERM:
