@@ -326,6 +326,7 @@ class IndexedDataset:
             raise _corrupt(ipath, "document index does not start at 0 and end at the sequence count")
         self.num_tokens = want // itemsize
         self._bin = np.memmap(bpath, dtype=self.dtype, mode="r") if bin_size else np.empty(0, self.dtype)
+        self._document_lengths = self._fingerprint = None  # derived on first use, then kept
 
     # -- sizes -------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -336,10 +337,14 @@ class IndexedDataset:
         return self.document_indices.size - 1
 
     def document_lengths(self) -> np.ndarray:
-        """Tokens per document (int64), summing its sequences."""
-        cum = np.zeros(len(self) + 1, dtype=np.int64)
-        np.cumsum(self.sequence_lengths, out=cum[1:])
-        return cum[self.document_indices[1:]] - cum[self.document_indices[:-1]]
+        """Tokens per document (int64), summing its sequences; computed once (read-only)."""
+        if self._document_lengths is None:
+            cum = np.zeros(len(self) + 1, dtype=np.int64)
+            np.cumsum(self.sequence_lengths, out=cum[1:])
+            lengths = cum[self.document_indices[1:]] - cum[self.document_indices[:-1]]
+            lengths.flags.writeable = False
+            self._document_lengths = lengths
+        return self._document_lengths
 
     # -- access ------------------------------------------------------------------------
     def get(self, i: int, offset: int = 0, length: int | None = None) -> np.ndarray:
@@ -374,6 +379,8 @@ class IndexedDataset:
 
         Sample-index caches are keyed by it, so a rebuilt corpus never reuses a stale cache.
         """
+        if self._fingerprint is not None:
+            return self._fingerprint
         import hashlib
 
         h = hashlib.sha1(f"{self.dtype}-{len(self)}-{self.num_documents}-{self.num_tokens}".encode())
@@ -381,7 +388,8 @@ class IndexedDataset:
         tail = self._idx[max(len(self._idx) - (1 << 20), 0) :]
         h.update(head.tobytes())
         h.update(tail.tobytes())
-        return h.hexdigest()
+        self._fingerprint = h.hexdigest()
+        return self._fingerprint
 
     def verify(self) -> None:
         """Full consistency check of the index (O(sequences), in chunks): for `glm-preprocess --verify`."""

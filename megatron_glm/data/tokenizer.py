@@ -220,13 +220,16 @@ class GLMTokenizer:
         return "".join(out)
 
     def fingerprint(self) -> str:
-        """sha256 over the tokenizer files: datasets record it to catch a tokenizer swap."""
+        """sha256 over the tokenizer files: datasets record it to catch a tokenizer swap (hashed once)."""
+        if self.__dict__.get("_fingerprint"):
+            return self._fingerprint
         h = hashlib.sha256(self.spec.type.encode())
         for path in self.spec.files():
             with open(path, "rb") as f:
                 for block in iter(lambda: f.read(1 << 20), b""):
                     h.update(block)
-        return h.hexdigest()
+        self._fingerprint = h.hexdigest()
+        return self._fingerprint
 
     def describe(self) -> dict:
         return {
