@@ -15,6 +15,14 @@ def write_jsonl(path, rows):
     return str(path)
 
 
+def records(folder):
+    """The per-iteration values glm-pretrain wrote to ``{folder}/metrics.jsonl``."""
+    import os
+
+    with open(os.path.join(folder, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
 def free_port():
     import socket
 

@@ -4,7 +4,6 @@ Real processes under torchrun (gloo). The model is tiny (4 layers) and dropout i
 the runs differ from the single-process one only by floating-point summation order.
 """
 
-import json
 import os
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import sys
 import pytest
 
 from megatron_glm.data_prep.preprocess import preprocess
-from tests.helpers import free_port
+from tests.helpers import free_port, records
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +38,6 @@ def launch(nproc, args, fault=None):
     if nproc == 1:
         cmd = [sys.executable, "-m", "megatron_glm.training.pretrain", *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-
-
-def records(folder):
-    with open(os.path.join(folder, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 @pytest.fixture(scope="module")

@@ -1,24 +1,13 @@
 """The sample index is built by global rank 0 alone and memory-mapped by the others (2 real processes, gloo)."""
 
-import os
-import socket
-
 import numpy as np
-import pytest
 
-torch = pytest.importorskip("torch")
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
+from tests.helpers import spawn
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def worker(rank, world, prefix, cache_dirs):
+    import torch.distributed as dist
 
-
-def worker(rank, world, port, prefix, cache_dirs, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from megatron_glm.data import packed_dataset
     from megatron_glm.data.indexed import IndexedDataset
@@ -39,8 +28,7 @@ def worker(rank, world, port, prefix, cache_dirs, out):
                       samples=np.stack([ds[i]["text"] for i in range(0, 300, 7)]))
     except FileNotFoundError as e:
         result["error"] = str(e)
-    np.save(os.path.join(out, f"rank{rank}.npy"), np.array(result, dtype=object), allow_pickle=True)
-    dist.destroy_process_group()
+    return result
 
 
 def run(tmp_path, shared: bool):
@@ -52,10 +40,7 @@ def run(tmp_path, shared: bool):
         for d in range(200):
             w.add_document(d * 100 + np.arange(rng.integers(1, 60)))
     caches = [str(tmp_path / "cache")] * 2 if shared else [str(tmp_path / f"cache{r}") for r in range(2)]
-    out = tmp_path / ("shared" if shared else "private")
-    out.mkdir()
-    mp.start_processes(worker, args=(2, free_port(), prefix, caches, str(out)), nprocs=2, start_method="spawn")
-    return [np.load(out / f"rank{r}.npy", allow_pickle=True).item() for r in range(2)]
+    return spawn(worker, 2, tmp_path / ("shared" if shared else "private"), prefix, caches)
 
 
 def test_rank0_builds_and_the_others_map_it(tmp_path):

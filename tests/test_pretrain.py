@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from megatron_glm.data_prep.preprocess import preprocess
+from tests.helpers import records
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +34,6 @@ def run(argv, fault=None):
     env = {**os.environ, "MEGATRON_GLM_FAULT": fault or ""}
     return subprocess.run([sys.executable, "-m", "megatron_glm.training.pretrain", *argv], env=env,
                           capture_output=True, text=True, timeout=600)
-
-
-def records(folder):
-    with open(os.path.join(folder, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def test_kill_anywhere_then_resume_equals_an_uninterrupted_run(tmp_path, data):
