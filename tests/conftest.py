@@ -5,8 +5,13 @@ project's own CLIs, so every data test runs on realistic text.
 """
 
 import json
+import os
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():  # Triton kernels run in its interpreter on the CPU (before any kernel is built)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from megatron_glm.data_prep.stdlib_corpus import write_corpus
 from megatron_glm.data_prep.train_tokenizer import train_tokenizer

@@ -2,34 +2,37 @@
 
 Every GLM mask (bidirectional Part A, causal Part B, packed segments, padding) is one key
 interval per query (DESIGN.md), so the model passes the bounds, never a dense mask. This
-module is the one place an attention implementation is chosen: ``sdpa`` (PyTorch's fused
-attention with the mask built from the bounds) by default, ``eager`` (explicit fp32 softmax,
-what the original implementation computes) as the reference. The fused Triton kernel of
-``megatron_glm.kernels`` plugs in here.
+module is the one place an attention algorithm is chosen (``--attention-impl``):
+
+- ``flash``: the Triton GLM-mask flash kernel (``megatron_glm.kernels``); memory linear in S;
+- ``softmax``: materialised scores with the fused Triton masked softmax;
+- ``sdpa``: PyTorch's fused attention with the dense mask built from the bounds;
+- ``eager``: explicit fp32 softmax, what the original implementation computes (the reference);
+- ``auto`` (default): ``flash`` on CUDA, ``sdpa`` elsewhere.
+
+``flash`` and ``softmax`` run their torch fallbacks where Triton does not (see ``kernels.dispatch``).
 """
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from megatron_glm import kernels
+from megatron_glm.kernels.reference import attention_reference, interval_mask
 
-IMPLEMENTATIONS = ("sdpa", "eager")
+IMPLEMENTATIONS = ("auto", "flash", "softmax", "sdpa", "eager")
 
-
-def interval_mask(attn_lo: torch.Tensor, attn_hi: torch.Tensor, num_keys: int) -> torch.Tensor:
-    """Dense boolean ``[B, Sq, Sk]`` mask from the bounds (True = may attend)."""
-    j = torch.arange(num_keys, device=attn_lo.device)
-    return (j >= attn_lo[..., None]) & (j < attn_hi[..., None])
+__all__ = ["IMPLEMENTATIONS", "interval_attention", "interval_mask"]
 
 
-def interval_attention(q, k, v, attn_lo, attn_hi, dropout_p: float = 0.0, impl: str = "sdpa"):
+def interval_attention(q, k, v, attn_lo, attn_hi, dropout_p: float = 0.0, impl: str = "auto"):
     """``q [B, H, Sq, D]``, ``k, v [B, H, Sk, D]``, bounds ``[B, Sq]`` in key indices -> ``[B, H, Sq, D]``."""
-    mask = interval_mask(attn_lo, attn_hi, k.shape[-2])[:, None]
+    if impl == "auto":
+        impl = "flash" if q.is_cuda else "sdpa"
+    if impl == "flash":
+        return kernels.flash_attention(q, k, v, attn_lo, attn_hi, dropout_p)
+    if impl == "softmax":
+        return kernels.softmax_attention(q, k, v, attn_lo, attn_hi, dropout_p)
     if impl == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        return kernels.sdpa_attention(q, k, v, attn_lo, attn_hi, dropout_p)
     if impl == "eager":
-        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) / q.shape[-1] ** 0.5
-        probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
-        probs = F.dropout(probs, dropout_p) if dropout_p else probs
-        return torch.matmul(probs, v.float()).to(q.dtype)
+        return attention_reference(q, k, v, attn_lo, attn_hi, dropout_p)
     raise ValueError(f"unknown attention implementation {impl!r}; choose one of {IMPLEMENTATIONS}")

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron_glm import kernels
 from megatron_glm.config import ModelConfig
 from megatron_glm.model.attention import interval_attention
-from megatron_glm.model.rotary import apply_rotary_2d
 
 
 class KVCache:
@@ -64,7 +64,7 @@ class Attention(nn.Module):
         self.cfg, self.layer = cfg, layer
         self.query_key_value = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
         self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.impl = "sdpa"
+        self.impl = "auto"
         self.rng_fork = contextlib.nullcontext  # tensor parallelism: a per-rank RNG for dropout on split heads
 
     def core_attention(self, q, k, v, attn_lo, attn_hi):
@@ -79,8 +79,7 @@ class Attention(nn.Module):
         heads = qkv.shape[-1] // (3 * d)
         q, k, v = qkv.view(b, s, 3, heads, d).permute(2, 0, 3, 1, 4)
         if self.cfg.position_embedding_type == "rotary_2d":
-            q = apply_rotary_2d(q, position_ids, self.cfg.rotary_base)
-            k = apply_rotary_2d(k, position_ids, self.cfg.rotary_base)
+            q, k = kernels.rotary_2d(q, k, position_ids, self.cfg.rotary_base)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         out = self.core_attention(q, k, v, attn_lo, attn_hi)
@@ -184,10 +183,16 @@ class GLMModel(nn.Module):
                 nn.init.normal_(p, std=cfg.init_method_std)
 
     def embed(self, tokens, position_ids):
-        h = self.word_embeddings(tokens)
-        if self.cfg.position_embedding_type == "learned_2d":
-            h = h + self.transformer.position_embeddings(position_ids[:, 0])
-            h = h + self.transformer.block_position_embeddings(position_ids[:, 1])
+        learned = self.cfg.position_embedding_type == "learned_2d"
+        if learned and type(self.word_embeddings) is nn.Embedding:  # one fused pass (the vocab-parallel one reduces)
+            h = kernels.embedding_2d(tokens, position_ids, self.word_embeddings.weight,
+                                     self.transformer.position_embeddings.weight,
+                                     self.transformer.block_position_embeddings.weight)
+        else:
+            h = self.word_embeddings(tokens)
+            if learned:
+                h = h + self.transformer.position_embeddings(position_ids[:, 0])
+                h = h + self.transformer.block_position_embeddings(position_ids[:, 1])
         return self.transformer.embedding_dropout(h)
 
     def output_weight(self):

@@ -24,7 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--init-method-std", type=float, default=0.02)
     g.add_argument("--geglu", action="store_true", help="GLM-130B's gated MLP")
     g.add_argument("--deepnorm", action="store_true", help="GLM-130B's DeepNorm (post-LN, scaled residual)")
-    g.add_argument("--attention-impl", choices=["sdpa", "eager"], default="sdpa")
+    g.add_argument("--attention-impl", choices=["auto", "flash", "softmax", "sdpa", "eager"], default="auto",
+                   help="auto: the Triton GLM-mask flash kernel on CUDA, SDPA with a dense mask elsewhere")
+    g.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto",
+                   help="fused kernels (attention, softmax, 2D embeddings, rotary): Triton on CUDA (auto), "
+                        "or force either side")
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)

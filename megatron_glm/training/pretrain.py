@@ -75,6 +75,7 @@ def pretrain(argv=None) -> dict:
     import numpy as np
     import torch
 
+    from megatron_glm import kernels
     from megatron_glm.data.blank_infilling import (
         OBJECTIVES, BlankInfillingCollator, BlankInfillingConfig, SpecialIds, sentence_end_ids)
     from megatron_glm.data.blended_dataset import build_train_valid_test_datasets
@@ -136,6 +137,7 @@ def pretrain(argv=None) -> dict:
     model_parallel_seed(args.seed, state.get_tensor_model_parallel_rank())
     model = GLMModel(model_cfg)  # the full model on every rank, then this rank's shard (same init as TP=1)
     model.set_attention_impl(args.attention_impl)
+    kernels.set_backend(args.kernels)
     apply_tp(model, sequence_parallel=args.sequence_parallel)
     apply_ac(model, args.recompute_granularity, args.recompute_method, args.recompute_num_layers)
     chunks = apply_pp(model, vpp, args.pipeline_layers)
