@@ -29,6 +29,8 @@ setup(
         # JSON parsing is a third of glm-preprocess's per-line cost with the standard library
         "orjson>=3.9",
         "tqdm>=4.60",
+        # the fused kernels (CUDA builds of torch bring it; on the CPU its interpreter runs the kernel tests)
+        "triton>=3.0; platform_system == 'Linux'",
         # owns data parallelism, ZeRO, mixed precision and the optimizer step
         "deepspeed>=0.14.1",
     ],

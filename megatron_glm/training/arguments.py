@@ -87,7 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("checkpoints and logging")
     g.add_argument("--save", help="checkpoint folder")
-    g.add_argument("--load", help="resume from this folder's latest checkpoint (often the same as --save)")
+    g.add_argument("--load", help="resume from this folder's latest checkpoint (default: --save, when it holds one)")
+    g.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # launchers' habit; LOCAL_RANK rules
+    g.add_argument("--stop-file", help="stop after the current step, save and exit 75 (requeue) once this file "
+                                       "exists; SIGTERM and SIGUSR1 do the same")
     g.add_argument("--save-interval", type=int, default=None)
     g.add_argument("--keep-last", type=int, default=3, help="checkpoints kept (older ones deleted)")
     g.add_argument("--eval-interval", type=int, default=1000)

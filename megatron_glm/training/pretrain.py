@@ -86,6 +86,7 @@ def pretrain(argv=None) -> dict:
     from megatron_glm.training import checkpoint as ckpt
     from megatron_glm.training.lr_schedule import LRSchedule
     from megatron_glm.training.metrics import MetricsLogger, Throughput, flops_per_token, memory_summary
+    from megatron_glm.training.preemption import EXIT_REQUEUE, Preemption
     from megatron_glm.training.step import StepRunner
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -94,6 +95,8 @@ def pretrain(argv=None) -> dict:
     tokenizer = GLMTokenizer(spec_from_args(args))
     tp = args.tensor_model_parallel_size
     model_cfg = model_config_from_args(args, tokenizer.padded_vocab_size(tp))
+    if not args.load and args.save and ckpt.resume_tag(args.save):  # a restarted (requeued) job carries on
+        args.load = args.save
     load_tag = ckpt.resume_tag(args.load) if args.load else None
     if load_tag:  # refuse an incompatible checkpoint before any work (and before anything is written)
         ckpt.check_compatible(ckpt.read_meta(args.load, load_tag), model_cfg, tokenizer.fingerprint(), args.load, tp,
@@ -192,6 +195,8 @@ def pretrain(argv=None) -> dict:
 
     last_saved = load_tag
     history = []
+    exit_code = 0
+    preemption = Preemption(args.stop_file, device, rank)
     engine.train()
     try:
         while iteration < args.train_iters:
@@ -232,9 +237,21 @@ def pretrain(argv=None) -> dict:
                                               args.keep_last, rank)
                 last_saved = os.path.basename(folder)
                 log.console(f"saved {folder}")
+            reason = preemption.requested()
+            if reason and iteration < args.train_iters:
+                if args.save and last_saved != ckpt.tag_of(iteration):
+                    folder = ckpt.save_checkpoint(engine, args.save, iteration,
+                                                  {**meta_base, "consumed_samples": consumed}, args.keep_last, rank)
+                    last_saved = os.path.basename(folder)
+                log.console(f"stopping after iteration {iteration} ({reason}): "
+                            + (f"saved {args.save}/{last_saved}; " if args.save else "no --save, nothing saved; ")
+                            + f"exit status {EXIT_REQUEUE} asks the launcher to requeue")
+                exit_code = EXIT_REQUEUE
+                break
     finally:
+        preemption.close()
         log.close()
-    return {"iteration": iteration, "losses": history, "model": model, "tokenizer": tokenizer}
+    return {"iteration": iteration, "losses": history, "model": model, "tokenizer": tokenizer, "exit_code": exit_code}
 
 
 def main(argv=None) -> int:
@@ -243,7 +260,7 @@ def main(argv=None) -> int:
     from megatron_glm.training.checkpoint import CheckpointError
 
     try:
-        pretrain(argv)
+        result = pretrain(argv)
     except (ValueError, TokenizerError, IndexedDatasetError, CheckpointError, FileNotFoundError, TrainingError) as e:
         print(f"glm-pretrain: error: {e}", file=sys.stderr)
         return 1
@@ -252,7 +269,7 @@ def main(argv=None) -> int:
     if dist.is_initialized():  # leave together: gloo aborts a rank whose peer has gone
         dist.barrier()
         dist.destroy_process_group()
-    return 0
+    return result["exit_code"]
 
 
 if __name__ == "__main__":

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# One node, torchrun: GPUS_PER_NODE processes (default: every visible GPU, or 1).
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+GPUS_PER_NODE=${GPUS_PER_NODE:-$( (nvidia-smi -L 2>/dev/null || true) | grep -c GPU || true)}
+[[ "${GPUS_PER_NODE:-0}" -gt 0 ]] || GPUS_PER_NODE=1
+run torchrun --standalone --nproc_per_node "$GPUS_PER_NODE" ${TORCHRUN_ARGS:-} \
+    -m megatron_glm.training.pretrain "${GLM_ARGS[@]}"

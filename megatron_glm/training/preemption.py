@@ -1,0 +1,49 @@
+"""Stop cleanly before a time limit or preemption: finish the step, save, exit for requeue.
+
+Slurm warns a job with a signal (``--signal=USR1@180``) or ends it with SIGTERM; a batch
+script that only sees the warning itself (``--signal=B:USR1@...``, the torchrun launcher)
+creates the ``--stop-file`` instead. Any one rank noticing either is enough: every step ends
+with one all-reduce (MAX) of the flag, so all ranks stop after the same step, write one
+checkpoint together and exit with ``EXIT_REQUEUE`` (75, EX_TEMPFAIL: "try again"), which
+the launchers turn into ``scontrol requeue``. The next start resumes from that checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import torch
+import torch.distributed as dist
+
+EXIT_REQUEUE = 75
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Preemption:
+    def __init__(self, stop_file: str | None, device: str, rank: int):
+        self.stop_file, self.device, self.rank = stop_file, device, rank
+        self.received: str | None = None
+        self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
+        if stop_file and rank == 0 and os.path.exists(stop_file):  # left by the run before a requeue
+            os.remove(stop_file)
+        if dist.is_initialized():
+            dist.barrier()  # nobody checks the stop file before the stale one is gone
+
+    def _handle(self, signum, _frame) -> None:
+        self.received = signal.Signals(signum).name
+
+    def requested(self) -> str | None:
+        """Called by every rank after every step: the reason to stop (same on all ranks), or None."""
+        local = self.received or (self.stop_file if self.stop_file and self.rank == 0
+                                  and os.path.exists(self.stop_file) else None)
+        if dist.is_initialized():
+            flag = torch.tensor([1.0 if local else 0.0], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() and not local:
+                local = "another rank was told to stop"
+        return local
+
+    def close(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)

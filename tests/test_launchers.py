@@ -1,0 +1,226 @@
+"""Launchers and preemption, with real processes on the CPU.
+
+Each launcher script trains a few steps of glm-tiny with 2 processes. Slurm is simulated:
+``srun`` and ``scontrol`` are small stand-ins on PATH that start the tasks with Slurm's
+variables, so the scripts' rank, rendezvous, signal and requeue logic is what runs.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from megatron_glm.data_prep.preprocess import preprocess
+from megatron_glm.training.preemption import EXIT_REQUEUE
+from tests.helpers import free_port, records
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCHERS = os.path.join(ROOT, "launchers")
+ITERS = 40
+
+FAKE_SRUN = r'''#!PYTHON
+"""srun stand-in: start the tasks of this 'job' on localhost with Slurm's variables."""
+import os, subprocess, sys
+args = sys.argv[1:]
+per_node = None
+while args and args[0].startswith("-"):
+    if args[0].startswith("--ntasks-per-node="):
+        per_node = int(args[0].split("=")[1])
+    args = args[1:]
+nodes = int(os.environ["SLURM_NNODES"])
+per_node = per_node or int(os.environ["SLURM_NTASKS"]) // nodes
+procs = []
+for node in range(nodes):
+    for local in range(per_node):
+        env = dict(os.environ, SLURM_PROCID=str(node * per_node + local), SLURM_LOCALID=str(local),
+                   SLURM_NODEID=str(node), SLURM_NTASKS=str(nodes * per_node))
+        procs.append(subprocess.Popen(args, env=env))
+with open(os.environ["FAKE_SLURM_PIDS"], "w") as f:
+    f.write(" ".join(str(p.pid) for p in procs))
+sys.exit(max(p.wait() for p in procs))
+'''
+FAKE_SCONTROL = r'''#!PYTHON
+import os, sys
+if sys.argv[1:3] == ["show", "hostnames"]:
+    print("\n".join(["127.0.0.1"] * int(os.environ["SLURM_NNODES"])))
+elif sys.argv[1] == "requeue":
+    with open(os.environ["FAKE_SLURM_LOG"], "a") as f:
+        f.write("requeue " + sys.argv[2] + "\n")
+'''
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, corpus, tokenizer, spm_model):
+    root = tmp_path_factory.mktemp("launch")
+    preprocess([corpus[0]], str(root / "docs"), tokenizer.spec, append_eod=True)
+    return str(root / "docs_text_document"), spm_model
+
+
+def env_for(data, save, **extra):
+    prefix, model = data
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "OMPI_", "PMI_", "PMIX_")) and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(PRESET="glm-tiny", DATA_PATH=prefix, TOKENIZER_ARGS=f"--tokenizer-model {model}", SEQ_LENGTH="64",
+               MICRO_BATCH="2", GLOBAL_BATCH="4", TRAIN_ITERS=str(ITERS), LR="1e-3", PRECISION="fp32",
+               SAVE_DIR=save, SAVE_INTERVAL="100", LOG_INTERVAL="1", PYTHON=sys.executable,
+               MASTER_PORT=str(free_port()), PATH=os.path.dirname(sys.executable) + os.pathsep + env["PATH"],
+               EXTRA_ARGS=(f"--hidden-dropout 0 --attention-dropout 0 --split 100,0,0 "
+                           f"--data-cache-path {os.path.dirname(save)}/cache"))
+    env.update(extra)
+    return env
+
+
+def losses(save):
+    return {r["iteration"]: r["lm_loss"] for r in records(save)}
+
+
+def wait_for_iteration(save, n, proc, timeout=300):
+    start = time.time()
+    while time.time() - start < timeout:
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (status {proc.returncode}) before iteration {n}")
+        if os.path.exists(os.path.join(save, "metrics.jsonl")) and max(losses(save), default=0) >= n:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no iteration {n} within {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def torchrun_run(tmp_path_factory, data):
+    """launchers/torchrun.sh, 2 processes (data parallel), uninterrupted: the reference for the Slurm runs."""
+    save = str(tmp_path_factory.mktemp("torchrun") / "ckpt")
+    result = subprocess.run(["bash", os.path.join(LAUNCHERS, "torchrun.sh")], env=env_for(data, save, GPUS_PER_NODE="2"),
+                            capture_output=True, text=True, timeout=600)
+    return save, result
+
+
+def test_torchrun_launcher_prints_its_command_and_trains(torchrun_run):
+    save, result = torchrun_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "+ torchrun --standalone --nproc_per_node 2" in result.stdout
+    assert "x 2 data-parallel ranks" in result.stdout + result.stderr
+    assert sorted(losses(save)) == list(range(1, ITERS + 1))
+    assert os.path.exists(os.path.join(save, f"iter_{ITERS:07d}", "meta.json"))
+
+
+def test_sigterm_saves_exits_for_requeue_and_the_restart_equals_an_uninterrupted_run(tmp_path, data, torchrun_run):
+    """One process: SIGTERM mid-run; then the same command again (no --load needed) finishes the run."""
+    reference = str(tmp_path / "ref" / "ckpt")
+    env = env_for(data, reference)
+    cmd = [sys.executable, "-m", "megatron_glm.training.pretrain", "--preset", "glm-tiny", "--data-path",
+           env["DATA_PATH"], *env["TOKENIZER_ARGS"].split(), "--seq-length", "64", "--micro-batch-size", "2",
+           "--global-batch-size", "4", "--train-iters", str(ITERS), "--lr", "1e-3", "--log-interval", "1",
+           *env["EXTRA_ARGS"].split()]
+    done = subprocess.run(cmd + ["--save", reference], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    save = str(tmp_path / "preempted" / "ckpt")
+    proc = subprocess.Popen(cmd + ["--save", save], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_iteration(save, 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_REQUEUE, out[-3000:]
+    stopped = max(losses(save))
+    assert stopped < ITERS and f"stopping after iteration {stopped} (SIGTERM)" in out
+    assert os.listdir(save) and os.path.exists(os.path.join(save, f"iter_{stopped:07d}", "meta.json"))
+
+    again = subprocess.run(cmd + ["--save", save], env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {save}/iter_{stopped:07d}" in again.stdout + again.stderr
+    assert losses(save) == losses(reference), "bitwise the uninterrupted run"
+
+
+def fake_slurm(tmp_path, nodes, tasks):
+    bin_dir = tmp_path / "fake-slurm"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text.replace("#!PYTHON", "#!" + sys.executable))
+        (bin_dir / name).chmod(0o755)
+    return dict(PATH=f"{bin_dir}{os.pathsep}{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}",
+                SLURM_JOB_ID="4242", SLURM_NNODES=str(nodes), SLURM_NTASKS=str(tasks), SLURM_JOB_NODELIST="node[1-2]",
+                SLURM_SUBMIT_DIR=ROOT, FAKE_SLURM_LOG=str(tmp_path / "slurm.log"),
+                FAKE_SLURM_PIDS=str(tmp_path / "pids"))
+
+
+def test_slurm_torchrun_script_rendezvous_preemption_and_requeue(tmp_path, data, torchrun_run):
+    """Two 'nodes' (one torchrun each) meet at the c10d rendezvous; USR1 to the batch script -> stop file ->
+    every rank saves after the same step -> requeue; the requeued job finishes like the uninterrupted run."""
+    reference, ref_result = torchrun_run
+    assert ref_result.returncode == 0
+    save = str(tmp_path / "ckpt")
+    env = env_for(data, save, GPUS_PER_NODE="1", RDZV_PORT=str(free_port()), **fake_slurm(tmp_path, 2, 2))
+    script = os.path.join(LAUNCHERS, "slurm_torchrun.sbatch")
+    proc = subprocess.Popen(["bash", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_iteration(save, 2, proc)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-4000:]
+    assert "--rdzv_backend c10d --rdzv_endpoint 127.0.0.1:" in out and "--nnodes 2" in out
+    assert open(env["FAKE_SLURM_LOG"]).read() == "requeue 4242\n"
+    stopped = max(losses(save))
+    assert stopped < ITERS and os.path.exists(os.path.join(save, f"iter_{stopped:07d}", "meta.json"))
+
+    os.remove(env["FAKE_SLURM_LOG"])
+    again = subprocess.run(["bash", script], env={**env, "RDZV_PORT": str(free_port())}, capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-4000:]
+    assert not os.path.exists(env["FAKE_SLURM_LOG"]), "a finished job is not requeued"
+    ours, ref = losses(save), losses(reference)
+    assert sorted(ours) == sorted(ref)
+    for it in ref:
+        assert ours[it] == pytest.approx(ref[it], rel=1e-5)
+
+
+def test_slurm_srun_script_one_task_per_gpu_and_requeue_on_usr1(tmp_path, data):
+    save = str(tmp_path / "ckpt")
+    env = env_for(data, save, **fake_slurm(tmp_path, 1, 2))
+    env.pop("MASTER_PORT")
+    env["SLURM_JOB_ID"] = str(free_port() - 20000)  # the script derives its port from the job id
+    proc = subprocess.Popen(["bash", os.path.join(LAUNCHERS, "slurm_srun.sbatch")], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    wait_for_iteration(save, 1, proc)
+    pids = [int(p) for p in open(env["FAKE_SLURM_PIDS"]).read().split()]
+    os.kill(pids[1], signal.SIGUSR1)  # Slurm signals every task; one is enough for all to stop together
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-4000:]
+    assert "+ srun --kill-on-bad-exit=1" in out and "x 2 data-parallel ranks" in out
+    assert "another rank was told to stop" in out
+    assert open(env["FAKE_SLURM_LOG"]).read() == f"requeue {env['SLURM_JOB_ID']}\n"
+    assert os.path.exists(os.path.join(save, f"iter_{max(losses(save)):07d}", "meta.json"))
+
+
+def test_mpirun_launcher(tmp_path, data):
+    save = str(tmp_path / "ckpt")
+    env = env_for(data, save, NP="2", MPIRUN="mpiexec", TRAIN_ITERS="2")
+    env.pop("MASTER_PORT")
+    result = subprocess.run(["bash", os.path.join(LAUNCHERS, "mpirun.sh")], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert "+ mpiexec -n 2" in result.stdout and "x 2 data-parallel ranks" in result.stdout + result.stderr
+    assert sorted(losses(save)) == [1, 2]
+
+
+def test_deepspeed_launcher_on_localhost(tmp_path, data):
+    save = str(tmp_path / "ckpt")
+    env = env_for(data, save, NUM_GPUS="2", TRAIN_ITERS="2")
+    result = subprocess.run(["bash", os.path.join(LAUNCHERS, "deepspeed.sh")], env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert "+ deepspeed --launcher pdsh" in result.stdout
+    assert "x 2 data-parallel ranks" in result.stdout + result.stderr
+    assert sorted(losses(save)) == [1, 2]
+
+
+def test_launchers_name_missing_settings(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("DATA_PATH", "SAVE_DIR", "GLM_CONFIG")}
+    result = subprocess.run(["bash", os.path.join(LAUNCHERS, "torchrun.sh")], env=env, capture_output=True, text=True)
+    assert result.returncode != 0 and "set DATA_PATH" in result.stderr
+    bad = tmp_path / "bad.env"
+    bad.write_text("PRECISION=fp8\n")
+    result = subprocess.run(["bash", os.path.join(LAUNCHERS, "torchrun.sh")],
+                            env={**env, "GLM_CONFIG": str(bad), "DATA_PATH": "x", "SAVE_DIR": "y"},
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "PRECISION=fp8; use bf16, fp16 or fp32" in result.stderr
