@@ -29,6 +29,8 @@ setup(
         # JSON parsing is a third of glm-preprocess's per-line cost with the standard library
         "orjson>=3.9",
         "tqdm>=4.60",
+        # glm-convert's Hugging Face style export/import (model.safetensors)
+        "safetensors>=0.4",
         # the fused kernels (CUDA builds of torch bring it; on the CPU its interpreter runs the kernel tests)
         "triton>=3.0; platform_system == 'Linux'",
         # owns data parallelism, ZeRO, mixed precision and the optimizer step
@@ -47,6 +49,7 @@ setup(
             "glm-merge-datasets=megatron_glm.data_prep.merge:main",
             "glm-pretrain=megatron_glm.training.pretrain:main",
             "glm-generate=megatron_glm.model.generation:main",
+            "glm-convert=megatron_glm.convert.cli:main",
         ]
     },
 )

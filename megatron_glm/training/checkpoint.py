@@ -197,6 +197,18 @@ def load_checkpoint(engine, load_dir: str, tag: str) -> dict:
     return meta
 
 
+def load_weights_only(module, load_dir: str, tag: str, pp_rank: int, tp_rank: int, tp: int) -> None:
+    """This rank's shard of a weights-only (glm-convert) checkpoint into ``module``, strictly."""
+    path = os.path.join(load_dir, tag, f"mp_rank_{pp_rank * tp + tp_rank:02d}_model_states.pt")
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path} is missing: the converted checkpoint is incomplete")
+    shard = torch.load(path, map_location="cpu", weights_only=True)["module"]
+    result = module.load_state_dict(shard, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(f"{path} does not fit this rank's model: missing {result.missing_keys[:6]}, "
+                              f"unexpected {result.unexpected_keys[:6]}")
+
+
 def load_model_weights(load_dir: str, tag: str | None = None) -> tuple[dict, dict]:
     """(state dict, meta) of a checkpoint for inference, without DeepSpeed or an optimizer."""
     tag = tag or resume_tag(load_dir)
@@ -206,21 +218,32 @@ def load_model_weights(load_dir: str, tag: str | None = None) -> tuple[dict, dic
     meta = read_meta(load_dir, tag)
     if meta.get("args", {}).get("zero_stage") == 3:
         raise CheckpointError(f"{load_dir}/{tag} holds ZeRO-3 partitions, not whole weights: consolidate them first "
-                              "(DeepSpeed's zero_to_fp32.py; glm-convert will do it)")
-    tp, pp = meta.get("tensor_model_parallel_size", 1), meta.get("pipeline_model_parallel_size", 1)
+                              "(glm-convert zero-to-fp32)")
+    folder, tp = os.path.join(load_dir, tag), meta.get("tensor_model_parallel_size", 1)
+
+    def read(p, t):
+        path = os.path.join(folder, f"mp_rank_{p * tp + t:02d}_model_states.pt")
+        if not os.path.exists(path):
+            raise CheckpointError(f"{path} is missing: the checkpoint is incomplete")
+        return torch.load(path, map_location="cpu", weights_only=True)["module"]
+    return merge_model_shards(read, meta), meta
+
+
+def merge_model_shards(read_shard, meta: dict) -> dict:
+    """One model's state dict (single-process names) from the shards ``read_shard(pp_rank, tp_rank)``."""
     from megatron_glm.parallel.tensor_parallel import partition_of, unshard_tensors
 
+    tp, pp = meta.get("tensor_model_parallel_size", 1), meta.get("pipeline_model_parallel_size", 1)
     geglu = meta["model"].get("geglu", False)
     merged = {}
     for p in range(pp):  # DeepSpeed names files by model-parallel rank = pp_rank * tp + tp_rank
-        shards = [torch.load(os.path.join(load_dir, tag, f"mp_rank_{p * tp + t:02d}_model_states.pt"),
-                             map_location="cpu", weights_only=True)["module"] for t in range(tp)]
+        shards = [read_shard(p, t) for t in range(tp)]
         ranges = meta["pipeline_layers"][p] if pp > 1 else None
         for name, tensor in shards[0].items():
             spec = partition_of(name, geglu)
             full = tensor if spec is None or tp == 1 else unshard_tensors([s[name] for s in shards], *spec)
             merged[_global_name(name, ranges)] = full
-    return merged, meta
+    return merged
 
 
 def _global_name(name: str, ranges) -> str:

@@ -146,6 +146,11 @@ def pretrain(argv=None) -> dict:
     chunks = apply_pp(model, vpp, args.pipeline_layers)
     module = chunks[0] if len(chunks) == 1 else torch.nn.ModuleList(chunks)
     state.mark_for_gradient_norm(module.parameters())
+    load_meta = ckpt.read_meta(args.load, load_tag) if load_tag else None
+    weights_only = bool(load_meta and load_meta.get("weights_only"))
+    if weights_only:  # a glm-convert output: this rank's weights now, so the optimizer's copies start from them
+        ckpt.load_weights_only(module, args.load, load_tag, state.get_pipeline_model_parallel_rank(),
+                               state.get_tensor_model_parallel_rank(), tp)
     module = module.to(device)
     schedule = LRSchedule(args.lr, args.min_lr, args.lr_decay_style,
                           args.lr_warmup_iters or int(round((args.lr_warmup_fraction or 0.0) * args.train_iters)),
@@ -159,7 +164,7 @@ def pretrain(argv=None) -> dict:
     tied = TiedEmbedding(chunks, dtype)
     iteration, consumed = 0, 0
     if load_tag:
-        meta = ckpt.load_checkpoint(engine, args.load, load_tag)
+        meta = load_meta if weights_only else ckpt.load_checkpoint(engine, args.load, load_tag)
         iteration, consumed = meta["iteration"], meta["consumed_samples"]
     tied.broadcast_weight()
     seq_local = args.seq_length // tp if args.sequence_parallel else args.seq_length
@@ -173,7 +178,8 @@ def pretrain(argv=None) -> dict:
                 f"x {grad_accum} accumulation x {world} data-parallel ranks, TP {tp}"
                 f"{' + sequence parallel' if args.sequence_parallel else ''}, PP {pp}"
                 f"{f' x {vpp} virtual' if vpp > 1 else ''}, ZeRO {args.zero_stage}, device {device}"
-                + (f"; resumed from {args.load}/{load_tag} at iteration {iteration}" if load_tag else ""))
+                + (f"; resumed from {args.load}/{load_tag} at iteration {iteration}" if load_tag else "")
+                + (" (converted weights; the optimizer state starts fresh)" if weights_only else ""))
     meta_base = {"model": model_cfg.to_dict(), "tokenizer": tokenizer.describe(), "seq_length": args.seq_length,
                  "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
                  "pipeline_layers": [[[r.start, r.stop] for r in stage]

@@ -1,0 +1,110 @@
+"""glm-convert: reshard, import, export and consolidate GLM checkpoints.
+
+  glm-convert reshard      --load CKPT --save OUT --target-tp 1 --target-pp 1
+  glm-convert import-thudm --load GLM_CKPT_DIR --save OUT --preset glm-large [--vocab-file ...] [--target-tp 2]
+  glm-convert export-hf    --load CKPT --save HF_DIR [--dtype bf16]
+  glm-convert import-hf    --load HF_DIR --save OUT [--target-tp 2 --target-pp 2]
+  glm-convert zero-to-fp32 --load CKPT --save OUT [--hf]
+
+``--load`` takes any TP x PP megatron-glm checkpoint (ZeRO-3 partitions are consolidated
+on the way). A megatron-glm output is weights-only: glm-pretrain resumes it at the same
+iteration and consumed samples with a fresh optimizer state (Adam moments are not carried
+across layouts; to keep them, resume on the original layout, any data-parallel size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _common(sp, layout: bool = True):
+    sp.add_argument("--load", required=True, help="source checkpoint (file or folder)")
+    sp.add_argument("--save", required=True, help="output folder (written atomically)")
+    sp.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="cast the weights")
+    sp.add_argument("--dry-run", action="store_true", help="list what would be written, write nothing")
+    sp.add_argument("--overwrite", action="store_true", help="replace an existing --save")
+    if layout:
+        sp.add_argument("--target-tp", type=int, default=1, help="tensor-parallel size of the output")
+        sp.add_argument("--target-pp", type=int, default=1, help="pipeline-parallel size of the output")
+        sp.add_argument("--target-num-layers-per-virtual-pipeline-stage", type=int, default=None)
+        sp.add_argument("--target-pipeline-layers", type=int, nargs="+", default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from megatron_glm.data.tokenizer import add_tokenizer_args
+
+    p = argparse.ArgumentParser(prog="glm-convert", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    _common(sub.add_parser("reshard", help="any TP x PP layout (or format) -> another layout"))
+    sp = sub.add_parser("import-thudm", help="an original THUDM/GLM checkpoint -> megatron-glm")
+    _common(sp)
+    sp.add_argument("--preset", help="architecture preset (gives the attention heads)")
+    sp.add_argument("--num-attention-heads", type=int, help="heads (not recorded in the weights)")
+    add_tokenizer_args(sp)
+    _common(sub.add_parser("export-hf", help="megatron-glm -> model.safetensors + config.json + tokenizer"),
+            layout=False)
+    _common(sub.add_parser("import-hf", help="an export-hf folder -> megatron-glm"))
+    sp = sub.add_parser("zero-to-fp32", help="consolidate ZeRO partitions to fp32 weights")
+    _common(sp)
+    sp.add_argument("--hf", action="store_true", help="write a Hugging Face style folder instead")
+    return p
+
+
+def convert(args) -> list[tuple[str, int]]:
+    from megatron_glm.convert import readers, writers
+    from megatron_glm.convert.layout import ConversionError, check_state
+
+    if args.command == "import-thudm":
+        state, cfg, info = readers.read_thudm(args.load, args.num_attention_heads, args.preset)
+        if args.tokenizer_model or args.vocab_file:
+            from megatron_glm.data.tokenizer import GLMTokenizer, spec_from_args
+            tokenizer = GLMTokenizer(spec_from_args(args))
+            if tokenizer.vocab_size > cfg.vocab_size:
+                raise ConversionError(f"the tokenizer has {tokenizer.vocab_size} ids but the checkpoint only "
+                                      f"{cfg.vocab_size} embedding rows: another tokenizer")
+            info["tokenizer"] = tokenizer.describe()
+    elif args.command == "zero-to-fp32":
+        state, cfg, info = readers.zero_to_fp32(args.load)
+        args.dtype = args.dtype or "fp32"
+    else:
+        fmt = readers.detect_format(args.load)
+        if args.command == "import-hf" and fmt != "hf":
+            raise ConversionError(f"{args.load} is a {fmt} checkpoint, not an export-hf folder")
+        if args.command in ("reshard", "export-hf") and fmt == "thudm":
+            raise ConversionError(f"{args.load} is an original GLM checkpoint: use `glm-convert import-thudm`")
+        state, cfg, info = readers.read_hf(args.load) if fmt == "hf" else readers.read_megatron_glm(args.load)
+    check_state(state, cfg, args.load)
+    if args.command == "export-hf" or (args.command == "zero-to-fp32" and args.hf):
+        return writers.write_hf(args.save, state, cfg, info, args.dtype, args.dry_run, args.overwrite)
+    vpp_layers = args.target_num_layers_per_virtual_pipeline_stage
+    if vpp_layers and cfg.num_layers % (args.target_pp * vpp_layers):
+        raise ConversionError(f"{cfg.num_layers} layers do not split into --target-pp {args.target_pp} x "
+                              f"{vpp_layers} layers per virtual stage")
+    vpp = cfg.num_layers // (args.target_pp * vpp_layers) if vpp_layers else 1
+    return writers.write_megatron_glm(args.save, state, cfg, info, args.target_tp, args.target_pp, vpp,
+                                      args.target_pipeline_layers, args.dtype, args.dry_run, args.overwrite,
+                                      source=f"{args.command} {args.load}")
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from megatron_glm.convert.layout import ConversionError
+    from megatron_glm.training.checkpoint import CheckpointError
+
+    try:
+        plan = convert(args)
+    except (ConversionError, CheckpointError, FileNotFoundError) as e:
+        print(f"glm-convert: error: {e} (nothing was written)", file=sys.stderr)
+        return 1
+    total = sum(size for _, size in plan)
+    verb = "would write" if args.dry_run else "wrote"
+    for name, size in plan:
+        print(f"  {name}  {size / 2**20:,.1f} MiB" if size else f"  {name}")
+    print(f"glm-convert: {verb} {len(plan)} files, {total / 2**20:,.1f} MiB, to {args.save}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

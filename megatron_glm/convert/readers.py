@@ -1,0 +1,159 @@
+"""Readers: a checkpoint in some format -> (whole state dict, ModelConfig, info).
+
+``info`` carries what a writer needs besides the weights: the tokenizer description,
+iteration and consumed samples (megatron-glm sources), and notes for the user.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import tempfile
+
+import torch
+
+from megatron_glm.config import ModelConfig, preset
+from megatron_glm.convert.layout import ConversionError
+from megatron_glm.training import checkpoint as ckpt
+
+
+def detect_format(path: str) -> str:
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")) and \
+            glob.glob(os.path.join(path, "*.safetensors")):
+        return "hf"
+    if os.path.isdir(path) and ckpt.resume_tag(path):
+        return "megatron-glm"
+    if glob.glob(os.path.join(path, "**", "mp_rank_*_model_states.pt"), recursive=True) or \
+            re.search(r"mp_rank_\d+_model_states\.pt$", path):
+        return "thudm"
+    raise ConversionError(f"{path}: unknown source format; expected a megatron-glm checkpoint folder (iter_*/meta.json),"
+                          " an original GLM checkpoint (mp_rank_XX_model_states.pt), or a Hugging Face style folder "
+                          "(config.json + *.safetensors)")
+
+
+def _info(meta: dict) -> dict:
+    return {"tokenizer": meta.get("tokenizer"), "iteration": meta["iteration"],
+            "consumed_samples": meta.get("consumed_samples", 0), "seq_length": meta.get("seq_length"),
+            "source_layout": (meta.get("tensor_model_parallel_size", 1), meta.get("pipeline_model_parallel_size", 1)),
+            "args": meta.get("args", {})}
+
+
+def read_megatron_glm(path: str, tag: str | None = None) -> tuple[dict, ModelConfig, dict]:
+    """Whole weights of a glm-pretrain checkpoint; ZeRO-3 partitions are consolidated on the way."""
+    tag = tag or ckpt.resume_tag(path)
+    meta = ckpt.read_meta(path, tag)
+    if meta.get("args", {}).get("zero_stage") == 3:
+        state = _consolidate_zero(path, tag, meta)
+    else:
+        state, meta = ckpt.load_model_weights(path, tag)
+    return state, ModelConfig.from_dict(meta["model"]), _info(meta)
+
+
+def zero_to_fp32(path: str, tag: str | None = None) -> tuple[dict, ModelConfig, dict]:
+    """The fp32 master weights from the optimizer partitions (any ZeRO stage >= 1), merged over TP x PP."""
+    tag = tag or ckpt.resume_tag(path)
+    if tag is None:
+        raise ConversionError(f"{path} holds no complete megatron-glm checkpoint")
+    meta = ckpt.read_meta(path, tag)
+    if not meta.get("args", {}).get("zero_stage"):
+        raise ConversionError(f"{path}/{tag} was saved without ZeRO (--zero-stage 0): its weights are already whole; "
+                              "use `glm-convert reshard` or `export-hf`")
+    return _consolidate_zero(path, tag, meta), ModelConfig.from_dict(meta["model"]), _info(meta)
+
+
+def _consolidate_zero(path: str, tag: str, meta: dict) -> dict:
+    """DeepSpeed's consolidation, once per model-parallel rank (it assumes one), then the TP x PP merge."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    folder = os.path.join(path, tag)
+    tp = meta.get("tensor_model_parallel_size", 1)
+
+    def read(p, t):
+        mp = f"mp_rank_{p * tp + t:02d}"
+        files = [f for f in os.listdir(folder) if mp in f and f.endswith(("_optim_states.pt", "_model_states.pt"))]
+        if not any(f.endswith("_optim_states.pt") for f in files):
+            raise ConversionError(f"{folder} has no ZeRO optimizer partitions for {mp}")
+        with tempfile.TemporaryDirectory() as tmp:  # one model-parallel rank's files under DeepSpeed's names
+            os.makedirs(os.path.join(tmp, tag))
+            for f in files:
+                os.symlink(os.path.join(folder, f), os.path.join(tmp, tag, f.replace(mp, "mp_rank_00")))
+            state = get_fp32_state_dict_from_zero_checkpoint(tmp, tag)
+        return {k: v.float() for k, v in state.items()}
+    return ckpt.merge_model_shards(read, meta)
+
+
+THUDM_LAYER = re.compile(r"^transformer\.layers\.(\d+)\.")
+
+
+def read_thudm(path: str, num_attention_heads: int | None = None, preset_name: str | None = None,
+               ) -> tuple[dict, ModelConfig, dict]:
+    """An original GLM checkpoint (REFERENCE.md section 3): ``mp_rank_XX_model_states.pt`` files, any MP."""
+    from megatron_glm.parallel.tensor_parallel import partition_of, unshard_tensors
+
+    files = sorted(glob.glob(os.path.join(path, "**", "mp_rank_*_model_states.pt"), recursive=True)) \
+        if os.path.isdir(path) else [path]
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "latest_checkpointed_iteration.txt")):
+        with open(os.path.join(path, "latest_checkpointed_iteration.txt")) as f:
+            it = f.read().strip()
+        files = [f for f in files if os.path.basename(os.path.dirname(f)) == it] or files
+    folders = {os.path.dirname(f) for f in files}
+    if len(folders) > 1:
+        raise ConversionError(f"{path} holds several iterations ({sorted(folders)}); point at one of them")
+    shards = []
+    for f in files:
+        obj = torch.load(f, map_location="cpu", weights_only=False)
+        sd = obj.get("module", obj) if isinstance(obj, dict) else None
+        if not isinstance(sd, dict):
+            raise ConversionError(f"{f}: no state dict under 'module'")
+        shards.append({k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()
+                       if torch.is_tensor(v)})
+    numbers = [int(re.search(r"mp_rank_(\d+)", os.path.basename(f)).group(1)) for f in files]
+    if numbers != list(range(len(files))):
+        raise ConversionError(f"model-parallel files {numbers} in {sorted(folders)}: some are missing")
+    names = set(shards[0])
+    for i, s in enumerate(shards[1:], 1):
+        if set(s) != names:
+            raise ConversionError(f"mp_rank_{i:02d} holds other tensors than mp_rank_00: "
+                                  f"{sorted(set(s) ^ names)[:8]}")
+    state = {}
+    for name in sorted(names):
+        spec = partition_of(name)
+        state[name] = shards[0][name] if spec is None or len(shards) == 1 else \
+            unshard_tensors([s[name] for s in shards], *spec)
+    if "word_embeddings.weight" not in state:
+        raise ConversionError(f"{path}: no word_embeddings.weight: not a GLM checkpoint")
+    layers = {int(m.group(1)) for m in map(THUDM_LAYER.match, state) if m}
+    base = preset(preset_name) if preset_name else None
+    heads = num_attention_heads or (base.num_attention_heads if base else None)
+    if heads is None:
+        raise ConversionError("the number of attention heads is not in the weights: pass --num-attention-heads "
+                              "or --preset")
+    vocab, hidden = state["word_embeddings.weight"].shape
+    cfg = ModelConfig(num_layers=len(layers), hidden_size=hidden, num_attention_heads=heads, vocab_size=vocab,
+                      ffn_hidden_size=state["transformer.layers.0.mlp.dense_h_to_4h.weight"].shape[0]
+                      if "transformer.layers.0.mlp.dense_h_to_4h.weight" in state else None,
+                      max_position_embeddings=state["transformer.position_embeddings.weight"].shape[0] - 1
+                      if "transformer.position_embeddings.weight" in state else 512)
+    return state, cfg, {"tokenizer": None, "iteration": 0, "consumed_samples": 0,
+                        "source_layout": (len(shards), 1)}
+
+
+def read_hf(path: str) -> tuple[dict, ModelConfig, dict]:
+    from safetensors.torch import load_file
+
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    if config.get("model_type") != "glm" or "megatron_glm" not in config:
+        raise ConversionError(f"{path}/config.json is not a megatron-glm export (model_type {config.get('model_type')!r})")
+    state = {}
+    for f in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+        state.update(load_file(f))
+    tokenizer = config["megatron_glm"].get("tokenizer")
+    if tokenizer:  # the files travel with the folder
+        tokenizer = {**tokenizer, "files": [os.path.join(path, os.path.basename(p)) for p in tokenizer["files"]]}
+    return state, ModelConfig.from_dict(config["megatron_glm"]["model"]), {
+        "tokenizer": tokenizer, "iteration": config["megatron_glm"].get("iteration", 0),
+        "consumed_samples": config["megatron_glm"].get("consumed_samples", 0),
+        "seq_length": config["megatron_glm"].get("seq_length")}
