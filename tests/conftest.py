@@ -39,3 +39,13 @@ def tokenizer(spm_model):
     from megatron_glm.data.tokenizer import load_tokenizer
 
     return load_tokenizer(model=spm_model)
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory, corpus, tokenizer, spm_model):
+    """(indexed dataset prefix, sentencepiece model): what glm-pretrain runs in the tests train on."""
+    from megatron_glm.data_prep.preprocess import preprocess
+
+    root = tmp_path_factory.mktemp("pretrain-data")
+    preprocess([corpus[0]], str(root / "docs"), tokenizer.spec, append_eod=True)
+    return str(root / "docs_text_document"), spm_model

@@ -10,17 +10,9 @@ import torch
 
 from megatron_glm.config import ModelConfig
 from megatron_glm.convert.cli import main as convert
-from megatron_glm.data_prep.preprocess import preprocess
 from megatron_glm.model.glm import GLMModel
 from megatron_glm.training.checkpoint import load_model_weights
 from tests.helpers import free_port
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory, corpus, tokenizer, spm_model):
-    root = tmp_path_factory.mktemp("convert")
-    preprocess([corpus[0]], str(root / "docs"), tokenizer.spec, append_eod=True)
-    return str(root / "docs_text_document"), spm_model
 
 
 def pretrain_args(data, save, iters=2, extra=()):

@@ -13,7 +13,6 @@ import time
 
 import pytest
 
-from megatron_glm.data_prep.preprocess import preprocess
 from megatron_glm.training.preemption import EXIT_REQUEUE
 from tests.helpers import free_port, records
 
@@ -50,13 +49,6 @@ elif sys.argv[1] == "requeue":
     with open(os.environ["FAKE_SLURM_LOG"], "a") as f:
         f.write("requeue " + sys.argv[2] + "\n")
 '''
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory, corpus, tokenizer, spm_model):
-    root = tmp_path_factory.mktemp("launch")
-    preprocess([corpus[0]], str(root / "docs"), tokenizer.spec, append_eod=True)
-    return str(root / "docs_text_document"), spm_model
 
 
 def env_for(data, save, **extra):

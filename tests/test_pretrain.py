@@ -9,15 +9,7 @@ import sys
 import pytest
 import torch
 
-from megatron_glm.data_prep.preprocess import preprocess
 from tests.helpers import records
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory, corpus, tokenizer, spm_model):
-    root = tmp_path_factory.mktemp("pretrain")
-    preprocess([corpus[0]], str(root / "docs"), tokenizer.spec, append_eod=True)
-    return str(root / "docs_text_document"), spm_model
 
 
 def args(data, save, iters=8, extra=()):
