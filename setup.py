@@ -47,7 +47,7 @@ setup(
             "glm-preprocess=megatron_glm.data_prep.preprocess:main",
             "glm-train-tokenizer=megatron_glm.data_prep.train_tokenizer:main",
             "glm-merge-datasets=megatron_glm.data_prep.merge:main",
-            "glm-pretrain=megatron_glm.training.pretrain:main",
+            "glm-pretrain=megatron_glm.training.pretrain:cli",
             "glm-generate=megatron_glm.model.generation:main",
             "glm-convert=megatron_glm.convert.cli:main",
         ]

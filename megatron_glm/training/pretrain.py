@@ -265,6 +265,9 @@ def main(argv=None) -> int:
     from megatron_glm.data.tokenizer import TokenizerError
     from megatron_glm.training.checkpoint import CheckpointError
 
+    import faulthandler
+
+    faulthandler.enable()  # a rank that dies on a signal (SIGABRT, SIGSEGV) prints every thread's Python stack
     try:
         result = pretrain(argv)
     except (ValueError, TokenizerError, IndexedDatasetError, CheckpointError, FileNotFoundError, TrainingError) as e:
@@ -278,5 +281,18 @@ def main(argv=None) -> int:
     return result["exit_code"]
 
 
+def cli() -> None:
+    """The ``glm-pretrain`` command: ``main``, then leave without the interpreter's teardown.
+
+    Every file is written and closed by then. Gloo's worker threads can still be joinable during
+    interpreter finalization and ``std::terminate`` the process (SIGABRT) after a successful run,
+    so the command exits directly.
+    """
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()
