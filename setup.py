@@ -50,6 +50,7 @@ setup(
             "glm-pretrain=megatron_glm.training.pretrain:cli",
             "glm-generate=megatron_glm.model.generation:main",
             "glm-convert=megatron_glm.convert.cli:main",
+            "glm-plan=megatron_glm.plan.cli:main",
         ]
     },
 )

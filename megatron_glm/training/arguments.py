@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-interval", type=int, default=10)
     g.add_argument("--log-dir", help="metrics.jsonl and TensorBoard events (default: --save)")
     g.add_argument("--tensorboard", action="store_true", help="write TensorBoard events (needs tensorboard)")
+    g.add_argument("--measure-memory", action="store_true",
+                   help="write memory_rank{R}.json to the log folder: bytes live after set-up and the peak over "
+                        "the steps (CUDA allocator counters; on CPU, allocations recorded by the profiler)")
     g.add_argument("--wandb-project", help="log to Weights & Biases (offline unless WANDB_MODE/API key say otherwise)")
     return p
 
@@ -155,6 +158,8 @@ def validate_args(args, world_size: int = 1) -> None:
         problems.append("--train-iters must be positive")
     if args.save_interval is not None and args.save_interval < 1:
         problems.append("--save-interval must be positive")
+    if args.measure_memory and not (args.log_dir or args.save):
+        problems.append("--measure-memory needs --log-dir or --save (where memory_rank{R}.json goes)")
     if args.save_interval and not args.save:
         problems.append("--save-interval needs --save")
     if args.eval_interval < 1 or args.log_interval < 1:

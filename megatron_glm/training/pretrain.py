@@ -32,12 +32,26 @@ def init_distributed(device: str, tp: int, pp: int, model_cfg) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", verbose=False)
 
 
-def deepspeed_config(args, grad_accum: int) -> dict:
+DEEPSPEED_BUCKET = 500_000_000  # DeepSpeed's default reduce/all-gather bucket, in elements
+
+
+def bucket_elements(rank_params: int | None) -> int:
+    """ZeRO's communication buckets, capped at this rank's parameter count.
+
+    DeepSpeed allocates its buckets at their configured size (500M elements: 2 GB in fp32) however
+    small the model; a bucket larger than the parameters it carries buys nothing.
+    """
+    return DEEPSPEED_BUCKET if rank_params is None else max(min(DEEPSPEED_BUCKET, rank_params), 1)
+
+
+def deepspeed_config(args, grad_accum: int, rank_params: int | None = None) -> dict:
+    bucket = bucket_elements(rank_params)
     config = {
         "train_micro_batch_size_per_gpu": args.micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": args.clip_grad,
-        "zero_optimization": {"stage": args.zero_stage,
+        "zero_optimization": {"stage": args.zero_stage, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket,
+                              **({"stage3_prefetch_bucket_size": bucket} if args.zero_stage == 3 else {}),
                               **({"offload_optimizer": {"device": "cpu"}} if args.cpu_offload else {})},
         # our AdamW serves with offload too (DeepSpeed would otherwise insist on its compiled CPU Adam)
         "zero_force_ds_cpu_optimizer": False,
@@ -92,6 +106,11 @@ def pretrain(argv=None) -> dict:
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if args.fp16 and device == "cpu":
         raise ValueError("--fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16 optimizer); use --bf16 on CPU")
+    meter = None
+    if args.measure_memory:
+        from megatron_glm.training.memory import MemoryMeter
+
+        meter = MemoryMeter(device)
     tokenizer = GLMTokenizer(spec_from_args(args))
     tp = args.tensor_model_parallel_size
     model_cfg = model_config_from_args(args, tokenizer.padded_vocab_size(tp))
@@ -143,7 +162,9 @@ def pretrain(argv=None) -> dict:
     kernels.set_backend(args.kernels)
     apply_tp(model, sequence_parallel=args.sequence_parallel)
     apply_ac(model, args.recompute_granularity, args.recompute_method, args.recompute_num_layers)
+    n_params = sum(p.numel() for p in model.parameters())
     chunks = apply_pp(model, vpp, args.pipeline_layers)
+    del model  # the other stages' layers go; this rank keeps its chunks
     module = chunks[0] if len(chunks) == 1 else torch.nn.ModuleList(chunks)
     state.mark_for_gradient_norm(module.parameters())
     load_meta = ckpt.read_meta(args.load, load_tag) if load_tag else None
@@ -158,8 +179,9 @@ def pretrain(argv=None) -> dict:
     optimizer = torch.optim.AdamW(param_groups(module, args.weight_decay), lr=args.lr,
                                   betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps)
     # one engine.backward per micro-batch and chunk: that is the engine's accumulation count
+    ds_config = deepspeed_config(args, grad_accum * len(chunks), sum(p.numel() for p in module.parameters()))
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=schedule.as_torch(optimizer),
-                                           config=deepspeed_config(args, grad_accum * len(chunks)), mpu=state)
+                                           config=ds_config, mpu=state)
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
     tied = TiedEmbedding(chunks, dtype)
     iteration, consumed = 0, 0
@@ -170,9 +192,11 @@ def pretrain(argv=None) -> dict:
     seq_local = args.seq_length // tp if args.sequence_parallel else args.seq_length
     runner = StepRunner(engine, chunks, tied, grad_accum, vpp, (args.micro_batch_size, seq_local,
                         model_cfg.hidden_size), dtype, device)
+    if meter:
+        meter.mark()
 
     log = MetricsLogger(args.log_dir or args.save, args.tensorboard, args.wandb_project, vars(args), rank == 0)
-    log.console(f"glm-pretrain: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
+    log.console(f"glm-pretrain: {n_params / 1e6:.2f} M parameters (this TP rank's share), "
                 f"{model_cfg.num_layers} layers, hidden {model_cfg.hidden_size}, vocab {model_cfg.vocab_size} "
                 f"(padded), seq {args.seq_length}, global batch {args.global_batch_size} = {args.micro_batch_size} "
                 f"x {grad_accum} accumulation x {world} data-parallel ranks, TP {tp}"
@@ -254,10 +278,17 @@ def pretrain(argv=None) -> dict:
                             + f"exit status {EXIT_REQUEUE} asks the launcher to requeue")
                 exit_code = EXIT_REQUEUE
                 break
+        if meter:
+            from megatron_glm.training.memory import write_report
+
+            write_report(args.log_dir or args.save, rank, meter.finish(),
+                         {"tp_rank": state.get_tensor_model_parallel_rank(),
+                          "pp_rank": state.get_pipeline_model_parallel_rank(), "dp_rank": dp_rank})
     finally:
         preemption.close()
         log.close()
-    return {"iteration": iteration, "losses": history, "model": model, "tokenizer": tokenizer, "exit_code": exit_code}
+    return {"iteration": iteration, "losses": history, "model": chunks[0] if len(chunks) == 1 and pp == 1 else None,
+            "tokenizer": tokenizer, "exit_code": exit_code}
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,249 @@
+"""Per-GPU memory of one layout, term by term: what ``glm-plan`` ranks layouts by.
+
+Everything is counted for *this* implementation (tests compare it with measured peaks):
+
+- **parameters**: exact, from the model built on the meta device, split by the same rules as
+  ``apply_tp`` (``partition_of``) and ``partition_layers``; the last pipeline stage also holds
+  the tied output matrix as a copy in the training dtype (``pipeline_stage.TiedEmbedding``);
+- **model states** per ZeRO stage (Rajbhandari et al. 2020, with DeepSpeed's buffers, see
+  ``model_states``);
+- **activations** saved per layer and micro-batch (Korthikanti et al. 2022, "Reducing
+  Activation Recomputation", counted for our layers: see ``layer_activations``), times the
+  micro-batches in flight under the pipeline schedule, or only layer inputs with full
+  recomputation;
+- **transients**: the logits and the fp32 cross entropy of one micro-batch on the last stage
+  (about ``12 b s V / t`` bytes), and the optimizer step's temporaries.
+
+Bytes everywhere; ``GiB = 2**30``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass, field
+
+from megatron_glm.config import ModelConfig
+
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+ATTENTION = ("flash", "sdpa", "eager")
+RECOMPUTE = (None, "selective", "full")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What is trained, independent of the layout."""
+
+    cfg: ModelConfig  # vocab_size: the padded vocabulary
+    seq_length: int
+    global_batch: int
+    precision: str = "bf16"  # fp32 | bf16 | fp16
+    attention: str = "flash"  # flash (ours on GPU) | sdpa (CPU default) | eager (the reference path)
+    device: str = "cuda"  # dropout masks: one byte on CUDA (fused dropout), the element size on CPU
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    vpp: int = 1  # model chunks per pipeline rank (interleaved 1F1B)
+    micro_batch: int = 1
+    zero: int = 1
+    sequence_parallel: bool = False
+    recompute: str | None = None  # None | selective | full (uniform, one layer per chunk)
+    cpu_offload: bool = False
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    def micro_batches(self, global_batch: int) -> int:
+        return global_batch // (self.micro_batch * self.dp)
+
+
+@dataclass
+class StageMemory:
+    """One pipeline rank's bytes, by term."""
+
+    stage: int
+    parameters: int  # elements this rank holds (its TP share)
+    weights: int = 0
+    gradients: int = 0
+    optimizer: int = 0
+    activations: int = 0
+    transient: int = 0  # live only around the output layer's backward or the optimizer step
+    in_flight: int = 0  # micro-batches (model-chunk forwards) whose activations are held at once
+    terms: dict = field(default_factory=dict)
+
+    @property
+    def model_states(self) -> int:
+        return self.weights + self.gradients + self.optimizer
+
+    @property
+    def peak(self) -> int:
+        return self.model_states + self.activations + self.transient
+
+
+@functools.lru_cache(maxsize=64)
+def _parameter_shapes(cfg_items: tuple) -> tuple:
+    """``(name, elements)`` of every parameter, from the model built on the meta device (no memory)."""
+    import torch
+
+    from megatron_glm.model.glm import GLMModel
+
+    with torch.device("meta"):
+        model = GLMModel(ModelConfig(**dict(cfg_items)))
+    return tuple((name, p.numel()) for name, p in model.named_parameters())
+
+
+def stage_parameters(cfg: ModelConfig, tp: int, pp: int, vpp: int = 1) -> list[dict]:
+    """Per pipeline rank: elements of this TP rank's parameters, split into ``embedding`` and ``other``."""
+    from megatron_glm.parallel.pipeline import partition_layers
+    from megatron_glm.parallel.tensor_parallel import partition_of
+
+    ranges = partition_layers(cfg.num_layers, pp, vpp)
+    owner = {i: r for r, chunks in enumerate(ranges) for chunk in chunks for i in chunk}
+    stages = [{"embedding": 0, "other": 0} for _ in range(pp)]
+    for name, numel in _parameter_shapes(tuple(sorted(cfg.to_dict().items()))):
+        n = numel // tp if partition_of(name, cfg.geglu) else numel
+        if name.startswith("transformer.layers."):
+            stages[owner[int(name.split(".")[2])]]["other"] += n
+        elif name == "word_embeddings.weight":
+            stages[0]["embedding"] += n
+        elif "final_layernorm" in name:
+            stages[-1]["other"] += n
+        else:  # 2D position tables
+            stages[0]["other"] += n
+    return stages
+
+
+def model_states(params: int, precision: str, zero: int, dp: int, cpu_offload: bool = False) -> dict:
+    """Weights, gradients, optimizer and communication-buffer bytes for ``params`` elements on one rank.
+
+    As DeepSpeed lays them out (Rajbhandari et al. 2020 for the partitioning):
+
+    - Adam's two fp32 moments (8 bytes); mixed precision adds an fp32 master copy (4). Without
+      ZeRO they exist in full on every rank, and the fp32 gradients of the step are a temporary.
+    - ZeRO >= 1 keeps the fp32 master, the moments and an fp32 gradient partition per rank
+      (``/dp``), even in fp32 training, plus a reduce bucket (``bucket_elements``).
+    - ZeRO-2 also partitions the gradients; ZeRO-3 also the weights (gathered layer by layer).
+    """
+    from megatron_glm.training.pretrain import bucket_elements
+
+    e = BYTES[precision]
+    mixed = precision != "fp32"
+    part = -(-params // dp)
+    weights = grads = e * params
+    buffers = 0
+    if zero == 0:
+        optimizer = (4 + 8) * params if mixed else 8 * params
+    else:
+        optimizer = (4 + 8 + 4) * part
+        buffers = e * bucket_elements(params)
+    if zero >= 2:
+        grads = e * part
+    if zero == 3:
+        weights = e * part + e * bucket_elements(params)  # the gathered working set, one bucket's worth
+    if cpu_offload:
+        optimizer = 0
+    return {"weights": weights, "gradients": grads, "optimizer": optimizer, "buffers": buffers}
+
+
+def layer_activations(w: Workload, lay: Layout) -> dict:
+    """Bytes one transformer layer saves for backward, per micro-batch, by term (see module doc)."""
+    cfg, e, t = w.cfg, BYTES[w.precision], lay.tp
+    b, s, h = lay.micro_batch, w.seq_length, cfg.hidden_size
+    a, f = cfg.num_attention_heads, cfg.ffn_hidden_size
+    n = b * s * h
+    mask = (1 if w.device == "cuda" else e) if cfg.hidden_dropout > 0 else 0
+    sp = t if lay.sequence_parallel else 1
+    terms = {
+        # the layer input and the residual after attention (the two LayerNorm inputs), the two
+        # hidden-dropout masks and the LayerNorm statistics: split along the sequence with SP
+        "layernorm_inputs": (2 * e * n + 2 * mask * n + 16 * b * s) // sp,
+        # the LayerNorm outputs saved by the column-parallel linears (gathered in full with SP)
+        "linear_inputs": 2 * e * n,
+        "qkv": 3 * e * n // t,
+        "mlp": e * b * s * (2 * f if cfg.geglu else f) // t + e * b * s * f // t * (2 if cfg.geglu else 1),
+    }
+    if cfg.position_embedding_type == "rotary_2d":
+        terms["rotary"] = 2 * e * n // t + 16 * b * s
+    heads = a // t
+    if w.attention == "flash":
+        # O and its [b, s, h] copy for the dense layer; fp32 log-sum-exp; int32 bounds
+        terms["attention"] = 2 * e * n // t + 4 * b * heads * s + 8 * b * s
+    elif w.attention == "sdpa":
+        # O (the dense input is a view of it), log-sum-exp, and the dense additive mask built per layer
+        terms["attention"] = e * n // t + 4 * b * heads * s + 4 * b * s * s
+        if cfg.attention_dropout > 0:  # PyTorch's math path: scores, probabilities and the dropout mask
+            terms["attention"] += 3 * e * b * heads * s * s
+    else:  # the reference: fp32 scores, probabilities, q/k/v copies, a boolean mask, the context
+        terms["attention"] = 4 * b * heads * s * s + b * s * s + 3 * e * n // t + e * n // t
+        if cfg.attention_dropout > 0:
+            terms["attention"] += 2 * 4 * b * heads * s * s
+    return terms
+
+
+def padded_for(cfg: ModelConfig, tp: int, multiple: int = 128) -> ModelConfig:
+    """The vocabulary padded as the tokenizer pads it for ``tp`` ranks (``padded_vocab_size``)."""
+    step = multiple * tp
+    return dataclasses.replace(cfg, vocab_size=-(-cfg.vocab_size // step) * step)
+
+
+def in_flight(lay: Layout, micro_batches: int, stage: int) -> int:
+    """Model-chunk forwards whose activations one pipeline rank holds at once (our schedules)."""
+    p, v = lay.pp, lay.vpp
+    if p == 1:
+        return 1
+    if v == 1:
+        return min(p - stage, micro_batches)
+    total = micro_batches * v
+    if micro_batches == p:
+        return total
+    return min((p - stage - 1) * 2 + (v - 1) * p + 1, total)
+
+
+def estimate(w: Workload, lay: Layout) -> list[StageMemory]:
+    """Every pipeline rank's memory (data- and tensor-parallel ranks are alike)."""
+    cfg, e = padded_for(w.cfg, lay.tp), BYTES[w.precision]
+    w = dataclasses.replace(w, cfg=cfg)
+    m = lay.micro_batches(w.global_batch)
+    layers_per_chunk = cfg.num_layers // (lay.pp * lay.vpp)
+    per_layer = layer_activations(w, lay)
+    layer_bytes = sum(per_layer.values())
+    b, s, h, t = lay.micro_batch, w.seq_length, cfg.hidden_size, lay.tp
+    vocab_share = cfg.vocab_size // t
+    out = []
+    for r, counts in enumerate(stage_parameters(cfg, t, lay.pp, lay.vpp)):
+        params = counts["embedding"] + counts["other"]
+        st = StageMemory(stage=r, parameters=params, in_flight=in_flight(lay, m, r))
+        st.terms.update(model_states(params, w.precision, lay.zero, lay.dp, lay.cpu_offload))
+        if lay.pp > 1 and r == lay.pp - 1:  # the tied output matrix's copy and its gradient
+            st.terms["tied_copy"] = 2 * e * vocab_share * h
+        kept = e * b * s * h // (t if lay.sequence_parallel else 1)  # a layer's input
+        if lay.recompute == "full":  # every layer's input stays; one layer at a time is rebuilt
+            st.terms["activations"] = st.in_flight * kept * layers_per_chunk
+            st.terms["recompute"] = layer_bytes
+        elif lay.recompute == "selective":  # the core attention is rebuilt, one layer at a time
+            st.terms["activations"] = st.in_flight * layers_per_chunk * (layer_bytes - per_layer["attention"])
+            st.terms["recompute"] = per_layer["attention"]
+        else:
+            st.terms["activations"] = st.in_flight * layers_per_chunk * layer_bytes
+        if r == lay.pp - 1:  # one micro-batch's logits in fp32: log-softmax, its gradient, the logits' gradient;
+            # the vocab-parallel cross entropy also holds the shifted logits and their exponentials at once
+            st.terms["output_layer"] = (12 if t == 1 else 16) * b * s * vocab_share
+        # the optimizer step: torch's Adam makes a temporary the size of the largest tensor it updates
+        # (the whole flat partition under ZeRO)
+        biggest = -(-params // lay.dp) if lay.zero else max(counts["embedding"], 1)
+        step = 4 * biggest + (4 * params if lay.zero == 0 and w.precision != "fp32" else 0)  # + fp32 gradients
+        st.terms["optimizer_step"] = 0 if lay.cpu_offload else step
+        st.weights = st.terms["weights"]
+        st.gradients = st.terms["gradients"] + st.terms.get("tied_copy", 0)
+        st.optimizer = st.terms["optimizer"] + st.terms["buffers"]
+        st.activations = st.terms["activations"]
+        # the peak is at the output layer's backward, while a layer is recomputed, or in the step
+        st.transient = max(st.terms.get("output_layer", 0), st.terms.get("recompute", 0),
+                           st.terms["optimizer_step"] - st.activations)
+        out.append(st)
+    return out

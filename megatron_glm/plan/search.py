@@ -1,0 +1,151 @@
+"""Candidate TP x PP x DP layouts for a cluster, their cost, and their ranking.
+
+Each candidate gets the per-GPU memory of ``memory.estimate`` and a step-time model:
+
+- compute: Megatron's training FLOPs (REFERENCE.md section 5) plus what recomputation replays
+  (one more forward of everything with ``full``; the attention core with ``selective``),
+  shared over every GPU, at ``efficiency`` of the peak;
+- pipeline bubble: ``(p - 1) / (v m)`` of the compute (Narayanan et al. 2021);
+- communication, counted as exposed (not overlapped): per GPU, ring volumes of TP's four
+  all-reduces (or all-gather + reduce-scatter with SP) per layer and micro-batch over the
+  node's links, pipeline sends between stages, and the data-parallel gradient reduction
+  (plus ZeRO-3's parameter gathers) over the slowest link the group spans.
+
+The model ranks layouts; it does not promise their absolute speed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron_glm.plan.memory import BYTES, Layout, StageMemory, Workload, estimate
+
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class Cluster:
+    nodes: int = 1
+    gpus_per_node: int = 8
+    gpu_memory_gib: float = 80.0
+    peak_tflops: float = 989.0  # dense bf16, H100 SXM (REFERENCE.md section 5)
+    intra_node_gbps: float = 300.0  # GB/s per GPU within a node (NVLink)
+    inter_node_gbps: float = 25.0  # GB/s per GPU between nodes (a 200 Gb/s NIC per GPU)
+    efficiency: float = 0.5  # the fraction of peak the matmuls reach
+    reserve_gib: float = 2.0  # CUDA context, allocator caching, fragmentation
+
+    @property
+    def world(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+@dataclass
+class Candidate:
+    layout: Layout
+    stages: list[StageMemory]
+    bubble: float
+    comm_bytes: dict  # per GPU per step: tp, pp, dp
+    step_time: float  # seconds (model)
+    fits: bool
+
+    @property
+    def peak(self) -> int:
+        return max(s.peak for s in self.stages)
+
+    tokens: int = 0  # per step
+
+    @property
+    def tokens_per_s(self) -> float:
+        return 0.0 if self.step_time <= 0 else self.tokens / self.step_time
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def candidates(w: Workload, cluster: Cluster, zero_stages=(0, 1, 2, 3), recompute=(None, "selective", "full"),
+               micro_batches=(1, 2, 4, 8, 16)) -> list[Layout]:
+    """Every layout the implementation accepts (``validate_args``' rules) for this cluster."""
+    cfg, world, out = w.cfg, cluster.world, []
+    for tp in _divisors(cluster.gpus_per_node):  # TP stays inside a node
+        if cfg.num_attention_heads % tp or world % tp:
+            continue
+        for pp in _divisors(world // tp):
+            if cfg.num_layers % pp:
+                continue
+            dp = world // (tp * pp)
+            for b in micro_batches:
+                if w.global_batch % (b * dp):
+                    continue
+                m = w.global_batch // (b * dp)
+                vpps = [1] + [v for v in (2, 4) if pp > 1 and cfg.num_layers % (pp * v) == 0 and m % pp == 0]
+                for v in vpps:
+                    for z in zero_stages:
+                        if pp > 1 and z >= 2 or dp == 1 and z > 0:
+                            continue
+                        for r in recompute:
+                            out.append(Layout(tp=tp, pp=pp, dp=dp, vpp=v, micro_batch=b, zero=z,
+                                              sequence_parallel=tp > 1 and w.seq_length % tp == 0, recompute=r))
+    return out
+
+
+def _ring(size: float, n: int) -> float:
+    """Bytes one rank sends in a ring all-reduce of ``size`` bytes over ``n`` ranks."""
+    return 0.0 if n <= 1 else 2.0 * (n - 1) / n * size
+
+
+def evaluate(w: Workload, lay: Layout, cluster: Cluster) -> Candidate:
+    from megatron_glm.training.metrics import flops_per_token
+
+    cfg, e = w.cfg, BYTES[w.precision]
+    stages = estimate(w, lay)
+    m = lay.micro_batches(w.global_batch)
+    tokens = w.global_batch * w.seq_length
+    s, h, L, a = w.seq_length, cfg.hidden_size, cfg.num_layers, cfg.num_attention_heads
+    flops = flops_per_token(L, h, s, cfg.vocab_size) * tokens
+    if lay.recompute == "full":
+        flops *= 4 / 3  # the forward again: backward is twice the forward
+    elif lay.recompute == "selective":
+        flops += 4 * L * s * h * tokens  # QK^T and PV again (Korthikanti et al.)
+    compute = flops / cluster.world / (cluster.peak_tflops * 1e12 * cluster.efficiency)
+    bubble = (lay.pp - 1) / (lay.vpp * m)
+
+    act = lay.micro_batch * s * h * e  # one activation tensor of a micro-batch
+    layers_here = L // lay.pp
+    tp_bytes = 4 * layers_here * m * _ring(act, lay.tp)
+    pp_bytes = 0 if lay.pp == 1 else 2 * m * lay.vpp * act / (lay.tp if lay.sequence_parallel else 1)
+    params = max(st.parameters for st in stages)
+    dp_bytes = _ring(params * e, lay.dp) * (1.5 if lay.zero == 3 else 1.0)
+    intra = cluster.intra_node_gbps * 1e9
+    inter = cluster.inter_node_gbps * 1e9
+    dp_link = intra if lay.tp * lay.pp * lay.dp <= cluster.gpus_per_node else inter
+    pp_link = intra if lay.tp * lay.pp <= cluster.gpus_per_node else inter
+    comm_time = tp_bytes / intra + pp_bytes / pp_link + dp_bytes / dp_link
+    step = compute * (1 + bubble) + comm_time
+    budget = (cluster.gpu_memory_gib - cluster.reserve_gib) * GiB
+    return Candidate(lay, stages, bubble, {"tp": tp_bytes, "pp": pp_bytes, "dp": dp_bytes}, step,
+                     max(st.peak for st in stages) <= budget, tokens)
+
+
+def rank(w: Workload, cluster: Cluster, **limits) -> list[Candidate]:
+    """Every candidate, the fitting ones first, fastest first (then the smaller peak)."""
+    found = [evaluate(w, lay, cluster) for lay in candidates(w, cluster, **limits)]
+    return sorted(found, key=lambda c: (not c.fits, c.step_time if c.fits else c.peak, c.peak))
+
+
+def flags(w: Workload, lay: Layout) -> list[str]:
+    """glm-pretrain's flags for a layout (the model flags come from the user's own command)."""
+    out = ["--tensor-model-parallel-size", str(lay.tp), "--pipeline-model-parallel-size", str(lay.pp),
+           "--micro-batch-size", str(lay.micro_batch), "--global-batch-size", str(w.global_batch),
+           "--seq-length", str(w.seq_length), "--zero-stage", str(lay.zero)]
+    if lay.vpp > 1:
+        out += ["--num-layers-per-virtual-pipeline-stage", str(w.cfg.num_layers // (lay.pp * lay.vpp))]
+    if lay.sequence_parallel:
+        out.append("--sequence-parallel")
+    if lay.recompute:
+        out += ["--recompute-granularity", lay.recompute]
+    if w.precision != "fp32":
+        out.append(f"--{w.precision}")
+    if w.attention != "flash":
+        out += ["--attention-impl", w.attention]
+    return out
