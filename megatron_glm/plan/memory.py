@@ -39,7 +39,7 @@ class Workload:
     global_batch: int
     precision: str = "bf16"  # fp32 | bf16 | fp16
     attention: str = "flash"  # flash (ours on GPU) | sdpa (CPU default) | eager (the reference path)
-    device: str = "cuda"  # dropout masks: one byte on CUDA (fused dropout), the element size on CPU
+    device: str = "cuda"  # CUDA: Triton kernels, one-byte dropout masks; CPU: torch references, element-size masks
 
 
 @dataclass(frozen=True)
@@ -168,19 +168,22 @@ def layer_activations(w: Workload, lay: Layout) -> dict:
         "mlp": e * b * s * (2 * f if cfg.geglu else f) // t + e * b * s * f // t * (2 if cfg.geglu else 1),
     }
     if cfg.position_embedding_type == "rotary_2d":
-        terms["rotary"] = 2 * e * n // t + 16 * b * s
+        if w.device == "cuda":  # the Triton kernel: rotated q and k (SDPA keeps one more copy), int64 positions
+            terms["rotary"] = (2 if w.attention == "flash" else 3) * e * n // t + 16 * b * s
+        else:  # the torch reference: rotated halves and their concatenations
+            terms["rotary"] = 4 * e * n // t
     heads = a // t
     if w.attention == "flash":
         # O and its [b, s, h] copy for the dense layer; fp32 log-sum-exp; int32 bounds
         terms["attention"] = 2 * e * n // t + 4 * b * heads * s + 8 * b * s
     elif w.attention == "sdpa":
         # O (the dense input is a view of it), log-sum-exp, and the dense additive mask built per layer
-        terms["attention"] = e * n // t + 4 * b * heads * s + 4 * b * s * s
-        if cfg.attention_dropout > 0:  # PyTorch's math path: scores, probabilities and the dropout mask
-            terms["attention"] += 3 * e * b * heads * s * s
-    else:  # the reference: fp32 scores, probabilities, q/k/v copies, a boolean mask, the context
-        terms["attention"] = 4 * b * heads * s * s + b * s * s + 3 * e * n // t + e * n // t
-        if cfg.attention_dropout > 0:
+        terms["attention"] = e * n // t + 4 * b * heads * s + e * b * s * s
+        if cfg.attention_dropout > 0:  # PyTorch's math path (in fp32 on CPU): scores, probabilities, dropout mask
+            terms["attention"] += 3 * 4 * b * heads * s * s
+    else:  # the reference: fp32 probabilities, a boolean mask, the context
+        terms["attention"] = 4 * b * heads * s * s + b * s * s + e * n // t
+        if cfg.attention_dropout > 0:  # the dropout mask and the dropped probabilities
             terms["attention"] += 2 * 4 * b * heads * s * s
     return terms
 
