@@ -101,7 +101,7 @@ def evaluate(w: Workload, lay: Layout, cluster: Cluster) -> Candidate:
     stages = estimate(w, lay)
     m = lay.micro_batches(w.global_batch)
     tokens = w.global_batch * w.seq_length
-    s, h, L, a = w.seq_length, cfg.hidden_size, cfg.num_layers, cfg.num_attention_heads
+    s, h, L = w.seq_length, cfg.hidden_size, cfg.num_layers
     flops = flops_per_token(L, h, s, cfg.vocab_size) * tokens
     if lay.recompute == "full":
         flops *= 4 / 3  # the forward again: backward is twice the forward
