@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tensorboard", action="store_true", help="write TensorBoard events (needs tensorboard)")
     g.add_argument("--measure-memory", action="store_true",
                    help="write memory_rank{R}.json to the log folder: bytes live after set-up and the peak over "
-                        "the steps (CUDA allocator counters; on CPU, allocations recorded by the profiler)")
+                        "the steps (CUDA allocator counters; on CPU, allocations recorded by the profiler, which keeps "
+                        "every event: for runs of a few steps)")
     g.add_argument("--wandb-project", help="log to Weights & Biases (offline unless WANDB_MODE/API key say otherwise)")
     return p
 
