@@ -73,7 +73,8 @@ def wait_for_iteration(save, n, proc, timeout=300):
     start = time.time()
     while time.time() - start < timeout:
         if proc.poll() is not None:
-            raise AssertionError(f"the run ended (status {proc.returncode}) before iteration {n}")
+            output = proc.stdout.read() if proc.stdout else ""
+            raise AssertionError(f"the run ended (status {proc.returncode}) before iteration {n}:\n{output[-6000:]}")
         if os.path.exists(os.path.join(save, "metrics.jsonl")) and max(losses(save), default=0) >= n:
             return
         time.sleep(0.2)

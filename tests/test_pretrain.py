@@ -139,7 +139,9 @@ def test_a_deepspeed_json_overrides_the_flags_it_sets(tmp_path):
                                         "--zero-stage", "0", "--deepspeed-config", str(path)])
     config = deepspeed_config(parsed, grad_accum=3)
     assert config["gradient_clipping"] == 0.5 and config["gradient_accumulation_steps"] == 3
-    assert config["zero_optimization"] == {"stage": 1, "reduce_bucket_size": 1000}
+    zero = config["zero_optimization"]
+    assert zero["stage"] == 1 and zero["reduce_bucket_size"] == 1000  # the JSON's keys win over the flags'
+    assert zero["allgather_bucket_size"] == 500_000_000  # keys the JSON does not set keep the flags' values
 
 
 def test_tensor_parallel_pretraining_matches_one_process(tmp_path, data):
