@@ -58,3 +58,18 @@ def spawn(fn, world, out_dir, *args):
     os.makedirs(str(out_dir), exist_ok=True)
     mp.start_processes(_entry, args=(fn, world, free_port(), str(out_dir), args), nprocs=world, start_method="spawn")
     return [torch.load(os.path.join(str(out_dir), f"rank{r}.pt"), weights_only=False) for r in range(world)]
+
+
+def launch_pretrain(nproc, args, fault=None):
+    """glm-pretrain in ``nproc`` processes under torchrun (one plain process for 1); the completed run."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env["MEGATRON_GLM_FAULT"] = fault or ""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(free_port()), "-m", "megatron_glm.training.pretrain", *args]
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "megatron_glm.training.pretrain", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

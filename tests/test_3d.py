@@ -5,13 +5,11 @@ the runs differ from the single-process one only by floating-point summation ord
 """
 
 import os
-import subprocess
-import sys
 
 import pytest
 
 from megatron_glm.data_prep.preprocess import preprocess
-from tests.helpers import free_port, records
+from tests.helpers import launch_pretrain, records
 
 
 @pytest.fixture(scope="module")
@@ -30,20 +28,10 @@ def argv(data, log_dir, iters=3, extra=()):
             "--data-cache-path", cache, "--log-dir", log_dir, *extra]
 
 
-def launch(nproc, args, fault=None):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env["MEGATRON_GLM_FAULT"] = fault or ""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(free_port()), "-m", "megatron_glm.training.pretrain", *args]
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "megatron_glm.training.pretrain", *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-
-
 @pytest.fixture(scope="module")
 def single(tmp_path_factory, data):
     out = str(tmp_path_factory.mktemp("single"))
-    result = launch(1, argv(data, out, extra=["--save", out]))
+    result = launch_pretrain(1, argv(data, out, extra=["--save", out]))
     assert result.returncode == 0, result.stderr[-8000:]
     return records(out), out
 
@@ -71,7 +59,7 @@ def test_layout_equals_one_process(tmp_path, data, single, name):
 
     single, single_dir = single
     nproc, extra = LAYOUTS[name]
-    result = launch(nproc, argv(data, str(tmp_path), extra=extra + ["--save", str(tmp_path)]))
+    result = launch_pretrain(nproc, argv(data, str(tmp_path), extra=extra + ["--save", str(tmp_path)]))
     assert result.returncode == 0, result.stderr[-8000:]
     ours = records(str(tmp_path))
     assert [r["iteration"] for r in ours] == [r["iteration"] for r in single]
@@ -96,11 +84,11 @@ def test_kill_and_resume_on_a_3d_layout(tmp_path, data):
     nproc, extra = 8, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--zero-stage", "1"]
     clean = str(tmp_path / "clean")
     ckpt = ["--save", clean, "--save-interval", "2"]
-    assert launch(nproc, argv(data, clean, iters=4, extra=extra + ckpt)).returncode == 0
+    assert launch_pretrain(nproc, argv(data, clean, iters=4, extra=extra + ckpt)).returncode == 0
     killed = str(tmp_path / "killed")
     resume = ["--save", killed, "--load", killed, "--save-interval", "2"]
-    assert launch(nproc, argv(data, killed, iters=4, extra=extra + resume), fault="iteration:3").returncode != 0
-    result = launch(nproc, argv(data, killed, iters=4, extra=extra + resume))
+    assert launch_pretrain(nproc, argv(data, killed, iters=4, extra=extra + resume), fault="iteration:3").returncode != 0
+    result = launch_pretrain(nproc, argv(data, killed, iters=4, extra=extra + resume))
     assert result.returncode == 0, result.stderr[-8000:]
     reference = {r["iteration"]: r for r in records(clean)}
     seen = records(killed)
@@ -118,7 +106,7 @@ def test_kill_and_resume_on_a_3d_layout(tmp_path, data):
     (["--pipeline-model-parallel-size", "3"], "not a multiple of"),
 ])
 def test_impossible_layouts_fail_before_work(tmp_path, data, extra, message):
-    result = launch(2, argv(data, str(tmp_path / "log"), extra=extra))
+    result = launch_pretrain(2, argv(data, str(tmp_path / "log"), extra=extra))
     assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
     assert not os.path.exists(tmp_path / "log")
 
@@ -126,8 +114,8 @@ def test_impossible_layouts_fail_before_work(tmp_path, data, extra, message):
 def test_bf16_pipeline_tracks_bf16_one_process(tmp_path, data):
     """bf16 runs without a loss scaler; PP=2 follows the one-process bf16 run (same optimizer path)."""
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    assert launch(1, argv(data, one, extra=["--bf16"])).returncode == 0
-    result = launch(2, argv(data, two, extra=["--bf16", "--pipeline-model-parallel-size", "2"]))
+    assert launch_pretrain(1, argv(data, one, extra=["--bf16"])).returncode == 0
+    result = launch_pretrain(2, argv(data, two, extra=["--bf16", "--pipeline-model-parallel-size", "2"]))
     assert result.returncode == 0, result.stderr[-8000:]
     for a, b in zip(records(two), records(one)):
         assert a["lm_loss"] == pytest.approx(b["lm_loss"], rel=1e-3)
@@ -138,7 +126,7 @@ def test_bf16_pipeline_tracks_bf16_one_process(tmp_path, data):
                     reason="DeepSpeed's CPU accelerator has no fp16 optimizer: this needs a GPU")
 def test_fp16_survives_an_injected_overflow(tmp_path, data):
     out = str(tmp_path / "fp16")
-    result = launch(1, argv(data, out, iters=4, extra=["--fp16"]), fault="overflow:2")
+    result = launch_pretrain(1, argv(data, out, iters=4, extra=["--fp16"]), fault="overflow:2")
     assert result.returncode == 0, result.stderr[-8000:]
     seen = records(out)
     assert seen[0]["skipped_steps"] == 0 and seen[1]["skipped_steps"] == 1, "the overflowing step is skipped"
@@ -149,11 +137,11 @@ def test_fp16_survives_an_injected_overflow(tmp_path, data):
 def test_resume_with_another_data_parallel_size(tmp_path, data):
     """Saved on one process, resumed on two (ZeRO-0): the same samples, the same losses."""
     clean = str(tmp_path / "clean")
-    assert launch(1, argv(data, clean, iters=4)).returncode == 0
+    assert launch_pretrain(1, argv(data, clean, iters=4)).returncode == 0
     moved = str(tmp_path / "moved")
     ckpt = ["--save", moved, "--load", moved, "--save-interval", "2"]
-    assert launch(1, argv(data, moved, iters=4, extra=ckpt), fault="iteration:3").returncode != 0
-    result = launch(2, argv(data, moved, iters=4, extra=ckpt))
+    assert launch_pretrain(1, argv(data, moved, iters=4, extra=ckpt), fault="iteration:3").returncode != 0
+    result = launch_pretrain(2, argv(data, moved, iters=4, extra=ckpt))
     assert result.returncode == 0, result.stderr[-8000:]
     assert "resumed from" in result.stdout and "x 2 data-parallel ranks" in result.stdout
     reference = {r["iteration"]: r for r in records(clean)}
@@ -167,11 +155,11 @@ def test_kill_and_resume_with_dropout_under_tensor_parallelism(tmp_path, data):
     extra = ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--hidden-dropout", "0.1",
              "--attention-dropout", "0.1"]
     clean = str(tmp_path / "clean")
-    assert launch(2, argv(data, clean, iters=4, extra=extra)).returncode == 0
+    assert launch_pretrain(2, argv(data, clean, iters=4, extra=extra)).returncode == 0
     killed = str(tmp_path / "killed")
     resume = ["--save", killed, "--load", killed, "--save-interval", "2"]
-    assert launch(2, argv(data, killed, iters=4, extra=extra + resume), fault="iteration:3").returncode != 0
-    assert launch(2, argv(data, killed, iters=4, extra=extra + resume)).returncode == 0
+    assert launch_pretrain(2, argv(data, killed, iters=4, extra=extra + resume), fault="iteration:3").returncode != 0
+    assert launch_pretrain(2, argv(data, killed, iters=4, extra=extra + resume)).returncode == 0
     reference = {r["iteration"]: r["lm_loss"] for r in records(clean)}
     for r in records(killed):
         assert r["lm_loss"] == reference[r["iteration"]], r["iteration"]

@@ -10,9 +10,6 @@
 
 import glob
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -21,7 +18,7 @@ from megatron_glm.config import ModelConfig, preset
 from megatron_glm.plan.cli import main as plan
 from megatron_glm.plan.memory import Layout, Workload, estimate, in_flight, layer_activations, stage_parameters
 from megatron_glm.plan.search import Cluster, rank
-from tests.helpers import free_port
+from tests.helpers import launch_pretrain
 
 
 def closed_form_parameters(L, h, V, max_pos, ffn=None):
@@ -128,12 +125,7 @@ def test_estimated_peak_matches_measured_run(tmp_path, data, tokenizer, name):
             "--global-batch-size", "8", "--train-iters", "2", "--lr", "1e-3", "--split", "100,0,0",
             "--hidden-dropout", "0", "--attention-dropout", "0", "--log-dir", str(tmp_path), "--measure-memory",
             "--data-cache-path", str(tmp_path / "cache"), *extra]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    cmd = [sys.executable, "-m", "megatron_glm.training.pretrain", *argv]
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-               str(free_port()), *cmd[1:]]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    result = launch_pretrain(nproc, argv)
     assert result.returncode == 0, result.stderr[-5000:]
     reports = [json.load(open(f)) for f in glob.glob(str(tmp_path / "memory_rank*.json"))]
     assert len(reports) == nproc and all(r["device"] == "cpu" for r in reports)

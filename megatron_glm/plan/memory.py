@@ -27,7 +27,6 @@ from megatron_glm.config import ModelConfig
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 ATTENTION = ("flash", "sdpa", "eager")
-RECOMPUTE = (None, "selective", "full")
 
 
 @dataclass(frozen=True)
@@ -223,7 +222,7 @@ def estimate(w: Workload, lay: Layout) -> list[StageMemory]:
         st = StageMemory(stage=r, parameters=params, in_flight=in_flight(lay, m, r))
         st.terms.update(model_states(params, w.precision, lay.zero, lay.dp, lay.cpu_offload))
         if lay.pp > 1 and r == lay.pp - 1:  # the tied output matrix's copy and its gradient
-            st.terms["tied_copy"] = 2 * e * vocab_share * h
+            st.terms["tied_copy"] = e * vocab_share * h
         kept = e * b * s * h // (t if lay.sequence_parallel else 1)  # a layer's input
         if lay.recompute == "full":  # every layer's input stays; one layer at a time is rebuilt
             st.terms["activations"] = st.in_flight * kept * layers_per_chunk
@@ -241,7 +240,7 @@ def estimate(w: Workload, lay: Layout) -> list[StageMemory]:
         biggest = -(-params // lay.dp) if lay.zero else max(counts["embedding"], 1)
         step = 4 * biggest + (4 * params if lay.zero == 0 and w.precision != "fp32" else 0)  # + fp32 gradients
         st.terms["optimizer_step"] = 0 if lay.cpu_offload else step
-        st.weights = st.terms["weights"]
+        st.weights = st.terms["weights"] + st.terms.get("tied_copy", 0)
         st.gradients = st.terms["gradients"] + st.terms.get("tied_copy", 0)
         st.optimizer = st.terms["optimizer"] + st.terms["buffers"]
         st.activations = st.terms["activations"]
