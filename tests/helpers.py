@@ -73,3 +73,36 @@ def launch_pretrain(nproc, args, fault=None):
     if nproc == 1:
         cmd = [sys.executable, "-m", "megatron_glm.training.pretrain", *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def thudm_checkpoint(folder, model, mp: int):
+    """The original implementation's files, sliced here independently: each partition [Q_r; K_r; V_r].
+
+    Beside the weights they hold what THUDM/GLM's save adds: the arguments and the RNG states.
+    """
+    import argparse
+    import random
+
+    import numpy as np
+    import torch
+
+    sd = model.state_dict()
+    it = folder / "1000"
+    it.mkdir(parents=True)
+    (folder / "latest_checkpointed_iteration.txt").write_text("1000")
+    for r in range(mp):
+        part = {}
+        for name, w in sd.items():
+            if "query_key_value" in name:
+                q, k, v = w.chunk(3, 0)
+                part[name] = torch.cat([q.chunk(mp, 0)[r], k.chunk(mp, 0)[r], v.chunk(mp, 0)[r]])
+            elif "dense_h_to_4h" in name or name == "word_embeddings.weight":
+                part[name] = w.chunk(mp, 0)[r]
+            elif name.endswith(("attention.dense.weight", "dense_4h_to_h.weight")):
+                part[name] = w.chunk(mp, 1)[r]
+            else:
+                part[name] = w
+        torch.save({"module": {"module." + k: v.clone() for k, v in part.items()}, "iteration": 1000,
+                    "args": argparse.Namespace(num_layers=2, block_lm=True), "np_rng_state": np.random.get_state(),
+                    "random_rng_state": random.getstate(), "torch_rng_state": torch.get_rng_state()},
+                   it / f"mp_rank_{r:02d}_model_states.pt")

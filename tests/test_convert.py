@@ -12,7 +12,7 @@ from megatron_glm.config import ModelConfig
 from megatron_glm.convert.cli import main as convert
 from megatron_glm.model.glm import GLMModel
 from megatron_glm.training.checkpoint import load_model_weights
-from tests.helpers import free_port
+from tests.helpers import free_port, thudm_checkpoint
 
 
 def pretrain_args(data, save, iters=2, extra=()):
@@ -115,28 +115,6 @@ def test_export_hf_and_import_back(tmp_path, tp2pp2):
     merged, back_meta = load_model_weights(back)
     assert back_meta["tokenizer"]["files"][0].startswith(hf), "the tokenizer now lives in the export folder"
     assert all(torch.equal(merged[n], original[n]) for n in original)
-
-
-def thudm_checkpoint(folder, model: GLMModel, mp: int):
-    """The original implementation's files, sliced here independently: each partition [Q_r; K_r; V_r]."""
-    sd = model.state_dict()
-    it = folder / "1000"
-    it.mkdir(parents=True)
-    (folder / "latest_checkpointed_iteration.txt").write_text("1000")
-    for r in range(mp):
-        part = {}
-        for name, w in sd.items():
-            if "query_key_value" in name:
-                q, k, v = w.chunk(3, 0)
-                part[name] = torch.cat([q.chunk(mp, 0)[r], k.chunk(mp, 0)[r], v.chunk(mp, 0)[r]])
-            elif "dense_h_to_4h" in name or name == "word_embeddings.weight":
-                part[name] = w.chunk(mp, 0)[r]
-            elif name.endswith(("attention.dense.weight", "dense_4h_to_h.weight")):
-                part[name] = w.chunk(mp, 1)[r]
-            else:
-                part[name] = w
-        torch.save({"module": {"module." + k: v.clone() for k, v in part.items()}, "iteration": 1000},
-                   it / f"mp_rank_{r:02d}_model_states.pt")
 
 
 def test_import_original_glm_checkpoint_gives_its_logits(tmp_path):

@@ -24,6 +24,9 @@ def _common(sp, layout: bool = True):
     sp.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="cast the weights")
     sp.add_argument("--dry-run", action="store_true", help="list what would be written, write nothing")
     sp.add_argument("--overwrite", action="store_true", help="replace an existing --save")
+    sp.add_argument("--trust-checkpoint", action="store_true",
+                    help="unpickle --load's files without restriction (they can run code): only for a source you "
+                         "trust whose files hold more than tensors, numbers and DeepSpeed's optimizer states")
     if layout:
         sp.add_argument("--target-tp", type=int, default=1, help="tensor-parallel size of the output")
         sp.add_argument("--target-pp", type=int, default=1, help="pipeline-parallel size of the output")
@@ -57,7 +60,8 @@ def convert(args) -> list[tuple[str, int]]:
     from megatron_glm.convert.layout import ConversionError, check_state
 
     if args.command == "import-thudm":
-        state, cfg, info = readers.read_thudm(args.load, args.num_attention_heads, args.preset)
+        state, cfg, info = readers.read_thudm(args.load, args.num_attention_heads, args.preset,
+                                              args.trust_checkpoint)
         if args.tokenizer_model or args.vocab_file:
             from megatron_glm.data.tokenizer import GLMTokenizer, spec_from_args
             tokenizer = GLMTokenizer(spec_from_args(args))
@@ -66,7 +70,7 @@ def convert(args) -> list[tuple[str, int]]:
                                       f"{cfg.vocab_size} embedding rows: another tokenizer")
             info["tokenizer"] = tokenizer.describe()
     elif args.command == "zero-to-fp32":
-        state, cfg, info = readers.zero_to_fp32(args.load)
+        state, cfg, info = readers.zero_to_fp32(args.load, trust=args.trust_checkpoint)
         args.dtype = args.dtype or "fp32"
     else:
         fmt = readers.detect_format(args.load)
@@ -74,7 +78,8 @@ def convert(args) -> list[tuple[str, int]]:
             raise ConversionError(f"{args.load} is a {fmt} checkpoint, not an export-hf folder")
         if args.command in ("reshard", "export-hf") and fmt == "thudm":
             raise ConversionError(f"{args.load} is an original GLM checkpoint: use `glm-convert import-thudm`")
-        state, cfg, info = readers.read_hf(args.load) if fmt == "hf" else readers.read_megatron_glm(args.load)
+        state, cfg, info = readers.read_hf(args.load) if fmt == "hf" else \
+            readers.read_megatron_glm(args.load, trust=args.trust_checkpoint)
     check_state(state, cfg, args.load)
     if args.command == "export-hf" or (args.command == "zero-to-fp32" and args.hf):
         return writers.write_hf(args.save, state, cfg, info, args.dtype, args.dry_run, args.overwrite)
@@ -91,11 +96,12 @@ def convert(args) -> list[tuple[str, int]]:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from megatron_glm.convert.layout import ConversionError
+    from megatron_glm.serialization import CheckpointFileError
     from megatron_glm.training.checkpoint import CheckpointError
 
     try:
         plan = convert(args)
-    except (ConversionError, CheckpointError, FileNotFoundError) as e:
+    except (ConversionError, CheckpointError, CheckpointFileError, FileNotFoundError) as e:
         print(f"glm-convert: error: {e} (nothing was written)", file=sys.stderr)
         return 1
     total = sum(size for _, size in plan)

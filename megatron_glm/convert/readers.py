@@ -14,6 +14,7 @@ import tempfile
 
 import torch
 
+from megatron_glm import serialization
 from megatron_glm.config import ModelConfig, preset
 from megatron_glm.convert.layout import ConversionError
 from megatron_glm.training import checkpoint as ckpt
@@ -40,18 +41,18 @@ def _info(meta: dict) -> dict:
             "args": meta.get("args", {})}
 
 
-def read_megatron_glm(path: str, tag: str | None = None) -> tuple[dict, ModelConfig, dict]:
+def read_megatron_glm(path: str, tag: str | None = None, trust: bool = False) -> tuple[dict, ModelConfig, dict]:
     """Whole weights of a glm-pretrain checkpoint; ZeRO-3 partitions are consolidated on the way."""
     tag = tag or ckpt.resume_tag(path)
     meta = ckpt.read_meta(path, tag)
     if meta.get("args", {}).get("zero_stage") == 3:
-        state = _consolidate_zero(path, tag, meta)
+        state = _consolidate_zero(path, tag, meta, trust)
     else:
-        state, meta = ckpt.load_model_weights(path, tag)
+        state, meta = ckpt.load_model_weights(path, tag, trust)
     return state, ModelConfig.from_dict(meta["model"]), _info(meta)
 
 
-def zero_to_fp32(path: str, tag: str | None = None) -> tuple[dict, ModelConfig, dict]:
+def zero_to_fp32(path: str, tag: str | None = None, trust: bool = False) -> tuple[dict, ModelConfig, dict]:
     """The fp32 master weights from the optimizer partitions (any ZeRO stage >= 1), merged over TP x PP."""
     tag = tag or ckpt.resume_tag(path)
     if tag is None:
@@ -60,11 +61,15 @@ def zero_to_fp32(path: str, tag: str | None = None) -> tuple[dict, ModelConfig, 
     if not meta.get("args", {}).get("zero_stage"):
         raise ConversionError(f"{path}/{tag} was saved without ZeRO (--zero-stage 0): its weights are already whole; "
                               "use `glm-convert reshard` or `export-hf`")
-    return _consolidate_zero(path, tag, meta), ModelConfig.from_dict(meta["model"]), _info(meta)
+    return _consolidate_zero(path, tag, meta, trust), ModelConfig.from_dict(meta["model"]), _info(meta)
 
 
-def _consolidate_zero(path: str, tag: str, meta: dict) -> dict:
-    """DeepSpeed's consolidation, once per model-parallel rank (it assumes one), then the TP x PP merge."""
+def _consolidate_zero(path: str, tag: str, meta: dict, trust: bool = False) -> dict:
+    """DeepSpeed's consolidation, once per model-parallel rank (it assumes one), then the TP x PP merge.
+
+    DeepSpeed's consolidation unpickles without restriction, so unless ``trust`` it reads copies
+    that were loaded through the allow-list and saved again: only vetted objects reach it.
+    """
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     folder = os.path.join(path, tag)
@@ -78,7 +83,11 @@ def _consolidate_zero(path: str, tag: str, meta: dict) -> dict:
         with tempfile.TemporaryDirectory() as tmp:  # one model-parallel rank's files under DeepSpeed's names
             os.makedirs(os.path.join(tmp, tag))
             for f in files:
-                os.symlink(os.path.join(folder, f), os.path.join(tmp, tag, f.replace(mp, "mp_rank_00")))
+                source, staged = os.path.join(folder, f), os.path.join(tmp, tag, f.replace(mp, "mp_rank_00"))
+                if trust:
+                    os.symlink(source, staged)
+                else:
+                    torch.save(serialization.load(source), staged)
             state = get_fp32_state_dict_from_zero_checkpoint(tmp, tag)
         return {k: v.float() for k, v in state.items()}
     return ckpt.merge_model_shards(read, meta)
@@ -88,7 +97,7 @@ THUDM_LAYER = re.compile(r"^transformer\.layers\.(\d+)\.")
 
 
 def read_thudm(path: str, num_attention_heads: int | None = None, preset_name: str | None = None,
-               ) -> tuple[dict, ModelConfig, dict]:
+               trust: bool = False) -> tuple[dict, ModelConfig, dict]:
     """An original GLM checkpoint (REFERENCE.md section 3): ``mp_rank_XX_model_states.pt`` files, any MP."""
     from megatron_glm.parallel.tensor_parallel import partition_of, unshard_tensors
 
@@ -98,12 +107,14 @@ def read_thudm(path: str, num_attention_heads: int | None = None, preset_name: s
         with open(os.path.join(path, "latest_checkpointed_iteration.txt")) as f:
             it = f.read().strip()
         files = [f for f in files if os.path.basename(os.path.dirname(f)) == it] or files
+    if not files:
+        raise ConversionError(f"{path} holds no mp_rank_XX_model_states.pt: not an original GLM checkpoint folder")
     folders = {os.path.dirname(f) for f in files}
     if len(folders) > 1:
         raise ConversionError(f"{path} holds several iterations ({sorted(folders)}); point at one of them")
     shards = []
     for f in files:
-        obj = torch.load(f, map_location="cpu", weights_only=False)
+        obj = serialization.load(f, trust=trust)
         sd = obj.get("module", obj) if isinstance(obj, dict) else None
         if not isinstance(sd, dict):
             raise ConversionError(f"{f}: no state dict under 'module'")
@@ -141,15 +152,24 @@ def read_thudm(path: str, num_attention_heads: int | None = None, preset_name: s
 
 
 def read_hf(path: str) -> tuple[dict, ModelConfig, dict]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    with open(os.path.join(path, "config.json")) as f:
-        config = json.load(f)
-    if config.get("model_type") != "glm" or "megatron_glm" not in config:
-        raise ConversionError(f"{path}/config.json is not a megatron-glm export (model_type {config.get('model_type')!r})")
+    try:
+        with open(os.path.join(path, "config.json"), "rb") as f:
+            config = json.loads(f.read().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConversionError(f"{path}/config.json is not valid JSON ({e})") from None
+    if not isinstance(config, dict) or config.get("model_type") != "glm" or "megatron_glm" not in config:
+        model_type = config.get("model_type") if isinstance(config, dict) else None
+        raise ConversionError(f"{path}/config.json is not a megatron-glm export (model_type {model_type!r})")
     state = {}
     for f in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
-        state.update(load_file(f))
+        try:
+            state.update(load_file(f))
+        except (SafetensorError, OSError) as e:
+            raise ConversionError(f"{f}: not a readable safetensors file ({e}): truncated or corrupt; "
+                                  "export it again") from None
     tokenizer = config["megatron_glm"].get("tokenizer")
     if tokenizer:  # the files travel with the folder
         tokenizer = {**tokenizer, "files": [os.path.join(path, os.path.basename(p)) for p in tokenizer["files"]]}

@@ -112,7 +112,11 @@ class _SentencePiece:
     def __init__(self, path: str):
         import sentencepiece
 
-        self.sp = sentencepiece.SentencePieceProcessor(model_file=path)
+        try:
+            self.sp = sentencepiece.SentencePieceProcessor(model_file=path)
+        except (RuntimeError, OSError) as e:
+            raise TokenizerError(f"{path} is not a sentencepiece model ({str(e).strip()[:160]}): the file is "
+                                 "corrupt or of another kind; pass the .model glm-train-tokenizer wrote") from None
         self.size = self.sp.get_piece_size()
 
     def token_to_id(self, piece: str) -> int | None:
@@ -130,12 +134,16 @@ class _HuggingFace:
     def __init__(self, spec: TokenizerSpec):
         import tokenizers
 
-        if spec.type == "hf":
-            tok = tokenizers.Tokenizer.from_file(spec.model)
-        elif spec.type in ("bert", "bert-cased"):
-            tok = tokenizers.BertWordPieceTokenizer(spec.vocab_file, lowercase=spec.type == "bert")._tokenizer
-        else:
-            tok = tokenizers.ByteLevelBPETokenizer(spec.vocab_file, spec.merge_file)._tokenizer
+        try:
+            if spec.type == "hf":
+                tok = tokenizers.Tokenizer.from_file(spec.model)
+            elif spec.type in ("bert", "bert-cased"):
+                tok = tokenizers.BertWordPieceTokenizer(spec.vocab_file, lowercase=spec.type == "bert")._tokenizer
+            else:
+                tok = tokenizers.ByteLevelBPETokenizer(spec.vocab_file, spec.merge_file)._tokenizer
+        except Exception as e:  # the tokenizers library raises plain Exception on unparsable files
+            raise TokenizerError(f"{spec.files()} cannot be read as a {spec.type} tokenizer "
+                                 f"({str(e).strip()[:160]}): the file is corrupt or of another kind") from None
         tok.encode_special_tokens = True  # raw text never turns into a special token
         self.tok = tok
         self.size = tok.get_vocab_size(with_added_tokens=True)

@@ -29,6 +29,23 @@ class GenerationConfig:
     length_penalty: float = 1.0
     seed: int | None = None
 
+    def __post_init__(self):
+        problems = []
+        if self.strategy not in ("greedy", "sample", "beam"):
+            problems.append(f"strategy {self.strategy!r} is not greedy, sample or beam")
+        if self.max_new_tokens < 1:
+            problems.append(f"--max-new-tokens {self.max_new_tokens} must be at least 1")
+        if not self.temperature > 0:  # also NaN
+            problems.append(f"--temperature {self.temperature} must be positive (greedy decoding needs none)")
+        if self.top_k < 0:
+            problems.append(f"--top-k {self.top_k} must be 0 (off) or positive")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"--top-p {self.top_p} must be in (0, 1]; 1 turns nucleus sampling off")
+        if self.num_beams < 1:
+            problems.append(f"--num-beams {self.num_beams} must be at least 1")
+        if problems:
+            raise ValueError("; ".join(problems))
+
 
 def _feed(model: GLMModel, cache: KVCache, tokens, pos0, pos1):
     """Run ``tokens [B, t]`` after the cache; causal over the new ones. Returns last logits ``[B, V]``."""
@@ -167,13 +184,13 @@ def fill_blanks(model: GLMModel, tokenizer, text: str, cfg: GenerationConfig | N
     return tokenizer.decode(out), [tokenizer.decode(s) for s in spans]
 
 
-def load_for_inference(load_dir: str, device: str = "cpu", tokenizer_spec=None):
+def load_for_inference(load_dir: str, device: str = "cpu", tokenizer_spec=None, trust: bool = False):
     """(model, tokenizer) from a glm-pretrain checkpoint folder (the newest complete checkpoint)."""
     from megatron_glm.config import ModelConfig
     from megatron_glm.data.tokenizer import GLMTokenizer, TokenizerSpec
     from megatron_glm.training.checkpoint import load_model_weights
 
-    state, meta = load_model_weights(load_dir)
+    state, meta = load_model_weights(load_dir, trust=trust)
     if tokenizer_spec is None:
         recorded = meta["tokenizer"]
         files = recorded["files"]
@@ -195,7 +212,8 @@ def load_for_inference(load_dir: str, device: str = "cpu", tokenizer_spec=None):
 def main(argv=None) -> int:
     from megatron_glm.data.tokenizer import add_tokenizer_args, spec_from_args
 
-    p = argparse.ArgumentParser(prog="glm-generate", description="Fill [MASK]/[sMASK]/[gMASK] blanks with a GLM.")
+    p = argparse.ArgumentParser(prog="glm-generate", description="Fill [MASK]/[sMASK]/[gMASK] blanks with a GLM.",
+                                allow_abbrev=False)
     p.add_argument("--load", required=True, help="a glm-pretrain checkpoint folder")
     p.add_argument("--text", action="append", help="a text with blanks (repeatable); else lines of stdin")
     p.add_argument("--strategy", choices=["greedy", "sample", "beam"], default="greedy")
@@ -207,13 +225,17 @@ def main(argv=None) -> int:
     p.add_argument("--length-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="unpickle the checkpoint without restriction (it can run code): only for a trusted source")
     add_tokenizer_args(p)
     args = p.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: this machine has no CUDA GPU (or torch is a CPU build); use --device cpu")
     spec = spec_from_args(args) if (args.tokenizer_model or args.vocab_file) else None
     try:
-        model, tokenizer = load_for_inference(args.load, args.device, spec)
         cfg = GenerationConfig(args.strategy, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                                args.num_beams, args.length_penalty, args.seed)
+        model, tokenizer = load_for_inference(args.load, args.device, spec, args.trust_checkpoint)
         for text in args.text or (line.rstrip("\n") for line in sys.stdin):
             filled, _ = fill_blanks(model, tokenizer, text, cfg)
             print(filled, flush=True)

@@ -18,6 +18,7 @@ import signal
 
 import torch
 
+from megatron_glm import serialization
 from megatron_glm.config import ModelConfig
 
 LATEST = "latest"
@@ -159,8 +160,40 @@ def read_meta(load_dir: str, tag: str) -> dict:
     if not os.path.isdir(folder):
         raise CheckpointError(f"{load_dir}/{LATEST} names {tag}, but {folder} does not exist; "
                               f"point {LATEST} at one of {[tag_of(i) for i in list_checkpoints(load_dir)]}")
-    with open(os.path.join(folder, "meta.json")) as f:
-        return json.load(f)
+    path = os.path.join(folder, "meta.json")
+    try:
+        with open(path, "rb") as f:
+            meta = json.loads(f.read().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is corrupt ({e}): not a megatron-glm checkpoint's meta.json; "
+                              "load another checkpoint") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict) or "iteration" not in meta:
+        raise CheckpointError(f"{path} lacks the model configuration or the iteration: not a megatron-glm "
+                              "checkpoint's meta.json")
+    return meta
+
+
+class SafeCheckpointEngine:
+    """DeepSpeed's checkpoint engine, reading every file through ``serialization.load``.
+
+    DeepSpeed's own engines unpickle without restriction; this one delegates everything else
+    (saving, commits, decoupled writers) to the engine DeepSpeed built.
+    """
+
+    def __init__(self, inner, trust: bool = False):
+        self._inner, self._trust = inner, trust
+
+    def load(self, path: str, map_location=None):
+        return serialization.load(path, map_location=map_location, trust=self._trust)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+def read_safely(engine, trust: bool = False) -> None:
+    """Make ``engine`` read checkpoints through the allow-list (DeepSpeed takes no engine in ``initialize``)."""
+    if not isinstance(engine.checkpoint_engine, SafeCheckpointEngine):
+        engine.checkpoint_engine = SafeCheckpointEngine(engine.checkpoint_engine, trust)
 
 
 def check_compatible(meta: dict, model_cfg: ModelConfig, tokenizer_fingerprint: str | None, where: str,
@@ -183,9 +216,10 @@ def check_compatible(meta: dict, model_cfg: ModelConfig, tokenizer_fingerprint: 
                               "pass the same tokenizer files")
 
 
-def load_checkpoint(engine, load_dir: str, tag: str) -> dict:
+def load_checkpoint(engine, load_dir: str, tag: str, trust: bool = False) -> dict:
     """Restore model, optimizer, scheduler (DeepSpeed) and RNG; returns the checkpoint's meta."""
     meta = read_meta(load_dir, tag)
+    read_safely(engine, trust)
     path, _ = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load {load_dir}/{tag}: its model states are missing")
@@ -193,23 +227,30 @@ def load_checkpoint(engine, load_dir: str, tag: str) -> dict:
     path = rng_file(os.path.join(load_dir, tag), pp, tp, dp)
     if not os.path.exists(path):  # more data-parallel replicas than were saved: replica 0's streams
         path = rng_file(os.path.join(load_dir, tag), pp, tp, 0)
-    set_rng_state(torch.load(path, weights_only=True))
+    set_rng_state(serialization.load(path, trust=trust))
     return meta
 
 
-def load_weights_only(module, load_dir: str, tag: str, pp_rank: int, tp_rank: int, tp: int) -> None:
+def load_weights_only(module, load_dir: str, tag: str, pp_rank: int, tp_rank: int, tp: int,
+                      trust: bool = False) -> None:
     """This rank's shard of a weights-only (glm-convert) checkpoint into ``module``, strictly."""
     path = os.path.join(load_dir, tag, f"mp_rank_{pp_rank * tp + tp_rank:02d}_model_states.pt")
     if not os.path.exists(path):
         raise CheckpointError(f"{path} is missing: the converted checkpoint is incomplete")
-    shard = torch.load(path, map_location="cpu", weights_only=True)["module"]
+    shard = _module_of(serialization.load(path, trust=trust), path)
     result = module.load_state_dict(shard, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(f"{path} does not fit this rank's model: missing {result.missing_keys[:6]}, "
                               f"unexpected {result.unexpected_keys[:6]}")
 
 
-def load_model_weights(load_dir: str, tag: str | None = None) -> tuple[dict, dict]:
+def _module_of(state, path: str) -> dict:
+    if not isinstance(state, dict) or not isinstance(state.get("module"), dict):
+        raise CheckpointError(f"{path} holds no model state dict under 'module': not a megatron-glm model file")
+    return state["module"]
+
+
+def load_model_weights(load_dir: str, tag: str | None = None, trust: bool = False) -> tuple[dict, dict]:
     """(state dict, meta) of a checkpoint for inference, without DeepSpeed or an optimizer."""
     tag = tag or resume_tag(load_dir)
     if tag is None:
@@ -225,7 +266,7 @@ def load_model_weights(load_dir: str, tag: str | None = None) -> tuple[dict, dic
         path = os.path.join(folder, f"mp_rank_{p * tp + t:02d}_model_states.pt")
         if not os.path.exists(path):
             raise CheckpointError(f"{path} is missing: the checkpoint is incomplete")
-        return torch.load(path, map_location="cpu", weights_only=True)["module"]
+        return _module_of(serialization.load(path, trust=trust), path)
     return merge_model_shards(read, meta), meta
 
 

@@ -171,7 +171,7 @@ def pretrain(argv=None) -> dict:
     weights_only = bool(load_meta and load_meta.get("weights_only"))
     if weights_only:  # a glm-convert output: this rank's weights now, so the optimizer's copies start from them
         ckpt.load_weights_only(module, args.load, load_tag, state.get_pipeline_model_parallel_rank(),
-                               state.get_tensor_model_parallel_rank(), tp)
+                               state.get_tensor_model_parallel_rank(), tp, args.trust_checkpoint)
     module = module.to(device)
     schedule = LRSchedule(args.lr, args.min_lr, args.lr_decay_style,
                           args.lr_warmup_iters or int(round((args.lr_warmup_fraction or 0.0) * args.train_iters)),
@@ -186,7 +186,7 @@ def pretrain(argv=None) -> dict:
     tied = TiedEmbedding(chunks, dtype)
     iteration, consumed = 0, 0
     if load_tag:
-        meta = load_meta if weights_only else ckpt.load_checkpoint(engine, args.load, load_tag)
+        meta = load_meta if weights_only else ckpt.load_checkpoint(engine, args.load, load_tag, args.trust_checkpoint)
         iteration, consumed = meta["iteration"], meta["consumed_samples"]
     tied.broadcast_weight()
     seq_local = args.seq_length // tp if args.sequence_parallel else args.seq_length
