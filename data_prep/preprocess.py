@@ -219,6 +219,7 @@ def preprocess(
     progress: bool = False,
     log_interval: float = 10.0,
     batch_bytes: int = 1 << 20,
+    allow_empty: bool = False,
 ) -> Summary:
     """Run the whole conversion; raises ``PreprocessError`` (nothing written) on a stop."""
     import numpy as np
@@ -245,6 +246,7 @@ def preprocess(
     bar = _Progress(sum(os.path.getsize(p) for p in paths), progress, log_interval)
     start = time.monotonic()
     writers = {key: IndexedDatasetWriter(prefixes[key], dtype, overwrite=overwrite) for key in json_keys}
+    meta_tmp = {key: f"{prefixes[key]}.meta.json.tmp-{os.getpid()}" for key in json_keys}
     try:
         results = _ordered_map(encode_lines, iter_line_batches(paths, batch_bytes), workers,
                                (spec, json_keys, append_eod, dtype))
@@ -263,6 +265,12 @@ def preprocess(
             summary.raw_bytes += res.raw_bytes
             bar.update(summary, res.raw_bytes)
         summary.seconds = time.monotonic() - start
+        if summary.docs == 0 and not allow_empty:
+            causes = ", ".join(f"{c} {n:,}" for c, n in summary.skipped.items() if n) or "the input is empty"
+            raise PreprocessError(f"no documents in {', '.join(paths)} ({causes}"
+                                  + (f"; e.g. {summary.examples[0]}" if summary.examples else "")
+                                  + f"); check --json-keys {' '.join(json_keys)}, or pass --allow-empty to write "
+                                  "an empty dataset; nothing was written")
         meta = {
             "inputs": [os.path.abspath(p) for p in paths],
             "json_keys": json_keys,
@@ -274,10 +282,10 @@ def preprocess(
             "megatron_glm_version": __import__("megatron_glm").__version__,
         }
         for key, writer in writers.items():
-            with open(prefixes[key] + ".meta.json.tmp", "w") as f:
+            with open(meta_tmp[key], "w") as f:
                 json.dump({**meta, "json_key": key, "tokens": writer.num_tokens}, f, indent=1)
             writer.finalize()
-            os.replace(prefixes[key] + ".meta.json.tmp", prefixes[key] + ".meta.json")
+            os.replace(meta_tmp[key], prefixes[key] + ".meta.json")
             summary.outputs.append(prefixes[key])
     except CorpusError as e:  # an input that breaks off half-way (truncated .gz/.zst)
         for writer in writers.values():
@@ -286,8 +294,10 @@ def preprocess(
     except BaseException:
         for key, writer in writers.items():
             writer.abort()
-            if os.path.exists(prefixes[key] + ".meta.json.tmp"):
-                os.remove(prefixes[key] + ".meta.json.tmp")
+            try:
+                os.remove(meta_tmp[key])
+            except OSError:
+                pass
         raise
     finally:
         bar.close()
@@ -299,11 +309,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(
         prog="glm-preprocess",
+        allow_abbrev=False,
         description="Tokenize JSONL corpora (.jsonl, .jsonl.gz, .jsonl.zst; files, globs or folders) into "
         "Megatron indexed datasets {output-prefix}_{key}_document.bin/.idx.",
     )
-    p.add_argument("--input", nargs="+", required=True, help="files, globs or folders")
-    p.add_argument("--output-prefix", required=True)
+    p.add_argument("--input", nargs="+", help="files, globs or folders")
+    p.add_argument("--output-prefix")
+    p.add_argument("--verify", nargs="+", metavar="PREFIX",
+                   help="check existing datasets instead: the whole index, the .bin size, token ids against the "
+                        "vocabulary (the tokenizer flags, else the one recorded beside the data) and .meta.json")
+    p.add_argument("--allow-empty", action="store_true", help="write a dataset even when no line gave a document")
     p.add_argument("--json-keys", nargs="+", default=["text"], help="keys to extract, one dataset each (default: text)")
     p.add_argument("--append-eod", action="store_true", help="append the end-of-document token to every document")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes (default: all cores)")
@@ -316,12 +331,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.verify:
+        from megatron_glm.data_prep.verify import main as verify
+
+        return verify(args)
+    if not args.input or not args.output_prefix:
+        parser.error("--input and --output-prefix are required (or --verify PREFIX to check a dataset)")
     if args.workers < 1:
         print("glm-preprocess: --workers must be at least 1", file=sys.stderr)
         return 2
     from concurrent.futures.process import BrokenProcessPool
 
+    from megatron_glm.data.indexed import IndexedDatasetError
     from megatron_glm.data.tokenizer import TokenizerError, spec_from_args
 
     def _terminate(signum, frame):
@@ -332,9 +355,13 @@ def main(argv=None) -> int:
         summary = preprocess(
             args.input, args.output_prefix, spec_from_args(args), args.json_keys, args.append_eod,
             args.workers, args.strict, args.overwrite, progress=not args.no_progress, log_interval=args.log_interval,
+            allow_empty=args.allow_empty,
         )
-    except (PreprocessError, TokenizerError, CorpusError, FileExistsError) as e:
+    except (PreprocessError, TokenizerError, CorpusError, FileExistsError, IndexedDatasetError) as e:
         print(f"glm-preprocess: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a full disk, a vanished folder: the writers removed their temporary files
+        print(f"glm-preprocess: error: writing failed ({e}); temporary files removed, nothing written", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("glm-preprocess: interrupted; temporary files removed, nothing written", file=sys.stderr)

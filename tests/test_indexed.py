@@ -45,8 +45,7 @@ def expected_idx_size(docs):
 def test_round_trip(tmp_path, docs, dtype, style):
     prefix = str(tmp_path / "rt")
     write(prefix, docs, dtype, style)
-    ds = IndexedDataset(prefix)
-    ds.verify()
+    ds = IndexedDataset(prefix)  # opening checks the whole index
     assert ds.dtype == np.dtype(dtype)
     assert ds.num_documents == len(docs)
     assert len(ds) == sum(len(d) for d in docs)
@@ -173,11 +172,57 @@ def test_bad_files_get_clear_errors(good, damage, message):
     assert os.path.basename(good) in str(err.value)
 
 
-def test_verify_catches_inconsistent_pointers(good):
-    patch(good + ".idx", 34 + 12 + 8, struct.pack("<q", 2))  # second sequence pointer
-    ds = IndexedDataset(good)
-    with pytest.raises(IndexedDatasetError, match="pointers disagree"):
-        ds.verify()
+LENGTHS, POINTERS = 34, 34 + 3 * 4  # offsets of the 3 sequence lengths and pointers in good.idx
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda p: patch(p + ".idx", LENGTHS + 4, struct.pack("<i", 2**31 - 1)), "sequence 2 starts at byte 8"),
+        (lambda p: patch(p + ".idx", LENGTHS + 4, struct.pack("<i", -5)), "sequence 1 has a negative length"),
+        (lambda p: patch(p + ".idx", POINTERS + 8, struct.pack("<q", 2)), "sequence 1 starts at byte 2"),
+        (lambda p: patch(p + ".idx", 17, b"\x07"), "not an integer type"),
+        (lambda p: patch(p + ".idx", POINTERS + 3 * 8 + 8, struct.pack("<q", 4)), "decreases at document 1"),
+    ],
+    ids=["huge-length", "negative-length", "pointer", "float-dtype", "doc-order"],
+)
+def test_the_whole_index_is_checked_on_opening(good, damage, message):
+    """Damage that keeps every size consistent: caught by the full check, not later as short samples."""
+    sizes = os.path.getsize(good + ".idx"), os.path.getsize(good + ".bin")
+    damage(good)
+    assert (os.path.getsize(good + ".idx"), os.path.getsize(good + ".bin")) == sizes
+    with pytest.raises(IndexedDatasetError, match=message):
+        IndexedDataset(good)
+
+
+def test_a_writer_never_renames_a_bad_pair_into_place(good, monkeypatch):
+    before = open(good + ".bin", "rb").read(), open(good + ".idx", "rb").read()
+    w = IndexedDatasetWriter(good, np.uint16, overwrite=True)
+    w.add_document([1, 2, 3])
+    w.num_sequences += 1  # a writer bug: the header promises a sequence that is not there
+    with pytest.raises(IndexedDatasetError):
+        w.finalize()
+    assert (open(good + ".bin", "rb").read(), open(good + ".idx", "rb").read()) == before
+    assert not [p for p in os.listdir(os.path.dirname(good)) if ".tmp" in p]
+
+
+def test_temporaries_of_dead_writers_are_removed(tmp_path):
+    """SIGKILL leaves *.tmp-PID files; the next writer of that prefix removes those of dead PIDs only."""
+    import subprocess
+    import sys
+
+    prefix = str(tmp_path / "d")
+    code = ("import os, numpy as np; from megatron_glm.data.indexed import IndexedDatasetWriter as W; "
+            f"w = W({prefix!r}, np.uint16); w.add_document(list(range(10))); w._bin.flush(); os._exit(0)")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    left = [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+    assert left, "the dead writer left its temporary .bin"
+    alive = tmp_path / f"d.bin.tmp-{os.getppid()}"  # a writer that is still running (our parent)
+    alive.write_bytes(b"\0")
+    other = tmp_path / "other.bin.tmp-999999999"  # another dataset's: not ours to touch
+    other.write_bytes(b"\0")
+    write(prefix, [[[1, 2]]], np.uint16, "items")
+    assert sorted(os.listdir(tmp_path)) == sorted(["d.bin", "d.idx", alive.name, other.name])
 
 
 @pytest.mark.parametrize("missing", [".bin", ".idx"])

@@ -15,6 +15,7 @@ import pytest
 from megatron_glm.data.indexed import IndexedDataset
 from megatron_glm.data.tokenizer import TokenizerSpec
 from megatron_glm.data_prep.preprocess import PreprocessError, main, preprocess
+from megatron_glm.data_prep.verify import verify_dataset
 from tests.helpers import write_jsonl
 
 
@@ -30,7 +31,7 @@ def test_output_decodes_to_the_input(tmp_path, corpus, spm_model, tokenizer):
     path, texts = corpus
     summary = run([path], tmp_path / "out", spm_model, append_eod=True)
     ds = IndexedDataset(tmp_path / "out_text_document")
-    ds.verify()
+    assert "ok:" in verify_dataset(str(tmp_path / "out_text_document"), tokenizer)
     assert summary.docs == ds.num_documents == len(texts)
     assert summary.tokens == ds.num_tokens and not summary.skipped
     for d, text in enumerate(texts):

@@ -9,14 +9,14 @@ sample is fetched by its index alone.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Sequence
 
 import numpy as np
 
+from megatron_glm.data.dataset_meta import check_tokenizer_matches
 from megatron_glm.data.index_cache import load_or_build
-from megatron_glm.data.indexed import IndexedDataset, check_dtype_holds_vocab
+from megatron_glm.data.indexed import IndexedDataset
 from megatron_glm.data.packed_dataset import PackedDataset
 
 SPLIT_NAMES = ("train", "valid", "test")
@@ -117,23 +117,6 @@ class BlendedDataset:
         return sample
 
 
-def check_tokenizer_matches(prefix: str, indexed: IndexedDataset, tokenizer) -> None:
-    """Refuse data tokenized by another tokenizer (recorded by glm-preprocess beside the data)."""
-    check_dtype_holds_vocab(indexed.dtype, tokenizer.vocab_size, where=f"{prefix}.bin")
-    meta_path = prefix + ".meta.json"
-    if not os.path.exists(meta_path):
-        return  # written elsewhere (Megatron's preprocess): nothing recorded to compare
-    with open(meta_path) as f:
-        recorded = json.load(f).get("tokenizer", {})
-    if recorded.get("fingerprint") not in (None, tokenizer.fingerprint()):
-        raise ValueError(
-            f"{prefix} was tokenized with {recorded.get('type')} {recorded.get('files')} "
-            f"({recorded.get('vocab_size')} ids), not with the tokenizer given here ({tokenizer.spec.type} "
-            f"{tokenizer.spec.files()}, {tokenizer.vocab_size} ids): pass the same tokenizer, or re-run "
-            "glm-preprocess with this one"
-        )
-
-
 def build_train_valid_test_datasets(
     data_path: Sequence[str],
     split: str,
@@ -149,13 +132,13 @@ def build_train_valid_test_datasets(
     """
     pairs = parse_data_path(data_path)
     fractions = parse_split(split)
+    cache_dir = cache_dir or os.path.join(os.path.dirname(os.path.abspath(pairs[0][1])), "index-cache")
     corpora = []
     for _, prefix in pairs:
         indexed = IndexedDataset(prefix)
         if tokenizer is not None:
-            check_tokenizer_matches(prefix, indexed, tokenizer)
+            check_tokenizer_matches(prefix, indexed, tokenizer, cache_dir)
         corpora.append(indexed)
-    cache_dir = cache_dir or os.path.join(os.path.dirname(os.path.abspath(pairs[0][1])), "index-cache")
     weights = [w for w, _ in pairs]
     out = []
     for k, name in enumerate(SPLIT_NAMES):

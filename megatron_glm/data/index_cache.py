@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 
 
-def _distributed():
+def distributed():
     """torch.distributed when a process group is up; never imports torch by itself."""
     torch = sys.modules.get("torch")
     if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -34,7 +34,7 @@ def load_or_build(
     """Arrays for ``description``: from the cache if complete, else built by rank 0 and saved."""
     base = os.path.join(cache_dir, f"{stem}_{cache_key(description)}")
     marker = base + "_description.json"
-    dist = _distributed()
+    dist = distributed()
     if (dist is None or dist.get_rank() == 0) and not os.path.exists(marker):
         try:
             os.makedirs(cache_dir, exist_ok=True)

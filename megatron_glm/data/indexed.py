@@ -12,6 +12,7 @@ truncated file gives an error naming the file, never a segfault or a huge alloca
 from __future__ import annotations
 
 import os
+import re
 import struct
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -138,11 +139,16 @@ class IndexedDatasetWriter:
             for path in (bin_path(self.prefix), idx_path(self.prefix)):
                 if os.path.exists(path):
                     raise FileExistsError(f"{path} already exists; pass --overwrite to replace it")
-        Path(self.prefix).parent.mkdir(parents=True, exist_ok=True)
-        tag = f".tmp-{os.getpid()}"
+        try:
+            Path(self.prefix).parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(self.prefix)
+            tag = f".tmp-{os.getpid()}"
+            self._bin = open(bin_path(self.prefix) + tag, "wb", buffering=1 << 20)
+        except PermissionError as e:
+            raise IndexedDatasetError(f"cannot write {bin_path(self.prefix)} ({e.strerror}): choose an output "
+                                      "prefix in a folder you can write to") from None
         self._bin_tmp = bin_path(self.prefix) + tag
         self._idx_tmp = idx_path(self.prefix) + tag
-        self._bin = open(self._bin_tmp, "wb", buffering=1 << 20)
         self._lengths = _Spill(self._idx_tmp + ".lengths", np.int32)
         self._doc_idx = _Spill(self._idx_tmp + ".docs", np.int64)
         self._doc_idx.extend([0])
@@ -216,9 +222,16 @@ class IndexedDatasetWriter:
 
     # -- finishing ---------------------------------------------------------------------
     def finalize(self) -> None:
-        """Write the index, flush both files to disk, then rename them into place."""
+        """Write the index, flush both files, check the pair as a reader would, then rename it into place."""
         if self._done:
             return
+        try:
+            self._finalize()
+        except BaseException:
+            self.abort()
+            raise
+
+    def _finalize(self) -> None:
         if self._doc_idx.last() != self.num_sequences:
             self.end_document()  # a trailing add_item without end_document
         self._bin.flush()
@@ -241,6 +254,7 @@ class IndexedDatasetWriter:
             os.fsync(f.fileno())
         self._lengths.close()
         self._doc_idx.close()
+        IndexedDataset(self.prefix, files=(self._idx_tmp, self._bin_tmp)).close()  # never rename a bad pair in
         # An old index must never describe the new .bin, even for a moment.
         if os.path.exists(idx_path(self.prefix)):
             os.remove(idx_path(self.prefix))
@@ -249,16 +263,24 @@ class IndexedDatasetWriter:
         self._done = True
 
     def abort(self) -> None:
-        """Remove every temporary file; any dataset already under the final names stays."""
+        """Remove every temporary file; any dataset already under the final names stays.
+
+        Each step survives the failure of the one before (closing a file on a full disk raises
+        again while flushing), so the temporaries go whatever state the writer was left in.
+        """
         if self._done:
             return
-        self._bin.close()
-        self._lengths.close()
-        self._doc_idx.close()
-        for path in (self._bin_tmp, self._idx_tmp):
-            if os.path.exists(path):
-                os.remove(path)
         self._done = True
+        for close in (self._bin.close, self._lengths.close, self._doc_idx.close):
+            try:
+                close()
+            except OSError:
+                pass
+        for path in (self._bin_tmp, self._idx_tmp, self._lengths.path, self._doc_idx.path):
+            try:
+                os.remove(path)
+            except OSError:
+                pass
 
     def __enter__(self):
         return self
@@ -271,6 +293,34 @@ class IndexedDatasetWriter:
         return False
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+_TEMPORARY = re.compile(r"\.(?:bin|idx|meta\.json)\.tmp-(\d+)(?:\.lengths|\.docs)?")
+
+
+def remove_stale_temporaries(prefix) -> list[str]:
+    """Delete what writers of ``prefix`` that died (SIGKILL, power loss) left: ``*.tmp-PID`` of dead PIDs."""
+    folder, base = os.path.split(os.path.abspath(os.fspath(prefix)))
+    removed = []
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        match = _TEMPORARY.fullmatch(name[len(base):]) if name.startswith(base) else None
+        if match and not _pid_alive(int(match.group(1))):
+            try:
+                os.remove(os.path.join(folder, name))
+                removed.append(name)
+            except OSError:
+                pass
+    return removed
+
+
 def _corrupt(path, problem: str) -> IndexedDatasetError:
     return IndexedDatasetError(
         f"{path}: {problem}; the file is corrupt or truncated: re-run glm-preprocess to rebuild it"
@@ -280,9 +330,10 @@ def _corrupt(path, problem: str) -> IndexedDatasetError:
 class IndexedDataset:
     """Memory-mapped reader: random access to sequences and documents without reading the file."""
 
-    def __init__(self, prefix):
+    def __init__(self, prefix, files: tuple[str, str] | None = None):
+        """Open ``prefix``'s pair, or explicit ``files = (idx, bin)`` (a writer's output before its rename)."""
         self.prefix = os.fspath(prefix)
-        ipath, bpath = idx_path(self.prefix), bin_path(self.prefix)
+        ipath, bpath = files or (idx_path(self.prefix), bin_path(self.prefix))
         for path in (ipath, bpath):
             if not os.path.exists(path):
                 raise FileNotFoundError(
@@ -300,6 +351,9 @@ class IndexedDataset:
             raise IndexedDatasetError(f"{ipath}: index version {version} is not supported (only {VERSION})")
         if code not in DTYPE_CODES:
             raise _corrupt(ipath, f"unknown dtype code {code}")
+        if np.dtype(DTYPE_CODES[code]).kind not in "iu":
+            raise _corrupt(ipath, f"dtype code {code} ({np.dtype(DTYPE_CODES[code])}) is not an integer type, "
+                                  "so it cannot hold token ids")
         expected = HEADER.size + 12 * num_seq + 8 * doc_len
         if idx_size != expected or doc_len < 1:
             raise _corrupt(
@@ -316,17 +370,44 @@ class IndexedDataset:
         self.sequence_pointers = np.frombuffer(buf, dtype=np.int64, count=num_seq, offset=off)
         off += 8 * num_seq
         self.document_indices = np.frombuffer(buf, dtype=np.int64, count=doc_len, offset=off)
+        self.num_tokens = self._check_index(ipath) // self.dtype.itemsize
 
         bin_size = os.path.getsize(bpath)
-        itemsize = self.dtype.itemsize
-        want = int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * itemsize if num_seq else 0
-        if bin_size != want:
-            raise _corrupt(bpath, f"{bin_size} bytes, but {ipath} describes {want} bytes of {self.dtype} tokens")
-        if self.document_indices[0] != 0 or self.document_indices[-1] != num_seq:
-            raise _corrupt(ipath, "document index does not start at 0 and end at the sequence count")
-        self.num_tokens = want // itemsize
+        if bin_size != self.num_tokens * self.dtype.itemsize:
+            raise _corrupt(bpath, f"{bin_size} bytes, but {ipath} describes {self.num_tokens * self.dtype.itemsize} "
+                                  f"bytes of {self.dtype} tokens")
         self._bin = np.memmap(bpath, dtype=self.dtype, mode="r") if bin_size else np.empty(0, self.dtype)
-        self._document_lengths = self._fingerprint = None  # derived on first use, then kept
+        self._document_lengths = self._fingerprint = self._token_range = None  # derived on first use, then kept
+
+    def _check_index(self, ipath: str) -> int:
+        """The whole index, vectorised in chunks (milliseconds per million sequences); returns the .bin size.
+
+        Lengths are non-negative, every pointer is where the lengths before it end, and the
+        document index runs monotonically from 0 to the sequence count: a flipped byte anywhere
+        is caught here, not as short samples or an IndexError mid-run.
+        """
+        itemsize, pointer = self.dtype.itemsize, 0
+        for start in range(0, len(self), _CHUNK):
+            lengths = self.sequence_lengths[start : start + _CHUNK]
+            if lengths.min() < 0:
+                bad = start + int(np.argmax(lengths < 0))
+                raise _corrupt(ipath, f"sequence {bad} has a negative length ({int(self.sequence_lengths[bad])})")
+            sizes = lengths.astype(np.int64) * itemsize
+            ends = np.cumsum(sizes) + pointer
+            wrong = (ends - sizes) != self.sequence_pointers[start : start + _CHUNK]
+            if wrong.any():
+                bad = start + int(np.argmax(wrong))
+                raise _corrupt(ipath, f"sequence {bad} starts at byte {int(self.sequence_pointers[bad])}, but the "
+                                      f"lengths before it end at byte {int((ends - sizes)[bad - start])}")
+            pointer = int(ends[-1])
+        docs = self.document_indices
+        if docs[0] != 0 or docs[-1] != len(self):
+            raise _corrupt(ipath, "document index does not start at 0 and end at the sequence count")
+        for start in range(0, docs.size - 1, _CHUNK):
+            steps = np.diff(docs[start : start + _CHUNK + 1])
+            if steps.min() < 0:
+                raise _corrupt(ipath, f"document index decreases at document {start + int(np.argmax(steps < 0))}")
+        return pointer
 
     # -- sizes -------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -391,21 +472,55 @@ class IndexedDataset:
         self._fingerprint = h.hexdigest()
         return self._fingerprint
 
-    def verify(self) -> None:
-        """Full consistency check of the index (O(sequences), in chunks): for `glm-preprocess --verify`."""
-        itemsize, pointer = self.dtype.itemsize, 0
-        for start in range(0, len(self), _CHUNK):
-            lengths = self.sequence_lengths[start : start + _CHUNK].astype(np.int64)
-            if (lengths < 0).any():
-                raise _corrupt(idx_path(self.prefix), f"negative sequence length near sequence {start}")
-            ends = np.cumsum(lengths * itemsize) + pointer
-            if not np.array_equal(ends - lengths * itemsize, self.sequence_pointers[start : start + _CHUNK]):
-                raise _corrupt(idx_path(self.prefix), f"sequence pointers disagree with lengths near sequence {start}")
-            pointer = int(ends[-1])
-        for start in range(0, self.document_indices.size - 1, _CHUNK):
-            part = self.document_indices[start : start + _CHUNK + 1]
-            if (np.diff(part) < 0).any():
-                raise _corrupt(idx_path(self.prefix), f"document index decreases near document {start}")
+    def token_range(self) -> tuple[int, int]:
+        """(smallest, largest) token id in the .bin; one pass over the memory map, then kept."""
+        if self._token_range is None:
+            if self.num_tokens == 0:
+                self._token_range = (0, -1)
+            else:
+                lo = 0 if self.dtype.kind == "u" else min(int(self._bin[s : s + (1 << 26)].min())
+                                                           for s in range(0, self.num_tokens, 1 << 26))
+                hi = max(int(self._bin[s : s + (1 << 26)].max()) for s in range(0, self.num_tokens, 1 << 26))
+                self._token_range = (lo, hi)
+        return self._token_range
+
+    def fingerprint(self) -> str:
+        """Identity of the contents, cheap at any size: counts plus a hash of the index's ends.
+
+        Sample-index caches are keyed by it, so a rebuilt corpus never reuses a stale cache.
+        """
+        if self._fingerprint is not None:
+            return self._fingerprint
+        import hashlib
+
+        h = hashlib.sha1(f"{self.dtype}-{len(self)}-{self.num_documents}-{self.num_tokens}".encode())
+        head = self._idx[: 1 << 20]
+        tail = self._idx[max(len(self._idx) - (1 << 20), 0) :]
+        h.update(head.tobytes())
+        h.update(tail.tobytes())
+        self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
+    def token_range(self) -> tuple[int, int]:
+        """(smallest, largest) token id in the .bin; one pass over the memory map, then kept."""
+        if self._token_range is None:
+            if self.num_tokens == 0:
+                self._token_range = (0, -1)
+            else:
+                lo = 0 if self.dtype.kind == "u" else min(int(self._bin[s : s + (1 << 26)].min())
+                                                           for s in range(0, self.num_tokens, 1 << 26))
+                hi = max(int(self._bin[s : s + (1 << 26)].max()) for s in range(0, self.num_tokens, 1 << 26))
+                self._token_range = (lo, hi)
+        return self._token_range
+
+    def check_token_ids(self, vocab_size: int, where: str | None = None) -> None:
+        """Refuse ids outside ``[0, vocab_size)`` (random bytes, another tokenizer, a wrong dtype code)."""
+        lo, hi = self.token_range()
+        if lo < 0 or hi >= vocab_size:
+            raise IndexedDatasetError(
+                f"{where or bin_path(self.prefix)}: token ids run from {lo} to {hi}, outside the tokenizer's "
+                f"{vocab_size} ids: the data is corrupt or was made with another tokenizer; re-run glm-preprocess "
+                "with the tokenizer you train with")
 
     def close(self) -> None:
         """Drop the memory maps (they unmap once no returned view still uses them)."""
