@@ -53,7 +53,7 @@ def rate(fn, n):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__)
     p.add_argument("--seq-length", type=int, default=512)
     p.add_argument("--samples", type=int, default=5000)
     args = p.parse_args()

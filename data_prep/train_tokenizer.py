@@ -74,7 +74,7 @@ def train_tokenizer(inputs, model_prefix: str, vocab_size: int = 32000, key: str
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="glm-train-tokenizer",
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="glm-train-tokenizer",
                                 description="Train a sentencepiece tokenizer with the GLM special tokens on JSONL.")
     p.add_argument("--input", nargs="+", required=True, help="files, globs or folders of JSONL (.gz/.zst too)")
     p.add_argument("--model-prefix", required=True, help="writes {prefix}.model and {prefix}.vocab")

@@ -23,7 +23,7 @@ def step(title: str) -> float:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m megatron_glm.demo", description=__doc__,
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m megatron_glm.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="demo_out")
     p.add_argument("--vocab-size", type=int, default=8000)

@@ -37,19 +37,19 @@ def _common(sp, layout: bool = True):
 def build_parser() -> argparse.ArgumentParser:
     from megatron_glm.data.tokenizer import add_tokenizer_args
 
-    p = argparse.ArgumentParser(prog="glm-convert", description=__doc__,
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="glm-convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    _common(sub.add_parser("reshard", help="any TP x PP layout (or format) -> another layout"))
-    sp = sub.add_parser("import-thudm", help="an original THUDM/GLM checkpoint -> megatron-glm")
+    _common(sub.add_parser("reshard", allow_abbrev=False, help="any TP x PP layout (or format) -> another layout"))
+    sp = sub.add_parser("import-thudm", allow_abbrev=False, help="an original THUDM/GLM checkpoint -> megatron-glm")
     _common(sp)
     sp.add_argument("--preset", help="architecture preset (gives the attention heads)")
     sp.add_argument("--num-attention-heads", type=int, help="heads (not recorded in the weights)")
     add_tokenizer_args(sp)
-    _common(sub.add_parser("export-hf", help="megatron-glm -> model.safetensors + config.json + tokenizer"),
-            layout=False)
-    _common(sub.add_parser("import-hf", help="an export-hf folder -> megatron-glm"))
-    sp = sub.add_parser("zero-to-fp32", help="consolidate ZeRO partitions to fp32 weights")
+    _common(sub.add_parser("export-hf", allow_abbrev=False,
+                           help="megatron-glm -> model.safetensors + config.json + tokenizer"), layout=False)
+    _common(sub.add_parser("import-hf", allow_abbrev=False, help="an export-hf folder -> megatron-glm"))
+    sp = sub.add_parser("zero-to-fp32", allow_abbrev=False, help="consolidate ZeRO partitions to fp32 weights")
     _common(sp)
     sp.add_argument("--hf", action="store_true", help="write a Hugging Face style folder instead")
     return p

@@ -144,7 +144,7 @@ class IndexedDatasetWriter:
             remove_stale_temporaries(self.prefix)
             tag = f".tmp-{os.getpid()}"
             self._bin = open(bin_path(self.prefix) + tag, "wb", buffering=1 << 20)
-        except PermissionError as e:
+        except OSError as e:  # read-only, not a folder, full
             raise IndexedDatasetError(f"cannot write {bin_path(self.prefix)} ({e.strerror}): choose an output "
                                       "prefix in a folder you can write to") from None
         self._bin_tmp = bin_path(self.prefix) + tag

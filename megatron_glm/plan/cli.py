@@ -24,7 +24,7 @@ DEFAULT_VOCAB = 30522
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="glm-plan", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="glm-plan", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("model (a preset, or sizes; sizes override the preset)")
     g.add_argument("--preset", choices=sorted(PRESETS))
@@ -121,14 +121,17 @@ def smallest_fitting_nodes(w: Workload, cluster: Cluster, limit: int = 4096, **k
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if min(args.micro_batch_sizes) < 1 or args.top < 1:
+            raise ValueError("--micro-batch-sizes and --top must be positive")
         cfg = model_from_args(args)
+        cluster = Cluster(nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu_memory_gib=args.gpu_memory,
+                          peak_tflops=args.peak_tflops, intra_node_gbps=args.intra_node_bandwidth,
+                          inter_node_gbps=args.inter_node_bandwidth, efficiency=args.efficiency,
+                          reserve_gib=args.reserve)
+        w = Workload(cfg, args.seq_length, args.global_batch_size, args.precision, args.attention_impl, args.device)
     except ValueError as e:
         print(f"glm-plan: error: {e}", file=sys.stderr)
         return 1
-    cluster = Cluster(nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu_memory_gib=args.gpu_memory,
-                      peak_tflops=args.peak_tflops, intra_node_gbps=args.intra_node_bandwidth,
-                      inter_node_gbps=args.inter_node_bandwidth, efficiency=args.efficiency, reserve_gib=args.reserve)
-    w = Workload(cfg, args.seq_length, args.global_batch_size, args.precision, args.attention_impl, args.device)
     limits = dict(zero_stages=tuple(args.zero_stages), micro_batches=tuple(args.micro_batch_sizes),
                   recompute=tuple(None if r == "none" else r for r in args.recompute))
     ranked = rank(w, cluster, **limits)

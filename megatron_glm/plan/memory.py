@@ -40,6 +40,12 @@ class Workload:
     attention: str = "flash"  # flash (ours on GPU) | sdpa (CPU default) | eager (the reference path)
     device: str = "cuda"  # CUDA: Triton kernels, one-byte dropout masks; CPU: torch references, element-size masks
 
+    def __post_init__(self):
+        problems = [f"{flag} {value} must be positive" for flag, value in
+                    (("--seq-length", self.seq_length), ("--global-batch-size", self.global_batch)) if value < 1]
+        if problems:
+            raise ValueError("; ".join(problems))
+
 
 @dataclass(frozen=True)
 class Layout:

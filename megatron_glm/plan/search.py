@@ -34,6 +34,21 @@ class Cluster:
     efficiency: float = 0.5  # the fraction of peak the matmuls reach
     reserve_gib: float = 2.0  # CUDA context, allocator caching, fragmentation
 
+    def __post_init__(self):
+        flag = {"nodes": "--nodes", "gpus_per_node": "--gpus-per-node", "gpu_memory_gib": "--gpu-memory",
+                "peak_tflops": "--peak-tflops", "intra_node_gbps": "--intra-node-bandwidth",
+                "inter_node_gbps": "--inter-node-bandwidth", "efficiency": "--efficiency"}
+        problems = [f"{f} {getattr(self, k)} must be positive" for k, f in flag.items()
+                    if not getattr(self, k) > 0 or getattr(self, k) == float("inf")]  # NaN fails `> 0`
+        if not 0 <= self.reserve_gib < float("inf"):
+            problems.append(f"--reserve {self.reserve_gib} must be 0 or more")
+        elif self.gpu_memory_gib > 0 and self.reserve_gib >= self.gpu_memory_gib:
+            problems.append(f"--reserve {self.reserve_gib:g} GiB leaves nothing of --gpu-memory {self.gpu_memory_gib:g}")
+        if self.efficiency > 1:
+            problems.append(f"--efficiency {self.efficiency} is a fraction of the peak: at most 1")
+        if problems:
+            raise ValueError("; ".join(problems))
+
     @property
     def world(self) -> int:
         return self.nodes * self.gpus_per_node

@@ -94,12 +94,21 @@ def save_checkpoint(engine, save_dir: str, iteration: int, meta: dict, keep_last
                 shutil.rmtree(os.path.join(save_dir, name), ignore_errors=True)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()  # nobody writes into the staging folder before it is clean
-    engine.save_checkpoint(tmp_root, tag=tag, client_state={"iteration": iteration}, save_latest=False)
     staged = os.path.join(tmp_root, tag)
-    torch.save(rng_state(), rng_file(staged, *_position()))
-    if rank == 0:
-        with open(os.path.join(staged, "meta.json"), "w") as f:
-            json.dump({**meta, "iteration": iteration}, f, indent=1)
+    try:
+        engine.save_checkpoint(tmp_root, tag=tag, client_state={"iteration": iteration}, save_latest=False)
+        torch.save(rng_state(), rng_file(staged, *_position()))
+        if rank == 0:
+            with open(os.path.join(staged, "meta.json"), "w") as f:
+                json.dump({**meta, "iteration": iteration}, f, indent=1)
+    except (OSError, RuntimeError) as e:  # a full disk: torch reports it as a RuntimeError of its zip writer
+        shutil.rmtree(tmp_root, ignore_errors=True)  # give the space back
+        cause = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0][:200]
+        latest = resume_tag(save_dir)
+        raise CheckpointError(
+            f"saving {tag} into {save_dir} failed ({cause}): the disk is probably full or the folder unwritable. "
+            f"The latest complete checkpoint is {os.path.join(save_dir, latest) if latest else 'none'}; free space "
+            "and run the same command to resume from it") from None
     fault_point("save:staged")
     if torch.distributed.is_initialized():
         torch.distributed.barrier()  # every rank's files are in the staging folder before it moves

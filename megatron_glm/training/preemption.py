@@ -2,7 +2,8 @@
 
 Slurm warns a job with a signal (``--signal=USR1@180``) or ends it with SIGTERM; a batch
 script that only sees the warning itself (``--signal=B:USR1@...``, the torchrun launcher)
-creates the ``--stop-file`` instead. Any one rank noticing either is enough: every step ends
+creates the ``--stop-file`` instead. Ctrl-C (SIGINT) stops the same way but exits 130; a second
+Ctrl-C stops at once, leaving the last complete checkpoint as it was. Any one rank noticing either is enough: every step ends
 with one all-reduce (MAX) of the flag, so all ranks stop after the same step, write one
 checkpoint together and exit with ``EXIT_REQUEUE`` (75, EX_TEMPFAIL: "try again"), which
 the launchers turn into ``scontrol requeue``. The next start resumes from that checkpoint.
@@ -17,7 +18,8 @@ import torch
 import torch.distributed as dist
 
 EXIT_REQUEUE = 75
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+EXIT_INTERRUPTED = 130  # the shell's status for Ctrl-C
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class Preemption:
@@ -31,6 +33,8 @@ class Preemption:
             dist.barrier()  # nobody checks the stop file before the stale one is gone
 
     def _handle(self, signum, _frame) -> None:
+        if signum == signal.SIGINT and self.received == "SIGINT":  # Ctrl-C twice: stop now, without the save
+            raise KeyboardInterrupt
         self.received = signal.Signals(signum).name
 
     def requested(self) -> str | None:

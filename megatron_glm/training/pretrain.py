@@ -69,6 +69,19 @@ def deepspeed_config(args, grad_accum: int, rank_params: int | None = None) -> d
     return config
 
 
+def check_writable(flag: str, folder: str) -> None:
+    """Refuse a folder nothing can be written to before any work, rather than at the first save."""
+    probe = os.path.join(folder, f".write-test-{os.getpid()}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"{flag} {folder}: cannot write there ({e.strerror}); choose a folder you can write to") \
+            from None
+
+
 def param_groups(model, weight_decay: float):
     """No weight decay on biases and LayerNorm parameters (Megatron's rule)."""
     decay, no_decay = [], []
@@ -100,10 +113,16 @@ def pretrain(argv=None) -> dict:
     from megatron_glm.training import checkpoint as ckpt
     from megatron_glm.training.lr_schedule import LRSchedule
     from megatron_glm.training.metrics import MetricsLogger, Throughput, flops_per_token, memory_summary
-    from megatron_glm.training.preemption import EXIT_REQUEUE, Preemption
+    from megatron_glm.training.preemption import EXIT_INTERRUPTED, EXIT_REQUEUE, Preemption
     from megatron_glm.training.step import StepRunner
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but no CUDA GPU is visible here (or this torch is a CPU build); "
+                         "use --device cpu, or auto")
+    for flag, folder in (("--save", args.save), ("--log-dir", args.log_dir)):
+        if folder:
+            check_writable(flag, folder)
     if args.fp16 and device == "cpu":
         raise ValueError("--fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16 optimizer); use --bf16 on CPU")
     meter = None
@@ -273,10 +292,11 @@ def pretrain(argv=None) -> dict:
                     folder = ckpt.save_checkpoint(engine, args.save, iteration,
                                                   {**meta_base, "consumed_samples": consumed}, args.keep_last, rank)
                     last_saved = os.path.basename(folder)
+                exit_code = EXIT_INTERRUPTED if reason == "SIGINT" else EXIT_REQUEUE
                 log.console(f"stopping after iteration {iteration} ({reason}): "
                             + (f"saved {args.save}/{last_saved}; " if args.save else "no --save, nothing saved; ")
-                            + f"exit status {EXIT_REQUEUE} asks the launcher to requeue")
-                exit_code = EXIT_REQUEUE
+                            + ("exit status 130 (interrupted); run the same command to resume" if exit_code ==
+                               EXIT_INTERRUPTED else f"exit status {EXIT_REQUEUE} asks the launcher to requeue"))
                 break
         if meter:
             from megatron_glm.training.memory import write_report
@@ -304,6 +324,9 @@ def main(argv=None) -> int:
     except (ValueError, TokenizerError, IndexedDatasetError, CheckpointError, FileNotFoundError, TrainingError) as e:
         print(f"glm-pretrain: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # before the loop's handler was set, or a second Ctrl-C
+        print("glm-pretrain: interrupted; the latest complete checkpoint is untouched", file=sys.stderr)
+        return 130
     import torch.distributed as dist
 
     if dist.is_initialized():  # leave together: gloo aborts a rank whose peer has gone
