@@ -1,9 +1,13 @@
 """Measured memory per rank: what ``glm-plan``'s estimates are checked against.
 
 On CUDA it reads the caching allocator's counters (``memory_allocated`` and
-``max_memory_allocated``). The CPU allocator keeps no counters, so there the PyTorch profiler
-records every allocation and free (``profile_memory``) and the running sum gives the same
-two figures. Both count tensor storage only, not allocator caching or fragmentation.
+``max_memory_allocated``). On CPU the PyTorch profiler records every allocation and free
+(``profile_memory``), but only on the thread that runs it, while gloo's worker threads free
+some of the main thread's tensors (and allocate their own buffers). So the CPU allocator is
+told to count every thread (c10's ``caffe2_report_cpu_memory_usage``), and the profile's
+"Total Allocated" field, that global count, gives the two figures; without that switch the
+events are replayed by address. Both count tensor storage only, not allocator caching or
+fragmentation.
 
 ``mark()`` ends set-up (model, engine, optimizer buffers): the bytes live then are the static
 model states, and the peak is taken from that point on, over the training steps.
@@ -29,6 +33,7 @@ class MemoryMeter:
         else:
             from torch.profiler import ProfilerActivity, profile
 
+            self.counts_all_threads = _count_cpu_allocations_on_all_threads()
             self.profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
             self.profiler.__enter__()
 
@@ -52,19 +57,61 @@ class MemoryMeter:
             torch.cuda.synchronize()
             return {"static_bytes": self.static, "peak_bytes": torch.cuda.max_memory_allocated(), "device": "cuda"}
         self.profiler.__exit__(None, None, None)
-        results = self.profiler.profiler.kineto_results.events()
-        mark_ns = min((e.start_ns() for e in results if e.name() == _MARK), default=None)
-        events = sorted((e for e in results if e.name() == "[memory]"), key=lambda e: e.start_ns())
-        live, static, peak = 0, None, 0
-        for e in events:
-            if static is None and mark_ns is not None and e.start_ns() >= mark_ns:
-                static = peak = live
-            live += e.nbytes()
-            if static is not None:
-                peak = max(peak, live)
-        if static is None:
-            static = peak = live
+        static, peak = replay(self.profiler, self.counts_all_threads)
         return {"static_bytes": static, "peak_bytes": peak, "device": "cpu"}
+
+
+def _count_cpu_allocations_on_all_threads() -> bool:
+    """Switch on c10's global CPU allocation count (every thread); False where this build does not export it."""
+    import ctypes
+
+    import torch
+
+    try:
+        lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libc10.so"))
+        ctypes.c_bool.in_dll(lib, "FLAGS_caffe2_report_cpu_memory_usage").value = True
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def replay(profiler, total_is_global: bool) -> tuple[int, int]:
+    """(live bytes at the mark, peak after it) from the profile's allocation events.
+
+    With the global count on, each event carries the bytes live in the whole process. Without
+    it, the events are matched by address: a free the main thread never saw (gloo dropped the
+    last reference) shows when the address is handed out again, and a free of a block made on
+    another thread is not counted. The running sum of sizes alone drifts upwards differently
+    on every run.
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:  # the addresses are only in the trace export
+        path = os.path.join(tmp, "trace.json")
+        profiler.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    mark = min((e["ts"] for e in events if e.get("name") == _MARK), default=None)
+    memory = sorted((e for e in events if e.get("name") == "[memory]"),
+                    key=lambda e: (e["ts"], e["args"].get("Ev Idx", 0)))
+    blocks: dict[int, int] = {}
+    live, static, peak = 0, None, 0
+    for e in memory:
+        if static is None and mark is not None and e["ts"] >= mark:
+            static = peak = live
+        addr, nbytes = e["args"]["Addr"], e["args"]["Bytes"]
+        if total_is_global:
+            live = e["args"]["Total Allocated"]
+        else:
+            live -= blocks.pop(addr, 0)  # freed here, or (address reused) freed unseen on another thread
+            if nbytes > 0:
+                blocks[addr] = nbytes
+                live += nbytes
+        if static is not None:
+            peak = max(peak, live)
+    if static is None:
+        static = peak = live
+    return static, peak
 
 
 def write_report(folder: str, rank: int, report: dict, extra: dict) -> str:

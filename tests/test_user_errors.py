@@ -1,0 +1,121 @@
+"""A user's mistake gets one clear line naming the problem and the fix, and loses nothing already written."""
+
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from megatron_glm.model.generation import main as generate
+from megatron_glm.plan.cli import main as plan
+from tests.helpers import records
+
+
+def pretrain_args(data, save, iters, extra=()):
+    prefix, model = data
+    return ["--data-path", prefix, "--tokenizer-model", model, "--num-layers", "1", "--hidden-size", "16",
+            "--num-attention-heads", "2", "--seq-length", "32", "--micro-batch-size", "1", "--train-iters", str(iters),
+            "--split", "100,0,0", "--log-interval", "1", "--save", save,
+            "--data-cache-path", os.path.join(os.path.dirname(save), "cache"), *extra]
+
+
+def run_pretrain(argv, **kw):
+    return subprocess.run([sys.executable, "-m", "megatron_glm.training.pretrain", *argv], capture_output=True,
+                          text=True, timeout=600, **kw)
+
+
+def one_line(stderr, *needles):
+    assert "Traceback" not in stderr, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, stderr[-3000:]
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--gpu-memory", "0"], "--gpu-memory 0.0 must be positive"),
+    (["--gpu-memory", "-8"], "--gpu-memory -8.0 must be positive"),
+    (["--gpu-memory", "nan"], "--gpu-memory nan must be positive"),
+    (["--efficiency", "0"], "--efficiency 0.0 must be positive"),
+    (["--global-batch-size", "0"], "--global-batch-size 0 must be positive"),
+    (["--global-batch-size", "-64"], "--global-batch-size -64 must be positive"),
+    (["--micro-batch-sizes", "0", "1"], "--micro-batch-sizes and --top must be positive"),
+    (["--seq-length", "0"], "--seq-length 0 must be positive"),
+    (["--reserve", "80"], "--reserve 80 GiB leaves nothing"),
+])
+def test_glm_plan_refuses_impossible_numbers(argv, message, capsys):
+    assert plan(["--preset", "glm-large", "--seq-length", "512", "--global-batch-size", "64", *argv]) == 1
+    one_line(capsys.readouterr().err, message)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--temperature", "-1"], "--temperature -1.0 must be positive"),
+    (["--top-p", "0"], "--top-p 0.0 must be in (0, 1]"),
+    (["--max-new-tokens", "0"], "--max-new-tokens 0 must be at least 1"),
+    (["--num-beams", "0", "--strategy", "beam"], "--num-beams 0 must be at least 1"),
+])
+def test_glm_generate_refuses_impossible_sampling(tmp_path, argv, message, capsys):
+    assert generate(["--load", str(tmp_path), "--text", "a [MASK] b", *argv]) == 1
+    one_line(capsys.readouterr().err, message)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the check is for machines without CUDA")
+def test_device_cuda_without_cuda(tmp_path, data, capsys):
+    with pytest.raises(SystemExit):
+        generate(["--load", str(tmp_path), "--text", "a [MASK] b", "--device", "cuda"])
+    assert "no CUDA GPU" in capsys.readouterr().err
+    result = run_pretrain(pretrain_args(data, str(tmp_path / "ckpt"), 1, ["--device", "cuda"]))
+    assert result.returncode == 1
+    one_line(result.stderr, "--device cuda, but no CUDA GPU is visible", "--device cpu")
+
+
+def test_abbreviated_flags_are_refused(tmp_path, data):
+    result = run_pretrain(["--data-path", data[0], "--train-iters", "1", "--train-iter", "3"])
+    assert result.returncode == 2 and "unrecognized arguments: --train-iter 3" in result.stderr
+
+
+def test_a_save_folder_that_cannot_be_written(tmp_path, data):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("keep me")
+    result = run_pretrain(pretrain_args(data, str(blocker / "ckpt"), 1))
+    assert result.returncode == 1
+    one_line(result.stderr, f"--save {blocker}/ckpt: cannot write there", "choose a folder you can write to")
+    assert blocker.read_text() == "keep me"
+
+
+def test_a_save_that_fails_half_way_names_the_latest_good_checkpoint(tmp_path, data):
+    """Writes past 64 KB fail (RLIMIT_FSIZE, as a full disk does for torch's zip writer); the first save is kept."""
+    save = str(tmp_path / "ckpt")
+    assert run_pretrain(pretrain_args(data, save, 2)).returncode == 0
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
+    result = run_pretrain(pretrain_args(data, save, 4, ["--save-interval", "2"]), preexec_fn=small_files)
+    assert result.returncode == 1
+    one_line(result.stderr, "saving iter_0000004", "failed", f"latest complete checkpoint is {save}/iter_0000002")
+    assert sorted(n for n in os.listdir(save) if not n.endswith(".jsonl")) == ["iter_0000002", "latest"]
+    assert open(os.path.join(save, "latest")).read() == "iter_0000002"
+
+
+def test_ctrl_c_saves_after_the_step_and_exits_130(tmp_path, data):
+    save = str(tmp_path / "ckpt")
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_glm.training.pretrain",
+                             *pretrain_args(data, save, 100000)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (os.path.exists(os.path.join(save, "metrics.jsonl")) and records(save)):  # inside the loop
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert "(SIGINT): saved" in out and "run the same command to resume" in out
+    last = records(save)[-1]["iteration"]
+    assert open(os.path.join(save, "latest")).read() == f"iter_{last:07d}"
