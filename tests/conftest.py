@@ -6,6 +6,8 @@ project's own CLIs, so every data test runs on realistic text.
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -15,6 +17,18 @@ if not torch.cuda.is_available():  # Triton kernels run in its interpreter on th
 
 from megatron_glm.data_prep.stdlib_corpus import write_corpus
 from megatron_glm.data_prep.train_tokenizer import train_tokenizer
+
+
+@pytest.fixture(scope="session", autouse=True)
+def deepspeed_ops_built():
+    """Build DeepSpeed's CPU communication op once, in one process, before the multi-process runs.
+
+    Every process that initializes DeepSpeed's comm JIT-builds it on first use; on a fresh
+    machine that is 2-4 processes compiling into one folder at once (a TP2xPP2 run once took
+    SIGABRT there). A failure here is left for the tests that need DeepSpeed to report.
+    """
+    subprocess.run([sys.executable, "-c", "from deepspeed.comm.torch import build_shm_op; build_shm_op()"],
+                   capture_output=True, timeout=900)
 
 
 @pytest.fixture(scope="session")

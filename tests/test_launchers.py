@@ -19,6 +19,7 @@ from tests.helpers import free_port, records
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHERS = os.path.join(ROOT, "launchers")
 ITERS = 40
+HOLD = {"MEGATRON_GLM_FAULT": "hold:2"}  # the run waits after step 2 for the test's signal: never finishes first
 
 FAKE_SRUN = r'''#!PYTHON
 """srun stand-in: start the tasks of this 'job' on localhost with Slurm's variables."""
@@ -111,13 +112,14 @@ def test_sigterm_saves_exits_for_requeue_and_the_restart_equals_an_uninterrupted
     assert done.returncode == 0, done.stderr[-3000:]
 
     save = str(tmp_path / "preempted" / "ckpt")
-    proc = subprocess.Popen(cmd + ["--save", save], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd + ["--save", save], env={**env, **HOLD}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     wait_for_iteration(save, 2, proc)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == EXIT_REQUEUE, out[-3000:]
     stopped = max(losses(save))
-    assert stopped < ITERS and f"stopping after iteration {stopped} (SIGTERM)" in out
+    assert stopped == 2 and "stopping after iteration 2 (SIGTERM)" in out
     assert os.listdir(save) and os.path.exists(os.path.join(save, f"iter_{stopped:07d}", "meta.json"))
 
     again = subprocess.run(cmd + ["--save", save], env=env, capture_output=True, text=True, timeout=600)
@@ -146,7 +148,8 @@ def test_slurm_torchrun_script_rendezvous_preemption_and_requeue(tmp_path, data,
     save = str(tmp_path / "ckpt")
     env = env_for(data, save, GPUS_PER_NODE="1", RDZV_PORT=str(free_port()), **fake_slurm(tmp_path, 2, 2))
     script = os.path.join(LAUNCHERS, "slurm_torchrun.sbatch")
-    proc = subprocess.Popen(["bash", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(["bash", script], env={**env, **HOLD}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     wait_for_iteration(save, 2, proc)
     proc.send_signal(signal.SIGUSR1)
     out, _ = proc.communicate(timeout=300)
@@ -154,7 +157,7 @@ def test_slurm_torchrun_script_rendezvous_preemption_and_requeue(tmp_path, data,
     assert "--rdzv_backend c10d --rdzv_endpoint 127.0.0.1:" in out and "--nnodes 2" in out
     assert open(env["FAKE_SLURM_LOG"]).read() == "requeue 4242\n"
     stopped = max(losses(save))
-    assert stopped < ITERS and os.path.exists(os.path.join(save, f"iter_{stopped:07d}", "meta.json"))
+    assert stopped == 2 and os.path.exists(os.path.join(save, "iter_0000002", "meta.json"))
 
     os.remove(env["FAKE_SLURM_LOG"])
     again = subprocess.run(["bash", script], env={**env, "RDZV_PORT": str(free_port())}, capture_output=True,
@@ -172,7 +175,8 @@ def test_slurm_srun_script_one_task_per_gpu_and_requeue_on_usr1(tmp_path, data):
     env = env_for(data, save, **fake_slurm(tmp_path, 1, 2))
     env.pop("MASTER_PORT")
     env["SLURM_JOB_ID"] = str(free_port() - 20000)  # the script derives its port from the job id
-    proc = subprocess.Popen(["bash", os.path.join(LAUNCHERS, "slurm_srun.sbatch")], env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(["bash", os.path.join(LAUNCHERS, "slurm_srun.sbatch")],
+                            env={**env, "MEGATRON_GLM_FAULT": "hold:1"}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     wait_for_iteration(save, 1, proc)
     pids = [int(p) for p in open(env["FAKE_SLURM_PIDS"]).read().split()]

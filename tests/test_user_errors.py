@@ -103,9 +103,9 @@ def test_a_save_that_fails_half_way_names_the_latest_good_checkpoint(tmp_path, d
 
 def test_ctrl_c_saves_after_the_step_and_exits_130(tmp_path, data):
     save = str(tmp_path / "ckpt")
-    proc = subprocess.Popen([sys.executable, "-m", "megatron_glm.training.pretrain",
-                             *pretrain_args(data, save, 100000)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_glm.training.pretrain", *pretrain_args(data, save, 10)],
+                            env={**os.environ, "MEGATRON_GLM_FAULT": "hold:1"},  # waits after step 1 for the signal
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 300
         while not (os.path.exists(os.path.join(save, "metrics.jsonl")) and records(save)):  # inside the loop
@@ -116,6 +116,5 @@ def test_ctrl_c_saves_after_the_step_and_exits_130(tmp_path, data):
     finally:
         proc.kill()
     assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
-    assert "(SIGINT): saved" in out and "run the same command to resume" in out
-    last = records(save)[-1]["iteration"]
-    assert open(os.path.join(save, "latest")).read() == f"iter_{last:07d}"
+    assert "stopping after iteration 1 (SIGINT): saved" in out and "run the same command to resume" in out
+    assert records(save)[-1]["iteration"] == 1 and open(os.path.join(save, "latest")).read() == "iter_0000001"

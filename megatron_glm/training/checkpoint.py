@@ -14,12 +14,12 @@ import json
 import os
 import random
 import shutil
-import signal
 
 import torch
 
 from megatron_glm import serialization
 from megatron_glm.config import ModelConfig
+from megatron_glm.training import faults
 
 LATEST = "latest"
 
@@ -30,12 +30,6 @@ class CheckpointError(ValueError):
 
 def tag_of(iteration: int) -> str:
     return f"iter_{iteration:07d}"
-
-
-def fault_point(name: str) -> None:
-    """Crash here with SIGKILL when ``MEGATRON_GLM_FAULT`` names this point (kill-and-resume tests)."""
-    if os.environ.get("MEGATRON_GLM_FAULT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _fsync_tree(path: str) -> None:
@@ -109,7 +103,7 @@ def save_checkpoint(engine, save_dir: str, iteration: int, meta: dict, keep_last
             f"saving {tag} into {save_dir} failed ({cause}): the disk is probably full or the folder unwritable. "
             f"The latest complete checkpoint is {os.path.join(save_dir, latest) if latest else 'none'}; free space "
             "and run the same command to resume from it") from None
-    fault_point("save:staged")
+    faults.crash_point("save:staged")
     if torch.distributed.is_initialized():
         torch.distributed.barrier()  # every rank's files are in the staging folder before it moves
     if rank == 0:
@@ -118,7 +112,7 @@ def save_checkpoint(engine, save_dir: str, iteration: int, meta: dict, keep_last
         if os.path.exists(final):  # the same iteration saved again: keep the old one until the new is in place
             os.replace(final, final + ".old")
         os.replace(staged, final)
-        fault_point("save:renamed")
+        faults.crash_point("save:renamed")
         with open(os.path.join(save_dir, LATEST + ".tmp"), "w") as f:
             f.write(tag)
             f.flush()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import torch
 import torch.distributed as dist
@@ -47,6 +48,12 @@ class Preemption:
             if flag.item() and not local:
                 local = "another rank was told to stop"
         return local
+
+    def wait(self, poll_s: float = 0.05) -> str:
+        """Block (every rank, in step) until some rank is asked to stop; the reason."""
+        while not (reason := self.requested()):
+            time.sleep(poll_s)
+        return reason
 
     def close(self) -> None:
         for s, handler in self._previous.items():

@@ -111,6 +111,7 @@ def pretrain(argv=None) -> dict:
     from megatron_glm.model.glm import GLMModel
     from megatron_glm.parallel.pipeline import partition_layers
     from megatron_glm.training import checkpoint as ckpt
+    from megatron_glm.training import faults
     from megatron_glm.training.lr_schedule import LRSchedule
     from megatron_glm.training.metrics import MetricsLogger, Throughput, flops_per_token, memory_summary
     from megatron_glm.training.preemption import EXIT_INTERRUPTED, EXIT_REQUEUE, Preemption
@@ -250,8 +251,7 @@ def pretrain(argv=None) -> dict:
     try:
         while iteration < args.train_iters:
             batches = [to_device(collate([(i, train_ds[i]) for i in next(sampler)])) for _ in range(grad_accum)]
-            values = runner.train(batches, inject_overflow=os.environ.get("MEGATRON_GLM_FAULT") ==
-                                  f"overflow:{iteration + 1}")
+            values = runner.train(batches, inject_overflow=faults.overflow_at(iteration + 1))
             lm_loss, norm = values["lm_loss"], values["grad_norm"]
             iteration += 1
             consumed += args.global_batch_size
@@ -279,14 +279,14 @@ def pretrain(argv=None) -> dict:
                             f"(ppl {math.exp(min(values['valid_loss'], 50)):.2f})")
             log.record(iteration, values)
             history.append(lm_loss)
-            ckpt.fault_point(f"iteration:{iteration}")
+            faults.crash_point(f"iteration:{iteration}")
             if args.save and ((args.save_interval and iteration % args.save_interval == 0)
                               or iteration == args.train_iters):
                 folder = ckpt.save_checkpoint(engine, args.save, iteration, {**meta_base, "consumed_samples": consumed},
                                               args.keep_last, rank)
                 last_saved = os.path.basename(folder)
                 log.console(f"saved {folder}")
-            reason = preemption.requested()
+            reason = preemption.wait() if faults.holds_after(iteration) else preemption.requested()
             if reason and iteration < args.train_iters:
                 if args.save and last_saved != ckpt.tag_of(iteration):
                     folder = ckpt.save_checkpoint(engine, args.save, iteration,
