@@ -118,3 +118,30 @@ def test_ctrl_c_saves_after_the_step_and_exits_130(tmp_path, data):
     assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
     assert "stopping after iteration 1 (SIGINT): saved" in out and "run the same command to resume" in out
     assert records(save)[-1]["iteration"] == 1 and open(os.path.join(save, "latest")).read() == "iter_0000001"
+
+
+def test_a_corrupt_tokenizer_model_is_named(tmp_path, corpus, capsys):
+    from megatron_glm.data_prep.preprocess import main as preprocess
+
+    bad = tmp_path / "spm.model"
+    bad.write_bytes(os.urandom(1000))
+    assert preprocess(["--input", corpus[0], "--output-prefix", str(tmp_path / "out"), "--tokenizer-model",
+                       str(bad), "--workers", "1", "--no-progress"]) == 1
+    one_line(capsys.readouterr().err, f"{bad} is not a sentencepiece model", "corrupt")
+    assert sorted(os.listdir(tmp_path)) == ["spm.model"]
+
+
+def test_glm_convert_into_a_folder_it_cannot_write(tmp_path, capsys):
+    from megatron_glm.config import ModelConfig
+    from megatron_glm.convert.cli import main as convert
+    from megatron_glm.model.glm import GLMModel
+    from tests.helpers import thudm_checkpoint
+
+    cfg = ModelConfig(num_layers=1, hidden_size=16, num_attention_heads=2, vocab_size=128, max_position_embeddings=32)
+    thudm_checkpoint(tmp_path / "glm", GLMModel(cfg), mp=1)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("keep me")
+    assert convert(["import-thudm", "--load", str(tmp_path / "glm"), "--save", str(blocker / "out"),
+                    "--num-attention-heads", "2"]) == 1
+    one_line(capsys.readouterr().err, "a-file", "nothing was written")
+    assert blocker.read_text() == "keep me" and sorted(os.listdir(tmp_path)) == ["a-file", "glm"]

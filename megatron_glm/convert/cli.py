@@ -15,6 +15,7 @@ across layouts; to keep them, resume on the original layout, any data-parallel s
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 
 
@@ -103,6 +104,11 @@ def main(argv=None) -> int:
         plan = convert(args)
     except (ConversionError, CheckpointError, CheckpointFileError, FileNotFoundError) as e:
         print(f"glm-convert: error: {e} (nothing was written)", file=sys.stderr)
+        return 1
+    except OSError as e:  # a full disk or an unwritable --save: the staged output goes too
+        shutil.rmtree(args.save.rstrip("/") + ".partial", ignore_errors=True)
+        print(f"glm-convert: error: {e.filename or args.save}: {e.strerror or e}; the disk may be full or the "
+              "folder unwritable (nothing was written)", file=sys.stderr)
         return 1
     total = sum(size for _, size in plan)
     verb = "would write" if args.dry_run else "wrote"

@@ -70,10 +70,18 @@ def deepspeed_config(args, grad_accum: int, rank_params: int | None = None) -> d
 
 
 def check_writable(flag: str, folder: str) -> None:
-    """Refuse a folder nothing can be written to before any work, rather than at the first save."""
-    probe = os.path.join(folder, f".write-test-{os.getpid()}")
+    """Refuse a folder nothing can be written to before any work, rather than at the first save.
+
+    It probes the folder, or the nearest existing one above it, with a file it removes at once:
+    a refused run leaves nothing behind, not even the folder.
+    """
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    probe = os.path.join(existing, f".write-test-{os.getpid()}")
     try:
-        os.makedirs(folder, exist_ok=True)
+        if not os.path.isdir(existing):
+            raise NotADirectoryError(20, "Not a directory", existing)
         with open(probe, "w"):
             pass
         os.remove(probe)
