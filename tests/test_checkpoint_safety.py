@@ -102,6 +102,19 @@ def test_glm_pretrain_load_refuses_a_malicious_file(tmp_path, data, checkpoint, 
         assert marker.exists() and result.returncode == 0, result.stderr[-3000:]
 
 
+def test_glm_pretrain_refuses_a_malicious_converted_checkpoint(tmp_path, data, checkpoint):
+    """A glm-convert output is read through another path (this rank's weights before the engine exists)."""
+    converted = str(tmp_path / "converted")
+    assert convert(["reshard", "--load", checkpoint, "--save", converted]) == 0
+    marker = tmp_path / "marker"
+    poison(os.path.join(converted, open(os.path.join(converted, "latest")).read().strip(), MODEL), marker)
+    before = digest(converted)
+    result = run_pretrain(pretrain_args(data, converted, 3))
+    assert result.returncode == 1 and not marker.exists(), result.stderr[-3000:]
+    one_clear_line(result.stderr, MODEL, "posix.system", "--trust-checkpoint")
+    assert digest(converted) == before
+
+
 def test_glm_pretrain_load_names_a_corrupt_file(tmp_path, data, checkpoint):
     def truncate(path):
         with open(path, "r+b") as f:

@@ -143,6 +143,8 @@ def test_bad_input_is_named_and_nothing_is_written(tmp_path, tp2pp2, capsys):
     out = tmp_path / "out"
     empty = tmp_path / "empty"
     empty.mkdir()
+    sound = tmp_path / "sound"
+    thudm_checkpoint(sound, GLMModel(cfg), mp=1)
     cases = [
         (["import-thudm", "--load", str(tmp_path / "glm"), "--save", str(out), "--num-attention-heads", "4"],
          ["missing 1: transformer.layers.1.mlp.dense_4h_to_h.bias", "unexpected 1: lm_head.weight",
@@ -152,6 +154,12 @@ def test_bad_input_is_named_and_nothing_is_written(tmp_path, tp2pp2, capsys):
         (["reshard", "--load", tp2pp2, "--save", str(out), "--target-tp", "3"],
          ["--target-tp 3 does not divide 4 attention heads"]),
         (["reshard", "--load", tp2pp2, "--save", str(out), "--target-pp", "3"], ["impossible target layout"]),
+        (["import-thudm", "--load", str(empty), "--save", str(out), "--num-attention-heads", "4"],
+         ["holds no mp_rank_XX_model_states.pt"]),
+        (["import-thudm", "--load", str(sound), "--save", str(out), "--num-attention-heads", "5"], ["heads"]),
+        (["import-thudm", "--load", str(sound), "--save", str(out), "--preset", "glm-large"],
+         ["--preset glm-large does not describe", "num_layers 24 (the weights have 2)",
+          "hidden_size 1024 (the weights have 32)"]),
     ]
     for argv, messages in cases:
         assert convert(argv) == 1, argv

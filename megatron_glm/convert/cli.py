@@ -96,13 +96,9 @@ def convert(args) -> list[tuple[str, int]]:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from megatron_glm.convert.layout import ConversionError
-    from megatron_glm.serialization import CheckpointFileError
-    from megatron_glm.training.checkpoint import CheckpointError
-
     try:
         plan = convert(args)
-    except (ConversionError, CheckpointError, CheckpointFileError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # ours (conversion, checkpoint, tokenizer) and ModelConfig's
         print(f"glm-convert: error: {e} (nothing was written)", file=sys.stderr)
         return 1
     except OSError as e:  # a full disk or an unwritable --save: the staged output goes too

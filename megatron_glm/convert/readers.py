@@ -147,6 +147,13 @@ def read_thudm(path: str, num_attention_heads: int | None = None, preset_name: s
                       if "transformer.layers.0.mlp.dense_h_to_4h.weight" in state else None,
                       max_position_embeddings=state["transformer.position_embeddings.weight"].shape[0] - 1
                       if "transformer.position_embeddings.weight" in state else 512)
+    if base is not None:  # the heads are not in the weights: a preset that disagrees on any size is the wrong one
+        wrong = [f"{name} {getattr(base, name)} (the weights have {getattr(cfg, name)})"
+                 for name in ("num_layers", "hidden_size", "ffn_hidden_size", "max_position_embeddings")
+                 if getattr(cfg, name) is not None and getattr(base, name) != getattr(cfg, name)]
+        if wrong:
+            raise ConversionError(f"--preset {preset_name} does not describe {path}: it has {'; '.join(wrong)}. "
+                                  "Pass the right --preset, or --num-attention-heads alone")
     return state, cfg, {"tokenizer": None, "iteration": 0, "consumed_samples": 0,
                         "source_layout": (len(shards), 1)}
 
