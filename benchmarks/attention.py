@@ -190,7 +190,8 @@ def bench_rotary(args, device, dtype, results):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seq", type=int, nargs="+", default=[512, 2048, 8192])
     p.add_argument("--head-dim", type=int, nargs="+", default=[64, 128])
     p.add_argument("--tokens", type=int, default=16384, help="batch * seq for attention")

@@ -167,7 +167,8 @@ def startup_seconds() -> float:
 
 
 def main():
-    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mb", type=int, default=200, help="corpus size in MB")
     p.add_argument("--workers", type=int, default=os.cpu_count())
     p.add_argument("--vocab-size", type=int, default=8000)

@@ -53,7 +53,8 @@ def write_corpus(path: str, max_docs: int | None = None) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(allow_abbrev=False, description="Write the standard library's docstrings as a JSONL corpus.")
+    p = argparse.ArgumentParser(allow_abbrev=False,
+                                description="Write the standard library's docstrings as a JSONL corpus.")
     p.add_argument("output")
     p.add_argument("--max-docs", type=int)
     args = p.parse_args(argv)

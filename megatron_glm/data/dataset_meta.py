@@ -79,7 +79,7 @@ def check_tokenizer_matches(prefix: str, ds: IndexedDataset, tokenizer, cache_di
     meta = read_meta(prefix)
     if meta is not None:
         check_meta_matches(prefix, ds, meta)
-        recorded = meta.get("tokenizer", {})
+        recorded = meta.get("tokenizer") or {}
         if recorded.get("fingerprint") not in (None, tokenizer.fingerprint()):
             raise IndexedDatasetError(
                 f"{prefix} was tokenized with {recorded.get('type')} {recorded.get('files')} "

@@ -484,44 +484,6 @@ class IndexedDataset:
                 self._token_range = (lo, hi)
         return self._token_range
 
-    def fingerprint(self) -> str:
-        """Identity of the contents, cheap at any size: counts plus a hash of the index's ends.
-
-        Sample-index caches are keyed by it, so a rebuilt corpus never reuses a stale cache.
-        """
-        if self._fingerprint is not None:
-            return self._fingerprint
-        import hashlib
-
-        h = hashlib.sha1(f"{self.dtype}-{len(self)}-{self.num_documents}-{self.num_tokens}".encode())
-        head = self._idx[: 1 << 20]
-        tail = self._idx[max(len(self._idx) - (1 << 20), 0) :]
-        h.update(head.tobytes())
-        h.update(tail.tobytes())
-        self._fingerprint = h.hexdigest()
-        return self._fingerprint
-
-    def token_range(self) -> tuple[int, int]:
-        """(smallest, largest) token id in the .bin; one pass over the memory map, then kept."""
-        if self._token_range is None:
-            if self.num_tokens == 0:
-                self._token_range = (0, -1)
-            else:
-                lo = 0 if self.dtype.kind == "u" else min(int(self._bin[s : s + (1 << 26)].min())
-                                                           for s in range(0, self.num_tokens, 1 << 26))
-                hi = max(int(self._bin[s : s + (1 << 26)].max()) for s in range(0, self.num_tokens, 1 << 26))
-                self._token_range = (lo, hi)
-        return self._token_range
-
-    def check_token_ids(self, vocab_size: int, where: str | None = None) -> None:
-        """Refuse ids outside ``[0, vocab_size)`` (random bytes, another tokenizer, a wrong dtype code)."""
-        lo, hi = self.token_range()
-        if lo < 0 or hi >= vocab_size:
-            raise IndexedDatasetError(
-                f"{where or bin_path(self.prefix)}: token ids run from {lo} to {hi}, outside the tokenizer's "
-                f"{vocab_size} ids: the data is corrupt or was made with another tokenizer; re-run glm-preprocess "
-                "with the tokenizer you train with")
-
     def close(self) -> None:
         """Drop the memory maps (they unmap once no returned view still uses them)."""
         self._bin = self._idx = None

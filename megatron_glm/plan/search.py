@@ -43,7 +43,8 @@ class Cluster:
         if not 0 <= self.reserve_gib < float("inf"):
             problems.append(f"--reserve {self.reserve_gib} must be 0 or more")
         elif self.gpu_memory_gib > 0 and self.reserve_gib >= self.gpu_memory_gib:
-            problems.append(f"--reserve {self.reserve_gib:g} GiB leaves nothing of --gpu-memory {self.gpu_memory_gib:g}")
+            problems.append(f"--reserve {self.reserve_gib:g} GiB leaves nothing of --gpu-memory "
+                            f"{self.gpu_memory_gib:g}")
         if self.efficiency > 1:
             problems.append(f"--efficiency {self.efficiency} is a fraction of the peak: at most 1")
         if problems:

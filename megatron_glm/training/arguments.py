@@ -10,7 +10,8 @@ from megatron_glm.config import PRESETS, ModelConfig, preset
 def build_parser() -> argparse.ArgumentParser:
     from megatron_glm.data.tokenizer import add_tokenizer_args
 
-    p = argparse.ArgumentParser(allow_abbrev=False, prog="glm-pretrain", description="Pretrain GLM with autoregressive blank infilling.")
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="glm-pretrain",
+                                description="Pretrain GLM with autoregressive blank infilling.")
     g = p.add_argument_group("model")
     g.add_argument("--preset", choices=sorted(PRESETS), help="sizes of a published GLM (flags below override)")
     g.add_argument("--num-layers", type=int)

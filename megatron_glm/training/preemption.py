@@ -2,11 +2,12 @@
 
 Slurm warns a job with a signal (``--signal=USR1@180``) or ends it with SIGTERM; a batch
 script that only sees the warning itself (``--signal=B:USR1@...``, the torchrun launcher)
-creates the ``--stop-file`` instead. Ctrl-C (SIGINT) stops the same way but exits 130; a second
-Ctrl-C stops at once, leaving the last complete checkpoint as it was. Any one rank noticing either is enough: every step ends
+creates the ``--stop-file`` instead. Any one rank noticing either is enough: every step ends
 with one all-reduce (MAX) of the flag, so all ranks stop after the same step, write one
 checkpoint together and exit with ``EXIT_REQUEUE`` (75, EX_TEMPFAIL: "try again"), which
 the launchers turn into ``scontrol requeue``. The next start resumes from that checkpoint.
+Ctrl-C (SIGINT) stops the same way but exits 130; a second Ctrl-C stops at once, leaving the
+last complete checkpoint as it was.
 """
 
 from __future__ import annotations
