@@ -170,6 +170,24 @@ def test_import_thudm_refuses_a_malicious_checkpoint(tmp_path, capsys, as_file):
     assert convert(argv + ["--trust-checkpoint"]) == 0 and marker.exists()
 
 
+def test_any_garbage_is_named_corrupt_never_a_traceback(tmp_path, checkpoint):
+    """Random bytes of many sizes and a real file cut at many points: each is one CorruptCheckpointError."""
+    import random
+
+    from megatron_glm import serialization
+
+    real = open(os.path.join(checkpoint, open(os.path.join(checkpoint, "latest")).read().strip(), MODEL), "rb").read()
+    rng = random.Random(0)
+    samples = [rng.randbytes(rng.choice([1, 7, 64, 512, 4096, 65536])) for _ in range(60)]
+    samples += [real[:n] for n in sorted(rng.sample(range(1, len(real)), 40))]
+    samples += [bytes([b ^ 0xFF]) + real[1:] for b in real[:1]]  # a flipped first byte: not a zip any more
+    path = tmp_path / "garbage.pt"
+    for data in samples:
+        path.write_bytes(data)
+        with pytest.raises(serialization.CorruptCheckpointError, match="truncated, corrupt or not a torch file"):
+            serialization.load(path)
+
+
 def test_glm_convert_names_corrupt_inputs(tmp_path, checkpoint, capsys):
     folder = copy_with(tmp_path, checkpoint, MODEL, lambda p: open(p, "wb").write(os.urandom(4096)))
     out = tmp_path / "out"
