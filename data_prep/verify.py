@@ -17,14 +17,16 @@ def verify_dataset(prefix: str, tokenizer=None) -> str:
 
     ds = IndexedDataset(prefix)  # the whole index is checked on opening
     meta = read_meta(prefix)
-    vocab = tokenizer.vocab_size if tokenizer is not None else (meta or {}).get("tokenizer", {}).get("vocab_size")
     if tokenizer is not None:
         check_tokenizer_matches(prefix, ds, tokenizer)  # the record, its tokenizer, and the ids
-    elif meta is not None:
-        check_meta_matches(prefix, ds, meta)
-    lo, hi = ds.token_range()
-    if vocab is not None:
-        check_token_range(prefix, (lo, hi), vocab)
+        vocab = tokenizer.vocab_size
+    else:
+        vocab = ((meta or {}).get("tokenizer") or {}).get("vocab_size")
+        if meta is not None:
+            check_meta_matches(prefix, ds, meta)
+        if vocab is not None:
+            check_token_range(prefix, ds.token_range(), vocab)
+    lo, hi = ds.token_range()  # kept by the dataset: the pass over the .bin ran once
     ids = f"ids {lo}..{hi}" if ds.num_tokens else "no tokens"
     checked = f"within the {vocab}-id vocabulary" if vocab is not None else \
         "not checked against a vocabulary (no .meta.json: pass the tokenizer flags)"
