@@ -34,7 +34,10 @@ def segments_of(row, S):
 
 
 def reconstruct(row, start, sep, end):
-    """Put each Part B span back into its blank, using only the row's tokens and positions."""
+    """Put each Part B span back into its blank, using only the row's tokens and positions.
+
+    A span ends with [eop], except a document objective's suffix, which runs to its segment's end.
+    """
     part_a = list(row["tokens"][start:sep])
     spans = {}
     i = sep
@@ -45,10 +48,14 @@ def reconstruct(row, start, sep, end):
         while i + n + 1 < end and row["pos1"][i + n + 1] == n + 2:
             n += 1
         span_labels = row["labels"][i:i + n + 1]
-        assert span_labels[-1] == SP.eop
         assert list(row["tokens"][i + 1:i + n + 1]) == list(span_labels[:-1]), "inputs are targets shifted by one"
         assert (row["pos0"][i:i + n + 1] == mask_pos).all()
-        spans[mask_pos] = list(span_labels[:-1])
+        if span_labels[-1] == SP.eop:
+            spans[mask_pos] = list(span_labels[:-1])
+        else:  # a suffix: the document objective's, the segment's last blank and last block
+            assert row["objective"] == DOCUMENT and i + n + 1 == end
+            assert mask_pos == max(k for k, t in enumerate(row["tokens"][start:sep]) if t in BLANKS)
+            spans[mask_pos] = list(span_labels)
         i += n + 1
     assert sorted(spans) == [k for k, t in enumerate(part_a) if t in BLANKS], "one span per blank"
     text = []
@@ -142,7 +149,8 @@ def test_sentence_and_document_objectives():
     rng = np.random.default_rng(1)
     sent = BlankInfillingCollator(BlankInfillingConfig(seq_length=S, token_prob=0.0, sentence_prob=1.0), SP,
                                   np.array([PERIOD]))
-    doc = BlankInfillingCollator(BlankInfillingConfig(seq_length=S, token_prob=0.0, sentence_prob=0.0), SP)
+    doc = BlankInfillingCollator(BlankInfillingConfig(seq_length=S, token_prob=0.0, sentence_prob=0.0,
+                                                      gpt_infill_prob=1.0), SP)
     ratios = []
     for i in range(200):
         text = rng.integers(7, 99, S)
@@ -157,10 +165,48 @@ def test_sentence_and_document_objectives():
         assert row["objective"] == DOCUMENT
         sep = int(row["attn_hi"][0])
         assert row["tokens"][sep - 1] == SP.gmask and (row["tokens"][:sep] == SP.gmask).sum() == 1, "one suffix"
-        n = int(row["loss_mask"].sum()) - 1
+        n = int(row["loss_mask"].sum())
+        assert SP.eop not in row["labels"], "a suffix has no [eop]: the text goes on"
+        assert list(row["labels"][sep:sep + n]) == list(text[sep - 1:sep - 1 + n])
+        assert sep - 1 + n == S - 1, "the suffix fills the row but for its [gMASK]"
         ratios.append(n / (sep - 1 + n))
-        assert (row["pos0"][sep:sep + n + 1] == sep - 1).all(), "all generated tokens at the [gMASK] position"
+        assert (row["pos0"][sep:sep + n] == sep - 1).all(), "all generated tokens at the [gMASK] position"
     assert 0.5 - 0.01 <= min(ratios) and max(ratios) <= 1.0 and abs(np.mean(ratios) - 0.75) < 0.03
+
+
+def test_document_objective_infill_variant():
+    """--gpt-infill-prob: a suffix with that probability, else one span of 50-100% anywhere, with [eop].
+
+    Several documents always give a suffix (THUDM's rule); the span anywhere never takes the last token.
+    """
+    S, n_rows = 128, 600
+    cfg = BlankInfillingConfig(seq_length=S, token_prob=0.0, sentence_prob=0.0, gpt_infill_prob=0.3)
+    collate = BlankInfillingCollator(cfg, SP)
+    rng = np.random.default_rng(3)
+    suffixes, starts, ratios = 0, [], []
+    for i in range(n_rows):
+        text = rng.integers(7, 99, S)
+        row = collate.encode(i, text, None)
+        sep = int(row["attn_hi"][0])
+        n = int(row["loss_mask"].sum())
+        if SP.eop not in row["labels"]:
+            suffixes += 1
+            continue
+        blank = int(np.flatnonzero(row["tokens"][:sep] == SP.gmask)[0])
+        assert (row["tokens"][:sep] == SP.gmask).sum() == 1
+        span = list(row["labels"][sep:sep + n - 1])
+        assert row["labels"][sep + n - 1] == SP.eop and len(span) == n - 1
+        assert list(row["tokens"][:blank]) + span + list(row["tokens"][blank + 1:sep]) == list(text[:sep - 1 + n - 1])
+        assert blank + len(span) < sep - 1 + len(span), "the text's last token is never in the span"
+        starts.append(blank / (sep - 1 + len(span) - len(span)))
+        ratios.append(len(span) / (sep - 1 + len(span)))
+    frac = suffixes / n_rows
+    sigma = math.sqrt(0.3 * 0.7 / n_rows)
+    assert abs(frac - 0.3) < 4 * sigma, frac
+    assert 0.49 <= min(ratios) and max(ratios) < 1.0 and abs(np.mean(ratios) - 0.75) < 0.03
+    assert max(starts) > 0.1, "the span is not always a suffix"
+    many = collate.encode(5, rng.integers(7, 99, S), np.array([60, 68]))
+    assert SP.eop not in many["labels"], "several documents: a suffix"
 
 
 def test_objective_mixture_and_batch_contract():

@@ -3,15 +3,30 @@
 Three objectives (REFERENCE.md section 1), drawn per sample:
 
 - token: spans of Poisson(lambda=3) length truncated to 1..39, drawn until 15% of the text is
-  masked, at least one token between spans, spread over the documents of the sample in
-  proportion to their lengths; each span becomes one ``[MASK]`` in Part A;
+  masked, at least one token between spans; each span becomes one ``[MASK]`` in Part A;
 - sentence: whole sentences until 15% is covered, ``[sMASK]``;
-- document: one suffix of 50-100% of the text, ``[gMASK]``.
+- document: ``[gMASK]`` and 50-100% of the text to generate: a suffix, or, with probability
+  ``1 - gpt_infill_prob`` on a one-document sample, one span anywhere (THUDM's two variants).
 
 Part B holds the spans (shuffled): input ``[sop] s1..sn``, targets ``s1..sn [eop]``, row 0 of the
-positions is the span's mask position in Part A, row 1 counts ``1..n+1``. Loss is on Part B.
-A row of ``S`` tokens holds ``L + 2k`` of them for ``L`` text tokens and ``k`` spans, so the
-text is cut to ``L = S - 2k`` (the span draw and the cut are solved together).
+positions is the span's mask position in Part A, row 1 counts ``1..n+1``. A document suffix has
+no ``[eop]`` (input ``[sop] s1..s(n-1)``, targets ``s1..sn``): the text goes on past the sample,
+so there is no end to predict. Loss is on Part B. A row of ``S`` tokens holds
+``L + (number of blanks) + (number of [eop])`` of them for ``L`` text tokens, so the text is cut
+to fit (the span draw and the cut are solved together).
+
+Rules kept from THUDM/GLM's ``ConstructBlockStrategy``, because they are the reference's:
+
+- A document's end never lies inside a token or sentence span: the end-of-document token is
+  never masked (THUDM asserts it is never a target), nor is the sample's last token, which may
+  be cut mid-document.
+- In a sample of several documents, each document but the longest takes drawn spans only while
+  they stay within ``mask_ratio`` of its own length; the longest takes the rest that fit. A
+  short document would otherwise lose most of its context to one span (an 8-token document
+  with a share of one 3-token span is 38% masked), and a blank whose context is gone teaches
+  the model nothing about filling blanks. Spans that fit nowhere are dropped (THUDM drops the
+  whole sample; a fixed-size sample index cannot).
+- Span places are THUDM's: sorted uniform offsets in the free length, drawn with replacement.
 
 Deviation from the original, on purpose: the objective is drawn per sample from
 ``(seed, sample index)``, not once per batch, so the data does not depend on how samples are
@@ -19,12 +34,15 @@ grouped into micro-batches, and a resume with another data-parallel size reprodu
 
 ``packed=True`` gives each document of a sample its own segment ``[A_1 B_1 A_2 B_2 ...]``
 with positions restarting and attention confined to the segment (GLM-130B style).
+
+Speed: a sample is first *planned* (its random draws: a few scalar numpy calls), then a whole
+batch of plans is laid out by one set of vectorised array operations (``_layout``).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -43,6 +61,11 @@ class BlankInfillingConfig:
     sentence_ratio: float = 0.15
     gmask_min_ratio: float = 0.5
     gmask_max_ratio: float = 1.0
+    gpt_infill_prob: float = 0.5  # document objective: suffix with this probability, else one span anywhere
+    block_mask_prob: float = 0.0  # token objective: each Part B input token -> [dBLOCK] with this probability
+    context_mask_ratio: float = 0.0  # token objective: this fraction of the text -> [dBLOCK], next to blanks
+    context_mask_range: int = 3  # ... within this many tokens of a blank
+    random_position: bool = False  # shift Part A positions by a random offset, to train every position row
     shuffle_spans: bool = True
     single_span_prob: float = 0.0  # token objective: one span of the whole masked length
     short_seq_prob: float = 0.0  # cut the text to a uniform random length, pad the rest
@@ -59,6 +82,11 @@ class BlankInfillingConfig:
             raise ValueError("mask and sentence ratios must be in (0, 1)")
         if not 0 <= self.gmask_min_ratio <= self.gmask_max_ratio <= 1:
             raise ValueError("need 0 <= gmask min ratio <= gmask max ratio <= 1")
+        for name in ("gpt_infill_prob", "block_mask_prob", "context_mask_ratio", "single_span_prob", "short_seq_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
+        if self.context_mask_range < 1:
+            raise ValueError(f"context mask range must be at least 1, got {self.context_mask_range}")
         if self.seq_length < 8:
             raise ValueError(f"sequence length {self.seq_length} is too short for blank infilling (>= 8)")
 
@@ -71,26 +99,42 @@ class SpecialIds:
     gmask: int
     sop: int
     eop: int
+    eod: int | None = None  # end of document: never masked
+    dblock: int | None = None  # replaces tokens for block_mask_prob / context_mask_ratio
 
     @classmethod
     def from_tokenizer(cls, tok) -> "SpecialIds":
-        return cls(tok.pad_id, tok.mask_id, tok.smask_id, tok.gmask_id, tok.sop_id, tok.eop_id)
+        ids = tok.special_ids
+        return cls(ids["pad"], ids["mask"], ids["smask"], ids["gmask"], ids["sop"], ids["eop"],
+                   ids.get("eos"), ids.get("dblock"))
 
 
-SENTENCE_ENDS = ".?!;:\n。？！；："
+SENTENCE_ENDS = ".?!;:\n…。？！；：…"
 
 
 def sentence_end_ids(tokenizer) -> np.ndarray:
-    """Ids of the tokens that end a sentence (their text ends in . ? ! ; : or a CJK one, or holds a newline)."""
+    """Ids of the tokens that end a sentence: THUDM's rule, an end character anywhere in the token."""
     special = set(tokenizer.special_ids.values())
-    ids = []
-    for i in range(tokenizer.vocab_size):
-        if i in special:
-            continue
-        piece = tokenizer.decode([i])
-        if piece and (piece.rstrip(" ")[-1:] in SENTENCE_ENDS or "\n" in piece):
-            ids.append(i)
+    ids = [i for i in range(tokenizer.vocab_size)
+           if i not in special and any(c in SENTENCE_ENDS for c in tokenizer.decode([i]))]
     return np.asarray(ids, dtype=np.int64)
+
+
+@dataclass
+class _Plan:
+    """One sample's random draws; ``_layout`` turns a batch of them into rows."""
+
+    text: np.ndarray  # the text tokens that go into the row (cut to fit)
+    segments: np.ndarray  # segment lengths in ``text`` (one segment unless packed)
+    starts: np.ndarray  # span starts in ``text``, ascending
+    lengths: np.ndarray  # span lengths
+    order: np.ndarray  # Part B order: span indices, grouped by segment in segment order
+    mask_id: int
+    objective: int
+    eop: bool = True
+    bias: int = 0  # added to row 0 of the positions (random_position)
+    block_masked: np.ndarray | None = None  # over Part B inputs after [sop], in Part B order: -> [dBLOCK]
+    context_masked: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # Part A indices -> [dBLOCK]
 
 
 class BlankInfillingCollator:
@@ -98,21 +142,26 @@ class BlankInfillingCollator:
 
     def __init__(self, cfg: BlankInfillingConfig, special: SpecialIds, sentence_ends: np.ndarray | None = None):
         cfg.validate()
+        if (cfg.block_mask_prob or cfg.context_mask_ratio) and special.dblock is None:
+            raise ValueError("--block-mask-prob and --context-mask-ratio need a [dBLOCK] token in the tokenizer")
         self.cfg, self.special = cfg, special
-        self.sentence_ends = np.zeros(0, np.int64) if sentence_ends is None else np.asarray(sentence_ends)
+        self.sentence_ends = np.zeros(0, np.int64) if sentence_ends is None else np.asarray(sentence_ends, np.int64)
+        # a lookup table: is id i a sentence end? (ids past the table read its last entry, False)
+        self._is_end = np.zeros(int(self.sentence_ends.max(initial=-1)) + 2, bool)
+        self._is_end[self.sentence_ends] = True
         k = np.arange(1, cfg.max_span_length + 1)
         log_pmf = k * math.log(cfg.poisson_lambda) - cfg.poisson_lambda - np.array([math.lgamma(x + 1) for x in k])
         pmf = np.exp(log_pmf)
         self.span_cdf = np.cumsum(pmf / pmf.sum())
 
-    # -- one sample ----------------------------------------------------------------------
+    # -- one sample's draws ----------------------------------------------------------------
     def objective_of(self, rng) -> int:
         u = rng.random()
         return TOKEN if u < self.cfg.token_prob else SENTENCE if u < self.cfg.token_prob + self.cfg.sentence_prob else DOCUMENT
 
-    def encode(self, index: int, text, document_lengths=None) -> dict:
-        """The row arrays for one sample, deterministic from (seed, index)."""
-        cfg = self.cfg
+    def plan(self, index: int, text, document_lengths=None) -> _Plan:
+        """Every random draw for one sample, deterministic from (seed, index)."""
+        cfg, sp = self.cfg, self.special
         rng = np.random.default_rng([cfg.seed, int(index)])
         text = np.asarray(text, dtype=np.int64)
         docs = np.asarray([len(text)] if document_lengths is None else document_lengths, dtype=np.int64)
@@ -120,28 +169,62 @@ class BlankInfillingCollator:
         available = len(text)
         if cfg.short_seq_prob and rng.random() < cfg.short_seq_prob:
             available = int(rng.integers(2, max(available, 2) + 1))
+        eop = True
         if objective == TOKEN:
-            spans, length = self._token_spans(rng, available, docs)
-            mask_id = self.special.mask
+            starts, lengths, length = self._token_spans(rng, text, available, docs)
+            mask_id = sp.mask
         elif objective == SENTENCE:
-            spans, length = self._sentence_spans(rng, text, available, docs)
-            mask_id = self.special.smask if cfg.task_mask else self.special.mask
-            if not spans:  # no sentence fits (one long run-on text): mask tokens instead
-                objective, mask_id = TOKEN, self.special.mask
-                spans, length = self._token_spans(rng, available, docs)
+            starts, lengths, length = self._sentence_spans(rng, text, available, docs)
+            mask_id = sp.smask if cfg.task_mask else sp.mask
+            if not starts.size:  # no sentence fits (one long run-on text): mask tokens instead
+                objective, mask_id = TOKEN, sp.mask
+                starts, lengths, length = self._token_spans(rng, text, available, docs)
         else:
-            spans, length = self._document_spans(rng, available, docs)
-            mask_id = self.special.gmask if cfg.task_mask else self.special.mask
-        return self._assemble(rng, text[:length], _cut(docs, length), spans, mask_id, objective)
+            starts, lengths, length, eop = self._document_spans(rng, text, available, docs)
+            mask_id = sp.gmask if cfg.task_mask else sp.mask
+        segments = _cut(docs, length) if cfg.packed else np.asarray([length], np.int64)
+        order = self._order(rng, starts, segments)
+        p = _Plan(text[:length], segments, starts, lengths, order, mask_id, objective, eop)
+        if objective == DOCUMENT and eop is False:
+            return p  # THUDM's suffix: no position shift, no [dBLOCK]
+        if cfg.random_position:  # THUDM: positions end at the last Part A one; shift them up to S - 1
+            last = int(_part_a_lengths(starts, lengths, segments)[1].max()) - 1
+            if last < cfg.seq_length - 1:
+                p.bias = int(rng.integers(0, cfg.seq_length - last))
+        if objective == TOKEN and cfg.block_mask_prob:
+            p.block_masked = rng.random(int(lengths[order].sum())) < cfg.block_mask_prob
+        if objective == TOKEN and cfg.context_mask_ratio:
+            p.context_masked = self._context_mask(rng, p)
+        return p
 
-    def _token_spans(self, rng, available: int, docs):
+    def _order(self, rng, starts, segments) -> np.ndarray:
+        """Part B order: shuffled within each segment (one permutation per segment, in order)."""
+        if not self.cfg.shuffle_spans:
+            return np.arange(starts.size)
+        if segments.size == 1:
+            return rng.permutation(starts.size)
+        seg = np.searchsorted(np.cumsum(segments), starts, side="right")
+        first = np.searchsorted(seg, np.arange(segments.size + 1))
+        return np.concatenate([a + rng.permutation(b - a) for a, b in zip(first[:-1], first[1:])]).astype(np.int64)
+
+    def _protected_ends(self, text, docs) -> np.ndarray:
+        """1 for a document piece whose last token may not be masked: an end-of-document token, or the sample's end."""
+        ends = np.cumsum(docs) - 1
+        protect = np.zeros(docs.size, np.int64)
+        if self.special.eod is not None:
+            protect[:] = text[ends] == self.special.eod
+        protect[-1] = 1
+        return protect
+
+    def _token_spans(self, rng, text, available: int, docs):
         """Span lengths and the text length they fit, then their places in the documents."""
         cfg, S = self.cfg, self.cfg.seq_length
-        budget = min(available, S - 2)
         if cfg.single_span_prob and rng.random() < cfg.single_span_prob:
             length = min(available, S - 2)
             n = max(1, int(round(cfg.mask_ratio * length)))
-            return self._place(rng, np.asarray([min(n, length)]), length, docs), length
+            starts, lengths = self._place(rng, text, np.asarray([min(n, length)]), length, docs)
+            return starts, lengths, length
+        budget = min(available, S - 2)
         guess = int(cfg.mask_ratio * budget / 2) + 8
         lengths = np.searchsorted(self.span_cdf, rng.random(guess), side="right") + 1
         lengths = np.minimum(lengths, cfg.max_span_length)
@@ -151,40 +234,69 @@ class BlankInfillingCollator:
         done = np.flatnonzero(total >= cfg.mask_ratio * text_len)
         k = int(done[0]) + 1 if done.size else guess
         length = int(min(available, S - 2 * k))
-        return self._place(rng, lengths[:k], length, docs), length
+        starts, lengths = self._place(rng, text, lengths[:k], length, docs)
+        return starts, lengths, length
 
-    def _place(self, rng, lengths, length: int, docs) -> list[tuple[int, int]]:
-        """Spread spans over the documents in proportion to their lengths; places uniform within each."""
+    def _place(self, rng, text, lengths, length: int, docs):
+        """Give the drawn span lengths to documents (THUDM's rule, module docstring), then places inside each."""
         docs = _cut(docs, length)
-        starts = np.concatenate([[0], np.cumsum(docs)[:-1]])
-        share = lengths.size * docs / max(docs.sum(), 1)
-        count = np.floor(share).astype(np.int64)
-        for d in np.argsort(-(share - count), kind="stable")[: lengths.size - count.sum()]:
-            count[d] += 1
-        spans, used = [], 0
-        for d in range(docs.size):
-            mine = np.sort(lengths[used : used + count[d]])[::-1]  # longest first: dropped first if too many
-            used += count[d]
-            while mine.size and mine.sum() + mine.size - 1 > docs[d]:  # does not fit this document
-                mine = mine[1:]
-            if not mine.size:
-                continue
-            mine = rng.permutation(mine)
-            kd = mine.size
-            free = int(docs[d] - mine.sum() - (kd - 1))
-            gaps = np.sort(rng.choice(free + kd, kd, replace=False)) - np.arange(kd)
-            begins = starts[d] + gaps + np.cumsum(mine) - mine + np.arange(kd)
-            spans.extend(zip(begins.tolist(), mine.tolist()))
-        return spans
+        if docs.size == 1:  # all but the sample's last token
+            return self._places(rng, lengths[:_fitting(lengths, length - 1, gaps=True)], length - 1)
+        room = docs - self._protected_ends(text[:length], docs)  # maskable length of each piece
+        take, used = np.zeros(docs.size, np.int64), 0  # how many of the lengths (in drawn order) each piece takes
+        pieces = np.argsort(room, kind="stable")
+        for d in pieces[:-1]:
+            take[d] = _fitting(lengths[used:], int(room[d] * self.cfg.mask_ratio), gaps=False)
+            used += take[d]
+        take[pieces[-1]] = _fitting(lengths[used:], room[pieces[-1]], gaps=True)
+        # the lengths go to the pieces in that order
+        counts = take[pieces]
+        owner = np.repeat(pieces, counts)
+        starts, lengths = self._places(rng, lengths[:counts.sum()], room[owner], (np.cumsum(docs) - docs)[owner],
+                                       counts)
+        by_start = np.argsort(starts, kind="stable")
+        return starts[by_start], lengths[by_start]
+
+    @staticmethod
+    def _places(rng, lengths, room, offset=None, counts=None):
+        """THUDM's places: per piece, sorted uniform offsets in its free length (with replacement), spans in order.
+
+        ``room`` and ``offset`` are per span (those of the span's piece); ``counts`` spans in a row share a piece.
+        Without ``counts``, one piece from 0 whose room is the number ``room``.
+        """
+        u = rng.random(lengths.size)
+        if counts is None:  # one piece, from 0
+            free = int(room - lengths.sum() - (lengths.size - 1))
+            places = np.sort(np.floor(u * (free + 1)).astype(np.int64))
+            return places + np.cumsum(lengths + 1) - (lengths + 1), lengths
+        group = np.repeat(np.arange(counts.size), counts)
+        first = np.repeat(np.cumsum(counts) - counts, counts)
+        before = np.cumsum(lengths + 1) - (lengths + 1)  # tokens (span + gap) before each span ...
+        before -= before[first]  # ... within its piece
+        total = np.repeat(np.bincount(group, weights=lengths + 1, minlength=counts.size).astype(np.int64), counts)
+        places = np.floor(u * (room - total + 2)).astype(np.int64)  # free = room - sum - (k - 1)
+        places = places[np.lexsort((places, group))]  # sorted within each piece
+        return offset + places + before, lengths
+
 
     def _sentence_spans(self, rng, text, available: int, docs):
-        cfg, S = self.cfg, self.cfg.seq_length
-        ends = np.flatnonzero(np.isin(text[:available], self.sentence_ends)) + 1
-        doc_ends = np.cumsum(docs)
-        bounds = np.unique(np.concatenate([[0], ends, doc_ends[doc_ends < available], [available]]))
-        sentences = [(int(a), int(b - a)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+        """Whole sentences, in a random order, until ``sentence_ratio`` of the text they fit is covered."""
+        cfg, S, eod = self.cfg, self.cfg.seq_length, self.special.eod
+        head = text[:available]
+        ends = np.flatnonzero(np.take(self._is_end, head, mode="clip")) + 1
+        at_eod = np.zeros(0, np.int64) if eod is None else np.flatnonzero(head == eod)
+        if docs.size == 1 and not at_eod.size:  # already sorted and unique
+            bounds = [0] + ends.tolist()
+            if bounds[-1] != available:
+                bounds.append(available)
+        else:  # document ends, and an end-of-document token as a sentence of its own (never chosen)
+            doc_ends = np.cumsum(docs)
+            bounds = np.unique(np.concatenate([[0], ends, doc_ends[doc_ends < available], [available],
+                                               at_eod, at_eod + 1])).tolist()
+        lone_eod = set(at_eod.tolist())
+        sentences = [(a, b - a) for a, b in zip(bounds[:-1], bounds[1:]) if b > a and a not in lone_eod]
         chosen, covered, last_end = [], 0, 0
-        for i in rng.permutation(len(sentences)):
+        for i in rng.permutation(len(sentences)).tolist():
             k = len(chosen)
             if covered >= cfg.sentence_ratio * min(available, S - 2 * k):
                 break
@@ -195,100 +307,208 @@ class BlankInfillingCollator:
                 covered += n
                 last_end = end
         length = min(available, S - 2 * len(chosen))
-        return sorted(chosen), length
+        chosen = np.asarray(sorted(chosen), np.int64).reshape(-1, 2)
+        return chosen[:, 0], chosen[:, 1], length
 
-    def _document_spans(self, rng, available: int, docs):
+    def _document_spans(self, rng, text, available: int, docs):
+        """A suffix (no [eop]) of the text, or of every document when packed; or one span anywhere (with [eop])."""
         cfg, S = self.cfg, self.cfg.seq_length
-        segments = _cut(docs, min(available, S - 2)) if cfg.packed else None
-        if segments is None or segments.size <= 1:
+        several = _cut(docs, min(available, S - 1)).size > 1
+        suffix = several or rng.random() < cfg.gpt_infill_prob
+        if not suffix:  # one long span anywhere in a one-document sample, except its last token
             length = min(available, S - 2)
             n = int(round(rng.uniform(cfg.gmask_min_ratio, cfg.gmask_max_ratio) * length))
+            n = min(max(n, 1), length - 1)
+            start = int(rng.integers(0, length - n))  # the last token stays in Part A
+            return np.asarray([start]), np.asarray([n]), length, True
+        if not (cfg.packed and several):
+            length = min(available, S - 1)
+            n = int(round(rng.uniform(cfg.gmask_min_ratio, cfg.gmask_max_ratio) * length))
             n = min(max(n, 1), length)
-            return [(length - n, n)], length
-        # packed: a suffix of every document, each its own segment
-        k = segments.size
-        length = min(available, S - 2 * k)
+            return np.asarray([length - n]), np.asarray([n]), length, False
+        # packed: a suffix of every document, each its own segment; each costs one [gMASK]
+        k = _cut(docs, min(available, S - 1)).size
+        length = min(available, S - k)
         segments = _cut(docs, length)
-        spans, start = [], 0
-        for d in segments:
-            if d > 0:
-                n = min(max(int(round(rng.uniform(cfg.gmask_min_ratio, cfg.gmask_max_ratio) * d)), 1), int(d))
-                spans.append((int(start + d - n), n))
-            start += int(d)
-        return spans, length
+        ratio = rng.uniform(cfg.gmask_min_ratio, cfg.gmask_max_ratio, segments.size)
+        n = np.clip(np.round(ratio * segments).astype(np.int64), 1, segments)
+        return np.cumsum(segments) - n, n, length, False
 
-    def _assemble(self, rng, text, docs, spans, mask_id: int, objective: int) -> dict:
-        cfg, S, sp = self.cfg, self.cfg.seq_length, self.special
-        row = {name: np.zeros(S, np.int64) for name in ("tokens", "labels", "pos0", "pos1")}
-        row["loss_mask"] = np.zeros(S, np.float32)
-        lo, hi = np.arange(S, dtype=np.int32), np.arange(1, S + 1, dtype=np.int32)  # padding: itself
-        row["tokens"][:] = sp.pad
-        segments = (
-            [(int(a), int(b)) for a, b in zip(np.r_[0, np.cumsum(docs)[:-1]], np.cumsum(docs))]
-            if cfg.packed else [(0, len(text))]
-        )
-        cursor = 0
-        for seg_start, seg_end in segments:
-            seg_text = text[seg_start:seg_end]
-            if seg_text.size == 0:
-                continue
-            seg = np.asarray([(s - seg_start, n) for s, n in spans if seg_start <= s < seg_end], np.int64)
-            seg = seg.reshape(-1, 2)
-            starts, lengths = seg[:, 0], seg[:, 1]
-            # Part A: each span collapses to its mask token
-            cover = np.zeros(seg_text.size + 1, np.int64)
-            np.add.at(cover, starts, 1)
-            np.add.at(cover, starts + lengths, -1)
-            inside = np.cumsum(cover[:-1]) > 0
-            part_a = seg_text.copy()
-            part_a[starts] = mask_id
-            keep = ~inside
-            keep[starts] = True
-            part_a = part_a[keep]
-            a_len = part_a.size
-            mask_pos = starts - (np.cumsum(lengths - 1) - (lengths - 1))
-            a = slice(cursor, cursor + a_len)
-            row["tokens"][a], row["pos0"][a] = part_a, np.arange(a_len)
-            lo[a], hi[a] = cursor, cursor + a_len
-            # Part B: [sop] s1..sn -> s1..sn [eop], one block per span, blocks in shuffled order
-            order = rng.permutation(len(starts)) if cfg.shuffle_spans else np.arange(len(starts))
-            s_o, n_o = starts[order], lengths[order]
-            total = int((n_o + 1).sum())
-            block = np.repeat(np.arange(order.size), n_o + 1)
-            t = np.arange(total) - np.repeat(np.cumsum(n_o + 1) - (n_o + 1), n_o + 1)
-            src = np.repeat(s_o, n_o + 1) + t
-            b = slice(cursor + a_len, cursor + a_len + total)
-            row["tokens"][b] = np.where(t == 0, sp.sop, seg_text[np.maximum(src - 1, 0)])
-            row["labels"][b] = np.where(t == n_o[block], sp.eop, seg_text[np.minimum(src, seg_text.size - 1)])
-            row["loss_mask"][b] = 1.0
-            row["pos0"][b] = mask_pos[order][block]
-            row["pos1"][b] = t + 1
-            lo[b] = cursor
-            hi[b] = np.arange(b.start + 1, b.stop + 1)
-            cursor = b.stop
-        row["attn_lo"], row["attn_hi"], row["objective"] = lo, hi, objective
-        return row
+    def _context_mask(self, rng, p: _Plan) -> np.ndarray:
+        """Part A tokens within ``context_mask_range`` of a blank; as many as ``context_mask_ratio`` of the text.
+
+        THUDM's candidates are the tokens next to a blank plus the last ones of the text (a slip,
+        it seems: they are next to nothing); here they are only the tokens next to a blank.
+        Indices count through the Part As of the segments one after the other.
+        """
+        seg, a_seg = _part_a_lengths(p.starts, p.lengths, p.segments)
+        a_off = np.cumsum(a_seg) - a_seg
+        local = _mask_positions(p.starts, p.lengths, p.segments)
+        r = self.cfg.context_mask_range
+        near = local[:, None] + np.r_[-r:0, 1:r + 1][None, :]
+        valid = (near >= 0) & (near < a_seg[seg][:, None])
+        near = (near + a_off[seg][:, None])[valid]
+        candidates = np.setdiff1d(near, local + a_off[seg])  # sorted, unique, not a blank itself
+        count = min(int(self.cfg.context_mask_ratio * p.text.size), candidates.size)
+        return np.sort(rng.choice(candidates, count, replace=False)) if count else candidates[:0]
+
+    # -- rows ---------------------------------------------------------------------------------
+    def encode(self, index: int, text, document_lengths=None) -> dict:
+        """The row arrays of one sample (numpy): tokens, labels, loss_mask, pos0, pos1, attn_lo, attn_hi, objective."""
+        out = self._layout([self.plan(index, text, document_lengths)])
+        return {k: (v[0] if k != "objective" else int(v[0])) for k, v in out.items()}
+
+    def _layout(self, plans: list[_Plan]) -> dict:
+        """Lay out a batch of plans as ``[B, S]`` arrays in one pass of vectorised operations.
+
+        Everything is computed per segment or per span (small arrays) and spread over tokens with
+        ``np.repeat``: a segment's Part A, and each span's Part B block, are runs of consecutive
+        columns, so a destination is a run's first column plus a running index.
+        """
+        S, sp, B = self.cfg.seq_length, self.special, len(plans)
+        sizes = np.asarray([(p.text.size, p.segments.size, p.starts.size, p.eop, p.bias, p.mask_id) for p in plans],
+                           np.int64)
+        text_len, n_seg, n_span, eop, bias, mask_id = sizes.T
+        text = np.concatenate([p.text for p in plans])
+        seg_len = np.concatenate([p.segments for p in plans])
+        starts = np.concatenate([p.starts for p in plans]).astype(np.int64)
+        lengths = np.concatenate([p.lengths for p in plans]).astype(np.int64)
+        span_base = np.cumsum(n_span) - n_span
+        order = np.concatenate([p.order for p in plans]).astype(np.int64) + np.repeat(span_base, n_span)
+        seg_row = np.repeat(np.arange(B), n_seg)
+        span_row = np.repeat(np.arange(B), n_span)
+        seg_end = np.cumsum(seg_len)
+        starts += np.repeat(np.cumsum(text_len) - text_len, n_span)  # into the batch's text
+        span_seg = np.searchsorted(seg_end, starts, side="right")
+        # Part A: the text with each span's tokens after the first dropped, the first becoming the blank
+        dropped = lengths - 1
+        keep = np.ones(text.size, bool)
+        drop_first = np.cumsum(dropped) - dropped
+        keep[np.repeat(starts + 1 - drop_first, dropped) + np.arange(int(dropped.sum()))] = False
+        kept = np.flatnonzero(keep)
+        a_len = seg_len - np.bincount(span_seg, weights=dropped, minlength=seg_len.size).astype(np.int64)
+        a_first = np.cumsum(a_len) - a_len  # in ``kept``
+        # where each segment starts in its row: Part A then Part B, segment after segment
+        block = lengths[order] + eop[span_row[order]]  # Part B tokens of each span, in Part B order
+        b_len = np.bincount(span_seg[order], weights=block, minlength=seg_len.size).astype(np.int64)
+        total = a_len + b_len
+        seg_first = np.cumsum(n_seg) - n_seg
+        excl = np.cumsum(total) - total
+        cursor = excl - np.repeat(excl[seg_first], n_seg)
+        assert (cursor + total <= S).all(), "a plan does not fit its row"
+        seg_col0 = seg_row * S + cursor  # flat index of each segment's first column
+
+        tokens, labels, pos0, pos1, lo, hi = self._blank(B)
+        # a segment's columns [cursor, cursor + total) all attend from its first column
+        seg_col_first = np.cumsum(total) - total
+        lo[np.repeat(seg_col0 - seg_col_first, total) + np.arange(int(total.sum()))] = np.repeat(cursor, total)
+        dest = np.repeat(seg_col0 - a_first, a_len) + np.arange(kept.size)
+        tokens[dest] = text[kept]
+        pos0[dest] = np.arange(kept.size) - np.repeat(a_first - bias[seg_row], a_len)
+        hi[dest] = np.repeat(cursor + a_len, a_len)  # Part A sees all of its Part A; Part B keeps hi = column + 1
+        seg_text0 = seg_end - seg_len
+        mask_pos = starts - seg_text0[span_seg] - (drop_first - _first_of(drop_first, span_seg))
+        tokens[seg_col0[span_seg] + mask_pos] = mask_id[span_row]
+        for b, p in enumerate(plans):
+            if p.context_masked.size:  # Part A indices of the plan, segment after segment
+                segs = slice(seg_first[b], seg_first[b] + n_seg[b])
+                ends = np.cumsum(a_len[segs])
+                g = np.searchsorted(ends, p.context_masked, side="right")
+                tokens[seg_col0[segs][g] + p.context_masked - (ends - a_len[segs])[g]] = sp.dblock
+
+        # Part B: block j holds [sop] s1..s(n-1) [sn], labels s1..sn [eop]
+        o_seg = span_seg[order]
+        b_first = np.cumsum(block) - block
+        b_col0 = seg_col0[o_seg] + a_len[o_seg] + b_first - _first_of(b_first, o_seg)
+        run = np.arange(int(block.sum()))
+        dest = np.repeat(b_col0 - b_first, block) + run
+        src = np.repeat(starts[order] - 1 - b_first, block) + run  # text index of each input token
+        src[b_first] = 0  # the [sop], set below
+        b_tok = text[src]
+        ends_eop = eop[span_row[order]] == 1
+        b_last = b_col0 + block - 1
+        last_label = np.where(ends_eop, sp.eop, text[starts[order] + lengths[order] - 1])
+        if any(p.block_masked is not None for p in plans):
+            after_sop = np.ones(run.size, bool)
+            after_sop[b_first] = False
+            after_sop &= np.repeat(ends_eop, block)
+            drop = np.concatenate([p.block_masked if p.block_masked is not None else np.zeros(int(p.lengths.sum()), bool)
+                                   for p in plans if p.eop])
+            true_next = b_tok.copy()  # labels are the true tokens, whatever the inputs show
+            b_tok[np.flatnonzero(after_sop)[drop]] = sp.dblock
+        else:
+            true_next = b_tok
+        tokens[dest] = b_tok
+        tokens[b_col0] = sp.sop
+        labels[dest[:-1]] = true_next[1:]  # within a block, a label is the next input token ...
+        labels[b_last] = last_label  # ... but for the block's last, which is [eop] or the suffix's last token
+        pos0[dest] = np.repeat(mask_pos[order] + bias[span_row[order]], block)
+        pos1[dest] = run - np.repeat(b_first - 1, block)
+        loss = (pos1 > 0).astype(np.float32)
+        shape = (B, S)
+        return {"tokens": tokens.reshape(shape), "labels": labels.reshape(shape), "loss_mask": loss.reshape(shape),
+                "pos0": pos0.reshape(shape), "pos1": pos1.reshape(shape), "attn_lo": lo.reshape(shape),
+                "attn_hi": hi.reshape(shape), "objective": np.asarray([p.objective for p in plans], np.int64)}
+
+    def _blank(self, B: int):
+        """Fresh flat rows of padding: tokens, labels, pos0, pos1, attn_lo, attn_hi (padding attends to itself)."""
+        S = self.cfg.seq_length
+        if getattr(self, "_blank_rows", None) is None or self._blank_rows[0].size != B * S:
+            col = np.tile(np.arange(S, dtype=np.int32), B)
+            self._blank_rows = (np.full(B * S, self.special.pad, np.int64), np.zeros(B * S, np.int64), col, col + 1)
+        pad, zeros, col, col1 = self._blank_rows
+        return pad.copy(), zeros.copy(), zeros.copy(), zeros.copy(), col.copy(), col1.copy()
 
     # -- a batch -------------------------------------------------------------------------
     def __call__(self, samples) -> dict:
         """``samples``: ``[(sample_index, {"text", "document_lengths"}), ...]``."""
         import torch
 
-        rows = [self.encode(i, s["text"], s.get("document_lengths")) for i, s in samples]
-        stack = lambda key: np.stack([r[key] for r in rows])  # noqa: E731
+        rows = self._layout([self.plan(i, s["text"], s.get("document_lengths")) for i, s in samples])
         return {
-            "tokens": torch.from_numpy(stack("tokens")),
-            "labels": torch.from_numpy(stack("labels")),
-            "loss_mask": torch.from_numpy(stack("loss_mask")),
-            "position_ids": torch.from_numpy(np.stack([stack("pos0"), stack("pos1")], axis=1)),
-            "attn_lo": torch.from_numpy(stack("attn_lo")),
-            "attn_hi": torch.from_numpy(stack("attn_hi")),
-            "objective": torch.tensor([r["objective"] for r in rows]),
+            "tokens": torch.from_numpy(rows["tokens"]),
+            "labels": torch.from_numpy(rows["labels"]),
+            "loss_mask": torch.from_numpy(rows["loss_mask"]),
+            "position_ids": torch.from_numpy(np.stack([rows["pos0"], rows["pos1"]], axis=1)),
+            "attn_lo": torch.from_numpy(rows["attn_lo"]),
+            "attn_hi": torch.from_numpy(rows["attn_hi"]),
+            "objective": torch.from_numpy(rows["objective"]),
         }
+
+
+def _first_of(values: np.ndarray, group: np.ndarray) -> np.ndarray:
+    """``values`` at the first element of each element's group (groups are runs of equal, ascending ids)."""
+    return values[np.searchsorted(group, group)] if values.size else values
+
+
+def _part_a_lengths(starts, lengths, segments):
+    """The segment of each span, and the Part A length of each segment."""
+    seg = np.searchsorted(np.cumsum(segments), starts, side="right")
+    removed = np.bincount(seg, weights=lengths - 1, minlength=segments.size).astype(np.int64)
+    return seg, segments - removed
+
+
+def _mask_positions(starts, lengths, segments) -> np.ndarray:
+    """Index in its segment's Part A of each span's blank."""
+    seg = np.searchsorted(np.cumsum(segments), starts, side="right")
+    seg_start = (np.cumsum(segments) - segments)[seg]
+    collapsed = np.cumsum(lengths - 1) - (lengths - 1)  # tokens removed before each span
+    first = np.searchsorted(seg, seg)  # first span of the same segment
+    return starts - seg_start - (collapsed - collapsed[first])
+
+
+def _fitting(lengths: np.ndarray, room: int, gaps: bool) -> int:
+    """How many of ``lengths``, in order, fit in ``room`` (with a token between spans when ``gaps``)."""
+    need = np.cumsum(lengths)
+    if gaps:
+        need += np.arange(lengths.size)
+    return int(np.searchsorted(need, room, side="right"))
 
 
 def _cut(docs: np.ndarray, length: int) -> np.ndarray:
     """Document lengths of the first ``length`` tokens (the last one shortened, empty ones dropped)."""
+    if docs.size == 1 and docs[0] > 0:
+        return docs if docs[0] <= length else np.asarray([length], np.int64)
     ends = np.minimum(np.cumsum(docs), length)
-    cut = np.diff(np.r_[0, ends])
-    return cut[cut > 0]
+    ends[1:] -= ends[:-1].copy()
+    return ends[ends > 0]
