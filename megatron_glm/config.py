@@ -26,6 +26,8 @@ class ModelConfig:
     geglu: bool = False  # GLM-130B's gated MLP
     deepnorm: bool = False  # GLM-130B's post-LN with residual scaling alpha = (2N)^0.5
     rotary_base: float = 10000.0
+    # GLM-130B's embedding gradient shrink: the word embedding's gradient times alpha (1.0: off)
+    embedding_gradient_shrink_alpha: float = 1.0
 
     def __post_init__(self):
         if self.ffn_hidden_size is None:
@@ -38,6 +40,9 @@ class ModelConfig:
     def validate(self, seq_length: int | None = None) -> None:
         """Raise ``ValueError`` naming the flag to change for a shape the model cannot take."""
         problems = []
+        if not 0.0 <= self.embedding_gradient_shrink_alpha <= 1.0:
+            problems.append(f"--embedding-gradient-shrink-alpha must be in [0, 1] (GLM-130B: 0.1), "
+                            f"got {self.embedding_gradient_shrink_alpha}")
         if self.num_layers < 1 or self.hidden_size < 1 or self.num_attention_heads < 1:
             problems.append("--num-layers, --hidden-size and --num-attention-heads must be positive")
         elif self.hidden_size % self.num_attention_heads:

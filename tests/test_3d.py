@@ -163,3 +163,21 @@ def test_kill_and_resume_with_dropout_under_tensor_parallelism(tmp_path, data):
     reference = {r["iteration"]: r["lm_loss"] for r in records(clean)}
     for r in records(killed):
         assert r["lm_loss"] == reference[r["iteration"]], r["iteration"]
+
+
+def test_embedding_gradient_shrink_under_tp_and_pp(tmp_path, data, single):
+    """--embedding-gradient-shrink-alpha on TP2xPP2 (vocab-parallel lookup, tied copy on the last stage) equals
+    one process with the same flag, and changes training (so the flag reaches the model)."""
+    shrink = ["--embedding-gradient-shrink-alpha", "0.1"]
+    runs = {}
+    for nproc, extra in ((1, []), (4, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"])):
+        out = tmp_path / str(nproc)
+        result = launch_pretrain(nproc, argv(data, str(out), extra=shrink + extra))
+        assert result.returncode == 0, result.stderr[-8000:]
+        runs[nproc] = records(str(out))
+    for a, b in zip(runs[4], runs[1]):
+        assert a["lm_loss"] == pytest.approx(b["lm_loss"], rel=2e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=2e-4)
+    plain, _ = single
+    assert runs[1][0]["lm_loss"] == plain[0]["lm_loss"], "the forward of the first step is unchanged"
+    assert runs[1][0]["grad_norm"] != pytest.approx(plain[0]["grad_norm"], rel=1e-4), "the gradient shrinks"

@@ -187,3 +187,31 @@ def test_presets_have_the_published_sizes():
         assert cfg.ffn_hidden_size == 4 * hidden
     model = GLMModel(preset("glm-tiny", vocab_size=VOCAB))
     assert model.word_embeddings.weight is not None and model.transformer.position_embeddings.num_embeddings == 513
+
+
+@pytest.mark.parametrize("kind", KINDS)  # learned 2D takes the fused embedding, rotary the plain lookup
+def test_embedding_gradient_shrink(kind):
+    """GLM-130B's shrink: forward bitwise unchanged; the word embedding's gradient from its lookup times alpha.
+
+    The table is tied to the output layer, whose gradient share must stay: with alpha 0 only that share is
+    left, so ``g(alpha) - g(0) == alpha * (g(1) - g(0))``; the other parameters' gradients do not change.
+    """
+    b = batch()
+    grads, outs = {}, {}
+    for alpha in (1.0, 0.1, 0.0):
+        model = model_for(kind, embedding_gradient_shrink_alpha=alpha)
+        out = logits(model, b)
+        loss, _, _ = model.loss(out, b["labels"], b["loss_mask"].float())
+        loss.backward()
+        outs[alpha] = out.detach()
+        grads[alpha] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert torch.equal(outs[0.1], outs[1.0]) and torch.equal(outs[0.0], outs[1.0]), "the forward is untouched"
+    emb = "word_embeddings.weight"
+    lookup_share = grads[1.0][emb] - grads[0.0][emb]
+    assert lookup_share.abs().max() > 0
+    scale = float(grads[1.0][emb].abs().max())  # the differences cancel the output's share: absolute tolerance
+    torch.testing.assert_close(grads[0.1][emb] - grads[0.0][emb], 0.1 * lookup_share, rtol=0, atol=1e-5 * scale)
+    assert float((0.1 * lookup_share).abs().max()) > 1e-2 * scale, "the lookup's share is large enough to test"
+    for name in grads[1.0]:
+        if name != emb:
+            torch.testing.assert_close(grads[0.1][name], grads[1.0][name], rtol=0, atol=0, msg=name)

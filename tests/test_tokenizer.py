@@ -66,7 +66,7 @@ def test_hf_tokenizer_json(trained_bpe):
     eot = next(t["id"] for t in saved["added_tokens"] if t["content"] == "<|endoftext|>")
     assert tok.eos_id == eot
     appended = [r for r in ROLES if r != "eos"]
-    assert [tok.special_ids[r] for r in appended] == list(range(tok.base_vocab_size, tok.base_vocab_size + 9))
+    assert [tok.special_ids[r] for r in appended] == list(range(tok.base_vocab_size, tok.base_vocab_size + len(appended)))
     # a folder holding tokenizer.json loads the same tokenizer
     assert load_tokenizer(model=str(trained_bpe)).special_ids == tok.special_ids
 
@@ -95,8 +95,8 @@ def test_bert_wordpiece(bert_vocab):
     # BERT's own spellings are reused...
     assert (tok.pad_id, tok.unk_id, tok.cls_id, tok.sep_id, tok.mask_id) == (0, 1, 2, 3, 4)
     # ...and the GLM-only ones appended after the 16 base ids, in role order
-    assert [tok.smask_id, tok.gmask_id, tok.sop_id, tok.eop_id, tok.eos_id] == [16, 17, 18, 19, 20]
-    assert tok.vocab_size == 21 and tok.padded_vocab_size(2) == 256
+    assert [tok.smask_id, tok.gmask_id, tok.sop_id, tok.eop_id, tok.eos_id, tok.dblock_id] == [16, 17, 18, 19, 20, 21]
+    assert tok.vocab_size == 22 and tok.padded_vocab_size(2) == 256
     assert tok.encode("The cats sat.") == [5, 6, 12, 7, 14]  # the cat ##s sat .
     assert tok.decode(tok.encode("the dogs sat on a mat.")) == "the dogs sat on a mat."
     cased = load_tokenizer(TokenizerSpec("BertWordPieceCase", vocab_file=bert_vocab))

@@ -1,6 +1,6 @@
 """One tokenizer interface over sentencepiece models and Hugging Face ``tokenizers`` files.
 
-GLM needs ten special tokens (REFERENCE.md section 1). Every backend gets them by the same
+GLM needs ten special tokens, and THUDM's ``[dBLOCK]`` for its decoder-mask options. Every backend gets them by the same
 rule, so ids never depend on which code path loaded the tokenizer: for each role, in the
 fixed order of ``SPECIAL_TOKENS``, reuse the base vocabulary's token if it has one under a
 known spelling (BERT's ``[MASK]``, GPT-2's ``<|endoftext|>``, sentencepiece's ``<unk>``...),
@@ -33,6 +33,9 @@ SPECIAL_TOKENS: dict[str, tuple[str, ...]] = {
     "eos": ("[eos]", "</s>", "<|endoftext|>", "<eos>"),
     "unk": ("[unk]", "[UNK]", "<unk>"),
     "sep": ("[sep]", "[SEP]", "<sep>"),
+    # THUDM's decoder mask: replaces tokens under --block-mask-prob / --context-mask-ratio. Last, so
+    # that adding it moved no other id.
+    "dblock": ("[dBLOCK]",),
 }
 
 TOKENIZER_TYPES = ("auto", "sentencepiece", "hf", "bert", "bert-cased", "gpt2")

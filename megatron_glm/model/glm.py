@@ -184,12 +184,15 @@ class GLMModel(nn.Module):
 
     def embed(self, tokens, position_ids):
         learned = self.cfg.position_embedding_type == "learned_2d"
+        alpha = self.cfg.embedding_gradient_shrink_alpha
         if learned and type(self.word_embeddings) is nn.Embedding:  # one fused pass (the vocab-parallel one reduces)
-            h = kernels.embedding_2d(tokens, position_ids, self.word_embeddings.weight,
+            # the lookup is linear in the table, so shrinking the gradient the lookup gives the table is
+            # shrinking the word embedding output's; the tied output layer's share is untouched
+            h = kernels.embedding_2d(tokens, position_ids, scale_gradient(self.word_embeddings.weight, alpha),
                                      self.transformer.position_embeddings.weight,
                                      self.transformer.block_position_embeddings.weight)
         else:
-            h = self.word_embeddings(tokens)
+            h = scale_gradient(self.word_embeddings(tokens), alpha)
             if learned:
                 h = h + self.transformer.position_embeddings(position_ids[:, 0])
                 h = h + self.transformer.block_position_embeddings(position_ids[:, 1])
@@ -219,6 +222,26 @@ class GLMModel(nn.Module):
     def set_attention_impl(self, impl: str) -> None:
         for layer in self.transformer.layers:
             layer.attention.impl = impl
+
+
+class _ScaleGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, alpha):
+        ctx.alpha = alpha
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.alpha, None
+
+
+def scale_gradient(x, alpha: float):
+    """``x`` itself forward (bitwise), its gradient times ``alpha`` backward: GLM-130B's embedding gradient shrink.
+
+    GLM-130B writes it ``alpha * x + (1 - alpha) * x.detach()``, which has the same gradient but rounds the
+    forward; an identity with a scaled backward does not.
+    """
+    return x if alpha == 1.0 else _ScaleGradient.apply(x, alpha)
 
 
 def glm_loss(logits, labels, loss_mask, cross_entropy=TiedOutput.cross_entropy):

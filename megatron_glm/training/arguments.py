@@ -25,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--init-method-std", type=float, default=0.02)
     g.add_argument("--geglu", action="store_true", help="GLM-130B's gated MLP")
     g.add_argument("--deepnorm", action="store_true", help="GLM-130B's DeepNorm (post-LN, scaled residual)")
+    g.add_argument("--embedding-gradient-shrink-alpha", type=float, default=1.0,
+                   help="GLM-130B's stability trick: the word embedding's gradient times alpha (GLM-130B: 0.1), "
+                        "the forward unchanged; 1.0 is off")
     g.add_argument("--attention-impl", choices=["auto", "flash", "softmax", "sdpa", "eager"], default="auto",
                    help="auto: the Triton GLM-mask flash kernel on CUDA, SDPA with a dense mask elsewhere")
     g.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto",
@@ -43,13 +46,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recompute-method", choices=["uniform", "block"], default="uniform")
     g.add_argument("--recompute-num-layers", type=int, default=1)
 
-    g = p.add_argument_group("blank infilling (REFERENCE.md section 1)")
+    g = p.add_argument_group("blank infilling (the GLM objective; THUDM/GLM's flags and defaults)")
     g.add_argument("--bert-prob", type=float, default=1.0, help="token objective ([MASK]) probability")
     g.add_argument("--gap-sentence-prob", type=float, default=0.0, help="sentence objective ([sMASK]) probability")
     g.add_argument("--mask-ratio", type=float, default=0.15)
     g.add_argument("--poisson-lambda", type=float, default=3.0)
     g.add_argument("--gap-sentence-ratio", type=float, default=0.15)
-    g.add_argument("--gpt-min-ratio", type=float, default=0.5, help="shortest [gMASK] suffix, fraction of the text")
+    g.add_argument("--gpt-min-ratio", type=float, default=0.5, help="shortest [gMASK] span, fraction of the text")
+    g.add_argument("--gpt-infill-prob", type=float, default=0.5,
+                   help="document objective: probability of a suffix (no [eop]); otherwise one span anywhere in a "
+                        "one-document sample (with [eop]). Samples of several documents always take a suffix")
+    g.add_argument("--block-mask-prob", type=float, default=0.0,
+                   help="token objective: replace each Part B input token by [dBLOCK] with this probability "
+                        "(GLM-10B: 0.1)")
+    g.add_argument("--context-mask-ratio", type=float, default=0.0,
+                   help="token objective: replace this fraction of the text, among the tokens within "
+                        "--context-mask-range of a blank, by [dBLOCK]")
+    g.add_argument("--context-mask-range", type=int, default=3)
+    g.add_argument("--random-position", action="store_true",
+                   help="shift the positions of a sample by a random offset, so that every position row trains")
     g.add_argument("--no-shuffle-blocks", action="store_true", help="keep Part B spans in text order")
     g.add_argument("--single-span-prob", type=float, default=0.0)
     g.add_argument("--short-seq-prob", type=float, default=0.0)
@@ -124,6 +139,7 @@ def model_config_from_args(args, vocab_size: int) -> ModelConfig:
     base.position_embedding_type = args.position_embedding_type
     base.hidden_dropout, base.attention_dropout = args.hidden_dropout, args.attention_dropout
     base.init_method_std, base.geglu, base.deepnorm = args.init_method_std, args.geglu, args.deepnorm
+    base.embedding_gradient_shrink_alpha = args.embedding_gradient_shrink_alpha
     base.validate(seq_length=args.seq_length)
     return base
 

@@ -176,7 +176,10 @@ def pretrain(argv=None) -> dict:
     bi_cfg = BlankInfillingConfig(
         seq_length=args.seq_length, token_prob=args.bert_prob, sentence_prob=args.gap_sentence_prob,
         mask_ratio=args.mask_ratio, poisson_lambda=args.poisson_lambda, sentence_ratio=args.gap_sentence_ratio,
-        gmask_min_ratio=args.gpt_min_ratio, shuffle_spans=not args.no_shuffle_blocks,
+        gmask_min_ratio=args.gpt_min_ratio, gpt_infill_prob=args.gpt_infill_prob,
+        block_mask_prob=args.block_mask_prob, context_mask_ratio=args.context_mask_ratio,
+        context_mask_range=args.context_mask_range, random_position=args.random_position,
+        shuffle_spans=not args.no_shuffle_blocks,
         single_span_prob=args.single_span_prob, short_seq_prob=args.short_seq_prob,
         task_mask=not args.no_task_mask, packed=args.packed_segments, seed=args.seed)
     ends = sentence_end_ids(tokenizer) if args.gap_sentence_prob > 0 else None
