@@ -232,3 +232,133 @@ def test_objective_mixture_and_batch_contract():
 def test_bad_configurations(bad):
     with pytest.raises(ValueError):
         BlankInfillingCollator(BlankInfillingConfig(**{"seq_length": 64, **bad}), SP)
+
+
+EOD, DBLOCK = 90, 91
+SPE = SpecialIds(pad=0, mask=1, smask=2, gmask=3, sop=4, eop=5, eod=EOD, dblock=DBLOCK)
+
+
+def packed_sample(rng, lengths):
+    """Documents of these lengths, each ending in the end-of-document token, as a sample of their total length."""
+    docs = [np.r_[rng.integers(7, 89, n - 1), EOD] for n in lengths]
+    return np.concatenate(docs), np.asarray(lengths)
+
+
+def masked_positions(row, S):
+    """Text positions inside a span, from the row alone (the spans put back in their blanks)."""
+    start, sep, end = segments_of(row, S)[0]
+    part_a = list(row["tokens"][start:sep])
+    rebuilt, masked = reconstruct(row, start, sep, end), []
+    pos = 0
+    spans = {}
+    i = sep
+    while i < end:  # span lengths by blank position
+        n = 0
+        while i + n + 1 < end and row["pos1"][i + n + 1] == n + 2:
+            n += 1
+        spans[row["pos0"][i]] = n if row["labels"][i + n] == SP.eop else n + 1
+        i += n + 1
+    for k, t in enumerate(part_a):
+        if t in BLANKS:
+            masked += range(pos, pos + spans[k])
+            pos += spans[k]
+        else:
+            pos += 1
+    return rebuilt, masked
+
+
+def test_document_ends_are_never_masked_and_short_documents_keep_their_context():
+    """THUDM's rules: no end-of-document token and no sample-final token in a span; a document that is not the
+    sample's longest loses at most mask_ratio of its tokens (THUDM measured 1.9% for 8 tokens, 3.2% for 16)."""
+    S, rng = 256, np.random.default_rng(4)
+    collate = BlankInfillingCollator(BlankInfillingConfig(seq_length=S), SPE)
+    short = {8: [], 16: []}
+    for i in range(500):
+        first = int(rng.choice([8, 16]))
+        text, docs = packed_sample(rng, [first, 40, S - first - 40])
+        row = collate.encode(i, text, docs)
+        rebuilt, masked = masked_positions(row, S)
+        used = len(rebuilt)
+        assert not any(text[p] == EOD for p in masked), "an end-of-document token was masked"
+        assert used - 1 not in masked, "the sample's last token was masked"
+        cut = np.cumsum(docs)
+        masked = np.asarray(masked, int)
+        short[first].append(np.sum(masked < first) / first)
+        assert np.sum((masked >= cut[0]) & (masked < cut[1])) <= int(0.15 * 39), "the middle document over its cap"
+        assert np.sum(masked < first) <= int(0.15 * (first - 1))
+    assert np.mean(short[8]) < 0.05 and np.mean(short[16]) < 0.1, {k: np.mean(v) for k, v in short.items()}
+
+
+def test_block_mask_prob_replaces_part_b_inputs_only():
+    """--block-mask-prob: each Part B input after [sop] becomes [dBLOCK] with that probability; targets stay."""
+    S, p = 128, 0.3
+    collate = BlankInfillingCollator(BlankInfillingConfig(seq_length=S, block_mask_prob=p), SPE)
+    plain = BlankInfillingCollator(BlankInfillingConfig(seq_length=S), SPE)
+    rng = np.random.default_rng(5)
+    hits = total = 0
+    for i in range(300):
+        text = rng.integers(7, 89, S)
+        row, ref = collate.encode(i, text), plain.encode(i, text)
+        sep = int(row["attn_hi"][0])
+        assert np.array_equal(row["labels"], ref["labels"]) and np.array_equal(row["tokens"][:sep], ref["tokens"][:sep])
+        b = np.flatnonzero(row["loss_mask"] > 0)
+        inputs = b[row["tokens"][b] != SP.sop]
+        changed = row["tokens"][inputs] != ref["tokens"][inputs]
+        assert (row["tokens"][inputs][changed] == DBLOCK).all()
+        assert not (row["tokens"][b][row["tokens"][b] == SP.sop] == DBLOCK).any()
+        hits, total = hits + int(changed.sum()), total + inputs.size
+    assert abs(hits / total - p) < 4 * math.sqrt(p * (1 - p) / total), hits / total
+
+
+def test_context_mask_ratio_hides_part_a_next_to_blanks():
+    S, ratio, r = 256, 0.05, 3
+    collate = BlankInfillingCollator(BlankInfillingConfig(seq_length=S, context_mask_ratio=ratio), SPE)
+    plain = BlankInfillingCollator(BlankInfillingConfig(seq_length=S), SPE)
+    rng = np.random.default_rng(6)
+    for i in range(200):
+        text = rng.integers(7, 89, S)
+        row, ref = collate.encode(i, text), plain.encode(i, text)
+        sep = int(row["attn_hi"][0])
+        a = row["tokens"][:sep]
+        changed = np.flatnonzero(a != ref["tokens"][:sep])
+        assert (a[changed] == DBLOCK).all()
+        blanks = np.flatnonzero(np.isin(a, list(BLANKS)))
+        assert all(np.min(np.abs(blanks - c)) <= r for c in changed), "only tokens next to a blank"
+        text_len = sep - blanks.size + int(row["loss_mask"].sum()) - blanks.size
+        assert changed.size == int(ratio * text_len)
+        assert np.array_equal(row["tokens"][sep:], ref["tokens"][sep:]) and np.array_equal(row["labels"], ref["labels"])
+
+
+def test_random_position_shifts_part_a_positions_uniformly():
+    S = 64
+    collate = BlankInfillingCollator(BlankInfillingConfig(seq_length=S, random_position=True), SP)
+    plain = BlankInfillingCollator(BlankInfillingConfig(seq_length=S), SP)
+    rng = np.random.default_rng(7)
+    shifts = []
+    for i in range(400):
+        text = rng.integers(7, 99, 40)  # shorter than the row: room to shift
+        row, ref = collate.encode(i, text), plain.encode(i, text)
+        used = row["loss_mask"] > 0
+        used[: int(row["attn_hi"][0])] = True
+        shift = row["pos0"][used] - ref["pos0"][used]
+        assert (shift == shift[0]).all() and np.array_equal(row["pos1"], ref["pos1"])
+        assert row["pos0"].max() <= S - 1
+        shifts.append(int(shift[0]))
+        last = int(ref["attn_hi"][0]) - 1
+        assert 0 <= shift[0] <= S - 1 - last
+    assert min(shifts) == 0 and len(set(shifts)) > 10
+
+
+def test_sentence_ends_anywhere_in_a_token():
+    """THUDM's rule: a token ends a sentence if it holds . ? ! ; : a newline or an ellipsis anywhere."""
+    from megatron_glm.data.blank_infilling import sentence_end_ids
+
+    class Pieces:
+        pieces = ["the", ".", "dog", "?\"", "...", "a.b", "\u2026", "\n\n", "x;", "\u3002", "end"]
+        special_ids = {"pad": 11}
+        vocab_size = 12
+
+        def decode(self, ids):
+            return "[pad]" if ids[0] == 11 else self.pieces[ids[0]]
+
+    assert sentence_end_ids(Pieces()).tolist() == [1, 3, 4, 5, 6, 7, 8, 9]
