@@ -77,16 +77,77 @@ class LineBatch:
     raw_bytes: int  # bytes of the (possibly compressed) file consumed by this batch
 
 
-def iter_line_batches(paths: Sequence[str], batch_bytes: int = 1 << 20) -> Iterator[LineBatch]:
+@dataclass(frozen=True)
+class Piece:
+    """The lines of ``path`` that start in bytes ``[start, end)`` (``end`` None: to the end of the file)."""
+
+    path: str
+    start: int = 0
+    end: int | None = None
+
+
+def shard(paths: Sequence[str], index: int, count: int) -> list[Piece]:
+    """Shard ``index`` of ``count``: a contiguous, deterministic share of the inputs, in order.
+
+    The inputs' bytes are cut into ``count`` equal ranges, one after the other; a line belongs to
+    the range that holds its first byte, so the shards, concatenated in order, are the corpus
+    exactly. A compressed file cannot be entered in the middle: it goes whole to the shard that
+    holds its first byte. Everything a shard needs is the input list and the file sizes, so N
+    array tasks agree without talking to each other.
+    """
+    if not 0 <= index < count:
+        raise CorpusError(f"--shard-index {index} is outside 0..{count - 1} (--num-shards {count})")
+    pipes = [p for p in paths if not os.path.isfile(p)]
+    if pipes:
+        raise CorpusError(f"{pipes[0]} is not a regular file: a pipe cannot be split into shards")
+    sizes = [os.path.getsize(p) for p in paths]
+    total = sum(sizes)
+    lo, hi = total * index // count, total * (index + 1) // count
+    pieces, offset = [], 0
+    for path, size in zip(paths, sizes):
+        if path.endswith((".gz", ".zst")):
+            if size and lo <= offset < hi:
+                pieces.append(Piece(path))
+        elif max(lo, offset) < min(hi, offset + size):
+            end = None if hi >= offset + size else hi - offset
+            pieces.append(Piece(path, max(lo, offset) - offset, end))
+        offset += size
+    return pieces
+
+
+def _open_at(piece: Piece):
+    """The reader positioned at the first line that starts at or after ``piece.start``, and its line number."""
+    reader, raw = open_binary(piece.path)
+    if not piece.start:
+        return reader, raw, 1
+    raw.seek(piece.start - 1)
+    if raw.read(1) != b"\n":  # inside a line: it belongs to the piece before
+        raw.readline()
+    begin = raw.tell()
+    raw.seek(0)
+    newlines, left = 0, begin
+    while left:  # the line number, for messages: count the newlines before
+        chunk = raw.read(min(left, 1 << 24))
+        newlines += chunk.count(b"\n")
+        left -= len(chunk)
+    return reader, raw, newlines + 1
+
+
+def iter_line_batches(inputs: Sequence[str | Piece], batch_bytes: int = 1 << 20) -> Iterator[LineBatch]:
     """Yield consecutive lines in batches of about ``batch_bytes`` (memory stays bounded)."""
-    for path in paths:
-        reader, raw = open_binary(path)
+    for piece in inputs:
+        piece = piece if isinstance(piece, Piece) else Piece(piece)
+        path = piece.path
+        reader, raw, first = _open_at(piece)
         compressed = reader is not raw
+        limit = None if piece.end is None else piece.end - raw.tell()  # bytes in which lines may start
         with reader, raw:
             lines: list[bytes] = []
-            size, first, consumed, reported = 0, 1, 0, 0
+            size, consumed, reported = 0, 0, 0
             try:
-                for number, line in enumerate(reader, 1):
+                for number, line in enumerate(reader, first):
+                    if limit is not None and consumed + size >= limit:
+                        break
                     lines.append(line)
                     size += len(line)
                     if size >= batch_bytes:

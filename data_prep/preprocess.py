@@ -26,6 +26,7 @@ from megatron_glm.data_prep.jsonl import (
     is_blank,
     iter_line_batches,
     parse_line,
+    shard,
 )
 
 MAX_REPORTED = 5  # file:line examples listed in the summary
@@ -203,8 +204,14 @@ class _Progress:
             self.bar.close()
 
 
-def output_prefix(prefix: str, key: str) -> str:
-    return f"{prefix}_{key}_document"
+def output_prefix(prefix: str, key: str, shard_of: tuple[int, int] | None = None) -> str:
+    """Megatron's naming; shard I of N is ``{prefix}_{key}_document.shard-{I}-of-{N}`` (zero-padded: sorts in order)."""
+    name = f"{prefix}_{key}_document"
+    if shard_of is not None:
+        index, count = shard_of
+        width = max(5, len(str(count - 1)))
+        name += f".shard-{index:0{width}d}-of-{count:0{width}d}"
+    return name
 
 
 def preprocess(
@@ -220,8 +227,13 @@ def preprocess(
     log_interval: float = 10.0,
     batch_bytes: int = 1 << 20,
     allow_empty: bool = False,
+    shard_of: tuple[int, int] | None = None,
 ) -> Summary:
-    """Run the whole conversion; raises ``PreprocessError`` (nothing written) on a stop."""
+    """Run the whole conversion; raises ``PreprocessError`` (nothing written) on a stop.
+
+    ``shard_of=(I, N)`` converts only shard I of N (``jsonl.shard``); glm-merge-datasets joins the
+    N outputs, in order, into exactly what one run over everything writes.
+    """
     import numpy as np
 
     from megatron_glm.data.indexed import IndexedDatasetWriter, best_dtype, bin_path, idx_path
@@ -231,24 +243,25 @@ def preprocess(
     json_keys = list(json_keys)
     if len(set(json_keys)) != len(json_keys):
         raise PreprocessError(f"--json-keys repeats a key: {json_keys}")
-    prefixes = {key: output_prefix(output_prefix_, key) for key in json_keys}
+    prefixes = {key: output_prefix(output_prefix_, key, shard_of) for key in json_keys}
     if not overwrite:
         existing = [p for pre in prefixes.values() for p in (bin_path(pre), idx_path(pre)) if os.path.exists(p)]
         if existing:
             raise PreprocessError(f"{', '.join(existing)} already exist(s); pass --overwrite to replace")
     try:
         paths = expand_inputs(inputs)
+        pieces = paths if shard_of is None else shard(paths, *shard_of)
     except CorpusError as e:
         raise PreprocessError(str(e)) from e
     tok = GLMTokenizer(spec)
     dtype = best_dtype(tok.vocab_size)
-    summary = Summary(files=len(paths))
+    summary = Summary(files=len(pieces))
     bar = _Progress(sum(os.path.getsize(p) for p in paths), progress, log_interval)
     start = time.monotonic()
     writers = {key: IndexedDatasetWriter(prefixes[key], dtype, overwrite=overwrite) for key in json_keys}
     meta_tmp = {key: f"{prefixes[key]}.meta.json.tmp-{os.getpid()}" for key in json_keys}
     try:
-        results = _ordered_map(encode_lines, iter_line_batches(paths, batch_bytes), workers,
+        results = _ordered_map(encode_lines, iter_line_batches(pieces, batch_bytes), workers,
                                (spec, json_keys, append_eod, dtype))
         for res in results:
             for number, cause in res.skips:
@@ -265,7 +278,7 @@ def preprocess(
             summary.raw_bytes += res.raw_bytes
             bar.update(summary, res.raw_bytes)
         summary.seconds = time.monotonic() - start
-        if summary.docs == 0 and not allow_empty:
+        if summary.docs == 0 and not allow_empty and shard_of is None:  # a shard may fall on blank lines only
             causes = ", ".join(f"{c} {n:,}" for c, n in summary.skipped.items() if n) or "the input is empty"
             raise PreprocessError(f"no documents in {', '.join(paths)} ({causes}"
                                   + (f"; e.g. {summary.examples[0]}" if summary.examples else "")
@@ -275,6 +288,7 @@ def preprocess(
             "inputs": [os.path.abspath(p) for p in paths],
             "json_keys": json_keys,
             "append_eod": append_eod,
+            **({"shard": list(shard_of)} if shard_of else {}),
             "documents": summary.docs,
             "skipped": dict(summary.skipped),
             "dtype": str(np.dtype(dtype)),
@@ -325,6 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="stop at the first bad line instead of skipping it")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
+    p.add_argument("--shard-index", type=int, default=None,
+                   help="convert only this shard (0-based; e.g. $SLURM_ARRAY_TASK_ID) of --num-shards contiguous "
+                        "byte ranges of the inputs; writes {prefix}_{key}_document.shard-I-of-N. glm-merge-datasets "
+                        "joins the N shards, in order, into what one run writes")
+    p.add_argument("--num-shards", type=int, default=None)
     p.add_argument("--log-interval", type=float, default=10.0, help="seconds between progress lines off a terminal")
     add_tokenizer_args(p)
     return p
@@ -340,8 +359,12 @@ def main(argv=None) -> int:
     if not args.input or not args.output_prefix:
         parser.error("--input and --output-prefix are required (or --verify PREFIX to check a dataset)")
     if args.workers < 1:
-        print("glm-preprocess: --workers must be at least 1", file=sys.stderr)
-        return 2
+        parser.error("--workers must be at least 1")
+    if (args.shard_index is None) != (args.num_shards is None):
+        parser.error("--shard-index and --num-shards go together")
+    if args.num_shards is not None and not 0 <= args.shard_index < args.num_shards:
+        parser.error(f"--shard-index {args.shard_index} must be in 0..{args.num_shards - 1} for --num-shards "
+                     f"{args.num_shards}")
     from concurrent.futures.process import BrokenProcessPool
 
     from megatron_glm.data.indexed import IndexedDatasetError
@@ -356,6 +379,7 @@ def main(argv=None) -> int:
             args.input, args.output_prefix, spec_from_args(args), args.json_keys, args.append_eod,
             args.workers, args.strict, args.overwrite, progress=not args.no_progress, log_interval=args.log_interval,
             allow_empty=args.allow_empty,
+            shard_of=None if args.num_shards is None else (args.shard_index, args.num_shards),
         )
     except (PreprocessError, TokenizerError, CorpusError, FileExistsError, IndexedDatasetError) as e:
         print(f"glm-preprocess: error: {e}", file=sys.stderr)

@@ -221,3 +221,64 @@ def test_launchers_name_missing_settings(tmp_path):
                             env={**env, "GLM_CONFIG": str(bad), "DATA_PATH": "x", "SAVE_DIR": "y"},
                             capture_output=True, text=True)
     assert result.returncode == 2 and "PRECISION=fp8; use bf16, fp16 or fp32" in result.stderr
+
+
+FAKE_SBATCH = r'''#!PYTHON
+"""sbatch stand-in: record the submission (one JSON line) instead of queueing it."""
+import json, os, sys
+with open(os.environ["FAKE_SLURM_LOG"], "a") as f:
+    f.write(json.dumps(sys.argv[1:]) + "\n")
+print("Submitted batch job 777")
+'''
+
+
+def test_slurm_preprocess_array_then_merge_equals_one_run(tmp_path, corpus, spm_model):
+    """An array of 3 tasks, each its shard; task 0 submits the merge after the array (afterok); the merged
+    dataset is byte-identical to one glm-preprocess run."""
+    import json
+
+    from megatron_glm.data.tokenizer import TokenizerSpec
+    from megatron_glm.data_prep.preprocess import preprocess
+
+    lines = open(corpus[0], "rb").read().splitlines(keepends=True)
+    (tmp_path / "raw").mkdir()
+    for i, part in enumerate((lines[:500], lines[500:1100], lines[1100:])):
+        (tmp_path / "raw" / f"part{i}.jsonl").write_bytes(b"".join(part))
+    preprocess([str(tmp_path / "raw")], str(tmp_path / "single"), TokenizerSpec(model=spm_model), append_eod=True)
+    bin_dir = tmp_path / "fake-slurm"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(FAKE_SBATCH.replace("#!PYTHON", "#!" + sys.executable))
+    (bin_dir / "sbatch").chmod(0o755)
+    log = tmp_path / "sbatch.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(PATH=f"{bin_dir}{os.pathsep}{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}",
+               INPUT=str(tmp_path / "raw"), OUTPUT_PREFIX=str(tmp_path / "out" / "corpus"),
+               TOKENIZER_ARGS=f"--tokenizer-model {spm_model}", PREPROCESS_ARGS="--append-eod",
+               SLURM_SUBMIT_DIR=ROOT, SLURM_ARRAY_JOB_ID="900", SLURM_ARRAY_TASK_COUNT="3",
+               SLURM_ARRAY_TASK_MIN="0", SLURM_ARRAY_TASK_MAX="2", FAKE_SLURM_LOG=str(log), PYTHON=sys.executable)
+    (tmp_path / "out").mkdir()
+    script = os.path.join(LAUNCHERS, "slurm_preprocess.sbatch")
+    for task in (2, 0, 1):  # array tasks run in any order
+        result = subprocess.run(["bash", script], env={**env, "SLURM_ARRAY_TASK_ID": str(task)},
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert "--shard-index " + str(task) in result.stdout
+    submissions = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(submissions) == 1, "only task 0 submits the merge"
+    merge = submissions[0]
+    assert "--dependency=afterok:900" in merge and merge[-1].endswith("slurm_preprocess.sbatch")
+    export = next(a for a in merge if a.startswith("--export="))[len("--export="):].split(",")
+    stage = dict(kv.split("=", 1) for kv in export if "=" in kv)
+    assert "ALL" in export and stage == {"GLM_PREPROCESS_STAGE": "merge", "NUM_SHARDS": "3"}
+    result = subprocess.run(["bash", merge[-1]], env={**env, **stage}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for ext in (".bin", ".idx"):
+        assert (tmp_path / "out" / f"corpus_text_document{ext}").read_bytes() == \
+            (tmp_path / f"single_text_document{ext}").read_bytes()
+    # a missing shard: the merge says which stage to rerun, and writes nothing
+    os.remove(tmp_path / "out" / "corpus_text_document.bin")
+    os.remove(tmp_path / "out" / "corpus_text_document.idx")
+    os.remove(next((tmp_path / "out").glob("*.shard-00001-of-00003.idx")))
+    result = subprocess.run(["bash", merge[-1]], env={**env, **stage}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "found 2 shards" in result.stderr and "expected 3" in result.stderr
+    assert not (tmp_path / "out" / "corpus_text_document.bin").exists()

@@ -227,3 +227,43 @@ def test_merge_cli_concatenates(tmp_path, corpus, spm_model):
     ab = IndexedDataset(tmp_path / "ab")
     assert ab.num_documents == 2 * a.num_documents
     assert np.array_equal(ab.document(a.num_documents + 7), a.document(7))
+
+
+def test_shards_merged_equal_one_run_byte_for_byte(tmp_path, corpus, spm_model):
+    """--shard-index I --num-shards N over several files (one gzip, which goes whole to one shard): the N outputs,
+    merged in order, are byte-identical to one run; line numbers in a shard's reports are the file's own."""
+    from megatron_glm.data_prep import merge
+
+    path, texts = corpus
+    lines = open(path, "rb").read().splitlines(keepends=True)
+    a, b, c = tmp_path / "a.jsonl", tmp_path / "b.jsonl.gz", tmp_path / "c.jsonl"
+    a.write_bytes(b"".join(lines[:700]))
+    with gzip.open(b, "wb") as f:
+        f.write(b"".join(lines[700:900]))
+    bad = b'{"text": 5}\n'
+    c.write_bytes(b"".join(lines[900:1200]) + bad + b"".join(lines[1200:]))
+    inputs = [str(a), str(b), str(c)]
+    whole = run(inputs, tmp_path / "whole", spm_model, append_eod=True)
+    for n in (3, 7):
+        shards, skipped = [], []
+        for i in range(n):
+            summary = run(inputs, tmp_path / f"n{n}", spm_model, append_eod=True, shard_of=(i, n))
+            shards += summary.outputs
+            skipped += summary.examples
+        assert shards == sorted(shards), "shard names sort in shard order"
+        assert skipped == [f"{c}:301: not-a-string"], skipped
+        out = tmp_path / f"merged{n}"
+        assert merge.main(["--input", *shards, "--output-prefix", str(out)]) == 0
+        assert files_of(out) == files_of(tmp_path / "whole_text_document"), n
+    assert whole.docs == len(texts)
+
+
+def test_shard_flags_are_checked(tmp_path, corpus, spm_model, capsys):
+    base = ["--input", corpus[0], "--output-prefix", str(tmp_path / "o"), "--tokenizer-model", spm_model]
+    with pytest.raises(SystemExit):
+        main(base + ["--shard-index", "3", "--num-shards", "3"])
+    assert "must be in 0..2" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(base + ["--shard-index", "0"])
+    assert "go together" in capsys.readouterr().err
+    assert not os.listdir(tmp_path)
