@@ -43,7 +43,7 @@ class Encoded:
     path: str
     docs: int
     skips: list  # (line number, cause)
-    tokens: list  # per json key: (flat token array, per-document lengths)
+    tokens: list  # per json key: (flat tokens, sequence lengths, sequences per document or None: one each)
     raw_bytes: int
 
 
@@ -62,7 +62,8 @@ def _die_with_parent() -> None:
         pass
 
 
-def _init_worker(spec, keys, append_eod, dtype, in_subprocess=True) -> None:
+def _init_worker(spec, keys, append_eod, dtype, sentences=None, in_subprocess=True) -> None:
+    """``sentences``: None, or ``(lang, keep_newlines)`` to split documents into sentences."""
     from megatron_glm.data.tokenizer import GLMTokenizer
 
     if in_subprocess:  # the main process alone handles Ctrl-C and SIGTERM, and stops the workers
@@ -71,7 +72,12 @@ def _init_worker(spec, keys, append_eod, dtype, in_subprocess=True) -> None:
         _die_with_parent()
 
     tok = GLMTokenizer(spec)
-    _WORKER.update(tok=tok, keys=keys, eod=tok.eod_id if append_eod else None, dtype=dtype)
+    splitter = None
+    if sentences is not None:
+        from megatron_glm.data_prep.sentences import load_splitter
+
+        splitter = load_splitter(*sentences)
+    _WORKER.update(tok=tok, keys=keys, eod=tok.eod_id if append_eod else None, dtype=dtype, splitter=splitter)
 
 
 def _encode_one(tok, text):
@@ -79,6 +85,27 @@ def _encode_one(tok, text):
         return tok.encode_batch([text])[0]
     except (UnicodeError, RuntimeError, TypeError):
         return None
+
+
+def _encode_column(tok, texts, splitter):
+    """Token ids per text; with ``splitter``, per text the list of its sentences' ids (empty ones left out)."""
+    if splitter is None:
+        try:
+            return tok.encode_batch(texts)
+        except (UnicodeError, RuntimeError, TypeError):  # e.g. a lone surrogate: find the culprit
+            return [_encode_one(tok, text) for text in texts]
+    from megatron_glm.data_prep.sentences import split
+
+    sentences = [split(splitter, text) for text in texts]
+    try:
+        ids = iter(tok.encode_batch([s for doc in sentences for s in doc]))
+        return [[s for s in (next(ids) for _ in doc) if s] for doc in sentences]
+    except (UnicodeError, RuntimeError, TypeError):  # find the culprit document
+        out = []
+        for doc in sentences:
+            encoded = [_encode_one(tok, s) for s in doc]
+            out.append(None if any(s is None for s in encoded) else [s for s in encoded if s])
+        return out
 
 
 def encode_lines(batch) -> Encoded:
@@ -97,12 +124,8 @@ def encode_lines(batch) -> Encoded:
         kept_lines.append(number)
         for column, text in zip(columns, texts):
             column.append(text)
-    encoded = []
-    for column in columns:
-        try:
-            encoded.append(tok.encode_batch(column))
-        except (UnicodeError, RuntimeError, TypeError):  # e.g. a lone surrogate: find the culprit
-            encoded.append([_encode_one(tok, text) for text in column])
+    splitter = _WORKER.get("splitter")
+    encoded = [_encode_column(tok, column, splitter) for column in columns]
     keep = [
         i for i in range(len(kept_lines))
         if all(ids is not None and len(ids) > 0 for ids in (col[i] for col in encoded))
@@ -114,12 +137,18 @@ def encode_lines(batch) -> Encoded:
     tokens = []
     for col in encoded:
         docs = [col[i] for i in keep]
-        lengths = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
-        flat = np.fromiter(itertools.chain.from_iterable(docs), dtype=dtype, count=int(lengths.sum()))
-        if eod is not None:
-            flat = np.insert(flat, np.cumsum(lengths), eod)
-            lengths += 1
-        tokens.append((flat, lengths))
+        if splitter is None:  # one sequence per document
+            seqs, per_doc = docs, None
+        else:  # a document is its list of (non-empty) sentences
+            seqs = [s for doc in docs for s in doc]
+            per_doc = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
+        lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+        flat = np.fromiter(itertools.chain.from_iterable(seqs), dtype=dtype, count=int(lengths.sum()))
+        if eod is not None:  # after each document's last sequence
+            last = np.arange(lengths.size) if per_doc is None else np.cumsum(per_doc) - 1
+            flat = np.insert(flat, np.cumsum(lengths)[last], eod)
+            lengths[last] += 1
+        tokens.append((flat, lengths, per_doc))
     return Encoded(batch.path, len(keep), skips, tokens, batch.raw_bytes)
 
 
@@ -204,9 +233,10 @@ class _Progress:
             self.bar.close()
 
 
-def output_prefix(prefix: str, key: str, shard_of: tuple[int, int] | None = None) -> str:
-    """Megatron's naming; shard I of N is ``{prefix}_{key}_document.shard-{I}-of-{N}`` (zero-padded: sorts in order)."""
-    name = f"{prefix}_{key}_document"
+def output_prefix(prefix: str, key: str, shard_of: tuple[int, int] | None = None, level: str = "document") -> str:
+    """Megatron's naming, ``{prefix}_{key}_{level}`` (level: document, or sentence with --split-sentences);
+    shard I of N adds ``.shard-{I}-of-{N}`` (zero-padded: the names sort in shard order)."""
+    name = f"{prefix}_{key}_{level}"
     if shard_of is not None:
         index, count = shard_of
         width = max(5, len(str(count - 1)))
@@ -228,6 +258,9 @@ def preprocess(
     batch_bytes: int = 1 << 20,
     allow_empty: bool = False,
     shard_of: tuple[int, int] | None = None,
+    split_sentences: bool = False,
+    keep_newlines: bool = False,
+    lang: str = "english",
 ) -> Summary:
     """Run the whole conversion; raises ``PreprocessError`` (nothing written) on a stop.
 
@@ -243,7 +276,19 @@ def preprocess(
     json_keys = list(json_keys)
     if len(set(json_keys)) != len(json_keys):
         raise PreprocessError(f"--json-keys repeats a key: {json_keys}")
-    prefixes = {key: output_prefix(output_prefix_, key, shard_of) for key in json_keys}
+    prefixes = {key: output_prefix(output_prefix_, key, shard_of, "sentence" if split_sentences else "document")
+                for key in json_keys}
+    sentences = None
+    if split_sentences:
+        from megatron_glm.data_prep.sentences import SentenceSplitError, load_splitter
+
+        try:
+            load_splitter(lang, keep_newlines, warn=True)  # fail (or warn) here, once, not in every worker
+        except SentenceSplitError as e:
+            raise PreprocessError(str(e)) from e
+        sentences = (lang, keep_newlines)
+    elif keep_newlines:
+        raise PreprocessError("--keep-newlines only means something with --split-sentences")
     if not overwrite:
         existing = [p for pre in prefixes.values() for p in (bin_path(pre), idx_path(pre)) if os.path.exists(p)]
         if existing:
@@ -262,7 +307,7 @@ def preprocess(
     meta_tmp = {key: f"{prefixes[key]}.meta.json.tmp-{os.getpid()}" for key in json_keys}
     try:
         results = _ordered_map(encode_lines, iter_line_batches(pieces, batch_bytes), workers,
-                               (spec, json_keys, append_eod, dtype))
+                               (spec, json_keys, append_eod, dtype, sentences))
         for res in results:
             for number, cause in res.skips:
                 where = f"{res.path}:{number}: {cause}"
@@ -271,8 +316,8 @@ def preprocess(
                 summary.skipped[cause] += 1
                 if len(summary.examples) < MAX_REPORTED:
                     summary.examples.append(where)
-            for key, (flat, lengths) in zip(json_keys, res.tokens):
-                writers[key].add_documents(flat, lengths)
+            for key, (flat, lengths, per_doc) in zip(json_keys, res.tokens):
+                writers[key].add_documents(flat, lengths, per_doc)
             summary.docs += res.docs
             summary.tokens += int(res.tokens[0][0].size) if res.tokens else 0
             summary.raw_bytes += res.raw_bytes
@@ -288,6 +333,7 @@ def preprocess(
             "inputs": [os.path.abspath(p) for p in paths],
             "json_keys": json_keys,
             "append_eod": append_eod,
+            **({"split_sentences": {"lang": lang, "keep_newlines": keep_newlines}} if split_sentences else {}),
             **({"shard": list(shard_of)} if shard_of else {}),
             "documents": summary.docs,
             "skipped": dict(summary.skipped),
@@ -339,6 +385,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="stop at the first bad line instead of skipping it")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
+    p.add_argument("--split-sentences", action="store_true",
+                   help="one sequence per sentence (NLTK Punkt), documents kept in the document index; writes "
+                        "{prefix}_{key}_sentence (Megatron's naming)")
+    p.add_argument("--keep-newlines", action="store_true",
+                   help="with --split-sentences: keep the whitespace (newlines too) after each sentence in it")
+    p.add_argument("--lang", default="english", help="Punkt model for --split-sentences (default: english)")
+    p.add_argument("--partitions", type=int, default=1,
+                   help="accepted for Megatron command lines; it changes nothing here: --workers already "
+                        "parallelises one run, and the output keeps the input order (Megatron's "
+                        "--keep-sequential-samples). Across nodes, use --shard-index/--num-shards")
+    p.add_argument("--keep-sequential-samples", action="store_true", help="accepted for Megatron command lines; "
+                   "always the case here")
     p.add_argument("--shard-index", type=int, default=None,
                    help="convert only this shard (0-based; e.g. $SLURM_ARRAY_TASK_ID) of --num-shards contiguous "
                         "byte ranges of the inputs; writes {prefix}_{key}_document.shard-I-of-N. glm-merge-datasets "
@@ -360,6 +418,8 @@ def main(argv=None) -> int:
         parser.error("--input and --output-prefix are required (or --verify PREFIX to check a dataset)")
     if args.workers < 1:
         parser.error("--workers must be at least 1")
+    if args.partitions < 1:
+        parser.error("--partitions must be at least 1")
     if (args.shard_index is None) != (args.num_shards is None):
         parser.error("--shard-index and --num-shards go together")
     if args.num_shards is not None and not 0 <= args.shard_index < args.num_shards:
@@ -380,6 +440,7 @@ def main(argv=None) -> int:
             args.workers, args.strict, args.overwrite, progress=not args.no_progress, log_interval=args.log_interval,
             allow_empty=args.allow_empty,
             shard_of=None if args.num_shards is None else (args.shard_index, args.num_shards),
+            split_sentences=args.split_sentences, keep_newlines=args.keep_newlines, lang=args.lang,
         )
     except (PreprocessError, TokenizerError, CorpusError, FileExistsError, IndexedDatasetError) as e:
         print(f"glm-preprocess: error: {e}", file=sys.stderr)

@@ -267,3 +267,70 @@ def test_shard_flags_are_checked(tmp_path, corpus, spm_model, capsys):
         main(base + ["--shard-index", "0"])
     assert "go together" in capsys.readouterr().err
     assert not os.listdir(tmp_path)
+
+
+def punkt_reference(keep_newlines=False):
+    """NLTK's Punkt as the test builds it: trained English parameters if installed, else untrained."""
+    from nltk.tokenize import punkt
+
+    try:
+        params = punkt.PunktTokenizer("english")._params
+    except LookupError:
+        params = None
+    if not keep_newlines:
+        return punkt.PunktSentenceTokenizer(train_text=params)
+    from megatron_glm.data_prep.sentences import load_splitter
+
+    return load_splitter("english", keep_newlines=True)
+
+
+def test_split_sentences_one_sequence_per_sentence(tmp_path, spm_model, tokenizer):
+    """--split-sentences: Megatron's layout, {prefix}_{key}_sentence, a sequence per non-empty sentence, the
+    document index at document ends, [eos] after each document's last sentence; shards merge to the same bytes."""
+    from megatron_glm.data_prep import merge
+
+    texts = ["The cat sat. The dog ran! Did it? Yes.", "One sentence only", "Dr. Who came.  Then left.\n\nNew part.",
+             "Short. " * 40]
+    path = tmp_path / "in.jsonl"
+    write_jsonl(path, [{"text": t} for t in texts])
+    run([str(path)], tmp_path / "s", spm_model, append_eod=True, split_sentences=True)
+    ds = IndexedDataset(tmp_path / "s_text_sentence")
+    splitter = punkt_reference()
+    expected = [[tokenizer.encode(s) for s in splitter.tokenize(t)] for t in texts]
+    expected = [[s for s in doc if s] for doc in expected]
+    assert ds.num_documents == len(texts)
+    assert np.diff(ds.document_indices).tolist() == [len(doc) for doc in expected]
+    seq = 0
+    for doc in expected:
+        for k, sentence in enumerate(doc):
+            got = ds.get(seq).tolist()
+            assert got == sentence + ([tokenizer.eod_id] if k == len(doc) - 1 else []), (seq, got)
+            seq += 1
+    meta = json.load(open(tmp_path / "s_text_sentence.meta.json"))
+    assert meta["split_sentences"] == {"lang": "english", "keep_newlines": False}
+    shards = [run([str(path)], tmp_path / "sh", spm_model, append_eod=True, split_sentences=True,
+                  shard_of=(i, 2)).outputs[0] for i in range(2)]
+    assert merge.main(["--input", *shards, "--output-prefix", str(tmp_path / "m")]) == 0
+    assert files_of(tmp_path / "m") == files_of(tmp_path / "s_text_sentence")
+
+
+def test_keep_newlines_keeps_the_whitespace_between_sentences():
+    from megatron_glm.data_prep.sentences import load_splitter, split
+
+    text = "First line here.\nSecond one!\n\nA new paragraph? It goes on.  Two spaces."
+    plain, kept = split(load_splitter("english"), text), split(load_splitter("english", keep_newlines=True), text)
+    assert "".join(kept) == text, kept
+    assert [s.strip() for s in kept] == plain == [s.strip() for s in punkt_reference().tokenize(text)]
+    assert kept[1] == "Second one!\n\n"
+
+
+def test_sentence_flags_are_checked(tmp_path, corpus, spm_model, capsys, monkeypatch):
+    base = ["--input", corpus[0], "--output-prefix", str(tmp_path / "o"), "--tokenizer-model", spm_model,
+            "--no-progress"]
+    assert main(base + ["--keep-newlines"]) == 1
+    assert "only means something with --split-sentences" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "nltk", None)  # as if NLTK were not installed
+    monkeypatch.setitem(sys.modules, "nltk.tokenize", None)
+    assert main(base + ["--split-sentences"]) == 1
+    assert "pip install nltk" in capsys.readouterr().err
+    assert not os.listdir(tmp_path)

@@ -180,16 +180,23 @@ class IndexedDatasetWriter:
         self.num_tokens += arr.size
         self._doc_idx.extend([self.num_sequences])
 
-    def add_documents(self, tokens, doc_lengths) -> None:
-        """Append many one-sequence documents at once: ``tokens`` concatenated, split by ``doc_lengths``."""
+    def add_documents(self, tokens, lengths, sequences_per_doc=None) -> None:
+        """Append many documents at once: ``tokens`` concatenated, split into sequences by ``lengths``.
+
+        Each document is one sequence, or ``sequences_per_doc[d]`` consecutive ones (sentences).
+        """
         arr = self._as_tokens(tokens)
-        doc_lengths = np.asarray(doc_lengths, dtype=np.int64)
-        if int(doc_lengths.sum()) != arr.size:
-            raise ValueError(f"document lengths add up to {int(doc_lengths.sum())}, not the {arr.size} tokens given")
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if int(lengths.sum()) != arr.size:
+            raise ValueError(f"sequence lengths add up to {int(lengths.sum())}, not the {arr.size} tokens given")
+        ends = (np.arange(1, lengths.size + 1) if sequences_per_doc is None
+                else np.cumsum(np.asarray(sequences_per_doc, dtype=np.int64)))
+        if ends.size and ends[-1] != lengths.size:
+            raise ValueError(f"documents hold {int(ends[-1])} sequences, not the {lengths.size} given")
         self._bin.write(arr.tobytes())
-        self._lengths.extend(doc_lengths)
-        self._doc_idx.extend(self.num_sequences + np.arange(1, doc_lengths.size + 1))
-        self.num_sequences += doc_lengths.size
+        self._lengths.extend(lengths)
+        self._doc_idx.extend(self.num_sequences + ends)
+        self.num_sequences += lengths.size
         self.num_tokens += arr.size
 
     def add_dataset(self, prefix) -> None:
