@@ -160,29 +160,41 @@ def iter_line_batches(inputs: Sequence[str | Piece], batch_bytes: int = 1 << 20)
             yield LineBatch(path, first, lines, consumed - reported)
 
 
+BLANK = "blank"  # parse_line's verdict on a blank line: not a document, and not counted as skipped
+
+
 def parse_line(line: bytes, keys: Sequence[str]) -> tuple[str | None, list[str] | None]:
-    """``(None, texts)`` for a usable document, ``(cause, None)`` for a skipped one."""
+    """``(None, texts)`` for a usable document, ``(cause, None)`` for a skipped one (``BLANK`` for a blank line).
+
+    The bytes go to the JSON parser as they are (it checks UTF-8 itself); only a line it refuses
+    is looked at again, to tell a blank line, invalid UTF-8 and malformed JSON apart.
+    """
     try:
-        text = line.decode("utf-8")
-    except UnicodeDecodeError:
-        return "invalid-utf8", None
-    try:
-        obj = _loads(text)
+        obj = _loads(line)
     except ValueError:
+        if is_blank(line):
+            return BLANK, None
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError:
+            return "invalid-utf8", None
         return "malformed-json", None
     if not isinstance(obj, dict):
         return "not-an-object", None
     texts = []
     for key in keys:
-        if key not in obj:
+        value = obj.get(key, _MISSING)
+        if value is _MISSING:
             return "missing-key", None
-        value = obj[key]
         if not isinstance(value, str):
             return "not-a-string", None
-        if not value.strip():
+        if not value or value.isspace():
             return "empty", None
         texts.append(value)
     return None, texts
+
+
+_MISSING = object()
 
 
 def is_blank(line: bytes) -> bool:

@@ -20,10 +20,10 @@ import time
 from dataclasses import dataclass, field
 
 from megatron_glm.data_prep.jsonl import (
+    BLANK,
     SKIP_CAUSES,
     CorpusError,
     expand_inputs,
-    is_blank,
     iter_line_batches,
     parse_line,
     shard,
@@ -115,9 +115,9 @@ def encode_lines(batch) -> Encoded:
     tok, keys, eod, dtype = _WORKER["tok"], _WORKER["keys"], _WORKER["eod"], _WORKER["dtype"]
     skips, kept_lines, columns = [], [], [[] for _ in keys]
     for number, line in enumerate(batch.lines, batch.first_line):
-        if is_blank(line):
-            continue
         cause, texts = parse_line(line, keys)
+        if cause == BLANK:
+            continue
         if cause:
             skips.append((number, cause))
             continue
@@ -126,10 +126,7 @@ def encode_lines(batch) -> Encoded:
             column.append(text)
     splitter = _WORKER.get("splitter")
     encoded = [_encode_column(tok, column, splitter) for column in columns]
-    keep = [
-        i for i in range(len(kept_lines))
-        if all(ids is not None and len(ids) > 0 for ids in (col[i] for col in encoded))
-    ]
+    keep = [i for i, row in enumerate(zip(*encoded)) if all(row)]  # every key encoded, none empty (None or [])
     for i in sorted(set(range(len(kept_lines))) - set(keep)):
         bad = any(col[i] is None for col in encoded)
         skips.append((kept_lines[i], "invalid-utf8" if bad else "empty"))

@@ -13,15 +13,13 @@ import os
 import sys
 import tempfile
 
-from megatron_glm.data_prep.jsonl import CorpusError, expand_inputs, is_blank, iter_line_batches, parse_line
+from megatron_glm.data_prep.jsonl import CorpusError, expand_inputs, iter_line_batches, parse_line
 
 
 def iter_training_texts(paths, key: str, max_chars: int):
     """Every usable document, cut to ``max_chars`` (newlines kept: they become pieces too)."""
     for batch in iter_line_batches(paths):
         for line in batch.lines:
-            if is_blank(line):
-                continue
             cause, texts = parse_line(line, [key])
             if not cause:
                 yield texts[0][:max_chars]
