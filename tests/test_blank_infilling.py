@@ -362,3 +362,30 @@ def test_sentence_ends_anywhere_in_a_token():
             return "[pad]" if ids[0] == 11 else self.pieces[ids[0]]
 
     assert sentence_end_ids(Pieces()).tolist() == [1, 3, 4, 5, 6, 7, 8, 9]
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=texts, S=st.sampled_from([64, 128, 512]), token=st.sampled_from([1.0, 0.6]), packed=st.booleans(),
+       shuffle=st.booleans(), first=st.integers(0, 10**6), several=st.booleans())
+def test_a_batch_equals_its_samples_one_by_one(data, S, token, packed, shuffle, first, several):
+    """``collator(batch)`` (batched draws for one-document token samples) is bitwise ``encode`` per sample."""
+    values, cuts = data
+    text = np.asarray(values)
+    text[::9] = PERIOD
+    cfg = BlankInfillingConfig(seq_length=S, token_prob=token, sentence_prob=(1 - token) / 2, packed=packed,
+                               shuffle_spans=shuffle)
+    collate = BlankInfillingCollator(cfg, SP, np.array([PERIOD]))
+    docs = [None, np.array([len(text)])]
+    if several and len(text) > 30:
+        docs.append(np.array([len(text) - 25, 25]))
+    samples = [(first + j, {"text": np.roll(text, j), "document_lengths": docs[j % len(docs)]}) for j in range(6)]
+    batch = collate(samples)
+    for j, (index, s) in enumerate(samples):
+        row = collate.encode(index, s["text"], s["document_lengths"])
+        assert np.array_equal(batch["tokens"][j].numpy(), row["tokens"]), j
+        assert np.array_equal(batch["labels"][j].numpy(), row["labels"]), j
+        assert np.array_equal(batch["position_ids"][j, 0].numpy(), row["pos0"]), j
+        assert np.array_equal(batch["position_ids"][j, 1].numpy(), row["pos1"]), j
+        assert np.array_equal(batch["attn_hi"][j].numpy(), row["attn_hi"]), j
+        assert np.array_equal(batch["attn_lo"][j].numpy(), row["attn_lo"]), j
+        assert int(batch["objective"][j]) == row["objective"]

@@ -161,11 +161,69 @@ class BlankInfillingCollator:
 
     def plan(self, index: int, text, document_lengths=None) -> _Plan:
         """Every random draw for one sample, deterministic from (seed, index)."""
+        rng = np.random.default_rng([self.cfg.seed, int(index)])
+        return self._plan(rng, self.objective_of(rng), text, document_lengths)
+
+    def plans(self, samples) -> list[_Plan]:
+        """``[plan(i, ...) for i, ... in samples]``, bitwise, with less work per sample.
+
+        One-document samples of the token objective (GLM-Base/Large's only objective) make the
+        same draws in the same order as ``plan``, but everything between the draws is done for
+        all of them at once (``_token_plans``) instead of sample by sample.
+        """
+        cfg = self.cfg
+        batched = not (cfg.short_seq_prob or cfg.single_span_prob or cfg.random_position or cfg.block_mask_prob
+                       or cfg.context_mask_ratio)
+        out, token = [None] * len(samples), []
+        for slot, (index, sample) in enumerate(samples):
+            rng = np.random.default_rng([cfg.seed, int(index)])
+            objective = self.objective_of(rng)
+            docs = sample.get("document_lengths")
+            if batched and objective == TOKEN and (docs is None or len(docs) == 1):
+                token.append((slot, rng, np.asarray(sample["text"], dtype=np.int64)))
+            else:
+                out[slot] = self._plan(rng, objective, sample["text"], docs)
+        if token:
+            for (slot, _, _), p in zip(token, self._token_plans(token)):
+                out[slot] = p
+        return out
+
+    def _token_plans(self, pending) -> list[_Plan]:
+        """``_plan`` of one-document token-objective samples, ``pending = [(slot, rng after the objective, text)]``."""
+        cfg, S = self.cfg, self.cfg.seq_length
+        available = np.asarray([t.size for _, _, t in pending], np.int64)
+        budget = np.minimum(available, S - 2)
+        guess = (cfg.mask_ratio * budget / 2).astype(np.int64) + 8
+        G = int(guess.max())
+        u = np.full((len(pending), G), 2.0)  # past a row's guess: never used
+        for r, (_, rng, _) in enumerate(pending):
+            u[r, :guess[r]] = rng.random(int(guess[r]))
+        lengths = np.minimum(np.searchsorted(self.span_cdf, u, side="right") + 1, cfg.max_span_length)
+        total = np.cumsum(lengths, axis=1)
+        k = np.arange(1, G + 1)
+        drawn = k <= guess[:, None]
+        done = (total >= cfg.mask_ratio * np.minimum(available[:, None], S - 2 * k)) & drawn
+        count = np.where(done.any(axis=1), done.argmax(axis=1) + 1, guess)
+        length = np.minimum(available, S - 2 * count)
+        room = length - 1  # all but the sample's last token
+        take = (((total + k - 1) <= room[:, None]) & (k <= count[:, None])).sum(axis=1)  # sum + gaps fit
+        kept = k <= take[:, None]
+        free = room - np.where(kept, lengths, 0).sum(axis=1) - (take - 1)
+        u[:] = 2.0
+        orders = []
+        for r, (_, rng, _) in enumerate(pending):
+            u[r, :take[r]] = rng.random(int(take[r]))
+            orders.append(rng.permutation(int(take[r])) if cfg.shuffle_spans else np.arange(take[r]))
+        places = np.sort(np.floor(u * (free + 1)[:, None]).astype(np.int64), axis=1)  # unused ones sort last
+        starts = places + np.cumsum(lengths + 1, axis=1) - (lengths + 1)
+        return [_Plan(text[:length[r]], np.asarray([length[r]], np.int64), starts[r, :take[r]],
+                      lengths[r, :take[r]].astype(np.int64), order, self.special.mask, TOKEN)
+                for r, ((_, _, text), order) in enumerate(zip(pending, orders))]
+
+    def _plan(self, rng, objective: int, text, document_lengths) -> _Plan:
         cfg, sp = self.cfg, self.special
-        rng = np.random.default_rng([cfg.seed, int(index)])
         text = np.asarray(text, dtype=np.int64)
         docs = np.asarray([len(text)] if document_lengths is None else document_lengths, dtype=np.int64)
-        objective = self.objective_of(rng)
         available = len(text)
         if cfg.short_seq_prob and rng.random() < cfg.short_seq_prob:
             available = int(rng.integers(2, max(available, 2) + 1))
@@ -464,7 +522,7 @@ class BlankInfillingCollator:
         """``samples``: ``[(sample_index, {"text", "document_lengths"}), ...]``."""
         import torch
 
-        rows = self._layout([self.plan(i, s["text"], s.get("document_lengths")) for i, s in samples])
+        rows = self._layout(self.plans(samples))
         return {
             "tokens": torch.from_numpy(rows["tokens"]),
             "labels": torch.from_numpy(rows["labels"]),
