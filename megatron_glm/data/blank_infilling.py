@@ -257,7 +257,7 @@ class BlankInfillingCollator:
 
     def _order(self, rng, starts, segments) -> np.ndarray:
         """Part B order: shuffled within each segment (one permutation per segment, in order)."""
-        if not self.cfg.shuffle_spans:
+        if not self.cfg.shuffle_spans or starts.size < 2:  # (a permutation of 0 or 1 makes no draw)
             return np.arange(starts.size)
         if segments.size == 1:
             return rng.permutation(starts.size)
