@@ -1,7 +1,7 @@
 """Plain torch references of every kernel: the test oracle, and the path off CUDA.
 
 They compute what the original GLM implementation computes, with the dense ``[S, S]``
-mask built from the interval bounds (DESIGN.md); ``tests/test_kernels.py`` checks them
+mask built from the interval bounds; ``tests/test_kernels.py`` checks them
 against an independent dense-mask construction before trusting them as an oracle.
 """
 

@@ -1,6 +1,6 @@
 """GLM-mask flash attention in Triton: query ``i`` attends to keys ``attn_lo[i] <= j < attn_hi[i]``.
 
-FlashAttention-2's tiling and online softmax, with GLM's interval mask (DESIGN.md) read
+FlashAttention-2's tiling and online softmax, with GLM's interval mask read
 from the two bound vectors instead of an ``[S, S]`` mask. For each query tile the kernel
 takes the union ``[min lo, max hi)`` and the intersection ``[max lo, min hi)`` of its rows'
 intervals: key tiles outside the union are never visited, tiles inside the intersection

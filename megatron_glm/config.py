@@ -1,6 +1,6 @@
 """Model configuration, the GLM presets, and the checks that catch impossible shapes early.
 
-Presets follow the GLM paper's table (REFERENCE.md section 2); ``glm-tiny`` is ours, sized
+Presets follow the GLM paper's table; ``glm-tiny`` is ours, sized
 to train on a laptop CPU in minutes.
 """
 
@@ -78,7 +78,7 @@ class ModelConfig:
         return [f"{k}: {a[k]} vs {b[k]}" for k in a if k not in ignore and a[k] != b[k]]
 
 
-# layers, hidden, heads, max positions (REFERENCE.md section 2)
+# layers, hidden, heads, max positions (the GLM paper)
 PRESETS: dict[str, dict] = {
     "glm-tiny": dict(num_layers=4, hidden_size=128, num_attention_heads=4, max_position_embeddings=512),
     "glm-base": dict(num_layers=12, hidden_size=768, num_attention_heads=12, max_position_embeddings=512),

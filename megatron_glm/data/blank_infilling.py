@@ -1,6 +1,6 @@
-"""GLM's autoregressive blank infilling: text sample -> the batch contract (DESIGN.md).
+"""GLM's autoregressive blank infilling: text sample -> the batch contract.
 
-Three objectives (REFERENCE.md section 1), drawn per sample:
+Three objectives (the GLM paper, section 2), drawn per sample:
 
 - token: spans of Poisson(lambda=3) length truncated to 1..39, drawn until 15% of the text is
   masked, at least one token between spans; each span becomes one ``[MASK]`` in Part A;

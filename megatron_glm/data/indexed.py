@@ -1,6 +1,6 @@
 """Megatron's indexed binary dataset: ``{prefix}.bin`` (tokens) and ``{prefix}.idx`` (index).
 
-Byte-compatible with Megatron-LM / megatron-core (layout in REFERENCE.md section 4), so corpora
+Byte-compatible with Megatron-LM / megatron-core (the same .idx layout), so corpora
 move freely between the two stacks. The writer streams: its memory does not grow with the
 corpus (lengths and document boundaries spill to temporary files), and it writes under
 temporary names that are renamed only when the index is complete, so an interrupted run

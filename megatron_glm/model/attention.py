@@ -1,7 +1,7 @@
 """Attention under GLM's interval mask: query ``i`` sees exactly the keys ``attn_lo[i] <= j < attn_hi[i]``.
 
 Every GLM mask (bidirectional Part A, causal Part B, packed segments, padding) is one key
-interval per query (DESIGN.md), so the model passes the bounds, never a dense mask. This
+interval per query (``attn_lo <= j < attn_hi``), so the model passes the bounds, never a dense mask. This
 module is the one place an attention algorithm is chosen (``--attention-impl``):
 
 - ``flash``: the Triton GLM-mask flash kernel (``megatron_glm.kernels``); memory linear in S;

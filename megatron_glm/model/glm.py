@@ -1,12 +1,12 @@
 """GLM, top to bottom: word + 2D position embeddings, pre-LN transformer layers, tied logits.
 
-Parameter names follow the original implementation (REFERENCE.md section 3) so its
+Parameter names follow the original implementation (THUDM/GLM) so its
 checkpoints map one to one: ``word_embeddings``, ``transformer.position_embeddings``,
 ``transformer.block_position_embeddings``, ``transformer.layers.{i}.attention.query_key_value``
 (``[Q; K; V]`` along the output dimension), ``...attention.dense``, ``...mlp.dense_h_to_4h``,
 ``...mlp.dense_4h_to_h``, ``transformer.final_layernorm``.
 
-The model takes the batch contract (DESIGN.md): tokens ``[B, S]``, ``position_ids [B, 2, S]``
+The model takes the batch contract: tokens ``[B, S]``, ``position_ids [B, 2, S]``
 and the attention bounds ``attn_lo``/``attn_hi`` ``[B, S]``. With a ``KVCache`` it runs
 incrementally: keys and values of earlier calls are kept, the bounds index the whole cache.
 """

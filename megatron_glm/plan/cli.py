@@ -18,7 +18,7 @@ from megatron_glm.config import PRESETS, ModelConfig, preset
 from megatron_glm.plan.memory import ATTENTION, BYTES, Workload
 from megatron_glm.plan.search import GiB, Cluster, flags, rank
 
-# the tokenizers of the published models (REFERENCE.md section 2): BERT WordPiece, GPT-2 BPE
+# the tokenizers of the published models: BERT WordPiece, GPT-2 BPE
 PRESET_VOCAB = {"glm-2b": 50257, "glm-10b": 50257}
 DEFAULT_VOCAB = 30522
 

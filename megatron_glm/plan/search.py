@@ -2,7 +2,7 @@
 
 Each candidate gets the per-GPU memory of ``memory.estimate`` and a step-time model:
 
-- compute: Megatron's training FLOPs (REFERENCE.md section 5) plus what recomputation replays
+- compute: Megatron's training FLOPs (Narayanan et al. 2021) plus what recomputation replays
   (one more forward of everything with ``full``; the attention core with ``selective``),
   shared over every GPU, at ``efficiency`` of the peak;
 - pipeline bubble: ``(p - 1) / (v m)`` of the compute (Narayanan et al. 2021);
@@ -28,7 +28,7 @@ class Cluster:
     nodes: int = 1
     gpus_per_node: int = 8
     gpu_memory_gib: float = 80.0
-    peak_tflops: float = 989.0  # dense bf16, H100 SXM (REFERENCE.md section 5)
+    peak_tflops: float = 989.0  # dense bf16, H100 SXM (NVIDIA data sheet)
     intra_node_gbps: float = 300.0  # GB/s per GPU within a node (NVLink)
     inter_node_gbps: float = 25.0  # GB/s per GPU between nodes (a 200 Gb/s NIC per GPU)
     efficiency: float = 0.5  # the fraction of peak the matmuls reach

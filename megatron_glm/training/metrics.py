@@ -11,7 +11,7 @@ import os
 import sys
 import time
 
-# dense bf16 peak FLOP/s by device name fragment (REFERENCE.md section 5)
+# dense bf16 peak FLOP/s by device name fragment (the vendors' data sheets)
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
