@@ -71,8 +71,8 @@ def open_binary(path: str):
 
 @dataclass
 class LineBatch:
-    path: str
-    first_line: int  # 1-based line number of lines[0]
+    path: str  # for messages: "FILE", or "FILE (from byte B)" for a shard that starts inside it
+    first_line: int  # 1-based line number of lines[0] (counted from byte B, if given)
     lines: list[bytes]
     raw_bytes: int  # bytes of the (possibly compressed) file consumed by this batch
 
@@ -116,21 +116,14 @@ def shard(paths: Sequence[str], index: int, count: int) -> list[Piece]:
 
 
 def _open_at(piece: Piece):
-    """The reader positioned at the first line that starts at or after ``piece.start``, and its line number."""
+    """The reader positioned at the first line that starts at or after ``piece.start``, and its byte offset."""
     reader, raw = open_binary(piece.path)
     if not piece.start:
-        return reader, raw, 1
+        return reader, raw, 0
     raw.seek(piece.start - 1)
     if raw.read(1) != b"\n":  # inside a line: it belongs to the piece before
         raw.readline()
-    begin = raw.tell()
-    raw.seek(0)
-    newlines, left = 0, begin
-    while left:  # the line number, for messages: count the newlines before
-        chunk = raw.read(min(left, 1 << 24))
-        newlines += chunk.count(b"\n")
-        left -= len(chunk)
-    return reader, raw, newlines + 1
+    return reader, raw, raw.tell()
 
 
 def iter_line_batches(inputs: Sequence[str | Piece], batch_bytes: int = 1 << 20) -> Iterator[LineBatch]:
@@ -138,9 +131,12 @@ def iter_line_batches(inputs: Sequence[str | Piece], batch_bytes: int = 1 << 20)
     for piece in inputs:
         piece = piece if isinstance(piece, Piece) else Piece(piece)
         path = piece.path
-        reader, raw, first = _open_at(piece)
+        reader, raw, begin = _open_at(piece)
         compressed = reader is not raw
-        limit = None if piece.end is None else piece.end - raw.tell()  # bytes in which lines may start
+        limit = None if piece.end is None else piece.end - begin  # bytes in which lines may start
+        if begin:  # counting the lines before would read the file up to here: number them from here
+            path = f"{path} (from byte {begin})"
+        first = 1
         with reader, raw:
             lines: list[bytes] = []
             size, consumed, reported = 0, 0, 0

@@ -251,7 +251,10 @@ def test_shards_merged_equal_one_run_byte_for_byte(tmp_path, corpus, spm_model):
             shards += summary.outputs
             skipped += summary.examples
         assert shards == sorted(shards), "shard names sort in shard order"
-        assert skipped == [f"{c}:301: not-a-string"], skipped
+        assert len(skipped) == 1 and skipped[0].startswith(str(c)), skipped
+        where, number, _ = skipped[0].rsplit(":", 2)  # "FILE:N" or "FILE (from byte B):N": the line is the bad one
+        offset = int(where.split("from byte ")[1].rstrip(")")) if "from byte" in where else 0
+        assert c.read_bytes()[offset:].splitlines(keepends=True)[int(number) - 1] == bad
         out = tmp_path / f"merged{n}"
         assert merge.main(["--input", *shards, "--output-prefix", str(out)]) == 0
         assert files_of(out) == files_of(tmp_path / "whole_text_document"), n

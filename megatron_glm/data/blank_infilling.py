@@ -221,6 +221,7 @@ class BlankInfillingCollator:
                 for r, ((_, _, text), order) in enumerate(zip(pending, orders))]
 
     def _plan(self, rng, objective: int, text, document_lengths) -> _Plan:
+        """The draws after the objective's, from ``rng``."""
         cfg, sp = self.cfg, self.special
         text = np.asarray(text, dtype=np.int64)
         docs = np.asarray([len(text)] if document_lengths is None else document_lengths, dtype=np.int64)
