@@ -365,10 +365,11 @@ def test_sentence_ends_anywhere_in_a_token():
 
 
 @settings(max_examples=60, deadline=None)
-@given(data=texts, S=st.sampled_from([64, 128, 512]), token=st.sampled_from([1.0, 0.6]), packed=st.booleans(),
+@given(data=texts, S=st.sampled_from([64, 128, 512]), token=st.sampled_from([1.0, 0.6, 0.0]), packed=st.booleans(),
        shuffle=st.booleans(), first=st.integers(0, 10**6), several=st.booleans())
 def test_a_batch_equals_its_samples_one_by_one(data, S, token, packed, shuffle, first, several):
-    """``collator(batch)`` (batched draws for one-document token samples) is bitwise ``encode`` per sample."""
+    """``collator(batch)`` (batched draws for one-document token samples) is bitwise ``encode`` per sample, and
+    the slice layout of one-span rows is bitwise the vectorised one."""
     values, cuts = data
     text = np.asarray(values)
     text[::9] = PERIOD
@@ -380,6 +381,9 @@ def test_a_batch_equals_its_samples_one_by_one(data, S, token, packed, shuffle, 
         docs.append(np.array([len(text) - 25, 25]))
     samples = [(first + j, {"text": np.roll(text, j), "document_lengths": docs[j % len(docs)]}) for j in range(6)]
     batch = collate(samples)
+    plans = collate.plans(samples)
+    sliced, runs = collate._layout(plans), collate._layout(plans, runs_only=True)
+    assert all(np.array_equal(sliced[k], runs[k]) for k in runs), "the one-span slices differ from the runs"
     for j, (index, s) in enumerate(samples):
         row = collate.encode(index, s["text"], s["document_lengths"])
         assert np.array_equal(batch["tokens"][j].numpy(), row["tokens"]), j

@@ -417,8 +417,55 @@ class BlankInfillingCollator:
         out = self._layout([self.plan(index, text, document_lengths)])
         return {k: (v[0] if k != "objective" else int(v[0])) for k, v in out.items()}
 
-    def _layout(self, plans: list[_Plan]) -> dict:
-        """Lay out a batch of plans as ``[B, S]`` arrays in one pass of vectorised operations.
+    def _layout(self, plans: list[_Plan], runs_only: bool = False) -> dict:
+        """Lay out a batch of plans as ``[B, S]`` arrays.
+
+        A row of one segment and one span (the document objective's) is a few slices
+        (``_layout_one_span``); the others go through one pass of vectorised operations over
+        all of them (``_layout_runs``). ``runs_only`` sends every row there (for the tests).
+        """
+        S, B = self.cfg.seq_length, len(plans)
+        out = self._blank(B)
+        one = [] if runs_only else [b for b, p in enumerate(plans) if p.starts.size == 1 and p.segments.size == 1
+                                    and p.block_masked is None and not p.context_masked.size]
+        chosen = set(one)
+        rest = [b for b in range(B) if b not in chosen]
+        if rest:
+            self._layout_runs([plans[b] for b in rest], np.asarray(rest, np.int64), out)
+        for b in one:
+            self._layout_one_span(plans[b], b, out)
+        tokens, labels, pos0, pos1, lo, hi = out
+        shape = (B, S)
+        return {"tokens": tokens.reshape(shape), "labels": labels.reshape(shape),
+                "loss_mask": (pos1 > 0).astype(np.float32).reshape(shape),
+                "pos0": pos0.reshape(shape), "pos1": pos1.reshape(shape), "attn_lo": lo.reshape(shape),
+                "attn_hi": hi.reshape(shape), "objective": np.asarray([p.objective for p in plans], np.int64)}
+
+    def _layout_one_span(self, p: _Plan, b: int, out) -> None:
+        """Row ``b`` for a plan of one segment and one span, by slices: ``A = text[:s] [blank] text[s+n:]``, then
+        ``[sop] text[s:s+m-1]`` with labels ``text[s:s+n] ([eop])``."""
+        S, sp = self.cfg.seq_length, self.special
+        tokens, labels, pos0, pos1, lo, hi = (a[b * S:(b + 1) * S] for a in out)
+        text, s, n = p.text, int(p.starts[0]), int(p.lengths[0])
+        a = text.size - n + 1  # Part A, the blank included
+        m = n + int(p.eop)  # Part B
+        used, ar = a + m, self._arange
+        tokens[:s] = text[:s]
+        tokens[s] = p.mask_id
+        tokens[s + 1:a] = text[s + n:]
+        tokens[a] = sp.sop
+        tokens[a + 1:used] = text[s:s + m - 1]
+        labels[a:a + n] = text[s:s + n]
+        if p.eop:
+            labels[a + n] = sp.eop
+        pos0[:a] = ar[:a] + p.bias
+        pos0[a:used] = s + p.bias
+        pos1[a:used] = ar[1:m + 1]
+        lo[:used] = 0
+        hi[:a] = a
+
+    def _layout_runs(self, plans: list[_Plan], rows: np.ndarray, out) -> None:
+        """Rows ``rows`` of ``out`` for these plans, in one pass of vectorised operations.
 
         Everything is computed per segment or per span (small arrays) and spread over tokens with
         ``np.repeat``: a segment's Part A, and each span's Part B block, are runs of consecutive
@@ -455,9 +502,9 @@ class BlankInfillingCollator:
         excl = np.cumsum(total) - total
         cursor = excl - np.repeat(excl[seg_first], n_seg)
         assert (cursor + total <= S).all(), "a plan does not fit its row"
-        seg_col0 = seg_row * S + cursor  # flat index of each segment's first column
+        seg_col0 = rows[seg_row] * S + cursor  # flat index of each segment's first column
 
-        tokens, labels, pos0, pos1, lo, hi = self._blank(B)
+        tokens, labels, pos0, pos1, lo, hi = out
         # a segment's columns [cursor, cursor + total) all attend from its first column
         seg_col_first = np.cumsum(total) - total
         lo[np.repeat(seg_col0 - seg_col_first, total) + np.arange(int(total.sum()))] = np.repeat(cursor, total)
@@ -503,20 +550,17 @@ class BlankInfillingCollator:
         labels[b_last] = last_label  # ... but for the block's last, which is [eop] or the suffix's last token
         pos0[dest] = np.repeat(mask_pos[order] + bias[span_row[order]], block)
         pos1[dest] = run - np.repeat(b_first - 1, block)
-        loss = (pos1 > 0).astype(np.float32)
-        shape = (B, S)
-        return {"tokens": tokens.reshape(shape), "labels": labels.reshape(shape), "loss_mask": loss.reshape(shape),
-                "pos0": pos0.reshape(shape), "pos1": pos1.reshape(shape), "attn_lo": lo.reshape(shape),
-                "attn_hi": hi.reshape(shape), "objective": np.asarray([p.objective for p in plans], np.int64)}
 
     def _blank(self, B: int):
         """Fresh flat rows of padding: tokens, labels, pos0, pos1, attn_lo, attn_hi (padding attends to itself)."""
         S = self.cfg.seq_length
         if getattr(self, "_blank_rows", None) is None or self._blank_rows[0].size != B * S:
             col = np.tile(np.arange(S, dtype=np.int32), B)
-            self._blank_rows = (np.full(B * S, self.special.pad, np.int64), np.zeros(B * S, np.int64), col, col + 1)
-        pad, zeros, col, col1 = self._blank_rows
-        return pad.copy(), zeros.copy(), zeros.copy(), zeros.copy(), col.copy(), col1.copy()
+            self._blank_rows = (np.full(B * S, self.special.pad, np.int64), col, col + 1)
+            self._arange = np.arange(S + 1, dtype=np.int64)
+        pad, col, col1 = self._blank_rows
+        zeros = lambda: np.zeros(B * S, np.int64)  # noqa: E731  (calloc'd: cheaper than a copy)
+        return pad.copy(), zeros(), zeros(), zeros(), col.copy(), col1.copy()
 
     # -- a batch -------------------------------------------------------------------------
     def __call__(self, samples) -> dict:
