@@ -44,8 +44,9 @@ sys.exit(max(p.wait() for p in procs))
 '''
 FAKE_SCONTROL = r'''#!PYTHON
 import os, sys
-if sys.argv[1:3] == ["show", "hostnames"]:
-    print("\n".join(["127.0.0.1"] * int(os.environ["SLURM_NNODES"])))
+if sys.argv[1:3] == ["show", "hostnames"]:  # as long as a big job's list (past a pipe's buffer): a reader that
+    # stops at the first line, like `| head -n 1`, makes this write fail, as it makes the real scontrol's
+    print("\n".join(["127.0.0.1"] * int(os.environ["SLURM_NNODES"]) * 20000))
 elif sys.argv[1] == "requeue":
     with open(os.environ["FAKE_SLURM_LOG"], "a") as f:
         f.write("requeue " + sys.argv[2] + "\n")
