@@ -231,7 +231,7 @@ def test_merge_cli_concatenates(tmp_path, corpus, spm_model):
 
 def test_shards_merged_equal_one_run_byte_for_byte(tmp_path, corpus, spm_model):
     """--shard-index I --num-shards N over several files (one gzip, which goes whole to one shard): the N outputs,
-    merged in order, are byte-identical to one run; line numbers in a shard's reports are the file's own."""
+    merged in order, are byte-identical to one run; a shard's report of a bad line points at that line."""
     from megatron_glm.data_prep import merge
 
     path, texts = corpus
@@ -272,7 +272,7 @@ def test_shard_flags_are_checked(tmp_path, corpus, spm_model, capsys):
     assert not os.listdir(tmp_path)
 
 
-def punkt_reference(keep_newlines=False):
+def punkt_reference():
     """NLTK's Punkt as the test builds it: trained English parameters if installed, else untrained."""
     from nltk.tokenize import punkt
 
@@ -280,11 +280,7 @@ def punkt_reference(keep_newlines=False):
         params = punkt.PunktTokenizer("english")._params
     except LookupError:
         params = None
-    if not keep_newlines:
-        return punkt.PunktSentenceTokenizer(train_text=params)
-    from megatron_glm.data_prep.sentences import load_splitter
-
-    return load_splitter("english", keep_newlines=True)
+    return punkt.PunktSentenceTokenizer(train_text=params)
 
 
 def test_split_sentences_one_sequence_per_sentence(tmp_path, spm_model, tokenizer):
