@@ -198,7 +198,7 @@ def test_document_objective_infill_variant():
         assert row["labels"][sep + n - 1] == SP.eop and len(span) == n - 1
         assert list(row["tokens"][:blank]) + span + list(row["tokens"][blank + 1:sep]) == list(text[:sep - 1 + n - 1])
         assert blank + len(span) < sep - 1 + len(span), "the text's last token is never in the span"
-        starts.append(blank / (sep - 1 + len(span) - len(span)))
+        starts.append(blank / (sep - 1))  # where the blank sits in Part A, 0..1
         ratios.append(len(span) / (sep - 1 + len(span)))
     frac = suffixes / n_rows
     sigma = math.sqrt(0.3 * 0.7 / n_rows)

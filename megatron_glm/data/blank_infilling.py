@@ -109,7 +109,7 @@ class SpecialIds:
                    ids.get("eos"), ids.get("dblock"))
 
 
-SENTENCE_ENDS = ".?!;:\n…。？！；：…"
+SENTENCE_ENDS = ".?!;:\n…。？！；："
 
 
 def sentence_end_ids(tokenizer) -> np.ndarray:
@@ -372,7 +372,8 @@ class BlankInfillingCollator:
     def _document_spans(self, rng, text, available: int, docs):
         """A suffix (no [eop]) of the text, or of every document when packed; or one span anywhere (with [eop])."""
         cfg, S = self.cfg, self.cfg.seq_length
-        several = _cut(docs, min(available, S - 1)).size > 1
+        pieces = _cut(docs, min(available, S - 1)).size  # documents in the most text a suffix can take
+        several = pieces > 1
         suffix = several or rng.random() < cfg.gpt_infill_prob
         if not suffix:  # one long span anywhere in a one-document sample, except its last token
             length = min(available, S - 2)
@@ -386,8 +387,7 @@ class BlankInfillingCollator:
             n = min(max(n, 1), length)
             return np.asarray([length - n]), np.asarray([n]), length, False
         # packed: a suffix of every document, each its own segment; each costs one [gMASK]
-        k = _cut(docs, min(available, S - 1)).size
-        length = min(available, S - k)
+        length = min(available, S - pieces)
         segments = _cut(docs, length)
         ratio = rng.uniform(cfg.gmask_min_ratio, cfg.gmask_max_ratio, segments.size)
         n = np.clip(np.round(ratio * segments).astype(np.int64), 1, segments)
