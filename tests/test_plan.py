@@ -79,7 +79,7 @@ def test_layer_activations_equal_what_autograd_saves(impl, dropout, dtype, varia
                       position_embedding_type="rotary_2d" if variant == "rotary_2d" else "learned_2d")
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     layer = TransformerLayer(cfg, 0).to(torch_dtype).train()
-    layer.attention.impl = impl
+    layer.attention.core_attention.impl = impl
     x = torch.randn(b, s, h, dtype=torch_dtype, requires_grad=True)
     args = (torch.zeros(b, 2, s, dtype=torch.long), torch.zeros(b, s, dtype=torch.long), torch.full((b, s), s))
     measured = saved_bytes(layer, x, *args)

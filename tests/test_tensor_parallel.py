@@ -33,10 +33,10 @@ def make_batch(seed=0, packed=True):
 def equivalence_worker(rank, world, cases, steps):
     from megatron_glm.config import ModelConfig
     from megatron_glm.model.glm import GLMModel
+    from megatron_glm.model.parallelize import apply_ac, apply_tp, gather_full_state, partition_of
     from megatron_glm.parallel import state
     from megatron_glm.parallel.random import model_parallel_seed
-    from megatron_glm.parallel.recompute import apply_ac
-    from megatron_glm.parallel.tensor_parallel import apply_tp, gather_full_state, partition_of, unshard_tensors
+    from megatron_glm.parallel.tensor_parallel import unshard_tensors
     import torch.distributed as dist
 
     state.initialize_model_parallel(tp=world)
@@ -141,8 +141,7 @@ def dropout_worker(rank, world, seed):
     from megatron_glm.model.glm import GLMModel
     from megatron_glm.parallel import state
     from megatron_glm.parallel.random import model_parallel_seed
-    from megatron_glm.parallel.recompute import apply_ac
-    from megatron_glm.parallel.tensor_parallel import apply_tp
+    from megatron_glm.model.parallelize import apply_ac, apply_tp
 
     state.initialize_model_parallel(tp=world)
     losses = []
@@ -181,14 +180,14 @@ def no_collective_worker(rank, world):
     from megatron_glm.config import ModelConfig
     from megatron_glm.model.glm import GLMModel
     from megatron_glm.parallel import state
-    from megatron_glm.parallel.recompute import apply_ac
-    from megatron_glm.parallel.tensor_parallel import apply_tp
+    from megatron_glm.model.parallelize import apply_ac, apply_tp
 
     state.initialize_model_parallel(tp=1)
     model = GLMModel(ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, max_position_embeddings=SEQ,
                                  vocab_size=VOCAB))
+    apply_ac(model, "full")  # a Recompute module; then TP=1 must add no parallel one
     kinds_before = {type(m).__name__ for m in model.modules()}
-    apply_ac(apply_tp(model, sequence_parallel=False), "full")
+    apply_tp(model, sequence_parallel=False)
 
     def refuse(*args, **kwargs):
         raise AssertionError("a collective ran with TP=1")

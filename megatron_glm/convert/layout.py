@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from megatron_glm.config import ModelConfig
+from megatron_glm.model.parallelize import partition_of
 from megatron_glm.parallel.pipeline import partition_layers
-from megatron_glm.parallel.tensor_parallel import partition_of, shard_tensor
+from megatron_glm.parallel.tensor_parallel import shard_tensor
 
 
 class ConversionError(ValueError):

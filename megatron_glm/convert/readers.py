@@ -99,7 +99,8 @@ THUDM_LAYER = re.compile(r"^transformer\.layers\.(\d+)\.")
 def read_thudm(path: str, num_attention_heads: int | None = None, preset_name: str | None = None,
                trust: bool = False) -> tuple[dict, ModelConfig, dict]:
     """An original GLM checkpoint (THUDM/GLM): ``mp_rank_XX_model_states.pt`` files, any MP."""
-    from megatron_glm.parallel.tensor_parallel import partition_of, unshard_tensors
+    from megatron_glm.model.parallelize import partition_of
+    from megatron_glm.parallel.tensor_parallel import unshard_tensors
 
     files = sorted(glob.glob(os.path.join(path, "**", "mp_rank_*_model_states.pt"), recursive=True)) \
         if os.path.isdir(path) else [path]

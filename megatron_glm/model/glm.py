@@ -14,6 +14,7 @@ incrementally: keys and values of earlier calls are kept, the bounds index the w
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 
 import torch
@@ -58,19 +59,28 @@ class KVCache:
         return other
 
 
+class CoreAttention(nn.Module):
+    """Scores, GLM mask, softmax, dropout, values: no parameters, so recomputation can wrap it alone."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.dropout_p = cfg.attention_dropout
+        self.impl = "auto"
+        self.rng_fork = contextlib.nullcontext  # tensor parallelism: a per-rank RNG for dropout on split heads
+
+    def forward(self, q, k, v, attn_lo, attn_hi):
+        with self.rng_fork():
+            return interval_attention(q, k, v, attn_lo, attn_hi, dropout_p=self.dropout_p if self.training else 0.0,
+                                      impl=self.impl)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.cfg, self.layer = cfg, layer
         self.query_key_value = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
         self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.impl = "auto"
-        self.rng_fork = contextlib.nullcontext  # tensor parallelism: a per-rank RNG for dropout on split heads
-
-    def core_attention(self, q, k, v, attn_lo, attn_hi):
-        p = self.cfg.attention_dropout if self.training else 0.0
-        with self.rng_fork():
-            return interval_attention(q, k, v, attn_lo, attn_hi, dropout_p=p, impl=self.impl)
+        self.core_attention = CoreAttention(cfg)
 
     def forward(self, x, position_ids, attn_lo, attn_hi, cache: KVCache | None = None):
         qkv = self.query_key_value(x)  # [Q; K; V] of this rank's heads (all heads without TP)
@@ -124,18 +134,23 @@ class TransformerLayer(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """Layers ``layers`` of the stack; the 2D position tables with the first, the final LayerNorm with the last."""
+
+    def __init__(self, cfg: ModelConfig, layers: range, pre_process: bool = True, post_process: bool = True):
         super().__init__()
-        if cfg.position_embedding_type == "learned_2d":
+        if pre_process and cfg.position_embedding_type == "learned_2d":
             rows = cfg.max_position_embeddings + 1
             self.position_embeddings = nn.Embedding(rows, cfg.hidden_size)
             self.block_position_embeddings = nn.Embedding(rows, cfg.hidden_size)
         self.embedding_dropout = nn.Dropout(cfg.hidden_dropout)
-        self.layers = nn.ModuleList(TransformerLayer(cfg, i) for i in range(cfg.num_layers))
-        self.final_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+        self.layers = nn.ModuleList(TransformerLayer(cfg, i) for i in layers)
+        if post_process:
+            self.final_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+        self.recompute = None  # a parallel.recompute.Recompute: how the stack is recomputed in training
 
     def run_layers(self, h, position_ids, attn_lo, attn_hi, cache=None):
-        """The layer stack (activation recomputation replaces this on the instance)."""
+        if self.recompute is not None and self.training and cache is None:
+            return self.recompute(self.layers, h, position_ids, attn_lo, attn_hi)
         for layer in self.layers:
             h = layer(h, position_ids, attn_lo, attn_hi, cache)
         return h
@@ -152,35 +167,66 @@ class TiedOutput(nn.Module):
         return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
 
 
+def init_parameter(cfg: ModelConfig, name: str, shape, seed: int) -> torch.Tensor:
+    """The initial value of the full (unsharded) parameter ``name``: the same on every rank and layout.
+
+    N(0, std) everywhere, output projections scaled by 1/sqrt(2L), DeepNorm's beta when on; zero
+    biases, unit LayerNorms. Each parameter draws from its own generator, seeded from ``seed`` and
+    its single-model name, so a rank that builds only some layers, or only its tensor-parallel
+    slice of them (``model/parallelize.py``), gets bitwise the values a one-process run starts from.
+    """
+    if name.endswith("bias"):
+        return torch.zeros(shape)
+    if "layernorm" in name:
+        return torch.ones(shape)
+    std = cfg.init_method_std
+    if cfg.deepnorm and ("dense" in name or "query_key_value" in name):
+        std *= (8.0 * cfg.num_layers) ** -0.25
+    elif name.endswith(("attention.dense.weight", "dense_4h_to_h.weight")):
+        std /= math.sqrt(2.0 * cfg.num_layers)
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    return torch.empty(shape).normal_(0.0, std, generator=generator)
+
+
 class GLMModel(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """The whole model, or one pipeline chunk of it: ``layers`` (global indices), embeddings if
+    ``pre_process``, final LayerNorm and logits if ``post_process``.
+
+    ``seed`` fixes the initial weights (``init_parameter``); None draws it from torch's default
+    generator. Built under ``torch.device("meta")`` it holds shapes only (``model/parallelize.py``).
+    """
+
+    def __init__(self, cfg: ModelConfig, layers: range | None = None, pre_process: bool = True,
+                 post_process: bool = True, seed: int | None = None):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.transformer = Transformer(cfg)
-        self.output_layer = TiedOutput()
-        # pipeline parallelism keeps a slice of the layers: embeddings on the first stage (pre_process),
-        # the final LayerNorm and logits on the last (post_process); see parallel/pipeline_stage.py
-        self.pre_process = self.post_process = True
-        self.reset_parameters()
+        layers = range(cfg.num_layers) if layers is None else layers
+        self.layer_offset = layers.start
+        self.pre_process, self.post_process = pre_process, post_process
+        if pre_process:
+            self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.transformer = Transformer(cfg, layers, pre_process, post_process)
+        if post_process:
+            self.output_layer = TiedOutput()
+        # a last pipeline stage without the embeddings keeps a copy of the tied matrix (parallel/pipeline_stage.py)
+        self.tied_weight_copy = None
+        if not next(self.parameters()).is_meta:
+            self.reset_parameters(seed)
 
-    def reset_parameters(self) -> None:
-        """N(0, std) everywhere, output projections scaled by 1/sqrt(2L); DeepNorm's beta when on."""
-        cfg = self.cfg
-        out_std = cfg.init_method_std / math.sqrt(2.0 * cfg.num_layers)
-        beta = (8.0 * cfg.num_layers) ** -0.25 if cfg.deepnorm else 1.0
-        for name, p in self.named_parameters():
-            if name.endswith("bias"):
-                nn.init.zeros_(p)
-            elif "layernorm" in name:
-                nn.init.ones_(p)
-            elif cfg.deepnorm and ("dense" in name or "query_key_value" in name):
-                nn.init.normal_(p, std=cfg.init_method_std * beta)
-            elif name.endswith(("attention.dense.weight", "dense_4h_to_h.weight")):
-                nn.init.normal_(p, std=out_std)
-            else:
-                nn.init.normal_(p, std=cfg.init_method_std)
+    def full_name(self, name: str) -> str:
+        """A parameter's name in the single model (``transformer.layers.{global index}...``)."""
+        parts = name.split(".")
+        if self.layer_offset and parts[:2] == ["transformer", "layers"]:
+            parts[2] = str(self.layer_offset + int(parts[2]))
+        return ".".join(parts)
+
+    def reset_parameters(self, seed: int | None = None) -> None:
+        seed = int(torch.randint(0, 2**62, ())) if seed is None else seed
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                p.copy_(init_parameter(self.cfg, self.full_name(name), p.shape, seed))
 
     def embed(self, tokens, position_ids):
         learned = self.cfg.position_embedding_type == "learned_2d"
@@ -200,7 +246,7 @@ class GLMModel(nn.Module):
 
     def output_weight(self):
         """The tied output matrix: the word embeddings, or their copy on a last pipeline stage."""
-        return self.word_embeddings.weight if hasattr(self, "word_embeddings") else self.tied_weight_copy
+        return self.word_embeddings.weight if self.pre_process else self.tied_weight_copy
 
     def forward(self, tokens, position_ids, attn_lo, attn_hi, cache: KVCache | None = None, hidden_states=None):
         """Logits ``[B, S, V]`` over the padded vocabulary (tied to the word embeddings).
@@ -221,7 +267,7 @@ class GLMModel(nn.Module):
 
     def set_attention_impl(self, impl: str) -> None:
         for layer in self.transformer.layers:
-            layer.attention.impl = impl
+            layer.attention.core_attention.impl = impl
 
 
 class _ScaleGradient(torch.autograd.Function):

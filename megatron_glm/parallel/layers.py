@@ -28,11 +28,18 @@ def mark_tensor_parallel(p: nn.Parameter, partition_dim: int) -> nn.Parameter:
 
 
 def mark_sequence_parallel(p: nn.Parameter) -> None:
-    """Sum this replicated parameter's gradient over the TP group (each rank saw one sequence chunk)."""
-    if getattr(p, "sequence_parallel", False) or state.get_tensor_model_parallel_world_size() == 1:
+    """Sum this replicated parameter's gradient over the TP group (each rank saw one sequence chunk).
+
+    On the meta device only the mark is set; ``materialize`` installs the hook on the real parameter.
+    """
+    if getattr(p, "sequence_parallel", False):
         return
     p.sequence_parallel = True
+    if not p.is_meta:
+        install_sequence_parallel_hook(p)
 
+
+def install_sequence_parallel_hook(p: nn.Parameter) -> None:
     def all_reduce(grad):
         grad = grad.clone()
         dist.all_reduce(grad, group=state.get_tensor_model_parallel_group())

@@ -1,57 +1,19 @@
-"""``apply_pp``: cut a GLM model into this rank's pipeline chunks, and keep the tied embedding tied.
+"""The tied embedding across pipeline stages (Megatron's embedding group).
 
-Chunk ``c`` of rank ``r`` runs the layers of virtual stage ``c * pp + r`` (``partition_layers``).
 The first virtual stage owns the word embeddings; the last one needs the same matrix for the
 logits. It keeps a copy that is not a parameter: its gradient is sent to the first stage,
 which adds it to the embedding gradient before the optimizer step, and after every step the
-first stage broadcasts the updated matrix back (Megatron's embedding group). So the optimizer
-sees one tied matrix, exactly as without pipelining.
+first stage broadcasts the updated matrix back. So the optimizer sees one tied matrix,
+exactly as without pipelining. (The chunks themselves come from the model's plan,
+``model/parallelize.py``.)
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from megatron_glm.parallel import state
-from megatron_glm.parallel.pipeline import partition_layers
-
-
-def _chunk_of(full, layer_ids: range, pre: bool, post: bool):
-    chunk = type(full).__new__(type(full))
-    nn.Module.__init__(chunk)
-    chunk.cfg = full.cfg
-    chunk.pre_process, chunk.post_process = pre, post
-    chunk.layer_offset = layer_ids.start
-    transformer = type(full.transformer).__new__(type(full.transformer))
-    nn.Module.__init__(transformer)
-    transformer.layers = nn.ModuleList(full.transformer.layers[i] for i in layer_ids)
-    transformer.embedding_dropout = full.transformer.embedding_dropout
-    if pre and full.cfg.position_embedding_type == "learned_2d":
-        transformer.position_embeddings = full.transformer.position_embeddings
-        transformer.block_position_embeddings = full.transformer.block_position_embeddings
-    if post:
-        transformer.final_layernorm = full.transformer.final_layernorm
-    chunk.transformer = transformer
-    if pre:
-        chunk.word_embeddings = full.word_embeddings
-    if post:
-        chunk.output_layer = full.output_layer
-        if not pre:
-            chunk.tied_weight_copy = full.word_embeddings.weight.detach().clone().requires_grad_()
-    return chunk
-
-
-def apply_pp(full, vpp: int = 1, explicit: list[int] | None = None) -> list:
-    """This rank's chunks (a list of length ``vpp``); PP=1 returns ``[full]`` unchanged."""
-    pp = state.get_pipeline_model_parallel_world_size()
-    if pp == 1 and vpp == 1:
-        return [full]
-    rank = state.get_pipeline_model_parallel_rank()
-    ranges = partition_layers(full.cfg.num_layers, pp, vpp, explicit)[rank]
-    return [_chunk_of(full, ranges[c], rank == 0 and c == 0, rank == pp - 1 and c == vpp - 1)
-            for c in range(vpp)]
 
 
 class TiedEmbedding:
@@ -63,9 +25,11 @@ class TiedEmbedding:
         self.last_chunk = chunks[-1] if state.is_pipeline_last_stage() else None
         ranks = state._require()["pp_ranks"] if self.pp > 1 else None
         self.first_rank, self.last_rank = (ranks[0], ranks[-1]) if ranks else (None, None)
-        if self.active and self.last_chunk is not None:  # the copy travels in the training dtype
-            copy = self.last_chunk.tied_weight_copy
-            self.last_chunk.tied_weight_copy = copy.detach().to(dtype).requires_grad_()
+        if self.active and self.last_chunk is not None:  # the copy, in the training dtype; broadcast_weight fills it
+            chunk = self.last_chunk
+            rows = chunk.cfg.vocab_size // state.get_tensor_model_parallel_world_size()
+            chunk.tied_weight_copy = torch.empty(rows, chunk.cfg.hidden_size, dtype=dtype,
+                                                 device=next(chunk.parameters()).device, requires_grad=True)
 
     @property
     def active(self) -> bool:

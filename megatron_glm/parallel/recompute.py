@@ -1,9 +1,10 @@
-"""``apply_ac``: activation recomputation, Megatron's flags.
+"""Activation recomputation as wrapper modules, Megatron's flags (the model's plan applies them).
 
 - ``full`` + ``uniform``: the layer stack in chunks of ``num_layers``; only each chunk's input
   is kept, the chunk is recomputed in the backward pass;
 - ``full`` + ``block``: the first ``num_layers`` layers recomputed one by one, the rest stored;
-- ``selective``: only the core attention (scores, softmax, dropout) is recomputed.
+- ``selective``: only a parameter-free piece (the core attention: scores, softmax, dropout) is
+  recomputed.
 
 Recomputation restores the default and the tensor-parallel RNG states, so dropout masks in
 the replay equal the first pass (``parallel/random.py``).
@@ -11,7 +12,7 @@ the replay equal the first pass (``parallel/random.py``).
 
 from __future__ import annotations
 
-import types
+from torch import nn
 
 from megatron_glm.parallel.random import checkpoint
 
@@ -19,45 +20,51 @@ GRANULARITIES = ("full", "selective")
 METHODS = ("uniform", "block")
 
 
-def _run_layers(transformer, method, num_layers, h, position_ids, attn_lo, attn_hi, cache=None):
-    layers = list(transformer.layers)
-    if cache is not None or not transformer.training:  # generation and evaluation keep nothing anyway
-        for layer in layers:
-            h = layer(h, position_ids, attn_lo, attn_hi, cache)
-        return h
-
-    def chunk(start, end):
-        def run(x, pos, lo, hi):
-            for layer in layers[start:end]:
-                x = layer(x, pos, lo, hi)
-            return x
-        return run
-
-    if method == "uniform":
-        for start in range(0, len(layers), num_layers):
-            h = checkpoint(chunk(start, start + num_layers), h, position_ids, attn_lo, attn_hi)
-    else:
-        for i, layer in enumerate(layers):
-            h = checkpoint(chunk(i, i + 1), h, position_ids, attn_lo, attn_hi) if i < num_layers else \
-                layer(h, position_ids, attn_lo, attn_hi)
-    return h
-
-
-def apply_ac(model, granularity: str | None, method: str = "uniform", num_layers: int = 1):
-    """Enable recomputation on ``model`` in place; ``granularity=None`` leaves it unchanged."""
+def check_recompute(granularity: str | None, method: str = "uniform", num_layers: int = 1) -> None:
     if granularity is None:
-        return model
+        return
     if granularity not in GRANULARITIES or method not in METHODS:
         raise ValueError(f"--recompute-granularity {granularity!r} / --recompute-method {method!r}: "
                          f"choose from {GRANULARITIES} and {METHODS}")
     if num_layers < 1:
         raise ValueError("--recompute-num-layers must be at least 1")
-    if granularity == "selective":
-        for layer in model.transformer.layers:
-            core = layer.attention.core_attention
-            layer.attention.core_attention = lambda q, k, v, lo, hi, core=core: checkpoint(core, q, k, v, lo, hi)
-        return model
-    transformer = model.transformer
-    transformer.run_layers = types.MethodType(
-        lambda self, *args, **kw: _run_layers(self, method, num_layers, *args, **kw), transformer)
-    return model
+
+
+class Recompute(nn.Module):
+    """Runs a stack of layers in training with full recomputation (``uniform`` or ``block``)."""
+
+    def __init__(self, method: str, num_layers: int):
+        super().__init__()
+        check_recompute("full", method, num_layers)
+        self.method, self.num_layers = method, num_layers
+
+    def forward(self, layers, h, *args):
+        layers = list(layers)
+
+        def chunk(start, end):
+            def run(x, *a):
+                for layer in layers[start:end]:
+                    x = layer(x, *a)
+                return x
+            return run
+
+        if self.method == "uniform":
+            for start in range(0, len(layers), self.num_layers):
+                h = checkpoint(chunk(start, start + self.num_layers), h, *args)
+            return h
+        for i, layer in enumerate(layers):
+            h = checkpoint(chunk(i, i + 1), h, *args) if i < self.num_layers else layer(h, *args)
+        return h
+
+
+class Checkpointed(nn.Module):
+    """``module`` (without parameters) recomputed in the backward pass: selective recomputation."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        if any(True for _ in module.parameters()):
+            raise ValueError(f"selective recomputation wraps parameter-free modules, not {type(module).__name__}")
+        self.module = module
+
+    def forward(self, *args):
+        return checkpoint(self.module, *args) if self.training else self.module(*args)

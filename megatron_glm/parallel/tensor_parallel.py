@@ -1,14 +1,11 @@
-"""``apply_tp``: turn a GLM model into this rank's tensor-parallel shard, in place.
+"""Generic tensor-parallel pieces a model's plan (``model/parallelize.py``) builds from.
 
-The model code is written once with plain layers; this swaps in the parallel layers with
-the slices of the full weights that belong to this rank, so a sharded model starts exactly
-where the single-process one does. The slicing rules (``partition_of``, ``shard_tensor``,
-``unshard_tensors``) are shared with checkpoint conversion:
-
-- ``query_key_value``: rows, per part: rank r holds ``[Q_r; K_r; V_r]`` (its heads);
-- ``dense_h_to_4h``: rows (per half with GeGLU); ``word_embeddings``: rows (vocabulary ranges);
-- ``attention.dense`` and ``dense_4h_to_h``: columns;
-- everything else (LayerNorms, row-parallel biases, position tables) is replicated.
+- ``shard_tensor``/``unshard_tensors``: a parameter's slice for one rank, and the inverse. A
+  split is ``(dim, stride)``: ``stride`` parts (e.g. Q, K, V) are each split ``world`` ways and
+  rank r keeps ``[part_0[r]; part_1[r]; ...]``;
+- ``materialize``: real storage for a module built on the meta device, parameter by parameter,
+  keeping the marks the parallel layers put on them;
+- output, dropout and sequence-parallel modules that sit between the model's own layers.
 """
 
 from __future__ import annotations
@@ -17,33 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_glm.parallel import state
 from megatron_glm.parallel.cross_entropy import vocab_parallel_cross_entropy
-from megatron_glm.parallel.layers import (
-    ColumnParallelLinear,
-    RowParallelLinear,
-    VocabParallelEmbedding,
-    mark_sequence_parallel,
-)
+from megatron_glm.parallel.layers import install_sequence_parallel_hook
 from megatron_glm.parallel.mappings import (
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
     scatter_to_sequence_parallel_region,
 )
 from megatron_glm.parallel.random import get_rng_tracker
-
-
-def partition_of(name: str, geglu: bool = False) -> tuple[int, int] | None:
-    """``(dim, stride)`` a parameter is split along, or None when it is replicated."""
-    if name.endswith(("query_key_value.weight", "query_key_value.bias")):
-        return 0, 3
-    if name.endswith(("dense_h_to_4h.weight", "dense_h_to_4h.bias")):
-        return 0, 2 if geglu else 1
-    if name.endswith(("attention.dense.weight", "dense_4h_to_h.weight")):
-        return 1, 1
-    if name.endswith("word_embeddings.weight"):
-        return 0, 1
-    return None
 
 
 def shard_tensor(full: torch.Tensor, dim: int, stride: int, rank: int, world: int) -> torch.Tensor:
@@ -53,6 +31,28 @@ def shard_tensor(full: torch.Tensor, dim: int, stride: int, rank: int, world: in
 def unshard_tensors(shards: list[torch.Tensor], dim: int, stride: int) -> torch.Tensor:
     pieces = [s.chunk(stride, dim) for s in shards]
     return torch.cat([torch.cat([p[k] for p in pieces], dim) for k in range(stride)], dim)
+
+
+def materialize(module: nn.Module, make) -> None:
+    """Replace every meta parameter of ``module`` by ``make(name, meta_param)``, one at a time.
+
+    ``make`` returns the tensor (this rank's shard: initialised, or read from a checkpoint); only
+    one full tensor needs to exist at once. The new parameter keeps the old one's attributes
+    (``tensor_model_parallel``, ``sequence_parallel``, ...) and gets the hooks they call for.
+    """
+    for prefix, owner in module.named_modules():
+        for key, meta in list(owner._parameters.items()):
+            if meta is None or not meta.is_meta:
+                continue
+            name = f"{prefix}.{key}" if prefix else key
+            value = make(name, meta)
+            if tuple(value.shape) != tuple(meta.shape):
+                raise ValueError(f"{name}: got shape {tuple(value.shape)}, this rank's model has {tuple(meta.shape)}")
+            param = nn.Parameter(value, requires_grad=meta.requires_grad)
+            param.__dict__.update(meta.__dict__)
+            if getattr(param, "sequence_parallel", False):
+                install_sequence_parallel_hook(param)
+            owner._parameters[key] = param
 
 
 class VocabParallelOutput(nn.Module):
@@ -88,65 +88,3 @@ class ScatterToSequenceParallel(nn.Module):
 
     def forward(self, x):
         return self.dropout(scatter_to_sequence_parallel_region(x))
-
-
-def apply_tp(model, sequence_parallel: bool = False):
-    """Shard ``model`` (a full GLMModel) for this rank of the tensor-parallel group; TP=1 changes nothing."""
-    tp = state.get_tensor_model_parallel_world_size()
-    if tp == 1:
-        return model
-    rank, cfg = state.get_tensor_model_parallel_rank(), model.cfg
-    state.check_layout(tp * state.get_pipeline_model_parallel_world_size(), tp,
-                       state.get_pipeline_model_parallel_world_size(), cfg.num_attention_heads, cfg.hidden_size,
-                       cfg.vocab_size)
-
-    def split(name, tensor):
-        dim, stride = partition_of(name, cfg.geglu)
-        return shard_tensor(tensor.detach(), dim, stride, rank, tp)
-
-    def column(prefix, linear):
-        return ColumnParallelLinear(split(prefix + ".weight", linear.weight), split(prefix + ".bias", linear.bias),
-                                    sequence_parallel)
-
-    def row(prefix, linear):
-        return RowParallelLinear(split(prefix + ".weight", linear.weight), linear.bias.detach().clone(),
-                                 sequence_parallel)
-
-    for i, layer in enumerate(model.transformer.layers):
-        prefix = f"transformer.layers.{i}"
-        att, mlp = layer.attention, layer.mlp
-        att.query_key_value = column(prefix + ".attention.query_key_value", att.query_key_value)
-        att.dense = row(prefix + ".attention.dense", att.dense)
-        att.rng_fork = get_rng_tracker().fork  # dropout on this rank's heads
-        mlp.dense_h_to_4h = column(prefix + ".mlp.dense_h_to_4h", mlp.dense_h_to_4h)
-        mlp.dense_4h_to_h = row(prefix + ".mlp.dense_4h_to_h", mlp.dense_4h_to_h)
-        if sequence_parallel:
-            layer.dropout = ForkedDropout(layer.dropout.p)
-            for p in (*layer.input_layernorm.parameters(), *layer.post_attention_layernorm.parameters()):
-                mark_sequence_parallel(p)
-    vocab_shard = split("word_embeddings.weight", model.word_embeddings.weight)
-    model.word_embeddings = VocabParallelEmbedding(vocab_shard, rank * vocab_shard.shape[0])
-    model.output_layer = VocabParallelOutput(sequence_parallel)
-    if sequence_parallel:
-        model.transformer.embedding_dropout = ScatterToSequenceParallel(model.transformer.embedding_dropout.p)
-        for p in model.transformer.final_layernorm.parameters():
-            mark_sequence_parallel(p)
-    model.tensor_parallel, model.sequence_parallel = tp, sequence_parallel
-    return model
-
-
-def gather_full_state(model) -> dict[str, torch.Tensor]:
-    """The single-process state dict of a sharded model (every rank gets it): for tests and export."""
-    import torch.distributed as dist
-
-    tp = state.get_tensor_model_parallel_world_size()
-    out = {}
-    for name, tensor in model.state_dict().items():
-        spec = partition_of(name, model.cfg.geglu)
-        if tp == 1 or spec is None:
-            out[name] = tensor
-            continue
-        parts = [torch.empty_like(tensor) for _ in range(tp)]
-        dist.all_gather(parts, tensor.contiguous(), group=state.get_tensor_model_parallel_group())
-        out[name] = unshard_tensors(parts, *spec)
-    return out

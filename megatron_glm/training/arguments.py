@@ -160,6 +160,9 @@ def validate_args(args, world_size: int = 1) -> None:
     vpp_layers = args.num_layers_per_virtual_pipeline_stage
     if vpp_layers is not None and vpp_layers < 1:
         problems.append("--num-layers-per-virtual-pipeline-stage must be positive")
+    elif vpp_layers is not None and pp == 1:
+        problems.append("--num-layers-per-virtual-pipeline-stage interleaves pipeline stages: it needs "
+                        "--pipeline-model-parallel-size > 1")
     if args.sequence_parallel and tp == 1:
         problems.append("--sequence-parallel needs --tensor-model-parallel-size > 1")
     if args.sequence_parallel and args.seq_length % tp:

@@ -234,17 +234,13 @@ def load_checkpoint(engine, load_dir: str, tag: str, trust: bool = False) -> dic
     return meta
 
 
-def load_weights_only(module, load_dir: str, tag: str, pp_rank: int, tp_rank: int, tp: int,
-                      trust: bool = False) -> None:
-    """This rank's shard of a weights-only (glm-convert) checkpoint into ``module``, strictly."""
+def read_weights_only(load_dir: str, tag: str, pp_rank: int, tp_rank: int, tp: int,
+                      trust: bool = False) -> tuple[dict, str]:
+    """This rank's state dict from a weights-only (glm-convert) checkpoint, and the file it came from."""
     path = os.path.join(load_dir, tag, f"mp_rank_{pp_rank * tp + tp_rank:02d}_model_states.pt")
     if not os.path.exists(path):
         raise CheckpointError(f"{path} is missing: the converted checkpoint is incomplete")
-    shard = _module_of(serialization.load(path, trust=trust), path)
-    result = module.load_state_dict(shard, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(f"{path} does not fit this rank's model: missing {result.missing_keys[:6]}, "
-                              f"unexpected {result.unexpected_keys[:6]}")
+    return _module_of(serialization.load(path, trust=trust), path), path
 
 
 def _module_of(state, path: str) -> dict:
@@ -275,7 +271,8 @@ def load_model_weights(load_dir: str, tag: str | None = None, trust: bool = Fals
 
 def merge_model_shards(read_shard, meta: dict) -> dict:
     """One model's state dict (single-process names) from the shards ``read_shard(pp_rank, tp_rank)``."""
-    from megatron_glm.parallel.tensor_parallel import partition_of, unshard_tensors
+    from megatron_glm.model.parallelize import partition_of
+    from megatron_glm.parallel.tensor_parallel import unshard_tensors
 
     tp, pp = meta.get("tensor_model_parallel_size", 1), meta.get("pipeline_model_parallel_size", 1)
     geglu = meta["model"].get("geglu", False)

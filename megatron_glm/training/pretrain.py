@@ -160,11 +160,10 @@ def pretrain(argv=None) -> dict:
     import deepspeed
     import torch.distributed as dist
 
+    from megatron_glm.model.parallelize import RankLayout, build_rank_model, count_parameters
     from megatron_glm.parallel import state
-    from megatron_glm.parallel.pipeline_stage import TiedEmbedding, apply_pp
+    from megatron_glm.parallel.pipeline_stage import TiedEmbedding
     from megatron_glm.parallel.random import model_parallel_seed
-    from megatron_glm.parallel.recompute import apply_ac
-    from megatron_glm.parallel.tensor_parallel import apply_tp
 
     rank = dist.get_rank()
     dp_rank, world = state.get_data_parallel_rank(), state.get_data_parallel_world_size()
@@ -188,21 +187,20 @@ def pretrain(argv=None) -> dict:
     random.seed(args.seed)
     np.random.seed(args.seed)
     model_parallel_seed(args.seed, state.get_tensor_model_parallel_rank())
-    model = GLMModel(model_cfg)  # the full model on every rank, then this rank's shard (same init as TP=1)
-    model.set_attention_impl(args.attention_impl)
     kernels.set_backend(args.kernels)
-    apply_tp(model, sequence_parallel=args.sequence_parallel)
-    apply_ac(model, args.recompute_granularity, args.recompute_method, args.recompute_num_layers)
-    n_params = sum(p.numel() for p in model.parameters())
-    chunks = apply_pp(model, vpp, args.pipeline_layers)
-    del model  # the other stages' layers go; this rank keeps its chunks
-    module = chunks[0] if len(chunks) == 1 else torch.nn.ModuleList(chunks)
-    state.mark_for_gradient_norm(module.parameters())
     load_meta = ckpt.read_meta(args.load, load_tag) if load_tag else None
     weights_only = bool(load_meta and load_meta.get("weights_only"))
-    if weights_only:  # a glm-convert output: this rank's weights now, so the optimizer's copies start from them
-        ckpt.load_weights_only(module, args.load, load_tag, state.get_pipeline_model_parallel_rank(),
-                               state.get_tensor_model_parallel_rank(), tp, args.trust_checkpoint)
+    layout = RankLayout.from_state(vpp, args.pipeline_layers)
+    # only this rank's chunks, built on the meta device; weights: a converted checkpoint's rank file, or the
+    # seed's initialisation (bitwise the slice of the one-process model's)
+    chunks = build_rank_model(
+        model_cfg, layout, args.seed, args.sequence_parallel,
+        (args.recompute_granularity, args.recompute_method, args.recompute_num_layers), args.attention_impl,
+        weights=(lambda: ckpt.read_weights_only(args.load, load_tag, layout.pp_rank, layout.tp_rank, tp,
+                                                args.trust_checkpoint)) if weights_only else None)
+    n_params = count_parameters(model_cfg, tp)
+    module = chunks[0] if len(chunks) == 1 else torch.nn.ModuleList(chunks)
+    state.mark_for_gradient_norm(module.parameters())
     module = module.to(device)
     schedule = LRSchedule(args.lr, args.min_lr, args.lr_decay_style,
                           args.lr_warmup_iters or int(round((args.lr_warmup_fraction or 0.0) * args.train_iters)),
