@@ -25,7 +25,7 @@ from megatron_glm.parallel.random import get_rng_tracker
 
 
 def shard_tensor(full: torch.Tensor, dim: int, stride: int, rank: int, world: int) -> torch.Tensor:
-    return torch.cat([part.chunk(world, dim)[rank] for part in full.chunk(stride, dim)], dim).clone()
+    return torch.cat([part.chunk(world, dim)[rank] for part in full.chunk(stride, dim)], dim)  # a copy: cat always is
 
 
 def unshard_tensors(shards: list[torch.Tensor], dim: int, stride: int) -> torch.Tensor:

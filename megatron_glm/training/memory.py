@@ -119,3 +119,28 @@ def write_report(folder: str, rank: int, report: dict, extra: dict) -> str:
     with open(path, "w") as f:
         json.dump({**report, **extra}, f, indent=1)
     return path
+
+
+def reset_host_peak() -> bool:
+    """Start the process's peak resident memory (VmHWM) afresh; False where the kernel offers no reset."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def host_memory() -> dict:
+    """``{"rss_bytes", "peak_rss_bytes"}`` of this process now (Linux's /proc); {} elsewhere."""
+    fields = {"VmRSS:": "rss_bytes", "VmHWM:": "peak_rss_bytes"}
+    out = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, *value = line.split()
+                if key in fields:
+                    out[fields[key]] = int(value[0]) * 1024
+    except OSError:
+        return {}
+    return out
