@@ -50,7 +50,7 @@ setup(
             "glm-train-tokenizer=megatron_glm.data_prep.train_tokenizer:main",
             "glm-merge-datasets=megatron_glm.data_prep.merge:main",
             "glm-pretrain=megatron_glm.training.pretrain:cli",
-            "glm-generate=megatron_glm.model.generation:main",
+            "glm-generate=megatron_glm.generate:main",
             "glm-convert=megatron_glm.convert.cli:main",
             "glm-plan=megatron_glm.plan.cli:main",
         ]

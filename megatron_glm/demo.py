@@ -90,7 +90,8 @@ def main(argv=None) -> int:
     second = pretrain(common + ["--train-iters", str(args.train_iters)])
     print(f"({time.perf_counter() - t:.0f} s) loss {second['losses'][0]:.2f} -> {second['losses'][-1]:.2f}")
 
-    from megatron_glm.model.generation import GenerationConfig, fill_blanks, load_for_inference
+    from megatron_glm.generate import load_for_inference
+    from megatron_glm.model.generation import GenerationConfig, fill_blanks
 
     step("glm-generate: blanks in sentences the model has not seen (a 2 M-parameter model after a few CPU "
          "minutes: expect frequent words, not answers)")

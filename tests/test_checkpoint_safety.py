@@ -133,7 +133,7 @@ def test_glm_pretrain_load_names_a_corrupt_file(tmp_path, data, checkpoint):
 def test_glm_generate_refuses_a_malicious_file(tmp_path, checkpoint):
     marker = tmp_path / "marker"
     folder = copy_with(tmp_path, checkpoint, MODEL, lambda p: poison(p, marker))
-    cmd = [sys.executable, "-m", "megatron_glm.model.generation", "--load", folder, "--text", "a [MASK] b",
+    cmd = [sys.executable, "-m", "megatron_glm.generate", "--load", folder, "--text", "a [MASK] b",
            "--max-new-tokens", "2"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1 and not marker.exists()

@@ -114,7 +114,7 @@ def test_bf16_tensorboard_and_wandb(tmp_path, data):
 
 
 def test_glm_generate_cli_and_a_mismatched_tokenizer(tmp_path, trained):
-    cmd = [sys.executable, "-m", "megatron_glm.model.generation", "--load", trained, "--max-new-tokens", "4"]
+    cmd = [sys.executable, "-m", "megatron_glm.generate", "--load", trained, "--max-new-tokens", "4"]
     result = subprocess.run(cmd + ["--text", "Return the [MASK] of the list.", "--strategy", "beam", "--num-beams", "2"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from megatron_glm.model.generation import main as generate
+from megatron_glm.generate import main as generate
 from megatron_glm.plan.cli import main as plan
 from tests.helpers import records
 

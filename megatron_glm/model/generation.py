@@ -4,18 +4,17 @@ Part A (the text with its blanks) is encoded once, bidirectionally, into the KV 
 blank is then generated as GLM was trained: ``[sop]`` at position (mask position, 1), then
 tokens at (mask position, 2, 3, ...) until ``[eop]``, each attending to Part A and everything
 generated before it. Greedy, sampling (temperature, top-k, top-p) and beam search choose the
-tokens; a finished span is fed back into the cache so later blanks see it.
+tokens; a finished span is fed back into the cache so later blanks see it. (The command
+itself, which reads checkpoints, is ``megatron_glm/generate.py``.)
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 from dataclasses import dataclass
 
 import torch
 
-from megatron_glm.model.glm import GLMModel, KVCache
+from megatron_glm.model.glm import KVCache
 
 
 @dataclass
@@ -182,68 +181,3 @@ def fill_blanks(model: GLMModel, tokenizer, text: str, cfg: GenerationConfig | N
         else:
             out.append(t)
     return tokenizer.decode(out), [tokenizer.decode(s) for s in spans]
-
-
-def load_for_inference(load_dir: str, device: str = "cpu", tokenizer_spec=None, trust: bool = False):
-    """(model, tokenizer) from a glm-pretrain checkpoint folder (the newest complete checkpoint)."""
-    from megatron_glm.config import ModelConfig
-    from megatron_glm.data.tokenizer import GLMTokenizer, TokenizerSpec
-    from megatron_glm.training.checkpoint import load_model_weights
-
-    state, meta = load_model_weights(load_dir, trust=trust)
-    if tokenizer_spec is None:
-        recorded = meta["tokenizer"]
-        files = recorded["files"]
-        spec = {"sentencepiece": TokenizerSpec("sentencepiece", model=files[0]),
-                "hf": TokenizerSpec("hf", model=files[0]),
-                "gpt2": TokenizerSpec("gpt2", vocab_file=files[0], merge_file=files[1] if len(files) > 1 else None)
-                }.get(recorded["type"], TokenizerSpec(recorded["type"], vocab_file=files[0]))
-    else:
-        spec = tokenizer_spec
-    tokenizer = GLMTokenizer(spec)
-    model = GLMModel(ModelConfig.from_dict(meta["model"]))
-    if tokenizer.padded_vocab_size() != model.cfg.vocab_size:
-        raise ValueError(f"the tokenizer's padded vocabulary ({tokenizer.padded_vocab_size()}) differs from the "
-                         f"model's ({model.cfg.vocab_size}): pass the tokenizer the model was trained with")
-    model.load_state_dict(state)
-    return model.to(device).eval(), tokenizer
-
-
-def main(argv=None) -> int:
-    from megatron_glm.data.tokenizer import add_tokenizer_args, spec_from_args
-
-    p = argparse.ArgumentParser(prog="glm-generate", description="Fill [MASK]/[sMASK]/[gMASK] blanks with a GLM.",
-                                allow_abbrev=False)
-    p.add_argument("--load", required=True, help="a glm-pretrain checkpoint folder")
-    p.add_argument("--text", action="append", help="a text with blanks (repeatable); else lines of stdin")
-    p.add_argument("--strategy", choices=["greedy", "sample", "beam"], default="greedy")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--num-beams", type=int, default=4)
-    p.add_argument("--length-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--trust-checkpoint", action="store_true",
-                   help="unpickle the checkpoint without restriction (it can run code): only for a trusted source")
-    add_tokenizer_args(p)
-    args = p.parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: this machine has no CUDA GPU (or torch is a CPU build); use --device cpu")
-    spec = spec_from_args(args) if (args.tokenizer_model or args.vocab_file) else None
-    try:
-        cfg = GenerationConfig(args.strategy, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                               args.num_beams, args.length_penalty, args.seed)
-        model, tokenizer = load_for_inference(args.load, args.device, spec, args.trust_checkpoint)
-        for text in args.text or (line.rstrip("\n") for line in sys.stdin):
-            filled, _ = fill_blanks(model, tokenizer, text, cfg)
-            print(filled, flush=True)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"glm-generate: error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -212,6 +212,7 @@ class GLMModel(nn.Module):
             self.output_layer = TiedOutput()
         # a last pipeline stage without the embeddings keeps a copy of the tied matrix (parallel/pipeline_stage.py)
         self.tied_weight_copy = None
+        self.tensor_parallel = 1  # model/parallelize.py's apply_tp records its TP size
         if not next(self.parameters()).is_meta:
             self.reset_parameters(seed)
 
@@ -243,6 +244,10 @@ class GLMModel(nn.Module):
                 h = h + self.transformer.position_embeddings(position_ids[:, 0])
                 h = h + self.transformer.block_position_embeddings(position_ids[:, 1])
         return self.transformer.embedding_dropout(h)
+
+    def tied_weight_shape(self) -> tuple[int, int]:
+        """This TP rank's rows of the tied output matrix (a last pipeline stage keeps a copy)."""
+        return self.cfg.vocab_size // self.tensor_parallel, self.cfg.hidden_size
 
     def output_weight(self):
         """The tied output matrix: the word embeddings, or their copy on a last pipeline stage."""

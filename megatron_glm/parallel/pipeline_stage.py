@@ -17,7 +17,11 @@ from megatron_glm.parallel import state
 
 
 class TiedEmbedding:
-    """The gradient and weight traffic between the first and the last pipeline stage."""
+    """The gradient and weight traffic between the first and the last pipeline stage.
+
+    A chunk offers ``output_weight()`` (the first stage's: the embedding parameter), and a last
+    stage without it ``tied_weight_shape()`` and a ``tied_weight_copy`` slot.
+    """
 
     def __init__(self, chunks, dtype=torch.float32):
         self.pp = state.get_pipeline_model_parallel_world_size()
@@ -27,8 +31,7 @@ class TiedEmbedding:
         self.first_rank, self.last_rank = (ranks[0], ranks[-1]) if ranks else (None, None)
         if self.active and self.last_chunk is not None:  # the copy, in the training dtype; broadcast_weight fills it
             chunk = self.last_chunk
-            rows = chunk.cfg.vocab_size // state.get_tensor_model_parallel_world_size()
-            chunk.tied_weight_copy = torch.empty(rows, chunk.cfg.hidden_size, dtype=dtype,
+            chunk.tied_weight_copy = torch.empty(chunk.tied_weight_shape(), dtype=dtype,
                                                  device=next(chunk.parameters()).device, requires_grad=True)
 
     @property
@@ -62,7 +65,7 @@ class TiedEmbedding:
             return
         group = state.get_embedding_group()
         if self.first_chunk is not None:
-            w = self.first_chunk.word_embeddings.weight.detach()
+            w = self.first_chunk.output_weight().detach()
             dist.broadcast(w.contiguous(), self.first_rank, group=group)
         elif self.last_chunk is not None:
             w = self.last_chunk.tied_weight_copy

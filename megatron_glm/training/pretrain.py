@@ -121,6 +121,7 @@ def pretrain(argv=None) -> dict:
     from megatron_glm.training import checkpoint as ckpt
     from megatron_glm.training import faults
     from megatron_glm.training.lr_schedule import LRSchedule
+    from megatron_glm.training.memory import host_memory, reset_host_peak
     from megatron_glm.training.metrics import MetricsLogger, Throughput, flops_per_token, memory_summary
     from megatron_glm.training.preemption import EXIT_INTERRUPTED, EXIT_REQUEUE, Preemption
     from megatron_glm.training.step import StepRunner
@@ -191,6 +192,8 @@ def pretrain(argv=None) -> dict:
     load_meta = ckpt.read_meta(args.load, load_tag) if load_tag else None
     weights_only = bool(load_meta and load_meta.get("weights_only"))
     layout = RankLayout.from_state(vpp, args.pipeline_layers)
+    reset_host_peak()
+    host_before = host_memory()
     # only this rank's chunks, built on the meta device; weights: a converted checkpoint's rank file, or the
     # seed's initialisation (bitwise the slice of the one-process model's)
     chunks = build_rank_model(
@@ -199,6 +202,8 @@ def pretrain(argv=None) -> dict:
         weights=(lambda: ckpt.read_weights_only(args.load, load_tag, layout.pp_rank, layout.tp_rank, tp,
                                                 args.trust_checkpoint)) if weights_only else None)
     n_params = count_parameters(model_cfg, tp)
+    host_after = host_memory()
+    setup_peak = host_after["peak_rss_bytes"] - host_before["rss_bytes"] if host_after else None
     module = chunks[0] if len(chunks) == 1 else torch.nn.ModuleList(chunks)
     state.mark_for_gradient_norm(module.parameters())
     module = module.to(device)
@@ -233,6 +238,10 @@ def pretrain(argv=None) -> dict:
                 f"{f' x {vpp} virtual' if vpp > 1 else ''}, ZeRO {args.zero_stage}, device {device}"
                 + (f"; resumed from {args.load}/{load_tag} at iteration {iteration}" if load_tag else "")
                 + (" (converted weights; the optimizer state starts fresh)" if weights_only else ""))
+    rank_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    if setup_peak is not None:
+        log.console(f"model set-up (rank {rank}): {rank_bytes / 2**20:,.0f} MiB of weights built, host memory peak "
+                    f"+{setup_peak / 2**20:,.0f} MiB")
     meta_base = {"model": model_cfg.to_dict(), "tokenizer": tokenizer.describe(), "seq_length": args.seq_length,
                  "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
                  "pipeline_layers": [[[r.start, r.stop] for r in stage]
@@ -312,7 +321,8 @@ def pretrain(argv=None) -> dict:
 
             write_report(args.log_dir or args.save, rank, meter.finish(),
                          {"tp_rank": state.get_tensor_model_parallel_rank(),
-                          "pp_rank": state.get_pipeline_model_parallel_rank(), "dp_rank": dp_rank})
+                          "pp_rank": state.get_pipeline_model_parallel_rank(), "dp_rank": dp_rank,
+                          "setup_host_peak_bytes": setup_peak, "rank_weight_bytes": rank_bytes})
     finally:
         preemption.close()
         log.close()

@@ -75,7 +75,7 @@ class StepRunner:
             else:
                 backward_from(out, out_grad)
                 if last and self.tied.active and self.tied.first_chunk is not None:
-                    self.tied.recv_grad_into(self.tied.first_chunk.word_embeddings.weight)
+                    self.tied.recv_grad_into(self.tied.first_chunk.output_weight())
                 empty = torch.zeros((), requires_grad=True, device=self.device) * 1.0  # a loss with no parameters
                 engine.backward(empty, scale_wrt_gas=False)
             if not last:  # the engine counts micro-steps in step(); the real step waits for every stage
