@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--split", default="949,50,1")
     g.add_argument("--seq-length", type=int, default=512)
     g.add_argument("--data-cache-path", help="sample-index cache (default: index-cache/ beside the data)")
+    g.add_argument("--num-workers", type=int, default=2,
+                   help="data-loader worker processes per rank that read and collate micro-batches ahead of the "
+                        "step; 0 collates in the training process")
     add_tokenizer_args(p)
 
     g = p.add_argument_group("training")
@@ -167,6 +170,8 @@ def validate_args(args, world_size: int = 1) -> None:
         problems.append("--sequence-parallel needs --tensor-model-parallel-size > 1")
     if args.sequence_parallel and args.seq_length % tp:
         problems.append(f"--sequence-parallel needs --seq-length {args.seq_length} divisible by the TP size {tp}")
+    if args.num_workers < 0:
+        problems.append(f"--num-workers {args.num_workers}: use 0 (collate in the training process) or more")
     if args.recompute_num_layers < 1:
         problems.append("--recompute-num-layers must be at least 1")
     data_parallel_size = max(world_size // (tp * pp), 1)

@@ -19,7 +19,7 @@ import torch
 
 from megatron_glm import serialization
 from megatron_glm.config import ModelConfig
-from megatron_glm.training import faults
+from megatron_glm import faults
 
 LATEST = "latest"
 

@@ -114,12 +114,13 @@ def pretrain(argv=None) -> dict:
     from megatron_glm.data.blank_infilling import (
         OBJECTIVES, BlankInfillingCollator, BlankInfillingConfig, SpecialIds, sentence_end_ids)
     from megatron_glm.data.blended_dataset import build_train_valid_test_datasets
+    from megatron_glm.data.loader import BatchStream, MicroBatches, collate_now
     from megatron_glm.data.sampler import PretrainingSampler
     from megatron_glm.data.tokenizer import GLMTokenizer, spec_from_args
     from megatron_glm.model.glm import GLMModel
     from megatron_glm.parallel.pipeline import partition_layers
     from megatron_glm.training import checkpoint as ckpt
-    from megatron_glm.training import faults
+    from megatron_glm import faults
     from megatron_glm.training.lr_schedule import LRSchedule
     from megatron_glm.training.memory import host_memory, reset_host_peak
     from megatron_glm.training.metrics import MetricsLogger, Throughput, flops_per_token, memory_summary
@@ -247,7 +248,9 @@ def pretrain(argv=None) -> dict:
                  "pipeline_layers": [[[r.start, r.stop] for r in stage]
                                      for stage in partition_layers(model_cfg.num_layers, pp, vpp, args.pipeline_layers)],
                  "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}}
-    sampler = iter(PretrainingSampler(len(train_ds), consumed, args.micro_batch_size, dp_rank, world))
+    micro_batches = MicroBatches(train_ds, collate, model_cfg.vocab_size)
+    stream = BatchStream(micro_batches, PretrainingSampler(len(train_ds), consumed, args.micro_batch_size, dp_rank,
+                                                           world), args.num_workers, pin_memory=device == "cuda")
     speed = Throughput(args.global_batch_size * args.seq_length,
                        flops_per_token(model_cfg.num_layers, model_cfg.hidden_size, args.seq_length, model_cfg.vocab_size),
                        args.train_iters, iteration)
@@ -256,10 +259,10 @@ def pretrain(argv=None) -> dict:
         return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
     def evaluate() -> float:
-        batches = [to_device(collate([(i, valid_ds[i]) for i in range(k * args.micro_batch_size,
-                                                                        (k + 1) * args.micro_batch_size)]))
-                   for k in range(args.eval_iters)]
-        return runner.evaluate(batches)
+        valid = MicroBatches(valid_ds, collate, model_cfg.vocab_size)
+        return runner.evaluate([to_device(collate_now(valid, range(k * args.micro_batch_size,
+                                                                   (k + 1) * args.micro_batch_size)))
+                                for k in range(args.eval_iters)])
 
     last_saved = load_tag
     history = []
@@ -268,8 +271,13 @@ def pretrain(argv=None) -> dict:
     engine.train()
     try:
         while iteration < args.train_iters:
-            batches = [to_device(collate([(i, train_ds[i]) for i in next(sampler)])) for _ in range(grad_accum)]
+            batches, data_wait = [], 0.0
+            for _ in range(grad_accum):
+                batch, waited = stream.next()
+                batches.append(to_device(batch))
+                data_wait += waited
             values = runner.train(batches, inject_overflow=faults.overflow_at(iteration + 1))
+            values["data_wait_ms"] = 1000.0 * data_wait
             lm_loss, norm = values["lm_loss"], values["grad_norm"]
             iteration += 1
             consumed += args.global_batch_size
@@ -286,7 +294,7 @@ def pretrain(argv=None) -> dict:
                 parts = [f"iter {iteration}/{args.train_iters}", f"loss {lm_loss:.4f}"]
                 parts += [f"{n} {values['loss_' + n]:.3f}" for n in OBJECTIVES if "loss_" + n in values]
                 parts += [f"lr {values['lr']:.2e}", f"grad {norm:.3f}", f"{values['tokens_per_s']:,.0f} tok/s",
-                          f"{values['tflops']:.2f} TFLOP/s"]
+                          f"{values['tflops']:.2f} TFLOP/s", f"data wait {values['data_wait_ms']:.1f} ms"]
                 if "mfu" in values:
                     parts.append(f"MFU {values['mfu']:.1%}")
                 parts += [memory_summary(), f"ETA {time.strftime('%H:%M:%S', time.gmtime(values['eta_s']))}"]
@@ -324,6 +332,7 @@ def pretrain(argv=None) -> dict:
                           "pp_rank": state.get_pipeline_model_parallel_rank(), "dp_rank": dp_rank,
                           "setup_host_peak_bytes": setup_peak, "rank_weight_bytes": rank_bytes})
     finally:
+        stream.close()
         preemption.close()
         log.close()
     return {"iteration": iteration, "losses": history, "model": chunks[0] if len(chunks) == 1 and pp == 1 else None,
@@ -332,6 +341,7 @@ def pretrain(argv=None) -> dict:
 
 def main(argv=None) -> int:
     from megatron_glm.data.indexed import IndexedDatasetError
+    from megatron_glm.data.loader import DataError
     from megatron_glm.data.tokenizer import TokenizerError
     from megatron_glm.training.checkpoint import CheckpointError
 
@@ -340,7 +350,8 @@ def main(argv=None) -> int:
     faulthandler.enable()  # a rank that dies on a signal (SIGABRT, SIGSEGV) prints every thread's Python stack
     try:
         result = pretrain(argv)
-    except (ValueError, TokenizerError, IndexedDatasetError, CheckpointError, FileNotFoundError, TrainingError) as e:
+    except (ValueError, TokenizerError, IndexedDatasetError, CheckpointError, FileNotFoundError, TrainingError,
+            DataError) as e:
         print(f"glm-pretrain: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # before the loop's handler was set, or a second Ctrl-C

@@ -3,6 +3,7 @@
 - ``save:staged``, ``save:renamed``, ``iteration:N``: SIGKILL at that point (a crash at the
   worst moment: mid-save, between the rename and ``latest``, between saves);
 - ``overflow:N``: an fp16 overflow in step N's gradients;
+- ``worker_crash:N``: a data-loader worker SIGKILLs itself when it reaches sample N;
 - ``hold:N``: after step N, wait for a stop request (a signal or the stop file), so that a
   test's signal lands after a known step however fast or loaded the machine is.
 """
@@ -28,3 +29,7 @@ def overflow_at(iteration: int) -> bool:
 
 def holds_after(iteration: int) -> bool:
     return _fault() == f"hold:{iteration}"
+
+
+def worker_crash_at(sample: int) -> bool:
+    return _fault() == f"worker_crash:{sample}"

@@ -1,0 +1,127 @@
+"""Micro-batches from background workers: ``torch.utils.data.DataLoader`` over the pretraining sampler.
+
+Each item the loader fetches is one micro-batch: the sampler's list of global sample indices,
+read and collated (blank infilling) inside a worker process, so the step does not wait for
+the collator. Every sample's randomness comes from ``(seed, sample index)`` alone, and the
+loader keeps the sampler's order, so the batches are bitwise the same for any number of
+workers, and a run resumed at ``consumed_samples`` (the loader's position, in the checkpoint)
+reads exactly what an uninterrupted one would.
+
+A sample that cannot be read or collated comes back as an error record naming its index, and
+the main process stops with that message; a worker that dies (killed, out of memory) stops the
+run with the samples the step was waiting for, rather than hanging it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import torch
+from torch.utils.data import DataLoader, Dataset, get_worker_info
+
+from megatron_glm import faults
+
+_ERROR = "__error__"
+
+
+class DataError(RuntimeError):
+    """A sample that cannot be turned into a batch, or a loader worker that died."""
+
+
+class MicroBatches(Dataset):
+    """``dataset[indices]``: the collated micro-batch of those sample indices (a plain dict of tensors)."""
+
+    def __init__(self, dataset, collate, vocab_size: int | None = None):
+        self.dataset, self.collate, self.vocab_size = dataset, collate, vocab_size
+        self.progress = None  # shared with the workers: the sample each one is on (BatchStream sets it)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, indices):
+        index = indices[0]
+        try:
+            samples = []
+            worker = get_worker_info()
+            for index in indices:
+                if worker is not None and self.progress is not None:
+                    self.progress[worker.id] = index
+                if faults.worker_crash_at(index) and worker is not None:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                samples.append((index, self.dataset[index]))
+            batch = self.collate(samples)
+        except Exception as e:  # noqa: BLE001 - any failure becomes a message that names the sample
+            return {_ERROR: f"sample {index}: {type(e).__name__}: {e}"}
+        if self.vocab_size is not None:
+            top = int(batch["tokens"].max())
+            if top >= self.vocab_size:
+                row = int((batch["tokens"] >= self.vocab_size).any(dim=1).nonzero()[0])
+                return {_ERROR: f"sample {indices[row]}: token id {top} is outside the model's vocabulary of "
+                                f"{self.vocab_size}: the data was tokenized with another tokenizer, or changed"}
+        return batch
+
+
+def _as_is(batch):
+    return batch
+
+
+def _worker_init(_worker_id: int) -> None:
+    """Leave stop signals to the training process: Slurm and Ctrl-C signal every process of the job, and a
+    worker that died of one would end the run before the trainer's checkpoint-and-stop."""
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, signal.SIG_IGN)
+
+
+class BatchStream:
+    """This rank's micro-batches in order, with the seconds each ``next`` waited for its batch."""
+
+    def __init__(self, batches: MicroBatches, sampler, num_workers: int, pin_memory: bool = False,
+                 prefetch_factor: int = 2):
+        if num_workers < 0:
+            raise ValueError(f"--num-workers {num_workers}: use 0 (collate in the training process) or more")
+        self.progress = torch.full((max(num_workers, 1),), -1, dtype=torch.int64).share_memory_()
+        batches.progress = self.progress
+        self.loader = DataLoader(batches, sampler=sampler, batch_size=None, collate_fn=_as_is,
+                                 num_workers=num_workers, pin_memory=pin_memory, worker_init_fn=_worker_init,
+                                 prefetch_factor=prefetch_factor if num_workers else None)
+        # the loader's SIGCHLD handler would raise a dead worker's error wherever the trainer happens to be;
+        # without it the error comes from the wait for a batch (within seconds), where it can name the samples
+        previous = signal.getsignal(signal.SIGCHLD)
+        self._batches = iter(self.loader)
+        signal.signal(signal.SIGCHLD, previous)
+        self._expected = iter(sampler)  # the same order again: names the samples a lost batch held
+
+    def next(self) -> tuple[dict, float]:
+        indices = next(self._expected)
+        start = time.perf_counter()
+        try:
+            batch = next(self._batches)
+        except RuntimeError as e:  # a worker died: the loader notices within seconds and raises
+            raise DataError(f"a data-loader worker died {self._where_workers_died()} ({e}); run with "
+                            "--num-workers 0 to see the failure in the training process, or check the node's "
+                            "memory") from None
+        if _ERROR in batch:
+            raise DataError(f"cannot build the micro-batch of samples {indices[0]}..{indices[-1]}: {batch[_ERROR]}")
+        return batch, time.perf_counter() - start
+
+    def _where_workers_died(self) -> str:
+        workers = getattr(self._batches, "_workers", [])
+        samples = [int(self.progress[i]) for i, w in enumerate(workers) if not w.is_alive() and self.progress[i] >= 0]
+        return f"reading or collating sample {', '.join(map(str, samples))}" if samples else "before reading a sample"
+
+    def close(self) -> None:
+        """Stop the workers now (not at interpreter exit, after the process group is gone)."""
+        shutdown = getattr(self._batches, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        self._batches = None
+
+
+def collate_now(batches: MicroBatches, indices) -> dict:
+    """One micro-batch in this process (validation), with the same errors as the loader's."""
+    batch = batches[indices]
+    if _ERROR in batch:
+        raise DataError(f"cannot build the micro-batch of samples {indices[0]}..{indices[-1]}: {batch[_ERROR]}")
+    return batch
