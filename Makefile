@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build on CI and laptops; on a GPU machine use e.g. TORCH_SPEC="torch==2.13.0" with your CUDA index.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test demo bench clean
+.PHONY: install lint test demo bench clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,9 @@ $(VENV)/.installed: setup.py
 	touch $@
 
 install: $(VENV)/.installed
+
+lint: install
+	$(BIN)/ruff check .
 
 test: install
 	$(BIN)/python -m pytest -q

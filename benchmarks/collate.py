@@ -9,9 +9,10 @@ random ids, 5% sentence-end ids, GLM-large settings): token 871, sentence 1,047,
 ``mpu`` and tokenizer to run.
 
 The "vs THUDM" column chains the same-run ratio to 8557915 with 8557915's measured ratio to
-THUDM (2.65x / 2.96x / 2.18x), so it does not depend on how fast the machine is at the
-moment; it is printed only against the 8557915 baseline. It also says, per mode, whether today's batches are bitwise those of the baseline (same seed
-and sample index): the objective fixes of this version change some of them on purpose.
+THUDM (2.65x / 2.96x / 2.18x), so it does not depend on how fast the machine is at the moment;
+it is printed only against the 8557915 baseline. It also says, per mode, whether today's
+batches are bitwise those of the baseline (same seed and sample index): the objective fixes of
+this version change some of them on purpose.
 """
 
 from __future__ import annotations

@@ -189,7 +189,8 @@ def main():
     corpus = make_corpus(tmp, args.mb)
     model = train_tokenizer([os.path.join(tmp, "stdlib.jsonl")], os.path.join(tmp, "spm"), args.vocab_size,
                             overwrite=True)
-    print(f"device: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; python {platform.python_version()}")
+    print(f"device: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+          f"python {platform.python_version()}")
     print(f"corpus: {os.path.getsize(corpus) / 1e6:,.0f} MB JSONL (stdlib docstrings), sentencepiece unigram "
           f"{args.vocab_size}, workers {args.workers}")
     ours = measure_ours(model, corpus, os.path.join(tmp, "ours"), args.workers)

@@ -166,7 +166,8 @@ class Summary:
         return (
             f"{self.docs:,} documents, {self.tokens:,} tokens from {self.files} file(s) "
             f"({self.raw_bytes / 1e6:,.1f} MB) in {self.seconds:.1f} s: "
-            f"{self.docs / s:,.0f} docs/s, {self.tokens / s / 1e6:,.2f} M tokens/s, {self.raw_bytes / s / 1e6:,.1f} MB/s"
+            f"{self.docs / s:,.0f} docs/s, {self.tokens / s / 1e6:,.2f} M tokens/s, "
+            f"{self.raw_bytes / s / 1e6:,.1f} MB/s"
         )
 
 

@@ -1,9 +1,10 @@
 """glm-train-tokenizer: train a sentencepiece model on JSONL with the GLM special tokens built in.
 
 Normalisation is the identity, so ``decode(encode(text)) == text`` for any text (with byte
-fallback for characters outside the learned alphabet). The special tokens become sentencepiece pad/unk/eos and control symbols, so the model's own
-vocabulary holds all ten and ``GLMTokenizer`` appends nothing. Control symbols are never
-produced from raw text: a corpus that spells "[MASK]" keeps it as text.
+fallback for characters outside the learned alphabet). The special tokens become sentencepiece
+pad/unk/eos and control symbols, so the model's own vocabulary holds all ten and
+``GLMTokenizer`` appends nothing. Control symbols are never produced from raw text: a corpus
+that spells "[MASK]" keeps it as text.
 """
 
 from __future__ import annotations

@@ -11,8 +11,7 @@ import sys
 
 def verify_dataset(prefix: str, tokenizer=None) -> str:
     """A one-line report of a sound dataset; raises ``IndexedDatasetError`` naming what is wrong."""
-    from megatron_glm.data.dataset_meta import (
-        check_meta_matches, check_token_range, check_tokenizer_matches, read_meta)
+    from megatron_glm.data.dataset_meta import check_meta_matches, check_token_range, check_tokenizer_matches, read_meta
     from megatron_glm.data.indexed import IndexedDataset
 
     ds = IndexedDataset(prefix)  # the whole index is checked on opening

@@ -68,7 +68,8 @@ def embedding_2d(tokens, position_ids, word_weight, position_weight, block_weigh
     """Word + position + block-position embeddings, ``[B, S, H]`` (one Triton pass, or three gathers)."""
     weights = (word_weight, position_weight, block_weight)
     dtypes = {w.dtype for w in weights}
-    unsupported = None if len(dtypes) == 1 and word_weight.dtype in _FLOAT else f"table dtypes {sorted(map(str, dtypes))}"
+    unsupported = None if len(dtypes) == 1 and word_weight.dtype in _FLOAT else \
+        f"table dtypes {sorted(map(str, dtypes))}"
     if use_triton("embedding_2d", word_weight.device, unsupported):
         from megatron_glm.kernels.triton_embedding import glm_embedding_2d
         return glm_embedding_2d(tokens, position_ids, *weights)

@@ -42,7 +42,7 @@ def _keep(seed, bh, rows, cols, SQ, SK, dropout_p):
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, LO, HI, O, LSE, SEED,
+def _fwd_kernel(Q, K, V, LO, HI, Out, LSE, SEED,
                 sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sob, soh, sos, slb,
                 H, SQ, SK, D, qk_scale, dropout_p,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DROPOUT: tl.constexpr):
@@ -81,13 +81,13 @@ def _fwd_kernel(Q, K, V, LO, HI, O, LSE, SEED,
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
     row_ok = offs_m < SQ
-    tl.store(O + b * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :], out.to(O.dtype.element_ty),
+    tl.store(Out + b * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :], out.to(Out.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])
     tl.store(LSE + bh * SQ + offs_m, m_i + tl.math.log2(l_safe), mask=row_ok)
 
 
 @triton.jit
-def _bwd_preprocess(O, DO, DELTA, sob, soh, sos, sdb, sdh, sds, H, SQ, D,
+def _bwd_preprocess(Out, DO, DELTA, sob, soh, sos, sdb, sdh, sds, H, SQ, D,
                     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """``delta_i = sum_d dO_id * O_id`` (= sum_j P_ij dP_ij, with or without dropout)."""
     pid_m, bh = tl.program_id(0), tl.program_id(1)
@@ -95,7 +95,7 @@ def _bwd_preprocess(O, DO, DELTA, sob, soh, sos, sdb, sdh, sds, H, SQ, D,
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m[:, None] < SQ) & (offs_d[None, :] < D)
-    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :], mask=mask, other=0.0)
+    o = tl.load(Out + b * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :], mask=mask, other=0.0)
     do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sds + offs_d[None, :], mask=mask, other=0.0)
     tl.store(DELTA + bh * SQ + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=offs_m < SQ)
 
@@ -175,9 +175,11 @@ def _bwd_dq_kernel(Q, K, V, LO, HI, DO, LSE, DELTA, DQ, SEED,
     for start_n in range((union_lo // BLOCK_N) * BLOCK_N, union_hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < SK
-        kt = tl.load(K + b * skb + h * skh + cols[None, :] * sks + offs_d[:, None], mask=col_ok[None, :] & d_ok[:, None],
+        kt = tl.load(K + b * skb + h * skh + cols[None, :] * sks + offs_d[:, None],
+                     mask=col_ok[None, :] & d_ok[:, None],
                      other=0.0)
-        vt = tl.load(V + b * svb + h * svh + cols[None, :] * svs + offs_d[:, None], mask=col_ok[None, :] & d_ok[:, None],
+        vt = tl.load(V + b * svb + h * svh + cols[None, :] * svs + offs_d[:, None],
+                     mask=col_ok[None, :] & d_ok[:, None],
                      other=0.0)
         s = tl.dot(q, kt) * qk_scale
         p = tl.math.exp2(s - lse[:, None])

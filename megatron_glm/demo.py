@@ -70,9 +70,9 @@ def main(argv=None) -> int:
     if args.skip_training:
         return 0
 
-    from megatron_glm.training.pretrain import pretrain
-
     import shutil
+
+    from megatron_glm.training.pretrain import pretrain
 
     ckpt = os.path.join(args.workdir, "checkpoints")
     shutil.rmtree(ckpt, ignore_errors=True)  # a fresh run each time: the second step shows the resume

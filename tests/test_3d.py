@@ -87,7 +87,8 @@ def test_kill_and_resume_on_a_3d_layout(tmp_path, data):
     assert launch_pretrain(nproc, argv(data, clean, iters=4, extra=extra + ckpt)).returncode == 0
     killed = str(tmp_path / "killed")
     resume = ["--save", killed, "--load", killed, "--save-interval", "2"]
-    assert launch_pretrain(nproc, argv(data, killed, iters=4, extra=extra + resume), fault="iteration:3").returncode != 0
+    killed_run = launch_pretrain(nproc, argv(data, killed, iters=4, extra=extra + resume), fault="iteration:3")
+    assert killed_run.returncode != 0
     result = launch_pretrain(nproc, argv(data, killed, iters=4, extra=extra + resume))
     assert result.returncode == 0, result.stderr[-8000:]
     reference = {r["iteration"]: r for r in records(clean)}

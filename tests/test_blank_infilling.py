@@ -8,7 +8,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from megatron_glm.data.blank_infilling import (
-    DOCUMENT, SENTENCE, TOKEN, BlankInfillingCollator, BlankInfillingConfig, SpecialIds)
+    DOCUMENT,
+    SENTENCE,
+    TOKEN,
+    BlankInfillingCollator,
+    BlankInfillingConfig,
+    SpecialIds,
+)
 
 SP = SpecialIds(pad=0, mask=1, smask=2, gmask=3, sop=4, eop=5)
 PERIOD = 6  # a sentence end token in the synthetic text
@@ -26,7 +32,8 @@ def segments_of(row, S):
         start = lo[i]
         sep = hi[i]
         j = start
-        while j < S and lo[j] == start and not (row["tokens"][j] == SP.pad and row["loss_mask"][j] == 0 and hi[j] == j + 1 and lo[j] == j):
+        while j < S and lo[j] == start and not (row["tokens"][j] == SP.pad and row["loss_mask"][j] == 0
+                                                and hi[j] == j + 1 and lo[j] == j):
             j += 1
         out.append((start, sep, j))
         i = j

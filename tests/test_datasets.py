@@ -145,7 +145,7 @@ def test_blending_keeps_every_prefix_near_the_weights(weights, n):
 def test_train_valid_test_over_weighted_corpora(corpus_prefix, tmp_path):
     other = str(tmp_path / "other")
     with IndexedDatasetWriter(other, np.int32) as w:
-        for d in range(50):
+        for _ in range(50):
             w.add_document(-np.arange(1, 40))  # negative tokens: recognisably the second corpus
     train, valid, test = build_train_valid_test_datasets(
         ["0.75", corpus_prefix, "0.25", other], "90,10,0", 16, [400, 40, 40], seed=5)

@@ -90,7 +90,8 @@ def test_megatron_core_compatibility(tmp_path):
     torch = pytest.importorskip("torch")
     mc = pytest.importorskip("megatron.core.datasets.indexed_dataset")
     rng = np.random.default_rng(1)
-    docs = [[rng.integers(0, 60000, rng.integers(1, 50)).tolist() for _ in range(rng.integers(1, 3))] for _ in range(200)]
+    docs = [[rng.integers(0, 60000, rng.integers(1, 50)).tolist() for _ in range(rng.integers(1, 3))]
+            for _ in range(200)]
     ours = str(tmp_path / "ours")
     write(ours, docs, np.uint16, "items")
 

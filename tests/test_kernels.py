@@ -216,7 +216,8 @@ def test_fused_embedding_accumulates_repeated_indices(device, dtype):
     position_ids = torch.stack([torch.arange(s).expand(b, s), torch.zeros(b, s, dtype=torch.long)], 1).clone()
     position_ids[:, 1, 14:] = torch.arange(1, 6)  # Part B; block position 0 is shared by all of Part A
     position_ids = position_ids.to(device)
-    tables = [(torch.randn(n, hidden, generator=g) * 0.5).to(device, dtype).requires_grad_() for n in (vocab, rows, rows)]
+    tables = [(torch.randn(n, hidden, generator=g) * 0.5).to(device, dtype).requires_grad_()
+              for n in (vocab, rows, rows)]
     from megatron_glm.kernels.triton_embedding import glm_embedding_2d
     out = glm_embedding_2d(tokens, position_ids, *tables)
     exact = [t.detach().float().requires_grad_() for t in tables]  # fp32 sums: torch's fp16 backward rounds more

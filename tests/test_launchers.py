@@ -87,8 +87,8 @@ def wait_for_iteration(save, n, proc, timeout=300):
 def torchrun_run(tmp_path_factory, data):
     """launchers/torchrun.sh, 2 processes (data parallel), uninterrupted: the reference for the Slurm runs."""
     save = str(tmp_path_factory.mktemp("torchrun") / "ckpt")
-    result = subprocess.run(["bash", os.path.join(LAUNCHERS, "torchrun.sh")], env=env_for(data, save, GPUS_PER_NODE="2"),
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(["bash", os.path.join(LAUNCHERS, "torchrun.sh")],
+                            env=env_for(data, save, GPUS_PER_NODE="2"), capture_output=True, text=True, timeout=600)
     return save, result
 
 

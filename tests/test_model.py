@@ -97,7 +97,8 @@ def test_kv_cache_logits_equal_full_recompute(kind):
     cache = KVCache(model.cfg.num_layers)
     a = len(part_a)
     pos = torch.stack([torch.arange(a), torch.zeros(a, dtype=torch.long)])[None]
-    model(torch.tensor([part_a]), pos, torch.zeros(1, a, dtype=torch.int32), torch.full((1, a), a, dtype=torch.int32), cache)
+    model(torch.tensor([part_a]), pos, torch.zeros(1, a, dtype=torch.int32), torch.full((1, a), a, dtype=torch.int32),
+          cache)
     incremental = []
     for mask_pos, span in zip((2, 5), spans):
         for j, t in enumerate([SP.sop] + span):
@@ -138,7 +139,8 @@ def test_fill_blanks_strategies(strategy):
         ids = ToyTokenizer().encode("ab_cd_e")
         a = len(ids)
         pos = torch.stack([torch.arange(a), torch.zeros(a, dtype=torch.long)])[None]
-        model(torch.tensor([ids]), pos, torch.zeros(1, a, dtype=torch.int32), torch.full((1, a), a, dtype=torch.int32), cache)
+        model(torch.tensor([ids]), pos, torch.zeros(1, a, dtype=torch.int32),
+              torch.full((1, a), a, dtype=torch.int32), cache)
         first = int(_feed(model, cache, torch.tensor([[4]]), torch.tensor([[2]]), torch.tensor([[1]])).argmax())
         if first == ToyTokenizer.eop_id:
             assert spans[0] == ""

@@ -104,8 +104,8 @@ def test_simulated_slurm_srun(tmp_path):
     for rank in range(2):
         env = {**clean_env(), "SLURM_PROCID": str(rank), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(rank),
                "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": "77", "MASTER_PORT": str(port)}
-        procs.append(subprocess.Popen([sys.executable, PROBE, "2", str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
+        procs.append(subprocess.Popen([sys.executable, PROBE, "2", str(tmp_path)], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
     out = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [e[-1500:] for _, e in out]
     check(outputs(tmp_path), "slurm")

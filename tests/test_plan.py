@@ -67,9 +67,8 @@ def saved_bytes(layer, x, *args):
     ("eager", 0.1, "fp32", None), ("flash", 0.0, "fp32", None), ("flash", 0.0, "fp32", "rotary_2d"),
 ])
 def test_layer_activations_equal_what_autograd_saves(impl, dropout, dtype, variant, monkeypatch):
-    from megatron_glm.model.glm import TransformerLayer
-
     from megatron_glm import kernels
+    from megatron_glm.model.glm import TransformerLayer
 
     if impl == "flash":  # the Triton kernels themselves (attention and rotary), in the interpreter
         monkeypatch.setattr(kernels.dispatch, "_backend", "triton")

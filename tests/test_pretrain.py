@@ -66,7 +66,8 @@ def test_refuses_another_architecture_and_writes_nothing(tmp_path, data, trained
     wrong = args(data, save, iters=4)
     wrong[wrong.index("--hidden-size") + 1] = "64"
     result = run(wrong)
-    assert result.returncode == 1 and "another architecture" in result.stderr and "hidden_size: 32 vs 64" in result.stderr
+    assert result.returncode == 1 and "another architecture" in result.stderr
+    assert "hidden_size: 32 vs 64" in result.stderr
     assert {n: os.path.getmtime(os.path.join(save, n)) for n in os.listdir(save)} == before
 
 
@@ -97,7 +98,8 @@ def test_bf16_tensorboard_and_wandb(tmp_path, data):
     bf16 = str(tmp_path / "bf16" / "ckpt")
     env_free = {k: v for k, v in os.environ.items() if not k.startswith("WANDB")}
     result = subprocess.run([sys.executable, "-m", "megatron_glm.training.pretrain",
-                             *args(data, bf16, iters=4, extra=["--bf16", "--tensorboard", "--wandb-project", "glm-test"])],
+                             *args(data, bf16, iters=4,
+                                   extra=["--bf16", "--tensorboard", "--wandb-project", "glm-test"])],
                             env=env_free, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     ours, ref = records(bf16), records(fp32)
@@ -115,7 +117,8 @@ def test_bf16_tensorboard_and_wandb(tmp_path, data):
 
 def test_glm_generate_cli_and_a_mismatched_tokenizer(tmp_path, trained):
     cmd = [sys.executable, "-m", "megatron_glm.generate", "--load", trained, "--max-new-tokens", "4"]
-    result = subprocess.run(cmd + ["--text", "Return the [MASK] of the list.", "--strategy", "beam", "--num-beams", "2"],
+    result = subprocess.run(cmd + ["--text", "Return the [MASK] of the list.", "--strategy", "beam",
+                                   "--num-beams", "2"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     filled = result.stdout.strip()
@@ -134,7 +137,8 @@ def test_a_deepspeed_json_overrides_the_flags_it_sets(tmp_path):
     from megatron_glm.training.pretrain import deepspeed_config
 
     path = tmp_path / "ds.json"
-    path.write_text(json.dumps({"gradient_clipping": 0.5, "zero_optimization": {"stage": 1, "reduce_bucket_size": 1000}}))
+    path.write_text(json.dumps({"gradient_clipping": 0.5,
+                                "zero_optimization": {"stage": 1, "reduce_bucket_size": 1000}}))
     parsed = build_parser().parse_args(["--data-path", "x", "--train-iters", "1", "--clip-grad", "2.0",
                                         "--zero-stage", "0", "--deepspeed-config", str(path)])
     config = deepspeed_config(parsed, grad_accum=3)

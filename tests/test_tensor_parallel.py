@@ -31,13 +31,14 @@ def make_batch(seed=0, packed=True):
 
 
 def equivalence_worker(rank, world, cases, steps):
+    import torch.distributed as dist
+
     from megatron_glm.config import ModelConfig
     from megatron_glm.model.glm import GLMModel
     from megatron_glm.model.parallelize import apply_ac, apply_tp, gather_full_state, partition_of
     from megatron_glm.parallel import state
     from megatron_glm.parallel.random import model_parallel_seed
     from megatron_glm.parallel.tensor_parallel import unshard_tensors
-    import torch.distributed as dist
 
     state.initialize_model_parallel(tp=world)
     out = {}
@@ -139,9 +140,9 @@ def test_rng_tracker_and_vocab_parallel_cross_entropy(tmp_path):
 def dropout_worker(rank, world, seed):
     from megatron_glm.config import ModelConfig
     from megatron_glm.model.glm import GLMModel
+    from megatron_glm.model.parallelize import apply_ac, apply_tp
     from megatron_glm.parallel import state
     from megatron_glm.parallel.random import model_parallel_seed
-    from megatron_glm.model.parallelize import apply_ac, apply_tp
 
     state.initialize_model_parallel(tp=world)
     losses = []
@@ -179,8 +180,8 @@ def no_collective_worker(rank, world):
 
     from megatron_glm.config import ModelConfig
     from megatron_glm.model.glm import GLMModel
-    from megatron_glm.parallel import state
     from megatron_glm.model.parallelize import apply_ac, apply_tp
+    from megatron_glm.parallel import state
 
     state.initialize_model_parallel(tp=1)
     model = GLMModel(ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, max_position_embeddings=SEQ,

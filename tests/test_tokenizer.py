@@ -66,7 +66,8 @@ def test_hf_tokenizer_json(trained_bpe):
     eot = next(t["id"] for t in saved["added_tokens"] if t["content"] == "<|endoftext|>")
     assert tok.eos_id == eot
     appended = [r for r in ROLES if r != "eos"]
-    assert [tok.special_ids[r] for r in appended] == list(range(tok.base_vocab_size, tok.base_vocab_size + len(appended)))
+    base = tok.base_vocab_size
+    assert [tok.special_ids[r] for r in appended] == list(range(base, base + len(appended)))
     # a folder holding tokenizer.json loads the same tokenizer
     assert load_tokenizer(model=str(trained_bpe)).special_ids == tok.special_ids
 

@@ -29,9 +29,9 @@ def detect_format(path: str) -> str:
     if glob.glob(os.path.join(path, "**", "mp_rank_*_model_states.pt"), recursive=True) or \
             re.search(r"mp_rank_\d+_model_states\.pt$", path):
         return "thudm"
-    raise ConversionError(f"{path}: unknown source format; expected a megatron-glm checkpoint folder (iter_*/meta.json),"
-                          " an original GLM checkpoint (mp_rank_XX_model_states.pt), or a Hugging Face style folder "
-                          "(config.json + *.safetensors)")
+    raise ConversionError(f"{path}: unknown source format; expected a megatron-glm checkpoint folder "
+                          "(iter_*/meta.json), an original GLM checkpoint (mp_rank_XX_model_states.pt), or a "
+                          "Hugging Face style folder (config.json + *.safetensors)")
 
 
 def _info(meta: dict) -> dict:

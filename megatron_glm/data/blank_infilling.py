@@ -157,7 +157,8 @@ class BlankInfillingCollator:
     # -- one sample's draws ----------------------------------------------------------------
     def objective_of(self, rng) -> int:
         u = rng.random()
-        return TOKEN if u < self.cfg.token_prob else SENTENCE if u < self.cfg.token_prob + self.cfg.sentence_prob else DOCUMENT
+        cfg = self.cfg
+        return TOKEN if u < cfg.token_prob else SENTENCE if u < cfg.token_prob + cfg.sentence_prob else DOCUMENT
 
     def plan(self, index: int, text, document_lengths=None) -> _Plan:
         """Every random draw for one sample, deterministic from (seed, index)."""
@@ -538,8 +539,8 @@ class BlankInfillingCollator:
             after_sop = np.ones(run.size, bool)
             after_sop[b_first] = False
             after_sop &= np.repeat(ends_eop, block)
-            drop = np.concatenate([p.block_masked if p.block_masked is not None else np.zeros(int(p.lengths.sum()), bool)
-                                   for p in plans if p.eop])
+            drop = np.concatenate([p.block_masked if p.block_masked is not None
+                                   else np.zeros(int(p.lengths.sum()), bool) for p in plans if p.eop])
             true_next = b_tok.copy()  # labels are the true tokens, whatever the inputs show
             b_tok[np.flatnonzero(after_sop)[drop]] = sp.dblock
         else:

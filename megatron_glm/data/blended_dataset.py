@@ -40,7 +40,8 @@ def parse_data_path(data_path: Sequence[str]) -> list[tuple[float, str]]:
                              "give either prefixes only or weight/prefix pairs (0.7 A 0.3 B)")
         pairs = [(1.0, p) for p in items]
     else:
-        if len(items) % 2 or any(number(w) is None for w in items[0::2]) or any(number(p) is not None for p in items[1::2]):
+        if len(items) % 2 or any(number(w) is None for w in items[0::2]) or \
+                any(number(p) is not None for p in items[1::2]):
             raise ValueError(f"--data-path {' '.join(items)}: expected weight/prefix pairs such as 0.7 A 0.3 B")
         pairs = [(float(w), p) for w, p in zip(items[0::2], items[1::2])]
     if any(w < 0 for w, _ in pairs) or sum(w for w, _ in pairs) <= 0:

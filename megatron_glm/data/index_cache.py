@@ -39,7 +39,8 @@ def load_or_build(
         try:
             os.makedirs(cache_dir, exist_ok=True)
         except OSError as e:
-            raise OSError(f"cannot create the index cache {cache_dir} ({e}); pass --data-cache-path to a writable folder") from e
+            raise OSError(f"cannot create the index cache {cache_dir} ({e}); pass --data-cache-path to a writable "
+                          "folder") from e
         arrays = build()
         for name, array in arrays.items():
             tmp = f"{base}_{name}.tmp-{os.getpid()}.npy"

@@ -11,10 +11,14 @@ itself, which reads checkpoints, is ``megatron_glm/generate.py``.)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from megatron_glm.model.glm import KVCache
+
+if TYPE_CHECKING:
+    from megatron_glm.model.glm import GLMModel
 
 
 @dataclass
@@ -161,7 +165,8 @@ def fill_blanks(model: GLMModel, tokenizer, text: str, cfg: GenerationConfig | N
     a = len(ids)
     tokens = torch.tensor([ids], device=device)
     position_ids = torch.stack([torch.arange(a, device=device), torch.zeros(a, dtype=torch.long, device=device)])[None]
-    bounds = torch.zeros(1, a, dtype=torch.int32, device=device), torch.full((1, a), a, dtype=torch.int32, device=device)
+    bounds = (torch.zeros(1, a, dtype=torch.int32, device=device),
+              torch.full((1, a), a, dtype=torch.int32, device=device))
     model(tokens, position_ids, *bounds, cache)  # Part A, bidirectional, once
     spans = []
     for pos in blanks:
@@ -169,7 +174,8 @@ def fill_blanks(model: GLMModel, tokenizer, text: str, cfg: GenerationConfig | N
             span = _span_beam(model, cache, pos, tokenizer.sop_id, tokenizer.eop_id, cfg, device)
             fed = torch.tensor([[tokenizer.sop_id] + span], device=device)
             n = fed.shape[1]
-            _feed(model, cache, fed, torch.full((1, n), pos, device=device), torch.arange(1, n + 1, device=device)[None])
+            _feed(model, cache, fed, torch.full((1, n), pos, device=device),
+                  torch.arange(1, n + 1, device=device)[None])
         else:
             span = _span_greedy_or_sample(model, cache, pos, tokenizer.sop_id, tokenizer.eop_id, cfg, generator, device)
         spans.append(span)

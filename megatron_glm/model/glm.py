@@ -127,7 +127,8 @@ class TransformerLayer(nn.Module):
 
     def forward(self, x, position_ids, attn_lo, attn_hi, cache=None):
         if self.deepnorm:  # post-LN: LN(alpha * x + f(x))
-            x = self.input_layernorm(self.alpha * x + self.dropout(self.attention(x, position_ids, attn_lo, attn_hi, cache)))
+            h = self.attention(x, position_ids, attn_lo, attn_hi, cache)
+            x = self.input_layernorm(self.alpha * x + self.dropout(h))
             return self.post_attention_layernorm(self.alpha * x + self.dropout(self.mlp(x)))
         x = x + self.dropout(self.attention(self.input_layernorm(x), position_ids, attn_lo, attn_hi, cache))
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))

@@ -58,7 +58,10 @@ class ColumnParallelLinear(nn.Module):
         self.sequence_parallel = sequence_parallel
 
     def forward(self, x):
-        x = gather_from_sequence_parallel_region(x) if self.sequence_parallel else copy_to_tensor_model_parallel_region(x)
+        if self.sequence_parallel:
+            x = gather_from_sequence_parallel_region(x)
+        else:
+            x = copy_to_tensor_model_parallel_region(x)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -75,7 +78,10 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x):
         y = F.linear(x, self.weight)
-        y = reduce_scatter_to_sequence_parallel_region(y) if self.sequence_parallel else reduce_from_tensor_model_parallel_region(y)
+        if self.sequence_parallel:
+            y = reduce_scatter_to_sequence_parallel_region(y)
+        else:
+            y = reduce_from_tensor_model_parallel_region(y)
         return y + self.bias if self.bias is not None else y
 
 

@@ -275,4 +275,6 @@ def forward_backward_pipelining_with_interleaving(forward_step, backward_step, c
 def get_schedule(pp: int, vpp: int):
     if pp == 1:
         return forward_backward_no_pipelining
-    return forward_backward_pipelining_with_interleaving if vpp > 1 else forward_backward_pipelining_without_interleaving
+    if vpp > 1:
+        return forward_backward_pipelining_with_interleaving
+    return forward_backward_pipelining_without_interleaving

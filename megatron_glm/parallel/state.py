@@ -66,14 +66,16 @@ def discover_launch(environ=None) -> Launch:
         job = int(env.get("SLURM_JOB_ID", "0"))
         return Launch(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
                       addr, port or 20000 + job % 20000, "slurm")
-    for rank_key, size_key, local_key in (("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
-                                          ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
-                                          ("PMIX_RANK", "PMIX_SIZE", "PMIX_LOCAL_RANK")):
+    mpi_variables = (("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+                     ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
+                     ("PMIX_RANK", "PMIX_SIZE", "PMIX_LOCAL_RANK"))
+    for rank_key, size_key, local_key in mpi_variables:
         if rank_key in env and (size_key in env or rank_key == "PMIX_RANK"):
             from mpi4py import MPI  # the master's address travels over MPI itself
 
             comm = MPI.COMM_WORLD
-            addr = comm.bcast(env.get("MASTER_ADDR") or (socket.gethostname() if comm.Get_rank() == 0 else None), root=0)
+            addr = comm.bcast(env.get("MASTER_ADDR") or (socket.gethostname() if comm.Get_rank() == 0 else None),
+                              root=0)
             port = comm.bcast(port or (_free_port() if comm.Get_rank() == 0 else None), root=0)
             return Launch(comm.Get_rank(), comm.Get_size(), int(env.get(local_key, 0)), addr, port, "mpi")
     return Launch(0, 1, 0, "127.0.0.1", port or _free_port(), "single")

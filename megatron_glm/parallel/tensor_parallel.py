@@ -63,7 +63,10 @@ class VocabParallelOutput(nn.Module):
         self.sequence_parallel = sequence_parallel
 
     def forward(self, h, weight):
-        h = gather_from_sequence_parallel_region(h) if self.sequence_parallel else copy_to_tensor_model_parallel_region(h)
+        if self.sequence_parallel:
+            h = gather_from_sequence_parallel_region(h)
+        else:
+            h = copy_to_tensor_model_parallel_region(h)
         return F.linear(h, weight)
 
     @staticmethod

@@ -16,7 +16,7 @@ from dataclasses import replace
 
 from megatron_glm.config import PRESETS, ModelConfig, preset
 from megatron_glm.plan.memory import ATTENTION, BYTES, Workload
-from megatron_glm.plan.search import GiB, Cluster, flags, rank
+from megatron_glm.plan.search import Cluster, GiB, flags, rank
 
 # the tokenizers of the published models: BERT WordPiece, GPT-2 BPE
 PRESET_VOCAB = {"glm-2b": 50257, "glm-10b": 50257}

@@ -104,8 +104,8 @@ def _parameter_shapes(cfg_items: tuple) -> tuple:
 
 def stage_parameters(cfg: ModelConfig, tp: int, pp: int, vpp: int = 1) -> list[dict]:
     """Per pipeline rank: elements of this TP rank's parameters, split into ``embedding`` and ``other``."""
-    from megatron_glm.parallel.pipeline import partition_layers
     from megatron_glm.model.parallelize import partition_of
+    from megatron_glm.parallel.pipeline import partition_layers
 
     ranges = partition_layers(cfg.num_layers, pp, vpp)
     owner = {i: r for r, chunks in enumerate(ranges) for chunk in chunks for i in chunk}

@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--trust-checkpoint", action="store_true",
                    help="load --load's files with unrestricted unpickling (they can run code): only for files from a "
                         "source you trust that hold objects beyond tensors, numbers and DeepSpeed's optimizer states")
-    g.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # launchers' habit; LOCAL_RANK rules
+    # the launchers' habit; LOCAL_RANK rules
+    g.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     g.add_argument("--stop-file", help="stop after the current step, save and exit 75 (requeue) once this file "
                                        "exists; SIGTERM and SIGUSR1 do the same")
     g.add_argument("--save-interval", type=int, default=None)

@@ -2,10 +2,11 @@
 
 Layout: ``{save}/iter_{N:07d}/`` holds DeepSpeed's files (model, optimizer, scheduler) plus
 ``meta.json`` (model configuration, tokenizer, layout, iteration, consumed samples) and one
-``rng_state_pp{p}_tp{t}_dp{d}.pt`` per rank (default, TP-tracker and Python RNG states); ``{save}/latest`` names the newest complete one (the file DeepSpeed
-reads too). A save is written under ``{save}/.tmp-iter_N/``, flushed, renamed into place,
-and only then does ``latest`` change (itself by an atomic rename), so a run killed at any
-moment, mid-save included, resumes from the last complete checkpoint.
+``rng_state_pp{p}_tp{t}_dp{d}.pt`` per rank (default, TP-tracker and Python RNG states);
+``{save}/latest`` names the newest complete one (the file DeepSpeed reads too). A save is
+written under ``{save}/.tmp-iter_N/``, flushed, renamed into place, and only then does
+``latest`` change (itself by an atomic rename), so a run killed at any moment, mid-save
+included, resumes from the last complete checkpoint.
 """
 
 from __future__ import annotations
@@ -17,9 +18,8 @@ import shutil
 
 import torch
 
-from megatron_glm import serialization
+from megatron_glm import faults, serialization
 from megatron_glm.config import ModelConfig
-from megatron_glm import faults
 
 LATEST = "latest"
 
@@ -202,9 +202,9 @@ def read_safely(engine, trust: bool = False) -> None:
 def check_compatible(meta: dict, model_cfg: ModelConfig, tokenizer_fingerprint: str | None, where: str,
                      tensor_parallel: int = 1, pipeline_parallel: int = 1) -> None:
     """Refuse a checkpoint of another architecture, tokenizer or layout, naming every difference."""
-    for flag, saved, now in (("--tensor-model-parallel-size", meta.get("tensor_model_parallel_size", 1), tensor_parallel),
-                             ("--pipeline-model-parallel-size", meta.get("pipeline_model_parallel_size", 1),
-                              pipeline_parallel)):
+    for flag, saved, now in (
+            ("--tensor-model-parallel-size", meta.get("tensor_model_parallel_size", 1), tensor_parallel),
+            ("--pipeline-model-parallel-size", meta.get("pipeline_model_parallel_size", 1), pipeline_parallel)):
         if saved != now:
             raise CheckpointError(f"{where} was saved with {flag} {saved}, this run has {now}: resume with the same "
                                   "layout (resharding a checkpoint is glm-convert's job)")

@@ -65,7 +65,8 @@ def deepspeed_config(args, grad_accum: int, rank_params: int | None = None) -> d
         with open(args.deepspeed_config) as f:
             user = json.load(f)
         for key, value in user.items():  # the JSON wins over the flags it sets
-            config[key] = {**config[key], **value} if isinstance(value, dict) and isinstance(config.get(key), dict) else value
+            merge = isinstance(value, dict) and isinstance(config.get(key), dict)
+            config[key] = {**config[key], **value} if merge else value
     return config
 
 
@@ -110,17 +111,20 @@ def pretrain(argv=None) -> dict:
     import numpy as np
     import torch
 
-    from megatron_glm import kernels
+    from megatron_glm import faults, kernels
     from megatron_glm.data.blank_infilling import (
-        OBJECTIVES, BlankInfillingCollator, BlankInfillingConfig, SpecialIds, sentence_end_ids)
+        OBJECTIVES,
+        BlankInfillingCollator,
+        BlankInfillingConfig,
+        SpecialIds,
+        sentence_end_ids,
+    )
     from megatron_glm.data.blended_dataset import build_train_valid_test_datasets
     from megatron_glm.data.loader import BatchStream, MicroBatches, collate_now
     from megatron_glm.data.sampler import PretrainingSampler
     from megatron_glm.data.tokenizer import GLMTokenizer, spec_from_args
-    from megatron_glm.model.glm import GLMModel
     from megatron_glm.parallel.pipeline import partition_layers
     from megatron_glm.training import checkpoint as ckpt
-    from megatron_glm import faults
     from megatron_glm.training.lr_schedule import LRSchedule
     from megatron_glm.training.memory import host_memory, reset_host_peak
     from megatron_glm.training.metrics import MetricsLogger, Throughput, flops_per_token, memory_summary
@@ -245,14 +249,16 @@ def pretrain(argv=None) -> dict:
                     f"+{setup_peak / 2**20:,.0f} MiB")
     meta_base = {"model": model_cfg.to_dict(), "tokenizer": tokenizer.describe(), "seq_length": args.seq_length,
                  "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
-                 "pipeline_layers": [[[r.start, r.stop] for r in stage]
-                                     for stage in partition_layers(model_cfg.num_layers, pp, vpp, args.pipeline_layers)],
-                 "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}}
+                 "pipeline_layers": [[[r.start, r.stop] for r in stage] for stage in
+                                     partition_layers(model_cfg.num_layers, pp, vpp, args.pipeline_layers)],
+                 "args": {k: v for k, v in vars(args).items()
+                          if isinstance(v, (int, float, str, bool, list, type(None)))}}
     micro_batches = MicroBatches(train_ds, collate, model_cfg.vocab_size)
     stream = BatchStream(micro_batches, PretrainingSampler(len(train_ds), consumed, args.micro_batch_size, dp_rank,
                                                            world), args.num_workers, pin_memory=device == "cuda")
     speed = Throughput(args.global_batch_size * args.seq_length,
-                       flops_per_token(model_cfg.num_layers, model_cfg.hidden_size, args.seq_length, model_cfg.vocab_size),
+                       flops_per_token(model_cfg.num_layers, model_cfg.hidden_size, args.seq_length,
+                                       model_cfg.vocab_size),
                        args.train_iters, iteration)
 
     def to_device(batch):
@@ -288,7 +294,8 @@ def pretrain(argv=None) -> dict:
             values.update({"lr": engine.get_lr()[0], "consumed_samples": consumed,
                            "skipped_steps": int(getattr(engine, "skipped_steps", 0))})
             if args.fp16:
-                values["loss_scale"] = float(engine.optimizer.cur_scale) if hasattr(engine.optimizer, "cur_scale") else None
+                scale = getattr(engine.optimizer, "cur_scale", None)
+                values["loss_scale"] = float(scale) if scale is not None else None
             if iteration % args.log_interval == 0 or iteration == args.train_iters:
                 values.update(speed.report(iteration))
                 parts = [f"iter {iteration}/{args.train_iters}", f"loss {lm_loss:.4f}"]
@@ -340,12 +347,12 @@ def pretrain(argv=None) -> dict:
 
 
 def main(argv=None) -> int:
+    import faulthandler
+
     from megatron_glm.data.indexed import IndexedDatasetError
     from megatron_glm.data.loader import DataError
     from megatron_glm.data.tokenizer import TokenizerError
     from megatron_glm.training.checkpoint import CheckpointError
-
-    import faulthandler
 
     faulthandler.enable()  # a rank that dies on a signal (SIGABRT, SIGSEGV) prints every thread's Python stack
     try:
