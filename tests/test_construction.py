@@ -1,10 +1,10 @@
 """Each rank builds only its own shard: bitwise the one-process init's slice, in bounded host memory.
 
 Four gloo processes at TP2 x PP2 build a model whose four full copies would not fit in the
-budget the test sets; each rank's peak resident memory during construction (the kernel's
-VmHWM, reset just before) must stay within its shard plus the largest full tensor plus a
-small constant. The oracle for the weights is the one-process GLMModel with the same seed,
-sliced by this test's own reading of the partition rules.
+budget the test sets; each rank's peak resident memory during construction (the kernel's VmHWM,
+reset just before) must stay within its shard plus the largest full tensor plus a small
+constant, and near glm-plan's estimate of it. The oracle for the weights is the one-process
+GLMModel with the same seed, sliced by this test's own reading of the partition rules.
 """
 
 import pytest
@@ -40,6 +40,7 @@ def construction_worker(rank, world, load_dir, reference_seed):
     from megatron_glm.model.glm import GLMModel
     from megatron_glm.model.parallelize import RankLayout, build_rank_model
     from megatron_glm.parallel import state
+    from megatron_glm.plan.memory import setup_host_bytes, stage_parameters
     from megatron_glm.training import checkpoint as ckpt
     from megatron_glm.training.memory import host_memory, reset_host_peak
 
@@ -60,7 +61,9 @@ def construction_worker(rank, world, load_dir, reference_seed):
     reference = GLMModel(cfg, seed=reference_seed).state_dict()
     largest = max(4 * t.numel() for t in reference.values())
     wrong = [n for n, p in params.items() if not torch.equal(p, expected_slice(n, reference[n], layout.tp_rank, 2))]
-    return {"peak": peak, "shard": shard, "largest": largest, "names": sorted(params), "wrong": wrong,
+    planned = setup_host_bytes(stage_parameters(cfg, 2, 2)[layout.pp_rank])  # glm-plan's figure for this rank
+    return {"peak": peak, "shard": shard, "largest": largest, "planned": planned, "names": sorted(params),
+            "wrong": wrong,
             "coords": (layout.pp_rank, layout.tp_rank), "all_names": sorted(reference)}
 
 
@@ -70,6 +73,7 @@ def check(results, cfg_bytes):
         assert bound < cfg_bytes  # the budget: four full copies would exceed four times it
         assert r["peak"] <= bound, f"rank {r['coords']}: set-up peak {r['peak'] / 2**20:.0f} MiB > {bound / 2**20:.0f}"
         assert r["wrong"] == []
+        assert abs(r["peak"] - r["planned"]) <= CONSTANT, (r["peak"], r["planned"])
     covered = {n for r in results if r["coords"][1] == 0 for n in r["names"]}
     assert covered == set(results[0]["all_names"])  # the stages together hold the whole model, once
     assert sum(len(r["names"]) for r in results if r["coords"][1] == 0) == len(covered)

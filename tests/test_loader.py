@@ -83,6 +83,15 @@ def test_a_token_beyond_the_vocabulary_is_named(pieces):
         collate_now(MicroBatches(train, collate, vocab_size=top), range(4))
 
 
+def test_starting_the_loader_leaves_the_training_rng_alone(pieces):
+    """The default generator drives dropout and is checkpointed: a resumed run starts its loader after restoring
+    it, an uninterrupted one before step 1, so a draw there would make resumed steps differ."""
+    before = torch.get_rng_state()
+    for workers in (0, 2):
+        take(stream(pieces, workers), 1)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_negative_workers_are_refused(pieces):
     with pytest.raises(ValueError, match="--num-workers -1"):
         stream(pieces, -1)

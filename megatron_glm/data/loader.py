@@ -85,7 +85,10 @@ class BatchStream:
         batches.progress = self.progress
         self.loader = DataLoader(batches, sampler=sampler, batch_size=None, collate_fn=_as_is,
                                  num_workers=num_workers, pin_memory=pin_memory, worker_init_fn=_worker_init,
-                                 prefetch_factor=prefetch_factor if num_workers else None)
+                                 prefetch_factor=prefetch_factor if num_workers else None,
+                                 # the loader draws its workers' base seed from this, not from torch's default
+                                 # generator, whose state is the training's (dropout) and is checkpointed
+                                 generator=torch.Generator().manual_seed(0))
         # the loader's SIGCHLD handler would raise a dead worker's error wherever the trainer happens to be;
         # without it the error comes from the wait for a batch (within seconds), where it can name the samples
         previous = signal.getsignal(signal.SIGCHLD)

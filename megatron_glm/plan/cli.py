@@ -90,6 +90,7 @@ def describe(c) -> dict:
             "fits": c.fits, "peak_bytes": c.peak, "worst_stage": worst.stage,
             "terms_bytes": {"weights": worst.weights, "gradients": worst.gradients, "optimizer": worst.optimizer,
                             "activations": worst.activations, "transient": worst.transient},
+            "setup_host_bytes": max(s.setup_host for s in c.stages),
             "in_flight": worst.in_flight, "bubble": c.bubble, "comm_bytes_per_step": c.comm_bytes,
             "step_time_s": c.step_time, "tokens_per_s": c.tokens_per_s}
 
@@ -159,6 +160,9 @@ def main(argv=None) -> int:
               + " Or shorten --seq-length, or give GPUs with more memory.", file=sys.stderr)
         return 2
     if not args.json:
+        host = max(s.setup_host for s in best.stages)
+        print(f"\nhost memory per rank while it builds its weights: {_gib(host)} GiB (its fp32 shard and one full "
+              "tensor at a time)")
         print("\nbest layout, glm-pretrain flags (add the model, data and optimizer flags):\n  "
               + " ".join(flags(w, best.layout)))
     return 0

@@ -11,6 +11,8 @@ Everything is counted for *this* implementation (tests compare it with measured 
   Activation Recomputation", counted for our layers: see ``layer_activations``), times the
   micro-batches in flight under the pipeline schedule, or only layer inputs with full
   recomputation;
+- **set-up host memory**: while a rank builds its weights on the CPU, its fp32 shard and one
+  full tensor (``setup_host_bytes``); nothing else of the model exists on any rank;
 - **transients**: the logits and the fp32 cross entropy of one micro-batch on the last stage
   (about ``12 b s V / t`` bytes), and the optimizer step's temporaries.
 
@@ -79,6 +81,7 @@ class StageMemory:
     activations: int = 0
     transient: int = 0  # live only around the output layer's backward or the optimizer step
     in_flight: int = 0  # micro-batches (model-chunk forwards) whose activations are held at once
+    setup_host: int = 0  # host (CPU) bytes while the rank builds its weights, before they move to the GPU
     terms: dict = field(default_factory=dict)
 
     @property
@@ -109,18 +112,26 @@ def stage_parameters(cfg: ModelConfig, tp: int, pp: int, vpp: int = 1) -> list[d
 
     ranges = partition_layers(cfg.num_layers, pp, vpp)
     owner = {i: r for r, chunks in enumerate(ranges) for chunk in chunks for i in chunk}
-    stages = [{"embedding": 0, "other": 0} for _ in range(pp)]
+    stages = [{"embedding": 0, "other": 0, "largest_full": 0} for _ in range(pp)]
     for name, numel in _parameter_shapes(tuple(sorted(cfg.to_dict().items()))):
         n = numel // tp if partition_of(name, cfg.geglu) else numel
         if name.startswith("transformer.layers."):
-            stages[owner[int(name.split(".")[2])]]["other"] += n
+            stage, key = owner[int(name.split(".")[2])], "other"
         elif name == "word_embeddings.weight":
-            stages[0]["embedding"] += n
+            stage, key = 0, "embedding"
         elif "final_layernorm" in name:
-            stages[-1]["other"] += n
+            stage, key = pp - 1, "other"
         else:  # 2D position tables
-            stages[0]["other"] += n
+            stage, key = 0, "other"
+        stages[stage][key] += n
+        stages[stage]["largest_full"] = max(stages[stage]["largest_full"], numel)
     return stages
+
+
+def setup_host_bytes(counts: dict) -> int:
+    """Host memory a rank needs to build its weights (``model/parallelize.py``): its fp32 shard, plus
+    one full fp32 tensor at a time, initialised and then sliced."""
+    return 4 * (counts["embedding"] + counts["other"] + counts["largest_full"])
 
 
 def model_states(params: int, precision: str, zero: int, dp: int, cpu_offload: bool = False) -> dict:
@@ -225,7 +236,8 @@ def estimate(w: Workload, lay: Layout) -> list[StageMemory]:
     out = []
     for r, counts in enumerate(stage_parameters(cfg, t, lay.pp, lay.vpp)):
         params = counts["embedding"] + counts["other"]
-        st = StageMemory(stage=r, parameters=params, in_flight=in_flight(lay, m, r))
+        st = StageMemory(stage=r, parameters=params, in_flight=in_flight(lay, m, r),
+                         setup_host=setup_host_bytes(counts))
         st.terms.update(model_states(params, w.precision, lay.zero, lay.dp, lay.cpu_offload))
         if lay.pp > 1 and r == lay.pp - 1:  # the tied output matrix's copy and its gradient
             st.terms["tied_copy"] = e * vocab_share * h

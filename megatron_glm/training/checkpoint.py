@@ -298,3 +298,62 @@ def _global_name(name: str, ranges) -> str:
     if parts[:2] == ["transformer", "layers"]:
         parts[2] = str(ranges[chunk][0] + int(parts[2]))
     return ".".join(parts)
+
+
+class ResumePoint:
+    """The complete checkpoint a run starts from: its folder, tag and meta."""
+
+    def __init__(self, load_dir: str, tag: str, meta: dict):
+        self.load_dir, self.tag, self.meta = load_dir, tag, meta
+
+    @property
+    def weights_only(self) -> bool:
+        """A glm-convert output: weights for each rank, no optimizer state."""
+        return bool(self.meta.get("weights_only"))
+
+    def __str__(self) -> str:
+        return os.path.join(self.load_dir, self.tag)
+
+
+def find_resume(load: str | None, save: str | None, model_cfg: ModelConfig, tokenizer_fingerprint: str | None,
+                tp: int, pp: int) -> ResumePoint | None:
+    """Where to resume: ``--load``'s latest, or ``--save``'s when a restarted (requeued) job finds one there.
+
+    An incompatible checkpoint is refused here, before any work and before anything is written.
+    """
+    if not load and save and resume_tag(save):
+        load = save
+    tag = resume_tag(load) if load else None
+    if tag is None:
+        return None
+    meta = read_meta(load, tag)
+    check_compatible(meta, model_cfg, tokenizer_fingerprint, load, tp, pp)
+    return ResumePoint(load, tag, meta)
+
+
+class Checkpointer:
+    """Saves on ``--save-interval``, at the end and on a stop request; remembers the latest complete one."""
+
+    def __init__(self, save_dir: str | None, interval: int | None, keep_last: int, meta: dict, rank: int,
+                 resume: ResumePoint | None):
+        self.save_dir, self.interval, self.keep_last, self.meta, self.rank = save_dir, interval, keep_last, meta, rank
+        self.last_saved = resume.tag if resume else None
+
+    def due(self, iteration: int, last_iteration: int) -> bool:
+        return bool(self.save_dir) and ((bool(self.interval) and iteration % self.interval == 0)
+                                        or iteration == last_iteration)
+
+    def saved(self, iteration: int) -> bool:
+        return self.last_saved == tag_of(iteration)
+
+    def save(self, engine, iteration: int, consumed_samples: int) -> str:
+        folder = save_checkpoint(engine, self.save_dir, iteration, {**self.meta, "consumed_samples": consumed_samples},
+                                 self.keep_last, self.rank)
+        self.last_saved = os.path.basename(folder)
+        return folder
+
+    @staticmethod
+    def load(engine, resume: ResumePoint, trust: bool) -> tuple[int, int]:
+        """(iteration, consumed samples) after restoring the engine; converted weights are already in the model."""
+        meta = resume.meta if resume.weights_only else load_checkpoint(engine, resume.load_dir, resume.tag, trust)
+        return meta["iteration"], meta["consumed_samples"]

@@ -1,0 +1,155 @@
+"""The pretraining job as config dataclasses: what the Trainer is built from.
+
+``glm-pretrain`` turns its flags into a ``JobConfig`` in one place (``from_args``), and checks
+there everything that can be checked before a process group, data or a model exists; the
+argparse namespace goes no further. The model's configuration needs the tokenizer (the padded
+vocabulary), so ``JobConfig.model_config`` completes it once the tokenizer is loaded, and the
+layout check that needs the model's sizes runs then, once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from megatron_glm.config import ModelConfig
+from megatron_glm.data.blank_infilling import BlankInfillingConfig
+from megatron_glm.data.tokenizer import TokenizerSpec
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor: int = 1
+    pipeline: int = 1
+    layers_per_virtual_stage: int | None = None  # interleaved 1F1B
+    pipeline_layers: tuple[int, ...] | None = None  # explicit layer counts per (virtual) stage
+    sequence_parallel: bool = False
+    zero_stage: int = 0
+    cpu_offload: bool = False
+    recompute: tuple = (None, "uniform", 1)  # granularity, method, layers (Megatron's flags)
+
+    def virtual_stages(self, num_layers: int) -> int:
+        per_chunk = self.layers_per_virtual_stage
+        return num_layers // (self.pipeline * per_chunk) if per_chunk else 1
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    data_path: tuple[str, ...]
+    split: str = "949,50,1"
+    seq_length: int = 512
+    cache_path: str | None = None
+    num_workers: int = 2
+    micro_batch_size: int = 4
+    global_batch_size: int = 4
+    tokenizer: TokenizerSpec | None = None
+    objective: BlankInfillingConfig | None = None
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    decay_style: str = "cosine"
+    warmup_iters: int = 0
+    decay_iters: int = 1
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    clip_grad: float = 1.0
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    save: str | None = None
+    load: str | None = None
+    interval: int | None = None
+    keep_last: int = 3
+    trust: bool = False
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    log_dir: str | None = None
+    interval: int = 10
+    eval_interval: int = 1000
+    eval_iters: int = 10
+    tensorboard: bool = False
+    wandb_project: str | None = None
+    measure_memory: bool = False
+    stop_file: str | None = None
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    train_iters: int
+    parallel: ParallelConfig
+    data: DataConfig
+    optimizer: OptimizerConfig
+    checkpoint: CheckpointConfig
+    logging: LoggingConfig
+    model: ModelConfig  # vocab_size 0 until model_config(tokenizer) fills it in
+    seed: int = 1234
+    device: str = "auto"
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    kernels: str = "auto"
+    attention_impl: str = "auto"
+    deepspeed_config: str | None = None
+    flags: dict = field(default_factory=dict)  # the command line's values: checkpoint meta, wandb, TensorBoard
+
+    def model_config(self, padded_vocab_size: int) -> ModelConfig:
+        """The model with the tokenizer's padded vocabulary, checked against the layout (the one layout check)."""
+        from megatron_glm.parallel.pipeline import partition_layers
+        from megatron_glm.parallel.state import check_layout
+
+        cfg = dataclasses.replace(self.model, vocab_size=padded_vocab_size)
+        cfg.validate(seq_length=self.data.seq_length)
+        par = self.parallel
+        check_layout(par.tensor * par.pipeline, par.tensor, par.pipeline, cfg.num_attention_heads,
+                     cfg.hidden_size, cfg.vocab_size)
+        per_chunk = par.layers_per_virtual_stage
+        if per_chunk and cfg.num_layers % (par.pipeline * per_chunk):
+            raise ValueError(f"--num-layers {cfg.num_layers} is not divisible by --pipeline-model-parallel-size "
+                             f"{par.pipeline} x --num-layers-per-virtual-pipeline-stage {per_chunk}")
+        partition_layers(cfg.num_layers, par.pipeline, par.virtual_stages(cfg.num_layers),
+                         list(par.pipeline_layers) if par.pipeline_layers else None)  # an impossible split fails here
+        return cfg
+
+
+def from_args(args, world_size: int) -> JobConfig:
+    """The job the flags describe, or ``ValueError`` listing every flag that cannot work."""
+    from megatron_glm.data.tokenizer import spec_from_args
+    from megatron_glm.training.arguments import model_config_from_args, validate_args
+
+    validate_args(args, world_size)  # fills in the global batch size's default
+    warmup = args.lr_warmup_iters or int(round((args.lr_warmup_fraction or 0.0) * args.train_iters))
+    precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+    objective = BlankInfillingConfig(
+        seq_length=args.seq_length, token_prob=args.bert_prob, sentence_prob=args.gap_sentence_prob,
+        mask_ratio=args.mask_ratio, poisson_lambda=args.poisson_lambda, sentence_ratio=args.gap_sentence_ratio,
+        gmask_min_ratio=args.gpt_min_ratio, gpt_infill_prob=args.gpt_infill_prob,
+        block_mask_prob=args.block_mask_prob, context_mask_ratio=args.context_mask_ratio,
+        context_mask_range=args.context_mask_range, random_position=args.random_position,
+        shuffle_spans=not args.no_shuffle_blocks, single_span_prob=args.single_span_prob,
+        short_seq_prob=args.short_seq_prob, task_mask=not args.no_task_mask, packed=args.packed_segments,
+        seed=args.seed)
+    return JobConfig(
+        train_iters=args.train_iters,
+        parallel=ParallelConfig(
+            args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+            args.num_layers_per_virtual_pipeline_stage,
+            tuple(args.pipeline_layers) if args.pipeline_layers else None, args.sequence_parallel,
+            args.zero_stage, args.cpu_offload,
+            (args.recompute_granularity, args.recompute_method, args.recompute_num_layers)),
+        data=DataConfig(tuple(args.data_path), args.split, args.seq_length, args.data_cache_path, args.num_workers,
+                        args.micro_batch_size, args.global_batch_size, spec_from_args(args), objective),
+        optimizer=OptimizerConfig(args.lr, args.min_lr, args.lr_decay_style, warmup,
+                                  args.lr_decay_iters or args.train_iters, args.weight_decay,
+                                  (args.adam_beta1, args.adam_beta2), args.adam_eps, args.clip_grad),
+        checkpoint=CheckpointConfig(args.save, args.load, args.save_interval, args.keep_last, args.trust_checkpoint),
+        logging=LoggingConfig(args.log_dir or args.save, args.log_interval, args.eval_interval, args.eval_iters,
+                              args.tensorboard, args.wandb_project, args.measure_memory, args.stop_file),
+        model=model_config_from_args(args, vocab_size=0, validate=False),
+        seed=args.seed, device=args.device, precision=precision, kernels=args.kernels,
+        attention_impl=args.attention_impl, deepspeed_config=args.deepspeed_config,
+        flags={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))})

@@ -1,0 +1,87 @@
+"""Process groups, the optimizer and the DeepSpeed engine that owns the step.
+
+The engine owns the optimizer step, gradient accumulation, clipping and mixed precision;
+``deepspeed_config`` writes its JSON from the job, and a user's ``--deepspeed-config`` file wins
+over the keys it sets.
+"""
+
+from __future__ import annotations
+
+import json
+
+from megatron_glm.training.config import JobConfig
+
+DEEPSPEED_BUCKET = 500_000_000  # DeepSpeed's default reduce/all-gather bucket, in elements
+
+
+def init_distributed(device: str, tp: int, pp: int, model_cfg) -> None:
+    """Process groups from whatever launched us (torchrun, Slurm, MPI, or nothing), then DeepSpeed's comm."""
+    import deepspeed
+
+    from megatron_glm.parallel import state
+
+    state.initialize_model_parallel(tp=tp, pp=pp, backend="nccl" if device == "cuda" else "gloo",
+                                    num_attention_heads=model_cfg.num_attention_heads,
+                                    hidden_size=model_cfg.hidden_size, vocab_size=model_cfg.vocab_size)
+    deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", verbose=False)
+
+
+def bucket_elements(rank_params: int | None) -> int:
+    """ZeRO's communication buckets, capped at this rank's parameter count.
+
+    DeepSpeed allocates its buckets at their configured size (500M elements: 2 GB in fp32) however
+    small the model; a bucket larger than the parameters it carries buys nothing.
+    """
+    return DEEPSPEED_BUCKET if rank_params is None else max(min(DEEPSPEED_BUCKET, rank_params), 1)
+
+
+def deepspeed_config(job: JobConfig, grad_accum: int, rank_params: int | None = None) -> dict:
+    bucket = bucket_elements(rank_params)
+    par = job.parallel
+    config = {
+        "train_micro_batch_size_per_gpu": job.data.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": job.optimizer.clip_grad,
+        "zero_optimization": {"stage": par.zero_stage, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket,
+                              **({"stage3_prefetch_bucket_size": bucket} if par.zero_stage == 3 else {}),
+                              **({"offload_optimizer": {"device": "cpu"}} if par.cpu_offload else {})},
+        # our AdamW serves with offload too (DeepSpeed would otherwise insist on its compiled CPU Adam)
+        "zero_force_ds_cpu_optimizer": False,
+        "bf16": {"enabled": job.precision == "bf16"},
+        "fp16": {"enabled": job.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
+                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
+        "steps_per_print": 10**12,
+        "wall_clock_breakdown": False,
+    }
+    if job.deepspeed_config:
+        with open(job.deepspeed_config) as f:
+            user = json.load(f)
+        for key, value in user.items():  # the JSON wins over the flags it sets
+            merge = isinstance(value, dict) and isinstance(config.get(key), dict)
+            config[key] = {**config[key], **value} if merge else value
+    return config
+
+
+def param_groups(model, weight_decay: float):
+    """No weight decay on biases and LayerNorm parameters (Megatron's rule)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if name.endswith("bias") or "layernorm" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_engine(job: JobConfig, module, engine_steps: int):
+    """(DeepSpeed engine, LR schedule) for ``module``; ``engine_steps``: backward calls per optimizer step."""
+    import deepspeed
+    import torch
+
+    from megatron_glm.parallel import state
+    from megatron_glm.training.lr_schedule import LRSchedule
+
+    opt = job.optimizer
+    schedule = LRSchedule(opt.lr, opt.min_lr, opt.decay_style, opt.warmup_iters, opt.decay_iters)
+    optimizer = torch.optim.AdamW(param_groups(module, opt.weight_decay), lr=opt.lr, betas=opt.betas, eps=opt.eps)
+    config = deepspeed_config(job, engine_steps, sum(p.numel() for p in module.parameters()))
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=schedule.as_torch(optimizer),
+                                           config=config, mpu=state)
+    return engine

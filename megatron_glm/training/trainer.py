@@ -1,0 +1,307 @@
+"""The Trainer: glm-pretrain's job built from its config, component by component, then the loop.
+
+Each component comes from a named builder (data, model, engine, checkpointer, metrics,
+preemption); ``train_step`` runs one optimizer step, ``evaluate`` one validation pass,
+``train`` the loop with its logging, saves and stop requests, and ``close`` releases what the
+set-up started. Everything that depends on randomness is seeded or checkpointed, so a resumed
+run repeats an uninterrupted one exactly (bitwise on CPU).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+
+import numpy as np
+import torch
+
+from megatron_glm import faults, kernels
+from megatron_glm.config import ModelConfig
+from megatron_glm.data.blank_infilling import OBJECTIVES, BlankInfillingCollator, SpecialIds, sentence_end_ids
+from megatron_glm.data.blended_dataset import build_train_valid_test_datasets
+from megatron_glm.data.loader import BatchStream, MicroBatches, collate_now
+from megatron_glm.data.sampler import PretrainingSampler
+from megatron_glm.data.tokenizer import GLMTokenizer
+from megatron_glm.model.parallelize import RankLayout, build_rank_model, count_parameters
+from megatron_glm.parallel import state
+from megatron_glm.parallel.pipeline import partition_layers
+from megatron_glm.parallel.pipeline_stage import TiedEmbedding
+from megatron_glm.parallel.random import model_parallel_seed
+from megatron_glm.training import checkpoint as ckpt
+from megatron_glm.training.config import JobConfig
+from megatron_glm.training.engine import build_engine, init_distributed
+from megatron_glm.training.memory import host_memory, reset_host_peak
+from megatron_glm.training.metrics import MetricsLogger, Throughput, flops_per_token, memory_summary
+from megatron_glm.training.preemption import EXIT_INTERRUPTED, EXIT_REQUEUE, Preemption
+from megatron_glm.training.step import StepRunner
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """A run that must stop (a non-finite loss, say); the last complete checkpoint stays the latest."""
+
+
+def check_writable(flag: str, folder: str) -> None:
+    """Refuse a folder nothing can be written to before any work, rather than at the first save.
+
+    It probes the folder, or the nearest existing one above it, with a file it removes at once:
+    a refused run leaves nothing behind, not even the folder.
+    """
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    probe = os.path.join(existing, f".write-test-{os.getpid()}")
+    try:
+        if not os.path.isdir(existing):
+            raise NotADirectoryError(20, "Not a directory", existing)
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"{flag} {folder}: cannot write there ({e.strerror}); choose a folder you can write to") \
+            from None
+
+
+def resolve_device(job: JobConfig) -> str:
+    device = job.device if job.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but no CUDA GPU is visible here (or this torch is a CPU build); "
+                         "use --device cpu, or auto")
+    if job.precision == "fp16" and device == "cpu":
+        raise ValueError("--fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16 optimizer); use --bf16 on CPU")
+    return device
+
+
+def build_data(job: JobConfig, tokenizer: GLMTokenizer, vocab_size: int):
+    """(train, valid) micro-batch datasets: samples read and collated by the blank-infilling objective."""
+    data, log = job.data, job.logging
+    n_eval = log.eval_iters * data.micro_batch_size if log.eval_interval <= job.train_iters else 0
+    train, valid, _ = build_train_valid_test_datasets(
+        list(data.data_path), data.split, data.seq_length, [job.train_iters * data.global_batch_size, n_eval, 0],
+        seed=job.seed, cache_dir=data.cache_path, tokenizer=tokenizer)
+    ends = sentence_end_ids(tokenizer) if data.objective.sentence_prob > 0 else None
+    collate = BlankInfillingCollator(data.objective, SpecialIds.from_tokenizer(tokenizer), ends)
+    return (MicroBatches(train, collate, vocab_size),
+            MicroBatches(valid, collate, vocab_size) if valid is not None else None)
+
+
+def build_loader(job: JobConfig, batches: MicroBatches, consumed: int, device: str) -> BatchStream:
+    """This data-parallel rank's micro-batches from ``consumed`` samples on, collated in the loader's workers."""
+    sampler = PretrainingSampler(len(batches), consumed, job.data.micro_batch_size, state.get_data_parallel_rank(),
+                                 state.get_data_parallel_world_size())
+    return BatchStream(batches, sampler, job.data.num_workers, pin_memory=device == "cuda")
+
+
+def build_model(job: JobConfig, model_cfg: ModelConfig, resume: ckpt.ResumePoint | None):
+    """(this rank's chunks, host memory peak of the build or None): only its shard is ever built."""
+    par = job.parallel
+    layout = RankLayout.from_state(par.virtual_stages(model_cfg.num_layers), par.pipeline_layers)
+    weights = None
+    if resume is not None and resume.weights_only:  # a glm-convert output: this rank's file only
+        def weights():
+            return ckpt.read_weights_only(resume.load_dir, resume.tag, layout.pp_rank, layout.tp_rank, layout.tp,
+                                          job.checkpoint.trust)
+    reset_host_peak()
+    before = host_memory()
+    chunks = build_rank_model(model_cfg, layout, job.seed, par.sequence_parallel, par.recompute, job.attention_impl,
+                              weights=weights)
+    after = host_memory()
+    return chunks, (after["peak_rss_bytes"] - before["rss_bytes"]) if after else None
+
+
+def build_metrics(job: JobConfig, rank: int) -> MetricsLogger:
+    log = job.logging
+    return MetricsLogger(log.log_dir, log.tensorboard, log.wandb_project, job.flags, rank == 0)
+
+
+def seed_everything(seed: int) -> None:
+    """Python, numpy and torch's default generator alike on every rank; the TP tracker per TP rank."""
+    random.seed(seed)
+    np.random.seed(seed)
+    model_parallel_seed(seed, state.get_tensor_model_parallel_rank())
+
+
+class Trainer:
+    def __init__(self, job: JobConfig):
+        self.job = job
+        self.device = resolve_device(job)
+        for flag, folder in (("--save", job.checkpoint.save), ("--log-dir", job.flags.get("log_dir"))):
+            if folder:
+                check_writable(flag, folder)
+        self.meter = None
+        if job.logging.measure_memory:
+            from megatron_glm.training.memory import MemoryMeter
+
+            self.meter = MemoryMeter(self.device)
+        par = job.parallel
+        self.tokenizer = GLMTokenizer(job.data.tokenizer)
+        self.model_cfg = job.model_config(self.tokenizer.padded_vocab_size(par.tensor))
+        self.resume = ckpt.find_resume(job.checkpoint.load, job.checkpoint.save, self.model_cfg,
+                                       self.tokenizer.fingerprint(), par.tensor, par.pipeline)
+        init_distributed(self.device, par.tensor, par.pipeline, self.model_cfg)
+        import torch.distributed as dist
+
+        self.rank = dist.get_rank()
+        self.vpp = par.virtual_stages(self.model_cfg.num_layers)
+        self.grad_accum = job.data.global_batch_size // (job.data.micro_batch_size
+                                                         * state.get_data_parallel_world_size())
+        self.train_batches, self.valid_batches = build_data(job, self.tokenizer, self.model_cfg.vocab_size)
+
+        seed_everything(job.seed)
+        kernels.set_backend(job.kernels)
+        self.chunks, self.setup_peak = build_model(job, self.model_cfg, self.resume)
+        self.module = (self.chunks[0] if len(self.chunks) == 1 else torch.nn.ModuleList(self.chunks)).to(self.device)
+        state.mark_for_gradient_norm(self.module.parameters())
+        self.rank_weight_bytes = sum(p.numel() * p.element_size() for p in self.module.parameters())
+        # one engine.backward per micro-batch and chunk: that is the engine's accumulation count
+        self.engine = build_engine(job, self.module, self.grad_accum * len(self.chunks))
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(job.precision, torch.float32)
+        self.tied = TiedEmbedding(self.chunks, self.dtype)
+        self.iteration, self.consumed = (ckpt.Checkpointer.load(self.engine, self.resume, job.checkpoint.trust)
+                                         if self.resume else (0, 0))
+        self.tied.broadcast_weight()
+        seq_local = job.data.seq_length // par.tensor if par.sequence_parallel else job.data.seq_length
+        self.runner = StepRunner(self.engine, self.chunks, self.tied, self.grad_accum, self.vpp,
+                                 (job.data.micro_batch_size, seq_local, self.model_cfg.hidden_size), self.dtype,
+                                 self.device)
+        if self.meter:
+            self.meter.mark()
+
+        self.log = build_metrics(job, self.rank)
+        self._announce()
+        self.checkpointer = ckpt.Checkpointer(job.checkpoint.save, job.checkpoint.interval, job.checkpoint.keep_last,
+                                              self._checkpoint_meta(), self.rank, self.resume)
+        self.stream = build_loader(job, self.train_batches, self.consumed, self.device)
+        cfg = self.model_cfg
+        self.speed = Throughput(job.data.global_batch_size * job.data.seq_length,
+                                flops_per_token(cfg.num_layers, cfg.hidden_size, job.data.seq_length, cfg.vocab_size),
+                                job.train_iters, self.iteration)
+        self.preemption = Preemption(job.logging.stop_file, self.device, self.rank)
+
+    # -- set-up reports ---------------------------------------------------------------------
+    def _announce(self) -> None:
+        job, cfg, par = self.job, self.model_cfg, self.job.parallel
+        n_params = count_parameters(cfg, par.tensor)
+        world = state.get_data_parallel_world_size()
+        resumed = f"; resumed from {self.resume} at iteration {self.iteration}" if self.resume else ""
+        converted = " (converted weights; the optimizer state starts fresh)" if self.resume and \
+            self.resume.weights_only else ""
+        self.log.console(
+            f"glm-pretrain: {n_params / 1e6:.2f} M parameters (this TP rank's share), {cfg.num_layers} layers, "
+            f"hidden {cfg.hidden_size}, vocab {cfg.vocab_size} (padded), seq {job.data.seq_length}, global batch "
+            f"{job.data.global_batch_size} = {job.data.micro_batch_size} x {self.grad_accum} accumulation x {world} "
+            f"data-parallel ranks, TP {par.tensor}{' + sequence parallel' if par.sequence_parallel else ''}, "
+            f"PP {par.pipeline}{f' x {self.vpp} virtual' if self.vpp > 1 else ''}, ZeRO {par.zero_stage}, "
+            f"device {self.device}{resumed}{converted}")
+        if self.setup_peak is not None:
+            self.log.console(f"model set-up (rank {self.rank}): {self.rank_weight_bytes / 2**20:,.0f} MiB of weights "
+                             f"built, host memory peak +{self.setup_peak / 2**20:,.0f} MiB")
+
+    def _checkpoint_meta(self) -> dict:
+        job, cfg, par = self.job, self.model_cfg, self.job.parallel
+        explicit = list(par.pipeline_layers) if par.pipeline_layers else None
+        stages = partition_layers(cfg.num_layers, par.pipeline, self.vpp, explicit)
+        return {"model": cfg.to_dict(), "tokenizer": self.tokenizer.describe(), "seq_length": job.data.seq_length,
+                "tensor_model_parallel_size": par.tensor, "pipeline_model_parallel_size": par.pipeline,
+                "pipeline_layers": [[[r.start, r.stop] for r in stage] for stage in stages], "args": job.flags}
+
+    # -- steps ------------------------------------------------------------------------------
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def train_step(self) -> dict:
+        """One optimizer step over the next global batch; its values (losses, norm, lr, data wait, ...)."""
+        batches, data_wait = [], 0.0
+        for _ in range(self.grad_accum):
+            batch, waited = self.stream.next()
+            batches.append(self._to_device(batch))
+            data_wait += waited
+        values = self.runner.train(batches, inject_overflow=faults.overflow_at(self.iteration + 1))
+        self.iteration += 1
+        self.consumed += self.job.data.global_batch_size
+        loss = values["lm_loss"]
+        if not math.isfinite(loss) and self.job.precision != "fp16":
+            raise TrainingError(
+                f"loss is {loss} at iteration {self.iteration}; stopped without saving, the latest checkpoint is "
+                f"{self.checkpointer.last_saved or 'none'}. Lower --lr, raise --clip-grad or --lr-warmup-iters, or "
+                "check the data")
+        values.update({"data_wait_ms": 1000.0 * data_wait, "lr": self.engine.get_lr()[0],
+                       "consumed_samples": self.consumed,
+                       "skipped_steps": int(getattr(self.engine, "skipped_steps", 0))})
+        if self.job.precision == "fp16":
+            scale = getattr(self.engine.optimizer, "cur_scale", None)
+            values["loss_scale"] = float(scale) if scale is not None else None
+        return values
+
+    def evaluate(self) -> float:
+        """Mean loss over the first ``--eval-iters`` validation micro-batches (the same ones every time)."""
+        micro = self.job.data.micro_batch_size
+        return self.runner.evaluate([self._to_device(collate_now(self.valid_batches, range(k * micro, (k + 1) * micro)))
+                                     for k in range(self.job.logging.eval_iters)])
+
+    def _console_line(self, values: dict) -> str:
+        parts = [f"iter {self.iteration}/{self.job.train_iters}", f"loss {values['lm_loss']:.4f}"]
+        parts += [f"{n} {values['loss_' + n]:.3f}" for n in OBJECTIVES if "loss_" + n in values]
+        parts += [f"lr {values['lr']:.2e}", f"grad {values['grad_norm']:.3f}", f"{values['tokens_per_s']:,.0f} tok/s",
+                  f"{values['tflops']:.2f} TFLOP/s", f"data wait {values['data_wait_ms']:.1f} ms"]
+        if "mfu" in values:
+            parts.append(f"MFU {values['mfu']:.1%}")
+        parts += [memory_summary(), f"ETA {time.strftime('%H:%M:%S', time.gmtime(values['eta_s']))}"]
+        return " | ".join(parts)
+
+    def _stop(self, reason: str) -> int:
+        """A stop request after a step: save unless just saved; the exit status that says what happened."""
+        save = self.job.checkpoint.save
+        if save and not self.checkpointer.saved(self.iteration):
+            self.checkpointer.save(self.engine, self.iteration, self.consumed)
+        code = EXIT_INTERRUPTED if reason == "SIGINT" else EXIT_REQUEUE
+        self.log.console(f"stopping after iteration {self.iteration} ({reason}): "
+                         + (f"saved {save}/{self.checkpointer.last_saved}; " if save else "no --save, nothing saved; ")
+                         + ("exit status 130 (interrupted); run the same command to resume" if code == EXIT_INTERRUPTED
+                            else f"exit status {EXIT_REQUEUE} asks the launcher to requeue"))
+        return code
+
+    def train(self) -> dict:
+        """The loop to ``--train-iters`` or a stop request; a summary (iterations, losses, exit status)."""
+        job, history, exit_code = self.job, [], 0
+        self.engine.train()
+        while self.iteration < job.train_iters:
+            values = self.train_step()
+            if self.iteration % job.logging.interval == 0 or self.iteration == job.train_iters:
+                values.update(self.speed.report(self.iteration))
+                self.log.console(self._console_line(values))
+            if self.valid_batches is not None and self.iteration % job.logging.eval_interval == 0:
+                values["valid_loss"] = self.evaluate()
+                self.log.console(f"validation at iter {self.iteration}: loss {values['valid_loss']:.4f} "
+                                 f"(ppl {math.exp(min(values['valid_loss'], 50)):.2f})")
+            self.log.record(self.iteration, values)
+            history.append(values["lm_loss"])
+            faults.crash_point(f"iteration:{self.iteration}")
+            if self.checkpointer.due(self.iteration, job.train_iters):
+                self.log.console(f"saved {self.checkpointer.save(self.engine, self.iteration, self.consumed)}")
+            hold = faults.holds_after(self.iteration)
+            reason = self.preemption.wait() if hold else self.preemption.requested()
+            if reason and self.iteration < job.train_iters:
+                exit_code = self._stop(reason)
+                break
+        if self.meter:
+            from megatron_glm.training.memory import write_report
+
+            write_report(job.logging.log_dir, self.rank, self.meter.finish(),
+                         {"tp_rank": state.get_tensor_model_parallel_rank(),
+                          "pp_rank": state.get_pipeline_model_parallel_rank(),
+                          "dp_rank": state.get_data_parallel_rank(),
+                          "setup_host_peak_bytes": self.setup_peak, "rank_weight_bytes": self.rank_weight_bytes})
+        whole = self.chunks[0] if len(self.chunks) == 1 and job.parallel.pipeline == 1 else None
+        return {"iteration": self.iteration, "losses": history, "model": whole, "tokenizer": self.tokenizer,
+                "exit_code": exit_code}
+
+    def close(self) -> None:
+        """Stop the loader's workers, restore the signal handlers, close the logs."""
+        self.stream.close()
+        self.preemption.close()
+        self.log.close()
