@@ -30,8 +30,8 @@ def corpus(workdir: str) -> tuple[str, str]:
 
 
 def run(data, model, workers: int, folder: str, args) -> dict:
-    shape = ["--preset", args.preset] if args.preset else ["--num-layers", "4", "--hidden-size", "256",
-                                                          "--num-attention-heads", "4"]
+    shape = ["--preset", args.preset] if args.preset else ["--num-layers", "2", "--hidden-size", "64",
+                                                          "--num-attention-heads", "2"]
     cmd = [sys.executable, "-m", "megatron_glm.training.pretrain", "--data-path", data, "--tokenizer-model", model,
            *shape, "--seq-length", str(args.seq_length), "--micro-batch-size", str(args.micro_batch_size),
            "--global-batch-size", str(2 * args.micro_batch_size), "--train-iters", str(args.iters),
@@ -51,7 +51,9 @@ def run(data, model, workers: int, folder: str, args) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
-    p.add_argument("--preset", default=None, help="a model preset (default: 4 layers, hidden 256)")
+    p.add_argument("--preset", default=None,
+                   help="a model preset (default: 2 layers, hidden 64: a CPU step short enough that the collator's "
+                        "time shows, as a GPU step of a large model would)")
     p.add_argument("--seq-length", type=int, default=512)
     p.add_argument("--micro-batch-size", type=int, default=8)
     p.add_argument("--iters", type=int, default=40)
@@ -61,7 +63,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data, model = corpus(os.path.join(tmp, "corpus"))
         print(f"\n{time.strftime('%Y-%m-%d')}, {args.device}, {os.cpu_count()} CPU cores; "
-              f"{args.preset or '4 layers x 256'}, seq {args.seq_length}, micro-batch {args.micro_batch_size} x 2 "
+              f"{args.preset or '2 layers x 64'}, seq {args.seq_length}, micro-batch {args.micro_batch_size} x 2 "
               f"accumulation, token/sentence/document objectives; medians of iterations {args.skip + 1}..{args.iters}")
         print(f"{'--num-workers':>13} {'step ms':>9} {'data wait ms':>13} {'wait / step':>12}")
         for workers in args.workers:

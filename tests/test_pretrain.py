@@ -134,14 +134,15 @@ def test_glm_generate_cli_and_a_mismatched_tokenizer(tmp_path, trained):
 
 def test_a_deepspeed_json_overrides_the_flags_it_sets(tmp_path):
     from megatron_glm.training.arguments import build_parser
-    from megatron_glm.training.pretrain import deepspeed_config
+    from megatron_glm.training.config import from_args
+    from megatron_glm.training.engine import deepspeed_config
 
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"gradient_clipping": 0.5,
                                 "zero_optimization": {"stage": 1, "reduce_bucket_size": 1000}}))
     parsed = build_parser().parse_args(["--data-path", "x", "--train-iters", "1", "--clip-grad", "2.0",
                                         "--zero-stage", "0", "--deepspeed-config", str(path)])
-    config = deepspeed_config(parsed, grad_accum=3)
+    config = deepspeed_config(from_args(parsed, world_size=1), grad_accum=3)
     assert config["gradient_clipping"] == 0.5 and config["gradient_accumulation_steps"] == 3
     zero = config["zero_optimization"]
     assert zero["stage"] == 1 and zero["reduce_bucket_size"] == 1000  # the JSON's keys win over the flags'

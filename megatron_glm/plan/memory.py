@@ -145,7 +145,7 @@ def model_states(params: int, precision: str, zero: int, dp: int, cpu_offload: b
       (``/dp``), even in fp32 training, plus a reduce bucket (``bucket_elements``).
     - ZeRO-2 also partitions the gradients; ZeRO-3 also the weights (gathered layer by layer).
     """
-    from megatron_glm.training.pretrain import bucket_elements
+    from megatron_glm.training.engine import bucket_elements
 
     e = BYTES[precision]
     mixed = precision != "fp32"

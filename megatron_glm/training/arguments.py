@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def model_config_from_args(args, vocab_size: int) -> ModelConfig:
+def model_config_from_args(args, vocab_size: int, validate: bool = True) -> ModelConfig:
+    """The model the flags describe; ``vocab_size`` comes from the tokenizer (0 until it is known)."""
     base = preset(args.preset) if args.preset else ModelConfig()
     for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "max_position_embeddings"):
         value = getattr(args, name)
@@ -144,17 +145,21 @@ def model_config_from_args(args, vocab_size: int) -> ModelConfig:
     base.hidden_dropout, base.attention_dropout = args.hidden_dropout, args.attention_dropout
     base.init_method_std, base.geglu, base.deepnorm = args.init_method_std, args.geglu, args.deepnorm
     base.embedding_gradient_shrink_alpha = args.embedding_gradient_shrink_alpha
-    base.validate(seq_length=args.seq_length)
+    if validate:
+        base.validate(seq_length=args.seq_length)
     return base
 
 
 def validate_args(args, world_size: int = 1) -> None:
     """Everything that can be checked before a process group, a tokenizer or data is touched."""
+    from megatron_glm.parallel.state import ParallelLayoutError, check_layout
+
     problems = []
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    if tp < 1 or pp < 1 or world_size % (tp * pp):
-        problems.append(f"world size {world_size} is not a multiple of --tensor-model-parallel-size {tp} x "
-                        f"--pipeline-model-parallel-size {pp}")
+    try:  # the sizes that need the model (heads, hidden, vocabulary) are checked once the tokenizer is known
+        check_layout(world_size, tp, pp)
+    except ParallelLayoutError as e:
+        problems.append(str(e))
         tp = pp = 1
     if args.cpu_offload and args.zero_stage < 1:
         problems.append("--cpu-offload needs --zero-stage 1, 2 or 3 (the optimizer states must be partitioned)")

@@ -42,7 +42,7 @@ class DataConfig:
     num_workers: int = 2
     micro_batch_size: int = 4
     global_batch_size: int = 4
-    tokenizer: TokenizerSpec | None = None
+    tokenizer: TokenizerSpec | None = None  # as given; resolved (and checked) when the Trainer loads it
     objective: BlankInfillingConfig | None = None
 
 
@@ -118,7 +118,6 @@ class JobConfig:
 
 def from_args(args, world_size: int) -> JobConfig:
     """The job the flags describe, or ``ValueError`` listing every flag that cannot work."""
-    from megatron_glm.data.tokenizer import spec_from_args
     from megatron_glm.training.arguments import model_config_from_args, validate_args
 
     validate_args(args, world_size)  # fills in the global batch size's default
@@ -142,7 +141,9 @@ def from_args(args, world_size: int) -> JobConfig:
             args.zero_stage, args.cpu_offload,
             (args.recompute_granularity, args.recompute_method, args.recompute_num_layers)),
         data=DataConfig(tuple(args.data_path), args.split, args.seq_length, args.data_cache_path, args.num_workers,
-                        args.micro_batch_size, args.global_batch_size, spec_from_args(args), objective),
+                        args.micro_batch_size, args.global_batch_size,
+                        TokenizerSpec(args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file),
+                        objective),
         optimizer=OptimizerConfig(args.lr, args.min_lr, args.lr_decay_style, warmup,
                                   args.lr_decay_iters or args.train_iters, args.weight_decay,
                                   (args.adam_beta1, args.adam_beta2), args.adam_eps, args.clip_grad),

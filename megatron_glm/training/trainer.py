@@ -138,7 +138,7 @@ class Trainer:
 
             self.meter = MemoryMeter(self.device)
         par = job.parallel
-        self.tokenizer = GLMTokenizer(job.data.tokenizer)
+        self.tokenizer = GLMTokenizer(job.data.tokenizer.resolved())
         self.model_cfg = job.model_config(self.tokenizer.padded_vocab_size(par.tensor))
         self.resume = ckpt.find_resume(job.checkpoint.load, job.checkpoint.save, self.model_cfg,
                                        self.tokenizer.fingerprint(), par.tensor, par.pipeline)
