@@ -78,6 +78,7 @@ def test_refuses_another_architecture_and_writes_nothing(tmp_path, data, trained
     (("--num-attention-heads", "3"), "not divisible"),
     (("--fp16", ""), "use --bf16 on CPU"),
     (("--bf16", "", "--fp16", ""), "exclude each other"),
+    (("--num-workers", "-1"), "--num-workers -1: use 0 (collate in the training process) or more"),
 ])
 def test_bad_flags_are_named(tmp_path, data, change, message):
     argv = args(data, str(tmp_path / "ckpt"), iters=2)

@@ -168,18 +168,20 @@ class TiedOutput(nn.Module):
         return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
 
 
-def init_parameter(cfg: ModelConfig, name: str, shape, seed: int) -> torch.Tensor:
+def init_parameter(cfg: ModelConfig, name: str, shape, seed: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """The initial value of the full (unsharded) parameter ``name``: the same on every rank and layout.
 
     N(0, std) everywhere, output projections scaled by 1/sqrt(2L), DeepNorm's beta when on; zero
     biases, unit LayerNorms. Each parameter draws from its own generator, seeded from ``seed`` and
     its single-model name, so a rank that builds only some layers, or only its tensor-parallel
     slice of them (``model/parallelize.py``), gets bitwise the values a one-process run starts from.
+    ``out``, when given, is filled instead of a new tensor.
     """
+    out = torch.empty(shape) if out is None else out
     if name.endswith("bias"):
-        return torch.zeros(shape)
+        return out.zero_()
     if "layernorm" in name:
-        return torch.ones(shape)
+        return out.fill_(1.0)
     std = cfg.init_method_std
     if cfg.deepnorm and ("dense" in name or "query_key_value" in name):
         std *= (8.0 * cfg.num_layers) ** -0.25
@@ -187,7 +189,7 @@ def init_parameter(cfg: ModelConfig, name: str, shape, seed: int) -> torch.Tenso
         std /= math.sqrt(2.0 * cfg.num_layers)
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
     generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-    return torch.empty(shape).normal_(0.0, std, generator=generator)
+    return out.normal_(0.0, std, generator=generator)
 
 
 class GLMModel(nn.Module):

@@ -1,7 +1,8 @@
 """glm-pretrain: flags -> a ``JobConfig`` (``training/config.py``) -> the ``Trainer`` (``training/trainer.py``).
 
 The flags follow Megatron-LM; they are checked and turned into config dataclasses in one
-place, before torch, a process group or data is touched, and the Trainer is built from those.
+place, before a process group, a tokenizer or data is touched, and the Trainer is built
+from those.
 """
 
 from __future__ import annotations
