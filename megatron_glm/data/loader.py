@@ -30,6 +30,25 @@ class DataError(RuntimeError):
     """A sample that cannot be turned into a batch, or a loader worker that died."""
 
 
+class HostBatch:
+    """A micro-batch a worker made, as numpy arrays: pickled by value through the loader's queue.
+
+    A torch tensor would cross as a shared-memory file descriptor fetched from the worker, one
+    per tensor: 3.6 ms for a micro-batch of 8 x 512 tokens against 1.1 ms by value (the collator
+    itself takes about 3 ms). Not a Mapping, so that the loader's pinning thread calls
+    ``pin_memory`` here, off the step's path.
+    """
+
+    def __init__(self, batch: dict):
+        self.arrays = {k: v.numpy() for k, v in batch.items()}
+
+    def tensors(self) -> dict:
+        return {k: torch.from_numpy(v) for k, v in self.arrays.items()}
+
+    def pin_memory(self, device=None) -> dict:
+        return {k: v.pin_memory() for k, v in self.tensors().items()}
+
+
 class MicroBatches(Dataset):
     """``dataset[indices]``: the collated micro-batch of those sample indices (a plain dict of tensors)."""
 
@@ -60,7 +79,7 @@ class MicroBatches(Dataset):
                 row = int((batch["tokens"] >= self.vocab_size).any(dim=1).nonzero()[0])
                 return {_ERROR: f"sample {indices[row]}: token id {top} is outside the model's vocabulary of "
                                 f"{self.vocab_size}: the data was tokenized with another tokenizer, or changed"}
-        return batch
+        return HostBatch(batch) if worker is not None else batch
 
 
 def _as_is(batch):
@@ -105,6 +124,8 @@ class BatchStream:
             raise DataError(f"a data-loader worker died {self._where_workers_died()} ({e}); run with "
                             "--num-workers 0 to see the failure in the training process, or check the node's "
                             "memory") from None
+        if isinstance(batch, HostBatch):  # not pinned (CPU training)
+            batch = batch.tensors()
         if _ERROR in batch:
             raise DataError(f"cannot build the micro-batch of samples {indices[0]}..{indices[-1]}: {batch[_ERROR]}")
         return batch, time.perf_counter() - start
