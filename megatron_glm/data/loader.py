@@ -120,19 +120,25 @@ class BatchStream:
         start = time.perf_counter()
         try:
             batch = next(self._batches)
-        except RuntimeError as e:  # a worker died: the loader notices within seconds and raises
-            raise DataError(f"a data-loader worker died {self._where_workers_died()} ({e}); run with "
-                            "--num-workers 0 to see the failure in the training process, or check the node's "
-                            "memory") from None
+        except RuntimeError as e:  # a worker died (the loader notices within seconds), or the loader failed
+            dead = self._where_workers_died()
+            if dead is None:
+                raise DataError(f"the data loader failed waiting for samples {indices[0]}..{indices[-1]}: {e}") \
+                    from None
+            raise DataError(f"a data-loader worker died {dead} ({e}); run with --num-workers 0 to see the failure "
+                            "in the training process, or check the node's memory") from None
         if isinstance(batch, HostBatch):  # not pinned (CPU training)
             batch = batch.tensors()
         if _ERROR in batch:
             raise DataError(f"cannot build the micro-batch of samples {indices[0]}..{indices[-1]}: {batch[_ERROR]}")
         return batch, time.perf_counter() - start
 
-    def _where_workers_died(self) -> str:
-        workers = getattr(self._batches, "_workers", [])
-        samples = [int(self.progress[i]) for i, w in enumerate(workers) if not w.is_alive() and self.progress[i] >= 0]
+    def _where_workers_died(self) -> str | None:
+        """Where the dead workers were (the sample each was on), or None when every worker lives."""
+        dead = [i for i, w in enumerate(getattr(self._batches, "_workers", [])) if not w.is_alive()]
+        if not dead:
+            return None
+        samples = [int(self.progress[i]) for i in dead if self.progress[i] >= 0]
         return f"reading or collating sample {', '.join(map(str, samples))}" if samples else "before reading a sample"
 
     def close(self) -> None:

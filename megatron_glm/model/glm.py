@@ -230,7 +230,7 @@ class GLMModel(nn.Module):
         seed = int(torch.randint(0, 2**62, ())) if seed is None else seed
         with torch.no_grad():
             for name, p in self.named_parameters():
-                p.copy_(init_parameter(self.cfg, self.full_name(name), p.shape, seed))
+                init_parameter(self.cfg, self.full_name(name), p.shape, seed, out=p)
 
     def embed(self, tokens, position_ids):
         learned = self.cfg.position_embedding_type == "learned_2d"
@@ -274,8 +274,8 @@ class GLMModel(nn.Module):
         return glm_loss(logits, labels, loss_mask, self.output_layer.cross_entropy)
 
     def set_attention_impl(self, impl: str) -> None:
-        for layer in self.transformer.layers:
-            layer.attention.core_attention.impl = impl
+        for core in (m for m in self.modules() if isinstance(m, CoreAttention)):  # wrapped by recomputation or not
+            core.impl = impl
 
 
 class _ScaleGradient(torch.autograd.Function):

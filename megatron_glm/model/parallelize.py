@@ -186,7 +186,10 @@ def load_shard(chunk: nn.Module, weights: dict[str, torch.Tensor], where: str) -
         if value.dtype != meta.dtype:
             value = value.to(meta.dtype)
         return value
-    materialize(chunk, make)
+    try:
+        materialize(chunk, make)
+    except ValueError as e:  # a tensor of another shape
+        raise ValueError(f"{where} does not fit this rank's model: {e}") from None
     if missing or weights:
         raise ValueError(f"{where} does not fit this rank's model: missing {missing[:6]}, "
                          f"unexpected {sorted(weights)[:6]}")

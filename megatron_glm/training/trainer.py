@@ -105,6 +105,7 @@ def build_model(job: JobConfig, model_cfg: ModelConfig, resume: ckpt.ResumePoint
         def weights():
             return ckpt.read_weights_only(resume.load_dir, resume.tag, layout.pp_rank, layout.tp_rank, layout.tp,
                                           job.checkpoint.trust)
+    torch.nn.init.normal_(torch.empty(1, device="meta"))  # the meta kernels' one-time imports (~150 MB), not weights
     reset_host_peak()
     before = host_memory()
     chunks = build_rank_model(model_cfg, layout, job.seed, par.sequence_parallel, par.recompute, job.attention_impl,
