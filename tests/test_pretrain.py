@@ -143,11 +143,56 @@ def test_a_deepspeed_json_overrides_the_flags_it_sets(tmp_path):
                                 "zero_optimization": {"stage": 1, "reduce_bucket_size": 1000}}))
     parsed = build_parser().parse_args(["--data-path", "x", "--train-iters", "1", "--clip-grad", "2.0",
                                         "--zero-stage", "0", "--deepspeed-config", str(path)])
-    config = deepspeed_config(from_args(parsed, world_size=1), grad_accum=3)
+    job = from_args(parsed, world_size=1)
+    config = deepspeed_config(job, grad_accum=3)
     assert config["gradient_clipping"] == 0.5 and config["gradient_accumulation_steps"] == 3
     zero = config["zero_optimization"]
     assert zero["stage"] == 1 and zero["reduce_bucket_size"] == 1000  # the JSON's keys win over the flags'
     assert zero["allgather_bucket_size"] == 500_000_000  # keys the JSON does not set keep the flags' values
+    # the job, and so the banner and meta.json, hold what runs
+    assert job.parallel.zero_stage == 1 and job.optimizer.clip_grad == 0.5
+    assert job.flags["zero_stage"] == 1 and job.flags["clip_grad"] == 0.5
+
+
+def parse_with_json(tmp_path, content, *flags):
+    from megatron_glm.training.arguments import build_parser
+    from megatron_glm.training.config import from_args
+
+    path = tmp_path / "ds.json"
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    parsed = build_parser().parse_args(["--data-path", "x", "--train-iters", "1", "--deepspeed",
+                                        "--deepspeed_config", str(path), *flags])
+    return from_args(parsed, world_size=2)
+
+
+def test_a_deepspeed_optimizer_block_is_honoured(tmp_path):
+    job = parse_with_json(tmp_path, {"optimizer": {"type": "AdamW", "params": {
+        "lr": 3e-4, "betas": [0.9, 0.95], "eps": 1e-6, "weight_decay": 0.1}}}, "--lr", "1e-3")
+    opt = job.optimizer
+    assert (opt.lr, opt.betas, opt.eps, opt.weight_decay) == (3e-4, (0.9, 0.95), 1e-6, 0.1)
+    assert "optimizer" not in job.deepspeed_overrides  # the engine gets our AdamW with these values
+
+
+@pytest.mark.parametrize("content, flags, message", [
+    ({"scheduler": {"type": "WarmupDecayLR", "params": {}}}, (), "the scheduler block (WarmupDecayLR) is not used"),
+    ({"optimizer": {"type": "Lamb", "params": {}}}, (), "optimizer 'Lamb' is not what glm-pretrain trains with"),
+    ({"optimizer": {"type": "Adam", "params": {"amsgrad": True}}}, (), "params ['amsgrad'] have no AdamW"),
+    ({"optimizer": {"type": "Adam", "params": {"adam_w_mode": False}}}, (), "adam_w_mode/bias_correction false"),
+    # flags of 8 x 2 (x DP 2) against a JSON of 4 x 4: the engine would step every second iteration
+    ({"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 4}, ("--micro-batch-size", "8",
+     "--global-batch-size", "32"), "train_micro_batch_size_per_gpu 4, the flags give 8"),
+    ({"gradient_accumulation_steps": 4}, ("--micro-batch-size", "8", "--global-batch-size", "32"),
+     "gradient_accumulation_steps 4, the flags give 2"),
+    ({"train_batch_size": 64}, ("--global-batch-size", "32"), "train_batch_size 64, the flags give 32"),
+    ({"zero_optimization": {"stage": 2}}, ("--pipeline-model-parallel-size", "2"),
+     "--zero-stage 2 cannot be combined with pipeline parallelism"),
+    ("{not json", (), "not a JSON file"),
+    ("[1, 2]", (), "a DeepSpeed config is a JSON object"),
+])
+def test_a_deepspeed_json_that_cannot_be_honoured_is_refused(tmp_path, content, flags, message):
+    with pytest.raises(ValueError) as e:
+        parse_with_json(tmp_path, content, *flags)
+    assert message in str(e.value)
 
 
 def test_tensor_parallel_pretraining_matches_one_process(tmp_path, data):
@@ -179,3 +224,15 @@ def test_tensor_parallel_pretraining_matches_one_process(tmp_path, data):
         torch.testing.assert_close(merged[name], single[name], atol=2e-4, rtol=1e-3, msg=name)
     result = run(args(data, two, iters=6, extra=no_dropout))  # resuming TP=2 on one process is refused
     assert result.returncode == 1 and "--tensor-model-parallel-size 2" in result.stderr
+
+
+def test_the_banner_and_meta_report_what_a_deepspeed_json_made_of_the_flags(tmp_path, data):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"gradient_clipping": 0.5, "zero_optimization": {"stage": 1}}))
+    save = str(tmp_path / "ckpt")
+    result = run(args(data, save, iters=2, extra=["--deepspeed", "--deepspeed_config", str(path)]))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ZeRO 1, clip 0.5, fp32" in result.stdout  # read back from the engine
+    with open(os.path.join(save, "iter_0000002", "meta.json")) as f:
+        flags = json.load(f)["args"]
+    assert flags["zero_stage"] == 1 and flags["clip_grad"] == 0.5

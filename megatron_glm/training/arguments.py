@@ -101,7 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2, 3])
     g.add_argument("--cpu-offload", action="store_true", help="keep optimizer states in host memory (ZeRO >= 1)")
-    g.add_argument("--deepspeed-config", help="a DeepSpeed JSON; its keys override the flags that set them")
+    g.add_argument("--deepspeed-config", "--deepspeed_config",
+                   help="a DeepSpeed JSON; its keys override the flags that set them (ZeRO stage and offload, "
+                        "clipping, bf16/fp16, an Adam/AdamW optimizer block); a scheduler block or batch sizes that "
+                        "contradict the flags are refused")
+    g.add_argument("--deepspeed", action="store_true",
+                   help="accepted for Megatron-DeepSpeed and THUDM/GLM command lines: DeepSpeed always runs here")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
 
     g = p.add_argument_group("checkpoints and logging")

@@ -94,7 +94,7 @@ class JobConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16
     kernels: str = "auto"
     attention_impl: str = "auto"
-    deepspeed_config: str | None = None
+    deepspeed_overrides: dict = field(default_factory=dict)  # --deepspeed-config's keys for the engine
     flags: dict = field(default_factory=dict)  # the command line's values: checkpoint meta, wandb, TensorBoard
 
     def model_config(self, padded_vocab_size: int) -> ModelConfig:
@@ -118,9 +118,21 @@ class JobConfig:
 
 def from_args(args, world_size: int) -> JobConfig:
     """The job the flags describe, or ``ValueError`` listing every flag that cannot work."""
+    import argparse
+
+    from megatron_glm.training import deepspeed_json
     from megatron_glm.training.arguments import model_config_from_args, validate_args
 
     validate_args(args, world_size)  # fills in the global batch size's default
+    overrides = {}
+    if args.deepspeed_config:  # its keys win over the flags they set: the job holds the values that run
+        dp = max(world_size // (args.tensor_model_parallel_size * args.pipeline_model_parallel_size), 1)
+        overrides, changed, problems = deepspeed_json.fold(deepspeed_json.read(args.deepspeed_config), args, dp,
+                                                          args.deepspeed_config)
+        if problems:
+            raise ValueError("; ".join(problems))
+        args = argparse.Namespace(**{**vars(args), **changed})
+        validate_args(args, world_size)
     warmup = args.lr_warmup_iters or int(round((args.lr_warmup_fraction or 0.0) * args.train_iters))
     precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
     objective = BlankInfillingConfig(
@@ -152,5 +164,5 @@ def from_args(args, world_size: int) -> JobConfig:
                               args.tensorboard, args.wandb_project, args.measure_memory, args.stop_file),
         model=model_config_from_args(args, vocab_size=0, validate=False),
         seed=args.seed, device=args.device, precision=precision, kernels=args.kernels,
-        attention_impl=args.attention_impl, deepspeed_config=args.deepspeed_config,
+        attention_impl=args.attention_impl, deepspeed_overrides=overrides,
         flags={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))})

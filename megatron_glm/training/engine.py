@@ -1,13 +1,11 @@
 """Process groups, the optimizer and the DeepSpeed engine that owns the step.
 
 The engine owns the optimizer step, gradient accumulation, clipping and mixed precision;
-``deepspeed_config`` writes its JSON from the job, and a user's ``--deepspeed-config`` file wins
-over the keys it sets.
+``deepspeed_config`` writes its JSON from the job, with a user's ``--deepspeed-config`` keys
+(already folded into the job, ``deepspeed_json.py``) on top.
 """
 
 from __future__ import annotations
-
-import json
 
 from megatron_glm.training.config import JobConfig
 
@@ -53,12 +51,9 @@ def deepspeed_config(job: JobConfig, grad_accum: int, rank_params: int | None = 
         "steps_per_print": 10**12,
         "wall_clock_breakdown": False,
     }
-    if job.deepspeed_config:
-        with open(job.deepspeed_config) as f:
-            user = json.load(f)
-        for key, value in user.items():  # the JSON wins over the flags it sets
-            merge = isinstance(value, dict) and isinstance(config.get(key), dict)
-            config[key] = {**config[key], **value} if merge else value
+    for key, value in job.deepspeed_overrides.items():  # --deepspeed-config's keys (training/deepspeed_json.py)
+        merge = isinstance(value, dict) and isinstance(config.get(key), dict)
+        config[key] = {**config[key], **value} if merge else value
     return config
 
 

@@ -196,7 +196,10 @@ class Trainer:
             f"hidden {cfg.hidden_size}, vocab {cfg.vocab_size} (padded), seq {job.data.seq_length}, global batch "
             f"{job.data.global_batch_size} = {job.data.micro_batch_size} x {self.grad_accum} accumulation x {world} "
             f"data-parallel ranks, TP {par.tensor}{' + sequence parallel' if par.sequence_parallel else ''}, "
-            f"PP {par.pipeline}{f' x {self.vpp} virtual' if self.vpp > 1 else ''}, ZeRO {par.zero_stage}, "
+            f"PP {par.pipeline}{f' x {self.vpp} virtual' if self.vpp > 1 else ''}, "
+            # read back from the engine: what a --deepspeed-config made of the flags
+            f"ZeRO {self.engine.zero_optimization_stage()}, clip {self.engine.gradient_clipping()}, "
+            f"{'bf16' if self.engine.bfloat16_enabled() else 'fp16' if self.engine.fp16_enabled() else 'fp32'}, "
             f"device {self.device}{resumed}{converted}")
         if self.setup_peak is not None:
             self.log.console(f"model set-up (rank {self.rank}): {self.rank_weight_bytes / 2**20:,.0f} MiB of weights "

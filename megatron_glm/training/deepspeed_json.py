@@ -1,0 +1,95 @@
+"""A user's DeepSpeed JSON (``--deepspeed-config``): every key honoured or refused, none ignored.
+
+glm-pretrain writes DeepSpeed's configuration from its flags and hands the engine its own AdamW
+and learning-rate schedule. A JSON's keys win over the flags they set, so they are folded into
+the job here, before any work, and the banner and checkpoints report what ran:
+
+- ``zero_optimization`` (its ``stage``, ``offload_optimizer``), ``gradient_clipping``,
+  ``bf16``/``fp16`` ``enabled``: the job's ZeRO stage, clipping and precision;
+- an ``optimizer`` block of type Adam or AdamW: its ``lr``, ``betas``, ``eps`` and
+  ``weight_decay`` become the AdamW's; any other optimizer, or a key we would not apply, is
+  refused;
+- a ``scheduler`` block is refused: DeepSpeed's warm-up shapes differ from ours (WarmupLR warms
+  up logarithmically by default), so it names the flags that set the schedule instead;
+- the batch keys must agree with the flags (a contradiction would make the engine step at
+  another interval than the loop): ``train_micro_batch_size_per_gpu``,
+  ``gradient_accumulation_steps``, ``train_batch_size``.
+
+Everything else (communication, profiling, activation-checkpointing options of DeepSpeed's own)
+goes to the engine unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+
+ADAM_KEYS = {"lr", "betas", "eps", "weight_decay", "torch_adam", "adam_w_mode", "bias_correction"}
+
+
+def read(path: str) -> dict:
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"--deepspeed-config {path}: no such file") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"--deepspeed-config {path}: not a JSON file ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"--deepspeed-config {path}: a DeepSpeed config is a JSON object, this holds a "
+                         f"{type(config).__name__}")
+    return config
+
+
+def fold(config: dict, args, data_parallel_size: int, path: str) -> tuple[dict, dict, list[str]]:
+    """(what the engine gets from the JSON, the flags it overrides ``{dest: value}``, problems)."""
+    problems, flags = [], {}
+    config = dict(config)
+    name = f"--deepspeed-config {path}"
+
+    micro, accum, total = (config.get(k) for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                                                    "train_batch_size"))
+    step = args.micro_batch_size * data_parallel_size
+    for key, value, ours, flag in (
+            ("train_micro_batch_size_per_gpu", micro, args.micro_batch_size, "--micro-batch-size"),
+            ("gradient_accumulation_steps", accum, args.global_batch_size // step if step else None,
+             "--global-batch-size / (--micro-batch-size x data-parallel size)"),
+            ("train_batch_size", total, args.global_batch_size, "--global-batch-size")):
+        if value is not None and value != ours:
+            problems.append(f"{name} sets {key} {value}, the flags give {ours} ({flag}): make them agree, or drop "
+                            "the key")
+
+    zero = config.get("zero_optimization") or {}
+    if "stage" in zero:
+        flags["zero_stage"] = zero["stage"]
+    if "offload_optimizer" in zero:
+        flags["cpu_offload"] = (zero["offload_optimizer"] or {}).get("device", "none") == "cpu"
+    if "gradient_clipping" in config:
+        flags["clip_grad"] = config["gradient_clipping"]
+    for precision in ("bf16", "fp16"):
+        if "enabled" in (config.get(precision) or {}):
+            flags[precision] = bool(config[precision]["enabled"])
+
+    optimizer = config.pop("optimizer", None)
+    if optimizer is not None:
+        kind, params = str(optimizer.get("type", "")), dict(optimizer.get("params") or {})
+        unknown = sorted(set(params) - ADAM_KEYS)
+        if kind.lower() not in ("adam", "adamw"):
+            problems.append(f"{name}: optimizer {kind!r} is not what glm-pretrain trains with (AdamW); remove the "
+                            "block, or give type AdamW")
+        elif unknown:
+            problems.append(f"{name}: optimizer params {unknown} have no AdamW equivalent here; remove them")
+        elif params.get("adam_w_mode", True) is False or params.get("bias_correction", True) is False:
+            problems.append(f"{name}: adam_w_mode/bias_correction false (L2-regularised or uncorrected Adam) is not "
+                            "supported; glm-pretrain's AdamW decouples weight decay")
+        else:
+            for key, dest in (("lr", "lr"), ("eps", "adam_eps"), ("weight_decay", "weight_decay")):
+                if key in params:
+                    flags[dest] = params[key]
+            if "betas" in params:
+                flags["adam_beta1"], flags["adam_beta2"] = params["betas"]
+    scheduler = config.pop("scheduler", None)
+    if scheduler is not None:
+        problems.append(f"{name}: the scheduler block ({scheduler.get('type', '?')}) is not used: the schedule comes "
+                        "from --lr, --min-lr, --lr-decay-style, --lr-warmup-iters or --lr-warmup-fraction and "
+                        "--lr-decay-iters; remove the block and pass those")
+    return config, flags, problems
