@@ -1,16 +1,36 @@
-# megatron-glm on NVIDIA's PyTorch container: CUDA torch, NCCL, Triton and apex come with the image.
+# megatron-glm on NVIDIA's PyTorch container: CUDA torch, NCCL, Triton, apex and an MPI come with the image.
+# Layers from the least to the most often changed: pinned dependencies, then the package itself.
+# The pins are the versions the test suite runs with (tests/test_image.py holds them to it).
 ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:25.10-py3
 FROM ${BASE_IMAGE}
 
-# DeepSpeed builds its CUDA ops just in time; mpi4py for mpirun launches; wandb for logging.
+# DeepSpeed builds its CUDA ops just in time; tokenizers' own threads fight the data-loader workers.
+# (DL3064 reads "TOKEN" in TOKENIZERS_PARALLELISM as a secret.)
+# hadolint ignore=DL3064
 ENV DS_BUILD_OPS=0 \
-    TOKENIZERS_PARALLELISM=false
-RUN pip install --no-cache-dir deepspeed mpi4py wandb
+    TOKENIZERS_PARALLELISM=false \
+    PIP_NO_CACHE_DIR=1
+
+# glm-pretrain's dependencies beside the image's torch and triton (pip keeps those: they satisfy setup.py)
+RUN pip install \
+        "deepspeed==0.19.8" "hjson==3.1.0" "pydantic==2.14.4" \
+        "sentencepiece==0.2.3" "tokenizers==0.23.3" "safetensors==0.8.0" \
+        "orjson==3.13.0" "zstandard==0.25.0" "tqdm==4.70.1" \
+        "wandb==0.31.0" "nltk==3.10.4"
+
+# mpi4py compiled against the image's own MPI (mpirun launches), not a wheel that brings another one
+RUN pip install --no-binary=mpi4py "mpi4py==4.1.2" \
+    && python -c "from mpi4py import MPI; print('MPI:', MPI.Get_library_version().splitlines()[0])"
 
 WORKDIR /workspace/megatron-glm
-COPY . .
-# The image's torch satisfies torch>=2.4, so pip keeps it (no CPU wheel replaces the CUDA build).
-RUN pip install --no-cache-dir -e ".[test]" \
+COPY setup.py README.md ./
+COPY megatron_glm ./megatron_glm
+COPY kernels ./kernels
+COPY data_prep ./data_prep
+COPY launchers ./launchers
+COPY benchmarks ./benchmarks
+# --no-deps: everything it needs is above; a resolver run here could swap the image's CUDA torch
+RUN pip install --no-deps . \
     && python -c "from megatron_glm.optional import apex_available; print('apex:', apex_available())"
 
 CMD ["bash"]

@@ -18,6 +18,7 @@ install: $(VENV)/.installed
 
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/hadolint Dockerfile
 
 test: install
 	$(BIN)/python -m pytest -q
