@@ -212,6 +212,35 @@ def test_deepspeed_launcher_on_localhost(tmp_path, data):
     assert sorted(losses(save)) == [1, 2]
 
 
+def test_deepspeed_launcher_forwards_the_cluster_variables_to_every_node(tmp_path, data):
+    """Two nodes by hostfile: DeepSpeed's real runner builds the pdsh command; stand-in ssh and pdsh record it."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ssh").write_text("#!/bin/sh\nexit 0\n")  # the runner's passwordless-ssh check
+    (bin_dir / "pdsh").write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" > {tmp_path}/pdsh.args\n")
+    for tool in ("ssh", "pdsh"):
+        (bin_dir / tool).chmod(0o755)
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("node1 slots=2\nnode2 slots=2\n")
+    save = str(tmp_path / "ckpt")
+    cluster = {"NCCL_SOCKET_IFNAME": "ib0", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "GLOO_SOCKET_IFNAME": "eth0",
+               "OMP_NUM_THREADS": "4", "WANDB_MODE": "offline"}
+    env = env_for(data, save, HOSTFILE=str(hostfile), MASTER_ADDR="node1", **cluster)
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    env.pop("DS_ENV_FILE", None)
+    result = subprocess.run(["bash", os.path.join(LAUNCHERS, "deepspeed.sh")], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    with open(os.path.join(save, ".deepspeed_env")) as f:
+        written = dict(line.rstrip("\n").split("=", 1) for line in f)
+    assert cluster.items() <= written.items()
+    with open(tmp_path / "pdsh.args") as f:
+        command = f.read()
+    assert "-w\nnode1,node2\n" in command
+    for key, value in cluster.items():  # what every node's shell runs before the launch
+        assert f"export {key}={value};" in command
+
+
 def test_launchers_name_missing_settings(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("DATA_PATH", "SAVE_DIR", "GLM_CONFIG")}
     result = subprocess.run(["bash", os.path.join(LAUNCHERS, "torchrun.sh")], env=env, capture_output=True, text=True)
