@@ -97,6 +97,7 @@ def test_torchrun_launcher_prints_its_command_and_trains(torchrun_run):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "+ torchrun --standalone --nproc_per_node 2" in result.stdout
     assert "x 2 data-parallel ranks" in result.stdout + result.stderr
+    assert " rank 0 INFO " in result.stdout and " rank 1 INFO " not in result.stdout  # rank 0 speaks
     assert sorted(losses(save)) == list(range(1, ITERS + 1))
     assert os.path.exists(os.path.join(save, f"iter_{ITERS:07d}", "meta.json"))
 

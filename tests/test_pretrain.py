@@ -165,6 +165,12 @@ def parse_with_json(tmp_path, content, *flags):
     return from_args(parsed, world_size=2)
 
 
+def test_a_setting_the_json_overrides_is_warned_about(tmp_path, caplog):
+    job = parse_with_json(tmp_path, {"zero_optimization": {"stage": 1}}, "--zero-stage", "0")
+    assert job.parallel.zero_stage == 1
+    assert any("sets 1 over --zero-stage 0" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+
+
 def test_a_deepspeed_optimizer_block_is_honoured(tmp_path):
     job = parse_with_json(tmp_path, {"optimizer": {"type": "AdamW", "params": {
         "lr": 3e-4, "betas": [0.9, 0.95], "eps": 1e-6, "weight_decay": 0.1}}}, "--lr", "1e-3")

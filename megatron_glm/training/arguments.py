@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-iters", type=int, default=10, help="micro-batches per validation")
     g.add_argument("--log-interval", type=int, default=10)
     g.add_argument("--log-dir", help="metrics.jsonl and TensorBoard events (default: --save)")
+    g.add_argument("--log-all-ranks", action="store_true",
+                   help="every rank's log records on the console (default: rank 0's, and warnings from all)")
     g.add_argument("--tensorboard", action="store_true", help="write TensorBoard events (needs tensorboard)")
     g.add_argument("--measure-memory", action="store_true",
                    help="write memory_rank{R}.json to the log folder: bytes live after set-up and the peak over "

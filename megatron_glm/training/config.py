@@ -10,11 +10,14 @@ layout check that needs the model's sizes runs then, once.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 
 from megatron_glm.config import ModelConfig
 from megatron_glm.data.blank_infilling import BlankInfillingConfig
 from megatron_glm.data.tokenizer import TokenizerSpec
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,11 @@ def from_args(args, world_size: int) -> JobConfig:
                                                           args.deepspeed_config)
         if problems:
             raise ValueError("; ".join(problems))
+        for dest, value in changed.items():
+            if getattr(args, dest) != value:
+                flag = f"--{dest.replace('_', '-')}"
+                logger.warning(f"--deepspeed-config {args.deepspeed_config} sets {value} over {flag} "
+                               f"{getattr(args, dest)}")
         args = argparse.Namespace(**{**vars(args), **changed})
         validate_args(args, world_size)
     warmup = args.lr_warmup_iters or int(round((args.lr_warmup_fraction or 0.0) * args.train_iters))

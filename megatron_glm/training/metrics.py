@@ -1,14 +1,14 @@
-"""Training metrics: console lines, metrics.jsonl, TensorBoard and wandb; FLOPs and MFU.
+"""Training metrics: metrics.jsonl, TensorBoard and wandb; FLOPs and MFU.
 
 ``metrics.jsonl`` gets every iteration's exact loss (tests compare resumed and uninterrupted
-runs with it); the console gets a line every ``--log-interval`` iterations.
+runs with it); the console line every ``--log-interval`` iterations is a log record
+(``megatron_glm/logs.py``).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
 # dense bf16 peak FLOP/s by device name fragment (the vendors' data sheets)
@@ -76,10 +76,6 @@ class MetricsLogger:
                 self.tb.add_scalar(k, v, iteration)
         if self.wandb:
             self.wandb.log(numeric, step=iteration)
-
-    def console(self, line: str) -> None:
-        if self.enabled:
-            print(line, file=sys.stdout, flush=True)
 
     def close(self) -> None:
         if self.file:

@@ -13,12 +13,19 @@ import sys
 
 def pretrain(argv=None) -> dict:
     """Run glm-pretrain; returns a summary (iterations done, last losses, exit status)."""
+    from megatron_glm import logs
     from megatron_glm.parallel.state import discover_launch
     from megatron_glm.training.arguments import build_parser
     from megatron_glm.training.config import from_args
 
     args = build_parser().parse_args(argv)
-    job = from_args(args, world_size=int(os.environ.get("WORLD_SIZE", 0)) or discover_launch().world_size)
+    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # torchrun, the deepspeed launcher
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    else:
+        launch = discover_launch()
+        rank, world = launch.rank, launch.world_size
+    logs.setup(rank, args.log_all_ranks)
+    job = from_args(args, world_size=world)
 
     from megatron_glm.training.trainer import Trainer
 

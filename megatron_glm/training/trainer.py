@@ -191,7 +191,7 @@ class Trainer:
         resumed = f"; resumed from {self.resume} at iteration {self.iteration}" if self.resume else ""
         converted = " (converted weights; the optimizer state starts fresh)" if self.resume and \
             self.resume.weights_only else ""
-        self.log.console(
+        logger.info(
             f"glm-pretrain: {n_params / 1e6:.2f} M parameters (this TP rank's share), {cfg.num_layers} layers, "
             f"hidden {cfg.hidden_size}, vocab {cfg.vocab_size} (padded), seq {job.data.seq_length}, global batch "
             f"{job.data.global_batch_size} = {job.data.micro_batch_size} x {self.grad_accum} accumulation x {world} "
@@ -202,7 +202,7 @@ class Trainer:
             f"{'bf16' if self.engine.bfloat16_enabled() else 'fp16' if self.engine.fp16_enabled() else 'fp32'}, "
             f"device {self.device}{resumed}{converted}")
         if self.setup_peak is not None:
-            self.log.console(f"model set-up (rank {self.rank}): {self.rank_weight_bytes / 2**20:,.0f} MiB of weights "
+            logger.info(f"model set-up (rank {self.rank}): {self.rank_weight_bytes / 2**20:,.0f} MiB of weights "
                              f"built, host memory peak +{self.setup_peak / 2**20:,.0f} MiB")
 
     def _checkpoint_meta(self) -> dict:
@@ -263,7 +263,7 @@ class Trainer:
         if save and not self.checkpointer.saved(self.iteration):
             self.checkpointer.save(self.engine, self.iteration, self.consumed)
         code = EXIT_INTERRUPTED if reason == "SIGINT" else EXIT_REQUEUE
-        self.log.console(f"stopping after iteration {self.iteration} ({reason}): "
+        logger.info(f"stopping after iteration {self.iteration} ({reason}): "
                          + (f"saved {save}/{self.checkpointer.last_saved}; " if save else "no --save, nothing saved; ")
                          + ("exit status 130 (interrupted); run the same command to resume" if code == EXIT_INTERRUPTED
                             else f"exit status {EXIT_REQUEUE} asks the launcher to requeue"))
@@ -277,16 +277,16 @@ class Trainer:
             values = self.train_step()
             if self.iteration % job.logging.interval == 0 or self.iteration == job.train_iters:
                 values.update(self.speed.report(self.iteration))
-                self.log.console(self._console_line(values))
+                logger.info(self._console_line(values))
             if self.valid_batches is not None and self.iteration % job.logging.eval_interval == 0:
                 values["valid_loss"] = self.evaluate()
-                self.log.console(f"validation at iter {self.iteration}: loss {values['valid_loss']:.4f} "
+                logger.info(f"validation at iter {self.iteration}: loss {values['valid_loss']:.4f} "
                                  f"(ppl {math.exp(min(values['valid_loss'], 50)):.2f})")
             self.log.record(self.iteration, values)
             history.append(values["lm_loss"])
             faults.crash_point(f"iteration:{self.iteration}")
             if self.checkpointer.due(self.iteration, job.train_iters):
-                self.log.console(f"saved {self.checkpointer.save(self.engine, self.iteration, self.consumed)}")
+                logger.info(f"saved {self.checkpointer.save(self.engine, self.iteration, self.consumed)}")
             hold = faults.holds_after(self.iteration)
             reason = self.preemption.wait() if hold else self.preemption.requested()
             if reason and self.iteration < job.train_iters:
