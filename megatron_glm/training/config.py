@@ -60,6 +60,15 @@ class OptimizerConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     clip_grad: float = 1.0
+    wsd_decay_iters: int | None = None
+    wsd_style: str = "exponential"
+
+    def schedule(self):
+        """The learning-rate schedule (``ValueError`` for one that cannot run)."""
+        from megatron_glm.training.lr_schedule import LRSchedule
+
+        return LRSchedule(self.lr, self.min_lr, self.decay_style, self.warmup_iters, self.decay_iters,
+                          self.wsd_decay_iters, self.wsd_style)
 
 
 @dataclass(frozen=True)
@@ -152,6 +161,11 @@ def from_args(args, world_size: int) -> JobConfig:
         shuffle_spans=not args.no_shuffle_blocks, single_span_prob=args.single_span_prob,
         short_seq_prob=args.short_seq_prob, task_mask=not args.no_task_mask, packed=args.packed_segments,
         seed=args.seed)
+    optimizer = OptimizerConfig(args.lr, args.min_lr, args.lr_decay_style, warmup,
+                                args.lr_decay_iters or args.train_iters, args.weight_decay,
+                                (args.adam_beta1, args.adam_beta2), args.adam_eps, args.clip_grad,
+                                args.lr_wsd_decay_iters, args.lr_wsd_decay_style)
+    optimizer.schedule()  # a schedule that cannot run fails here, before any work
     return JobConfig(
         train_iters=args.train_iters,
         parallel=ParallelConfig(
@@ -164,9 +178,7 @@ def from_args(args, world_size: int) -> JobConfig:
                         args.micro_batch_size, args.global_batch_size,
                         TokenizerSpec(args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file),
                         objective),
-        optimizer=OptimizerConfig(args.lr, args.min_lr, args.lr_decay_style, warmup,
-                                  args.lr_decay_iters or args.train_iters, args.weight_decay,
-                                  (args.adam_beta1, args.adam_beta2), args.adam_eps, args.clip_grad),
+        optimizer=optimizer,
         checkpoint=CheckpointConfig(args.save, args.load, args.save_interval, args.keep_last, args.trust_checkpoint),
         logging=LoggingConfig(args.log_dir or args.save, args.log_interval, args.eval_interval, args.eval_iters,
                               args.tensorboard, args.wandb_project, args.measure_memory, args.stop_file),

@@ -71,10 +71,9 @@ def build_engine(job: JobConfig, module, engine_steps: int):
     import torch
 
     from megatron_glm.parallel import state
-    from megatron_glm.training.lr_schedule import LRSchedule
 
     opt = job.optimizer
-    schedule = LRSchedule(opt.lr, opt.min_lr, opt.decay_style, opt.warmup_iters, opt.decay_iters)
+    schedule = opt.schedule()
     optimizer = torch.optim.AdamW(param_groups(module, opt.weight_decay), lr=opt.lr, betas=opt.betas, eps=opt.eps)
     config = deepspeed_config(job, engine_steps, sum(p.numel() for p in module.parameters()))
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=schedule.as_torch(optimizer),

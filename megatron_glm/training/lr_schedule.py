@@ -1,20 +1,39 @@
-"""Megatron's learning-rate schedule: linear warm-up, then constant, linear or cosine decay to ``min_lr``."""
+"""Megatron's learning-rate schedules: linear warm-up, then constant, linear, cosine,
+inverse-square-root or WSD (warmup-stable-decay) to ``min_lr``.
+
+The formulas are megatron-core's ``OptimizerParamScheduler``'s (tests hold ours to it, step by
+step). One deliberate difference: Megatron's first step runs at the warm-up's ``lr * 0 /
+warmup`` and learns nothing; here step ``s`` of the warm-up takes Megatron's ``s + 1``. The
+schedule stays ours because megatron-core is a large dependency for one formula, and because
+DeepSpeed's schedulers warm up differently (``WarmupLR`` logarithmically by default).
+"""
 
 from __future__ import annotations
 
 import math
 
+STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
+WSD_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")
+
 
 class LRSchedule:
-    def __init__(self, lr: float, min_lr: float, style: str, warmup_iters: int, decay_iters: int):
-        if style not in ("constant", "linear", "cosine"):
-            raise ValueError(f"unknown --lr-decay-style {style!r}")
+    def __init__(self, lr: float, min_lr: float, style: str, warmup_iters: int, decay_iters: int,
+                 wsd_decay_iters: int | None = None, wsd_style: str = "exponential"):
+        if style not in STYLES:
+            raise ValueError(f"unknown --lr-decay-style {style!r}; choose from {', '.join(STYLES)}")
         if not 0 <= min_lr <= lr:
             raise ValueError(f"need 0 <= --min-lr ({min_lr}) <= --lr ({lr})")
         if warmup_iters > decay_iters:
             raise ValueError(f"warm-up ({warmup_iters} iterations) is longer than the decay ({decay_iters})")
+        if style == "WSD":
+            if wsd_decay_iters is None or not 0 < wsd_decay_iters <= decay_iters - warmup_iters:
+                raise ValueError(f"--lr-decay-style WSD needs --lr-wsd-decay-iters in 1..{decay_iters - warmup_iters} "
+                                 f"(the decay after the stable phase), got {wsd_decay_iters}")
+            if wsd_style not in WSD_STYLES:
+                raise ValueError(f"unknown --lr-wsd-decay-style {wsd_style!r}; choose from {', '.join(WSD_STYLES)}")
         self.lr, self.min_lr, self.style = lr, min_lr, style
         self.warmup, self.decay = warmup_iters, decay_iters
+        self.wsd_decay, self.wsd_style = wsd_decay_iters, wsd_style
 
     def __call__(self, step: int) -> float:
         """Learning rate of optimizer step ``step`` (0-based): the first step already learns."""
@@ -22,13 +41,23 @@ class LRSchedule:
             return self.lr * (step + 1) / self.warmup
         if self.style == "constant":
             return self.lr
-        if step >= self.decay:
+        if step > self.decay:
             return self.min_lr
+        if self.style == "inverse-square-root":
+            return max(self.min_lr, self.lr * math.sqrt(max(self.warmup, 1)) / math.sqrt(max(step, 1)))
         progress = (step - self.warmup) / max(self.decay - self.warmup, 1)
         if self.style == "linear":
             factor = 1.0 - progress
-        else:
+        elif self.style == "cosine":
             factor = 0.5 * (1.0 + math.cos(math.pi * progress))
+        else:  # WSD: lr until the last wsd_decay iterations, then down to min_lr
+            anneal_start = self.decay - self.wsd_decay
+            if step <= anneal_start:
+                factor = 1.0
+            else:
+                ratio = (step - anneal_start) / self.wsd_decay
+                factor = {"linear": 1.0 - ratio, "cosine": 0.5 * (1.0 + math.cos(math.pi * ratio)),
+                          "exponential": 2.0 * 0.5**ratio - 1.0, "minus_sqrt": 1.0 - math.sqrt(ratio)}[self.wsd_style]
         return self.min_lr + (self.lr - self.min_lr) * factor
 
     def as_torch(self, optimizer):
