@@ -242,3 +242,22 @@ def test_the_banner_and_meta_report_what_a_deepspeed_json_made_of_the_flags(tmp_
     with open(os.path.join(save, "iter_0000002", "meta.json")) as f:
         flags = json.load(f)["args"]
     assert flags["zero_stage"] == 1 and flags["clip_grad"] == 0.5
+
+
+def test_megatrons_exit_flags_save_and_stop_cleanly_and_the_same_command_continues(tmp_path, data):
+    save, board = str(tmp_path / "ckpt"), tmp_path / "board"
+    extra = ["--exit-interval", "2", "--norm-epsilon", "1e-6", "--make-vocab-size-divisible-by", "256",
+             "--tensorboard-dir", str(board), "--eval-interval", "100"]
+    first = run(args(data, save, iters=6, extra=extra))
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "stopping after iteration 2 (--exit-interval): saved" in first.stdout
+    with open(os.path.join(save, "iter_0000002", "meta.json")) as f:
+        model = json.load(f)["model"]
+    assert model["layernorm_epsilon"] == 1e-6 and model["vocab_size"] % 256 == 0
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(board))
+    # the same command again, with a time budget already spent at the first step: one step, saved, status 0
+    second = run(args(data, save, iters=6, extra=extra + ["--exit-duration-in-mins", "1e-9"]))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stdout
+    assert "stopping after iteration 3 (--exit-duration-in-mins reached): saved" in second.stdout
+    assert [r["iteration"] for r in records(save)] == [1, 2, 3]

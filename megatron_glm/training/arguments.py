@@ -23,6 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hidden-dropout", type=float, default=0.1)
     g.add_argument("--attention-dropout", type=float, default=0.1)
     g.add_argument("--init-method-std", type=float, default=0.02)
+    g.add_argument("--norm-epsilon", "--layernorm-epsilon", type=float, default=1e-5, help="LayerNorm epsilon")
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                   help="pad the vocabulary to a multiple of this times the TP size (Megatron's padding)")
     g.add_argument("--geglu", action="store_true", help="GLM-130B's gated MLP")
     g.add_argument("--deepnorm", action="store_true", help="GLM-130B's DeepNorm (post-LN, scaled residual)")
     g.add_argument("--embedding-gradient-shrink-alpha", type=float, default=1.0,
@@ -125,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop-file", help="stop after the current step, save and exit 75 (requeue) once this file "
                                        "exists; SIGTERM and SIGUSR1 do the same")
     g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--exit-interval", type=int, default=None,
+                   help="save and exit (status 0) after the first iteration divisible by this (Megatron's flag)")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="save and exit (status 0) after the first iteration that ends past this many minutes of "
+                        "training; the same command continues")
+    g.add_argument("--exit-signal-handler", action="store_true",
+                   help="accepted for Megatron command lines: SIGTERM and SIGUSR1 always save and exit here")
     g.add_argument("--keep-last", type=int, default=3, help="checkpoints kept (older ones deleted)")
     g.add_argument("--eval-interval", type=int, default=1000)
     g.add_argument("--eval-iters", type=int, default=10, help="micro-batches per validation")
@@ -133,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-all-ranks", action="store_true",
                    help="every rank's log records on the console (default: rank 0's, and warnings from all)")
     g.add_argument("--tensorboard", action="store_true", help="write TensorBoard events (needs tensorboard)")
+    g.add_argument("--tensorboard-dir", help="where TensorBoard events go (implies --tensorboard; default: "
+                                             "{log dir}/tensorboard)")
     g.add_argument("--measure-memory", action="store_true",
                    help="write memory_rank{R}.json to the log folder: bytes live after set-up and the peak over "
                         "the steps (CUDA allocator counters; on CPU, allocations recorded by the profiler, which keeps "
@@ -157,6 +169,7 @@ def model_config_from_args(args, vocab_size: int, validate: bool = True) -> Mode
     base.hidden_dropout, base.attention_dropout = args.hidden_dropout, args.attention_dropout
     base.init_method_std, base.geglu, base.deepnorm = args.init_method_std, args.geglu, args.deepnorm
     base.embedding_gradient_shrink_alpha = args.embedding_gradient_shrink_alpha
+    base.layernorm_epsilon = args.norm_epsilon
     if validate:
         base.validate(seq_length=args.seq_length)
     return base
@@ -207,6 +220,12 @@ def validate_args(args, world_size: int = 1) -> None:
         problems.append("--save-interval must be positive")
     if args.measure_memory and not (args.log_dir or args.save):
         problems.append("--measure-memory needs --log-dir or --save (where memory_rank{R}.json goes)")
+    if args.make_vocab_size_divisible_by < 1:
+        problems.append("--make-vocab-size-divisible-by must be positive")
+    if args.exit_interval is not None and args.exit_interval < 1:
+        problems.append("--exit-interval must be positive")
+    if args.exit_duration_in_mins is not None and not args.exit_duration_in_mins > 0:
+        problems.append("--exit-duration-in-mins must be positive")
     if args.save_interval and not args.save:
         problems.append("--save-interval needs --save")
     if args.eval_interval < 1 or args.log_interval < 1:

@@ -90,6 +90,9 @@ class LoggingConfig:
     wandb_project: str | None = None
     measure_memory: bool = False
     stop_file: str | None = None
+    tensorboard_dir: str | None = None
+    exit_interval: int | None = None
+    exit_duration_mins: float | None = None
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,7 @@ class JobConfig:
     device: str = "auto"
     precision: str = "fp32"  # fp32 | bf16 | fp16
     kernels: str = "auto"
+    vocab_multiple: int = 128  # --make-vocab-size-divisible-by
     attention_impl: str = "auto"
     deepspeed_overrides: dict = field(default_factory=dict)  # --deepspeed-config's keys for the engine
     flags: dict = field(default_factory=dict)  # the command line's values: checkpoint meta, wandb, TensorBoard
@@ -181,8 +185,10 @@ def from_args(args, world_size: int) -> JobConfig:
         optimizer=optimizer,
         checkpoint=CheckpointConfig(args.save, args.load, args.save_interval, args.keep_last, args.trust_checkpoint),
         logging=LoggingConfig(args.log_dir or args.save, args.log_interval, args.eval_interval, args.eval_iters,
-                              args.tensorboard, args.wandb_project, args.measure_memory, args.stop_file),
+                              args.tensorboard or bool(args.tensorboard_dir), args.wandb_project, args.measure_memory,
+                              args.stop_file, args.tensorboard_dir, args.exit_interval, args.exit_duration_in_mins),
         model=model_config_from_args(args, vocab_size=0, validate=False),
         seed=args.seed, device=args.device, precision=precision, kernels=args.kernels,
+        vocab_multiple=args.make_vocab_size_divisible_by,
         attention_impl=args.attention_impl, deepspeed_overrides=overrides,
         flags={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))})

@@ -43,7 +43,8 @@ def memory_summary() -> str:
 
 
 class MetricsLogger:
-    def __init__(self, log_dir: str | None, tensorboard: bool, wandb_project: str | None, config: dict, enabled: bool):
+    def __init__(self, log_dir: str | None, tensorboard: bool, wandb_project: str | None, config: dict, enabled: bool,
+                 tensorboard_dir: str | None = None):
         self.enabled, self.file, self.tb, self.wandb = enabled, None, None, None
         if not enabled:
             return
@@ -55,7 +56,7 @@ class MetricsLogger:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
                 raise RuntimeError("--tensorboard needs the tensorboard package: pip install tensorboard") from e
-            self.tb = SummaryWriter(os.path.join(log_dir or "runs", "tensorboard"))
+            self.tb = SummaryWriter(tensorboard_dir or os.path.join(log_dir or "runs", "tensorboard"))
         if wandb_project:
             try:
                 import wandb

@@ -24,9 +24,14 @@ EXIT_INTERRUPTED = 130  # the shell's status for Ctrl-C
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
+DURATION = "--exit-duration-in-mins reached"  # a planned stop: exit status 0
+
+
 class Preemption:
-    def __init__(self, stop_file: str | None, device: str, rank: int):
-        self.stop_file, self.device, self.rank = stop_file, device, rank
+    """Stop requests: a signal, the stop file, or (``deadline``, monotonic seconds) the run's time budget."""
+
+    def __init__(self, stop_file: str | None, device: str, rank: int, deadline: float | None = None):
+        self.stop_file, self.device, self.rank, self.deadline = stop_file, device, rank, deadline
         self.received: str | None = None
         self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
         if stop_file and rank == 0 and os.path.exists(stop_file):  # left by the run before a requeue
@@ -40,14 +45,23 @@ class Preemption:
         self.received = signal.Signals(signum).name
 
     def requested(self) -> str | None:
-        """Called by every rank after every step: the reason to stop (same on all ranks), or None."""
+        """Called by every rank after every step: the reason to stop, or None.
+
+        Every rank gets a reason of the same kind: a preemption (a signal, the stop file) wins over
+        the time budget, which ranks may reach a moment apart.
+        """
         local = self.received or (self.stop_file if self.stop_file and self.rank == 0
                                   and os.path.exists(self.stop_file) else None)
+        if not local and self.deadline is not None and time.monotonic() > self.deadline:
+            local = DURATION
         if dist.is_initialized():
-            flag = torch.tensor([1.0 if local else 0.0], device=self.device)
+            kind = 2.0 if local and local != DURATION else 1.0 if local else 0.0
+            flag = torch.tensor([kind], device=self.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            if flag.item() and not local:
+            if flag.item() == 2.0 and (not local or local == DURATION):
                 local = "another rank was told to stop"
+            elif flag.item() == 1.0 and not local:
+                local = DURATION
         return local
 
     def wait(self, poll_s: float = 0.05) -> str:

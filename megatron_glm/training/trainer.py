@@ -35,7 +35,7 @@ from megatron_glm.training.config import JobConfig
 from megatron_glm.training.engine import build_engine, init_distributed
 from megatron_glm.training.memory import host_memory, reset_host_peak
 from megatron_glm.training.metrics import MetricsLogger, Throughput, flops_per_token, memory_summary
-from megatron_glm.training.preemption import EXIT_INTERRUPTED, EXIT_REQUEUE, Preemption
+from megatron_glm.training.preemption import DURATION, EXIT_INTERRUPTED, EXIT_REQUEUE, Preemption
 from megatron_glm.training.step import StepRunner
 
 logger = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ def build_model(job: JobConfig, model_cfg: ModelConfig, resume: ckpt.ResumePoint
 
 def build_metrics(job: JobConfig, rank: int) -> MetricsLogger:
     log = job.logging
-    return MetricsLogger(log.log_dir, log.tensorboard, log.wandb_project, job.flags, rank == 0)
+    return MetricsLogger(log.log_dir, log.tensorboard, log.wandb_project, job.flags, rank == 0, log.tensorboard_dir)
 
 
 def seed_everything(seed: int) -> None:
@@ -129,6 +129,7 @@ def seed_everything(seed: int) -> None:
 class Trainer:
     def __init__(self, job: JobConfig):
         self.job = job
+        self.started = time.monotonic()  # --exit-duration-in-mins counts from here (set-up included)
         self.device = resolve_device(job)
         for flag, folder in (("--save", job.checkpoint.save), ("--log-dir", job.flags.get("log_dir"))):
             if folder:
@@ -140,7 +141,7 @@ class Trainer:
             self.meter = MemoryMeter(self.device)
         par = job.parallel
         self.tokenizer = GLMTokenizer(job.data.tokenizer.resolved())
-        self.model_cfg = job.model_config(self.tokenizer.padded_vocab_size(par.tensor))
+        self.model_cfg = job.model_config(self.tokenizer.padded_vocab_size(par.tensor, job.vocab_multiple))
         self.resume = ckpt.find_resume(job.checkpoint.load, job.checkpoint.save, self.model_cfg,
                                        self.tokenizer.fingerprint(), par.tensor, par.pipeline)
         init_distributed(self.device, par.tensor, par.pipeline, self.model_cfg)
@@ -181,7 +182,9 @@ class Trainer:
         self.speed = Throughput(job.data.global_batch_size * job.data.seq_length,
                                 flops_per_token(cfg.num_layers, cfg.hidden_size, job.data.seq_length, cfg.vocab_size),
                                 job.train_iters, self.iteration)
-        self.preemption = Preemption(job.logging.stop_file, self.device, self.rank)
+        minutes = job.logging.exit_duration_mins
+        self.preemption = Preemption(job.logging.stop_file, self.device, self.rank,
+                                     self.started + 60.0 * minutes if minutes else None)
 
     # -- set-up reports ---------------------------------------------------------------------
     def _announce(self) -> None:
@@ -258,15 +261,18 @@ class Trainer:
         return " | ".join(parts)
 
     def _stop(self, reason: str) -> int:
-        """A stop request after a step: save unless just saved; the exit status that says what happened."""
+        """A stop after a step: save unless just saved; the exit status that says what happened."""
         save = self.job.checkpoint.save
         if save and not self.checkpointer.saved(self.iteration):
             self.checkpointer.save(self.engine, self.iteration, self.consumed)
-        code = EXIT_INTERRUPTED if reason == "SIGINT" else EXIT_REQUEUE
+        planned = reason in (DURATION, "--exit-interval")
+        code = 0 if planned else EXIT_INTERRUPTED if reason == "SIGINT" else EXIT_REQUEUE
+        outcome = {0: "exit status 0; run the same command to continue",
+                   EXIT_INTERRUPTED: "exit status 130 (interrupted); run the same command to resume",
+                   EXIT_REQUEUE: f"exit status {EXIT_REQUEUE} asks the launcher to requeue"}[code]
         logger.info(f"stopping after iteration {self.iteration} ({reason}): "
-                         + (f"saved {save}/{self.checkpointer.last_saved}; " if save else "no --save, nothing saved; ")
-                         + ("exit status 130 (interrupted); run the same command to resume" if code == EXIT_INTERRUPTED
-                            else f"exit status {EXIT_REQUEUE} asks the launcher to requeue"))
+                    + (f"saved {save}/{self.checkpointer.last_saved}; " if save else "no --save, nothing saved; ")
+                    + outcome)
         return code
 
     def train(self) -> dict:
@@ -289,6 +295,9 @@ class Trainer:
                 logger.info(f"saved {self.checkpointer.save(self.engine, self.iteration, self.consumed)}")
             hold = faults.holds_after(self.iteration)
             reason = self.preemption.wait() if hold else self.preemption.requested()
+            interval = job.logging.exit_interval
+            if not reason and interval and self.iteration % interval == 0:
+                reason = "--exit-interval"
             if reason and self.iteration < job.train_iters:
                 exit_code = self._stop(reason)
                 break
