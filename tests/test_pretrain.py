@@ -110,8 +110,11 @@ def test_bf16_tensorboard_and_wandb(tmp_path, data):
 
     events = EventAccumulator(os.path.join(bf16, "tensorboard"))
     events.Reload()
-    logged = [e.value for e in events.Scalars("lm_loss")]
+    logged = [e.value for e in events.Scalars("lm loss")]  # Megatron's tags, and its "vs samples" twins
     assert logged == pytest.approx([r["lm_loss"] for r in ours], rel=1e-6)
+    by_samples = events.Scalars("lm loss vs samples")
+    assert [e.step for e in by_samples] == [r["consumed_samples"] for r in ours]
+    assert {"learning-rate", "grad-norm", "batch-size", "loss_token"} <= set(events.Tags()["scalars"])
     runs = os.listdir(os.path.join(bf16, "wandb"))
     assert any(name.startswith("offline-run-") for name in runs), runs
 

@@ -42,6 +42,12 @@ def memory_summary() -> str:
         return ""
 
 
+# Megatron's TensorBoard tags (and their "... vs samples" twins), so that its dashboards read our runs
+MEGATRON_TAGS = {"lm_loss": "lm loss", "valid_loss": "lm loss validation", "lr": "learning-rate",
+                 "grad_norm": "grad-norm", "batch_size": "batch-size", "loss_scale": "loss-scale",
+                 "iteration_time": "iteration-time"}
+
+
 class MetricsLogger:
     def __init__(self, log_dir: str | None, tensorboard: bool, wandb_project: str | None, config: dict, enabled: bool,
                  tensorboard_dir: str | None = None):
@@ -73,8 +79,12 @@ class MetricsLogger:
             self.file.write(json.dumps({"iteration": iteration, **values}) + "\n")
         numeric = {k: v for k, v in values.items() if isinstance(v, (int, float))}
         if self.tb:
+            samples = values.get("consumed_samples")
             for k, v in numeric.items():
-                self.tb.add_scalar(k, v, iteration)
+                tag = MEGATRON_TAGS.get(k, k)
+                self.tb.add_scalar(tag, v, iteration)
+                if k in MEGATRON_TAGS and samples is not None:
+                    self.tb.add_scalar(f"{tag} vs samples", v, samples)
         if self.wandb:
             self.wandb.log(numeric, step=iteration)
 

@@ -237,7 +237,7 @@ class Trainer:
                 f"{self.checkpointer.last_saved or 'none'}. Lower --lr, raise --clip-grad or --lr-warmup-iters, or "
                 "check the data")
         values.update({"data_wait_ms": 1000.0 * data_wait, "lr": self.engine.get_lr()[0],
-                       "consumed_samples": self.consumed,
+                       "consumed_samples": self.consumed, "batch_size": self.job.data.global_batch_size,
                        "skipped_steps": int(getattr(self.engine, "skipped_steps", 0))})
         if self.job.precision == "fp16":
             scale = getattr(self.engine.optimizer, "cur_scale", None)
