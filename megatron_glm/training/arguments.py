@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-wsd-decay-style", choices=["exponential", "linear", "cosine", "minus_sqrt"],
                    default="exponential")
     g.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
-    g.add_argument("--lr-warmup-fraction", type=float, default=None)
+    g.add_argument("--lr-warmup-fraction", type=float, default=None,
+                   help="warm-up as a fraction of the decay iterations (--lr-decay-iters), Megatron's meaning")
     g.add_argument("--lr-warmup-iters", type=int, default=0)
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--adam-beta1", type=float, default=0.9)
@@ -135,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "training; the same command continues")
     g.add_argument("--exit-signal-handler", action="store_true",
                    help="accepted for Megatron command lines: SIGTERM and SIGUSR1 always save and exit here")
-    g.add_argument("--keep-last", type=int, default=3, help="checkpoints kept (older ones deleted)")
+    g.add_argument("--keep-last", type=int, default=0,
+                   help="keep the newest N checkpoints, delete older ones; 0 (the default, as in Megatron) keeps all")
     g.add_argument("--eval-interval", type=int, default=1000)
     g.add_argument("--eval-iters", type=int, default=10, help="micro-batches per validation")
     g.add_argument("--log-interval", type=int, default=10)

@@ -76,7 +76,7 @@ class CheckpointConfig:
     save: str | None = None
     load: str | None = None
     interval: int | None = None
-    keep_last: int = 3
+    keep_last: int = 0  # 0 keeps every checkpoint
     trust: bool = False
 
 
@@ -154,7 +154,8 @@ def from_args(args, world_size: int) -> JobConfig:
                                f"{getattr(args, dest)}")
         args = argparse.Namespace(**{**vars(args), **changed})
         validate_args(args, world_size)
-    warmup = args.lr_warmup_iters or int(round((args.lr_warmup_fraction or 0.0) * args.train_iters))
+    decay = args.lr_decay_iters or args.train_iters
+    warmup = args.lr_warmup_iters or int(round((args.lr_warmup_fraction or 0.0) * decay))  # Megatron: of the decay
     precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
     objective = BlankInfillingConfig(
         seq_length=args.seq_length, token_prob=args.bert_prob, sentence_prob=args.gap_sentence_prob,
@@ -165,8 +166,7 @@ def from_args(args, world_size: int) -> JobConfig:
         shuffle_spans=not args.no_shuffle_blocks, single_span_prob=args.single_span_prob,
         short_seq_prob=args.short_seq_prob, task_mask=not args.no_task_mask, packed=args.packed_segments,
         seed=args.seed)
-    optimizer = OptimizerConfig(args.lr, args.min_lr, args.lr_decay_style, warmup,
-                                args.lr_decay_iters or args.train_iters, args.weight_decay,
+    optimizer = OptimizerConfig(args.lr, args.min_lr, args.lr_decay_style, warmup, decay, args.weight_decay,
                                 (args.adam_beta1, args.adam_beta2), args.adam_eps, args.clip_grad,
                                 args.lr_wsd_decay_iters, args.lr_wsd_decay_style)
     optimizer.schedule()  # a schedule that cannot run fails here, before any work
