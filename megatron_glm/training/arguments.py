@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-last", type=int, default=0,
                    help="keep the newest N checkpoints, delete older ones; 0 (the default, as in Megatron) keeps all")
     g.add_argument("--eval-interval", type=int, default=1000)
-    g.add_argument("--eval-iters", type=int, default=10, help="micro-batches per validation")
+    g.add_argument("--eval-iters", type=int, default=10,
+                   help="global batches per validation (Megatron's count), split over the data-parallel ranks")
     g.add_argument("--log-interval", type=int, default=10)
     g.add_argument("--log-dir", help="metrics.jsonl and TensorBoard events (default: --save)")
     g.add_argument("--log-all-ranks", action="store_true",
@@ -239,7 +240,5 @@ def validate_args(args, world_size: int = 1) -> None:
         if micro % pp:
             problems.append(f"the interleaved schedule needs micro-batches per step ({micro}) divisible by "
                             f"--pipeline-model-parallel-size {pp}")
-        if args.eval_iters % pp:
-            problems.append(f"the interleaved schedule needs --eval-iters ({args.eval_iters}) divisible by {pp}")
     if problems:
         raise ValueError("; ".join(problems))

@@ -114,4 +114,8 @@ class StepRunner:
         with torch.no_grad():
             stats, _ = self._run(batches, forward_only=True)
         self.engine.train()
+        if state.get_data_parallel_world_size() > 1:  # each data-parallel rank saw its share of the samples
+            t = torch.from_numpy(stats)
+            dist.all_reduce(t, group=state.get_data_parallel_group())
+            stats = t.numpy()
         return sum(stats[2::2]) / max(sum(stats[3::2]), 1.0)

@@ -9,6 +9,7 @@ run repeats an uninterrupted one exactly (bitwise on CPU).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -79,7 +80,7 @@ def resolve_device(job: JobConfig) -> str:
 def build_data(job: JobConfig, tokenizer: GLMTokenizer, vocab_size: int):
     """(train, valid) micro-batch datasets: samples read and collated by the blank-infilling objective."""
     data, log = job.data, job.logging
-    n_eval = log.eval_iters * data.micro_batch_size if log.eval_interval <= job.train_iters else 0
+    n_eval = log.eval_iters * data.global_batch_size if log.eval_interval <= job.train_iters else 0
     train, valid, _ = build_train_valid_test_datasets(
         list(data.data_path), data.split, data.seq_length, [job.train_iters * data.global_batch_size, n_eval, 0],
         seed=job.seed, cache_dir=data.cache_path, tokenizer=tokenizer)
@@ -245,10 +246,13 @@ class Trainer:
         return values
 
     def evaluate(self) -> float:
-        """Mean loss over the first ``--eval-iters`` validation micro-batches (the same ones every time)."""
-        micro = self.job.data.micro_batch_size
-        return self.runner.evaluate([self._to_device(collate_now(self.valid_batches, range(k * micro, (k + 1) * micro)))
-                                     for k in range(self.job.logging.eval_iters)])
+        """Mean loss per token over the first ``--eval-iters`` global batches of the validation split (Megatron's
+        count; the same samples every time), each data-parallel rank taking its share as in training."""
+        sampler = PretrainingSampler(len(self.valid_batches), 0, self.job.data.micro_batch_size,
+                                     state.get_data_parallel_rank(), state.get_data_parallel_world_size())
+        micro_batches = itertools.islice(iter(sampler), self.job.logging.eval_iters * self.grad_accum)
+        return self.runner.evaluate([self._to_device(collate_now(self.valid_batches, indices))
+                                     for indices in micro_batches])
 
     def _console_line(self, values: dict) -> str:
         parts = [f"iter {self.iteration}/{self.job.train_iters}", f"loss {values['lm_loss']:.4f}"]
