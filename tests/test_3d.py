@@ -24,7 +24,7 @@ def argv(data, log_dir, iters=3, extra=()):
     return ["--data-path", prefix, "--tokenizer-model", model, "--num-layers", "4", "--hidden-size", "32",
             "--num-attention-heads", "4", "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "8",
             "--train-iters", str(iters), "--lr", "1e-3", "--split", "90,10,0", "--eval-interval", "2",
-            "--eval-iters", "2", "--log-interval", "1", "--hidden-dropout", "0", "--attention-dropout", "0",
+            "--eval-iters", "1", "--log-interval", "1", "--hidden-dropout", "0", "--attention-dropout", "0",
             "--data-cache-path", cache, "--log-dir", log_dir, *extra]
 
 

@@ -17,7 +17,7 @@ def args(data, save, iters=8, extra=()):
     return ["--data-path", prefix, "--tokenizer-model", model, "--num-layers", "2", "--hidden-size", "32",
             "--num-attention-heads", "2", "--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "4",
             "--train-iters", str(iters), "--lr", "1e-3", "--lr-warmup-iters", "2", "--bert-prob", "0.5",
-            "--gap-sentence-prob", "0.3", "--split", "90,10,0", "--eval-interval", "4", "--eval-iters", "2",
+            "--gap-sentence-prob", "0.3", "--split", "90,10,0", "--eval-interval", "4", "--eval-iters", "1",
             "--log-interval", "2", "--save", save, "--load", save, "--save-interval", "2", "--keep-last", "2",
             "--data-cache-path", os.path.join(os.path.dirname(save), "cache"), *extra]
 
