@@ -129,9 +129,7 @@ class BatchStream:
                             "in the training process, or check the node's memory") from None
         if isinstance(batch, HostBatch):  # not pinned (CPU training)
             batch = batch.tensors()
-        if _ERROR in batch:
-            raise DataError(f"cannot build the micro-batch of samples {indices[0]}..{indices[-1]}: {batch[_ERROR]}")
-        return batch, time.perf_counter() - start
+        return _checked(batch, indices), time.perf_counter() - start
 
     def _where_workers_died(self) -> str | None:
         """Where the dead workers were (the sample each was on), or None when every worker lives."""
@@ -149,9 +147,13 @@ class BatchStream:
         self._batches = None
 
 
-def collate_now(batches: MicroBatches, indices) -> dict:
-    """One micro-batch in this process (validation), with the same errors as the loader's."""
-    batch = batches[indices]
+def _checked(batch: dict, indices) -> dict:
+    """The batch, or ``DataError`` with the message its error record carries."""
     if _ERROR in batch:
         raise DataError(f"cannot build the micro-batch of samples {indices[0]}..{indices[-1]}: {batch[_ERROR]}")
     return batch
+
+
+def collate_now(batches: MicroBatches, indices) -> dict:
+    """One micro-batch in this process (validation), with the same errors as the loader's."""
+    return _checked(batches[indices], indices)

@@ -19,13 +19,9 @@ def pretrain(argv=None) -> dict:
     from megatron_glm.training.config import from_args
 
     args = build_parser().parse_args(argv)
-    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # torchrun, the deepspeed launcher
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    else:
-        launch = discover_launch()
-        rank, world = launch.rank, launch.world_size
-    logs.setup(rank, args.log_all_ranks)
-    job = from_args(args, world_size=world)
+    launch = discover_launch()  # torchrun's variables, Slurm's, MPI's, or one process
+    logs.setup(launch.rank, args.log_all_ranks)
+    job = from_args(args, world_size=launch.world_size)
 
     from megatron_glm.training.trainer import Trainer
 

@@ -132,7 +132,7 @@ class Trainer:
         self.job = job
         self.started = time.monotonic()  # --exit-duration-in-mins counts from here (set-up included)
         self.device = resolve_device(job)
-        for flag, folder in (("--save", job.checkpoint.save), ("--log-dir", job.flags.get("log_dir"))):
+        for flag, folder in (("--save", job.checkpoint.save), ("--log-dir", job.logging.log_dir)):
             if folder:
                 check_writable(flag, folder)
         self.meter = None
