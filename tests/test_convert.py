@@ -104,8 +104,9 @@ def test_export_hf_and_import_back(tmp_path, tp2pp2):
     hf = str(tmp_path / "hf")
     assert convert(["export-hf", "--load", tp2pp2, "--save", hf]) == 0
     config = json.load(open(os.path.join(hf, "config.json")))
-    assert config["model_type"] == "glm" and config["num_layers"] == 4
-    assert os.path.basename(meta["tokenizer"]["files"][0]) in os.listdir(hf)
+    assert config["model_type"] == "megatron_glm" and config["num_layers"] == 4
+    with open(meta["tokenizer"]["files"][0], "rb") as a, open(os.path.join(hf, "tokenizer.model"), "rb") as b:
+        assert a.read() == b.read(), "the export carries the tokenizer"
     from safetensors.torch import load_file
     exported = load_file(os.path.join(hf, "model.safetensors"))
     assert all(torch.equal(exported[n], original[n]) for n in original)

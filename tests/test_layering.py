@@ -52,3 +52,18 @@ def test_parallel_names_no_glm_module():
             text = open(os.path.join(ROOT, "parallel", name)).read()
             found += [f"{name}: {m.group(0)}" for m in names.finditer(text)]
     assert found == []
+
+
+def test_hf_export_code_stands_alone():
+    """The files export-hf copies beside the weights load where megatron_glm is not installed."""
+    from megatron_glm.convert import hf_files
+
+    folder = os.path.dirname(hf_files.__file__)
+    allowed = {"torch", "transformers", "sentencepiece", "tokenizers", "os", "re", "shutil"}
+    for name in hf_files.FILES:
+        for node in ast.walk(ast.parse(open(os.path.join(folder, name)).read())):
+            if isinstance(node, ast.ImportFrom) and node.level:  # the export's own files, beside it
+                assert f"{node.module}.py" in hf_files.FILES, (name, node.module)
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                modules = [node.module] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                assert {m.split(".")[0] for m in modules} <= allowed, (name, modules)

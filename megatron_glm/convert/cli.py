@@ -2,7 +2,7 @@
 
   glm-convert reshard      --load CKPT --save OUT --target-tp 1 --target-pp 1
   glm-convert import-thudm --load GLM_CKPT_DIR --save OUT --preset glm-large [--vocab-file ...] [--target-tp 2]
-  glm-convert export-hf    --load CKPT --save HF_DIR [--dtype bf16]
+  glm-convert export-hf    --load CKPT --save HF_DIR [--dtype bf16] [--max-shard-size 5GB]
   glm-convert import-hf    --load HF_DIR --save OUT [--target-tp 2 --target-pp 2]
   glm-convert zero-to-fp32 --load CKPT --save OUT [--hf]
 
@@ -35,6 +35,11 @@ def _common(sp, layout: bool = True):
         sp.add_argument("--target-pipeline-layers", type=int, nargs="+", default=None)
 
 
+def _shards(sp):
+    sp.add_argument("--max-shard-size", default="5GB",
+                    help="Hugging Face output: safetensors shards up to this size, with an index (e.g. 5GB, 500MB)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from megatron_glm.data.tokenizer import add_tokenizer_args
 
@@ -47,12 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--preset", help="architecture preset (gives the attention heads)")
     sp.add_argument("--num-attention-heads", type=int, help="heads (not recorded in the weights)")
     add_tokenizer_args(sp)
-    _common(sub.add_parser("export-hf", allow_abbrev=False,
-                           help="megatron-glm -> model.safetensors + config.json + tokenizer"), layout=False)
+    sp = sub.add_parser("export-hf", allow_abbrev=False, help="megatron-glm -> a folder transformers loads "
+                        "(AutoModelForCausalLM / AutoTokenizer, trust_remote_code=True)")
+    _common(sp, layout=False)
+    _shards(sp)
     _common(sub.add_parser("import-hf", allow_abbrev=False, help="an export-hf folder -> megatron-glm"))
     sp = sub.add_parser("zero-to-fp32", allow_abbrev=False, help="consolidate ZeRO partitions to fp32 weights")
     _common(sp)
-    sp.add_argument("--hf", action="store_true", help="write a Hugging Face style folder instead")
+    sp.add_argument("--hf", action="store_true", help="write a Hugging Face folder instead (as export-hf)")
+    _shards(sp)
     return p
 
 
@@ -83,7 +91,8 @@ def convert(args) -> list[tuple[str, int]]:
             readers.read_megatron_glm(args.load, trust=args.trust_checkpoint)
     check_state(state, cfg, args.load)
     if args.command == "export-hf" or (args.command == "zero-to-fp32" and args.hf):
-        return writers.write_hf(args.save, state, cfg, info, args.dtype, args.dry_run, args.overwrite)
+        return writers.write_hf(args.save, state, cfg, info, args.dtype, args.dry_run, args.overwrite,
+                                args.max_shard_size)
     vpp_layers = args.target_num_layers_per_virtual_pipeline_stage
     if vpp_layers and cfg.num_layers % (args.target_pp * vpp_layers):
         raise ConversionError(f"{cfg.num_layers} layers do not split into --target-pp {args.target_pp} x "

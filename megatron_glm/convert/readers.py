@@ -168,11 +168,23 @@ def read_hf(path: str) -> tuple[dict, ModelConfig, dict]:
             config = json.loads(f.read().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConversionError(f"{path}/config.json is not valid JSON ({e})") from None
-    if not isinstance(config, dict) or config.get("model_type") != "glm" or "megatron_glm" not in config:
+    # "glm" is what exports before the transformers-loadable one said
+    if not isinstance(config, dict) or config.get("model_type") not in ("megatron_glm", "glm") or \
+            "megatron_glm" not in config:
         model_type = config.get("model_type") if isinstance(config, dict) else None
         raise ConversionError(f"{path}/config.json is not a megatron-glm export (model_type {model_type!r})")
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):  # sharded: the index names every shard
+        with open(index) as f:
+            listed = sorted(set(json.load(f).get("weight_map", {}).values()))
+        gone = [name for name in listed if not os.path.exists(os.path.join(path, name))]
+        if gone:
+            raise ConversionError(f"{path} is missing {len(gone)} of its {len(listed)} weight shards ({gone[0]}...): "
+                                  "copy the whole export folder, or export it again")
+        files = [os.path.join(path, name) for name in listed]
     state = {}
-    for f in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+    for f in files:
         try:
             state.update(load_file(f))
         except (SafetensorError, OSError) as e:

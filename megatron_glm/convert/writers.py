@@ -91,37 +91,91 @@ def write_megatron_glm(out: str, state: dict, cfg: ModelConfig, info: dict, tp: 
     return plan
 
 
+def hf_config(cfg: ModelConfig, info: dict, dtype: torch.dtype) -> dict:
+    """``config.json``: transformers' view (our model_type and files, via ``auto_map``) and our own record."""
+    special = (info.get("tokenizer") or {}).get("special_ids") or {}
+    return {"architectures": ["MegatronGLMForCausalLM"], "model_type": "megatron_glm",
+            "auto_map": {"AutoConfig": "configuration_megatron_glm.MegatronGLMConfig",
+                         "AutoModelForCausalLM": "modeling_megatron_glm.MegatronGLMForCausalLM"},
+            "dtype": str(dtype).replace("torch.", ""),
+            "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "num_layers": cfg.num_layers,
+            "num_attention_heads": cfg.num_attention_heads, "ffn_hidden_size": cfg.ffn_hidden_size,
+            "max_position_embeddings": cfg.max_position_embeddings,
+            "position_embedding_type": cfg.position_embedding_type, "layernorm_epsilon": cfg.layernorm_epsilon,
+            "geglu": cfg.geglu, "deepnorm": cfg.deepnorm, "rotary_base": cfg.rotary_base,
+            "hidden_dropout": cfg.hidden_dropout, "attention_dropout": cfg.attention_dropout,
+            "initializer_range": cfg.init_method_std,
+            **{f"{role}_token_id": special.get(role)
+               for role in ("mask", "smask", "gmask", "sop", "eop", "pad", "eos")},
+            "tie_word_embeddings": False,
+            "megatron_glm": {"model": cfg.to_dict(), "tokenizer": info.get("tokenizer") or None,
+                             "iteration": info.get("iteration", 0),
+                             "consumed_samples": info.get("consumed_samples", 0),
+                             "seq_length": info.get("seq_length")}}
+
+
+def hf_tokenizer_config(tokenizer: dict, max_length: int) -> dict:
+    """``tokenizer_config.json`` for ``MegatronGLMTokenizer``: the backend, each special token's id and spellings."""
+    from megatron_glm.data.tokenizer import SPECIAL_TOKENS
+
+    return {"tokenizer_class": "MegatronGLMTokenizer",
+            "auto_map": {"AutoTokenizer": ["tokenization_megatron_glm.MegatronGLMTokenizer", None]},
+            "glm_backend": tokenizer["type"],
+            "glm_special_tokens": {role: {"id": i, "spellings": list(SPECIAL_TOKENS[role])}
+                                   for role, i in tokenizer["special_ids"].items()},
+            "model_max_length": max_length, "padding_side": "left", "clean_up_tokenization_spaces": False}
+
+
 def write_hf(out: str, state: dict, cfg: ModelConfig, info: dict, dtype: str | None = None, dry_run: bool = False,
-             overwrite: bool = False) -> list[tuple[str, int]]:
-    """``model.safetensors`` + ``config.json`` + the tokenizer files: a folder that stands on its own."""
-    from safetensors.torch import save_file
+             overwrite: bool = False, max_shard_size: str | int = "5GB") -> list[tuple[str, int]]:
+    """A folder transformers loads with ``trust_remote_code=True``: weights, config, code and tokenizer.
+
+    Weights are safetensors, split into shards with an index above ``max_shard_size``. The
+    tokenizer files take the names ``tokenization_megatron_glm`` reads; our own record of
+    them (type, fingerprint, special ids) stays in ``config.json`` for ``import-hf``.
+    """
+    from huggingface_hub import save_torch_state_dict, split_torch_state_dict_into_shards
+
+    from megatron_glm.convert import hf_files
+    from megatron_glm.convert.hf_files.tokenization_megatron_glm import FILES as TOKENIZER_FILES
 
     if dtype:
         state = {k: v.to(DTYPES[dtype]) for k, v in state.items()}
-    tokenizer = info.get("tokenizer") or {}
-    files = tokenizer.get("files") or []
-    missing = [f for f in files if not os.path.exists(f)]
+    tokenizer = dict(info.get("tokenizer") or {})
+    sources = tokenizer.get("files") or []
+    missing = [f for f in sources if not os.path.exists(f)]
     if missing:
         raise ConversionError(f"the checkpoint's tokenizer files are gone: {missing}; the export must carry them")
-    plan = [("model.safetensors", _nbytes(state.values())), ("config.json", 0)] + \
-        [(os.path.basename(f), os.path.getsize(f)) for f in files]
+    names = TOKENIZER_FILES.get(tokenizer.get("type"), ()) if sources else ()
+    if sources and len(names) != len(sources):
+        raise ConversionError(f"a {tokenizer.get('type')} tokenizer with files {sources}: expected "
+                              f"{len(names)} ({', '.join(names) or 'a known tokenizer type'})")
+    # a tensor that is a view of a larger buffer (a vocabulary cut from its padding) is written as its own copy
+    state = {k: v if v.untyped_storage().nbytes() == _nbytes([v]) else v.clone() for k, v in state.items()}
+    split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
+    weights = [(f, _nbytes(state[n] for n in tensors)) for f, tensors in sorted(split.filename_to_tensors.items())]
+    if split.is_sharded:
+        weights.append(("model.safetensors.index.json", 0))
+    plan = weights + [("config.json", 0), ("generation_config.json", 0)] + [(f, 0) for f in hf_files.FILES] + \
+        [(name, os.path.getsize(f)) for name, f in zip(names, sources)] + \
+        ([("tokenizer_config.json", 0)] if names else [])
     if dry_run:
         return plan
     partial = _stage(out, overwrite)
-    save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(partial, "model.safetensors"),
-              metadata={"format": "pt"})
-    for f in files:
-        shutil.copy2(f, os.path.join(partial, os.path.basename(f)))
-    some = next(iter(state.values()))
-    config = {"architectures": ["GLMModel"], "model_type": "glm", "torch_dtype": str(some.dtype).replace("torch.", ""),
-              "hidden_size": cfg.hidden_size, "num_layers": cfg.num_layers,
-              "num_attention_heads": cfg.num_attention_heads, "vocab_size": cfg.vocab_size,
-              "max_position_embeddings": cfg.max_position_embeddings,
-              "megatron_glm": {"model": cfg.to_dict(), "tokenizer": tokenizer or None,
-                               "iteration": info.get("iteration", 0),
-                               "consumed_samples": info.get("consumed_samples", 0),
-                               "seq_length": info.get("seq_length")}}
+    save_torch_state_dict(state, partial, max_shard_size=max_shard_size, metadata={"format": "pt"})
+    for f in hf_files.FILES:
+        shutil.copy2(os.path.join(os.path.dirname(hf_files.__file__), f), os.path.join(partial, f))
+    for name, f in zip(names, sources):
+        shutil.copy2(f, os.path.join(partial, name))
+    if names:
+        tokenizer["files"] = list(names)  # relative to the export folder
+        with open(os.path.join(partial, "tokenizer_config.json"), "w") as f:
+            json.dump(hf_tokenizer_config(tokenizer, cfg.max_position_embeddings), f, indent=1)
+    config = hf_config(cfg, {**info, "tokenizer": tokenizer or None}, next(iter(state.values())).dtype)
     with open(os.path.join(partial, "config.json"), "w") as f:
         json.dump(config, f, indent=1)
+    special = tokenizer.get("special_ids") or {}
+    with open(os.path.join(partial, "generation_config.json"), "w") as f:  # a span ends at [eop]
+        json.dump({"eos_token_id": special.get("eop"), "pad_token_id": special.get("pad")}, f, indent=1)
     _commit(partial, out)
     return plan

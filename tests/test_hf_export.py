@@ -1,0 +1,171 @@
+"""An export-hf folder as a transformers user loads it: logits, tokenizer, generate, and back again.
+
+The oracles are ours: GLMModel under the batch contract, the blank-infilling collator's
+positions and bounds, GLMTokenizer, and glm-generate's blank filling.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_glm.config import ModelConfig
+from megatron_glm.convert.cli import main as convert
+from megatron_glm.convert.writers import write_megatron_glm
+from megatron_glm.data.blank_infilling import BlankInfillingCollator, BlankInfillingConfig, SpecialIds
+from megatron_glm.generate import load_for_inference
+from megatron_glm.kernels.reference import interval_mask
+from megatron_glm.model.generation import GenerationConfig, fill_blanks
+from megatron_glm.model.glm import GLMModel
+from megatron_glm.training.checkpoint import load_model_weights
+
+VARIANTS = {"learned_2d": {}, "rotary_2d+geglu": dict(position_embedding_type="rotary_2d", geglu=True),
+            "deepnorm": dict(deepnorm=True)}
+S = 48
+
+
+def checkpoint(root, tokenizer, **arch):
+    """A glm-pretrain checkpoint of a random model (wide enough weights that greedy choices are clear)."""
+    cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=tokenizer.padded_vocab_size(),
+                      max_position_embeddings=128, hidden_dropout=0.0, attention_dropout=0.0, init_method_std=0.08,
+                      **arch)
+    model = GLMModel(cfg, seed=11).eval()
+    path = str(root / "ckpt")
+    write_megatron_glm(path, model.state_dict(), cfg, {"tokenizer": tokenizer.describe(), "iteration": 5})
+    return path, model
+
+
+def export(root, ckpt, *flags):
+    hf = str(root / "hf")
+    assert convert(["export-hf", "--load", ckpt, "--save", hf, *flags]) == 0
+    return hf
+
+
+def load_hf(hf):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return (AutoModelForCausalLM.from_pretrained(hf, trust_remote_code=True).eval(),
+            AutoTokenizer.from_pretrained(hf, trust_remote_code=True))
+
+
+@pytest.fixture(scope="module")
+def learned(tmp_path_factory, tokenizer):
+    root = tmp_path_factory.mktemp("hf-learned")
+    ckpt, model = checkpoint(root, tokenizer)
+    return ckpt, model, export(root, ckpt)
+
+
+def samples(tokenizer, texts, **objective):
+    collate = BlankInfillingCollator(BlankInfillingConfig(seq_length=S, **objective),
+                                     SpecialIds.from_tokenizer(tokenizer))
+    long = [t for t in texts if len(tokenizer.encode(t)) > 2 * S][:4]
+    return [collate.encode(i, np.array(tokenizer.encode(t)), None) for i, t in enumerate(long)]
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_transformers_logits_equal_ours_on_training_samples(tmp_path, tokenizer, corpus, variant):
+    ckpt, ours = checkpoint(tmp_path, tokenizer, **VARIANTS[variant])
+    theirs, _ = load_hf(export(tmp_path, ckpt))
+    for row in samples(tokenizer, corpus[1]):  # token objective: several shuffled spans per sample
+        tokens = torch.from_numpy(row["tokens"])[None]
+        positions = torch.from_numpy(np.stack([row["pos0"], row["pos1"]]))[None]
+        real = row["tokens"] != tokenizer.pad_id
+        with torch.no_grad():
+            expected = ours(tokens, positions, torch.from_numpy(row["attn_lo"])[None],
+                            torch.from_numpy(row["attn_hi"])[None])
+            # the mask comes from the separator; shuffled spans need their positions given
+            got = theirs(input_ids=tokens, position_ids=positions).logits
+        torch.testing.assert_close(got[0, real], expected[0, real], rtol=1e-5, atol=1e-5)
+
+
+def test_layout_from_the_separator_is_the_collators(learned, tokenizer, corpus):
+    from megatron_glm.convert.hf_files.configuration_megatron_glm import MegatronGLMConfig
+    from megatron_glm.convert.hf_files.modeling_megatron_glm import glm_layout
+
+    config = MegatronGLMConfig.from_pretrained(learned[2])
+    one_span = samples(tokenizer, corpus[1], token_prob=0.0)  # the document objective: one [gMASK] span
+    for row, in_order in [(r, True) for r in one_span] + [(r, False) for r in samples(tokenizer, corpus[1])]:
+        real = row["tokens"] != tokenizer.pad_id
+        positions, mask = glm_layout(torch.from_numpy(row["tokens"])[None], config)
+        expected = interval_mask(torch.from_numpy(row["attn_lo"])[None], torch.from_numpy(row["attn_hi"])[None], S)
+        assert torch.equal(mask[0, 0][real][:, real], expected[0][real][:, real])
+        if in_order:
+            assert torch.equal(positions[0][:, real], torch.from_numpy(np.stack([row["pos0"], row["pos1"]]))[:, real])
+
+
+def test_tokenization_is_ours_on_a_corpus_sample(learned, tokenizer, corpus, tmp_path):
+    _, theirs = load_hf(learned[2])
+    texts = corpus[1][:300] + ["a [MASK] b [sMASK] c[gMASK]", "x [sop] y [eop] <unk> [CLS]"]
+    for text in texts:
+        assert theirs(text, add_special_tokens=False)["input_ids"] == tokenizer.encode(text, allow_special=True)
+        ids = theirs(text, split_special_tokens=True)["input_ids"]
+        assert ids == tokenizer.encode(text)
+        assert theirs.decode(ids) == tokenizer.decode(ids)
+    assert (theirs.mask_token_id, theirs.sop_token_id, theirs.eop_token_id, theirs.gmask_token_id) == \
+        (tokenizer.mask_id, tokenizer.sop_id, tokenizer.eop_id, tokenizer.gmask_id)
+    theirs.save_pretrained(tmp_path / "saved")  # a tokenizer saved again by transformers loads the same
+    again = load_hf_tokenizer(tmp_path / "saved")
+    assert again(texts[0])["input_ids"] == theirs(texts[0])["input_ids"]
+
+
+def load_hf_tokenizer(path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=True)
+
+
+def test_greedy_generate_fills_the_blank_as_glm_generate_does(learned, tokenizer):
+    ckpt, _, hf = learned
+    theirs, hf_tokenizer = load_hf(hf)
+    ours, our_tokenizer = load_for_inference(ckpt)
+    prompts = ["Return the [MASK] of a path.", "Open the file and [MASK] its lines, then close it again."]
+    new = 12
+    expected = [fill_blanks(ours, our_tokenizer, p, GenerationConfig(max_new_tokens=new))[1][0] for p in prompts]
+    eop = hf_tokenizer.eop_token_id
+    alone = []
+    for prompt in prompts:
+        inputs = hf_tokenizer(prompt + "[sop]", return_tensors="pt")
+        out = theirs.generate(**inputs, max_new_tokens=new + 1, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+        alone.append(hf_tokenizer.decode([t for t in out.tolist() if t != eop][:new]))
+    assert alone == expected
+    batch = hf_tokenizer([p + "[sop]" for p in prompts], return_tensors="pt", padding=True)  # left padding
+    assert batch["attention_mask"].sum() < batch["attention_mask"].numel()
+    out = theirs.generate(**batch, max_new_tokens=new + 1, do_sample=False)[:, batch["input_ids"].shape[1]:]
+    together = [hf_tokenizer.decode([t for t in row if t not in (eop, hf_tokenizer.pad_token_id)][:new])
+                for row in out.tolist()]
+    assert together == expected
+
+
+def test_export_import_round_trip_is_bitwise_through_shards(tmp_path, learned, tokenizer):
+    ckpt, model, _ = learned
+    hf = export(tmp_path, ckpt, "--max-shard-size", "100KB")
+    index = json.load(open(os.path.join(hf, "model.safetensors.index.json")))
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and all(os.path.exists(os.path.join(hf, s)) for s in shards)
+    theirs, _ = load_hf(hf)  # transformers reads the shards too
+    assert all(torch.equal(theirs.state_dict()[n], p) for n, p in model.state_dict().items())
+
+    back = str(tmp_path / "back")
+    assert convert(["import-hf", "--load", hf, "--save", back, "--target-tp", "2"]) == 0
+    state, meta = load_model_weights(back)
+    assert state.keys() == model.state_dict().keys()
+    assert all(torch.equal(state[n], p) for n, p in model.state_dict().items())
+    assert meta["iteration"] == 5 and meta["tokenizer"]["fingerprint"] == tokenizer.fingerprint()
+
+
+def test_bad_exports_are_named(tmp_path, learned, capsys):
+    ckpt = learned[0]
+    hf = export(tmp_path, ckpt, "--max-shard-size", "100KB")
+    index = json.load(open(os.path.join(hf, "model.safetensors.index.json")))
+    os.remove(os.path.join(hf, sorted(set(index["weight_map"].values()))[1]))
+    assert convert(["import-hf", "--load", hf, "--save", str(tmp_path / "x")]) == 1
+    assert "is missing 1 of its" in capsys.readouterr().err and not os.path.exists(tmp_path / "x")
+
+    glm4 = tmp_path / "glm4"  # transformers' own GLM-4, which owns model_type "glm"
+    glm4.mkdir()
+    (glm4 / "config.json").write_text(json.dumps({"model_type": "glm", "num_hidden_layers": 40}))
+    (glm4 / "model.safetensors").write_bytes(b"")
+    assert convert(["import-hf", "--load", str(glm4), "--save", str(tmp_path / "y")]) == 1
+    assert "not a megatron-glm export (model_type 'glm')" in capsys.readouterr().err
