@@ -110,6 +110,36 @@ def test_tokenization_is_ours_on_a_corpus_sample(learned, tokenizer, corpus, tmp
     assert again(texts[0])["input_ids"] == theirs(texts[0])["input_ids"]
 
 
+@pytest.mark.parametrize("backend", ["hf", "gpt2", "bert"])
+def test_other_tokenizer_backends_are_ours_too(tmp_path, corpus, backend):
+    """tokenizer.json and GPT-2 files (specials appended) and BERT's vocab.txt (its own [MASK], [PAD]...)."""
+    import tokenizers
+
+    from megatron_glm.convert.writers import write_hf
+    from megatron_glm.data.tokenizer import load_tokenizer
+
+    texts = corpus[1][:150] + ["one [MASK] two [PAD] three [sop] <|endoftext|>"]
+    if backend == "bert":
+        words = sorted({w.lower() for t in texts[:50] for w in t.split() if w.isalpha()})
+        (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words) + "\n")
+        ours = load_tokenizer(vocab_file=str(tmp_path / "vocab.txt"))
+    else:
+        bpe = tokenizers.ByteLevelBPETokenizer()
+        bpe.train_from_iterator(texts, vocab_size=400, special_tokens=["<|endoftext|>"])
+        bpe.save(str(tmp_path / "tokenizer.json"))
+        bpe.save_model(str(tmp_path))
+        ours = load_tokenizer(model=str(tmp_path / "tokenizer.json")) if backend == "hf" else \
+            load_tokenizer(vocab_file=str(tmp_path / "vocab.json"), merge_file=str(tmp_path / "merges.txt"))
+    cfg = ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=2, vocab_size=ours.padded_vocab_size())
+    write_hf(str(tmp_path / "hf"), GLMModel(cfg, seed=0).state_dict(), cfg, {"tokenizer": ours.describe()})
+    theirs = load_hf_tokenizer(tmp_path / "hf")
+    for text in texts:
+        assert theirs(text)["input_ids"] == ours.encode(text, allow_special=True)
+        ids = theirs(text, split_special_tokens=True)["input_ids"]
+        assert ids == ours.encode(text) and theirs.decode(ids) == ours.decode(ids)
+    assert theirs.mask_token_id == ours.mask_id and theirs.eop_token_id == ours.eop_id
+
+
 def load_hf_tokenizer(path):
     from transformers import AutoTokenizer
 
