@@ -48,3 +48,59 @@ def test_a_schedule_that_cannot_run_is_refused(kwargs, message):
     style = kwargs.pop("style")
     with pytest.raises(ValueError, match=message):
         LRSchedule(LR, MIN_LR, style, WARMUP, DECAY, **kwargs)
+
+
+def megatron_batch_sizes(gbs, rampup, unit, consumed_points):
+    """megatron-core's ramp-up calculator: the global batch at each number of consumed samples."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core.num_microbatches_calculator import RampupBatchsizeNumMicroBatchesCalculator
+    calc = RampupBatchsizeNumMicroBatchesCalculator(gbs, unit, 1, False, 0, *rampup)
+    sizes = []
+    for consumed in consumed_points:
+        calc.update(consumed, consistency_check=True)
+        sizes.append(calc.get_current_global_batch_size())
+    return sizes
+
+
+@pytest.mark.parametrize("gbs, rampup, unit", [(8, (2, 2, 12), 2), (96, (16, 16, 1000), 8), (64, (32, 32, 7), 4)])
+def test_the_batch_ramp_up_is_megatrons(gbs, rampup, unit):
+    from megatron_glm.training.batch_schedule import BatchSchedule
+
+    ours = BatchSchedule(gbs, unit, rampup)
+    assert ours.problems() == []
+    points = list(range(0, rampup[2] + 3 * gbs))
+    assert [ours.size_at(c) for c in points] == megatron_batch_sizes(gbs, rampup, unit, points)
+    consumed = [ours.consumed_before(s) for s in range(60)]
+    assert all(b - a == ours.size_at(a) for a, b in zip(consumed, consumed[1:]))
+
+
+def test_the_steps_in_train_samples_are_megatrons():
+    from megatron_glm.training.batch_schedule import BatchSchedule
+
+    # by hand: sizes 2, 2, 4, 6 while consumed <= 12 (0, 2, 4, 8 -> 14), then (46 - 14) // 8 = 4 whole batches
+    ramp = BatchSchedule(8, 2, (2, 2, 12))
+    assert ramp.iterations_for(46) == 8 and ramp.consumed_before(8) == 46 and ramp.iterations_for(45) == 7
+    assert BatchSchedule(8, 2).iterations_for(46) == 5  # constant: whole batches only
+    assert BatchSchedule(8, 2, (3, 2, 12)).problems() and BatchSchedule(8, 2, (2, 4, 12)).problems()
+    assert BatchSchedule(8, 2, (8, 2, 12)).problems()
+
+
+def test_sample_based_lr_lengths_are_megatrons_under_a_ramp_up():
+    from megatron_glm.training.batch_schedule import BatchSchedule
+
+    batches = BatchSchedule(8, 2, (2, 2, 12))
+    warmup, decay = batches.consumed_before(4), 300  # a warm-up that ends with a step
+    ours = LRSchedule(LR, MIN_LR, "cosine", warmup, decay, consumed_before=batches.consumed_before)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=LR)
+    scheduler = OptimizerParamScheduler(optimizer, 0.0, LR, MIN_LR, warmup, decay, "cosine", 0.0, 0.0, decay,
+                                        "constant")
+    theirs = []
+    for step in range(45):  # Megatron's loop advances the schedule by each step's batch
+        theirs.append(optimizer.param_groups[0]["lr"])
+        scheduler.step(batches.size_at(batches.consumed_before(step)))
+    assert [ours(s) for s in range(4)] == pytest.approx(theirs[1:5], rel=1e-12)  # warm-up: a step earlier
+    assert [ours(s) for s in range(4, 44)] == pytest.approx(theirs[4:44], rel=1e-12)

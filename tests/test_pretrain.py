@@ -264,3 +264,36 @@ def test_megatrons_exit_flags_save_and_stop_cleanly_and_the_same_command_continu
     assert "resumed from" in second.stdout
     assert "stopping after iteration 3 (--exit-duration-in-mins reached): saved" in second.stdout
     assert [r["iteration"] for r in records(save)] == [1, 2, 3]
+
+
+def sample_based(data, save, extra=()):
+    """args() measured in samples: 30 samples, the batch ramping 2, 2, 4, 6, then 8 (Megatron's flags)."""
+    argv = args(data, save, extra=["--global-batch-size", "8", "--train-samples", "30", "--rampup-batch-size", "2",
+                                   "2", "12", "--lr-warmup-samples", "8", "--lr-decay-samples", "40", *extra])
+    for flag in ("--train-iters", "--lr-warmup-iters"):
+        i = argv.index(flag)
+        del argv[i:i + 2]
+    return argv
+
+
+def test_train_samples_with_a_batch_ramp_up_resumes_mid_ramp_as_if_uninterrupted(tmp_path, data):
+    clean = str(tmp_path / "clean" / "ckpt")
+    done = run(sample_based(data, clean))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "ramped up from 2 by 2 over 12 samples" in done.stdout
+    reference = records(clean)
+    # Megatron's count: 4 ramp-up steps to 14 samples, then (30 - 14) // 8 whole batches
+    assert [r["batch_size"] for r in reference] == [2, 2, 4, 6, 8, 8]
+    assert [r["consumed_samples"] for r in reference] == [2, 4, 8, 14, 22, 30]
+    # logged after the step, as Megatron logs it: the warm-up's rate at 4 of its 8 samples, then the decay's
+    assert reference[0]["lr"] == pytest.approx(1e-3 * 4 / 8) and reference[2]["lr"] == pytest.approx(1e-3)
+    assert 0 < reference[4]["lr"] < reference[3]["lr"] < 1e-3
+
+    save = str(tmp_path / "stopped" / "ckpt")
+    first = run(sample_based(data, save, extra=["--exit-interval", "3"]))  # stops mid-ramp, at 8 samples
+    assert first.returncode == 0 and "stopping after iteration 3" in first.stdout, first.stderr[-3000:]
+    second = run(sample_based(data, save))
+    assert second.returncode == 0, second.stderr[-3000:]
+    for r, ref in zip(records(save), reference, strict=True):
+        assert (r["iteration"], r["batch_size"], r["lr"]) == (ref["iteration"], ref["batch_size"], ref["lr"])
+        assert r["lm_loss"] == ref["lm_loss"] and r["grad_norm"] == ref["grad_norm"], r["iteration"]

@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--embedding-gradient-shrink-alpha", type=float, default=1.0,
                    help="GLM-130B's stability trick: the word embedding's gradient times alpha (GLM-130B: 0.1), "
                         "the forward unchanged; 1.0 is off")
+    g.add_argument("--attention-softmax-in-fp32", action="store_true",
+                   help="accepted for Megatron command lines: the attention softmax is always computed in fp32 here "
+                        "(every --attention-impl), its probabilities then cast to the compute dtype")
     g.add_argument("--attention-impl", choices=["auto", "flash", "softmax", "sdpa", "eager"], default="auto",
                    help="auto: the Triton GLM-mask flash kernel on CUDA, SDPA with a dense mask elsewhere")
     g.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto",
@@ -87,7 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, default=4)
     g.add_argument("--global-batch-size", type=int, default=None, help="default: micro batch x data-parallel size")
-    g.add_argument("--train-iters", type=int, required=True)
+    g.add_argument("--train-iters", type=int, default=None, help="steps to train (or --train-samples)")
+    g.add_argument("--train-samples", type=int, default=None,
+                   help="samples to train, Megatron's sample-based training: the steps follow from the global "
+                        "batch (and --rampup-batch-size); the lr lengths are then --lr-*-samples")
+    g.add_argument("--rampup-batch-size", type=int, nargs=3, default=None, metavar=("START", "INCREMENT", "SAMPLES"),
+                   help="start at START samples a step and grow by INCREMENT until --global-batch-size, over SAMPLES "
+                        "samples (needs --train-samples)")
     g.add_argument("--lr", type=float, default=1e-4)
     g.add_argument("--min-lr", type=float, default=0.0)
     g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine", "inverse-square-root", "WSD"],
@@ -97,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-wsd-decay-style", choices=["exponential", "linear", "cosine", "minus_sqrt"],
                    default="exponential")
     g.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
+    g.add_argument("--lr-decay-samples", type=int, default=None, help="with --train-samples; default: --train-samples")
+    g.add_argument("--lr-warmup-samples", type=int, default=0, help="with --train-samples")
+    g.add_argument("--lr-wsd-decay-samples", type=int, default=None, help="with --train-samples: WSD's decay")
     g.add_argument("--lr-warmup-fraction", type=float, default=None,
                    help="warm-up as a fraction of the decay iterations (--lr-decay-iters), Megatron's meaning")
     g.add_argument("--lr-warmup-iters", type=int, default=0)
@@ -178,6 +190,30 @@ def model_config_from_args(args, vocab_size: int, validate: bool = True) -> Mode
     return base
 
 
+def _training_length_problems(args) -> list[str]:
+    """Megatron's two ways to say how long to train, and the lr lengths that go with each."""
+    if (args.train_iters is None) == (args.train_samples is None):
+        return ["pass one of --train-iters (steps) and --train-samples (samples)"]
+    if args.train_iters is not None:
+        wrong = [flag for flag, value in (("--lr-decay-samples", args.lr_decay_samples),
+                                          ("--lr-warmup-samples", args.lr_warmup_samples),
+                                          ("--lr-wsd-decay-samples", args.lr_wsd_decay_samples),
+                                          ("--rampup-batch-size", args.rampup_batch_size)) if value]
+        found = ["--train-iters must be positive"] if args.train_iters < 1 else []
+        if wrong:
+            found.append(f"{', '.join(wrong)} go with --train-samples; with --train-iters use the --lr-*-iters "
+                         "flags (a batch-size ramp-up needs sample-based training, as in Megatron)")
+        return found
+    wrong = [flag for flag, value in (("--lr-decay-iters", args.lr_decay_iters),
+                                      ("--lr-warmup-iters", args.lr_warmup_iters),
+                                      ("--lr-wsd-decay-iters", args.lr_wsd_decay_iters)) if value]
+    found = ["--train-samples must be positive"] if args.train_samples < 1 else []
+    if wrong:
+        found.append(f"{', '.join(wrong)} go with --train-iters; with --train-samples use --lr-decay-samples, "
+                     "--lr-warmup-samples and --lr-wsd-decay-samples")
+    return found
+
+
 def validate_args(args, world_size: int = 1) -> None:
     """Everything that can be checked before a process group, a tokenizer or data is touched."""
     from megatron_glm.parallel.state import ParallelLayoutError, check_layout
@@ -217,8 +253,11 @@ def validate_args(args, world_size: int = 1) -> None:
     if args.micro_batch_size < 1 or args.global_batch_size % step:
         problems.append(f"--global-batch-size {args.global_batch_size} is not a multiple of --micro-batch-size "
                         f"{args.micro_batch_size} x data-parallel size {data_parallel_size}")
-    if args.train_iters < 1:
-        problems.append("--train-iters must be positive")
+    elif args.rampup_batch_size:
+        from megatron_glm.training.batch_schedule import BatchSchedule
+
+        problems += BatchSchedule(args.global_batch_size, step, tuple(args.rampup_batch_size)).problems()
+    problems += _training_length_problems(args)
     if args.save_interval is not None and args.save_interval < 1:
         problems.append("--save-interval must be positive")
     if args.measure_memory and not (args.log_dir or args.save):

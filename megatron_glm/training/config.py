@@ -12,10 +12,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
+from typing import Callable
 
 from megatron_glm.config import ModelConfig
 from megatron_glm.data.blank_infilling import BlankInfillingConfig
 from megatron_glm.data.tokenizer import TokenizerSpec
+from megatron_glm.training.batch_schedule import BatchSchedule
 
 logger = logging.getLogger(__name__)
 
@@ -62,13 +64,15 @@ class OptimizerConfig:
     clip_grad: float = 1.0
     wsd_decay_iters: int | None = None
     wsd_style: str = "exponential"
+    # sample-based training (--train-samples): step -> samples before it; the lengths above then count samples
+    consumed_before: Callable[[int], int] | None = None
 
     def schedule(self):
         """The learning-rate schedule (``ValueError`` for one that cannot run)."""
         from megatron_glm.training.lr_schedule import LRSchedule
 
         return LRSchedule(self.lr, self.min_lr, self.decay_style, self.warmup_iters, self.decay_iters,
-                          self.wsd_decay_iters, self.wsd_style)
+                          self.wsd_decay_iters, self.wsd_style, self.consumed_before)
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,7 @@ class LoggingConfig:
 @dataclass(frozen=True)
 class JobConfig:
     train_iters: int
+    batches: BatchSchedule  # each step's global batch (Megatron's ramp-up, or constant)
     parallel: ParallelConfig
     data: DataConfig
     optimizer: OptimizerConfig
@@ -141,8 +146,8 @@ def from_args(args, world_size: int) -> JobConfig:
 
     validate_args(args, world_size)  # fills in the global batch size's default
     overrides = {}
+    dp = max(world_size // (args.tensor_model_parallel_size * args.pipeline_model_parallel_size), 1)
     if args.deepspeed_config:  # its keys win over the flags they set: the job holds the values that run
-        dp = max(world_size // (args.tensor_model_parallel_size * args.pipeline_model_parallel_size), 1)
         overrides, changed, problems = deepspeed_json.fold(deepspeed_json.read(args.deepspeed_config), args, dp,
                                                           args.deepspeed_config)
         if problems:
@@ -154,8 +159,20 @@ def from_args(args, world_size: int) -> JobConfig:
                                f"{getattr(args, dest)}")
         args = argparse.Namespace(**{**vars(args), **changed})
         validate_args(args, world_size)
-    decay = args.lr_decay_iters or args.train_iters
-    warmup = args.lr_warmup_iters or int(round((args.lr_warmup_fraction or 0.0) * decay))  # Megatron: of the decay
+    batches = BatchSchedule(args.global_batch_size, args.micro_batch_size * dp,
+                            tuple(args.rampup_batch_size) if args.rampup_batch_size else None)
+    if args.train_samples:  # Megatron's sample-based training: the lr lengths count samples too
+        train_iters = batches.iterations_for(args.train_samples)
+        if train_iters < 1:
+            raise ValueError(f"--train-samples {args.train_samples} is less than one step of "
+                             f"{batches.size_at(0)} samples")
+        decay, warmup = args.lr_decay_samples or args.train_samples, args.lr_warmup_samples
+        wsd_decay, consumed_before = args.lr_wsd_decay_samples, batches.consumed_before
+    else:
+        train_iters = args.train_iters
+        decay, warmup, wsd_decay, consumed_before = args.lr_decay_iters or train_iters, args.lr_warmup_iters, \
+            args.lr_wsd_decay_iters, None
+    warmup = warmup or int(round((args.lr_warmup_fraction or 0.0) * decay))  # Megatron: a fraction of the decay
     precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
     objective = BlankInfillingConfig(
         seq_length=args.seq_length, token_prob=args.bert_prob, sentence_prob=args.gap_sentence_prob,
@@ -168,10 +185,10 @@ def from_args(args, world_size: int) -> JobConfig:
         seed=args.seed)
     optimizer = OptimizerConfig(args.lr, args.min_lr, args.lr_decay_style, warmup, decay, args.weight_decay,
                                 (args.adam_beta1, args.adam_beta2), args.adam_eps, args.clip_grad,
-                                args.lr_wsd_decay_iters, args.lr_wsd_decay_style)
+                                wsd_decay, args.lr_wsd_decay_style, consumed_before)
     optimizer.schedule()  # a schedule that cannot run fails here, before any work
     return JobConfig(
-        train_iters=args.train_iters,
+        train_iters=train_iters, batches=batches,
         parallel=ParallelConfig(
             args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
             args.num_layers_per_virtual_pipeline_stage,

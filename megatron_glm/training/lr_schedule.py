@@ -18,7 +18,9 @@ WSD_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")
 
 class LRSchedule:
     def __init__(self, lr: float, min_lr: float, style: str, warmup_iters: int, decay_iters: int,
-                 wsd_decay_iters: int | None = None, wsd_style: str = "exponential"):
+                 wsd_decay_iters: int | None = None, wsd_style: str = "exponential", consumed_before=None):
+        """Lengths count iterations; with ``consumed_before`` (step -> samples before it) they count samples,
+        as Megatron's do for ``--train-samples``, and a step advances the schedule by its batch."""
         if style not in STYLES:
             raise ValueError(f"unknown --lr-decay-style {style!r}; choose from {', '.join(STYLES)}")
         if not 0 <= min_lr <= lr:
@@ -34,11 +36,14 @@ class LRSchedule:
         self.lr, self.min_lr, self.style = lr, min_lr, style
         self.warmup, self.decay = warmup_iters, decay_iters
         self.wsd_decay, self.wsd_style = wsd_decay_iters, wsd_style
+        self.consumed_before = consumed_before
 
     def __call__(self, step: int) -> float:
         """Learning rate of optimizer step ``step`` (0-based): the first step already learns."""
-        if step < self.warmup:
-            return self.lr * (step + 1) / self.warmup
+        done = step + 1 if self.consumed_before is None else self.consumed_before(step + 1)
+        if done <= self.warmup:
+            return self.lr * done / self.warmup
+        step = max(step if self.consumed_before is None else self.consumed_before(step), self.warmup)
         if self.style == "constant":
             return self.lr
         if step > self.decay:

@@ -100,17 +100,20 @@ class MetricsLogger:
 class Throughput:
     """Tokens/s, TFLOP/s, MFU and ETA over the iterations since the last report."""
 
-    def __init__(self, tokens_per_iteration: int, flops_per_tok: float, total_iterations: int, start_iteration: int):
-        self.tokens, self.flops, self.total = tokens_per_iteration, flops_per_tok, total_iterations
+    def __init__(self, seq_length: int, flops_per_tok: float, total_iterations: int, start_iteration: int,
+                 start_consumed: int):
+        self.seq, self.flops, self.total = seq_length, flops_per_tok, total_iterations
         self.peak = device_peak_flops()
-        self.last_time, self.last_iter = time.perf_counter(), start_iteration
+        self.last_time, self.last_iter, self.last_consumed = time.perf_counter(), start_iteration, start_consumed
 
-    def report(self, iteration: int) -> dict:
+    def report(self, iteration: int, consumed: int) -> dict:
+        """``consumed``: samples so far (a ramping batch makes the early steps smaller)."""
         now = time.perf_counter()
         done = max(iteration - self.last_iter, 1)
         seconds = (now - self.last_time) / done
-        self.last_time, self.last_iter = now, iteration
-        tps = self.tokens / seconds
+        tokens = (consumed - self.last_consumed) * self.seq / done
+        self.last_time, self.last_iter, self.last_consumed = now, iteration, consumed
+        tps = tokens / seconds
         out = {"iteration_time": seconds, "tokens_per_s": tps, "tflops": tps * self.flops / 1e12,
                "eta_s": seconds * (self.total - iteration)}
         if self.peak:

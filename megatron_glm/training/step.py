@@ -34,9 +34,9 @@ def gradient_norm(params) -> float:
 
 
 class StepRunner:
-    def __init__(self, engine, chunks, tied, grad_accum: int, vpp: int, shape, dtype, device):
+    def __init__(self, engine, chunks, tied, vpp: int, shape, dtype, device):
         self.engine, self.chunks, self.tied = engine, chunks, tied
-        self.grad_accum, self.shape, self.dtype, self.device = grad_accum, shape, dtype, device
+        self.shape, self.dtype, self.device = shape, dtype, device
         self.pp = state.get_pipeline_model_parallel_world_size()
         self.schedule = get_schedule(self.pp, vpp)
         self.params = [p for c in chunks for p in c.parameters() if p.requires_grad]
@@ -70,8 +70,10 @@ class StepRunner:
         def backward_step(chunk, hidden, out, out_grad):
             calls[0] += 1
             last = calls[0] == total_calls
+            # the step's own count decides where it ends (a ramping batch changes it), not the engine's
+            engine.set_gradient_accumulation_boundary(last)
             if out_grad is None:
-                engine.backward(out / self.grad_accum, scale_wrt_gas=False)
+                engine.backward(out / len(batches), scale_wrt_gas=False)
             else:
                 backward_from(out, out_grad)
                 if last and self.tied.active and self.tied.first_chunk is not None:

@@ -82,7 +82,7 @@ def build_data(job: JobConfig, tokenizer: GLMTokenizer, vocab_size: int):
     data, log = job.data, job.logging
     n_eval = log.eval_iters * data.global_batch_size if log.eval_interval <= job.train_iters else 0
     train, valid, _ = build_train_valid_test_datasets(
-        list(data.data_path), data.split, data.seq_length, [job.train_iters * data.global_batch_size, n_eval, 0],
+        list(data.data_path), data.split, data.seq_length, [job.batches.consumed_before(job.train_iters), n_eval, 0],
         seed=job.seed, cache_dir=data.cache_path, tokenizer=tokenizer)
     ends = sentence_end_ids(tokenizer) if data.objective.sentence_prob > 0 else None
     collate = BlankInfillingCollator(data.objective, SpecialIds.from_tokenizer(tokenizer), ends)
@@ -168,7 +168,7 @@ class Trainer:
                                          if self.resume else (0, 0))
         self.tied.broadcast_weight()
         seq_local = job.data.seq_length // par.tensor if par.sequence_parallel else job.data.seq_length
-        self.runner = StepRunner(self.engine, self.chunks, self.tied, self.grad_accum, self.vpp,
+        self.runner = StepRunner(self.engine, self.chunks, self.tied, self.vpp,
                                  (job.data.micro_batch_size, seq_local, self.model_cfg.hidden_size), self.dtype,
                                  self.device)
         if self.meter:
@@ -180,9 +180,9 @@ class Trainer:
                                               self._checkpoint_meta(), self.rank, self.resume)
         self.stream = build_loader(job, self.train_batches, self.consumed, self.device)
         cfg = self.model_cfg
-        self.speed = Throughput(job.data.global_batch_size * job.data.seq_length,
+        self.speed = Throughput(job.data.seq_length,
                                 flops_per_token(cfg.num_layers, cfg.hidden_size, job.data.seq_length, cfg.vocab_size),
-                                job.train_iters, self.iteration)
+                                job.train_iters, self.iteration, self.consumed)
         minutes = job.logging.exit_duration_mins
         self.preemption = Preemption(job.logging.stop_file, self.device, self.rank,
                                      self.started + 60.0 * minutes if minutes else None)
@@ -195,11 +195,12 @@ class Trainer:
         resumed = f"; resumed from {self.resume} at iteration {self.iteration}" if self.resume else ""
         converted = " (converted weights; the optimizer state starts fresh)" if self.resume and \
             self.resume.weights_only else ""
+        ramp = " (ramped up from {} by {} over {} samples)".format(*job.batches.rampup) if job.batches.rampup else ""
         logger.info(
             f"glm-pretrain: {n_params / 1e6:.2f} M parameters (this TP rank's share), {cfg.num_layers} layers, "
             f"hidden {cfg.hidden_size}, vocab {cfg.vocab_size} (padded), seq {job.data.seq_length}, global batch "
             f"{job.data.global_batch_size} = {job.data.micro_batch_size} x {self.grad_accum} accumulation x {world} "
-            f"data-parallel ranks, TP {par.tensor}{' + sequence parallel' if par.sequence_parallel else ''}, "
+            f"data-parallel ranks{ramp}, TP {par.tensor}{' + sequence parallel' if par.sequence_parallel else ''}, "
             f"PP {par.pipeline}{f' x {self.vpp} virtual' if self.vpp > 1 else ''}, "
             # read back from the engine: what a --deepspeed-config made of the flags
             f"ZeRO {self.engine.zero_optimization_stage()}, clip {self.engine.gradient_clipping()}, "
@@ -224,13 +225,14 @@ class Trainer:
     def train_step(self) -> dict:
         """One optimizer step over the next global batch; its values (losses, norm, lr, data wait, ...)."""
         batches, data_wait = [], 0.0
-        for _ in range(self.grad_accum):
+        batch_size = self.job.batches.size_at(self.consumed)  # below --global-batch-size while ramping up
+        for _ in range(batch_size // (self.job.data.micro_batch_size * state.get_data_parallel_world_size())):
             batch, waited = self.stream.next()
             batches.append(self._to_device(batch))
             data_wait += waited
         values = self.runner.train(batches, inject_overflow=faults.overflow_at(self.iteration + 1))
         self.iteration += 1
-        self.consumed += self.job.data.global_batch_size
+        self.consumed += batch_size
         loss = values["lm_loss"]
         if not math.isfinite(loss) and self.job.precision != "fp16":
             raise TrainingError(
@@ -238,7 +240,7 @@ class Trainer:
                 f"{self.checkpointer.last_saved or 'none'}. Lower --lr, raise --clip-grad or --lr-warmup-iters, or "
                 "check the data")
         values.update({"data_wait_ms": 1000.0 * data_wait, "lr": self.engine.get_lr()[0],
-                       "consumed_samples": self.consumed, "batch_size": self.job.data.global_batch_size,
+                       "consumed_samples": self.consumed, "batch_size": batch_size,
                        "skipped_steps": int(getattr(self.engine, "skipped_steps", 0))})
         if self.job.precision == "fp16":
             scale = getattr(self.engine.optimizer, "cur_scale", None)
@@ -286,7 +288,7 @@ class Trainer:
         while self.iteration < job.train_iters:
             values = self.train_step()
             if self.iteration % job.logging.interval == 0 or self.iteration == job.train_iters:
-                values.update(self.speed.report(self.iteration))
+                values.update(self.speed.report(self.iteration, self.consumed))
                 logger.info(self._console_line(values))
             if self.valid_batches is not None and self.iteration % job.logging.eval_interval == 0:
                 values["valid_loss"] = self.evaluate()
