@@ -304,3 +304,31 @@ def test_model_on_triton_kernels_equals_the_reference_model(kind, impl):
     torch.testing.assert_close(logits, ref_logits, atol=2e-5, rtol=1e-4)
     for name, g in grads_.items():
         torch.testing.assert_close(g, ref_grads[name], atol=2e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("impl, dtype", [("sdpa", torch.bfloat16), ("flash", torch.float16)])
+def test_low_precision_attention_takes_its_softmax_in_fp32(impl, dtype):
+    """What --attention-softmax-in-fp32 asks for, every implementation does: in 16 bits it stays as close to
+    fp32 attention as the output's rounding allows, far closer than a softmax taken in 16 bits (the Triton
+    interpreter has no bf16, so the kernel runs fp16 here)."""
+    from megatron_glm.model.attention import interval_attention
+
+    torch.manual_seed(0)
+    q, k, v = (3 * torch.randn(3, 1, 2, 64, 32)).to(dtype).unbind(0)
+    lo = torch.zeros(1, 64, dtype=torch.int32)
+    hi = torch.arange(1, 65, dtype=torch.int32)[None].clamp(min=20)
+    exact = reference.attention_reference(q.float(), k.float(), v.float(), lo, hi)
+    got = interval_attention(q, k, v, lo, hi, impl=impl).float()
+    mask = reference.interval_mask(lo, hi, 64)[:, None]
+    scores = (q.float() @ k.float().transpose(-1, -2) * 32**-0.5).masked_fill(~mask, float("-inf"))
+    low = (torch.softmax(scores.to(dtype), -1) @ v).float()
+    assert (got - exact).abs().max() < 0.25 * (low - exact).abs().max()
+
+
+def test_the_fused_masked_softmax_computes_in_fp32():
+    torch.manual_seed(0)
+    scores = (20 * torch.randn(2, 2, 64, 64)).half()
+    lo, hi = torch.zeros(2, 64, dtype=torch.int32), torch.full((2, 64), 64, dtype=torch.int32)
+    exact = torch.softmax(scores.float(), -1)
+    got = kernels.masked_softmax(scores, lo, hi).float()
+    assert ((got - exact).abs() <= exact * 2**-10 + 2**-24).all(), "the fp32 softmax, rounded once to fp16"
