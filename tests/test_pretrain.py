@@ -297,3 +297,60 @@ def test_train_samples_with_a_batch_ramp_up_resumes_mid_ramp_as_if_uninterrupted
     for r, ref in zip(records(save), reference, strict=True):
         assert (r["iteration"], r["batch_size"], r["lr"]) == (ref["iteration"], ref["batch_size"], ref["lr"])
         assert r["lm_loss"] == ref["lm_loss"] and r["grad_norm"] == ref["grad_norm"], r["iteration"]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, data):
+    """4 steps with ZeRO-1 (its master weights live in the optimizer partitions), and the same weights through
+    glm-convert: a weights-only checkpoint, which resumes with a fresh optimizer and --seed's random state."""
+    from megatron_glm.convert.cli import main as convert
+
+    root = tmp_path_factory.mktemp("pretrained")
+    save = str(root / "ckpt")
+    done = run(args(data, save, iters=4, extra=["--zero-stage", "1"]))
+    assert done.returncode == 0, done.stderr[-3000:]
+    converted = str(root / "converted")
+    assert convert(["reshard", "--load", save, "--save", converted]) == 0
+    return save, converted
+
+
+def test_no_load_optim_and_rng_take_what_a_converted_checkpoint_gives(tmp_path, data, pretrained):
+    save, converted = pretrained
+    fresh = str(tmp_path / "fresh" / "ckpt")
+    a = run(args(data, fresh, iters=6, extra=["--zero-stage", "1", "--load", save, "--no-load-optim", "--no-load-rng"]))
+    assert a.returncode == 0, a.stderr[-3000:]
+    assert "the optimizer state and lr schedule start fresh; random state from --seed" in a.stdout
+    via_convert = str(tmp_path / "via-convert" / "ckpt")
+    b = run(args(data, via_convert, iters=6, extra=["--zero-stage", "1", "--load", converted]))
+    assert b.returncode == 0, b.stderr[-3000:]
+    ours, theirs = records(fresh), records(via_convert)
+    assert [r["iteration"] for r in ours] == [5, 6] and ours[0]["consumed_samples"] == 20
+    for r, ref in zip(ours, theirs, strict=True):  # DeepSpeed's module-only load = our converter's weights
+        assert (r["lm_loss"], r["grad_norm"], r["lr"]) == (ref["lm_loss"], ref["grad_norm"], ref["lr"])
+
+
+def test_finetune_starts_at_zero_from_the_weights_and_a_restart_resumes_its_own_run(tmp_path, data, pretrained):
+    save, converted = pretrained
+    tuned = str(tmp_path / "tuned" / "ckpt")
+    argv = args(data, tuned, iters=2, extra=["--zero-stage", "1", "--load", save, "--finetune"])
+    first = run(argv)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "fine-tuning from" in first.stdout
+    ours = records(tuned)
+    assert [(r["iteration"], r["consumed_samples"]) for r in ours] == [(1, 4), (2, 8)]
+    # the oracle: the converted weights with the converter's iteration and data position set back to 0
+    zeroed = str(tmp_path / "zeroed")
+    shutil.copytree(converted, zeroed)
+    meta_path = os.path.join(zeroed, "iter_0000004", "meta.json")
+    meta = json.load(open(meta_path))
+    json.dump({**meta, "iteration": 0, "consumed_samples": 0}, open(meta_path, "w"))
+    oracle = str(tmp_path / "oracle" / "ckpt")
+    b = run(args(data, oracle, iters=2, extra=["--zero-stage", "1", "--load", zeroed]))
+    assert b.returncode == 0, b.stderr[-3000:]
+    for r, ref in zip(ours, records(oracle), strict=True):
+        assert (r["iteration"], r["lm_loss"], r["grad_norm"], r["lr"]) == \
+            (ref["iteration"], ref["lm_loss"], ref["grad_norm"], ref["lr"])
+    again = run(args(data, tuned, iters=3, extra=["--zero-stage", "1", "--load", save, "--finetune"]))  # requeued
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {tuned}/iter_0000002 at iteration 2" in again.stdout
+    assert [r["iteration"] for r in records(tuned)] == [1, 2, 3]

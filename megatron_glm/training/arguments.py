@@ -136,6 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--trust-checkpoint", action="store_true",
                    help="load --load's files with unrestricted unpickling (they can run code): only for files from a "
                         "source you trust that hold objects beyond tensors, numbers and DeepSpeed's optimizer states")
+    g.add_argument("--no-load-optim", action="store_true",
+                   help="from --load take the weights, iteration and data position, not the optimizer or lr "
+                        "schedule (Adam moments and the warm-up start again, as in Megatron)")
+    g.add_argument("--no-load-rng", action="store_true", help="do not restore --load's random states (--seed's)")
+    g.add_argument("--finetune", action="store_true",
+                   help="from --load take only the weights: iteration, data position, optimizer, lr schedule and "
+                        "RNG start fresh. A restarted job that finds its own checkpoint in --save resumes that")
     # the launchers' habit; LOCAL_RANK rules
     g.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     g.add_argument("--stop-file", help="stop after the current step, save and exit 75 (requeue) once this file "
@@ -258,6 +265,8 @@ def validate_args(args, world_size: int = 1) -> None:
 
         problems += BatchSchedule(args.global_batch_size, step, tuple(args.rampup_batch_size)).problems()
     problems += _training_length_problems(args)
+    if (args.finetune or args.no_load_optim or args.no_load_rng) and not args.load:
+        problems.append("--finetune, --no-load-optim and --no-load-rng say what to take from --load: pass --load")
     if args.save_interval is not None and args.save_interval < 1:
         problems.append("--save-interval must be positive")
     if args.measure_memory and not (args.log_dir or args.save):

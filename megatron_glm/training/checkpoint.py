@@ -219,13 +219,21 @@ def check_compatible(meta: dict, model_cfg: ModelConfig, tokenizer_fingerprint: 
                               "pass the same tokenizer files")
 
 
-def load_checkpoint(engine, load_dir: str, tag: str, trust: bool = False) -> dict:
-    """Restore model, optimizer, scheduler (DeepSpeed) and RNG; returns the checkpoint's meta."""
+def load_checkpoint(engine, load_dir: str, tag: str, trust: bool = False, optimizer: bool = True,
+                    rng: bool = True) -> dict:
+    """Restore model, optimizer and scheduler (DeepSpeed; or the model alone), and RNG; returns the meta.
+
+    The model alone: DeepSpeed copies the weights into the optimizer's fp32 master copies, and
+    the optimizer and the lr schedule keep the fresh state they were built with.
+    """
     meta = read_meta(load_dir, tag)
     read_safely(engine, trust)
-    path, _ = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+    path, _ = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=optimizer,
+                                     load_lr_scheduler_states=optimizer, load_module_only=not optimizer)
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load {load_dir}/{tag}: its model states are missing")
+    if not rng:
+        return meta
     pp, tp, dp = _position()
     path = rng_file(os.path.join(load_dir, tag), pp, tp, dp)
     if not os.path.exists(path):  # more data-parallel replicas than were saved: replica 0's streams
@@ -303,8 +311,8 @@ def _global_name(name: str, ranges) -> str:
 class ResumePoint:
     """The complete checkpoint a run starts from: its folder, tag and meta."""
 
-    def __init__(self, load_dir: str, tag: str, meta: dict):
-        self.load_dir, self.tag, self.meta = load_dir, tag, meta
+    def __init__(self, load_dir: str, tag: str, meta: dict, finetune: bool = False):
+        self.load_dir, self.tag, self.meta, self.finetune = load_dir, tag, meta, finetune
 
     @property
     def weights_only(self) -> bool:
@@ -316,19 +324,21 @@ class ResumePoint:
 
 
 def find_resume(load: str | None, save: str | None, model_cfg: ModelConfig, tokenizer_fingerprint: str | None,
-                tp: int, pp: int) -> ResumePoint | None:
+                tp: int, pp: int, finetune: bool = False) -> ResumePoint | None:
     """Where to resume: ``--load``'s latest, or ``--save``'s when a restarted (requeued) job finds one there.
 
-    An incompatible checkpoint is refused here, before any work and before anything is written.
+    A fine-tuning job starts from ``--load``'s weights, unless ``--save`` already holds its own
+    checkpoint: then it was restarted, and resumes that. An incompatible checkpoint is refused
+    here, before any work and before anything is written.
     """
-    if not load and save and resume_tag(save):
-        load = save
+    if save and resume_tag(save) and (not load or finetune):
+        load, finetune = save, False
     tag = resume_tag(load) if load else None
     if tag is None:
         return None
     meta = read_meta(load, tag)
     check_compatible(meta, model_cfg, tokenizer_fingerprint, load, tp, pp)
-    return ResumePoint(load, tag, meta)
+    return ResumePoint(load, tag, meta, finetune)
 
 
 class Checkpointer:
@@ -353,7 +363,13 @@ class Checkpointer:
         return folder
 
     @staticmethod
-    def load(engine, resume: ResumePoint, trust: bool) -> tuple[int, int]:
-        """(iteration, consumed samples) after restoring the engine; converted weights are already in the model."""
-        meta = resume.meta if resume.weights_only else load_checkpoint(engine, resume.load_dir, resume.tag, trust)
-        return meta["iteration"], meta["consumed_samples"]
+    def load(engine, resume: ResumePoint, trust: bool, optimizer: bool = True, rng: bool = True) -> tuple[int, int]:
+        """(iteration, consumed samples) after restoring the engine; converted weights are already in the model.
+
+        ``optimizer``/``rng`` False (``--no-load-optim``/``--no-load-rng``) keep those fresh; fine-tuning takes the
+        weights alone and starts at iteration 0.
+        """
+        if not resume.weights_only:
+            load_checkpoint(engine, resume.load_dir, resume.tag, trust, optimizer and not resume.finetune,
+                            rng and not resume.finetune)
+        return (0, 0) if resume.finetune else (resume.meta["iteration"], resume.meta["consumed_samples"])

@@ -82,6 +82,9 @@ class CheckpointConfig:
     interval: int | None = None
     keep_last: int = 0  # 0 keeps every checkpoint
     trust: bool = False
+    load_optim: bool = True  # --no-load-optim: weights, iteration and data position only
+    load_rng: bool = True
+    finetune: bool = False  # weights only; iteration and data position from 0
 
 
 @dataclass(frozen=True)
@@ -200,7 +203,8 @@ def from_args(args, world_size: int) -> JobConfig:
                         TokenizerSpec(args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file),
                         objective),
         optimizer=optimizer,
-        checkpoint=CheckpointConfig(args.save, args.load, args.save_interval, args.keep_last, args.trust_checkpoint),
+        checkpoint=CheckpointConfig(args.save, args.load, args.save_interval, args.keep_last, args.trust_checkpoint,
+                                    not args.no_load_optim, not args.no_load_rng, args.finetune),
         logging=LoggingConfig(args.log_dir or args.save, args.log_interval, args.eval_interval, args.eval_iters,
                               args.tensorboard or bool(args.tensorboard_dir), args.wandb_project, args.measure_memory,
                               args.stop_file, args.tensorboard_dir, args.exit_interval, args.exit_duration_in_mins),

@@ -144,7 +144,7 @@ class Trainer:
         self.tokenizer = GLMTokenizer(job.data.tokenizer.resolved())
         self.model_cfg = job.model_config(self.tokenizer.padded_vocab_size(par.tensor, job.vocab_multiple))
         self.resume = ckpt.find_resume(job.checkpoint.load, job.checkpoint.save, self.model_cfg,
-                                       self.tokenizer.fingerprint(), par.tensor, par.pipeline)
+                                       self.tokenizer.fingerprint(), par.tensor, par.pipeline, job.checkpoint.finetune)
         init_distributed(self.device, par.tensor, par.pipeline, self.model_cfg)
         import torch.distributed as dist
 
@@ -164,7 +164,8 @@ class Trainer:
         self.engine = build_engine(job, self.module, self.grad_accum * len(self.chunks))
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(job.precision, torch.float32)
         self.tied = TiedEmbedding(self.chunks, self.dtype)
-        self.iteration, self.consumed = (ckpt.Checkpointer.load(self.engine, self.resume, job.checkpoint.trust)
+        self.iteration, self.consumed = (ckpt.Checkpointer.load(self.engine, self.resume, job.checkpoint.trust,
+                                                                job.checkpoint.load_optim, job.checkpoint.load_rng)
                                          if self.resume else (0, 0))
         self.tied.broadcast_weight()
         seq_local = job.data.seq_length // par.tensor if par.sequence_parallel else job.data.seq_length
@@ -193,8 +194,17 @@ class Trainer:
         n_params = count_parameters(cfg, par.tensor)
         world = state.get_data_parallel_world_size()
         resumed = f"; resumed from {self.resume} at iteration {self.iteration}" if self.resume else ""
-        converted = " (converted weights; the optimizer state starts fresh)" if self.resume and \
-            self.resume.weights_only else ""
+        notes, resume = [], self.resume
+        if resume and not resume.finetune:
+            if resume.weights_only:
+                notes.append("converted weights")
+            if resume.weights_only or not job.checkpoint.load_optim:
+                notes.append("the optimizer state and lr schedule start fresh")
+            if resume.weights_only or not job.checkpoint.load_rng:
+                notes.append(f"random state from --seed {job.seed}")
+        converted = f" ({'; '.join(notes)})" if notes else ""
+        if self.resume and self.resume.finetune:
+            resumed = f"; fine-tuning from {self.resume}'s weights (iteration, data, optimizer and RNG start fresh)"
         ramp = " (ramped up from {} by {} over {} samples)".format(*job.batches.rampup) if job.batches.rampup else ""
         logger.info(
             f"glm-pretrain: {n_params / 1e6:.2f} M parameters (this TP rank's share), {cfg.num_layers} layers, "
