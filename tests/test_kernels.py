@@ -332,3 +332,30 @@ def test_the_fused_masked_softmax_computes_in_fp32():
     exact = torch.softmax(scores.float(), -1)
     got = kernels.masked_softmax(scores, lo, hi).float()
     assert ((got - exact).abs() <= exact * 2**-10 + 2**-24).all(), "the fp32 softmax, rounded once to fp16"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sq, sk", [(40, 40), (7, 45)])  # a whole GLM row; a KV-cached step (queries after keys)
+def test_flex_attention_equals_the_reference(device, sq, sk):
+    """--attention-impl flex: PyTorch's FlexAttention under our interval mask (GLM rows and packed segments).
+    The CPU has its forward only; on CUDA the backward is checked too."""
+    from megatron_glm.model.attention import interval_attention
+
+    torch.manual_seed(0)
+    b, h, d = 3, 2, 16
+    q = torch.randn(b, h, sq, d, device=device, requires_grad=device == "cuda")
+    k, v = (torch.randn(b, h, sk, d, device=device, requires_grad=device == "cuda") for _ in range(2))
+    i = torch.arange(sk - sq, sk, device=device)
+    sep = torch.tensor([sk * 3 // 4, sk // 2, sk - 1], device=device)
+    lo = torch.zeros(b, sq, dtype=torch.int32, device=device)
+    lo[1] = torch.where(i >= sk // 2, sk // 2, 0)  # row 1: two packed segments
+    hi = torch.maximum(sep[:, None], i[None] + 1).to(torch.int32)
+    hi[1] = torch.where(i >= sk // 2, torch.maximum(i + 1, torch.tensor(sk * 3 // 4, device=device)), sk // 2)
+    got = interval_attention(q, k, v, lo, hi, impl="flex")
+    ref = reference.attention_reference(q, k, v, lo, hi)
+    torch.testing.assert_close(got, ref, **TOL[torch.float32])
+    if device == "cuda":
+        grads = torch.autograd.grad(got.sum(), (q, k, v))
+        expected = torch.autograd.grad(ref.sum(), (q, k, v))
+        for g, e in zip(grads, expected):
+            torch.testing.assert_close(g, e, **TOL[torch.float32])

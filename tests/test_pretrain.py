@@ -79,6 +79,11 @@ def test_refuses_another_architecture_and_writes_nothing(tmp_path, data, trained
     (("--fp16", ""), "use --bf16 on CPU"),
     (("--bf16", "", "--fp16", ""), "exclude each other"),
     (("--num-workers", "-1"), "--num-workers -1: use 0 (collate in the training process) or more"),
+    (("--attention-impl", "flex"), "--attention-impl flex has no attention dropout: pass --attention-dropout 0"),
+    (("--attention-impl", "flex", "--attention-dropout", "0"), "flex trains on GPUs only"),
+    (("--optimizer-impl", "apex"), "--optimizer-impl apex need NVIDIA apex, which is not installed here"),
+    (("--train-samples", "40"), "pass one of --train-iters (steps) and --train-samples (samples)"),
+    (("--lr-warmup-samples", "8"), "--lr-warmup-samples go with --train-samples"),
 ])
 def test_bad_flags_are_named(tmp_path, data, change, message):
     argv = args(data, str(tmp_path / "ckpt"), iters=2)
@@ -354,3 +359,23 @@ def test_finetune_starts_at_zero_from_the_weights_and_a_restart_resumes_its_own_
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resumed from {tuned}/iter_0000002 at iteration 2" in again.stdout
     assert [r["iteration"] for r in records(tuned)] == [1, 2, 3]
+
+
+def test_the_fused_adamw_steps_as_the_default_one():
+    """--optimizer-impl fused-adamw is torch's fused kernel, and it takes the step the foreach AdamW takes."""
+    from megatron_glm.config import ModelConfig
+    from megatron_glm.model.glm import GLMModel
+    from megatron_glm.training.engine import make_optimizer, param_groups
+
+    cfg = ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=2, vocab_size=128)
+    models = [GLMModel(cfg, seed=3) for _ in range(2)]
+    opts = [make_optimizer(impl, param_groups(m, 0.1), 1e-2, (0.9, 0.95), 1e-8)
+            for impl, m in zip(("adamw", "fused-adamw"), models)]
+    assert opts[1].defaults["fused"] and not opts[0].defaults["fused"]
+    for _ in range(3):
+        for m, o in zip(models, opts):
+            for p in m.parameters():
+                p.grad = torch.ones_like(p) * torch.arange(p.numel()).view_as(p).float().cos()
+            o.step()
+    for a, b in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
