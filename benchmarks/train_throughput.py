@@ -8,7 +8,7 @@ batches (Part A bidirectional, 15-40% Part B), through the DeepSpeed engine glm-
   baseline), ``flex`` (FlexAttention, compiled), ``sdpa``;
 - ``fused``: torch's fused AdamW (``--optimizer-impl fused-adamw``) instead of the foreach one;
 - ``apex``: apex's FusedAdam and FusedLayerNorm (``--optimizer-impl apex --layernorm-impl apex``);
-- ``compile``: ``torch.compile`` of each transformer layer.
+- ``compile``: ``torch.compile`` of each transformer layer (``--compile-backend``, inductor).
 
 MFU counts Megatron's ``72Lh^2 + 12Lhs + 6Vh`` training FLOPs per token (no recomputation)
 against the device's dense bf16 peak. The baseline (``eager``) is ours, not an outside anchor.
@@ -102,7 +102,7 @@ def run_variant(args, name: str, base_model, device) -> dict:
     kernels.set_backend("auto")
     if variant["compile"]:
         for layer in (m for m in model.modules() if isinstance(m, TransformerLayer)):
-            layer.compile()
+            layer.compile(backend=args.compile_backend)
     model.to(device)
     engine = build_engine(job, model, 1)
     batch = glm_batch(args.micro_batch_size, args.seq_length, cfg.vocab_size, device)
@@ -125,7 +125,7 @@ def run_variant(args, name: str, base_model, device) -> dict:
             torch.cuda.synchronize()
         if i >= args.warmup:
             times.append(time.perf_counter() - t)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     times.sort()
     seconds = times[len(times) // 2]
     tokens_per_s = args.micro_batch_size * args.seq_length / seconds
@@ -139,10 +139,7 @@ def run_variant(args, name: str, base_model, device) -> dict:
         row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         estimated = plan_peak(job, cfg, variant["attention"])
         row["plan_gib"] = estimated / 2**30 if estimated else None
-    del engine, model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return row
+    return row  # the engine and model go with this frame; the caller empties the CUDA cache
 
 
 def main(argv=None) -> int:
@@ -157,6 +154,7 @@ def main(argv=None) -> int:
     p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile's backend for +compile")
     p.add_argument("--json", help="write the rows here")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script")
     args = p.parse_args(argv)
@@ -165,6 +163,7 @@ def main(argv=None) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")
         args.preset, args.num_layers, args.hidden_size, args.heads = None, 2, 64, 4
         args.seq_length, args.micro_batch_size, args.steps, args.warmup = 64, 2, 2, 1
+        args.compile_backend = "aot_eager"  # traced forward and backward without code generation: quick on a CPU
         args.bf16 = False  # the Triton interpreter has no bf16
     args.device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     device = torch.device(args.device)
@@ -199,6 +198,8 @@ def main(argv=None) -> int:
                 torch.cuda.empty_cache()
             continue
         rows.append(row)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         extra = f"  MFU {row['mfu']:.1%}" if row.get("mfu") else ""
         if "peak_gib" in row:
             plan = f" (glm-plan {row['plan_gib']:.2f})" if row.get("plan_gib") else ""

@@ -7,9 +7,13 @@ are imported only when a Triton kernel actually runs, so CPU runs never need Tri
 - ``masked_softmax``: scale + interval mask + softmax on materialised scores.
 - ``embedding_2d``: word + position + block-position embeddings in one pass.
 - ``rotary_2d``: 2D rotary applied to Q and K in one pass.
+
+``flex_attention`` is PyTorch's FlexAttention over the same mask, for comparison and as a path.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -17,8 +21,8 @@ import torch.nn.functional as F
 from megatron_glm.kernels import reference
 from megatron_glm.kernels.dispatch import BACKENDS, get_backend, set_backend, use_triton
 
-__all__ = ["BACKENDS", "get_backend", "set_backend", "flash_attention", "softmax_attention", "masked_softmax",
-           "embedding_2d", "rotary_2d", "sdpa_attention"]
+__all__ = ["BACKENDS", "get_backend", "set_backend", "flash_attention", "flex_attention", "softmax_attention",
+           "masked_softmax", "embedding_2d", "rotary_2d", "sdpa_attention"]
 
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -45,6 +49,42 @@ def flash_attention(q, k, v, attn_lo, attn_hi, dropout_p: float = 0.0):
         from megatron_glm.kernels.triton_attention import glm_flash_attention
         return glm_flash_attention(q, k, v, attn_lo, attn_hi, dropout_p)
     return sdpa_attention(q, k, v, attn_lo, attn_hi, dropout_p)
+
+
+_last_block_mask: tuple = ()  # (attn_lo, attn_hi, Sq, Sk, block mask): every layer of a forward shares the bounds
+
+
+def _block_mask(attn_lo, attn_hi, sq: int, sk: int):
+    """FlexAttention's block mask of the interval mask, built once per bounds tensors (held, so never confused)."""
+    global _last_block_mask
+    if _last_block_mask and _last_block_mask[0] is attn_lo and _last_block_mask[1] is attn_hi \
+            and _last_block_mask[2:4] == (sq, sk):
+        return _last_block_mask[4]
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx >= attn_lo[b, q_idx]) & (kv_idx < attn_hi[b, q_idx])
+
+    mask = create_block_mask(mask_mod, attn_lo.shape[0], None, sq, sk, device=str(attn_lo.device))
+    _last_block_mask = (attn_lo, attn_hi, sq, sk, mask)
+    return mask
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_attention(q, k, v, attn_lo, attn_hi, dropout_p: float = 0.0):
+    """PyTorch's FlexAttention over the interval mask (a block mask; compiled on CUDA, where it is fast)."""
+    if dropout_p:
+        raise ValueError("--attention-impl flex has no attention dropout: pass --attention-dropout 0, or use flash")
+    from torch.nn.attention.flex_attention import flex_attention as flex
+
+    block_mask = _block_mask(attn_lo, attn_hi, q.shape[-2], k.shape[-2])
+    return (_compiled_flex() if q.is_cuda else flex)(q, k, v, block_mask=block_mask)
 
 
 def masked_softmax(scores, attn_lo, attn_hi, scale: float = 1.0):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -79,11 +80,6 @@ def test_refuses_another_architecture_and_writes_nothing(tmp_path, data, trained
     (("--fp16", ""), "use --bf16 on CPU"),
     (("--bf16", "", "--fp16", ""), "exclude each other"),
     (("--num-workers", "-1"), "--num-workers -1: use 0 (collate in the training process) or more"),
-    (("--attention-impl", "flex"), "--attention-impl flex has no attention dropout: pass --attention-dropout 0"),
-    (("--attention-impl", "flex", "--attention-dropout", "0"), "flex trains on GPUs only"),
-    (("--optimizer-impl", "apex"), "--optimizer-impl apex need NVIDIA apex, which is not installed here"),
-    (("--train-samples", "40"), "pass one of --train-iters (steps) and --train-samples (samples)"),
-    (("--lr-warmup-samples", "8"), "--lr-warmup-samples go with --train-samples"),
 ])
 def test_bad_flags_are_named(tmp_path, data, change, message):
     argv = args(data, str(tmp_path / "ckpt"), iters=2)
@@ -95,6 +91,26 @@ def test_bad_flags_are_named(tmp_path, data, change, message):
     result = run(argv)
     assert result.returncode == 1 and message in result.stderr, result.stderr[-2000:]
     assert not os.path.exists(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--attention-impl", "flex"], "--attention-impl flex has no attention dropout: pass --attention-dropout 0"),
+    (["--attention-impl", "flex", "--attention-dropout", "0"], "flex trains on GPUs only"),
+    (["--optimizer-impl", "apex"], "--optimizer-impl apex need NVIDIA apex, which is not installed here"),
+    (["--layernorm-impl", "apex"], "--layernorm-impl apex need NVIDIA apex"),
+    (["--train-samples", "40"], "pass one of --train-iters (steps) and --train-samples (samples)"),
+    (["--lr-warmup-samples", "8"], "--lr-warmup-samples go with --train-samples"),
+    (["--rampup-batch-size", "2", "2", "8"], "--rampup-batch-size go with --train-samples"),
+    (["--no-load-optim", "--load", ""], "--finetune, --no-load-optim and --no-load-rng say what to take from --load"),
+])
+def test_flags_that_cannot_work_together_are_named_before_any_work(tmp_path, data, change, message):
+    """The job's checks (in-process: the same ValueError glm-pretrain prints as its one error line)."""
+    from megatron_glm.training.arguments import build_parser
+    from megatron_glm.training.config import from_args
+    from megatron_glm.training.trainer import resolve_device
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        resolve_device(from_args(build_parser().parse_args(args(data, str(tmp_path / "ckpt")) + change), 1))
 
 
 def test_bf16_tensorboard_and_wandb(tmp_path, data):
@@ -334,7 +350,7 @@ def test_no_load_optim_and_rng_take_what_a_converted_checkpoint_gives(tmp_path, 
         assert (r["lm_loss"], r["grad_norm"], r["lr"]) == (ref["lm_loss"], ref["grad_norm"], ref["lr"])
 
 
-def test_finetune_starts_at_zero_from_the_weights_and_a_restart_resumes_its_own_run(tmp_path, data, pretrained):
+def test_finetune_starts_at_zero_from_the_weights_and_a_restart_resumes_its_own_checkpoint(tmp_path, data, pretrained):
     save, converted = pretrained
     tuned = str(tmp_path / "tuned" / "ckpt")
     argv = args(data, tuned, iters=2, extra=["--zero-stage", "1", "--load", save, "--finetune"])
@@ -355,10 +371,15 @@ def test_finetune_starts_at_zero_from_the_weights_and_a_restart_resumes_its_own_
     for r, ref in zip(ours, records(oracle), strict=True):
         assert (r["iteration"], r["lm_loss"], r["grad_norm"], r["lr"]) == \
             (ref["iteration"], ref["lm_loss"], ref["grad_norm"], ref["lr"])
-    again = run(args(data, tuned, iters=3, extra=["--zero-stage", "1", "--load", save, "--finetune"]))  # requeued
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert f"resumed from {tuned}/iter_0000002 at iteration 2" in again.stdout
-    assert [r["iteration"] for r in records(tuned)] == [1, 2, 3]
+    # the same command again (a requeued job) finds its own checkpoint in --save and resumes that
+    from megatron_glm.config import ModelConfig
+    from megatron_glm.training.checkpoint import find_resume
+
+    cfg = ModelConfig.from_dict(meta["model"])
+    again = find_resume(save, tuned, cfg, None, 1, 1, finetune=True)
+    assert (again.load_dir, again.tag, again.finetune) == (tuned, "iter_0000002", False)
+    first_time = find_resume(save, str(tmp_path / "new"), cfg, None, 1, 1, finetune=True)
+    assert (first_time.load_dir, first_time.finetune) == (save, True)
 
 
 def test_the_fused_adamw_steps_as_the_default_one():

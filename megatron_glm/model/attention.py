@@ -7,6 +7,8 @@ module is the one place an attention algorithm is chosen (``--attention-impl``):
 - ``flash``: the Triton GLM-mask flash kernel (``megatron_glm.kernels``); memory linear in S;
 - ``softmax``: materialised scores with the fused Triton masked softmax;
 - ``sdpa``: PyTorch's fused attention with the dense mask built from the bounds;
+- ``flex``: PyTorch's FlexAttention with the interval mask as a block mask (no dropout; GPUs
+  only for training: it has no backward on the CPU);
 - ``eager``: explicit fp32 softmax, what the original implementation computes (the reference);
 - ``auto`` (default): ``flash`` on CUDA, ``sdpa`` elsewhere.
 
@@ -18,7 +20,7 @@ from __future__ import annotations
 from megatron_glm import kernels
 from megatron_glm.kernels.reference import attention_reference, interval_mask
 
-IMPLEMENTATIONS = ("auto", "flash", "softmax", "sdpa", "eager")
+IMPLEMENTATIONS = ("auto", "flash", "softmax", "sdpa", "flex", "eager")
 
 __all__ = ["IMPLEMENTATIONS", "interval_attention", "interval_mask"]
 
@@ -33,6 +35,8 @@ def interval_attention(q, k, v, attn_lo, attn_hi, dropout_p: float = 0.0, impl: 
         return kernels.softmax_attention(q, k, v, attn_lo, attn_hi, dropout_p)
     if impl == "sdpa":
         return kernels.sdpa_attention(q, k, v, attn_lo, attn_hi, dropout_p)
+    if impl == "flex":
+        return kernels.flex_attention(q, k, v, attn_lo, attn_hi, dropout_p)
     if impl == "eager":
         return attention_reference(q, k, v, attn_lo, attn_hi, dropout_p)
     raise ValueError(f"unknown attention implementation {impl!r}; choose one of {IMPLEMENTATIONS}")

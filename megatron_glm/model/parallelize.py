@@ -214,6 +214,20 @@ def build_rank_model(cfg: ModelConfig, layout: RankLayout, seed: int, sequence_p
     return chunks
 
 
+def apply_layernorm_impl(model, impl: str) -> None:
+    """``--layernorm-impl apex``: every LayerNorm becomes apex's FusedLayerNorm, with the same weights and names."""
+    if impl == "torch":
+        return
+    from apex.normalization import FusedLayerNorm
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.LayerNorm:
+                fused = FusedLayerNorm(child.normalized_shape, eps=child.eps).to(child.weight.device)
+                fused.load_state_dict(child.state_dict())
+                setattr(parent, name, fused)
+
+
 def count_parameters(cfg: ModelConfig, tp: int) -> int:
     """Parameters of one TP rank's share of the whole model (all layers), counted on the meta device."""
     with torch.device("meta"):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 
 from megatron_glm.config import PRESETS, ModelConfig, preset
+from megatron_glm.model.attention import IMPLEMENTATIONS
+from megatron_glm.training.engine import OPTIMIZER_IMPLS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--attention-softmax-in-fp32", action="store_true",
                    help="accepted for Megatron command lines: the attention softmax is always computed in fp32 here "
                         "(every --attention-impl), its probabilities then cast to the compute dtype")
-    g.add_argument("--attention-impl", choices=["auto", "flash", "softmax", "sdpa", "eager"], default="auto",
+    g.add_argument("--attention-impl", choices=IMPLEMENTATIONS, default="auto",
                    help="auto: the Triton GLM-mask flash kernel on CUDA, SDPA with a dense mask elsewhere")
     g.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto",
                    help="fused kernels (attention, softmax, 2D embeddings, rotary): Triton on CUDA (auto), "
@@ -112,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-warmup-fraction", type=float, default=None,
                    help="warm-up as a fraction of the decay iterations (--lr-decay-iters), Megatron's meaning")
     g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--optimizer-impl", choices=OPTIMIZER_IMPLS, default="adamw",
+                   help="adamw: torch's AdamW (foreach); fused-adamw: its fused kernel; apex: apex's FusedAdam")
+    g.add_argument("--layernorm-impl", choices=["torch", "apex"], default="torch",
+                   help="apex: apex's FusedLayerNorm (NVIDIA apex, not on PyPI: NGC containers have it)")
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.999)

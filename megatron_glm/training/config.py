@@ -17,6 +17,7 @@ from typing import Callable
 from megatron_glm.config import ModelConfig
 from megatron_glm.data.blank_infilling import BlankInfillingConfig
 from megatron_glm.data.tokenizer import TokenizerSpec
+from megatron_glm.optional import apex_available
 from megatron_glm.training.batch_schedule import BatchSchedule
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ class OptimizerConfig:
     wsd_style: str = "exponential"
     # sample-based training (--train-samples): step -> samples before it; the lengths above then count samples
     consumed_before: Callable[[int], int] | None = None
+    impl: str = "adamw"  # --optimizer-impl: adamw (torch, foreach) | fused-adamw | apex
 
     def schedule(self):
         """The learning-rate schedule (``ValueError`` for one that cannot run)."""
@@ -118,6 +120,7 @@ class JobConfig:
     kernels: str = "auto"
     vocab_multiple: int = 128  # --make-vocab-size-divisible-by
     attention_impl: str = "auto"
+    layernorm_impl: str = "torch"  # --layernorm-impl: torch | apex
     deepspeed_overrides: dict = field(default_factory=dict)  # --deepspeed-config's keys for the engine
     flags: dict = field(default_factory=dict)  # the command line's values: checkpoint meta, wandb, TensorBoard
 
@@ -188,8 +191,20 @@ def from_args(args, world_size: int) -> JobConfig:
         seed=args.seed)
     optimizer = OptimizerConfig(args.lr, args.min_lr, args.lr_decay_style, warmup, decay, args.weight_decay,
                                 (args.adam_beta1, args.adam_beta2), args.adam_eps, args.clip_grad,
-                                wsd_decay, args.lr_wsd_decay_style, consumed_before)
+                                wsd_decay, args.lr_wsd_decay_style, consumed_before, args.optimizer_impl)
     optimizer.schedule()  # a schedule that cannot run fails here, before any work
+    problems = []
+    if args.attention_impl == "flex" and args.attention_dropout:
+        problems.append(f"--attention-impl flex has no attention dropout: pass --attention-dropout 0 (not "
+                        f"{args.attention_dropout}), or use --attention-impl flash")
+    wants_apex = [f for f, v in (("--optimizer-impl apex", args.optimizer_impl == "apex"),
+                                 ("--layernorm-impl apex", args.layernorm_impl == "apex")) if v]
+    if wants_apex and not apex_available():
+        problems.append(f"{' and '.join(wants_apex)} need NVIDIA apex, which is not installed here (it is not on "
+                        "PyPI: NGC PyTorch containers have it); use --optimizer-impl fused-adamw and "
+                        "--layernorm-impl torch")
+    if problems:
+        raise ValueError("; ".join(problems))
     return JobConfig(
         train_iters=train_iters, batches=batches,
         parallel=ParallelConfig(
@@ -211,5 +226,5 @@ def from_args(args, world_size: int) -> JobConfig:
         model=model_config_from_args(args, vocab_size=0, validate=False),
         seed=args.seed, device=args.device, precision=precision, kernels=args.kernels,
         vocab_multiple=args.make_vocab_size_divisible_by,
-        attention_impl=args.attention_impl, deepspeed_overrides=overrides,
+        attention_impl=args.attention_impl, layernorm_impl=args.layernorm_impl, deepspeed_overrides=overrides,
         flags={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))})

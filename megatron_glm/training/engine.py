@@ -10,6 +10,7 @@ from __future__ import annotations
 from megatron_glm.training.config import JobConfig
 
 DEEPSPEED_BUCKET = 500_000_000  # DeepSpeed's default reduce/all-gather bucket, in elements
+OPTIMIZER_IMPLS = ("adamw", "fused-adamw", "apex")
 
 
 def init_distributed(device: str, tp: int, pp: int, model_cfg) -> None:
@@ -65,16 +66,28 @@ def param_groups(model, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def make_optimizer(impl: str, groups, lr: float, betas, eps: float):
+    """AdamW as ``--optimizer-impl`` says: torch's foreach AdamW, torch's fused one, or apex's FusedAdam."""
+    import torch
+
+    if impl == "apex":
+        from apex.optimizers import FusedAdam
+
+        return FusedAdam(groups, lr=lr, betas=betas, eps=eps, adam_w_mode=True)
+    if impl not in OPTIMIZER_IMPLS:
+        raise ValueError(f"--optimizer-impl {impl!r}: choose one of {', '.join(OPTIMIZER_IMPLS)}")
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=impl == "fused-adamw" or None)
+
+
 def build_engine(job: JobConfig, module, engine_steps: int):
     """(DeepSpeed engine, LR schedule) for ``module``; ``engine_steps``: backward calls per optimizer step."""
     import deepspeed
-    import torch
 
     from megatron_glm.parallel import state
 
     opt = job.optimizer
     schedule = opt.schedule()
-    optimizer = torch.optim.AdamW(param_groups(module, opt.weight_decay), lr=opt.lr, betas=opt.betas, eps=opt.eps)
+    optimizer = make_optimizer(opt.impl, param_groups(module, opt.weight_decay), opt.lr, opt.betas, opt.eps)
     config = deepspeed_config(job, engine_steps, sum(p.numel() for p in module.parameters()))
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=schedule.as_torch(optimizer),
                                            config=config, mpu=state)

@@ -26,7 +26,7 @@ from megatron_glm.data.blended_dataset import build_train_valid_test_datasets
 from megatron_glm.data.loader import BatchStream, MicroBatches, collate_now
 from megatron_glm.data.sampler import PretrainingSampler
 from megatron_glm.data.tokenizer import GLMTokenizer
-from megatron_glm.model.parallelize import RankLayout, build_rank_model, count_parameters
+from megatron_glm.model.parallelize import RankLayout, apply_layernorm_impl, build_rank_model, count_parameters
 from megatron_glm.parallel import state
 from megatron_glm.parallel.pipeline import partition_layers
 from megatron_glm.parallel.pipeline_stage import TiedEmbedding
@@ -72,6 +72,9 @@ def resolve_device(job: JobConfig) -> str:
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda, but no CUDA GPU is visible here (or this torch is a CPU build); "
                          "use --device cpu, or auto")
+    if job.attention_impl == "flex" and device == "cpu":
+        raise ValueError("--attention-impl flex trains on GPUs only (FlexAttention has no backward on the CPU); "
+                         "use --attention-impl sdpa here")
     if job.precision == "fp16" and device == "cpu":
         raise ValueError("--fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16 optimizer); use --bf16 on CPU")
     return device
@@ -111,6 +114,8 @@ def build_model(job: JobConfig, model_cfg: ModelConfig, resume: ckpt.ResumePoint
     before = host_memory()
     chunks = build_rank_model(model_cfg, layout, job.seed, par.sequence_parallel, par.recompute, job.attention_impl,
                               weights=weights)
+    for chunk in chunks:
+        apply_layernorm_impl(chunk, job.layernorm_impl)
     after = host_memory()
     return chunks, (after["peak_rss_bytes"] - before["rss_bytes"]) if after else None
 
