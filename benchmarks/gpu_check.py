@@ -36,7 +36,7 @@ def stages(smoke: bool, out: str) -> list[dict]:
                   ("glm-2b", "1024", "4", ["eager", "flash+fused", "flash+fused+compile"])]
     if smoke:
         return [
-            {"name": "kernels", "limit": 300,
+            {"name": "kernels", "limit": 300,  # the suite runs these tests itself: here, two of them
              "cmd": [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels.py", "-k",
                      "cpu and one-segment"]},
             {"name": "fp16", "needs_gpu": True},
@@ -47,16 +47,17 @@ def stages(smoke: bool, out: str) -> list[dict]:
                      "sdpa+compile", "--json", os.path.join(out, "throughput_smoke.json")]},
         ]
     out_stages = [
-        {"name": "kernels", "limit": 150, "cmd": [py, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+        {"name": "kernels", "limit": 120, "cmd": [py, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                                                   "tests/test_kernels.py", "-k", "cuda"]},
-        {"name": "fp16", "limit": 60, "cmd": [py, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+        {"name": "fp16", "limit": 45, "cmd": [py, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                                               "tests/test_3d.py", "-k", "fp16"]},
         {"name": "attention", "limit": 60, "json": "attention.json",
          "cmd": [py, "benchmarks/attention.py", "--seq", "2048", "8192", "--head-dim", "128", "--only", "attention",
                  "--warmup", "2", "--reps", "5", "--json", os.path.join(out, "attention.json")]},
     ]
     for preset, seq, micro, variants in throughput:
-        out_stages.append({"name": f"throughput-{preset}", "limit": 75, "json": f"throughput_{preset}.json",
+        out_stages.append({"name": f"throughput-{preset}", "limit": 100 if preset == "glm-large" else 95,
+                           "json": f"throughput_{preset}.json",
                            "cmd": [py, "benchmarks/train_throughput.py", "--preset", preset, "--seq-length", seq,
                                    "--micro-batch-size", micro, "--steps", "6", "--warmup", "2", "--variants",
                                    *variants, "--json", os.path.join(out, f"throughput_{preset}.json")]

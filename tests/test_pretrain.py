@@ -96,8 +96,8 @@ def test_bad_flags_are_named(tmp_path, data, change, message):
 @pytest.mark.parametrize("change, message", [
     (["--attention-impl", "flex"], "--attention-impl flex has no attention dropout: pass --attention-dropout 0"),
     (["--attention-impl", "flex", "--attention-dropout", "0"], "flex trains on GPUs only"),
-    (["--optimizer-impl", "apex"], "--optimizer-impl apex need NVIDIA apex, which is not installed here"),
-    (["--layernorm-impl", "apex"], "--layernorm-impl apex need NVIDIA apex"),
+    (["--optimizer-impl", "apex"], "--optimizer-impl apex needs NVIDIA apex, which is not installed here"),
+    (["--layernorm-impl", "apex"], "--layernorm-impl apex needs NVIDIA apex"),
     (["--train-samples", "40"], "pass one of --train-iters (steps) and --train-samples (samples)"),
     (["--lr-warmup-samples", "8"], "--lr-warmup-samples go with --train-samples"),
     (["--rampup-batch-size", "2", "2", "8"], "--rampup-batch-size go with --train-samples"),

@@ -50,9 +50,9 @@ class BatchSchedule:
     def consumed_before(self, step: int) -> int:
         """Samples consumed before step ``step`` (0-based)."""
         consumed = 0
-        for _ in range(step):
+        for done in range(step):
             if self.rampup is None or consumed > self.rampup[2]:  # constant from here on
-                return consumed + (step - _) * self.global_batch_size
+                return consumed + (step - done) * self.global_batch_size
             consumed += self.size_at(consumed)
         return consumed
 

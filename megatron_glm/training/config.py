@@ -200,7 +200,8 @@ def from_args(args, world_size: int) -> JobConfig:
     wants_apex = [f for f, v in (("--optimizer-impl apex", args.optimizer_impl == "apex"),
                                  ("--layernorm-impl apex", args.layernorm_impl == "apex")) if v]
     if wants_apex and not apex_available():
-        problems.append(f"{' and '.join(wants_apex)} need NVIDIA apex, which is not installed here (it is not on "
+        problems.append(f"{' and '.join(wants_apex)} need{'s' if len(wants_apex) == 1 else ''} NVIDIA apex, which "
+                        "is not installed here (it is not on "
                         "PyPI: NGC PyTorch containers have it); use --optimizer-impl fused-adamw and "
                         "--layernorm-impl torch")
     if problems:
