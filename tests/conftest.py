@@ -18,6 +18,13 @@ if not torch.cuda.is_available():  # Triton kernels run in its interpreter on th
 from megatron_glm.data_prep.stdlib_corpus import write_corpus
 from megatron_glm.data_prep.train_tokenizer import train_tokenizer
 
+# Every process the tests start sees this environment's tools first, the launcher tests' included. Otherwise
+# DeepSpeed's JIT-built CPU op is compiled by the system's ninja in some processes and by this environment's
+# in others, whose build logs disagree: each switch rebuilt it (about 35 s of both cores).
+_bin = os.path.dirname(sys.executable)
+if os.environ.get("PATH", "").split(os.pathsep)[0] != _bin:
+    os.environ["PATH"] = _bin + os.pathsep + os.environ.get("PATH", "")
+
 
 @pytest.fixture(scope="session", autouse=True)
 def deepspeed_ops_built():

@@ -203,23 +203,26 @@ def model_config_from_args(args, vocab_size: int, validate: bool = True) -> Mode
     return base
 
 
+def _given(*pairs) -> list[str]:
+    """The flags of ``(flag, value)`` pairs that were set."""
+    return [flag for flag, value in pairs if value]
+
+
 def _training_length_problems(args) -> list[str]:
     """Megatron's two ways to say how long to train, and the lr lengths that go with each."""
     if (args.train_iters is None) == (args.train_samples is None):
         return ["pass one of --train-iters (steps) and --train-samples (samples)"]
     if args.train_iters is not None:
-        wrong = [flag for flag, value in (("--lr-decay-samples", args.lr_decay_samples),
-                                          ("--lr-warmup-samples", args.lr_warmup_samples),
-                                          ("--lr-wsd-decay-samples", args.lr_wsd_decay_samples),
-                                          ("--rampup-batch-size", args.rampup_batch_size)) if value]
+        wrong = _given(("--lr-decay-samples", args.lr_decay_samples), ("--lr-warmup-samples", args.lr_warmup_samples),
+                       ("--lr-wsd-decay-samples", args.lr_wsd_decay_samples),
+                       ("--rampup-batch-size", args.rampup_batch_size))
         found = ["--train-iters must be positive"] if args.train_iters < 1 else []
         if wrong:
             found.append(f"{', '.join(wrong)} go with --train-samples; with --train-iters use the --lr-*-iters "
                          "flags (a batch-size ramp-up needs sample-based training, as in Megatron)")
         return found
-    wrong = [flag for flag, value in (("--lr-decay-iters", args.lr_decay_iters),
-                                      ("--lr-warmup-iters", args.lr_warmup_iters),
-                                      ("--lr-wsd-decay-iters", args.lr_wsd_decay_iters)) if value]
+    wrong = _given(("--lr-decay-iters", args.lr_decay_iters), ("--lr-warmup-iters", args.lr_warmup_iters),
+                   ("--lr-wsd-decay-iters", args.lr_wsd_decay_iters))
     found = ["--train-samples must be positive"] if args.train_samples < 1 else []
     if wrong:
         found.append(f"{', '.join(wrong)} go with --train-iters; with --train-samples use --lr-decay-samples, "
