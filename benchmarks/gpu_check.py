@@ -31,14 +31,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def stages(smoke: bool, out: str) -> list[dict]:
     py = sys.executable
-    throughput = [("glm-large", "512", "8", ["eager", "flash", "flash+fused", "flash+fused+compile", "flex+fused"]),
-                  # 16 of glm-2b's 36 layers fit the time limit (the output says so)
-                  ("glm-2b", "1024", "4", ["eager", "flash+fused", "flash+fused+compile"])]
+    pytest = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
     if smoke:
         return [
             {"name": "kernels", "limit": 300,  # the suite runs these tests itself: here, two of them
-             "cmd": [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels.py", "-k",
-                     "cpu and one-segment"]},
+             "cmd": pytest + ["tests/test_kernels.py", "-k", "cpu and one-segment"]},
             {"name": "fp16", "needs_gpu": True},
             {"name": "attention", "limit": 300, "json": "attention.json",
              "cmd": [py, "benchmarks/attention.py", "--smoke", "--json", os.path.join(out, "attention.json")]},
@@ -47,21 +44,22 @@ def stages(smoke: bool, out: str) -> list[dict]:
                      "sdpa+compile", "--json", os.path.join(out, "throughput_smoke.json")]},
         ]
     out_stages = [
-        {"name": "kernels", "limit": 120, "cmd": [py, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                                                  "tests/test_kernels.py", "-k", "cuda"]},
-        {"name": "fp16", "limit": 45, "cmd": [py, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                                              "tests/test_3d.py", "-k", "fp16"]},
+        {"name": "kernels", "limit": 120, "cmd": pytest + ["tests/test_kernels.py", "-k", "cuda"]},
+        {"name": "fp16", "limit": 45, "cmd": pytest + ["tests/test_3d.py", "-k", "fp16"]},
         {"name": "attention", "limit": 60, "json": "attention.json",
          "cmd": [py, "benchmarks/attention.py", "--seq", "2048", "8192", "--head-dim", "128", "--only", "attention",
                  "--warmup", "2", "--reps", "5", "--json", os.path.join(out, "attention.json")]},
     ]
-    for preset, seq, micro, variants in throughput:
-        out_stages.append({"name": f"throughput-{preset}", "limit": 100 if preset == "glm-large" else 95,
-                           "json": f"throughput_{preset}.json",
-                           "cmd": [py, "benchmarks/train_throughput.py", "--preset", preset, "--seq-length", seq,
-                                   "--micro-batch-size", micro, "--steps", "6", "--warmup", "2", "--variants",
-                                   *variants, "--json", os.path.join(out, f"throughput_{preset}.json")]
-                           + (["--num-layers", "16"] if preset == "glm-2b" else [])})
+    # (preset, limit in seconds, flags): 16 of glm-2b's 36 layers fit the time limit (the output says so)
+    for preset, limit, flags in (
+            ("glm-large", 100, ["--seq-length", "512", "--micro-batch-size", "8", "--variants", "eager", "flash",
+                                "flash+fused", "flash+fused+compile", "flex+fused"]),
+            ("glm-2b", 95, ["--seq-length", "1024", "--micro-batch-size", "4", "--num-layers", "16", "--variants",
+                            "eager", "flash+fused", "flash+fused+compile"])):
+        name = f"throughput_{preset}.json"
+        out_stages.append({"name": f"throughput-{preset}", "limit": limit, "json": name,
+                           "cmd": [py, "benchmarks/train_throughput.py", "--preset", preset, "--steps", "6",
+                                   "--warmup", "2", *flags, "--json", os.path.join(out, name)]})
     return out_stages
 
 
@@ -110,13 +108,14 @@ def summarize(results: list[dict], out: str) -> dict:
     if summary["throughput"]:
         lines += ["", "| model | variant | seq | ms/step | tokens/s | MFU | peak GiB | glm-plan GiB | plan/measured |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        def cell(row, key, fmt):  # a figure the run did not produce (no GPU peak, no plan for flex) is "-"
+            return format(row[key], fmt) if row.get(key) is not None else "-"
+
         for t in summary["throughput"]:
-            ratio = t["plan_gib"] / t["peak_gib"] if t.get("plan_gib") and t.get("peak_gib") else None
+            ratio = format(t["plan_gib"] / t["peak_gib"], ".2f") if t.get("plan_gib") and t.get("peak_gib") else "-"
             lines.append(f"| {t['layers']}L h{t['hidden']} | {t['variant']} | {t['seq']} | {t['step_ms']:.1f} | "
-                         f"{t['tokens_per_s']:,.0f} | {t['mfu']:.1%} | {t.get('peak_gib', 0):.2f} | "
-                         f"{t.get('plan_gib') or 0:.2f} | {ratio:.2f} |" if t.get("mfu") and ratio else
-                         f"| {t['layers']}L h{t['hidden']} | {t['variant']} | {t['seq']} | {t['step_ms']:.1f} | "
-                         f"{t['tokens_per_s']:,.0f} | - | - | - | - |")
+                         f"{t['tokens_per_s']:,.0f} | {cell(t, 'mfu', '.1%')} | {cell(t, 'peak_gib', '.2f')} | "
+                         f"{cell(t, 'plan_gib', '.2f')} | {ratio} |")
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     with open(os.path.join(out, "summary.md"), "w") as f:
