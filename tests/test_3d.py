@@ -182,3 +182,105 @@ def test_embedding_gradient_shrink_under_tp_and_pp(tmp_path, data, single):
     plain, _ = single
     assert runs[1][0]["lm_loss"] == plain[0]["lm_loss"], "the forward of the first step is unchanged"
     assert runs[1][0]["grad_norm"] != pytest.approx(plain[0]["grad_norm"], rel=1e-4), "the gradient shrinks"
+
+
+# -- changing layout with the whole training state (glm-convert to-universal) --------------------------------------
+
+TP2PP2_ZERO1 = ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--zero-stage", "1"]
+
+
+def uninterrupted(tmp_path_factory, data, name, nproc, extra):
+    """8 steps saved after 4: the reference for steps 5-8 of a run resumed from step 4 on another layout."""
+    out = str(tmp_path_factory.mktemp(name))
+    result = launch_pretrain(nproc, argv(data, out, iters=8, extra=extra + ["--save", out, "--save-interval", "4"]))
+    assert result.returncode == 0, result.stderr[-8000:]
+    universal = os.path.join(out + "-universal")
+    assert convert_main(["to-universal", "--load", out, "--iteration", "4", "--save", universal]) == 0
+    return {r["iteration"]: r for r in records(out)}, universal
+
+
+@pytest.fixture(scope="module")
+def tp2pp2(tmp_path_factory, data):
+    return uninterrupted(tmp_path_factory, data, "tp2pp2", 4, TP2PP2_ZERO1)
+
+
+def convert_main(argv_):
+    from megatron_glm.convert.cli import main
+
+    return main(argv_)
+
+
+def assert_continues(result, out, reference):
+    assert result.returncode == 0, result.stderr[-8000:]
+    assert "resumed from" in result.stdout and "at iteration 4" in result.stdout
+    seen = records(out)
+    assert [r["iteration"] for r in seen] == [5, 6, 7, 8]
+    for r in seen:
+        ref = reference[r["iteration"]]
+        assert r["lm_loss"] == pytest.approx(ref["lm_loss"], rel=1e-5), r["iteration"]
+        assert r["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4), r["iteration"]
+        assert r["lr"] == pytest.approx(ref["lr"], rel=1e-6) and r["consumed_samples"] == ref["consumed_samples"]
+
+
+NEW_LAYOUTS = {
+    "TP1xPP1xDP2": (2, ["--zero-stage", "1"]),
+    "TP2xPP1xDP2 ZeRO-2": (4, ["--tensor-model-parallel-size", "2", "--zero-stage", "2"]),
+    "TP1xPP2xDP2": (4, ["--pipeline-model-parallel-size", "2", "--zero-stage", "1"]),
+}
+
+
+@pytest.mark.parametrize("name", list(NEW_LAYOUTS))
+def test_a_universal_checkpoint_resumes_on_another_layout_as_if_uninterrupted(tmp_path, data, tp2pp2, name):
+    """4 steps on TP2xPP2 (ZeRO-1), converted, 4 more on another TP x PP x DP (and ZeRO stage): steps 5-8 are the
+    uninterrupted run's, which they could not be with a fresh optimizer or schedule."""
+    reference, universal = tp2pp2
+    nproc, extra = NEW_LAYOUTS[name]
+    out = str(tmp_path / "moved")
+    result = launch_pretrain(nproc, argv(data, out, iters=8, extra=extra + ["--load", universal, "--save", out]))
+    assert_continues(result, out, reference)
+
+
+def test_zero3_to_zero1_through_a_universal_checkpoint(tmp_path_factory, tmp_path, data):
+    reference, universal = uninterrupted(tmp_path_factory, data, "zero3", 2, ["--zero-stage", "3"])
+    out = str(tmp_path / "zero1")
+    extra = ["--zero-stage", "1", "--load", universal, "--save", out]
+    result = launch_pretrain(2, argv(data, out, iters=8, extra=extra))
+    assert_continues(result, out, reference)
+
+
+def _state_after_resume(rank, world, argv_):
+    """Each parameter's fp32 master and Adam moments in the engine a universal resume built, beside the files'."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    from megatron_glm.model.parallelize import RankLayout
+    from megatron_glm.training import universal
+    from megatron_glm.training.arguments import build_parser
+    from megatron_glm.training.config import from_args
+    from megatron_glm.training.trainer import Trainer
+
+    trainer = Trainer(from_args(build_parser().parse_args(argv_), world_size=world))
+    reader = universal.reader_for(trainer.resume, RankLayout.from_state(), False)
+    worst, steps = {}, set()
+    for _, p, full in universal.local_parameters(trainer.chunks):
+        for state in universal.STATES:
+            got = safe_get_full_fp32_param(p) if state == "fp32" else safe_get_full_optimizer_state(p, state)
+            worst[state] = max(worst.get(state, 0.0), (got - reader.shard(full, state, got.shape)).abs().max().item())
+    for s in trainer.engine.optimizer.optimizer.state.values():
+        steps.add(int(s["step"]))
+    result = {"worst": worst, "steps": steps, "iteration": trainer.iteration, "lr": trainer.engine.get_lr()[0]}
+    trainer.close()
+    return result
+
+
+def test_the_moments_right_after_a_universal_resume_are_the_merged_originals(tmp_path, data, tp2pp2):
+    """On DP2 ZeRO-1 the engine's fp32 masters and moments equal the files (merged from TP2xPP2's partitions)."""
+    from tests.helpers import spawn
+
+    reference, universal = tp2pp2
+    out = str(tmp_path / "probe")
+    results = spawn(_state_after_resume, 2, tmp_path / "ranks",
+                    argv(data, out, iters=8, extra=["--zero-stage", "1", "--load", universal]))
+    for r in results:
+        assert r["iteration"] == 4 and r["steps"] == {4}
+        assert all(diff <= 1e-6 for diff in r["worst"].values()), r["worst"]
+        assert r["lr"] == pytest.approx(reference[4]["lr"], rel=1e-6)

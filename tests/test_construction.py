@@ -49,7 +49,7 @@ def construction_worker(rank, world, load_dir, reference_seed):
     layout = RankLayout.from_state()
     weights = None
     if load_dir:
-        weights = lambda: ckpt.read_weights_only(load_dir, ckpt.resume_tag(load_dir), layout.pp_rank,  # noqa: E731
+        weights = lambda chunks: ckpt.read_weights_only(load_dir, ckpt.resume_tag(load_dir), layout.pp_rank,  # noqa: E731
                                                  layout.tp_rank, layout.tp)
     build_rank_model(ModelConfig(num_layers=2, hidden_size=8, num_attention_heads=2, vocab_size=16), layout, SEED)
     assert reset_host_peak()  # after a tiny build: the meta device's first use imports ~150 MB of libraries (sympy)

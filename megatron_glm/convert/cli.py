@@ -5,11 +5,14 @@
   glm-convert export-hf    --load CKPT --save HF_DIR [--dtype bf16] [--max-shard-size 5GB]
   glm-convert import-hf    --load HF_DIR --save OUT [--target-tp 2 --target-pp 2]
   glm-convert zero-to-fp32 --load CKPT --save OUT [--hf]
+  glm-convert to-universal --load CKPT --save OUT
 
 ``--load`` takes any TP x PP megatron-glm checkpoint (ZeRO-3 partitions are consolidated
-on the way). A megatron-glm output is weights-only: glm-pretrain resumes it at the same
-iteration and consumed samples with a fresh optimizer state (Adam moments are not carried
-across layouts; to keep them, resume on the original layout, any data-parallel size).
+on the way). reshard's output is weights-only: glm-pretrain resumes it at the same
+iteration and consumed samples with a fresh optimizer state. to-universal keeps the whole
+training state (fp32 master weights, Adam moments and step, lr schedule, data position) in
+DeepSpeed's universal layout, one folder per parameter: glm-pretrain --load resumes it on
+any TP x PP x DP layout and ZeRO stage.
 """
 
 from __future__ import annotations
@@ -61,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(sp)
     sp.add_argument("--hf", action="store_true", help="write a Hugging Face folder instead (as export-hf)")
     _shards(sp)
+    sp = sub.add_parser("to-universal", allow_abbrev=False, help="the whole training state (weights, Adam moments, "
+                        "schedule) for any layout: glm-pretrain resumes it on another TP x PP x DP or ZeRO stage")
+    _common(sp, layout=False)
+    sp.add_argument("--iteration", type=int, default=None, help="the checkpoint to convert (default: the latest)")
     return p
 
 
@@ -68,6 +75,13 @@ def convert(args) -> list[tuple[str, int]]:
     from megatron_glm.convert import readers, writers
     from megatron_glm.convert.layout import ConversionError, check_state
 
+    if args.command == "to-universal":
+        from megatron_glm.convert.universal import write_universal
+
+        if args.dtype:
+            raise ConversionError("to-universal keeps the fp32 training state as it is: drop --dtype")
+        return write_universal(args.load, args.save, args.trust_checkpoint, args.dry_run, args.overwrite,
+                               args.iteration)
     if args.command == "import-thudm":
         state, cfg, info = readers.read_thudm(args.load, args.num_attention_heads, args.preset,
                                               args.trust_checkpoint)

@@ -64,11 +64,15 @@ def zero_to_fp32(path: str, tag: str | None = None, trust: bool = False) -> tupl
     return _consolidate_zero(path, tag, meta, trust), ModelConfig.from_dict(meta["model"]), _info(meta)
 
 
-def _consolidate_zero(path: str, tag: str, meta: dict, trust: bool = False) -> dict:
+def _consolidate_zero(path: str, tag: str, meta: dict, trust: bool = False, state: str = "fp32") -> dict:
     """DeepSpeed's consolidation, once per model-parallel rank (it assumes one), then the TP x PP merge.
 
-    DeepSpeed's consolidation unpickles without restriction, so unless ``trust`` it reads copies
-    that were loaded through the allow-list and saved again: only vetted objects reach it.
+    ``state`` "exp_avg" or "exp_avg_sq" consolidates that Adam moment instead of the fp32 weights:
+    the moments are flat partitions laid out exactly as the weights' (one per parameter group),
+    so each optimizer file is staged with its fp32 partitions replaced by the moment's, and
+    DeepSpeed's own unflattening does the rest. DeepSpeed's consolidation unpickles without
+    restriction, so unless ``trust`` it reads copies that were loaded through the allow-list and
+    saved again: only vetted objects reach it.
     """
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -84,13 +88,97 @@ def _consolidate_zero(path: str, tag: str, meta: dict, trust: bool = False) -> d
             os.makedirs(os.path.join(tmp, tag))
             for f in files:
                 source, staged = os.path.join(folder, f), os.path.join(tmp, tag, f.replace(mp, "mp_rank_00"))
-                if trust:
+                if state != "fp32" and f.endswith("_optim_states.pt"):
+                    torch.save(_with_moment(serialization.load(source, trust=trust), state, source), staged)
+                elif trust:
                     os.symlink(source, staged)
                 else:
                     torch.save(serialization.load(source), staged)
-            state = get_fp32_state_dict_from_zero_checkpoint(tmp, tag)
-        return {k: v.float() for k, v in state.items()}
+            merged = get_fp32_state_dict_from_zero_checkpoint(tmp, tag)
+        return {k: v.float() for k, v in merged.items()}
     return ckpt.merge_model_shards(read, meta)
+
+
+def _zero_partitions(optim: dict, source: str) -> tuple[str, dict]:
+    """(key of the fp32 flat partitions, the base optimizer's state dict) in a ZeRO optimizer file."""
+    osd = optim.get("optimizer_state_dict") if isinstance(optim, dict) else None
+    if isinstance(osd, dict) and "single_partition_of_fp32_groups" in osd:  # ZeRO-1/2 (and DeepSpeed's bf16)
+        return "single_partition_of_fp32_groups", osd["base_optimizer_state"]
+    if isinstance(osd, dict) and "fp32_flat_groups" in osd:  # ZeRO-3
+        return "fp32_flat_groups", osd["optimizer_state_dict"]
+    raise ConversionError(f"{source}: not a DeepSpeed ZeRO optimizer file (no fp32 flat partitions)")
+
+
+def _with_moment(optim: dict, state: str, source: str) -> dict:
+    key, base = _zero_partitions(optim, source)
+    groups = optim["optimizer_state_dict"][key]
+    try:
+        moments = [base["state"][i][state] for i in range(len(groups))]
+    except (KeyError, IndexError):
+        raise ConversionError(f"{source} holds no Adam {state} for every parameter group: not an Adam optimizer's "
+                              "state, or saved before the first step") from None
+    optim["optimizer_state_dict"][key] = [m.float() for m in moments]
+    return optim
+
+
+def adam_steps(path: str, tag: str, meta: dict, trust: bool = False) -> int:
+    """The Adam step count of a checkpoint (the same for every parameter group and rank)."""
+    folder = os.path.join(path, tag)
+    if meta.get("args", {}).get("zero_stage"):
+        files = sorted(glob.glob(os.path.join(folder, "*zero_pp_rank_0_mp_rank_00_optim_states.pt")))
+        if not files:
+            raise ConversionError(f"{folder} has no ZeRO optimizer partitions "
+                                  "(zero_pp_rank_0_mp_rank_00_optim_states.pt)")
+        _, base = _zero_partitions(serialization.load(files[0], trust=trust), files[0])
+    else:
+        base = _zero0_optimizer(folder, 0, trust)
+    steps = {int(s["step"]) for s in base["state"].values() if "step" in s}
+    if len(steps) != 1:
+        raise ConversionError(f"{folder}: Adam step counts {sorted(steps)} (expected one count)")
+    return steps.pop()
+
+
+def _zero0_optimizer(folder: str, mp: int, trust: bool) -> dict:
+    path = os.path.join(folder, f"mp_rank_{mp:02d}_model_states.pt")
+    if not os.path.exists(path):
+        raise ConversionError(f"{path} is missing: the checkpoint is incomplete")
+    optimizer = serialization.load(path, trust=trust).get("optimizer")
+    if not isinstance(optimizer, dict) or "state" not in optimizer:
+        raise ConversionError(f"{path} holds no optimizer state (a weights-only or converted checkpoint): "
+                              "nothing to carry but the weights; use `glm-convert reshard`")
+    return optimizer
+
+
+def optimizer_states(path: str, tag: str, meta: dict, trust: bool = False) -> dict[str, dict]:
+    """``{"fp32" | "exp_avg" | "exp_avg_sq": whole state dict}`` of a glm-pretrain checkpoint, any layout.
+
+    With ZeRO the three come from the optimizer partitions; without it, the weights are the fp32
+    masters and the moments sit in each rank's model file, in the order the optimizer was given
+    its parameters (decayed ones first: ``training.engine.param_groups``).
+    """
+    if meta.get("args", {}).get("zero_stage"):
+        return {state: _consolidate_zero(path, tag, meta, trust, state) for state in UNIVERSAL_STATES}
+    from megatron_glm.training.engine import decays
+
+    folder, tp = os.path.join(path, tag), meta.get("tensor_model_parallel_size", 1)
+    states = {}
+    for state in UNIVERSAL_STATES:
+        def read(p, t, state=state):
+            module_path = os.path.join(folder, f"mp_rank_{p * tp + t:02d}_model_states.pt")
+            module = ckpt.read_weights_only(path, tag, p, t, tp, trust)[0]
+            if state == "fp32":
+                return {k: v.float() for k, v in module.items()}
+            optimizer = _zero0_optimizer(folder, p * tp + t, trust)
+            names = [n for n in module if decays(n)] + [n for n in module if not decays(n)]
+            ids = [i for group in optimizer["param_groups"] for i in group["params"]]
+            if len(ids) != len(names):
+                raise ConversionError(f"{module_path}: {len(ids)} optimizer entries for {len(names)} parameters")
+            return {name: optimizer["state"][i][state].float() for name, i in zip(names, ids)}
+        states[state] = ckpt.merge_model_shards(read, meta)
+    return states
+
+
+UNIVERSAL_STATES = ("fp32", "exp_avg", "exp_avg_sq")
 
 
 THUDM_LAYER = re.compile(r"^transformer\.layers\.(\d+)\.")

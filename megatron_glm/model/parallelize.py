@@ -197,8 +197,8 @@ def load_shard(chunk: nn.Module, weights: dict[str, torch.Tensor], where: str) -
 
 def build_rank_model(cfg: ModelConfig, layout: RankLayout, seed: int, sequence_parallel: bool = False,
                      recompute: tuple = (None,), attention_impl: str = "auto", weights=None) -> list[GLMModel]:
-    """This rank's chunks with real weights: initialised from ``seed``, or ``weights()`` (this rank's
-    state dict, named as one module of the chunks: a ModuleList's ``{c}.`` prefixes when several)."""
+    """This rank's chunks with real weights: initialised from ``seed``, or ``weights(chunks)`` (this rank's
+    state dict for the meta chunks, named as one module of them: a ModuleList's ``{c}.`` prefixes when several)."""
     chunks = build_chunks(cfg, layout)
     for chunk in chunks:
         chunk.set_attention_impl(attention_impl)
@@ -208,7 +208,7 @@ def build_rank_model(cfg: ModelConfig, layout: RankLayout, seed: int, sequence_p
         for chunk in chunks:
             initialize_shard(chunk, layout, seed)
     else:
-        state_dict, where = weights()
+        state_dict, where = weights(chunks)
         module = chunks[0] if len(chunks) == 1 else nn.ModuleList(chunks)
         load_shard(module, dict(state_dict), where)
     return chunks

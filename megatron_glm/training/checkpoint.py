@@ -69,7 +69,7 @@ def rng_file(folder: str, pp: int, tp: int, dp: int) -> str:
     return os.path.join(folder, f"rng_state_pp{pp:02d}_tp{tp:02d}_dp{dp:03d}.pt")
 
 
-def _position():
+def position():
     from megatron_glm.parallel import state
 
     if not state.model_parallel_is_initialized():
@@ -91,7 +91,7 @@ def save_checkpoint(engine, save_dir: str, iteration: int, meta: dict, keep_last
     staged = os.path.join(tmp_root, tag)
     try:
         engine.save_checkpoint(tmp_root, tag=tag, client_state={"iteration": iteration}, save_latest=False)
-        torch.save(rng_state(), rng_file(staged, *_position()))
+        torch.save(rng_state(), rng_file(staged, *position()))
         if rank == 0:
             with open(os.path.join(staged, "meta.json"), "w") as f:
                 json.dump({**meta, "iteration": iteration}, f, indent=1)
@@ -199,24 +199,46 @@ def read_safely(engine, trust: bool = False) -> None:
         engine.checkpoint_engine = SafeCheckpointEngine(engine.checkpoint_engine, trust)
 
 
+TO_UNIVERSAL = "glm-convert to-universal --load {where} --save NEW_FOLDER, then --load NEW_FOLDER"
+
+
 def check_compatible(meta: dict, model_cfg: ModelConfig, tokenizer_fingerprint: str | None, where: str,
                      tensor_parallel: int = 1, pipeline_parallel: int = 1) -> None:
-    """Refuse a checkpoint of another architecture, tokenizer or layout, naming every difference."""
+    """Refuse a checkpoint of another architecture, tokenizer or layout, naming every difference.
+
+    A universal checkpoint takes any layout; the others the TP x PP they were saved with.
+    """
     for flag, saved, now in (
             ("--tensor-model-parallel-size", meta.get("tensor_model_parallel_size", 1), tensor_parallel),
             ("--pipeline-model-parallel-size", meta.get("pipeline_model_parallel_size", 1), pipeline_parallel)):
-        if saved != now:
+        if saved != now and not meta.get("universal") and not meta.get("weights_only"):
             raise CheckpointError(f"{where} was saved with {flag} {saved}, this run has {now}: resume with the same "
-                                  "layout (resharding a checkpoint is glm-convert's job)")
+                                  "layout, or keep the whole training state on the new one with "
+                                  + TO_UNIVERSAL.format(where=where))
     saved = ModelConfig.from_dict(meta["model"])
     diffs = saved.architecture_differences(model_cfg)
     if diffs:
-        raise CheckpointError(f"{where} holds another architecture (checkpoint vs flags): {'; '.join(diffs)}. "
-                              "Pass the flags it was trained with, or start a new --save folder")
+        padding = saved.vocab_size != model_cfg.vocab_size and len(diffs) == 1
+        raise CheckpointError(f"{where} holds another architecture (checkpoint vs flags): {'; '.join(diffs)}. " + (
+            f"The vocabulary is padded to a multiple of --make-vocab-size-divisible-by x TP: choose them so that "
+            f"it stays {saved.vocab_size} rows" if padding else
+            "Pass the flags it was trained with, or start a new --save folder"))
     recorded = meta.get("tokenizer", {}).get("fingerprint")
     if tokenizer_fingerprint and recorded and recorded != tokenizer_fingerprint:
         raise CheckpointError(f"{where} was trained with another tokenizer ({meta['tokenizer'].get('files')}); "
                               "pass the same tokenizer files")
+
+
+def check_data_parallel(resume: ResumePoint, data_parallel: int, zero_stage: int) -> None:
+    """DeepSpeed's ZeRO partitions load only on the data-parallel size and stage that wrote them."""
+    meta = resume.meta
+    saved_stage, saved_dp = meta.get("args", {}).get("zero_stage", 0), meta.get("data_parallel_size")
+    if resume.universal or resume.weights_only or resume.finetune or saved_dp is None:
+        return
+    if (saved_stage or zero_stage) and (saved_stage, saved_dp) != (zero_stage, data_parallel):
+        raise CheckpointError(f"{resume} holds ZeRO-{saved_stage} partitions of {saved_dp} data-parallel ranks; this "
+                              f"run has ZeRO-{zero_stage} on {data_parallel}: resume with the same, or keep the whole "
+                              "training state on the new layout with " + TO_UNIVERSAL.format(where=resume.load_dir))
 
 
 def load_checkpoint(engine, load_dir: str, tag: str, trust: bool = False, optimizer: bool = True,
@@ -234,7 +256,7 @@ def load_checkpoint(engine, load_dir: str, tag: str, trust: bool = False, optimi
         raise CheckpointError(f"DeepSpeed could not load {load_dir}/{tag}: its model states are missing")
     if not rng:
         return meta
-    pp, tp, dp = _position()
+    pp, tp, dp = position()
     path = rng_file(os.path.join(load_dir, tag), pp, tp, dp)
     if not os.path.exists(path):  # more data-parallel replicas than were saved: replica 0's streams
         path = rng_file(os.path.join(load_dir, tag), pp, tp, 0)
@@ -319,6 +341,11 @@ class ResumePoint:
         """A glm-convert output: weights for each rank, no optimizer state."""
         return bool(self.meta.get("weights_only"))
 
+    @property
+    def universal(self) -> bool:
+        """A glm-convert to-universal output: the whole training state, for any layout."""
+        return bool(self.meta.get("universal"))
+
     def __str__(self) -> str:
         return os.path.join(self.load_dir, self.tag)
 
@@ -363,13 +390,20 @@ class Checkpointer:
         return folder
 
     @staticmethod
-    def load(engine, resume: ResumePoint, trust: bool, optimizer: bool = True, rng: bool = True) -> tuple[int, int]:
-        """(iteration, consumed samples) after restoring the engine; converted weights are already in the model.
+    def load(engine, resume: ResumePoint, trust: bool, optimizer: bool = True, rng: bool = True, chunks=None,
+             universal_reader=None) -> tuple[int, int]:
+        """(iteration, consumed samples) after restoring the engine; converted and universal weights are already in
+        the model (``chunks``), a universal checkpoint's optimizer state comes from ``universal_reader``.
 
         ``optimizer``/``rng`` False (``--no-load-optim``/``--no-load-rng``) keep those fresh; fine-tuning takes the
         weights alone and starts at iteration 0.
         """
-        if not resume.weights_only:
+        if resume.universal:
+            from megatron_glm.training import universal
+
+            universal.load(engine, chunks, universal_reader, resume, optimizer and not resume.finetune,
+                           rng and not resume.finetune)
+        elif not resume.weights_only:
             load_checkpoint(engine, resume.load_dir, resume.tag, trust, optimizer and not resume.finetune,
                             rng and not resume.finetune)
         return (0, 0) if resume.finetune else (resume.meta["iteration"], resume.meta["consumed_samples"])

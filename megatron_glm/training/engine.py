@@ -58,11 +58,16 @@ def deepspeed_config(job: JobConfig, grad_accum: int, rank_params: int | None = 
     return config
 
 
-def param_groups(model, weight_decay: float):
+def decays(name: str) -> bool:
     """No weight decay on biases and LayerNorm parameters (Megatron's rule)."""
+    return not (name.endswith("bias") or "layernorm" in name)
+
+
+def param_groups(model, weight_decay: float):
+    """The decayed parameters, then the others (a checkpoint's optimizer state follows this order)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (no_decay if name.endswith("bias") or "layernorm" in name else decay).append(p)
+        (decay if decays(name) else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

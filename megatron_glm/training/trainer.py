@@ -32,6 +32,7 @@ from megatron_glm.parallel.pipeline import partition_layers
 from megatron_glm.parallel.pipeline_stage import TiedEmbedding
 from megatron_glm.parallel.random import model_parallel_seed
 from megatron_glm.training import checkpoint as ckpt
+from megatron_glm.training import universal
 from megatron_glm.training.config import JobConfig
 from megatron_glm.training.engine import build_engine, init_distributed
 from megatron_glm.training.memory import host_memory, reset_host_peak
@@ -106,9 +107,11 @@ def build_model(job: JobConfig, model_cfg: ModelConfig, resume: ckpt.ResumePoint
     layout = RankLayout.from_state(par.virtual_stages(model_cfg.num_layers), par.pipeline_layers)
     weights = None
     if resume is not None and resume.weights_only:  # a glm-convert output: this rank's file only
-        def weights():
+        def weights(chunks):
             return ckpt.read_weights_only(resume.load_dir, resume.tag, layout.pp_rank, layout.tp_rank, layout.tp,
                                           job.checkpoint.trust)
+    elif resume is not None and resume.universal:  # this rank's parameters' files, sliced to its TP shard
+        weights = universal.reader_for(resume, layout, model_cfg.geglu, job.checkpoint.trust).weights
     torch.nn.init.normal_(torch.empty(1, device="meta"))  # the meta kernels' one-time imports (~150 MB), not weights
     reset_host_peak()
     before = host_memory()
@@ -169,9 +172,7 @@ class Trainer:
         self.engine = build_engine(job, self.module, self.grad_accum * len(self.chunks))
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(job.precision, torch.float32)
         self.tied = TiedEmbedding(self.chunks, self.dtype)
-        self.iteration, self.consumed = (ckpt.Checkpointer.load(self.engine, self.resume, job.checkpoint.trust,
-                                                                job.checkpoint.load_optim, job.checkpoint.load_rng)
-                                         if self.resume else (0, 0))
+        self.iteration, self.consumed = self._restore() if self.resume else (0, 0)
         self.tied.broadcast_weight()
         seq_local = job.data.seq_length // par.tensor if par.sequence_parallel else job.data.seq_length
         self.runner = StepRunner(self.engine, self.chunks, self.tied, self.vpp,
@@ -192,6 +193,15 @@ class Trainer:
         minutes = job.logging.exit_duration_mins
         self.preemption = Preemption(job.logging.stop_file, self.device, self.rank,
                                      self.started + 60.0 * minutes if minutes else None)
+
+    def _restore(self) -> tuple[int, int]:
+        """(iteration, consumed samples) of the resume point, its state restored into the engine."""
+        job, resume = self.job, self.resume
+        ckpt.check_data_parallel(resume, state.get_data_parallel_world_size(), self.engine.zero_optimization_stage())
+        reader = universal.reader_for(resume, RankLayout.from_state(), self.model_cfg.geglu, job.checkpoint.trust) \
+            if resume.universal else None
+        return ckpt.Checkpointer.load(self.engine, resume, job.checkpoint.trust, job.checkpoint.load_optim,
+                                      job.checkpoint.load_rng, self.chunks, reader)
 
     # -- set-up reports ---------------------------------------------------------------------
     def _announce(self) -> None:
@@ -231,6 +241,7 @@ class Trainer:
         stages = partition_layers(cfg.num_layers, par.pipeline, self.vpp, explicit)
         return {"model": cfg.to_dict(), "tokenizer": self.tokenizer.describe(), "seq_length": job.data.seq_length,
                 "tensor_model_parallel_size": par.tensor, "pipeline_model_parallel_size": par.pipeline,
+                "data_parallel_size": state.get_data_parallel_world_size(),
                 "pipeline_layers": [[[r.start, r.stop] for r in stage] for stage in stages], "args": job.flags}
 
     # -- steps ------------------------------------------------------------------------------
