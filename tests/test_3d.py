@@ -284,3 +284,33 @@ def test_the_moments_right_after_a_universal_resume_are_the_merged_originals(tmp
         assert r["iteration"] == 4 and r["steps"] == {4}
         assert all(diff <= 1e-6 for diff in r["worst"].values()), r["worst"]
         assert r["lr"] == pytest.approx(reference[4]["lr"], rel=1e-6)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("a parameter file missing", "is missing: the universal checkpoint is incomplete"),
+    ("layers that do not split", "is not divisible by pipeline stages 3"),
+    ("another architecture", "another architecture"),
+    ("the original on another TP", "glm-convert to-universal --load"),
+])
+def test_universal_resumes_refuse_what_cannot_work(tmp_path, data, tp2pp2, case, message):
+    import shutil
+
+    _, universal = tp2pp2
+    load, nproc, extra = universal, 1, []
+    if case == "a parameter file missing":
+        load = str(tmp_path / "incomplete")
+        shutil.copytree(universal, load)
+        os.remove(os.path.join(load, "iter_0000004", "zero", "transformer.layers.2.mlp.dense_4h_to_h.weight",
+                               "exp_avg_sq.pt"))
+    elif case == "layers that do not split":
+        nproc, extra = 3, ["--pipeline-model-parallel-size", "3"]
+    elif case == "another architecture":
+        extra = ["--hidden-size", "64"]
+    else:
+        load = universal.removesuffix("-universal")
+    out = str(tmp_path / "out")
+    result = launch_pretrain(nproc, argv(data, str(tmp_path / "log"), iters=8, extra=extra + ["--load", load,
+                                                                                             "--save", out]))
+    assert result.returncode != 0 and message in result.stderr, result.stderr[-3000:]
+    assert nproc > 1 or "Traceback" not in result.stderr  # (torchrun prints its own when a rank fails)
+    assert not os.path.exists(os.path.join(out, "latest")), "nothing saved"

@@ -131,7 +131,10 @@ def main(argv=None) -> int:
         return 1
     total = sum(size for _, size in plan)
     verb = "would write" if args.dry_run else "wrote"
-    for name, size in plan:
+    shown = plan if len(plan) <= 24 else plan[:20] + plan[-2:]  # a universal checkpoint has a folder per tensor
+    for name, size in shown:
+        if len(shown) < len(plan) and name == plan[-2][0]:
+            print(f"  ... {len(plan) - len(shown)} more")
         print(f"  {name}  {size / 2**20:,.1f} MiB" if size else f"  {name}")
     print(f"glm-convert: {verb} {len(plan)} files, {total / 2**20:,.1f} MiB, to {args.save}")
     return 0

@@ -81,8 +81,8 @@ def write_universal(load: str, out: str, trust: bool = False, dry_run: bool = Fa
         check_state(tensors, cfg, f"{folder} ({state})")
     step = readers.adam_steps(load, tag, meta, trust)
     names = sorted(states["fp32"])
-    plan = [(param_file(tag, name, state), _nbytes([states[state][name]]))
-            for name in names for state in STATES] + [(os.path.join(tag, "meta.json"), 0), (ckpt.LATEST, 0)]
+    plan = [(param_file(tag, name, state), _nbytes([states[state][name]]) if state != "step" else 0)
+            for name in names for state in (*STATES, "step")] + [(os.path.join(tag, "meta.json"), 0), (ckpt.LATEST, 0)]
     if dry_run:
         return plan
     partial = _stage(out, overwrite)
