@@ -213,6 +213,14 @@ class Trainer:
         if resume and not resume.finetune:
             if resume.weights_only:
                 notes.append("converted weights")
+            if resume.universal:
+                meta = resume.meta
+                saved = (meta.get("tensor_model_parallel_size", 1), meta.get("pipeline_model_parallel_size", 1))
+                stage = meta.get("args", {}).get("zero_stage", 0)
+                notes.append(f"universal checkpoint of a TP {saved[0]} x PP {saved[1]} x DP "
+                             f"{meta.get('data_parallel_size', '?')} ZeRO-{stage} run")
+                if saved != (par.tensor, par.pipeline) and job.checkpoint.load_rng:
+                    notes.append(f"random state from --seed {job.seed} (another TP x PP)")
             if resume.weights_only or not job.checkpoint.load_optim:
                 notes.append("the optimizer state and lr schedule start fresh")
             if resume.weights_only or not job.checkpoint.load_rng:
