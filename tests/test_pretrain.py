@@ -29,19 +29,17 @@ def run(argv, fault=None):
                           capture_output=True, text=True, timeout=600)
 
 
-def test_kill_anywhere_then_resume_equals_an_uninterrupted_run(tmp_path, data):
-    clean = str(tmp_path / "clean" / "ckpt")
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data):
+    clean = str(tmp_path_factory.mktemp("clean") / "ckpt")
     done = run(args(data, clean))
     assert done.returncode == 0, done.stderr
     reference = {r["iteration"]: r for r in records(clean)}
     assert len(reference) == 8 and reference[8]["lm_loss"] < reference[1]["lm_loss"]
+    return reference
 
-    save = str(tmp_path / "killed" / "ckpt")
-    # killed in the middle of the first save (staged, not renamed), after a rename but before
-    # `latest`, and in the middle of training between saves; then run to the end
-    for fault in ("save:staged", "save:renamed", "iteration:5", None):
-        result = run(args(data, save), fault)
-        assert result.returncode == (0 if fault is None else -9), result.stderr
+
+def assert_killed_runs_match(save, reference):
     seen = records(save)
     assert {r["iteration"] for r in seen} == set(reference)
     for r in seen:  # every record of every attempt matches the uninterrupted run, bit for bit
@@ -50,6 +48,29 @@ def test_kill_anywhere_then_resume_equals_an_uninterrupted_run(tmp_path, data):
         assert r.get("valid_loss") == ref.get("valid_loss")
     names = sorted(os.listdir(save))
     assert names == ["iter_0000006", "iter_0000008", "latest", "metrics.jsonl"], "keeps the last 2, no temporaries"
+
+
+def test_kill_anywhere_then_resume_equals_an_uninterrupted_run(tmp_path, data, uninterrupted):
+    save = str(tmp_path / "killed" / "ckpt")
+    # killed in the middle of the first save (staged, not renamed), after a rename but before
+    # `latest`, and in the middle of training between saves; then run to the end
+    for fault in ("save:staged", "save:renamed", "iteration:5", None):
+        result = run(args(data, save), fault)
+        assert result.returncode == (0 if fault is None else -9), result.stderr
+    assert_killed_runs_match(save, uninterrupted)
+
+
+def test_async_save_killed_anywhere_resumes_as_if_uninterrupted(tmp_path, data, uninterrupted):
+    """--async-save: killed while the background thread writes (training running alongside), with every file
+    staged, after the rename, and between saves; the records of every attempt are the synchronous run's."""
+    save = str(tmp_path / "async" / "ckpt")
+    for fault in ("async:writing", "save:staged", "save:renamed", "iteration:5", None):
+        result = run(args(data, save, extra=["--async-save"]), fault)
+        assert result.returncode == (0 if fault is None else -9), result.stderr
+        if fault == "async:writing":  # the first save never completed: nothing to resume from
+            assert "latest" not in os.listdir(save)
+    assert "in the background" in result.stderr + result.stdout
+    assert_killed_runs_match(save, uninterrupted)
 
 
 @pytest.fixture(scope="module")

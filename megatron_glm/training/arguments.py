@@ -154,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop-file", help="stop after the current step, save and exit 75 (requeue) once this file "
                                        "exists; SIGTERM and SIGUSR1 do the same")
     g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--async-save", action="store_true",
+                   help="copy each checkpoint to host memory and write it in the background while training goes on "
+                        "(one save in flight; the next save and the end of the run wait for it)")
     g.add_argument("--exit-interval", type=int, default=None,
                    help="save and exit (status 0) after the first iteration divisible by this (Megatron's flag)")
     g.add_argument("--exit-duration-in-mins", type=float, default=None,
@@ -288,6 +291,8 @@ def validate_args(args, world_size: int = 1) -> None:
         problems.append("--exit-duration-in-mins must be positive")
     if args.save_interval and not args.save:
         problems.append("--save-interval needs --save")
+    if args.async_save and not args.save:
+        problems.append("--async-save needs --save")
     if args.eval_interval < 1 or args.log_interval < 1:
         problems.append("--eval-interval and --log-interval must be positive")
     if args.lr_warmup_fraction is not None and not 0 <= args.lr_warmup_fraction <= 1:

@@ -15,6 +15,7 @@ import json
 import os
 import random
 import shutil
+import time
 
 import torch
 
@@ -78,52 +79,113 @@ def position():
             state.get_data_parallel_rank())
 
 
-def save_checkpoint(engine, save_dir: str, iteration: int, meta: dict, keep_last: int, rank: int = 0) -> str:
-    """Write checkpoint ``iteration`` atomically; returns its folder."""
-    tag = tag_of(iteration)
-    tmp_root = os.path.join(save_dir, f".tmp-{tag}")
+def _clean_staging(save_dir: str, rank: int) -> None:
     if rank == 0:  # the remains of saves that were killed
         for name in os.listdir(save_dir) if os.path.isdir(save_dir) else []:
             if name.startswith(".tmp-iter_"):
                 shutil.rmtree(os.path.join(save_dir, name), ignore_errors=True)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()  # nobody writes into the staging folder before it is clean
+
+
+def _save_failed(save_dir: str, tag: str, tmp_root: str, e: BaseException | str) -> CheckpointError:
+    shutil.rmtree(tmp_root, ignore_errors=True)  # give the space back
+    cause = e if isinstance(e, str) else e.strerror if isinstance(e, OSError) and e.strerror else \
+        str(e).strip().splitlines()[0][:200]
+    latest = resume_tag(save_dir)
+    return CheckpointError(
+        f"saving {tag} into {save_dir} failed ({cause}): the disk is probably full or the folder unwritable. "
+        f"The latest complete checkpoint is {os.path.join(save_dir, latest) if latest else 'none'}; free space "
+        "and run the same command to resume from it")
+
+
+def _publish(save_dir: str, tag: str, tmp_root: str, keep_last: int) -> None:
+    """Rank 0, once every rank's files are staged: flush, rename into place, then point ``latest`` at it."""
     staged = os.path.join(tmp_root, tag)
+    _fsync_tree(staged)
+    final = os.path.join(save_dir, tag)
+    if os.path.exists(final):  # the same iteration saved again: keep the old one until the new is in place
+        os.replace(final, final + ".old")
+    os.replace(staged, final)
+    faults.crash_point("save:renamed")
+    with open(os.path.join(save_dir, LATEST + ".tmp"), "w") as f:
+        f.write(tag)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(os.path.join(save_dir, LATEST + ".tmp"), os.path.join(save_dir, LATEST))
+    shutil.rmtree(final + ".old", ignore_errors=True)
+    shutil.rmtree(tmp_root, ignore_errors=True)
+    prune(save_dir, keep_last)
+
+
+def save_checkpoint(engine, save_dir: str, iteration: int, meta: dict, keep_last: int, rank: int = 0,
+                    writer=None) -> str:
+    """Write checkpoint ``iteration`` atomically; returns its folder.
+
+    With ``writer`` (``--async-save``) the state is only copied to host memory here; the writer's
+    thread writes and publishes it while training goes on.
+    """
+    tag = tag_of(iteration)
+    tmp_root = os.path.join(save_dir, f".tmp-{tag}")
+    staged = os.path.join(tmp_root, tag)
+    if writer is not None:
+        writer.wait()  # at most one save in flight
+    _clean_staging(save_dir, rank)
+    meta = {**meta, "iteration": iteration}
+    if writer is not None:
+        _save_in_background(engine, save_dir, tag, tmp_root, meta, keep_last, rank, writer)
+        return os.path.join(save_dir, tag)
     try:
         engine.save_checkpoint(tmp_root, tag=tag, client_state={"iteration": iteration}, save_latest=False)
         torch.save(rng_state(), rng_file(staged, *position()))
         if rank == 0:
             with open(os.path.join(staged, "meta.json"), "w") as f:
-                json.dump({**meta, "iteration": iteration}, f, indent=1)
+                json.dump(meta, f, indent=1)
     except (OSError, RuntimeError) as e:  # a full disk: torch reports it as a RuntimeError of its zip writer
-        shutil.rmtree(tmp_root, ignore_errors=True)  # give the space back
-        cause = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0][:200]
-        latest = resume_tag(save_dir)
-        raise CheckpointError(
-            f"saving {tag} into {save_dir} failed ({cause}): the disk is probably full or the folder unwritable. "
-            f"The latest complete checkpoint is {os.path.join(save_dir, latest) if latest else 'none'}; free space "
-            "and run the same command to resume from it") from None
+        raise _save_failed(save_dir, tag, tmp_root, e) from None
     faults.crash_point("save:staged")
     if torch.distributed.is_initialized():
         torch.distributed.barrier()  # every rank's files are in the staging folder before it moves
     if rank == 0:
-        _fsync_tree(staged)
-        final = os.path.join(save_dir, tag)
-        if os.path.exists(final):  # the same iteration saved again: keep the old one until the new is in place
-            os.replace(final, final + ".old")
-        os.replace(staged, final)
-        faults.crash_point("save:renamed")
-        with open(os.path.join(save_dir, LATEST + ".tmp"), "w") as f:
-            f.write(tag)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(os.path.join(save_dir, LATEST + ".tmp"), os.path.join(save_dir, LATEST))
-        shutil.rmtree(final + ".old", ignore_errors=True)
-        shutil.rmtree(tmp_root, ignore_errors=True)
-        prune(save_dir, keep_last)
+        _publish(save_dir, tag, tmp_root, keep_last)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     return os.path.join(save_dir, tag)
+
+
+def _save_in_background(engine, save_dir: str, tag: str, tmp_root: str, meta: dict, keep_last: int, rank: int,
+                        writer) -> None:
+    from megatron_glm.training.async_save import HostCopyEngine, host_copies_done, to_host
+
+    staged = os.path.join(tmp_root, tag)
+    host = HostCopyEngine(engine.checkpoint_engine)
+    engine.checkpoint_engine = host
+    try:
+        engine.save_checkpoint(tmp_root, tag=tag, client_state={"iteration": meta["iteration"]}, save_latest=False)
+    finally:
+        engine.checkpoint_engine = host.inner
+    files = host.files + [(rng_file(staged, *position()), to_host(rng_state()))]
+    host_copies_done()
+
+    def write():
+        failure = None
+        try:
+            for i, (path, state) in enumerate(files):
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                torch.save(state, path)
+                if i == 0:
+                    faults.crash_point("async:writing")  # killed mid-write, training running alongside
+            if rank == 0:
+                with open(os.path.join(staged, "meta.json"), "w") as f:
+                    json.dump(meta, f, indent=1)
+            faults.crash_point("save:staged")
+        except (OSError, RuntimeError) as e:
+            failure = e
+        if not writer.all_ok(failure is None):  # every rank's files are staged (or someone failed)
+            raise _save_failed(save_dir, tag, tmp_root, failure or "another rank could not write its files")
+        if rank == 0:
+            _publish(save_dir, tag, tmp_root, keep_last)
+    writer.submit(write, tag)
 
 
 def list_checkpoints(save_dir: str) -> list[int]:
@@ -369,12 +431,22 @@ def find_resume(load: str | None, save: str | None, model_cfg: ModelConfig, toke
 
 
 class Checkpointer:
-    """Saves on ``--save-interval``, at the end and on a stop request; remembers the latest complete one."""
+    """Saves on ``--save-interval``, at the end and on a stop request; remembers the latest one.
+
+    With ``asynchronous`` (``--async-save``) a save returns after the host copy and is written in
+    the background; ``wait`` blocks until it is complete (and raises its failure).
+    """
 
     def __init__(self, save_dir: str | None, interval: int | None, keep_last: int, meta: dict, rank: int,
-                 resume: ResumePoint | None):
+                 resume: ResumePoint | None, asynchronous: bool = False):
         self.save_dir, self.interval, self.keep_last, self.meta, self.rank = save_dir, interval, keep_last, meta, rank
         self.last_saved = resume.tag if resume else None
+        self.writer = None
+        if asynchronous and save_dir:
+            from megatron_glm.training.async_save import BackgroundWriter
+
+            self.writer = BackgroundWriter()
+        self.blocked_s = 0.0  # how long the last save held the training loop
 
     def due(self, iteration: int, last_iteration: int) -> bool:
         return bool(self.save_dir) and ((bool(self.interval) and iteration % self.interval == 0)
@@ -384,10 +456,17 @@ class Checkpointer:
         return self.last_saved == tag_of(iteration)
 
     def save(self, engine, iteration: int, consumed_samples: int) -> str:
+        started = time.perf_counter()
         folder = save_checkpoint(engine, self.save_dir, iteration, {**self.meta, "consumed_samples": consumed_samples},
-                                 self.keep_last, self.rank)
+                                 self.keep_last, self.rank, self.writer)
+        self.blocked_s = time.perf_counter() - started
         self.last_saved = os.path.basename(folder)
         return folder
+
+    def wait(self) -> None:
+        """The save in flight is complete (a no-op for synchronous saves)."""
+        if self.writer is not None:
+            self.writer.wait()
 
     @staticmethod
     def load(engine, resume: ResumePoint, trust: bool, optimizer: bool = True, rng: bool = True, chunks=None,

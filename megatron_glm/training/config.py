@@ -87,6 +87,7 @@ class CheckpointConfig:
     load_optim: bool = True  # --no-load-optim: weights, iteration and data position only
     load_rng: bool = True
     finetune: bool = False  # weights only; iteration and data position from 0
+    asynchronous: bool = False  # --async-save: host copy, then a background writer
 
 
 @dataclass(frozen=True)
@@ -220,7 +221,7 @@ def from_args(args, world_size: int) -> JobConfig:
                         objective),
         optimizer=optimizer,
         checkpoint=CheckpointConfig(args.save, args.load, args.save_interval, args.keep_last, args.trust_checkpoint,
-                                    not args.no_load_optim, not args.no_load_rng, args.finetune),
+                                    not args.no_load_optim, not args.no_load_rng, args.finetune, args.async_save),
         logging=LoggingConfig(args.log_dir or args.save, args.log_interval, args.eval_interval, args.eval_iters,
                               args.tensorboard or bool(args.tensorboard_dir), args.wandb_project, args.measure_memory,
                               args.stop_file, args.tensorboard_dir, args.exit_interval, args.exit_duration_in_mins),

@@ -184,7 +184,8 @@ class Trainer:
         self.log = build_metrics(job, self.rank)
         self._announce()
         self.checkpointer = ckpt.Checkpointer(job.checkpoint.save, job.checkpoint.interval, job.checkpoint.keep_last,
-                                              self._checkpoint_meta(), self.rank, self.resume)
+                                              self._checkpoint_meta(), self.rank, self.resume,
+                                              job.checkpoint.asynchronous)
         self.stream = build_loader(job, self.train_batches, self.consumed, self.device)
         cfg = self.model_cfg
         self.speed = Throughput(job.data.seq_length,
@@ -300,11 +301,20 @@ class Trainer:
         parts += [memory_summary(), f"ETA {time.strftime('%H:%M:%S', time.gmtime(values['eta_s']))}"]
         return " | ".join(parts)
 
+    def _save(self) -> None:
+        folder = self.checkpointer.save(self.engine, self.iteration, self.consumed)
+        if self.checkpointer.writer is None:
+            logger.info(f"saved {folder} ({self.checkpointer.blocked_s:.2f} s)")
+        else:
+            logger.info(f"saving {folder} in the background (training held {self.checkpointer.blocked_s:.2f} s "
+                        "for the host copy)")
+
     def _stop(self, reason: str) -> int:
         """A stop after a step: save unless just saved; the exit status that says what happened."""
         save = self.job.checkpoint.save
         if save and not self.checkpointer.saved(self.iteration):
-            self.checkpointer.save(self.engine, self.iteration, self.consumed)
+            self._save()
+        self.checkpointer.wait()
         planned = reason in (DURATION, "--exit-interval")
         code = 0 if planned else EXIT_INTERRUPTED if reason == "SIGINT" else EXIT_REQUEUE
         outcome = {0: "exit status 0; run the same command to continue",
@@ -332,7 +342,7 @@ class Trainer:
             history.append(values["lm_loss"])
             faults.crash_point(f"iteration:{self.iteration}")
             if self.checkpointer.due(self.iteration, job.train_iters):
-                logger.info(f"saved {self.checkpointer.save(self.engine, self.iteration, self.consumed)}")
+                self._save()
             hold = faults.holds_after(self.iteration)
             reason = self.preemption.wait() if hold else self.preemption.requested()
             interval = job.logging.exit_interval
@@ -341,6 +351,7 @@ class Trainer:
             if reason and self.iteration < job.train_iters:
                 exit_code = self._stop(reason)
                 break
+        self.checkpointer.wait()  # the run ends once its last save is complete
         if self.meter:
             from megatron_glm.training.memory import write_report
 
@@ -354,7 +365,11 @@ class Trainer:
                 "exit_code": exit_code}
 
     def close(self) -> None:
-        """Stop the loader's workers, restore the signal handlers, close the logs."""
+        """Let a save in flight finish, stop the loader's workers, restore the signal handlers, close the logs."""
+        try:
+            self.checkpointer.wait()
+        except ckpt.CheckpointError as e:  # the run is already ending on another error: report this one too
+            logger.error(str(e))
         self.stream.close()
         self.preemption.close()
         self.log.close()
