@@ -62,9 +62,11 @@ def test_kill_anywhere_then_resume_equals_an_uninterrupted_run(tmp_path, data, u
 
 def test_async_save_killed_anywhere_resumes_as_if_uninterrupted(tmp_path, data, uninterrupted):
     """--async-save: killed while the background thread writes (training running alongside), with every file
-    staged, after the rename, and between saves; the records of every attempt are the synchronous run's."""
+    staged, after the rename, and between saves with a write pending; the records of every attempt are the
+    synchronous run's. In the fourth run each save is written only after the next step has changed the weights
+    and moments, so the resume from it (at 4) proves the files hold the host copy, not the live state."""
     save = str(tmp_path / "async" / "ckpt")
-    for fault in ("async:writing", "save:staged", "save:renamed", "iteration:5", None):
+    for fault in ("async:writing", "save:staged", "save:renamed", "async:late,iteration:7", None):
         result = run(args(data, save, extra=["--async-save"]), fault)
         assert result.returncode == (0 if fault is None else -9), result.stderr
         if fault == "async:writing":  # the first save never completed: nothing to resume from

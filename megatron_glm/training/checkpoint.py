@@ -169,6 +169,7 @@ def _save_in_background(engine, save_dir: str, tag: str, tmp_root: str, meta: di
 
     def write():
         failure = None
+        faults.write_late(meta["iteration"])
         try:
             for i, (path, state) in enumerate(files):
                 os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -314,6 +314,7 @@ class Trainer:
         save = self.job.checkpoint.save
         if save and not self.checkpointer.saved(self.iteration):
             self._save()
+        faults.step_done(math.inf)
         self.checkpointer.wait()
         planned = reason in (DURATION, "--exit-interval")
         code = 0 if planned else EXIT_INTERRUPTED if reason == "SIGINT" else EXIT_REQUEUE
@@ -341,6 +342,7 @@ class Trainer:
             self.log.record(self.iteration, values)
             history.append(values["lm_loss"])
             faults.crash_point(f"iteration:{self.iteration}")
+            faults.step_done(self.iteration)
             if self.checkpointer.due(self.iteration, job.train_iters):
                 self._save()
             hold = faults.holds_after(self.iteration)
@@ -351,6 +353,7 @@ class Trainer:
             if reason and self.iteration < job.train_iters:
                 exit_code = self._stop(reason)
                 break
+        faults.step_done(math.inf)
         self.checkpointer.wait()  # the run ends once its last save is complete
         if self.meter:
             from megatron_glm.training.memory import write_report
