@@ -81,14 +81,20 @@ def test_layout_equals_one_process(tmp_path, data, single, name):
 
 
 def test_kill_and_resume_on_a_3d_layout(tmp_path, data):
+    """--async-save on DP2 x TP2 x PP2 (ZeRO-1): the save of step 2 is written only after step 3 has changed every
+    rank's weights and partitions (async:late), then rank 0 is killed after the rename, before `latest`. The resume
+    from it repeats the synchronous uninterrupted run bit for bit."""
     nproc, extra = 8, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--zero-stage", "1"]
     clean = str(tmp_path / "clean")
     ckpt = ["--save", clean, "--save-interval", "2"]
     assert launch_pretrain(nproc, argv(data, clean, iters=4, extra=extra + ckpt)).returncode == 0
     killed = str(tmp_path / "killed")
-    resume = ["--save", killed, "--load", killed, "--save-interval", "2"]
-    killed_run = launch_pretrain(nproc, argv(data, killed, iters=4, extra=extra + resume), fault="iteration:3")
+    resume = ["--save", killed, "--load", killed, "--save-interval", "2", "--async-save"]
+    killed_run = launch_pretrain(nproc, argv(data, killed, iters=4, extra=extra + resume),
+                                 fault="async:late,save:renamed")
     assert killed_run.returncode != 0
+    names = os.listdir(killed)
+    assert "iter_0000002" in names and "latest" not in names, "renamed, `latest` not yet written"
     result = launch_pretrain(nproc, argv(data, killed, iters=4, extra=extra + resume))
     assert result.returncode == 0, result.stderr[-8000:]
     reference = {r["iteration"]: r for r in records(clean)}
