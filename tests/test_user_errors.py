@@ -86,15 +86,17 @@ def test_a_save_folder_that_cannot_be_written(tmp_path, data):
     assert blocker.read_text() == "keep me"
 
 
-def test_a_save_that_fails_half_way_names_the_latest_good_checkpoint(tmp_path, data):
-    """Writes past 64 KB fail (RLIMIT_FSIZE, as a full disk does for torch's zip writer); the first save is kept."""
+@pytest.mark.parametrize("mode", [[], ["--async-save"]], ids=["sync", "async"])
+def test_a_save_that_fails_half_way_names_the_latest_good_checkpoint(tmp_path, data, mode):
+    """Writes past 64 KB fail (RLIMIT_FSIZE, as a full disk does for torch's zip writer); the first save is kept.
+    A background write's failure ends the run the same way, at the end of the run that waited for it."""
     save = str(tmp_path / "ckpt")
     assert run_pretrain(pretrain_args(data, save, 2)).returncode == 0
 
     def small_files():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing the process
         resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
-    result = run_pretrain(pretrain_args(data, save, 4, ["--save-interval", "2"]), preexec_fn=small_files)
+    result = run_pretrain(pretrain_args(data, save, 4, ["--save-interval", "2", *mode]), preexec_fn=small_files)
     assert result.returncode == 1
     one_line(result.stderr, "saving iter_0000004", "failed", f"latest complete checkpoint is {save}/iter_0000002")
     assert sorted(n for n in os.listdir(save) if not n.endswith(".jsonl")) == ["iter_0000002", "latest"]

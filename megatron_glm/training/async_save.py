@@ -74,6 +74,19 @@ class HostCopyEngine:
         return getattr(self.inner, name)
 
 
+def lower_priority() -> None:
+    """The calling thread yields the CPU to training's threads (Linux: a thread's own nice value).
+
+    Writing is CPU work (serialisation, checksums); at the default priority it takes cores from
+    the step it runs beside, which on a CPU-bound run stalls training about as long as a
+    synchronous save would. Niced, it runs in the step's idle moments instead.
+    """
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):  # not Linux, or not allowed: the default priority
+        pass
+
+
 class BackgroundWriter:
     """One save in flight at a time, written by a thread; its failure is raised at the next ``wait``."""
 
@@ -100,6 +113,7 @@ class BackgroundWriter:
 
         def run():
             started = time.perf_counter()
+            lower_priority()
             try:
                 job()
                 logger.info(f"saved {name} in the background ({time.perf_counter() - started:.1f} s)")

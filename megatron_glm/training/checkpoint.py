@@ -447,7 +447,7 @@ class Checkpointer:
             from megatron_glm.training.async_save import BackgroundWriter
 
             self.writer = BackgroundWriter()
-        self.blocked_s = 0.0  # how long the last save held the training loop
+        self.blocked_s = self.waited_s = 0.0  # the last save held the loop this long; of that, waiting for the last
 
     def due(self, iteration: int, last_iteration: int) -> bool:
         return bool(self.save_dir) and ((bool(self.interval) and iteration % self.interval == 0)
@@ -458,6 +458,8 @@ class Checkpointer:
 
     def save(self, engine, iteration: int, consumed_samples: int) -> str:
         started = time.perf_counter()
+        self.wait()  # the previous save, when asynchronous
+        self.waited_s = time.perf_counter() - started
         folder = save_checkpoint(engine, self.save_dir, iteration, {**self.meta, "consumed_samples": consumed_samples},
                                  self.keep_last, self.rank, self.writer)
         self.blocked_s = time.perf_counter() - started

@@ -306,8 +306,9 @@ class Trainer:
         if self.checkpointer.writer is None:
             logger.info(f"saved {folder} ({self.checkpointer.blocked_s:.2f} s)")
         else:
-            logger.info(f"saving {folder} in the background (training held {self.checkpointer.blocked_s:.2f} s "
-                        "for the host copy)")
+            c = self.checkpointer
+            logger.info(f"saving {folder} in the background (training held {c.blocked_s:.2f} s: host copy "
+                        f"{c.blocked_s - c.waited_s:.2f} s, waiting for the previous save {c.waited_s:.2f} s)")
 
     def _stop(self, reason: str) -> int:
         """A stop after a step: save unless just saved; the exit status that says what happened."""
