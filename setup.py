@@ -60,6 +60,7 @@ setup(
             "glm-merge-datasets=megatron_glm.data_prep.merge:main",
             "glm-pretrain=megatron_glm.training.pretrain:cli",
             "glm-generate=megatron_glm.generate:main",
+            "glm-eval=megatron_glm.evaluate:cli",
             "glm-convert=megatron_glm.convert.cli:main",
             "glm-plan=megatron_glm.plan.cli:main",
         ]

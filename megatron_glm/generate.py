@@ -11,23 +11,27 @@ from megatron_glm.model.generation import GenerationConfig, fill_blanks
 from megatron_glm.model.glm import GLMModel
 
 
+def spec_of(recorded: dict | None):
+    """The tokenizer a checkpoint records (its type and files) as a ``TokenizerSpec``."""
+    from megatron_glm.data.tokenizer import TokenizerSpec
+
+    if not recorded or not recorded.get("files"):
+        raise ValueError("the checkpoint records no tokenizer: pass --tokenizer-model (or --vocab-file)")
+    files = recorded["files"]
+    return {"sentencepiece": TokenizerSpec("sentencepiece", model=files[0]),
+            "hf": TokenizerSpec("hf", model=files[0]),
+            "gpt2": TokenizerSpec("gpt2", vocab_file=files[0], merge_file=files[1] if len(files) > 1 else None)
+            }.get(recorded["type"], TokenizerSpec(recorded["type"], vocab_file=files[0]))
+
+
 def load_for_inference(load_dir: str, device: str = "cpu", tokenizer_spec=None, trust: bool = False):
     """(model, tokenizer) from a glm-pretrain checkpoint folder (the newest complete checkpoint)."""
     from megatron_glm.config import ModelConfig
-    from megatron_glm.data.tokenizer import GLMTokenizer, TokenizerSpec
+    from megatron_glm.data.tokenizer import GLMTokenizer
     from megatron_glm.training.checkpoint import load_model_weights
 
     state, meta = load_model_weights(load_dir, trust=trust)
-    if tokenizer_spec is None:
-        recorded = meta["tokenizer"]
-        files = recorded["files"]
-        spec = {"sentencepiece": TokenizerSpec("sentencepiece", model=files[0]),
-                "hf": TokenizerSpec("hf", model=files[0]),
-                "gpt2": TokenizerSpec("gpt2", vocab_file=files[0], merge_file=files[1] if len(files) > 1 else None)
-                }.get(recorded["type"], TokenizerSpec(recorded["type"], vocab_file=files[0]))
-    else:
-        spec = tokenizer_spec
-    tokenizer = GLMTokenizer(spec)
+    tokenizer = GLMTokenizer(tokenizer_spec or spec_of(meta.get("tokenizer")))
     with torch.device("meta"):  # shapes only: the checkpoint's tensors become the parameters
         model = GLMModel(ModelConfig.from_dict(meta["model"]))
     if tokenizer.padded_vocab_size() != model.cfg.vocab_size:

@@ -9,23 +9,30 @@ import os
 import pytest
 
 from megatron_glm.data_prep.preprocess import preprocess
-from tests.helpers import launch_pretrain, records
+from tests.helpers import launch_pretrain, records, write_jsonl
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, corpus, tokenizer, spm_model):
+    """The dataset, and small --eval-tasks files: every layout also scores them at each validation."""
     root = tmp_path_factory.mktemp("three_d")
     preprocess([corpus[0]], str(root / "docs"), tokenizer.spec, append_eod=True)
-    return str(root / "docs_text_document"), spm_model, str(root / "cache")
+    short = [t for t in corpus[1][-60:] if 4 <= len(t.split()) <= 12][:5]
+    write_jsonl(str(root / "blank.jsonl"), [{"text": t} for t in short])
+    write_jsonl(str(root / "lambada.jsonl"), [{"text": t} for t in short])
+    write_jsonl(str(root / "choice.jsonl"), [{"text": "Return the [MASK] of the object.", "choices": c, "label": 0}
+                                             for c in (["size", "file"], ["name", "value", "end"])])
+    tasks = [f"{kind}:{root / kind}.jsonl" for kind in ("blank", "choice", "lambada")]
+    return str(root / "docs_text_document"), spm_model, str(root / "cache"), tasks
 
 
 def argv(data, log_dir, iters=3, extra=()):
-    prefix, model, cache = data
+    prefix, model, cache, tasks = data
     return ["--data-path", prefix, "--tokenizer-model", model, "--num-layers", "4", "--hidden-size", "32",
             "--num-attention-heads", "4", "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "8",
             "--train-iters", str(iters), "--lr", "1e-3", "--split", "90,10,0", "--eval-interval", "2",
             "--eval-iters", "1", "--log-interval", "1", "--hidden-dropout", "0", "--attention-dropout", "0",
-            "--data-cache-path", cache, "--log-dir", log_dir, *extra]
+            "--data-cache-path", cache, "--log-dir", log_dir, "--eval-tasks", *tasks, *extra]
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +76,10 @@ def test_layout_equals_one_process(tmp_path, data, single, name):
         assert ("valid_loss" in a) == ("valid_loss" in b)
         if "valid_loss" in b:
             assert a["valid_loss"] == pytest.approx(b["valid_loss"], rel=2e-5), name
+        tasks = {k: v for k, v in b.items() if k.startswith("eval/")}  # --eval-tasks scored on this layout
+        assert tasks.keys() == {k for k in a if k.startswith("eval/")} and bool(tasks) == ("valid_loss" in b)
+        for key, value in tasks.items():
+            assert a[key] == pytest.approx(value, rel=2e-5), (name, key)
     reference, _ = load_model_weights(single_dir)
     if "ZeRO-3" in name:
         with pytest.raises(CheckpointError, match="ZeRO-3 partitions"):

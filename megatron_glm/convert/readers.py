@@ -284,4 +284,4 @@ def read_hf(path: str) -> tuple[dict, ModelConfig, dict]:
     return state, ModelConfig.from_dict(config["megatron_glm"]["model"]), {
         "tokenizer": tokenizer, "iteration": config["megatron_glm"].get("iteration", 0),
         "consumed_samples": config["megatron_glm"].get("consumed_samples", 0),
-        "seq_length": config["megatron_glm"].get("seq_length")}
+        "seq_length": config["megatron_glm"].get("seq_length"), "args": config["megatron_glm"].get("training_args", {})}

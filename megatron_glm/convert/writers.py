@@ -111,7 +111,9 @@ def hf_config(cfg: ModelConfig, info: dict, dtype: torch.dtype) -> dict:
             "megatron_glm": {"model": cfg.to_dict(), "tokenizer": info.get("tokenizer") or None,
                              "iteration": info.get("iteration", 0),
                              "consumed_samples": info.get("consumed_samples", 0),
-                             "seq_length": info.get("seq_length")}}
+                             "seq_length": info.get("seq_length"),
+                             # the run's flags: glm-eval takes the data split and objective from them
+                             "training_args": info.get("args") or {}}}
 
 
 def hf_tokenizer_config(tokenizer: dict, max_length: int) -> dict:

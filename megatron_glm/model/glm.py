@@ -167,6 +167,12 @@ class TiedOutput(nn.Module):
     def cross_entropy(logits, labels):
         return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
 
+    @staticmethod
+    def is_argmax(logits, labels):
+        """Whether each label's logit is the largest (a tie counts): what greedy decoding would pick."""
+        logits = logits.detach().float()
+        return logits.gather(-1, labels[..., None]).squeeze(-1) >= logits.max(dim=-1).values
+
 
 def init_parameter(cfg: ModelConfig, name: str, shape, seed: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """The initial value of the full (unsharded) parameter ``name``: the same on every rank and layout.
@@ -268,6 +274,13 @@ class GLMModel(nn.Module):
             return h
         h = self.transformer.final_layernorm(h)
         return self.output_layer(h, self.output_weight())
+
+    def score(self, logits, labels, loss_mask):
+        """Per row: the summed negative log-likelihood of the targets in ``loss_mask``, their count, and how many
+        of them are the argmax (evaluation, ``data/eval_tasks.py``)."""
+        nll = self.output_layer.cross_entropy(logits, labels).detach()
+        correct = self.output_layer.is_argmax(logits, labels).float()
+        return (nll * loss_mask).sum(dim=1), loss_mask.sum(dim=1), (correct * loss_mask).sum(dim=1)
 
     def loss(self, logits, labels, loss_mask):
         """``glm_loss`` with the cross entropy that matches the output layer (vocab-parallel or not)."""

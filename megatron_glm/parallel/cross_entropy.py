@@ -43,6 +43,23 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return g * grad[..., None], None
 
 
+def vocab_parallel_is_argmax(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Whether each target's logit is the largest of the whole vocabulary (a tie counts), from this rank's range:
+    two all-reduces (the max, the target's logit) as in the cross entropy."""
+    logits = logits.detach().float()
+    if state.get_tensor_model_parallel_world_size() == 1:
+        return logits.gather(-1, target[..., None]).squeeze(-1) >= logits.max(dim=-1).values
+    group = state.get_tensor_model_parallel_group()
+    best = logits.max(dim=-1).values
+    dist.all_reduce(best, op=dist.ReduceOp.MAX, group=group)
+    vocab = logits.shape[-1]
+    start = state.get_tensor_model_parallel_rank() * vocab
+    outside = (target < start) | (target >= start + vocab)
+    mine = logits.gather(-1, (target - start).masked_fill(outside, 0)[..., None]).squeeze(-1).masked_fill(outside, 0.0)
+    dist.all_reduce(mine, group=group)
+    return mine >= best
+
+
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-token loss ``[...]`` from this rank's logits ``[..., V / tp]`` and global targets."""
     if state.get_tensor_model_parallel_world_size() == 1:

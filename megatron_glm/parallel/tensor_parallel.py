@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_glm.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megatron_glm.parallel.cross_entropy import vocab_parallel_cross_entropy, vocab_parallel_is_argmax
 from megatron_glm.parallel.layers import install_sequence_parallel_hook
 from megatron_glm.parallel.mappings import (
     copy_to_tensor_model_parallel_region,
@@ -72,6 +72,10 @@ class VocabParallelOutput(nn.Module):
     @staticmethod
     def cross_entropy(logits, labels):
         return vocab_parallel_cross_entropy(logits, labels)
+
+    @staticmethod
+    def is_argmax(logits, labels):
+        return vocab_parallel_is_argmax(logits, labels)
 
 
 class ForkedDropout(nn.Dropout):

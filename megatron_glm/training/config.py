@@ -103,6 +103,7 @@ class LoggingConfig:
     tensorboard_dir: str | None = None
     exit_interval: int | None = None
     exit_duration_mins: float | None = None
+    eval_tasks: tuple = ()  # (kind, file) pairs of --eval-tasks, run every eval_interval
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,29 @@ class JobConfig:
         return cfg
 
 
+def objective_from_args(args) -> BlankInfillingConfig:
+    """The blank-infilling objective the flags describe (glm-pretrain's, or a checkpoint's recorded ones)."""
+    return BlankInfillingConfig(
+        seq_length=args.seq_length, token_prob=args.bert_prob, sentence_prob=args.gap_sentence_prob,
+        mask_ratio=args.mask_ratio, poisson_lambda=args.poisson_lambda, sentence_ratio=args.gap_sentence_ratio,
+        gmask_min_ratio=args.gpt_min_ratio, gpt_infill_prob=args.gpt_infill_prob,
+        block_mask_prob=args.block_mask_prob, context_mask_ratio=args.context_mask_ratio,
+        context_mask_range=args.context_mask_range, random_position=args.random_position,
+        shuffle_spans=not args.no_shuffle_blocks, single_span_prob=args.single_span_prob,
+        short_seq_prob=args.short_seq_prob, task_mask=not args.no_task_mask, packed=args.packed_segments,
+        seed=args.seed)
+
+
+def recorded_args(flags: dict):
+    """A checkpoint's recorded flags over glm-pretrain's defaults (a flag added since keeps its default)."""
+    import argparse
+
+    from megatron_glm.training.arguments import build_parser
+
+    defaults = {a.dest: a.default for a in build_parser()._actions if a.dest != "help"}
+    return argparse.Namespace(**{**defaults, **flags})
+
+
 def from_args(args, world_size: int) -> JobConfig:
     """The job the flags describe, or ``ValueError`` listing every flag that cannot work."""
     import argparse
@@ -181,15 +205,7 @@ def from_args(args, world_size: int) -> JobConfig:
             args.lr_wsd_decay_iters, None
     warmup = warmup or int(round((args.lr_warmup_fraction or 0.0) * decay))  # Megatron: a fraction of the decay
     precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
-    objective = BlankInfillingConfig(
-        seq_length=args.seq_length, token_prob=args.bert_prob, sentence_prob=args.gap_sentence_prob,
-        mask_ratio=args.mask_ratio, poisson_lambda=args.poisson_lambda, sentence_ratio=args.gap_sentence_ratio,
-        gmask_min_ratio=args.gpt_min_ratio, gpt_infill_prob=args.gpt_infill_prob,
-        block_mask_prob=args.block_mask_prob, context_mask_ratio=args.context_mask_ratio,
-        context_mask_range=args.context_mask_range, random_position=args.random_position,
-        shuffle_spans=not args.no_shuffle_blocks, single_span_prob=args.single_span_prob,
-        short_seq_prob=args.short_seq_prob, task_mask=not args.no_task_mask, packed=args.packed_segments,
-        seed=args.seed)
+    objective = objective_from_args(args)
     optimizer = OptimizerConfig(args.lr, args.min_lr, args.lr_decay_style, warmup, decay, args.weight_decay,
                                 (args.adam_beta1, args.adam_beta2), args.adam_eps, args.clip_grad,
                                 wsd_decay, args.lr_wsd_decay_style, consumed_before, args.optimizer_impl)
@@ -224,7 +240,8 @@ def from_args(args, world_size: int) -> JobConfig:
                                     not args.no_load_optim, not args.no_load_rng, args.finetune, args.async_save),
         logging=LoggingConfig(args.log_dir or args.save, args.log_interval, args.eval_interval, args.eval_iters,
                               args.tensorboard or bool(args.tensorboard_dir), args.wandb_project, args.measure_memory,
-                              args.stop_file, args.tensorboard_dir, args.exit_interval, args.exit_duration_in_mins),
+                              args.stop_file, args.tensorboard_dir, args.exit_interval, args.exit_duration_in_mins,
+                              tuple(args.eval_tasks)),
         model=model_config_from_args(args, vocab_size=0, validate=False),
         seed=args.seed, device=args.device, precision=precision, kernels=args.kernels,
         vocab_multiple=args.make_vocab_size_divisible_by,

@@ -41,7 +41,7 @@ class StepRunner:
         self.schedule = get_schedule(self.pp, vpp)
         self.params = [p for c in chunks for p in c.parameters() if p.requires_grad]
 
-    def _run(self, batches, forward_only: bool, overflow: bool = False):
+    def _run(self, batches, forward_only: bool, overflow: bool = False, collect: dict | None = None):
         stats = np.zeros(2 + 2 * len(OBJECTIVES))  # loss sum, loss count, then (sum, tokens) per objective
         engine, calls = self.engine, [0]
         total_calls = len(batches) * len(self.chunks)
@@ -58,6 +58,8 @@ class StepRunner:
             if not chunk.post_process:
                 return out
             loss, sums, counts = chunk.loss(out, b["labels"], b["loss_mask"])
+            if collect is not None:  # evaluation tasks: each row's score
+                collect[m] = torch.stack(chunk.score(out, b["labels"], b["loss_mask"]), dim=1)
             if overflow:  # fault injection: an fp16 overflow, as a too-large loss scale would cause
                 loss = loss * float("inf")
             stats[0] += float(loss.detach())
@@ -110,6 +112,15 @@ class StepRunner:
             if stats[3 + 2 * k]:
                 out[f"loss_{name}"] = stats[2 + 2 * k] / stats[3 + 2 * k]
         return out
+
+    def score(self, batches) -> list | None:
+        """Each micro-batch's per-row scores (``GLMModel.score``) on the last pipeline stage; None on the others."""
+        self.engine.eval()
+        collected: dict = {}
+        with torch.no_grad():
+            self._run(batches, forward_only=True, collect=collected)
+        self.engine.train()
+        return [collected[m] for m in range(len(batches))] if collected else None
 
     def evaluate(self, batches) -> float:
         self.engine.eval()

@@ -21,6 +21,7 @@ import torch
 
 from megatron_glm import faults, kernels
 from megatron_glm.config import ModelConfig
+from megatron_glm.data import eval_tasks
 from megatron_glm.data.blank_infilling import OBJECTIVES, BlankInfillingCollator, SpecialIds, sentence_end_ids
 from megatron_glm.data.blended_dataset import build_train_valid_test_datasets
 from megatron_glm.data.loader import BatchStream, MicroBatches, collate_now
@@ -123,6 +124,13 @@ def build_model(job: JobConfig, model_cfg: ModelConfig, resume: ckpt.ResumePoint
     return chunks, (after["peak_rss_bytes"] - before["rss_bytes"]) if after else None
 
 
+def build_tasks(job: JobConfig, tokenizer: GLMTokenizer) -> list[tuple]:
+    """``--eval-tasks``: (name, kind, rows, labels) each, rows at most a training sequence long."""
+    return [(eval_tasks.task_name(kind, path), kind, *eval_tasks.build(kind, path, tokenizer, job.data.seq_length,
+                                                                         job.seed))
+            for kind, path in job.logging.eval_tasks]
+
+
 def build_metrics(job: JobConfig, rank: int) -> MetricsLogger:
     log = job.logging
     return MetricsLogger(log.log_dir, log.tensorboard, log.wandb_project, job.flags, rank == 0, log.tensorboard_dir)
@@ -151,6 +159,7 @@ class Trainer:
         par = job.parallel
         self.tokenizer = GLMTokenizer(job.data.tokenizer.resolved())
         self.model_cfg = job.model_config(self.tokenizer.padded_vocab_size(par.tensor, job.vocab_multiple))
+        self.tasks = build_tasks(job, self.tokenizer)  # a task file that cannot be read fails here, before any work
         self.resume = ckpt.find_resume(job.checkpoint.load, job.checkpoint.save, self.model_cfg,
                                        self.tokenizer.fingerprint(), par.tensor, par.pipeline, job.checkpoint.finetune)
         init_distributed(self.device, par.tensor, par.pipeline, self.model_cfg)
@@ -291,6 +300,33 @@ class Trainer:
         return self.runner.evaluate([self._to_device(collate_now(self.valid_batches, indices))
                                      for indices in micro_batches])
 
+    def evaluate_tasks(self) -> dict:
+        """``--eval-tasks`` on the training model, any layout: micro-batches of rows spread over the data-parallel
+        replicas (as many on each: ZeRO-3 gathers in every forward; padded with rows that score nothing), scored on
+        the last stage, summed everywhere."""
+        out = {}
+        mb, seq = self.job.data.micro_batch_size, self.job.data.seq_length
+        dp, dp_rank = state.get_data_parallel_world_size(), state.get_data_parallel_rank()
+        for name, kind, rows, labels in self.tasks:
+            unit = dp * (self.job.parallel.pipeline if self.vpp > 1 else 1)  # the interleaved schedule's multiple
+            count = math.ceil(math.ceil(len(rows) / mb) / unit) * unit
+            mine = list(range(dp_rank, count, dp))
+            batches = [self._to_device({k: torch.from_numpy(v) for k, v in eval_tasks.layout(
+                rows[k * mb:(k + 1) * mb], seq, self.tokenizer.pad_id, mb).items()}) for k in mine]
+            scores = self.runner.score(batches)
+            full = torch.zeros(count * mb, 3, dtype=torch.float64)
+            for k, s in zip(mine, scores or []):
+                full[k * mb:(k + 1) * mb] = s.double().cpu()
+            for size, group in ((dp, state.get_data_parallel_group), (self.job.parallel.pipeline,
+                                                                      state.get_pipeline_model_parallel_group)):
+                if size > 1:
+                    torch.distributed.all_reduce(full, group=group())
+            metrics = eval_tasks.metrics(kind, rows, full[:len(rows)].numpy(), labels)
+            out.update({f"eval/{name}/{key}": value for key, value in metrics.items()})
+            logger.info(f"{name} at iter {self.iteration}: " + ", ".join(
+                f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+        return out
+
     def _console_line(self, values: dict) -> str:
         parts = [f"iter {self.iteration}/{self.job.train_iters}", f"loss {values['lm_loss']:.4f}"]
         parts += [f"{n} {values['loss_' + n]:.3f}" for n in OBJECTIVES if "loss_" + n in values]
@@ -340,6 +376,8 @@ class Trainer:
                 values["valid_loss"] = self.evaluate()
                 logger.info(f"validation at iter {self.iteration}: loss {values['valid_loss']:.4f} "
                                  f"(ppl {math.exp(min(values['valid_loss'], 50)):.2f})")
+            if self.tasks and self.iteration % job.logging.eval_interval == 0:
+                values.update(self.evaluate_tasks())
             self.log.record(self.iteration, values)
             history.append(values["lm_loss"])
             faults.crash_point(f"iteration:{self.iteration}")

@@ -1,0 +1,247 @@
+"""glm-eval: what a checkpoint can do, on a glm-pretrain checkpoint (any layout) or an export-hf folder.
+
+  glm-eval --load CKPT --task blank:docs.jsonl --task choice:mc.jsonl --task lambada:lambada.jsonl \\
+           --lm-samples 256 --output results.json
+
+- ``--lm-samples N``: loss and perplexity per objective on the first N samples of the
+  validation split of the data the checkpoint was trained on (or ``--data-path``), collated
+  by its own objective settings and seed: the same samples every time.
+- ``--task KIND:FILE`` (repeatable), a JSONL file per task: ``blank`` (held-out documents,
+  ``{"text"}``: spans blanked by the token objective, span exact match of greedy filling and
+  token accuracy), ``choice`` (``{"text": "... [MASK] ...", "choices": [...], "label": i}``:
+  zero-shot multiple choice by the log-likelihood of each choice in the blank, summed and per
+  token) and ``lambada`` (``{"text"}``: the last word after ``[gMASK]``, accuracy and perplexity).
+
+Under torchrun the rows are spread over the ranks (data parallel); each batch is the same
+rows whatever the world size, so the results equal one process's. Results go to the console
+and, with ``--output``, to JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+class EvalError(ValueError):
+    """A checkpoint, tokenizer or task that cannot be evaluated."""
+
+
+def load_model(path: str, device: str, tokenizer_spec=None, trust: bool = False):
+    """(model, tokenizer, meta) from a glm-pretrain folder (shards merged) or an export-hf folder.
+
+    A tokenizer given by flags must be the one the checkpoint records (its fingerprint), or it is refused.
+    """
+    from megatron_glm.config import ModelConfig
+    from megatron_glm.convert.readers import detect_format, read_hf
+    from megatron_glm.data.tokenizer import GLMTokenizer
+    from megatron_glm.generate import load_for_inference, spec_of
+    from megatron_glm.model.glm import GLMModel
+    from megatron_glm.training.checkpoint import read_meta, resume_tag
+
+    fmt = detect_format(path)
+    if fmt == "thudm":
+        raise EvalError(f"{path} is an original GLM checkpoint: import it first (glm-convert import-thudm)")
+    if fmt == "hf":
+        state, cfg, info = read_hf(path)
+        meta = {"model": cfg.to_dict(), "tokenizer": info.get("tokenizer"), "args": info.get("args") or {},
+                "iteration": info.get("iteration", 0)}
+    else:
+        meta = read_meta(path, resume_tag(path))
+    recorded = meta.get("tokenizer") or {}
+    tokenizer = GLMTokenizer(tokenizer_spec or spec_of(recorded))
+    if tokenizer_spec is not None and recorded.get("fingerprint") not in (None, tokenizer.fingerprint()):
+        raise EvalError(f"{path} was trained with another tokenizer ({recorded.get('files')}): drop the tokenizer "
+                        "flags to use its own, or pass the same files")
+    if fmt == "hf":
+        with torch.device("meta"):
+            model = GLMModel(ModelConfig.from_dict(meta["model"]))
+        model.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)
+        model = model.to(device).eval()
+    else:
+        model, tokenizer = load_for_inference(path, device, tokenizer_spec, trust)
+    if tokenizer.padded_vocab_size() != model.cfg.vocab_size:
+        raise EvalError(f"the tokenizer's padded vocabulary ({tokenizer.padded_vocab_size()}) differs from the "
+                        f"model's ({model.cfg.vocab_size}): pass the tokenizer {path} was trained with")
+    return model, tokenizer, meta
+
+
+def score(model, batches: list[dict], device: str) -> np.ndarray:
+    """``[rows, 3]``: each row's summed negative log-likelihood, targets and argmax-correct targets.
+
+    Batch ``k`` runs on rank ``k % world``; every rank returns all rows (an all-reduce of sums
+    over zeros, exact), in the order of the batches.
+    """
+    import torch.distributed as dist
+
+    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+    sizes = [len(b["tokens"]) for b in batches]
+    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+    out = torch.zeros(int(starts[-1]), 3, dtype=torch.float64)
+    with torch.no_grad():
+        for k in range(rank, len(batches), world):
+            b = {name: torch.as_tensor(v).to(device) for name, v in batches[k].items() if name != "objective"}
+            logits = model(b["tokens"], b["position_ids"], b["attn_lo"], b["attn_hi"])
+            nll, count, correct = model.score(logits, b["labels"], b["loss_mask"])
+            out[starts[k]:starts[k + 1]] = torch.stack([nll, count, correct], dim=1).double().cpu()
+    if world > 1:
+        dist.all_reduce(out)
+    return out.numpy()
+
+
+def task_metrics(model, tokenizer, kind: str, path: str, batch_size: int, device: str, seed: int) -> dict:
+    from megatron_glm.data import eval_tasks
+
+    rows, labels = eval_tasks.build(kind, path, tokenizer, model.cfg.max_position_embeddings, seed)
+    batches = [eval_tasks.layout(rows[i:i + batch_size], max(map(len, rows[i:i + batch_size])), tokenizer.pad_id)
+               for i in range(0, len(rows), batch_size)]
+    return eval_tasks.metrics(kind, rows, score(model, batches, device), labels)
+
+
+def lm_metrics(model, tokenizer, meta: dict, samples: int, batch_size: int, device: str, data_path=None,
+               cache=None) -> dict:
+    """Loss and perplexity per objective on the first ``samples`` of the validation split."""
+    from megatron_glm.data.blank_infilling import OBJECTIVES, BlankInfillingCollator, SpecialIds, sentence_end_ids
+    from megatron_glm.data.blended_dataset import build_train_valid_test_datasets
+    from megatron_glm.data.loader import MicroBatches, collate_now
+    from megatron_glm.training.config import objective_from_args, recorded_args
+
+    args = recorded_args(meta.get("args", {}))
+    paths = data_path or args.data_path
+    if not paths:
+        raise EvalError("--lm-samples needs data: the checkpoint records no --data-path, pass --data-path")
+    _, valid, _ = build_train_valid_test_datasets(list(paths), args.split, args.seq_length, [1, samples, 0],
+                                                  seed=args.seed, cache_dir=cache, tokenizer=tokenizer)
+    if valid is None or len(valid) == 0:
+        raise EvalError(f"the split {args.split} leaves no validation documents in {paths}: pass another --split")
+    objective = objective_from_args(args)
+    ends = sentence_end_ids(tokenizer) if objective.sentence_prob > 0 else None
+    data = MicroBatches(valid, BlankInfillingCollator(objective, SpecialIds.from_tokenizer(tokenizer), ends),
+                        model.cfg.vocab_size)
+    n = min(samples, len(valid))
+    batches = [{k: v.numpy() for k, v in collate_now(data, list(range(i, min(i + batch_size, n)))).items()}
+               for i in range(0, n, batch_size)]
+    scores = score(model, batches, device)
+    objectives = np.concatenate([b["objective"] for b in batches])
+    out = {"samples": n, "loss": float(scores[:, 0].sum() / scores[:, 1].sum())}
+    out["perplexity"] = math.exp(min(out["loss"], 50))
+    for k, name in enumerate(OBJECTIVES):
+        at = objectives == k
+        if at.any():
+            out[f"loss_{name}"] = float(scores[at, 0].sum() / scores[at, 1].sum())
+            out[f"perplexity_{name}"] = math.exp(min(out[f"loss_{name}"], 50))
+    return out
+
+
+def parse_task(text: str) -> tuple[str, str]:
+    from megatron_glm.data.eval_tasks import TaskError, parse_spec
+
+    try:
+        return parse_spec(text)
+    except TaskError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from megatron_glm.data.tokenizer import add_tokenizer_args
+
+    p = argparse.ArgumentParser(prog="glm-eval", description=__doc__, allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--load", required=True, help="a glm-pretrain checkpoint folder or an export-hf folder")
+    p.add_argument("--task", action="append", type=parse_task, default=[], metavar="KIND:FILE",
+                   help="blank:FILE, choice:FILE or lambada:FILE (JSONL; repeatable)")
+    p.add_argument("--lm-samples", type=int, default=0, help="loss and perplexity on this many validation samples")
+    p.add_argument("--data-path", nargs="+", default=None, help="the data for --lm-samples (default: the run's)")
+    p.add_argument("--data-cache-path", default=None)
+    p.add_argument("--batch-size", type=int, default=8, help="rows per forward pass")
+    p.add_argument("--seed", type=int, default=1234, help="the blank task's span draws")
+    p.add_argument("--output", help="write the results here as JSON")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="unpickle the checkpoint without restriction (it can run code): only for a trusted source")
+    add_tokenizer_args(p)
+    return p
+
+
+def evaluate(args) -> dict:
+    from megatron_glm.data.tokenizer import spec_from_args
+
+    if not args.task and not args.lm_samples:
+        raise EvalError("nothing to evaluate: give --task KIND:FILE and/or --lm-samples N")
+    if args.batch_size < 1 or args.lm_samples < 0:
+        raise EvalError("--batch-size must be positive and --lm-samples not negative")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise EvalError(f"--device {args.device}: this machine has no CUDA GPU; use --device cpu")
+    spec = spec_from_args(args) if (args.tokenizer_model or args.vocab_file) else None
+    model, tokenizer, meta = load_model(args.load, args.device, spec, args.trust_checkpoint)
+    results = {"checkpoint": os.path.abspath(args.load), "iteration": meta.get("iteration"), "tasks": {}}
+    from megatron_glm.data.eval_tasks import task_name
+
+    for kind, path in args.task:
+        results["tasks"][task_name(kind, path)] = task_metrics(model, tokenizer, kind, path, args.batch_size,
+                                                               args.device, args.seed)
+    if args.lm_samples:
+        results["tasks"]["lm"] = lm_metrics(model, tokenizer, meta, args.lm_samples, args.batch_size, args.device,
+                                            args.data_path, args.data_cache_path)
+    return results
+
+
+def report(results: dict) -> str:
+    lines = [f"glm-eval: {results['checkpoint']} (iteration {results['iteration']})"]
+    for name, values in results["tasks"].items():
+        shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
+        lines.append(f"  {name}: {shown}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    import torch.distributed as dist
+
+    from megatron_glm.convert.layout import ConversionError
+    from megatron_glm.data.tokenizer import TokenizerError
+    from megatron_glm.parallel.state import discover_launch
+    from megatron_glm.training.checkpoint import CheckpointError
+
+    args = build_parser().parse_args(argv)
+    launch = discover_launch()
+    if launch.world_size > 1:  # data parallel: every rank holds the whole model
+        from megatron_glm.parallel import state
+
+        state.initialize_model_parallel(tp=1, pp=1, backend="gloo")
+    try:
+        results = evaluate(args)
+    except (ValueError, TokenizerError, CheckpointError, ConversionError, FileNotFoundError) as e:
+        print(f"glm-eval: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+    if launch.rank == 0:
+        print(report(results))
+        if args.output:
+            with open(args.output, "w") as f:
+                json.dump(results, f, indent=1)
+    return 0
+
+
+def cli() -> None:
+    """The ``glm-eval`` command: ``main``, then leave without the interpreter's teardown, in which gloo's
+    threads can abort a process that has finished (as ``glm-pretrain`` does)."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    cli()
