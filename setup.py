@@ -52,6 +52,8 @@ setup(
         "wandb": ["wandb>=0.16"],
         # loading an export-hf folder (the exported code is written against transformers 5)
         "hf": ["transformers>=5.0"],
+        # make demo's plot of the loss curves and held-out tasks (demo_out/loss.png)
+        "demo": ["matplotlib>=3.7"],
     },
     entry_points={
         "console_scripts": [

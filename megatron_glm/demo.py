@@ -4,15 +4,21 @@
 2. a sentencepiece tokenizer trained on it (``glm-train-tokenizer``);
 3. the indexed binary dataset (``glm-preprocess``);
 4. packed train/valid/test samples from it, decoded back to text;
-5. glm-tiny pretrained with blank infilling (CPU, or the GPU when there is one), in two
+5. two tasks built from held-out docstrings (the validation split's: never trained on):
+   blank filling and a 4-way multiple choice, scored on the model glm-pretrain starts from;
+6. glm-tiny pretrained with blank infilling (CPU, or the GPU when there is one), in two
    runs: the second resumes from the first's checkpoint and continues the same schedule;
-6. blanks filled in sentences the model has not seen, with the KV-cache generator.
+   the tasks are scored during training too (``--eval-tasks``);
+7. the tasks before and after, beside chance; the loss curves as a PNG;
+8. held-out sentences: the word it picks for a blank, and what the KV-cache generator writes.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import random
 import sys
 import time
 
@@ -26,9 +32,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m megatron_glm.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="demo_out")
-    p.add_argument("--vocab-size", type=int, default=8000)
+    p.add_argument("--vocab-size", type=int, default=2000,
+                   help="sentencepiece pieces (small: a 1 M-parameter model spends less of itself on the vocabulary)")
     p.add_argument("--seq-length", type=int, default=256)
-    p.add_argument("--train-iters", type=int, default=400)
+    p.add_argument("--train-iters", type=int, default=1000)
     p.add_argument("--skip-training", action="store_true", help="stop after the data pipeline")
     args = p.parse_args(argv)
     os.makedirs(args.workdir, exist_ok=True)
@@ -74,6 +81,11 @@ def main(argv=None) -> int:
 
     from megatron_glm.training.pretrain import pretrain
 
+    step("held-out tasks: the validation split's docstrings, never trained on")
+    tasks = held_out_tasks(corpus, os.path.join(args.workdir, "tasks"))
+    print(f"blank filling: {tasks['blank_items']} sentences, spans blanked by the token objective -> {tasks['blank']}")
+    print(f"multiple choice: {tasks['choice_items']} sentences, a function word blanked, it and 3 other function "
+          f"words to choose from (chance 25%) -> {tasks['choice']}")
     ckpt = os.path.join(args.workdir, "checkpoints")
     shutil.rmtree(ckpt, ignore_errors=True)  # a fresh run each time: the second step shows the resume
     half = args.train_iters // 2
@@ -82,7 +94,8 @@ def main(argv=None) -> int:
               "--lr-warmup-iters", "20", "--lr-decay-iters", str(args.train_iters), "--min-lr", "2e-4",
               "--hidden-dropout", "0.0", "--attention-dropout", "0.0", "--bert-prob", "0.7",
               "--gap-sentence-prob", "0.2", "--split", "95,5,0", "--log-interval", "25", "--eval-interval", "100",
-              "--eval-iters", "4", "--save", ckpt, "--load", ckpt, "--save-interval", "100"]
+              "--eval-iters", "4", "--save", ckpt, "--load", ckpt, "--save-interval", "100",
+              "--eval-tasks", f"blank:{tasks['blank']}", f"choice:{tasks['choice']}"]
     t = step(f"glm-pretrain: glm-tiny, {half} iterations, then stop")
     first = pretrain(common + ["--train-iters", str(half)])
     print(f"({time.perf_counter() - t:.0f} s) loss {first['losses'][0]:.2f} -> {first['losses'][-1]:.2f}")
@@ -90,24 +103,148 @@ def main(argv=None) -> int:
     second = pretrain(common + ["--train-iters", str(args.train_iters)])
     print(f"({time.perf_counter() - t:.0f} s) loss {second['losses'][0]:.2f} -> {second['losses'][-1]:.2f}")
 
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    step("glm-eval: the held-out tasks before training (the model glm-pretrain starts from) and after")
+    before, after = score_before_and_after(ckpt, tasks, device)
+    print(f"{'':34} {'chance':>8} {'before':>8} {'after':>8}")
+    for label, kind, key, chance in (("blank filling, span exact match", "blank", "exact_match", None),
+                                     ("blank filling, token accuracy", "blank", "token_accuracy", None),
+                                     ("multiple choice, accuracy", "choice", "accuracy", 0.25),
+                                     ("multiple choice, per-token score", "choice", "accuracy_per_token", 0.25)):
+        shown = f"{chance:8.1%}" if chance is not None else f"{'~0%':>8}"
+        print(f"{label:34} {shown} {before[kind][key]:8.1%} {after[kind][key]:8.1%}")
+    plot = plot_curves(os.path.join(ckpt, "metrics.jsonl"), os.path.join(args.workdir, "loss.png"))
+    if plot:
+        print(f"loss per objective, validation loss and the tasks against iterations -> {plot}")
+
     from megatron_glm.generate import load_for_inference
     from megatron_glm.model.generation import GenerationConfig, fill_blanks
 
-    step("glm-generate: blanks in sentences the model has not seen (a 2 M-parameter model after a few CPU "
-         "minutes: expect frequent words, not answers)")
+    step("held-out sentences: the word it picks for the blank (the most likely choice), and what glm-generate's "
+         "greedy filling writes there (a 1 M-parameter model after a few CPU minutes: grammar first, words later)")
+    glm, tok = load_for_inference(ckpt, device=device)
+    for text, options, picked, truth in picked_choices(glm, tok, tasks["choice"], device)[:8]:
+        _, spans = fill_blanks(glm, tok, text, GenerationConfig("greedy", max_new_tokens=6))
+        shown = text.replace("[MASK]", " [MASK] ")
+        print(f"  {'right' if picked == truth else 'wrong'}: {shown}  {'/'.join(options)} -> {picked!r}"
+              f"{'' if picked == truth else f' (the text had {truth!r})'}; generated {spans[0]!r}")
+    return 0
+
+
+def picked_choices(model, tok, path: str, device: str) -> list[tuple]:
+    """(text, choices, the model's pick by summed log-likelihood, the right one) per multiple-choice item."""
+    from megatron_glm.data import eval_tasks
+    from megatron_glm.evaluate import score
+
+    rows, labels = eval_tasks.build("choice", path, tok, model.cfg.max_position_embeddings, 1234)
+    scores = score(model, [eval_tasks.layout(rows[i:i + 16], max(map(len, rows[i:i + 16])), tok.pad_id)
+                           for i in range(0, len(rows), 16)], device)
+    with open(path) as f:
+        items = [json.loads(line) for line in f if line.strip()]
+    out = []
+    for i, (item, label) in enumerate(zip(items, labels)):
+        nll = [scores[j, 0] for j, row in enumerate(rows) if row.item == i]
+        out.append((item["text"], item["choices"], item["choices"][nll.index(min(nll))], item["choices"][label]))
+    return out
+
+
+FUNCTION_WORDS = ("the", "a", "of", "to", "is", "if", "and", "in", "for", "or", "not", "an")
+
+
+def held_out_tasks(corpus: str, folder: str, items: int = 200, seed: int = 1234) -> dict:
+    """Two task files from the first sentences of the validation split's documents.
+
+    Blank filling: the sentences, spans blanked by the token objective. Multiple choice: the
+    first function word after a sentence's first word blanked, the choices it and three other
+    function words (chance 25%): grammar a small model learns first, unlike the content words
+    that a 2 M-parameter model after a few minutes cannot tell apart.
+    """
+    from megatron_glm.data.blended_dataset import split_documents
+
+    with open(corpus, encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for line in f]
+    start, stop = split_documents(len(texts), [0.95, 0.05, 0.0])[1]  # glm-pretrain --split 95,5,0's valid range
+    sentences = []
+    for text in texts[start:stop]:
+        first = " ".join(text.split("\n\n")[0].split()).split(". ")[0].rstrip(".")
+        if 5 <= len(first.split()) <= 20:
+            sentences.append(first.split())
+    rng = random.Random(seed)
+    rng.shuffle(sentences)
+    os.makedirs(folder, exist_ok=True)
+    blank, choice = os.path.join(folder, "blank.jsonl"), os.path.join(folder, "choice.jsonl")
+    with open(blank, "w") as f:
+        for words in sentences[:items]:
+            f.write(json.dumps({"text": " ".join(words) + "."}) + "\n")
+    n_choice = 0
+    with open(choice, "w") as f:
+        for words in sentences:
+            at = next((i for i, w in enumerate(words) if i > 0 and w in FUNCTION_WORDS), None)
+            if at is None or n_choice == items:
+                continue
+            options = [words[at]] + rng.sample([w for w in FUNCTION_WORDS if w != words[at]], 3)
+            rng.shuffle(options)
+            # no spaces beside the blank: it stands for the word and its leading space, as in training (with
+            # sentencepiece, "a [MASK] b" would encode the spaces as pieces of their own)
+            text = " ".join(words[:at]) + "[MASK]" + " ".join(words[at + 1:]) + "."
+            f.write(json.dumps({"text": text, "choices": options, "label": options.index(words[at])}) + "\n")
+            n_choice += 1
+    return {"blank": blank, "choice": choice, "blank_items": min(items, len(sentences)), "choice_items": n_choice}
+
+
+def score_before_and_after(ckpt: str, tasks: dict, device: str) -> tuple[dict, dict]:
     import torch
 
-    glm, tok = load_for_inference(ckpt, device="cuda" if torch.cuda.is_available() else "cpu")
-    prompts = [
-        "Return a new [MASK] containing all items from the iterable in ascending order.",
-        "If the file does not exist, [MASK] is raised.",
-        "Create a new socket using the given address family, socket type and [MASK].",
-    ]
-    for prompt in prompts:
-        for strategy in ("greedy", "beam"):
-            filled, spans = fill_blanks(glm, tok, prompt, GenerationConfig(strategy, max_new_tokens=12))
-            print(f"{strategy:>6}: {prompt}\n        -> {spans[0]!r}")
-    return 0
+    from megatron_glm.config import ModelConfig
+    from megatron_glm.evaluate import load_model, task_metrics
+    from megatron_glm.model.glm import GLMModel
+
+    trained, tok, meta = load_model(ckpt, device)
+    initial = GLMModel(ModelConfig.from_dict(meta["model"]))
+    initial.reset_parameters(meta["args"]["seed"])  # bitwise the weights glm-pretrain starts from
+    initial = initial.to(device).eval()
+    out = []
+    for model in (initial, trained):
+        with torch.no_grad():
+            out.append({kind: task_metrics(model, tok, kind, tasks[kind], 16, device, 1234)
+                        for kind in ("blank", "choice")})
+    return out[0], out[1]
+
+
+def plot_curves(metrics: str, path: str) -> str | None:
+    """Loss per objective and the validation loss (left), the tasks (right), against iterations."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("(matplotlib is not installed: pip install 'megatron-glm[demo]' for the plot)")
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(metrics) as f:
+        rows = [json.loads(line) for line in f]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, label in (("loss_token", "token objective"), ("loss_sentence", "sentence objective"),
+                       ("loss_document", "document objective"), ("valid_loss", "validation (all)")):
+        points = [(r["iteration"], r[key]) for r in rows if key in r]
+        if points:
+            left.plot(*zip(*points), "o-" if key == "valid_loss" else "-", label=label,
+                      linewidth=2 if key == "valid_loss" else 0.8)
+    left.set(xlabel="iteration", ylabel="loss (nats per target token)", title="pretraining")
+    left.legend()
+    shown = ("/exact_match", "/token_accuracy", "/accuracy")
+    for key in sorted({k for r in rows for k in r if k.startswith("eval/") and k.endswith(shown)}):
+        points = [(r["iteration"], r[key]) for r in rows if key in r]
+        right.plot(*zip(*points), "o-", label=key.removeprefix("eval/"))
+    right.axhline(0.25, color="grey", linestyle=":", label="multiple choice: chance")
+    right.set(xlabel="iteration", ylabel="share", title="held-out tasks (--eval-tasks)", ylim=(0, 1))
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":

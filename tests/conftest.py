@@ -34,11 +34,17 @@ def deepspeed_ops_built():
     machine that is 2-4 processes compiling into one folder at once (a TP2xPP2 run once took
     SIGABRT there). A failure here is left for the tests that need DeepSpeed to report.
     """
-    try:  # within pytest-timeout's 300 s for a fixture: a slower build finishes in the first test that needs it
-        subprocess.run([sys.executable, "-c", "from deepspeed.comm.torch import build_shm_op; build_shm_op()"],
-                       capture_output=True, timeout=240)
-    except subprocess.TimeoutExpired:
-        pass
+    import fcntl
+    import tempfile
+
+    # one build at a time when pytest-xdist runs several sessions: the others wait, then find it built
+    with open(os.path.join(tempfile.gettempdir(), "megatron-glm-deepspeed-op.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:  # within pytest-timeout's 300 s for a fixture: a slower build finishes in the first test that needs it
+            subprocess.run([sys.executable, "-c", "from deepspeed.comm.torch import build_shm_op; build_shm_op()"],
+                           capture_output=True, timeout=240)
+        except subprocess.TimeoutExpired:
+            pass
 
 
 @pytest.fixture(scope="session")

@@ -132,15 +132,16 @@ def lambada_rows(path: str, tokenizer, limit: int) -> list[Row]:
 def blank_rows(path: str, tokenizer, limit: int, collator) -> list[Row]:
     """One row per span the collator's token objective blanks in each held-out document.
 
-    A document longer than fits is cut (its Part A and its longest span must fit ``limit``).
+    A document longer than fits is cut (its Part A and its longest span must fit ``limit``); one too
+    short for a blank at the objective's mask ratio is left out (``documents`` counts those scored).
     """
     rows = []
     budget = limit - collator.cfg.max_span_length - 2
-    for item, (n, obj) in enumerate(read_jsonl(path, "blank")):
+    for item, (_, obj) in enumerate(read_jsonl(path, "blank")):
         ids = np.asarray(tokenizer.encode(obj["text"])[:budget], np.int64)
         plan = collator.plan(item, ids)
-        if len(plan.starts) == 0:
-            raise TaskError(f"{path}:{n}: the document is too short ({len(ids)} tokens) for a blank")
+        if len(plan.starts) == 0:  # too short for the objective's mask ratio: no blank, nothing to score
+            continue
         part_a, places, prev = [], [], 0
         for s, length in zip(plan.starts.tolist(), plan.lengths.tolist()):
             part_a += ids[prev:s].tolist()
@@ -151,6 +152,8 @@ def blank_rows(path: str, tokenizer, limit: int, collator) -> list[Row]:
         for k, (s, length) in enumerate(zip(plan.starts.tolist(), plan.lengths.tolist())):
             span = ids[s:s + length].tolist()
             rows.append(Row(part_a, places[k], [tokenizer.sop_id] + span, span + [tokenizer.eop_id], item, k))
+    if not rows:
+        raise TaskError(f"{path}: no document is long enough for the token objective to blank a span in it")
     _check_lengths(rows, limit, path)
     return rows
 
