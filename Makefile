@@ -20,8 +20,9 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/hadolint Dockerfile
 
+# two pytest-xdist workers, a test file each: most tests wait on the processes they start
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 demo: install
 	$(BIN)/python -m megatron_glm.demo --workdir demo_out

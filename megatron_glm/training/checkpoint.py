@@ -162,6 +162,8 @@ def _save_in_background(engine, save_dir: str, tag: str, tmp_root: str, meta: di
     engine.checkpoint_engine = host
     try:
         engine.save_checkpoint(tmp_root, tag=tag, client_state={"iteration": meta["iteration"]}, save_latest=False)
+    except (OSError, RuntimeError) as e:  # the staging folder could not be made (a full disk, say)
+        raise _save_failed(save_dir, tag, tmp_root, e) from None
     finally:
         engine.checkpoint_engine = host.inner
     files = host.files + [(rng_file(staged, *position()), to_host(rng_state()))]
