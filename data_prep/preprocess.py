@@ -49,17 +49,24 @@ class Encoded:
 
 # -- worker side -------------------------------------------------------------------------
 _WORKER: dict = {}
+_MAIN_PID: int | None = None  # the process that forks the workers (they inherit it)
 
 
 def _die_with_parent() -> None:
-    """On Linux, a worker is killed when the main process dies (even by SIGKILL): no orphans."""
+    """On Linux, a worker is killed when the main process dies (even by SIGKILL): no orphans.
+
+    A main process killed between the fork and the ``prctl`` would never send the signal, so the
+    worker then checks that its parent is still the main process.
+    """
     try:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # not Linux: workers exit when their task queue closes
-        pass
+        return
+    if _MAIN_PID is not None and os.getppid() != _MAIN_PID:
+        os._exit(1)
 
 
 def _init_worker(spec, keys, append_eod, dtype, sentences=None, in_subprocess=True) -> None:
@@ -185,6 +192,8 @@ def _ordered_map(fn, items, workers: int, initargs):
     from concurrent.futures import ProcessPoolExecutor
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    global _MAIN_PID
+    _MAIN_PID = os.getpid()
     pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_init_worker,
                                initargs=initargs)
     try:

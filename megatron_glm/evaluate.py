@@ -142,22 +142,14 @@ def lm_metrics(model, tokenizer, meta: dict, samples: int, batch_size: int, devi
     return out
 
 
-def parse_task(text: str) -> tuple[str, str]:
-    from megatron_glm.data.eval_tasks import TaskError, parse_spec
-
-    try:
-        return parse_spec(text)
-    except TaskError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from megatron_glm.data.eval_tasks import argparse_spec
     from megatron_glm.data.tokenizer import add_tokenizer_args
 
     p = argparse.ArgumentParser(prog="glm-eval", description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", required=True, help="a glm-pretrain checkpoint folder or an export-hf folder")
-    p.add_argument("--task", action="append", type=parse_task, default=[], metavar="KIND:FILE",
+    p.add_argument("--task", action="append", type=argparse_spec, default=[], metavar="KIND:FILE",
                    help="blank:FILE, choice:FILE or lambada:FILE (JSONL; repeatable)")
     p.add_argument("--lm-samples", type=int, default=0, help="loss and perplexity on this many validation samples")
     p.add_argument("--data-path", nargs="+", default=None, help="the data for --lm-samples (default: the run's)")
@@ -235,12 +227,10 @@ def main(argv=None) -> int:
 
 
 def cli() -> None:
-    """The ``glm-eval`` command: ``main``, then leave without the interpreter's teardown, in which gloo's
-    threads can abort a process that has finished (as ``glm-pretrain`` does)."""
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    """The ``glm-eval`` command: ``main``, then leave without the interpreter's teardown (gloo's threads)."""
+    from megatron_glm.parallel.state import exit_without_teardown
+
+    exit_without_teardown(main())
 
 
 if __name__ == "__main__":

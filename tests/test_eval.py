@@ -56,17 +56,23 @@ def model(tokenizer):
     return GLMModel(cfg).eval()
 
 
-def by_hand(model, row):
-    """(nll sum, targets, argmax-correct targets) of a row, one token at a time through the KV cache."""
-    from megatron_glm.model.generation import _feed
+def part_a_cached(model, row):
+    """A KV cache holding the row's Part A, encoded bidirectionally once (as glm-generate does)."""
     from megatron_glm.model.glm import KVCache
 
     cache = KVCache(model.cfg.num_layers)
-    a = torch.tensor([row.part_a])
-    n = a.shape[1]
+    n = len(row.part_a)
+    model(torch.tensor([row.part_a]), torch.stack([torch.arange(n), torch.zeros(n, dtype=torch.long)])[None],
+          torch.zeros(1, n, dtype=torch.int32), torch.full((1, n), n, dtype=torch.int32), cache)
+    return cache
+
+
+def by_hand(model, row):
+    """(nll sum, targets, argmax-correct targets) of a row, one token at a time through the KV cache."""
+    from megatron_glm.model.generation import _feed
+
     with torch.no_grad():
-        model(a, torch.stack([torch.arange(n), torch.zeros(n, dtype=torch.long)])[None],
-              torch.zeros(1, n, dtype=torch.int32), torch.full((1, n), n, dtype=torch.int32), cache)
+        cache = part_a_cached(model, row)
         nll, correct = 0.0, 0
         for j, (token, target) in enumerate(zip(row.part_b, row.targets)):
             logits = _feed(model, cache, torch.tensor([[token]]), torch.tensor([[row.mask_pos]]),
@@ -79,14 +85,9 @@ def by_hand(model, row):
 def greedy_span(model, row, max_new, eop):
     """glm-generate's greedy filling of the row's blank, given Part A alone."""
     from megatron_glm.model.generation import GenerationConfig, _span_greedy_or_sample
-    from megatron_glm.model.glm import KVCache
 
-    cache = KVCache(model.cfg.num_layers)
-    a = torch.tensor([row.part_a])
-    n = a.shape[1]
     with torch.no_grad():
-        model(a, torch.stack([torch.arange(n), torch.zeros(n, dtype=torch.long)])[None],
-              torch.zeros(1, n, dtype=torch.int32), torch.full((1, n), n, dtype=torch.int32), cache)
+        cache = part_a_cached(model, row)
         return _span_greedy_or_sample(model, cache, row.mask_pos, row.part_b[0], eop,
                                       GenerationConfig(max_new_tokens=max_new), None, "cpu")
 

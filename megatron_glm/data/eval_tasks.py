@@ -212,5 +212,15 @@ def parse_spec(text: str) -> tuple[str, str]:
     return kind, path
 
 
+def argparse_spec(text: str) -> tuple[str, str]:
+    """``parse_spec`` as an argparse ``type`` (its error becomes the parser's usage message)."""
+    import argparse
+
+    try:
+        return parse_spec(text)
+    except TaskError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def task_name(kind: str, path: str) -> str:
     return f"{kind}:{os.path.basename(path)}"

@@ -54,6 +54,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def exit_without_teardown(code: int) -> None:
+    """Flush and leave at once: gloo's worker threads can still be joinable during interpreter
+    finalization and ``std::terminate`` a process that has finished its work (SIGABRT)."""
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def discover_launch(environ=None) -> Launch:
     """Rank, world size, local rank and rendezvous address from the launcher's environment."""
     env = os.environ if environ is None else environ

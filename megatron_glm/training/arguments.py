@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from megatron_glm.config import PRESETS, ModelConfig, preset
+from megatron_glm.data.eval_tasks import argparse_spec
 from megatron_glm.model.attention import IMPLEMENTATIONS
 from megatron_glm.training.engine import OPTIMIZER_IMPLS
 
@@ -167,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-last", type=int, default=0,
                    help="keep the newest N checkpoints, delete older ones; 0 (the default, as in Megatron) keeps all")
     g.add_argument("--eval-interval", type=int, default=1000)
-    g.add_argument("--eval-tasks", nargs="+", type=_task_spec, default=[], metavar="KIND:FILE",
+    g.add_argument("--eval-tasks", nargs="+", type=argparse_spec, default=[], metavar="KIND:FILE",
                    help="zero-shot tasks run every --eval-interval on the training model and logged like the "
                         "losses: blank:FILE (held-out documents), choice:FILE (multiple choice), lambada:FILE; "
                         "JSONL, as glm-eval reads them")
@@ -186,15 +187,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "every event: for runs of a few steps)")
     g.add_argument("--wandb-project", help="log to Weights & Biases (offline unless WANDB_MODE/API key say otherwise)")
     return p
-
-
-def _task_spec(text: str) -> tuple[str, str]:
-    from megatron_glm.data.eval_tasks import TaskError, parse_spec
-
-    try:
-        return parse_spec(text)
-    except TaskError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def model_config_from_args(args, vocab_size: int, validate: bool = True) -> ModelConfig:

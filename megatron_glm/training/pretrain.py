@@ -7,7 +7,6 @@ from those.
 
 from __future__ import annotations
 
-import os
 import sys
 
 
@@ -66,10 +65,9 @@ def cli() -> None:
     interpreter finalization and ``std::terminate`` the process (SIGABRT) after a successful run,
     so the command exits directly.
     """
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    from megatron_glm.parallel.state import exit_without_teardown
+
+    exit_without_teardown(main())
 
 
 if __name__ == "__main__":
