@@ -88,9 +88,9 @@ def restore_optimizer(engine, chunks, reader: UniversalReader, meta: dict) -> No
             parts = {state: [] for state in STATES}
             for p in group:
                 whole = values(p, p.ds_shape)
-                group = opt._get_param_partition_group(p) if hasattr(opt, "_get_param_partition_group") else \
+                owners = opt._get_param_partition_group(p) if hasattr(opt, "_get_param_partition_group") else \
                     opt.dp_process_group
-                world, rank = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
+                world, rank = torch.distributed.get_world_size(owners), torch.distributed.get_rank(owners)
                 size = -(-p.ds_numel // world)
                 for state, v in whole.items():
                     padded = torch.nn.functional.pad(v.flatten(), (0, size * world - v.numel()))
