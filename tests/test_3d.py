@@ -265,6 +265,15 @@ def test_zero3_to_zero1_through_a_universal_checkpoint(tmp_path_factory, tmp_pat
     assert_continues(result, out, reference)
 
 
+def test_zero0_through_a_universal_checkpoint_to_two_replicas(tmp_path_factory, tmp_path, data):
+    """Without ZeRO the moments sit in each rank's model file (the optimizer's parameter order), and go back into
+    the optimizer keyed by parameter: one process's run, converted, continues on DP2 as if uninterrupted."""
+    reference, universal = uninterrupted(tmp_path_factory, data, "zero0", 1, ["--zero-stage", "0"])
+    out = str(tmp_path / "dp2")
+    extra = ["--zero-stage", "0", "--load", universal, "--save", out]
+    assert_continues(launch_pretrain(2, argv(data, out, iters=8, extra=extra)), out, reference)
+
+
 def _state_after_resume(rank, world, argv_):
     """Each parameter's fp32 master and Adam moments in the engine a universal resume built, beside the files'."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state

@@ -131,22 +131,27 @@ def adam_steps(path: str, tag: str, meta: dict, trust: bool = False) -> int:
                                   "(zero_pp_rank_0_mp_rank_00_optim_states.pt)")
         _, base = _zero_partitions(serialization.load(files[0], trust=trust), files[0])
     else:
-        base = _zero0_optimizer(folder, 0, trust)
+        base = _zero0_rank(folder, 0, trust)[1]
     steps = {int(s["step"]) for s in base["state"].values() if "step" in s}
     if len(steps) != 1:
         raise ConversionError(f"{folder}: Adam step counts {sorted(steps)} (expected one count)")
     return steps.pop()
 
 
-def _zero0_optimizer(folder: str, mp: int, trust: bool) -> dict:
+def _zero0_rank(folder: str, mp: int, trust: bool) -> tuple[dict, dict]:
+    """(weights, optimizer state) of a model-parallel rank's model file without ZeRO, read once."""
     path = os.path.join(folder, f"mp_rank_{mp:02d}_model_states.pt")
     if not os.path.exists(path):
         raise ConversionError(f"{path} is missing: the checkpoint is incomplete")
-    optimizer = serialization.load(path, trust=trust).get("optimizer")
+    saved = serialization.load(path, trust=trust)
+    module = saved.get("module") if isinstance(saved, dict) else None
+    optimizer = saved.get("optimizer") if isinstance(saved, dict) else None
+    if not isinstance(module, dict):
+        raise ConversionError(f"{path} holds no model state dict under 'module': not a megatron-glm model file")
     if not isinstance(optimizer, dict) or "state" not in optimizer:
         raise ConversionError(f"{path} holds no optimizer state (a weights-only or converted checkpoint): "
                               "nothing to carry but the weights; use `glm-convert reshard`")
-    return optimizer
+    return module, optimizer
 
 
 def optimizer_states(path: str, tag: str, meta: dict, trust: bool = False) -> dict[str, dict]:
@@ -156,29 +161,28 @@ def optimizer_states(path: str, tag: str, meta: dict, trust: bool = False) -> di
     masters and the moments sit in each rank's model file, in the order the optimizer was given
     its parameters (decayed ones first: ``training.engine.param_groups``).
     """
+    from megatron_glm.training.universal import STATES
+
     if meta.get("args", {}).get("zero_stage"):
-        return {state: _consolidate_zero(path, tag, meta, trust, state) for state in UNIVERSAL_STATES}
+        return {state: _consolidate_zero(path, tag, meta, trust, state) for state in STATES}
     from megatron_glm.training.engine import decays
 
     folder, tp = os.path.join(path, tag), meta.get("tensor_model_parallel_size", 1)
-    states = {}
-    for state in UNIVERSAL_STATES:
-        def read(p, t, state=state):
-            module_path = os.path.join(folder, f"mp_rank_{p * tp + t:02d}_model_states.pt")
-            module = ckpt.read_weights_only(path, tag, p, t, tp, trust)[0]
-            if state == "fp32":
-                return {k: v.float() for k, v in module.items()}
-            optimizer = _zero0_optimizer(folder, p * tp + t, trust)
+    ranks: dict[tuple[int, int], dict] = {}
+
+    def read(p, t):  # every state of one rank, from one read of its file
+        if (p, t) not in ranks:
+            module, optimizer = _zero0_rank(folder, p * tp + t, trust)
             names = [n for n in module if decays(n)] + [n for n in module if not decays(n)]
             ids = [i for group in optimizer["param_groups"] for i in group["params"]]
             if len(ids) != len(names):
-                raise ConversionError(f"{module_path}: {len(ids)} optimizer entries for {len(names)} parameters")
-            return {name: optimizer["state"][i][state].float() for name, i in zip(names, ids)}
-        states[state] = ckpt.merge_model_shards(read, meta)
-    return states
-
-
-UNIVERSAL_STATES = ("fp32", "exp_avg", "exp_avg_sq")
+                raise ConversionError(f"{folder}/mp_rank_{p * tp + t:02d}_model_states.pt: {len(ids)} optimizer "
+                                      f"entries for {len(names)} parameters")
+            ranks[p, t] = {"fp32": {k: v.float() for k, v in module.items()},
+                           **{m: {n: optimizer["state"][i][m].float() for n, i in zip(names, ids)}
+                              for m in STATES[1:]}}
+        return ranks[p, t]
+    return {state: ckpt.merge_model_shards(lambda p, t, state=state: read(p, t)[state], meta) for state in STATES}
 
 
 THUDM_LAYER = re.compile(r"^transformer\.layers\.(\d+)\.")

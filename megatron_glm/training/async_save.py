@@ -122,10 +122,6 @@ class BackgroundWriter:
         self._thread = threading.Thread(target=run, name="megatron-glm-async-save", daemon=False)
         self._thread.start()
 
-    @property
-    def busy(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
     def wait(self) -> None:
         if self._thread is not None:
             self._thread.join()

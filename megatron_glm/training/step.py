@@ -57,9 +57,10 @@ class StepRunner:
             out = call(chunk, b["tokens"], b["position_ids"], b["attn_lo"], b["attn_hi"], hidden_states=hidden)
             if not chunk.post_process:
                 return out
-            loss, sums, counts = chunk.loss(out, b["labels"], b["loss_mask"])
-            if collect is not None:  # evaluation tasks: each row's score
+            if collect is not None:  # evaluation tasks: each row's score, and no loss (forward only)
                 collect[m] = torch.stack(chunk.score(out, b["labels"], b["loss_mask"]), dim=1)
+                return out
+            loss, sums, counts = chunk.loss(out, b["labels"], b["loss_mask"])
             if overflow:  # fault injection: an fp16 overflow, as a too-large loss scale would cause
                 loss = loss * float("inf")
             stats[0] += float(loss.detach())
