@@ -46,6 +46,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from megatron_glm.data.sample_rng import SampleGenerators
+
 TOKEN, SENTENCE, DOCUMENT = 0, 1, 2
 OBJECTIVES = ("token", "sentence", "document")
 
@@ -153,6 +155,7 @@ class BlankInfillingCollator:
         log_pmf = k * math.log(cfg.poisson_lambda) - cfg.poisson_lambda - np.array([math.lgamma(x + 1) for x in k])
         pmf = np.exp(log_pmf)
         self.span_cdf = np.cumsum(pmf / pmf.sum())
+        self._generators = SampleGenerators(cfg.seed)  # default_rng([seed, index]), a batch at a time
 
     # -- one sample's draws ----------------------------------------------------------------
     def objective_of(self, rng) -> int:
@@ -162,7 +165,7 @@ class BlankInfillingCollator:
 
     def plan(self, index: int, text, document_lengths=None) -> _Plan:
         """Every random draw for one sample, deterministic from (seed, index)."""
-        rng = np.random.default_rng([self.cfg.seed, int(index)])
+        rng = self._generators([index])[0]
         return self._plan(rng, self.objective_of(rng), text, document_lengths)
 
     def plans(self, samples) -> list[_Plan]:
@@ -176,8 +179,8 @@ class BlankInfillingCollator:
         batched = not (cfg.short_seq_prob or cfg.single_span_prob or cfg.random_position or cfg.block_mask_prob
                        or cfg.context_mask_ratio)
         out, token = [None] * len(samples), []
-        for slot, (index, sample) in enumerate(samples):
-            rng = np.random.default_rng([cfg.seed, int(index)])
+        rngs = self._generators([index for index, _ in samples])
+        for slot, ((_, sample), rng) in enumerate(zip(samples, rngs)):
             objective = self.objective_of(rng)
             docs = sample.get("document_lengths")
             if batched and objective == TOKEN and (docs is None or len(docs) == 1):
