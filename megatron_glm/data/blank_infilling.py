@@ -42,6 +42,7 @@ batch of plans is laid out by one set of vectorised array operations (``_layout`
 from __future__ import annotations
 
 import math
+from bisect import bisect_right
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -156,6 +157,7 @@ class BlankInfillingCollator:
         pmf = np.exp(log_pmf)
         self.span_cdf = np.cumsum(pmf / pmf.sum())
         self._generators = SampleGenerators(cfg.seed)  # default_rng([seed, index]), a batch at a time
+        self._arange = np.arange(cfg.seq_length + 16, dtype=np.int64)  # columns; span counts stay under S/2 + 8
 
     # -- one sample's draws ----------------------------------------------------------------
     def objective_of(self, rng) -> int:
@@ -266,13 +268,13 @@ class BlankInfillingCollator:
             return np.arange(starts.size)
         if segments.size == 1:
             return rng.permutation(starts.size)
-        seg = np.searchsorted(np.cumsum(segments), starts, side="right")
-        first = np.searchsorted(seg, np.arange(segments.size + 1))
+        seg = segments.cumsum().searchsorted(starts, side="right")
+        first = seg.searchsorted(self._arange[:segments.size + 1]).tolist()
         return np.concatenate([a + rng.permutation(b - a) for a, b in zip(first[:-1], first[1:])]).astype(np.int64)
 
     def _protected_ends(self, text, docs) -> np.ndarray:
         """1 for a document piece whose last token may not be masked: an end-of-document token, or the sample's end."""
-        ends = np.cumsum(docs) - 1
+        ends = docs.cumsum() - 1
         protect = np.zeros(docs.size, np.int64)
         if self.special.eod is not None:
             protect[:] = text[ends] == self.special.eod
@@ -289,13 +291,11 @@ class BlankInfillingCollator:
             return starts, lengths, length
         budget = min(available, S - 2)
         guess = int(cfg.mask_ratio * budget / 2) + 8
-        lengths = np.searchsorted(self.span_cdf, rng.random(guess), side="right") + 1
+        lengths = self.span_cdf.searchsorted(rng.random(guess), side="right") + 1
         lengths = np.minimum(lengths, cfg.max_span_length)
-        total = np.cumsum(lengths)
-        k = np.arange(1, guess + 1)
-        text_len = np.minimum(available, S - 2 * k)
-        done = np.flatnonzero(total >= cfg.mask_ratio * text_len)
-        k = int(done[0]) + 1 if done.size else guess
+        text_len = np.minimum(available, S - 2 * self._arange[1:guess + 1])  # the text that k spans leave
+        done = lengths.cumsum() >= cfg.mask_ratio * text_len
+        k = int(done.argmax()) + 1 if done.any() else guess
         length = int(min(available, S - 2 * k))
         starts, lengths = self._place(rng, text, lengths[:k], length, docs)
         return starts, lengths, length
@@ -306,18 +306,24 @@ class BlankInfillingCollator:
         if docs.size == 1:  # all but the sample's last token
             return self._places(rng, lengths[:_fitting(lengths, length - 1, gaps=True)], length - 1)
         room = docs - self._protected_ends(text[:length], docs)  # maskable length of each piece
-        take, used = np.zeros(docs.size, np.int64), 0  # how many of the lengths (in drawn order) each piece takes
-        pieces = np.argsort(room, kind="stable")
-        for d in pieces[:-1]:
-            take[d] = _fitting(lengths[used:], int(room[d] * self.cfg.mask_ratio), gaps=False)
-            used += take[d]
-        take[pieces[-1]] = _fitting(lengths[used:], room[pieces[-1]], gaps=True)
-        # the lengths go to the pieces in that order
-        counts = take[pieces]
-        owner = np.repeat(pieces, counts)
-        starts, lengths = self._places(rng, lengths[:counts.sum()], room[owner], (np.cumsum(docs) - docs)[owner],
-                                       counts)
-        by_start = np.argsort(starts, kind="stable")
+        # how many of the lengths (in drawn order) each piece takes: prefix sums, searched per piece
+        drawn = lengths.tolist()
+        sums, with_gaps = [0], [0]  # sum of the first i lengths; and that plus i (a gap after each)
+        for i, n in enumerate(drawn, 1):
+            sums.append(sums[-1] + n)
+            with_gaps.append(sums[-1] + i)
+        pieces = room.argsort(kind="stable").tolist()
+        room_of, used, counts = room.tolist(), 0, []
+        for d in pieces[:-1]:  # sum within int(mask_ratio * room)
+            counts.append(bisect_right(sums, int(room_of[d] * self.cfg.mask_ratio) + sums[used], used + 1) - used - 1)
+            used += counts[-1]
+        # the longest: sum + gaps within its room
+        counts.append(bisect_right(with_gaps, room_of[pieces[-1]] + with_gaps[used] + 1, used + 1) - used - 1)
+        pieces, counts = np.asarray(pieces), np.asarray(counts)
+        owner = pieces.repeat(counts)  # the lengths go to the pieces in that order
+        offsets = docs.cumsum() - docs
+        starts, lengths = self._places(rng, lengths[:used + counts[-1]], room[owner], offsets[owner], counts)
+        by_start = starts.argsort(kind="stable")
         return starts[by_start], lengths[by_start]
 
     @staticmethod
@@ -328,16 +334,18 @@ class BlankInfillingCollator:
         Without ``counts``, one piece from 0 whose room is the number ``room``.
         """
         u = rng.random(lengths.size)
+        step = lengths + 1  # a span and the gap after it
+        before = step.cumsum() - step  # tokens (span + gap) before each span
         if counts is None:  # one piece, from 0
             free = int(room - lengths.sum() - (lengths.size - 1))
-            places = np.sort(np.floor(u * (free + 1)).astype(np.int64))
-            return places + np.cumsum(lengths + 1) - (lengths + 1), lengths
-        group = np.repeat(np.arange(counts.size), counts)
-        first = np.repeat(np.cumsum(counts) - counts, counts)
-        before = np.cumsum(lengths + 1) - (lengths + 1)  # tokens (span + gap) before each span ...
-        before -= before[first]  # ... within its piece
-        total = np.repeat(np.bincount(group, weights=lengths + 1, minlength=counts.size).astype(np.int64), counts)
-        places = np.floor(u * (room - total + 2)).astype(np.int64)  # free = room - sum - (k - 1)
+            places = (u * (free + 1)).astype(np.int64)  # floor: u * (free + 1) >= 0
+            places.sort()
+            return places + before, lengths
+        group = np.arange(counts.size).repeat(counts)
+        first = (counts.cumsum() - counts).repeat(counts)
+        total = np.bincount(group, weights=step, minlength=counts.size).astype(np.int64).repeat(counts)  # per piece
+        before -= before[first]  # within its piece
+        places = (u * (room - total + 2)).astype(np.int64)  # free = room - sum - (k - 1)
         places = places[np.lexsort((places, group))]  # sorted within each piece
         return offset + places + before, lengths
 
@@ -346,32 +354,37 @@ class BlankInfillingCollator:
         """Whole sentences, in a random order, until ``sentence_ratio`` of the text they fit is covered."""
         cfg, S, eod = self.cfg, self.cfg.seq_length, self.special.eod
         head = text[:available]
-        ends = np.flatnonzero(np.take(self._is_end, head, mode="clip")) + 1
-        at_eod = np.zeros(0, np.int64) if eod is None else np.flatnonzero(head == eod)
+        ends = np.take(self._is_end, head, mode="clip").nonzero()[0] + 1
+        at_eod = np.zeros(0, np.int64) if eod is None else (head == eod).nonzero()[0]
         if docs.size == 1 and not at_eod.size:  # already sorted and unique
             bounds = [0] + ends.tolist()
             if bounds[-1] != available:
                 bounds.append(available)
+            firsts, lasts = bounds[:-1], bounds[1:]
         else:  # document ends, and an end-of-document token as a sentence of its own (never chosen)
-            doc_ends = np.cumsum(docs)
+            doc_ends = docs.cumsum()
             bounds = np.unique(np.concatenate([[0], ends, doc_ends[doc_ends < available], [available],
                                                at_eod, at_eod + 1])).tolist()
-        lone_eod = set(at_eod.tolist())
-        sentences = [(a, b - a) for a, b in zip(bounds[:-1], bounds[1:]) if b > a and a not in lone_eod]
+            lone_eod = set(at_eod.tolist())
+            firsts, lasts = [], []
+            for first, last in zip(bounds[:-1], bounds[1:]):
+                if first not in lone_eod:
+                    firsts.append(first)
+                    lasts.append(last)
         chosen, covered, last_end = [], 0, 0
-        for i in rng.permutation(len(sentences)).tolist():
+        for i in rng.permutation(len(firsts)).tolist():
             k = len(chosen)
             if covered >= cfg.sentence_ratio * min(available, S - 2 * k):
                 break
-            start, n = sentences[i]
-            end = max(last_end, start + n)
+            end = max(last_end, lasts[i])
             if end <= S - 2 * (k + 1) and end <= available:
-                chosen.append((start, n))
-                covered += n
+                chosen.append(i)
+                covered += lasts[i] - firsts[i]
                 last_end = end
         length = min(available, S - 2 * len(chosen))
-        chosen = np.asarray(sorted(chosen), np.int64).reshape(-1, 2)
-        return chosen[:, 0], chosen[:, 1], length
+        chosen.sort()  # sentences are in text order
+        starts = np.asarray([firsts[i] for i in chosen], np.int64)
+        return starts, np.asarray([lasts[i] for i in chosen], np.int64) - starts, length
 
     def _document_spans(self, rng, text, available: int, docs):
         """A suffix (no [eop]) of the text, or of every document when packed; or one span anywhere (with [eop])."""
@@ -509,13 +522,21 @@ class BlankInfillingCollator:
         seg_col0 = rows[seg_row] * S + cursor  # flat index of each segment's first column
 
         tokens, labels, pos0, pos1, lo, hi = out
-        # a segment's columns [cursor, cursor + total) all attend from its first column
-        seg_col_first = np.cumsum(total) - total
-        lo[np.repeat(seg_col0 - seg_col_first, total) + np.arange(int(total.sum()))] = np.repeat(cursor, total)
         dest = np.repeat(seg_col0 - a_first, a_len) + np.arange(kept.size)
         tokens[dest] = text[kept]
-        pos0[dest] = np.arange(kept.size) - np.repeat(a_first - bias[seg_row], a_len)
-        hi[dest] = np.repeat(cursor + a_len, a_len)  # Part A sees all of its Part A; Part B keeps hi = column + 1
+        # a segment's columns [cursor, cursor + total) all attend from its first column; its Part A sees all of its
+        # Part A, and Part B keeps hi = column + 1
+        if seg_len.size == B:  # a segment per row, from column 0: whole rows at once, cheaper than scattering
+            col, a_end = self._arange[:S], a_len[:, None]
+            part_a = col < a_end
+            lo.reshape(-1, S)[rows] = np.where(col < total[:, None], 0, col)
+            hi.reshape(-1, S)[rows] = np.where(part_a, a_end, col + 1)
+            pos0.reshape(-1, S)[rows] = np.where(part_a, col + bias[:, None], 0)
+        else:
+            seg_col_first = np.cumsum(total) - total
+            lo[np.repeat(seg_col0 - seg_col_first, total) + np.arange(int(total.sum()))] = np.repeat(cursor, total)
+            pos0[dest] = np.arange(kept.size) - np.repeat(a_first - bias[seg_row], a_len)
+            hi[dest] = np.repeat(cursor + a_len, a_len)
         seg_text0 = seg_end - seg_len
         mask_pos = starts - seg_text0[span_seg] - (drop_first - _first_of(drop_first, span_seg))
         tokens[seg_col0[span_seg] + mask_pos] = mask_id[span_row]
@@ -561,7 +582,6 @@ class BlankInfillingCollator:
         if getattr(self, "_blank_rows", None) is None or self._blank_rows[0].size != B * S:
             col = np.tile(np.arange(S, dtype=np.int32), B)
             self._blank_rows = (np.full(B * S, self.special.pad, np.int64), col, col + 1)
-            self._arange = np.arange(S + 1, dtype=np.int64)
         pad, col, col1 = self._blank_rows
         zeros = lambda: np.zeros(B * S, np.int64)  # noqa: E731  (calloc'd: cheaper than a copy)
         return pad.copy(), zeros(), zeros(), zeros(), col.copy(), col1.copy()
