@@ -58,15 +58,17 @@ def collator(module, S: int, kw: dict):
     return module.BlankInfillingCollator(module.BlankInfillingConfig(seq_length=S, **kw), sp, np.array([6]))
 
 
-def rate(collate, batches, repeats: int) -> float:
-    """Best of ``repeats`` passes over ``batches``, in samples/s (the best pass is the least disturbed one)."""
-    best = float("inf")
+def rates(collates, batches, repeats: int) -> list[float]:
+    """Samples/s of each collator: the best of ``repeats`` passes over ``batches``, the collators taking turns pass by
+    pass so that a noisy moment of the machine hits them alike (the best pass is the least disturbed one)."""
+    best = [float("inf")] * len(collates)
     for _ in range(repeats):
-        start = time.perf_counter()
-        for batch in batches:
-            collate(batch)
-        best = min(best, time.perf_counter() - start)
-    return sum(len(b) for b in batches) / best
+        for k, collate in enumerate(collates):
+            start = time.perf_counter()
+            for batch in batches:
+                collate(batch)
+            best[k] = min(best[k], time.perf_counter() - start)
+    return [sum(len(b) for b in batches) / t for t in best]
 
 
 def main():
@@ -75,7 +77,7 @@ def main():
     p.add_argument("--seq-length", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--batches", type=int, default=40, help="batches per pass")
-    p.add_argument("--repeats", type=int, default=5, help="passes per figure (the best counts)")
+    p.add_argument("--repeats", type=int, default=10, help="passes per figure, taking turns (the best counts)")
     p.add_argument("--baseline", default="8557915", help="git revision of the baseline collator")
     args = p.parse_args()
     try:
@@ -102,11 +104,7 @@ def main():
         new_c(batches[0]), old_c(batches[0])  # warm up (imports torch)
         same = all(all(np.array_equal(x.numpy(), y.numpy()) for x, y in zip(new_c(b).values(), old_c(b).values()))
                    for b in batches[:5])
-        r_old, r_new = [], []
-        for _ in range(2):  # alternate, so a noisy moment hits both
-            r_old.append(rate(old_c, batches, args.repeats))
-            r_new.append(rate(new_c, batches, args.repeats))
-        o, n = max(r_old), max(r_new)
+        o, n = rates([old_c, new_c], batches, args.repeats)
         anchor = ANCHOR_RATIO.get(name) if args.baseline == ANCHOR_REVISION else None
         chained = f"{n / o * anchor:.1f}x" if anchor else ""
         print(f"{name:>22} | {o:8,.0f} | {n:8,.0f} | {n / o:13.2f}x | {chained:>17} | {'yes' if same else 'no'}")

@@ -31,7 +31,7 @@ def _hashmix(value: int, const: tuple[int, int]) -> int:
 
 
 def _column(values) -> np.ndarray:
-    return np.asarray(values, np.uint64)[:, None]
+    return np.asarray(values, np.uint32)[:, None]
 
 
 class SampleGenerators:
@@ -51,7 +51,7 @@ class SampleGenerators:
             h = consts[-1][1]
         # the pool after the entropy [seed, index, 0, 0] goes in; row 1, the index's, is filled per call
         self._entropy = _column([_hashmix(self.seed, consts[0]), 0, _hashmix(0, consts[2]), _hashmix(0, consts[3])])
-        self._index_const = tuple(np.uint64(c) for c in consts[1])
+        self._index_const = tuple(np.uint32(c) for c in consts[1])
         # then every pool word is mixed into the other three, one source word at a time
         self._rounds = []
         for src in range(_POOL):
@@ -78,21 +78,21 @@ class SampleGenerators:
 
     def _pcg64_states(self, indices: list[int]) -> list[tuple[int, int]]:
         """PCG64's (state, increment) after seeding from ``SeedSequence([seed, index])``, per index."""
-        m32, s16 = np.uint64(_M32), np.uint64(16)
-        pool = np.repeat(self._entropy, len(indices), axis=1)
-        v = ((np.asarray(indices, np.uint64) ^ self._index_const[0]) * self._index_const[1]) & m32
-        pool[1] = v ^ (v >> s16)
-        with np.errstate(over="ignore"):  # uint64 products wrap; only their low 32 bits are kept
-            for src, dst, c0, c1 in self._rounds:
-                v = ((pool[src] ^ c0) * c1) & m32
-                v ^= v >> s16
-                mixed = (np.uint64(_MIX_L) * pool[dst] - np.uint64(_MIX_R) * v) & m32
-                pool[dst] = mixed ^ (mixed >> s16)
-            words = ((np.tile(pool, (2, 1)) ^ self._out[0]) * self._out[1]) & m32
-            words ^= words >> s16
+        pool = np.repeat(self._entropy, len(indices), axis=1)  # uint32: products wrap as SeedSequence's do
+        v = (np.asarray(indices, np.uint32) ^ self._index_const[0]) * self._index_const[1]
+        pool[1] = v ^ (v >> 16)
+        for src, dst, c0, c1 in self._rounds:
+            v = (pool[src] ^ c0) * c1
+            v ^= v >> 16
+            mixed = _MIX_L * pool[dst] - _MIX_R * v
+            pool[dst] = mixed ^ (mixed >> 16)
+        words = (np.tile(pool, (2, 1)) ^ self._out[0]) * self._out[1]
+        words ^= words >> 16
         states = []
-        for hi_s, lo_s, hi_i, lo_i in (words[0::2] | (words[1::2] << np.uint64(32))).T.tolist():
-            # pcg64_set_seed: state 0, inc = 2 * seq + 1, step, add the seed, step
-            inc = ((((hi_i << 64) | lo_i) << 1) | 1) & _M128
-            states.append((((inc + ((hi_s << 64) | lo_s)) * _PCG_MULT + inc) & _M128, inc))
+        for w in words.T.tolist():
+            # generate_state(4, uint64) pairs the words low-high; pcg64_set_seed: state 0, inc = 2 * seq + 1, step,
+            # add the seed, step
+            seed = (w[0] | w[1] << 32) << 64 | w[2] | w[3] << 32
+            inc = (((w[4] | w[5] << 32) << 64 | w[6] | w[7] << 32) << 1 | 1) & _M128
+            states.append((((inc + seed) * _PCG_MULT + inc) & _M128, inc))
         return states
