@@ -137,7 +137,7 @@ class _Plan:
     eop: bool = True
     bias: int = 0  # added to row 0 of the positions (random_position)
     block_masked: np.ndarray | None = None  # over Part B inputs after [sop], in Part B order: -> [dBLOCK]
-    context_masked: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # Part A indices -> [dBLOCK]
+    context_masked: np.ndarray | None = None  # Part A indices -> [dBLOCK]
 
 
 class BlankInfillingCollator:
@@ -259,7 +259,8 @@ class BlankInfillingCollator:
         if objective == TOKEN and cfg.block_mask_prob:
             p.block_masked = rng.random(int(lengths[order].sum())) < cfg.block_mask_prob
         if objective == TOKEN and cfg.context_mask_ratio:
-            p.context_masked = self._context_mask(rng, p)
+            masked = self._context_mask(rng, p)
+            p.context_masked = masked if masked.size else None
         return p
 
     def _order(self, rng, starts, segments) -> np.ndarray:
@@ -389,7 +390,7 @@ class BlankInfillingCollator:
     def _document_spans(self, rng, text, available: int, docs):
         """A suffix (no [eop]) of the text, or of every document when packed; or one span anywhere (with [eop])."""
         cfg, S = self.cfg, self.cfg.seq_length
-        pieces = _cut(docs, min(available, S - 1)).size  # documents in the most text a suffix can take
+        pieces = 1 if docs.size == 1 else _cut(docs, min(available, S - 1)).size  # documents a suffix may take
         several = pieces > 1
         suffix = several or rng.random() < cfg.gpt_infill_prob
         if not suffix:  # one long span anywhere in a one-document sample, except its last token
@@ -444,7 +445,7 @@ class BlankInfillingCollator:
         S, B = self.cfg.seq_length, len(plans)
         out = self._blank(B)
         one = [] if runs_only else [b for b, p in enumerate(plans) if p.starts.size == 1 and p.segments.size == 1
-                                    and p.block_masked is None and not p.context_masked.size]
+                                    and p.block_masked is None and p.context_masked is None]
         chosen = set(one)
         rest = [b for b in range(B) if b not in chosen]
         if rest:
@@ -541,7 +542,7 @@ class BlankInfillingCollator:
         mask_pos = starts - seg_text0[span_seg] - (drop_first - _first_of(drop_first, span_seg))
         tokens[seg_col0[span_seg] + mask_pos] = mask_id[span_row]
         for b, p in enumerate(plans):
-            if p.context_masked.size:  # Part A indices of the plan, segment after segment
+            if p.context_masked is not None:  # Part A indices of the plan, segment after segment
                 segs = slice(seg_first[b], seg_first[b] + n_seg[b])
                 ends = np.cumsum(a_len[segs])
                 g = np.searchsorted(ends, p.context_masked, side="right")
