@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import itertools
 import json
 import os
 import signal
@@ -89,29 +88,30 @@ def _init_worker(spec, keys, append_eod, dtype, sentences=None, in_subprocess=Tr
 
 def _encode_one(tok, text):
     try:
-        return tok.encode_batch([text])[0]
+        return tok.encode_arrays([text])[0]
     except (UnicodeError, RuntimeError, TypeError):
         return None
 
 
 def _encode_column(tok, texts, splitter):
-    """Token ids per text; with ``splitter``, per text the list of its sentences' ids (empty ones left out)."""
+    """Token ids (an array) per text, None where it cannot be encoded; with ``splitter``, per text the list of its
+    sentences' ids (empty ones left out)."""
     if splitter is None:
         try:
-            return tok.encode_batch(texts)
+            return tok.encode_arrays(texts)
         except (UnicodeError, RuntimeError, TypeError):  # e.g. a lone surrogate: find the culprit
             return [_encode_one(tok, text) for text in texts]
     from megatron_glm.data_prep.sentences import split
 
     sentences = [split(splitter, text) for text in texts]
     try:
-        ids = iter(tok.encode_batch([s for doc in sentences for s in doc]))
-        return [[s for s in (next(ids) for _ in doc) if s] for doc in sentences]
+        ids = iter(tok.encode_arrays([s for doc in sentences for s in doc]))
+        return [[s for s in (next(ids) for _ in doc) if s.size] for doc in sentences]
     except (UnicodeError, RuntimeError, TypeError):  # find the culprit document
         out = []
         for doc in sentences:
             encoded = [_encode_one(tok, s) for s in doc]
-            out.append(None if any(s is None for s in encoded) else [s for s in encoded if s])
+            out.append(None if any(s is None for s in encoded) else [s for s in encoded if s.size])
         return out
 
 
@@ -133,7 +133,8 @@ def encode_lines(batch) -> Encoded:
             column.append(text)
     splitter = _WORKER.get("splitter")
     encoded = [_encode_column(tok, column, splitter) for column in columns]
-    keep = [i for i, row in enumerate(zip(*encoded)) if all(row)]  # every key encoded, none empty (None or [])
+    # every key encoded (not None) and not empty
+    keep = [i for i, row in enumerate(zip(*encoded)) if all(ids is not None and len(ids) for ids in row)]
     for i in sorted(set(range(len(kept_lines))) - set(keep)):
         bad = any(col[i] is None for col in encoded)
         skips.append((kept_lines[i], "invalid-utf8" if bad else "empty"))
@@ -147,7 +148,7 @@ def encode_lines(batch) -> Encoded:
             seqs = [s for doc in docs for s in doc]
             per_doc = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
         lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
-        flat = np.fromiter(itertools.chain.from_iterable(seqs), dtype=dtype, count=int(lengths.sum()))
+        flat = np.concatenate(seqs).astype(dtype, copy=False) if seqs else np.zeros(0, dtype)
         if eod is not None:  # after each document's last sequence
             last = np.arange(lengths.size) if per_doc is None else np.cumsum(per_doc) - 1
             flat = np.insert(flat, np.cumsum(lengths)[last], eod)

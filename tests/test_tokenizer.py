@@ -32,6 +32,11 @@ def check_common(tok: GLMTokenizer):
     assert tok.eod_id == tok.eos_id
     with pytest.raises(ValueError, match="outside"):
         tok.decode([tok.vocab_size])
+    # glm-preprocess's arrays are encode_batch's ids
+    texts = [TEXT, "", "unicode: héllo ✓ 漢字", prompt]
+    arrays = tok.encode_arrays(texts)
+    assert all(a.ndim == 1 and a.dtype.kind == "i" for a in arrays)
+    assert [a.tolist() for a in arrays] == tok.encode_batch(texts)
 
 
 def test_sentencepiece_from_glm_train_tokenizer(tokenizer, corpus):
@@ -42,6 +47,15 @@ def test_sentencepiece_from_glm_train_tokenizer(tokenizer, corpus):
         assert tokenizer.decode(tokenizer.encode(text)) == text
     prompt = "The [sMASK] is here. [MASK]"
     assert tokenizer.decode(tokenizer.encode(prompt, allow_special=True)) == prompt
+
+
+def test_sentencepiece_arrays_without_numpy_output(spm_model, corpus):
+    """sentencepiece before 0.2.1 returns lists only: the arrays are the same ids."""
+    tok = load_tokenizer(model=spm_model)
+    texts = corpus[1][:50] + [""]
+    fast = [a.tolist() for a in tok.encode_arrays(texts)]
+    tok._base._numpy = False
+    assert [a.tolist() for a in tok.encode_arrays(texts)] == fast == tok.encode_batch(texts)
 
 
 @pytest.fixture(scope="module")

@@ -121,6 +121,11 @@ class _SentencePiece:
             raise TokenizerError(f"{path} is not a sentencepiece model ({str(e).strip()[:160]}): the file is "
                                  "corrupt or of another kind; pass the .model glm-train-tokenizer wrote") from None
         self.size = self.sp.get_piece_size()
+        try:  # sentencepiece >= 0.2.1 hands back buffers: no Python int per token
+            self.sp.encode(["a"], num_threads=1, return_type="numpy")
+            self._numpy = True
+        except (TypeError, ValueError):
+            self._numpy = False
 
     def token_to_id(self, piece: str) -> int | None:
         i = self.sp.piece_to_id(piece)
@@ -128,6 +133,13 @@ class _SentencePiece:
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return self.sp.encode(list(texts), num_threads=1)
+
+    def encode_arrays(self, texts: Sequence[str]) -> list:
+        if self._numpy:
+            return self.sp.encode(list(texts), num_threads=1, return_type="numpy")
+        import numpy as np
+
+        return [np.asarray(ids, np.int32) for ids in self.encode_batch(texts)]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.sp.decode(list(ids))
@@ -156,6 +168,11 @@ class _HuggingFace:
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def encode_arrays(self, texts: Sequence[str]) -> list:
+        import numpy as np
+
+        return [np.asarray(ids, np.int64) for ids in self.encode_batch(texts)]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=False)
@@ -213,6 +230,10 @@ class GLMTokenizer:
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return self._base.encode_batch(texts)
+
+    def encode_arrays(self, texts: Sequence[str]) -> list:
+        """``encode_batch`` as one integer numpy array per text: what glm-preprocess writes, at the least cost."""
+        return self._base.encode_arrays(texts)
 
     def decode(self, ids: Sequence[int]) -> str:
         out, run = [], []
