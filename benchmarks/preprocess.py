@@ -1,14 +1,20 @@
 """glm-preprocess throughput beside its ceiling and a Megatron-style baseline, in one run.
 
 - ceiling: the tokenizer's raw encode rate on the same documents, already parsed and in
-  memory, spread over the same number of worker processes;
+  memory, spread over the same number of worker processes, with the call glm-preprocess
+  makes (``encode_arrays``: sentencepiece's ids as buffers, no Python int per token);
 - baseline: what Megatron-LM's tools/preprocess_data.py does: ``Pool.imap(encode, lines,
   32)`` where each call parses one JSON line and encodes one document, one writer;
 - ours: the ``glm-preprocess`` CLI as users run it.
 
 Peak RSS is sampled over the whole process tree (main + workers). Run:
-``python benchmarks/preprocess.py --mb 200 --workers 2`` (the corpus is the standard library's
-docstrings, repeated to the requested size).
+``python benchmarks/preprocess.py --mb 100 --workers 2`` (the corpus is the standard library's
+docstrings, repeated to the requested size; the tokenizer a sentencepiece BPE of 16,000 pieces
+trained on it, as in issue 17's measurement; ``--model-type unigram --vocab-size 8000`` gives
+a tokenizer that encodes about 3x faster, so every other cost weighs 3x more).
+
+CPU time is the figure that the encode ceiling bounds: the least of ``--cpu-repeats`` runs of
+each, taking turns, since a noisy machine moves single runs by 10% or more.
 """
 
 from __future__ import annotations
@@ -84,7 +90,7 @@ def _load(model):
 
 def _encode_texts(texts):
     cpu = time.process_time()
-    tokens = sum(map(len, _TOK.encode_batch(texts)))
+    tokens = sum(map(len, _TOK.encode_arrays(texts)))
     return tokens, time.process_time() - cpu
 
 
@@ -179,20 +185,21 @@ def main():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mb", type=int, default=200, help="corpus size in MB")
     p.add_argument("--workers", type=int, default=os.cpu_count())
-    p.add_argument("--vocab-size", type=int, default=8000)
+    p.add_argument("--vocab-size", type=int, default=16000)
+    p.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
     p.add_argument("--workdir", default=None, help="keep files here (default: a temporary folder)")
     p.add_argument("--skip-baseline", action="store_true", help="only ours (for the large-corpus memory run)")
-    p.add_argument("--cpu-repeats", type=int, default=3, help="runs of ours and of the raw encode for the CPU times")
+    p.add_argument("--cpu-repeats", type=int, default=5, help="runs of ours and of the raw encode for the CPU times")
     args = p.parse_args()
     tmp = args.workdir or tempfile.mkdtemp(prefix="bench-preprocess-")
     os.makedirs(tmp, exist_ok=True)
     corpus = make_corpus(tmp, args.mb)
-    model = train_tokenizer([os.path.join(tmp, "stdlib.jsonl")], os.path.join(tmp, "spm"), args.vocab_size,
-                            overwrite=True)
+    model = train_tokenizer([os.path.join(tmp, "stdlib.jsonl")], os.path.join(tmp, f"spm_{args.model_type}"),
+                            args.vocab_size, model_type=args.model_type, overwrite=True)
     print(f"device: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
           f"python {platform.python_version()}")
-    print(f"corpus: {os.path.getsize(corpus) / 1e6:,.0f} MB JSONL (stdlib docstrings), sentencepiece unigram "
-          f"{args.vocab_size}, workers {args.workers}")
+    print(f"corpus: {os.path.getsize(corpus) / 1e6:,.0f} MB JSONL (stdlib docstrings), sentencepiece "
+          f"{args.model_type} {args.vocab_size}, workers {args.workers}")
     ours = measure_ours(model, corpus, os.path.join(tmp, "ours"), args.workers)
     print(f"ours      : {ours['tokens_per_s'] / 1e6:6.2f} M tok/s  {ours['mb_per_s']:6.1f} MB/s  "
           f"{ours['seconds']:6.1f} s  peak RSS {ours['peak_rss_mb']:,.0f} MB ({ours['tokens']:,} tokens)")

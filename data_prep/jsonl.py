@@ -72,9 +72,17 @@ def open_binary(path: str):
 @dataclass
 class LineBatch:
     path: str  # for messages: "FILE", or "FILE (from byte B)" for a shard that starts inside it
-    first_line: int  # 1-based line number of lines[0] (counted from byte B, if given)
-    lines: list[bytes]
+    first_line: int  # 1-based line number of the batch's first line (counted from byte B, if given)
+    data: bytes  # whole lines, newlines included: one object to ship to a worker, split there
     raw_bytes: int  # bytes of the (possibly compressed) file consumed by this batch
+
+    @property
+    def lines(self) -> list[bytes]:
+        """The lines, without their newlines (the JSON parser ignores it); a file's last line may lack one."""
+        lines = self.data.split(b"\n")
+        if lines[-1] == b"":  # after the last newline, or an empty batch
+            lines.pop()
+        return lines
 
 
 @dataclass(frozen=True)
@@ -127,7 +135,12 @@ def _open_at(piece: Piece):
 
 
 def iter_line_batches(inputs: Sequence[str | Piece], batch_bytes: int = 1 << 20) -> Iterator[LineBatch]:
-    """Yield consecutive lines in batches of about ``batch_bytes`` (memory stays bounded)."""
+    """Yield consecutive whole lines in batches of about ``batch_bytes`` (memory stays bounded), at least one batch
+    per input.
+
+    The file is read in blocks and cut at newlines: no Python work per line here, so the main process keeps up with
+    any number of workers.
+    """
     for piece in inputs:
         piece = piece if isinstance(piece, Piece) else Piece(piece)
         path = piece.path
@@ -136,24 +149,38 @@ def iter_line_batches(inputs: Sequence[str | Piece], batch_bytes: int = 1 << 20)
         limit = None if piece.end is None else piece.end - begin  # bytes in which lines may start
         if begin:  # counting the lines before would read the file up to here: number them from here
             path = f"{path} (from byte {begin})"
-        first = 1
+        first, taken, reported, carry = 1, 0, 0, b""  # taken: bytes of the lines yielded (uncompressed)
+        last = limit is not None and limit <= 0  # the piece's first line started before it: nothing is its own
         with reader, raw:
-            lines: list[bytes] = []
-            size, consumed, reported = 0, 0, 0
             try:
-                for number, line in enumerate(reader, first):
-                    if limit is not None and consumed + size >= limit:
+                while True:
+                    data = b""
+                    if not last:
+                        block = reader.read(batch_bytes)
+                        data, carry, last = carry + block, b"", not block
+                    if limit is not None and not last and taken + len(data) >= limit:
+                        # the piece ends in here: its lines are those that start before the limit
+                        cut = data.find(b"\n", limit - 1 - taken)
+                        if cut == -1:  # the last one goes on past this block
+                            carry = data
+                            continue
+                        data, last = data[:cut + 1], True
+                    elif not last:
+                        cut = data.rfind(b"\n")
+                        if cut == -1:  # one line longer than a block
+                            carry = data
+                            continue
+                        data, carry = data[:cut + 1], data[cut + 1:]
+                    taken += len(data)
+                    consumed = raw.tell() if compressed else taken
+                    yield LineBatch(path, first, data, consumed - reported)
+                    first += data.count(b"\n")
+                    reported = consumed
+                    if last:
                         break
-                    lines.append(line)
-                    size += len(line)
-                    if size >= batch_bytes:
-                        consumed = raw.tell() if compressed else consumed + size
-                        yield LineBatch(path, first, lines, consumed - reported)
-                        lines, size, first, reported = [], 0, number + 1, consumed
-                consumed = raw.tell() if compressed else consumed + size
             except (OSError, EOFError) as e:  # truncated gzip/zstd stream, unreadable file
-                raise CorpusError(f"{path}: cannot be read past line {first + len(lines) - 1}: {e}") from e
-            yield LineBatch(path, first, lines, consumed - reported)
+                line = first + carry.count(b"\n") - 1
+                raise CorpusError(f"{path}: cannot be read past line {line}: {e}") from e
 
 
 BLANK = "blank"  # parse_line's verdict on a blank line: not a document, and not counted as skipped

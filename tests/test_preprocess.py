@@ -261,6 +261,35 @@ def test_shards_merged_equal_one_run_byte_for_byte(tmp_path, corpus, spm_model):
     assert whole.docs == len(texts)
 
 
+@pytest.mark.parametrize("batch_bytes", [1, 7, 100, 1 << 20])
+def test_line_batches_are_the_files_lines_whatever_the_block_size(tmp_path, batch_bytes):
+    """Blocks are cut at newlines only (a \\r stays inside its line; a line may be longer than a block): the shards'
+    lines, in order, are the file's lines; each batch is numbered from its shard's first byte; the bytes add up."""
+    from megatron_glm.data_prep.jsonl import iter_line_batches, shard
+
+    rng = np.random.default_rng(batch_bytes)
+    pieces = [b"", b"\r", b"x" * 250, b'{"text": "a\\nb"}', b"\xff\xfe", b"  ", b"{}"]
+    lines = [pieces[i] + bytes(rng.integers(97, 123, rng.integers(0, 30)).astype(np.uint8)) for i in
+             rng.integers(0, len(pieces), 120)] + [b"last line, no newline"]
+    data = b"\n".join(lines)
+    plain, packed = tmp_path / "a.jsonl", tmp_path / "b.jsonl.gz"
+    plain.write_bytes(data)
+    with gzip.open(packed, "wb") as f:
+        f.write(data)
+    for n in (1, 2, 5, 13):
+        got, raw = [], 0
+        for i in range(n):
+            for batch in iter_line_batches(shard([str(plain), str(packed)], i, n), batch_bytes):
+                offset = int(batch.path.split("from byte ")[1].rstrip(")")) if "from byte" in batch.path else 0
+                if batch.lines:
+                    start = 0 if batch.path.endswith("gz") else offset
+                    assert data[start:].split(b"\n")[batch.first_line - 1] == batch.lines[0]
+                got += batch.lines
+                raw += batch.raw_bytes
+        assert got == lines + lines, n
+        assert raw == len(data) + os.path.getsize(packed), n
+
+
 def test_shard_flags_are_checked(tmp_path, corpus, spm_model, capsys):
     base = ["--input", corpus[0], "--output-prefix", str(tmp_path / "o"), "--tokenizer-model", spm_model]
     with pytest.raises(SystemExit):
