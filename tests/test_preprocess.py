@@ -265,7 +265,7 @@ def test_shards_merged_equal_one_run_byte_for_byte(tmp_path, corpus, spm_model):
 def test_line_batches_are_the_files_lines_whatever_the_block_size(tmp_path, batch_bytes):
     """Blocks are cut at newlines only (a \\r stays inside its line; a line may be longer than a block): the shards'
     lines, in order, are the file's lines; each batch is numbered from its shard's first byte; the bytes add up."""
-    from megatron_glm.data_prep.jsonl import iter_line_batches, shard
+    from megatron_glm.data_prep.jsonl import Piece, iter_line_batches, shard
 
     rng = np.random.default_rng(batch_bytes)
     pieces = [b"", b"\r", b"x" * 250, b'{"text": "a\\nb"}', b"\xff\xfe", b"  ", b"{}"]
@@ -288,6 +288,11 @@ def test_line_batches_are_the_files_lines_whatever_the_block_size(tmp_path, batc
                 raw += batch.raw_bytes
         assert got == lines + lines, n
         assert raw == len(data) + os.path.getsize(packed), n
+    # a cut exactly at a line's start, or one byte either side of it
+    starts = np.cumsum([0] + [len(line) + 1 for line in lines[:40]])
+    for cut in sorted({int(c) for s in starts for c in (s - 1, s, s + 1) if 0 < c < len(data)}):
+        halves = [Piece(str(plain), 0, cut), Piece(str(plain), cut)]
+        assert [line for b in iter_line_batches(halves, batch_bytes) for line in b.lines] == lines, cut
 
 
 def test_shard_flags_are_checked(tmp_path, corpus, spm_model, capsys):
