@@ -220,6 +220,44 @@ def parse_line(line: bytes, keys: Sequence[str]) -> tuple[str | None, list[str] 
 _MISSING = object()
 
 
+def parse_lines(lines: Sequence[bytes], first_line: int, keys: Sequence[str]):
+    """``parse_line`` over a batch: ``(line numbers kept, texts per key in those lines, [(number, cause)])``.
+
+    A usable line is recognised here without a call per line (this loop is most of what a worker does besides
+    tokenizing); any other line gets ``parse_line``'s verdict, so the two agree by construction.
+    """
+    kept, columns, skips = [], [[] for _ in keys], []
+    single = columns[0] if len(keys) == 1 else None
+    key = keys[0]
+    for number, line in enumerate(lines, first_line):
+        try:
+            obj = _loads(line)
+        except ValueError:
+            obj = None
+        if type(obj) is dict:
+            if single is not None:
+                text = obj.get(key)
+                if type(text) is str and text and not text.isspace():
+                    kept.append(number)
+                    single.append(text)
+                    continue
+            else:
+                texts = [obj.get(k) for k in keys]
+                if all(type(t) is str and t and not t.isspace() for t in texts):
+                    kept.append(number)
+                    for column, text in zip(columns, texts):
+                        column.append(text)
+                    continue
+        cause, texts = parse_line(line, keys)
+        if cause is None:  # (a str subclass, say: the fast test is stricter, never looser)
+            kept.append(number)
+            for column, text in zip(columns, texts):
+                column.append(text)
+        elif cause != BLANK:
+            skips.append((number, cause))
+    return kept, columns, skips
+
+
 def is_blank(line: bytes) -> bool:
     """Blank lines (a trailing newline, say) are not documents and are not counted as skipped."""
     return not line.strip()

@@ -19,12 +19,11 @@ import time
 from dataclasses import dataclass, field
 
 from megatron_glm.data_prep.jsonl import (
-    BLANK,
     SKIP_CAUSES,
     CorpusError,
     expand_inputs,
     iter_line_batches,
-    parse_line,
+    parse_lines,
     shard,
 )
 
@@ -44,6 +43,7 @@ class Encoded:
     skips: list  # (line number, cause)
     tokens: list  # per json key: (flat tokens, sequence lengths, sequences per document or None: one each)
     raw_bytes: int
+    encode_cpu: float = 0.0  # CPU seconds this batch spent in the tokenizer's encode call
 
 
 # -- worker side -------------------------------------------------------------------------
@@ -120,41 +120,35 @@ def encode_lines(batch) -> Encoded:
     import numpy as np
 
     tok, keys, eod, dtype = _WORKER["tok"], _WORKER["keys"], _WORKER["eod"], _WORKER["dtype"]
-    skips, kept_lines, columns = [], [], [[] for _ in keys]
-    for number, line in enumerate(batch.lines, batch.first_line):
-        cause, texts = parse_line(line, keys)
-        if cause == BLANK:
-            continue
-        if cause:
-            skips.append((number, cause))
-            continue
-        kept_lines.append(number)
-        for column, text in zip(columns, texts):
-            column.append(text)
+    kept_lines, columns, skips = parse_lines(batch.lines, batch.first_line, keys)
     splitter = _WORKER.get("splitter")
+    cpu = time.process_time()
     encoded = [_encode_column(tok, column, splitter) for column in columns]
-    # every key encoded (not None) and not empty
-    keep = [i for i, row in enumerate(zip(*encoded)) if all(ids is not None and len(ids) for ids in row)]
-    for i in sorted(set(range(len(kept_lines))) - set(keep)):
-        bad = any(col[i] is None for col in encoded)
-        skips.append((kept_lines[i], "invalid-utf8" if bad else "empty"))
-    skips.sort()
+    cpu = time.process_time() - cpu
+    # a document is kept if every key encoded (not None) to something (ids, or sentences)
+    sizes = np.array([[-1 if ids is None else len(ids) for ids in col] for col in encoded], np.int64)
+    sizes = sizes.reshape(len(keys), len(kept_lines))
+    ok = (sizes > 0).all(axis=0)
+    if not ok.all():
+        for i in np.flatnonzero(~ok).tolist():
+            skips.append((kept_lines[i], "invalid-utf8" if (sizes[:, i] < 0).any() else "empty"))
+        skips.sort()
+        keep = np.flatnonzero(ok).tolist()
+        encoded = [[col[i] for i in keep] for col in encoded]
     tokens = []
-    for col in encoded:
-        docs = [col[i] for i in keep]
+    for docs, size in zip(encoded, sizes[:, ok]):
         if splitter is None:  # one sequence per document
-            seqs, per_doc = docs, None
+            seqs, per_doc, lengths = docs, None, size
         else:  # a document is its list of (non-empty) sentences
-            seqs = [s for doc in docs for s in doc]
-            per_doc = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
-        lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+            seqs, per_doc = [s for doc in docs for s in doc], size
+            lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
         flat = np.concatenate(seqs).astype(dtype, copy=False) if seqs else np.zeros(0, dtype)
         if eod is not None:  # after each document's last sequence
             last = np.arange(lengths.size) if per_doc is None else np.cumsum(per_doc) - 1
             flat = np.insert(flat, np.cumsum(lengths)[last], eod)
             lengths[last] += 1
         tokens.append((flat, lengths, per_doc))
-    return Encoded(batch.path, len(keep), skips, tokens, batch.raw_bytes)
+    return Encoded(batch.path, int(ok.sum()), skips, tokens, batch.raw_bytes, cpu)
 
 
 # -- main side ---------------------------------------------------------------------------
@@ -168,6 +162,8 @@ class Summary:
     examples: list = field(default_factory=list)  # "file:line: cause"
     seconds: float = 0.0
     outputs: list = field(default_factory=list)
+    encode_cpu: float = 0.0  # CPU seconds in the tokenizer's encode calls, all workers
+    cpu: float = 0.0  # CPU seconds of the whole run: this process, its threads and its workers
 
     def line(self) -> str:
         s = max(self.seconds, 1e-9)
@@ -175,8 +171,17 @@ class Summary:
             f"{self.docs:,} documents, {self.tokens:,} tokens from {self.files} file(s) "
             f"({self.raw_bytes / 1e6:,.1f} MB) in {self.seconds:.1f} s: "
             f"{self.docs / s:,.0f} docs/s, {self.tokens / s / 1e6:,.2f} M tokens/s, "
-            f"{self.raw_bytes / s / 1e6:,.1f} MB/s"
+            f"{self.raw_bytes / s / 1e6:,.1f} MB/s; the tokenizer took {self.encode_cpu:,.1f} "
+            f"of {self.cpu:,.1f} CPU seconds ({self.encode_cpu / max(self.cpu, 1e-9):.0%})"
         )
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process (all threads) and of its children that have been waited for."""
+    import resource
+
+    return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                  resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
 def _ordered_map(fn, items, workers: int, initargs):
@@ -310,7 +315,7 @@ def preprocess(
     dtype = best_dtype(tok.vocab_size)
     summary = Summary(files=len(pieces))
     bar = _Progress(sum(os.path.getsize(p) for p in paths), progress, log_interval)
-    start = time.monotonic()
+    start, cpu_start = time.monotonic(), _cpu_seconds()
     writers = {key: IndexedDatasetWriter(prefixes[key], dtype, overwrite=overwrite) for key in json_keys}
     meta_tmp = {key: f"{prefixes[key]}.meta.json.tmp-{os.getpid()}" for key in json_keys}
     try:
@@ -329,8 +334,10 @@ def preprocess(
             summary.docs += res.docs
             summary.tokens += int(res.tokens[0][0].size) if res.tokens else 0
             summary.raw_bytes += res.raw_bytes
+            summary.encode_cpu += res.encode_cpu
             bar.update(summary, res.raw_bytes)
         summary.seconds = time.monotonic() - start
+        summary.cpu = _cpu_seconds() - cpu_start  # the workers have exited: the pool is shut down
         if summary.docs == 0 and not allow_empty and shard_of is None:  # a shard may fall on blank lines only
             causes = ", ".join(f"{c} {n:,}" for c, n in summary.skipped.items() if n) or "the input is empty"
             raise PreprocessError(f"no documents in {', '.join(paths)} ({causes}"

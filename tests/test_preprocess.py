@@ -92,6 +92,31 @@ BAD_LINES = [
 ]
 
 
+
+@pytest.mark.parametrize("keys", [["text"], ["title", "text"]])
+def test_batch_parsing_gives_every_line_parse_lines_verdict(keys):
+    """The batch parser's fast test for usable lines agrees with parse_line on every kind of line."""
+    from megatron_glm.data_prep.jsonl import BLANK, parse_line, parse_lines
+
+    lines = [line for line, _ in BAD_LINES] + [
+        b"", b"   ", b'{"text": "ok", "title": "t"}', b'{"title": "t"}', b'{"text": "", "title": "t"}',
+        b'{"text": "x", "title": 3}', b'{"text": "x", "title": "  "}', b'"a string"', b"5", b"null",
+        b'{"text": "\\u00e9t\\u00e9", "title": "t"}', b'{"text": "dup", "text": "last wins", "title": "t"}',
+    ]
+    kept, columns, skips = parse_lines(lines, 10, keys)
+    expect_kept, expect_columns, expect_skips = [], [[] for _ in keys], []
+    for number, line in enumerate(lines, 10):
+        cause, texts = parse_line(line, keys)
+        if cause is None:
+            expect_kept.append(number)
+            for column, text in zip(expect_columns, texts):
+                column.append(text)
+        elif cause != BLANK:
+            expect_skips.append((number, cause))
+    assert (kept, columns, skips) == (expect_kept, expect_columns, expect_skips)
+    assert kept, "some lines are usable"
+
+
 def corpus_with_bad_lines(tmp_path):
     rows = []
     for k, (line, _) in enumerate(BAD_LINES):
