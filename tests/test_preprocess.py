@@ -103,18 +103,20 @@ def test_batch_parsing_gives_every_line_parse_lines_verdict(keys):
         b'{"text": "x", "title": 3}', b'{"text": "x", "title": "  "}', b'"a string"', b"5", b"null",
         b'{"text": "\\u00e9t\\u00e9", "title": "t"}', b'{"text": "dup", "text": "last wins", "title": "t"}',
     ]
-    kept, columns, skips = parse_lines(lines, 10, keys)
-    expect_kept, expect_columns, expect_skips = [], [[] for _ in keys], []
-    for number, line in enumerate(lines, 10):
-        cause, texts = parse_line(line, keys)
-        if cause is None:
-            expect_kept.append(number)
-            for column, text in zip(expect_columns, texts):
-                column.append(text)
-        elif cause != BLANK:
-            expect_skips.append((number, cause))
-    assert (kept, columns, skips) == (expect_kept, expect_columns, expect_skips)
-    assert kept, "some lines are usable"
+    good = [line for line in lines if parse_line(line, keys)[0] is None]
+    assert good, "some lines are usable"
+    # a batch of usable lines only takes a path of its own: try it with each kind of line added
+    for batch in [lines, good] + [good[:2] + [line] for line in lines]:
+        expect_kept, expect_columns, expect_skips = [], [[] for _ in keys], []
+        for number, line in enumerate(batch, 10):
+            cause, texts = parse_line(line, keys)
+            if cause is None:
+                expect_kept.append(number)
+                for column, text in zip(expect_columns, texts):
+                    column.append(text)
+            elif cause != BLANK:
+                expect_skips.append((number, cause))
+        assert parse_lines(batch, 10, keys) == (expect_kept, expect_columns, expect_skips)
 
 
 def corpus_with_bad_lines(tmp_path):
