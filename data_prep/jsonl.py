@@ -134,6 +134,23 @@ def _open_at(piece: Piece):
     return reader, raw, raw.tell()
 
 
+def _read_block(reader, size: int) -> bytes:
+    """About ``size`` bytes, fewer only at the end of the input.
+
+    One system call per ``read1``, back in Python between them: ``read(size)`` loops in C over a
+    pipe's 64 KB reads, and a SIGTERM that lands inside that loop is not seen until the read
+    returns, which a quiet pipe may never let it do.
+    """
+    parts, got = [], 0
+    while got < size:
+        part = reader.read1(size - got)
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
 def iter_line_batches(inputs: Sequence[str | Piece], batch_bytes: int = 1 << 20) -> Iterator[LineBatch]:
     """Yield consecutive whole lines in batches of about ``batch_bytes`` (memory stays bounded), at least one batch
     per input.
@@ -156,7 +173,7 @@ def iter_line_batches(inputs: Sequence[str | Piece], batch_bytes: int = 1 << 20)
                 while True:
                     data = b""
                     if not last:
-                        block = reader.read(batch_bytes)
+                        block = _read_block(reader, batch_bytes)
                         data, carry, last = carry + block, b"", not block
                     if limit is not None and not last and taken + len(data) >= limit:
                         # the piece ends in here: its lines are those that start before the limit
