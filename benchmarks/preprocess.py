@@ -11,7 +11,7 @@ Peak RSS is sampled over the whole process tree (main + workers). Run:
 ``python benchmarks/preprocess.py --mb 100 --workers 2`` (the corpus is the standard library's
 docstrings, repeated to the requested size; the tokenizer a sentencepiece BPE of 16,000 pieces
 trained on it, as in issue 17's measurement; ``--model-type unigram --vocab-size 8000`` gives
-a tokenizer that encodes about 3x faster, so every other cost weighs 3x more).
+a tokenizer that encodes about 3.5x faster, so every other cost weighs 3.5x more).
 
 CPU time is the figure that the encode ceiling bounds: the least of ``--cpu-repeats`` runs of
 each, taking turns, since a noisy machine moves single runs by 10% or more.
@@ -168,7 +168,8 @@ def measure_ours(model, path, out_prefix, workers):
         raise SystemExit(f"glm-preprocess failed:\n{out}")
     meta = json.load(open(out_prefix + "_text_document.meta.json"))
     # the CLI's own account: CPU seconds in the tokenizer's encode calls, of the run's (after start-up)
-    encode, run = map(float, re.search(r"the tokenizer took ([\d.,]+) of ([\d.,]+) CPU", out).groups())
+    found = re.search(r"the tokenizer took ([\d.,]+) of ([\d.,]+) CPU", out).groups()
+    encode, run = (float(x.replace(",", "")) for x in found)
     return {"tokens_per_s": meta["tokens"] / seconds, "mb_per_s": os.path.getsize(path) / seconds / 1e6,
             "seconds": seconds, "peak_rss_mb": peak / 2**20, "tokens": meta["tokens"], "cpu_s": cpu,
             "share": encode / run}
