@@ -240,8 +240,8 @@ _MISSING = object()
 def parse_lines(lines: Sequence[bytes], first_line: int, keys: Sequence[str]):
     """``parse_line`` over a batch: ``(line numbers kept, texts per key in those lines, [(number, cause)])``.
 
-    A usable line is recognised here without a Python call per line (this loop is most of what a worker does
-    besides tokenizing); any other line gets ``parse_line``'s verdict, so the two agree by construction.
+    A batch of usable lines only is recognised without a Python call per line (parsing is most of what a worker
+    does besides tokenizing); any other batch gets ``parse_line``'s verdict line by line.
     """
     try:  # the usual batch: every line an object whose texts are all usable; one C-level pass over them
         objs = list(map(_loads, lines))
@@ -252,29 +252,9 @@ def parse_lines(lines: Sequence[bytes], first_line: int, keys: Sequence[str]):
         if all(set(map(type, c)) <= {str} and all(c) and not any(map(str.isspace, c)) for c in columns):
             return list(range(first_line, first_line + len(lines))), columns, []
     kept, columns, skips = [], [[] for _ in keys], []
-    single = columns[0] if len(keys) == 1 else None
-    key = keys[0]
-    for number, line in enumerate(lines, first_line):
-        try:
-            obj = _loads(line)
-        except ValueError:
-            obj = None
-        if type(obj) is dict:
-            if single is not None:
-                text = obj.get(key)
-                if type(text) is str and text and not text.isspace():
-                    kept.append(number)
-                    single.append(text)
-                    continue
-            else:
-                texts = [obj.get(k) for k in keys]
-                if all(type(t) is str and t and not t.isspace() for t in texts):
-                    kept.append(number)
-                    for column, text in zip(columns, texts):
-                        column.append(text)
-                    continue
+    for number, line in enumerate(lines, first_line):  # a batch with some other line: each line's verdict
         cause, texts = parse_line(line, keys)
-        if cause is None:  # (a str subclass, say: the fast test is stricter, never looser)
+        if cause is None:
             kept.append(number)
             for column, text in zip(columns, texts):
                 column.append(text)

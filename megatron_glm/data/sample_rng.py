@@ -8,7 +8,7 @@ builds a fresh ``PCG64``. Here the hash runs for the whole batch in a few array 
 and the PCG64 state it gives is set on generators kept from the last batch.
 
 The arithmetic is numpy's (``SeedSequence``'s pool of four 32-bit words, then ``PCG64``'s
-seeding step); ``tests/test_blank_infilling.py`` holds it to numpy's own generators. Entropy
+seeding step); ``tests/test_sample_rng.py`` holds it to numpy's own generators. Entropy
 words that are not a ``[seed, index]`` pair of 32-bit numbers take numpy's path.
 """
 
@@ -34,6 +34,16 @@ def _column(values) -> np.ndarray:
     return np.asarray(values, np.uint32)[:, None]
 
 
+def _hash_constants(init: int, mult: int, count: int) -> list[tuple[int, int]]:
+    """SeedSequence's running hash constant around each of ``count`` hash steps: (before, after its multiply).
+    It does not depend on the data, so it is worked out once."""
+    out, h = [], init
+    for _ in range(count):
+        out.append((h, (h * mult) & _M32))
+        h = out[-1][1]
+    return out
+
+
 class SampleGenerators:
     """``generators(indices)[k]`` is in the state of ``np.random.default_rng([seed, indices[k]])``.
 
@@ -44,11 +54,7 @@ class SampleGenerators:
         self.seed = int(seed)
         self._fast = 0 <= self.seed <= _M32
         self._pool: list[np.random.Generator] = []
-        # the hash constant SeedSequence multiplies in at each of its hashmix calls: it does not depend on the data
-        h, consts = _INIT_A, []
-        for _ in range(_POOL + _POOL * (_POOL - 1)):
-            consts.append((h, (h * _MULT_A) & _M32))
-            h = consts[-1][1]
+        consts = _hash_constants(_INIT_A, _MULT_A, _POOL + _POOL * (_POOL - 1))  # mixing the entropy in
         # the pool after the entropy [seed, index, 0, 0] goes in; row 1, the index's, is filled per call
         self._entropy = _column([_hashmix(self.seed, consts[0]), 0, _hashmix(0, consts[2]), _hashmix(0, consts[3])])
         self._index_const = tuple(np.uint32(c) for c in consts[1])
@@ -59,18 +65,15 @@ class SampleGenerators:
             self._rounds.append((src, [d for d in range(_POOL) if d != src], _column([c[0] for c in cs]),
                                  _column([c[1] for c in cs])))
         # generate_state(4, uint64): eight 32-bit words drawn from the pool in turn
-        h, out = _INIT_B, []
-        for _ in range(2 * _POOL):
-            out.append((h, (h * _MULT_B) & _M32))
-            h = out[-1][1]
+        out = _hash_constants(_INIT_B, _MULT_B, 2 * _POOL)
         self._out = (_column([c[0] for c in out]), _column([c[1] for c in out]))
 
     def __call__(self, indices) -> list[np.random.Generator]:
         indices = [int(i) for i in indices]
-        while len(self._pool) < len(indices):
-            self._pool.append(np.random.Generator(np.random.PCG64()))
         if not self._fast or (indices and not 0 <= min(indices) <= max(indices) <= _M32):
             return [np.random.default_rng([self.seed, i]) for i in indices]
+        while len(self._pool) < len(indices):
+            self._pool.append(np.random.Generator(np.random.PCG64()))
         for gen, (state, inc) in zip(self._pool, self._pcg64_states(indices)):
             gen.bit_generator.state = {"bit_generator": "PCG64", "state": {"state": state, "inc": inc},
                                        "has_uint32": 0, "uinteger": 0}
