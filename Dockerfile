@@ -1,6 +1,6 @@
 # megatron-glm on NVIDIA's PyTorch container: CUDA torch, NCCL, Triton, apex and an MPI come with the image.
 # Layers from the least to the most often changed: pinned dependencies, then the package itself.
-# The pins are the versions the test suite runs with (tests/test_image.py holds them to it).
+# Versions come from constraints.txt, the lock the test suite runs with (tests/test_image.py holds them to it).
 ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:25.10-py3
 FROM ${BASE_IMAGE}
 
@@ -11,15 +11,16 @@ ENV DS_BUILD_OPS=0 \
     TOKENIZERS_PARALLELISM=false \
     PIP_NO_CACHE_DIR=1
 
-# glm-pretrain's dependencies beside the image's torch and triton (pip keeps those: they satisfy setup.py)
-RUN pip install \
-        "deepspeed==0.19.8" "hjson==3.1.0" "pydantic==2.14.4" \
-        "sentencepiece==0.2.3" "tokenizers==0.23.3" "safetensors==0.8.0" \
-        "orjson==3.13.0" "zstandard==0.25.0" "tqdm==4.70.1" \
-        "wandb==0.31.0" "nltk==3.10.4"
+# glm-pretrain's dependencies at the versions the test suite passed with (constraints.txt, the one list), beside the
+# image's own CUDA torch, Triton and the numpy they were built with (pip keeps those: they satisfy setup.py)
+COPY constraints.txt /tmp/constraints.txt
+RUN grep -vE '^(torch|triton|numpy)==' /tmp/constraints.txt > /tmp/image-constraints.txt \
+    && pip install -c /tmp/image-constraints.txt \
+        deepspeed sentencepiece tokenizers safetensors huggingface_hub \
+        orjson zstandard tqdm wandb nltk
 
 # mpi4py compiled against the image's own MPI (mpirun launches), not a wheel that brings another one
-RUN pip install --no-binary=mpi4py "mpi4py==4.1.2" \
+RUN pip install -c /tmp/image-constraints.txt --no-binary=mpi4py mpi4py \
     && python -c "from mpi4py import MPI; print('MPI:', MPI.Get_library_version().splitlines()[0])"
 
 WORKDIR /workspace/megatron-glm

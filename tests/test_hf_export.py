@@ -6,6 +6,8 @@ positions and bounds, GLMTokenizer, and glm-generate's blank filling.
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -24,6 +26,7 @@ from megatron_glm.training.checkpoint import load_model_weights
 VARIANTS = {"learned_2d": {}, "rotary_2d+geglu": dict(position_embedding_type="rotary_2d", geglu=True),
             "deepnorm": dict(deepnorm=True)}
 S = 48
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def checkpoint(root, tokenizer, **arch):
@@ -199,3 +202,35 @@ def test_bad_exports_are_named(tmp_path, learned, capsys):
     (glm4 / "model.safetensors").write_bytes(b"")
     assert convert(["import-hf", "--load", str(glm4), "--save", str(tmp_path / "y")]) == 1
     assert "not a megatron-glm export (model_type 'glm')" in capsys.readouterr().err
+
+
+def test_loads_from_the_checkouts_root_beside_our_kernels_folder(learned, tokenizer):
+    """Our top-level ``kernels/`` never shadows Hugging Face's ``kernels`` (transformers needs it to load a model).
+
+    The checkout's root is on sys.path in this pytest process, in ``python -c`` and in ``python -m`` run
+    there (and so for a script beside setup.py): each loads the export and fills a blank as glm-generate does.
+    """
+    import kernels
+
+    from megatron_glm import kernels as ours
+
+    assert hasattr(kernels, "CUDAProperties") and kernels.__file__ != os.path.join(ROOT, "kernels", "__init__.py")
+    assert ours.__file__ == os.path.join(ROOT, "kernels", "__init__.py") and callable(ours.flash_attention)
+    with pytest.raises(ModuleNotFoundError, match="megatron_glm.data_prep"):
+        import data_prep  # noqa: F401  (no package of that name is installed: ours does not answer to it either)
+
+    ckpt, _, hf = learned
+    prompt, new = "Return the [MASK] of a path.", 12
+    ours_model, our_tokenizer = load_for_inference(ckpt)
+    expected = fill_blanks(ours_model, our_tokenizer, prompt, GenerationConfig(max_new_tokens=new))[1][0]
+    probe = ["-m", "tests.hf_root_probe"], ["-c", "import sys; from tests.hf_root_probe import main; "
+                                                  "main(sys.argv[1], sys.argv[2], int(sys.argv[3]))"]
+    for how in probe:
+        run = subprocess.run([sys.executable, *how, hf, prompt, str(new)], cwd=ROOT, capture_output=True, text=True,
+                             env={**os.environ, "PYTHONPATH": ""})
+        assert run.returncode == 0, run.stderr[-3000:]
+        got = json.loads(run.stdout.strip().splitlines()[-1])
+        assert os.path.abspath(got["path0"] or ".") == ROOT
+        assert got["kernels"] == kernels.__file__ and got["has_CUDAProperties"]
+        assert got["ours"] == ours.__file__ and got["ours_has_flash"]
+        assert got["fill"] == expected
