@@ -12,16 +12,17 @@ LATEST ?= .venv-latest
 
 .PHONY: install lint test test-latest lock demo bench clean
 
-# $(1): the venv; $(2): pip's constraint options (none: the newest releases)
+# $(1): the venv; $(2): the constraints (none: the newest releases), which also pin the setuptools that builds
+# our editable install (the venv's first pip predates --build-constraint)
 define make_venv
 	$(PYTHON) -m venv $(1)
-	$(1)/bin/pip install -q --upgrade $(2) pip
-	$(1)/bin/pip install -q $(2) "$(TORCH_SPEC)"
-	$(1)/bin/pip install -q $(2) -e ".[test,demo]"
+	$(1)/bin/pip install -q --upgrade $(if $(2),-c $(2)) pip
+	$(1)/bin/pip install -q $(if $(2),-c $(2)) "$(TORCH_SPEC)"
+	$(1)/bin/pip install -q $(if $(2),-c $(2) --build-constraint $(2)) -e ".[test,demo]"
 endef
 
 $(VENV)/.installed: setup.py $(LOCK)
-	$(call make_venv,$(VENV),-c $(LOCK) --build-constraint $(LOCK))
+	$(call make_venv,$(VENV),$(LOCK))
 	touch $@
 
 install: $(VENV)/.installed
