@@ -46,7 +46,7 @@ def load_model(path: str, device: str, tokenizer_spec=None, trust: bool = False)
     from megatron_glm.data.tokenizer import GLMTokenizer
     from megatron_glm.generate import load_for_inference, spec_of
     from megatron_glm.model.glm import GLMModel
-    from megatron_glm.training.checkpoint import read_meta, resume_tag
+    from megatron_glm.training.checkpoint import locate, read_meta
 
     fmt = detect_format(path)
     if fmt == "thudm":
@@ -56,7 +56,7 @@ def load_model(path: str, device: str, tokenizer_spec=None, trust: bool = False)
         meta = {"model": cfg.to_dict(), "tokenizer": info.get("tokenizer"), "args": info.get("args") or {},
                 "iteration": info.get("iteration", 0)}
     else:
-        meta = read_meta(path, resume_tag(path))
+        meta = read_meta(*locate(path))
     recorded = meta.get("tokenizer") or {}
     tokenizer = GLMTokenizer(tokenizer_spec or spec_of(recorded))
     if tokenizer_spec is not None and recorded.get("fingerprint") not in (None, tokenizer.fingerprint()):

@@ -147,3 +147,80 @@ def test_glm_convert_into_a_folder_it_cannot_write(tmp_path, capsys):
                     "--num-attention-heads", "2"]) == 1
     one_line(capsys.readouterr().err, "a-file", "nothing was written")
     assert blocker.read_text() == "keep me" and sorted(os.listdir(tmp_path)) == ["a-file", "glm"]
+
+
+def tree_md5(folder) -> dict[str, str]:
+    import hashlib
+
+    return {os.path.relpath(os.path.join(root, name), folder): hashlib.md5(open(os.path.join(root, name), "rb")
+                                                                           .read()).hexdigest()
+            for root, _, files in os.walk(folder) for name in files}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, data):
+    """A finished 2-iteration run saved at both iterations, and a tree of wrong --load paths beside it."""
+    root = tmp_path_factory.mktemp("load")
+    save = str(root / "ckpt")
+    assert run_pretrain(pretrain_args(data, save, 2, ["--save-interval", "1"])).returncode == 0
+    (root / "empty").mkdir()
+    (root / "interrupted" / ".tmp-iter_0000003").mkdir(parents=True)
+    (root / "thudm" / "1000").mkdir(parents=True)
+    (root / "thudm" / "1000" / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    (root / "other").mkdir()
+    (root / "other" / "notes.txt").write_text("x")
+    return root, save
+
+
+@pytest.mark.parametrize("where, message", [
+    ("ckpt-typo", "does not exist"),
+    ("empty", "is an empty folder"),
+    ("ckpt/latest", "is the latest file of a checkpoint folder: pass the folder, {root}/ckpt"),
+    ("interrupted", "holds no complete checkpoint"),
+    ("thudm", "is an original GLM checkpoint: import it first (glm-convert import-thudm"),
+    ("other", "holds no megatron-glm checkpoint (iter_*/meta.json); it holds notes.txt"),
+])
+def test_a_load_that_holds_no_checkpoint_is_refused(finished, data, where, message, capsys):
+    """An explicit --load never means "start from scratch": glm-pretrain, glm-eval, glm-convert and glm-generate
+    all name what is there instead (in-process here; the command line's exit code is the test below)."""
+    from megatron_glm.convert.cli import main as convert
+    from megatron_glm.evaluate import main as evaluate
+    from megatron_glm.training.checkpoint import CheckpointError, find_resume
+
+    root, _ = finished
+    path = str(root / where)
+    message = message.format(root=root)
+    with pytest.raises(CheckpointError) as e:
+        find_resume(path, str(root / "new"), None, None, 1, 1)
+    assert str(e.value).startswith(f"{path} {message}")
+    if where == "thudm":
+        return  # glm-convert reads it (import-thudm), glm-eval says to import it first: tested with the importer
+    assert convert(["reshard", "--load", path, "--save", str(root / "out")]) == 1
+    one_line(capsys.readouterr().err, message)
+    assert evaluate(["--load", path, "--lm-samples", "1"]) == 1
+    one_line(capsys.readouterr().err, message)
+    assert generate(["--load", path, "--text", "a [MASK] b"]) == 1
+    one_line(capsys.readouterr().err, message)
+    assert not os.path.exists(root / "out") and not os.path.exists(root / "new")
+
+
+def test_a_mistyped_load_stops_glm_pretrain_and_an_iteration_folder_is_that_iteration(finished, data):
+    root, save = finished
+    before = tree_md5(save)
+    new = str(root / "new-run")
+    result = run_pretrain(pretrain_args(data, new, 4, ["--load", save + "-typo"]))
+    assert result.returncode == 1
+    one_line(result.stderr, f"{save}-typo does not exist")
+    assert not os.path.exists(new)
+
+    # glm-pretrain, glm-eval and glm-convert take one iteration folder as that iteration (not as an original GLM
+    # checkpoint, which is what glm-eval and glm-convert called it)
+    result = run_pretrain(pretrain_args(data, new, 3, ["--load", os.path.join(save, "iter_0000001")]))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from {save}/iter_0000001 at iteration 1" in result.stdout
+    assert [r["iteration"] for r in records(new)] == [2, 3]
+    from megatron_glm.convert.readers import detect_format, read_megatron_glm
+
+    assert detect_format(os.path.join(save, "iter_0000001")) == "megatron-glm"
+    assert read_megatron_glm(os.path.join(save, "iter_0000001"))[2]["iteration"] == 1
+    assert tree_md5(save) == before

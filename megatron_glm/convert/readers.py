@@ -24,14 +24,18 @@ def detect_format(path: str) -> str:
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")) and \
             glob.glob(os.path.join(path, "*.safetensors")):
         return "hf"
-    if os.path.isdir(path) and ckpt.resume_tag(path):
+    try:
+        ckpt.locate(path)
         return "megatron-glm"
-    if glob.glob(os.path.join(path, "**", "mp_rank_*_model_states.pt"), recursive=True) or \
+    except ckpt.CheckpointError:
+        pass
+    if (not ckpt.is_iteration_folder(path) and not ckpt.list_checkpoints(path)
+            and glob.glob(os.path.join(path, "**", "mp_rank_*_model_states.pt"), recursive=True)) or \
             re.search(r"mp_rank_\d+_model_states\.pt$", path):
         return "thudm"
-    raise ConversionError(f"{path}: unknown source format; expected a megatron-glm checkpoint folder "
-                          "(iter_*/meta.json), an original GLM checkpoint (mp_rank_XX_model_states.pt), or a "
-                          "Hugging Face style folder (config.json + *.safetensors)")
+    raise ConversionError(f"{path} {ckpt.what_is_at(path)}; expected a megatron-glm checkpoint folder "
+                          "(iter_*/meta.json) or one iter_N folder in it, an original GLM checkpoint "
+                          "(mp_rank_XX_model_states.pt), or a Hugging Face style folder (config.json + *.safetensors)")
 
 
 def _info(meta: dict) -> dict:
@@ -43,7 +47,8 @@ def _info(meta: dict) -> dict:
 
 def read_megatron_glm(path: str, tag: str | None = None, trust: bool = False) -> tuple[dict, ModelConfig, dict]:
     """Whole weights of a glm-pretrain checkpoint; ZeRO-3 partitions are consolidated on the way."""
-    tag = tag or ckpt.resume_tag(path)
+    if tag is None:
+        path, tag = ckpt.locate(path)
     meta = ckpt.read_meta(path, tag)
     if meta.get("args", {}).get("zero_stage") == 3:
         state = _consolidate_zero(path, tag, meta, trust)
@@ -54,9 +59,8 @@ def read_megatron_glm(path: str, tag: str | None = None, trust: bool = False) ->
 
 def zero_to_fp32(path: str, tag: str | None = None, trust: bool = False) -> tuple[dict, ModelConfig, dict]:
     """The fp32 master weights from the optimizer partitions (any ZeRO stage >= 1), merged over TP x PP."""
-    tag = tag or ckpt.resume_tag(path)
     if tag is None:
-        raise ConversionError(f"{path} holds no complete megatron-glm checkpoint")
+        path, tag = ckpt.locate(path)
     meta = ckpt.read_meta(path, tag)
     if not meta.get("args", {}).get("zero_stage"):
         raise ConversionError(f"{path}/{tag} was saved without ZeRO (--zero-stage 0): its weights are already whole; "

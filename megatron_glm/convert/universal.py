@@ -59,9 +59,10 @@ def _loss_scale(folder: str, trust: bool) -> float | None:
 def write_universal(load: str, out: str, trust: bool = False, dry_run: bool = False, overwrite: bool = False,
                     iteration: int | None = None) -> list[tuple[str, int]]:
     """Convert ``load``'s checkpoint of ``iteration`` (the latest complete one by default); returns the plan."""
-    tag = ckpt.resume_tag(load) if os.path.isdir(load) else None
-    if tag is None:
-        raise ConversionError(f"{load} holds no complete glm-pretrain checkpoint (iter_*/meta.json)")
+    try:
+        load, tag = ckpt.locate(load)
+    except ckpt.CheckpointError as e:
+        raise ConversionError(str(e)) from None
     if iteration is not None:
         if iteration not in ckpt.list_checkpoints(load):
             raise ConversionError(f"{load} has no checkpoint of iteration {iteration}; it has "

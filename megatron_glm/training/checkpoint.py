@@ -12,6 +12,7 @@ included, resumes from the last complete checkpoint.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -23,6 +24,7 @@ from megatron_glm import faults, serialization
 from megatron_glm.config import ModelConfig
 
 LATEST = "latest"
+logger = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -215,6 +217,49 @@ def resume_tag(load_dir: str) -> str | None:
     return tag_of(done[-1]) if done else None
 
 
+def is_iteration_folder(path: str) -> bool:
+    name = os.path.basename(os.path.normpath(path))
+    return name.startswith("iter_") and name[5:].isdigit() and os.path.isdir(path)
+
+
+def what_is_at(path: str) -> str:
+    """What a path the user named as a checkpoint holds instead of one: the rest of an error's sentence."""
+    if not os.path.exists(path):
+        return "does not exist"
+    if os.path.isfile(path):
+        if os.path.basename(path) == LATEST:
+            return f"is the {LATEST} file of a checkpoint folder: pass the folder, {os.path.dirname(path) or '.'}"
+        return "is a file, not a checkpoint folder"
+    names = sorted(os.listdir(path))
+    if not names:
+        return "is an empty folder: no checkpoint was saved there"
+    if is_iteration_folder(path):
+        return ("is an unfinished checkpoint (no meta.json: its save did not complete); pass its folder, "
+                f"{os.path.dirname(os.path.normpath(path)) or '.'}, to resume the newest complete one")
+    if any(n.startswith("iter_") or n.startswith(".tmp-iter_") for n in names):
+        return "holds no complete checkpoint (iter_*/meta.json): every save there was interrupted before it finished"
+    if "config.json" in names and any(n.endswith(".safetensors") for n in names):
+        return f"is an export-hf folder: import it first (glm-convert import-hf --load {path} --save NEW_FOLDER)"
+    if any(f.startswith("mp_rank_") for _, _, files in os.walk(path) for f in files):
+        return ("is an original GLM checkpoint: import it first "
+                f"(glm-convert import-thudm --load {path} --save NEW_FOLDER)")
+    shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+    return f"holds no megatron-glm checkpoint (iter_*/meta.json); it holds {shown}"
+
+
+def locate(path: str) -> tuple[str, str]:
+    """``(folder, tag)`` of the checkpoint a user names: a checkpoint folder, whose newest complete
+    checkpoint it is, or one ``iter_N`` folder in it, which is that iteration. Anything else is
+    refused with what is there instead, so that a mistyped path never means "start from scratch"."""
+    if is_iteration_folder(path) and os.path.isfile(os.path.join(path, "meta.json")):
+        path = os.path.normpath(path)
+        return os.path.dirname(path) or ".", os.path.basename(path)
+    tag = resume_tag(path) if os.path.isdir(path) and not is_iteration_folder(path) else None
+    if tag is None:
+        raise CheckpointError(f"{path} {what_is_at(path)}")
+    return path, tag
+
+
 def read_latest(load_dir: str) -> str | None:
     path = os.path.join(load_dir, LATEST)
     if not os.path.exists(path):
@@ -346,10 +391,8 @@ def _module_of(state, path: str) -> dict:
 
 def load_model_weights(load_dir: str, tag: str | None = None, trust: bool = False) -> tuple[dict, dict]:
     """(state dict, meta) of a checkpoint for inference, without DeepSpeed or an optimizer."""
-    tag = tag or resume_tag(load_dir)
     if tag is None:
-        raise CheckpointError(f"{load_dir} holds no complete checkpoint (iter_*/meta.json): not a megatron-glm "
-                              "checkpoint folder, or no save has finished yet")
+        load_dir, tag = locate(load_dir)
     meta = read_meta(load_dir, tag)
     if meta.get("args", {}).get("zero_stage") == 3:
         raise CheckpointError(f"{load_dir}/{tag} holds ZeRO-3 partitions, not whole weights: consolidate them first "
@@ -417,16 +460,24 @@ class ResumePoint:
 
 def find_resume(load: str | None, save: str | None, model_cfg: ModelConfig, tokenizer_fingerprint: str | None,
                 tp: int, pp: int, finetune: bool = False) -> ResumePoint | None:
-    """Where to resume: ``--load``'s latest, or ``--save``'s when a restarted (requeued) job finds one there.
+    """Where to resume: ``--load``'s checkpoint, or ``--save``'s when a restarted (requeued) job finds one there.
 
     A fine-tuning job starts from ``--load``'s weights, unless ``--save`` already holds its own
-    checkpoint: then it was restarted, and resumes that. An incompatible checkpoint is refused
-    here, before any work and before anything is written.
+    checkpoint: then it was restarted, and resumes that. A ``--load`` that holds no checkpoint is
+    refused, unless it is ``--save`` itself (the launchers' auto-resume: a first run finds nothing).
+    An incompatible checkpoint is refused here, before any work and before anything is written.
     """
     if save and resume_tag(save) and (not load or finetune):
-        load, finetune = save, False
-    tag = resume_tag(load) if load else None
+        load, tag, finetune = save, resume_tag(save), False
+    elif load and save and os.path.abspath(load) == os.path.abspath(save):
+        tag = resume_tag(load)
+    elif load:
+        load, tag = locate(load)
+    else:
+        tag = None
     if tag is None:
+        if save:
+            logger.info("no checkpoint in %s yet: starting from iteration 0 with freshly initialised weights", save)
         return None
     meta = read_meta(load, tag)
     check_compatible(meta, model_cfg, tokenizer_fingerprint, load, tp, pp)
