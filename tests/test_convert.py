@@ -151,7 +151,7 @@ def test_bad_input_is_named_and_nothing_is_written(tmp_path, tp2pp2, capsys):
          ["missing 1: transformer.layers.1.mlp.dense_4h_to_h.bias", "unexpected 1: lm_head.weight",
           "transformer.layers.0.attention.dense.weight: (32, 16) != (32, 32)"]),
         (["import-thudm", "--load", str(tmp_path / "glm"), "--save", str(out)], ["--num-attention-heads or --preset"]),
-        (["reshard", "--load", str(empty), "--save", str(out)], ["unknown source format"]),
+        (["reshard", "--load", str(empty), "--save", str(out)], ["is an empty folder"]),
         (["reshard", "--load", tp2pp2, "--save", str(out), "--target-tp", "3"],
          ["--target-tp 3 does not divide 4 attention heads"]),
         (["reshard", "--load", tp2pp2, "--save", str(out), "--target-pp", "3"], ["impossible target layout"]),

@@ -47,7 +47,8 @@ def assert_killed_runs_match(save, reference):
         assert r["lm_loss"] == ref["lm_loss"] and r["grad_norm"] == ref["grad_norm"], r["iteration"]
         assert r.get("valid_loss") == ref.get("valid_loss")
     names = sorted(os.listdir(save))
-    assert names == ["iter_0000006", "iter_0000008", "latest", "metrics.jsonl"], "keeps the last 2, no temporaries"
+    assert names == [".lock", "iter_0000006", "iter_0000008", "latest", "metrics.jsonl"], \
+        "keeps the last 2, no temporaries"
 
 
 def test_kill_anywhere_then_resume_equals_an_uninterrupted_run(tmp_path, data, uninterrupted):

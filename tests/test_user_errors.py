@@ -99,7 +99,7 @@ def test_a_save_that_fails_half_way_names_the_latest_good_checkpoint(tmp_path, d
     result = run_pretrain(pretrain_args(data, save, 4, ["--save-interval", "2", *mode]), preexec_fn=small_files)
     assert result.returncode == 1
     one_line(result.stderr, "saving iter_0000004", "failed", f"latest complete checkpoint is {save}/iter_0000002")
-    assert sorted(n for n in os.listdir(save) if not n.endswith(".jsonl")) == ["iter_0000002", "latest"]
+    assert sorted(n for n in os.listdir(save) if not n.endswith(".jsonl")) == [".lock", "iter_0000002", "latest"]
     assert open(os.path.join(save, "latest")).read() == "iter_0000002"
 
 
@@ -224,3 +224,31 @@ def test_a_mistyped_load_stops_glm_pretrain_and_an_iteration_folder_is_that_iter
     assert detect_format(os.path.join(save, "iter_0000001")) == "megatron-glm"
     assert read_megatron_glm(os.path.join(save, "iter_0000001"))[2]["iteration"] == 1
     assert tree_md5(save) == before
+
+
+def test_a_second_run_on_one_save_is_refused_and_a_dead_holder_blocks_nothing(tmp_path, data):
+    """Run A saves iterations 1 and 2 and holds (alive); run B on the same --save is refused, naming A, and
+    changes nothing. Once A is killed (-9: no clean-up of its own), B runs there."""
+    save = str(tmp_path / "c")
+    argv = pretrain_args(data, save, 4, ["--save-interval", "1"])
+    first = subprocess.Popen([sys.executable, "-m", "megatron_glm.training.pretrain", *argv],
+                             env={**os.environ, "MEGATRON_GLM_FAULT": "hold:2"}, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        latest = os.path.join(save, "latest")
+        while not (os.path.exists(latest) and open(latest).read() == "iter_0000002"):
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()[1][-3000:]
+            time.sleep(0.2)
+        before = tree_md5(save)
+        second = run_pretrain([*argv, "--seed", "999"])
+        assert second.returncode == 1
+        one_line(second.stderr, f"--save {save} is in use by another run", f"pid {first.pid}", "another --save")
+        assert tree_md5(save) == before
+    finally:
+        first.kill()
+        first.communicate()
+    second = run_pretrain([*argv, "--seed", "999"])
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"resumed from {save}/iter_0000002" in second.stdout
+    assert [r["iteration"] for r in records(save)] == [1, 2, 3, 4]

@@ -39,6 +39,7 @@ from megatron_glm.training.engine import build_engine, init_distributed
 from megatron_glm.training.memory import host_memory, reset_host_peak
 from megatron_glm.training.metrics import MetricsLogger, Throughput, flops_per_token, memory_summary
 from megatron_glm.training.preemption import DURATION, EXIT_INTERRUPTED, EXIT_REQUEUE, Preemption
+from megatron_glm.training.save_lock import lock_save_folder
 from megatron_glm.training.step import StepRunner
 
 logger = logging.getLogger(__name__)
@@ -190,6 +191,7 @@ class Trainer:
         if self.meter:
             self.meter.mark()
 
+        self.save_lock = lock_save_folder(job.checkpoint.save, self.rank)  # before anything is written there
         self.log = build_metrics(job, self.rank)
         self._announce()
         self.checkpointer = ckpt.Checkpointer(job.checkpoint.save, job.checkpoint.interval, job.checkpoint.keep_last,
@@ -415,3 +417,5 @@ class Trainer:
         self.stream.close()
         self.preemption.close()
         self.log.close()
+        if self.save_lock:
+            self.save_lock.release()
