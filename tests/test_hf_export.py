@@ -177,6 +177,8 @@ def test_export_import_round_trip_is_bitwise_through_shards(tmp_path, learned, t
     index = json.load(open(os.path.join(hf, "model.safetensors.index.json")))
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 2 and all(os.path.exists(os.path.join(hf, s)) for s in shards)
+    modes = {n: os.stat(os.path.join(hf, n)).st_mode & 0o777 for n in os.listdir(hf)}
+    assert set(modes.values()) == {modes["config.json"]}, f"the weights are as readable as the rest: {modes}"
     theirs, _ = load_hf(hf)  # transformers reads the shards too
     assert all(torch.equal(theirs.state_dict()[n], p) for n, p in model.state_dict().items())
 

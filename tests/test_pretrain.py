@@ -118,6 +118,7 @@ def test_bad_flags_are_named(tmp_path, data, change, message):
     (["--layernorm-impl", "apex"], "--layernorm-impl apex needs NVIDIA apex"),
     (["--train-samples", "40"], "pass one of --train-iters (steps) and --train-samples (samples)"),
     (["--lr-warmup-samples", "8"], "--lr-warmup-samples go with --train-samples"),
+    (["--lr-warmup-iters", "2", "--lr-warmup-fraction", "0.1"], "both set the warm-up: pass one"),
     (["--rampup-batch-size", "2", "2", "8"], "--rampup-batch-size go with --train-samples"),
     (["--no-load-optim", "--load", ""], "--finetune, --no-load-optim and --no-load-rng say what to take from --load"),
 ])

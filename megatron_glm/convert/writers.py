@@ -128,6 +128,15 @@ def hf_tokenizer_config(tokenizer: dict, max_length: int) -> dict:
             "model_max_length": max_length, "padding_side": "left", "clean_up_tokenization_spaces": False}
 
 
+def _as_created(folder: str, names: list[str]) -> None:
+    """The mode ``open`` gives a new file (0644 under the usual umask): huggingface_hub writes its shards
+    through temporary files (0600), which a serving container under another uid could not read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in names:
+        os.chmod(os.path.join(folder, name), 0o666 & ~umask)
+
+
 def write_hf(out: str, state: dict, cfg: ModelConfig, info: dict, dtype: str | None = None, dry_run: bool = False,
              overwrite: bool = False, max_shard_size: str | int = "5GB") -> list[tuple[str, int]]:
     """A folder transformers loads with ``trust_remote_code=True``: weights, config, code and tokenizer.
@@ -165,6 +174,7 @@ def write_hf(out: str, state: dict, cfg: ModelConfig, info: dict, dtype: str | N
         return plan
     partial = _stage(out, overwrite)
     save_torch_state_dict(state, partial, max_shard_size=max_shard_size, metadata={"format": "pt"})
+    _as_created(partial, [f for f, _ in weights])
     for f in hf_files.FILES:
         shutil.copy2(os.path.join(os.path.dirname(hf_files.__file__), f), os.path.join(partial, f))
     for name, f in zip(names, sources):

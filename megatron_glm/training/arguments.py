@@ -302,6 +302,9 @@ def validate_args(args, world_size: int = 1) -> None:
         problems.append("--eval-interval and --log-interval must be positive")
     if args.lr_warmup_fraction is not None and not 0 <= args.lr_warmup_fraction <= 1:
         problems.append("--lr-warmup-fraction must be in [0, 1]")
+    if args.lr_warmup_fraction is not None and (args.lr_warmup_iters or args.lr_warmup_samples):
+        problems.append("--lr-warmup-fraction and --lr-warmup-iters/--lr-warmup-samples both set the warm-up: "
+                        "pass one")
     if vpp_layers and pp > 1 and not problems:
         micro = args.global_batch_size // (args.micro_batch_size * data_parallel_size)
         if micro % pp:
