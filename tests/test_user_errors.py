@@ -1,5 +1,6 @@
 """A user's mistake gets one clear line naming the problem and the fix, and loses nothing already written."""
 
+import json
 import os
 import resource
 import signal
@@ -252,3 +253,44 @@ def test_a_second_run_on_one_save_is_refused_and_a_dead_holder_blocks_nothing(tm
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"resumed from {save}/iter_0000002" in second.stdout
     assert [r["iteration"] for r in records(save)] == [1, 2, 3, 4]
+
+
+def test_a_resume_on_another_lr_schedule_is_refused_unless_a_flag_says_which_wins(tmp_path, data):
+    """Megatron's rule and its two flags. The oracles are uninterrupted runs: the original one, and one trained
+    from the start with the new flags (the rate depends on the step alone, not on the weights)."""
+    def lrs(folder, first):
+        return [r["lr"] for r in records(folder) if r["iteration"] >= first]
+
+    original, fresh = str(tmp_path / "original"), str(tmp_path / "fresh")
+    assert run_pretrain(pretrain_args(data, original, 8, ["--lr", "1e-3", "--save-interval", "4"])).returncode == 0
+    assert run_pretrain(pretrain_args(data, fresh, 8, ["--lr", "1e-2"])).returncode == 0
+    load = ["--load", os.path.join(original, "iter_0000004")]
+    before = tree_md5(original)
+
+    for i, (change, message) in enumerate([
+            (["--train-iters", "12"], "--lr-decay-iters (default --train-iters) gives 12, the checkpoint 8"),
+            (["--lr", "1e-2"], "--lr gives 0.01, the checkpoint 0.001"),
+            (["--lr-decay-style", "constant"], "--lr-decay-style gives constant, the checkpoint cosine")]):
+        result = run_pretrain(pretrain_args(data, str(tmp_path / f"refused{i}"), 8, ["--lr", "1e-3", *load, *change]))
+        assert result.returncode == 1
+        one_line(result.stderr, "was trained on another lr schedule", message, "--use-checkpoint-opt_param-scheduler",
+                 "--override-opt_param-scheduler follows the flags' from iteration 4 on")
+        assert not os.path.exists(tmp_path / f"refused{i}")
+
+    same = str(tmp_path / "same")
+    assert run_pretrain(pretrain_args(data, same, 8, ["--lr", "1e-3", *load])).returncode == 0
+    assert lrs(same, 5) == lrs(original, 5)
+
+    switched = str(tmp_path / "switched")
+    result = run_pretrain(pretrain_args(data, switched, 8, ["--lr", "1e-2", "--override-opt_param-scheduler", *load]))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert lrs(switched, 5) == lrs(fresh, 5) and lrs(fresh, 5) != lrs(original, 5)
+    assert json.load(open(os.path.join(switched, "iter_0000008", "meta.json")))["lr_schedule"]["lr"] == 1e-2
+
+    kept = str(tmp_path / "kept")
+    result = run_pretrain(pretrain_args(data, kept, 12, ["--lr", "1e-2", "--use-checkpoint-opt_param-scheduler",
+                                                         *load]))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert lrs(kept, 5)[:4] == lrs(original, 5)  # then the checkpoint's schedule ends at --min-lr (0)
+    assert json.load(open(os.path.join(kept, "iter_0000012", "meta.json")))["lr_schedule"]["lr"] == 1e-3
+    assert tree_md5(original) == before

@@ -150,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--finetune", action="store_true",
                    help="from --load take only the weights: iteration, data position, optimizer, lr schedule and "
                         "RNG start fresh. A restarted job that finds its own checkpoint in --save resumes that")
+    g.add_argument("--override-opt_param-scheduler", action="store_true",
+                   help="on resume, switch to the lr schedule the flags give, from the checkpoint's step on "
+                        "(Megatron's flag); without it a schedule that differs from the checkpoint's is refused")
+    g.add_argument("--use-checkpoint-opt_param-scheduler", action="store_true",
+                   help="on resume, continue the checkpoint's lr schedule whatever the lr flags say (Megatron's flag)")
     # the launchers' habit; LOCAL_RANK rules
     g.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     g.add_argument("--stop-file", help="stop after the current step, save and exit 75 (requeue) once this file "
@@ -282,6 +287,9 @@ def validate_args(args, world_size: int = 1) -> None:
 
         problems += BatchSchedule(args.global_batch_size, step, tuple(args.rampup_batch_size)).problems()
     problems += _training_length_problems(args)
+    if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
+        problems.append("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler exclude each other: "
+                        "pass the one whose schedule the run should follow")
     if (args.finetune or args.no_load_optim or args.no_load_rng) and not args.load:
         problems.append("--finetune, --no-load-optim and --no-load-rng say what to take from --load: pass --load")
     if args.save_interval is not None and args.save_interval < 1:

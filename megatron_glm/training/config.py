@@ -69,6 +69,12 @@ class OptimizerConfig:
     consumed_before: Callable[[int], int] | None = None
     impl: str = "adamw"  # --optimizer-impl: adamw (torch, foreach) | fused-adamw | apex
 
+    def schedule_record(self) -> dict:
+        """What a checkpoint records of the schedule, to hold a resume to it (Megatron's checked values)."""
+        return {"lr": self.lr, "min_lr": self.min_lr, "decay_style": self.decay_style, "warmup": self.warmup_iters,
+                "decay": self.decay_iters, "wsd_decay": self.wsd_decay_iters, "wsd_style": self.wsd_style,
+                "counts": "iterations" if self.consumed_before is None else "samples"}
+
     def schedule(self):
         """The learning-rate schedule (``ValueError`` for one that cannot run)."""
         from megatron_glm.training.lr_schedule import LRSchedule
@@ -88,6 +94,8 @@ class CheckpointConfig:
     load_rng: bool = True
     finetune: bool = False  # weights only; iteration and data position from 0
     asynchronous: bool = False  # --async-save: host copy, then a background writer
+    # a resumed lr schedule that differs from the checkpoint's: None refuses it, "flags" or "checkpoint" wins
+    schedule_from: str | None = None
 
 
 @dataclass(frozen=True)
@@ -237,7 +245,9 @@ def from_args(args, world_size: int) -> JobConfig:
                         objective),
         optimizer=optimizer,
         checkpoint=CheckpointConfig(args.save, args.load, args.save_interval, args.keep_last, args.trust_checkpoint,
-                                    not args.no_load_optim, not args.no_load_rng, args.finetune, args.async_save),
+                                    not args.no_load_optim, not args.no_load_rng, args.finetune, args.async_save,
+                                    "flags" if args.override_opt_param_scheduler else
+                                    "checkpoint" if args.use_checkpoint_opt_param_scheduler else None),
         logging=LoggingConfig(args.log_dir or args.save, args.log_interval, args.eval_interval, args.eval_iters,
                               args.tensorboard or bool(args.tensorboard_dir), args.wandb_project, args.measure_memory,
                               args.stop_file, args.tensorboard_dir, args.exit_interval, args.exit_duration_in_mins,

@@ -70,3 +70,18 @@ class LRSchedule:
         import torch
 
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self(step) / self.lr if self.lr else 0.0)
+
+
+# the flags that set each recorded value: (by iterations, by samples)
+_FLAGS = {"lr": ("--lr",) * 2, "min_lr": ("--min-lr",) * 2, "decay_style": ("--lr-decay-style",) * 2,
+          "warmup": ("--lr-warmup-iters/--lr-warmup-fraction", "--lr-warmup-samples/--lr-warmup-fraction"),
+          "decay": ("--lr-decay-iters (default --train-iters)", "--lr-decay-samples (default --train-samples)"),
+          "wsd_decay": ("--lr-wsd-decay-iters", "--lr-wsd-decay-samples"),
+          "wsd_style": ("--lr-wsd-decay-style",) * 2, "counts": ("--train-iters/--train-samples",) * 2}
+
+
+def schedule_differences(saved: dict, now: dict) -> list[str]:
+    """Each value of the flags' schedule that is not the checkpoint's, named by its flag."""
+    by_samples = now.get("counts") == "samples"
+    return [f"{_FLAGS[key][by_samples]} gives {now.get(key)}, the checkpoint {saved.get(key)}"
+            for key in _FLAGS if key in saved and saved.get(key) != now.get(key)]

@@ -9,6 +9,7 @@ run repeats an uninterrupted one exactly (bitwise on CPU).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -36,6 +37,7 @@ from megatron_glm.training import checkpoint as ckpt
 from megatron_glm.training import universal
 from megatron_glm.training.config import JobConfig
 from megatron_glm.training.engine import build_engine, init_distributed
+from megatron_glm.training.lr_schedule import schedule_differences
 from megatron_glm.training.memory import host_memory, reset_host_peak
 from megatron_glm.training.metrics import MetricsLogger, Throughput, flops_per_token, memory_summary
 from megatron_glm.training.preemption import DURATION, EXIT_INTERRUPTED, EXIT_REQUEUE, Preemption
@@ -144,6 +146,46 @@ def seed_everything(seed: int) -> None:
     model_parallel_seed(seed, state.get_tensor_model_parallel_rank())
 
 
+def resumed_schedule(job: JobConfig, resume: ckpt.ResumePoint | None) -> JobConfig:
+    """The job whose lr schedule a resume follows, as Megatron decides it.
+
+    The checkpoint's schedule and the flags' must agree; where they differ, the run is refused
+    unless ``--use-checkpoint-opt_param-scheduler`` (continue the checkpoint's) or
+    ``--override-opt_param-scheduler`` (the flags' from here on) says which wins. Otherwise a
+    longer ``--train-iters`` would splice two schedules, and a new ``--lr`` would be ignored.
+    """
+    saved = resume.meta.get("lr_schedule") if resume and job.checkpoint.load_optim and not resume.finetune else None
+    if not saved:  # the schedule starts afresh (or an older checkpoint recorded none)
+        return job
+    diffs = schedule_differences(saved, job.optimizer.schedule_record())
+    if not diffs or job.checkpoint.schedule_from == "flags":
+        return job
+    if job.checkpoint.schedule_from == "checkpoint" and saved["counts"] == job.optimizer.schedule_record()["counts"]:
+        logger.info(f"continuing {resume}'s lr schedule (--use-checkpoint-opt_param-scheduler): {'; '.join(diffs)}")
+        return dataclasses.replace(job, optimizer=dataclasses.replace(
+            job.optimizer, lr=saved["lr"], min_lr=saved["min_lr"], decay_style=saved["decay_style"],
+            warmup_iters=saved["warmup"], decay_iters=saved["decay"], wsd_decay_iters=saved["wsd_decay"],
+            wsd_style=saved["wsd_style"]))
+    raise ckpt.CheckpointError(
+        f"{resume} was trained on another lr schedule: {'; '.join(diffs)}. Pass the checkpoint's values, or say "
+        "which schedule wins: --use-checkpoint-opt_param-scheduler continues the checkpoint's, "
+        f"--override-opt_param-scheduler follows the flags' from iteration {resume.meta['iteration']} on")
+
+
+def switch_schedule(engine, lr: float) -> None:
+    """After a resume under --override-opt_param-scheduler: the flags' schedule, at the checkpoint's step.
+
+    The scheduler's state holds the checkpoint's peak rate (``base_lrs``); the step about to run
+    takes the new schedule's rate at the same step count.
+    """
+    schedule = engine.lr_scheduler
+    schedule.base_lrs = [lr] * len(schedule.base_lrs)
+    rates = [base * rate(schedule.last_epoch) for base, rate in zip(schedule.base_lrs, schedule.lr_lambdas)]
+    schedule._last_lr = rates
+    for group, value in zip(engine.optimizer.param_groups, rates):
+        group["lr"] = value
+
+
 class Trainer:
     def __init__(self, job: JobConfig):
         self.job = job
@@ -163,6 +205,7 @@ class Trainer:
         self.tasks = build_tasks(job, self.tokenizer)  # a task file that cannot be read fails here, before any work
         self.resume = ckpt.find_resume(job.checkpoint.load, job.checkpoint.save, self.model_cfg,
                                        self.tokenizer.fingerprint(), par.tensor, par.pipeline, job.checkpoint.finetune)
+        job = self.job = resumed_schedule(job, self.resume)
         init_distributed(self.device, par.tensor, par.pipeline, self.model_cfg)
         import torch.distributed as dist
 
@@ -212,8 +255,15 @@ class Trainer:
         ckpt.check_data_parallel(resume, state.get_data_parallel_world_size(), self.engine.zero_optimization_stage())
         reader = universal.reader_for(resume, RankLayout.from_state(), self.model_cfg.geglu, job.checkpoint.trust) \
             if resume.universal else None
-        return ckpt.Checkpointer.load(self.engine, resume, job.checkpoint.trust, job.checkpoint.load_optim,
-                                      job.checkpoint.load_rng, self.chunks, reader)
+        position = ckpt.Checkpointer.load(self.engine, resume, job.checkpoint.trust, job.checkpoint.load_optim,
+                                          job.checkpoint.load_rng, self.chunks, reader)
+        saved = resume.meta.get("lr_schedule")
+        if job.checkpoint.schedule_from == "flags" and job.checkpoint.load_optim and not resume.finetune and saved \
+                and schedule_differences(saved, job.optimizer.schedule_record()):
+            switch_schedule(self.engine, job.optimizer.lr)
+            logger.info(f"following the flags' lr schedule from iteration {position[0]} "
+                        "(--override-opt_param-scheduler)")
+        return position
 
     # -- set-up reports ---------------------------------------------------------------------
     def _announce(self) -> None:
@@ -262,7 +312,8 @@ class Trainer:
         return {"model": cfg.to_dict(), "tokenizer": self.tokenizer.describe(), "seq_length": job.data.seq_length,
                 "tensor_model_parallel_size": par.tensor, "pipeline_model_parallel_size": par.pipeline,
                 "data_parallel_size": state.get_data_parallel_world_size(),
-                "pipeline_layers": [[[r.start, r.stop] for r in stage] for stage in stages], "args": job.flags}
+                "pipeline_layers": [[[r.start, r.stop] for r in stage] for stage in stages],
+                "lr_schedule": job.optimizer.schedule_record(), "args": job.flags}
 
     # -- steps ------------------------------------------------------------------------------
     def _to_device(self, batch: dict) -> dict:
