@@ -1,5 +1,7 @@
 """The GLM model: mask semantics, attention paths, KV-cache generation, shape checks."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -118,11 +120,14 @@ class ToyTokenizer:
     """Ids are characters' code points (small alphabet); enough to drive fill_blanks."""
 
     mask_id, smask_id, gmask_id, sop_id, eop_id = 1, 2, 3, 4, 5
+    vocab_size = 106  # the model's rows past these (VOCAB = 128) are Megatron's padding
 
     def encode(self, text, allow_special=True):
         return [1 if ch == "_" else 6 + (ord(ch) % 100) for ch in text]
 
     def decode(self, ids):
+        outside = [i for i in ids if i >= self.vocab_size]
+        assert not outside, f"token ids {outside} are outside this tokenizer's {self.vocab_size} ids"
         return "".join("?" if i < 6 else chr(i - 6 + 32) for i in ids)
 
 
@@ -141,13 +146,28 @@ def test_fill_blanks_strategies(strategy):
         pos = torch.stack([torch.arange(a), torch.zeros(a, dtype=torch.long)])[None]
         model(torch.tensor([ids]), pos, torch.zeros(1, a, dtype=torch.int32),
               torch.full((1, a), a, dtype=torch.int32), cache)
-        first = int(_feed(model, cache, torch.tensor([[4]]), torch.tensor([[2]]), torch.tensor([[1]])).argmax())
+        first = int(_feed(model, cache, torch.tensor([[4]]), torch.tensor([[2]]), torch.tensor([[1]]),
+                          ToyTokenizer.vocab_size).argmax())
         if first == ToyTokenizer.eop_id:
             assert spans[0] == ""
         else:
             assert spans[0][:1] == ToyTokenizer().decode([first])
     with pytest.raises(ValueError, match="no \\[MASK\\]"):
         fill_blanks(model, ToyTokenizer(), "abc", cfg)
+
+
+@pytest.mark.parametrize("strategy, temperature", [("greedy", 1.0), ("sample", 5.0), ("sample", float("inf")),
+                                                   ("beam", 1.0)])
+def test_the_padding_rows_of_the_vocabulary_are_never_generated(strategy, temperature):
+    """Megatron pads the embedding past the tokenizer's ids; those rows are untrained and must never be drawn,
+    even when their logits are the largest (here made so) or every logit is alike (an infinite temperature)."""
+    model = model_for("learned_2d")
+    with torch.no_grad():
+        model.word_embeddings.weight[ToyTokenizer.vocab_size:] *= 50.0
+    cfg = GenerationConfig(strategy, max_new_tokens=6, num_beams=3, temperature=temperature, seed=1)
+    for seed in range(4):
+        _, spans = fill_blanks(model, ToyTokenizer(), "ab_cd_e", dataclasses.replace(cfg, seed=seed))
+        assert len(spans) == 2  # decode asserts every id is the tokenizer's
 
 
 @pytest.mark.parametrize("change, message", [

@@ -50,15 +50,16 @@ class GenerationConfig:
             raise ValueError("; ".join(problems))
 
 
-def _feed(model: GLMModel, cache: KVCache, tokens, pos0, pos1):
-    """Run ``tokens [B, t]`` after the cache; causal over the new ones. Returns last logits ``[B, V]``."""
+def _feed(model: GLMModel, cache: KVCache, tokens, pos0, pos1, vocab: int):
+    """Run ``tokens [B, t]`` after the cache; causal over the new ones. Returns last logits ``[B, vocab]``:
+    the rows past the tokenizer's ids (Megatron's padding of the embedding) are never chosen."""
     b, t = tokens.shape
     start = cache.length
     device = tokens.device
     position_ids = torch.stack([pos0, pos1], dim=1)
     lo = torch.zeros(b, t, dtype=torch.int32, device=device)
     hi = torch.arange(start + 1, start + t + 1, dtype=torch.int32, device=device).expand(b, t)
-    return model(tokens, position_ids, lo, hi, cache)[:, -1].float()
+    return model(tokens, position_ids, lo, hi, cache)[:, -1, :vocab].float()
 
 
 def _filter(logits, cfg: GenerationConfig):
@@ -74,12 +75,12 @@ def _filter(logits, cfg: GenerationConfig):
     return logits
 
 
-def _span_greedy_or_sample(model, cache, mask_pos, sop, eop, cfg, generator, device):
+def _span_greedy_or_sample(model, cache, mask_pos, sop, eop, cfg, generator, device, vocab):
     out = []
     token = torch.tensor([[sop]], device=device)
     for step in range(1, cfg.max_new_tokens + 2):
         logits = _feed(model, cache, token, torch.tensor([[mask_pos]], device=device),
-                       torch.tensor([[step]], device=device))
+                       torch.tensor([[step]], device=device), vocab)
         if cfg.strategy == "greedy":
             nxt = int(logits.argmax(-1))
         else:
@@ -92,12 +93,12 @@ def _span_greedy_or_sample(model, cache, mask_pos, sop, eop, cfg, generator, dev
     return out
 
 
-def _span_beam(model, cache, mask_pos, sop, eop, cfg, device):
+def _span_beam(model, cache, mask_pos, sop, eop, cfg, device, vocab):
     """Beam search over one span on a copy of the cache; returns the best token list."""
     beams = cfg.num_beams
     work = cache.copy()
     logits = _feed(model, work, torch.tensor([[sop]], device=device), torch.tensor([[mask_pos]], device=device),
-                   torch.tensor([[1]], device=device))
+                   torch.tensor([[1]], device=device), vocab)
     work.reorder(torch.zeros(beams, dtype=torch.long, device=device))
     seqs = [[] for _ in range(beams)]
     scores = torch.full((beams,), float("-inf"), device=device)
@@ -128,7 +129,7 @@ def _span_beam(model, cache, mask_pos, sop, eop, cfg, device):
         tokens = torch.tensor(keep_tokens, device=device)[:, None]
         n = len(keep_rows)
         logits = _feed(model, work, tokens, torch.full((n, 1), mask_pos, device=device),
-                       torch.full((n, 1), step + 1, device=device))
+                       torch.full((n, 1), step + 1, device=device), vocab)
         logprobs = torch.log_softmax(logits, -1)
         if n < beams:
             scores = torch.cat([scores, torch.full((beams - n,), float("-inf"), device=device)])
@@ -162,6 +163,7 @@ def fill_blanks(model: GLMModel, tokenizer, text: str, cfg: GenerationConfig | N
     if cfg.seed is not None:
         generator.manual_seed(cfg.seed)
     cache = KVCache(model.cfg.num_layers)
+    vocab = tokenizer.vocab_size
     a = len(ids)
     tokens = torch.tensor([ids], device=device)
     position_ids = torch.stack([torch.arange(a, device=device), torch.zeros(a, dtype=torch.long, device=device)])[None]
@@ -171,13 +173,14 @@ def fill_blanks(model: GLMModel, tokenizer, text: str, cfg: GenerationConfig | N
     spans = []
     for pos in blanks:
         if cfg.strategy == "beam":
-            span = _span_beam(model, cache, pos, tokenizer.sop_id, tokenizer.eop_id, cfg, device)
+            span = _span_beam(model, cache, pos, tokenizer.sop_id, tokenizer.eop_id, cfg, device, vocab)
             fed = torch.tensor([[tokenizer.sop_id] + span], device=device)
             n = fed.shape[1]
             _feed(model, cache, fed, torch.full((1, n), pos, device=device),
-                  torch.arange(1, n + 1, device=device)[None])
+                  torch.arange(1, n + 1, device=device)[None], vocab)
         else:
-            span = _span_greedy_or_sample(model, cache, pos, tokenizer.sop_id, tokenizer.eop_id, cfg, generator, device)
+            span = _span_greedy_or_sample(model, cache, pos, tokenizer.sop_id, tokenizer.eop_id, cfg, generator, device,
+                                          vocab)
         spans.append(span)
     out, k = [], 0
     for i, t in enumerate(ids):
