@@ -294,3 +294,34 @@ def test_a_resume_on_another_lr_schedule_is_refused_unless_a_flag_says_which_win
     assert lrs(kept, 5)[:4] == lrs(original, 5)  # then the checkpoint's schedule ends at --min-lr (0)
     assert json.load(open(os.path.join(kept, "iter_0000012", "meta.json")))["lr_schedule"]["lr"] == 1e-3
     assert tree_md5(original) == before
+
+
+def test_ranks_stop_without_saving_when_torchrun_is_killed(tmp_path, data):
+    """kill -9 of torchrun's agent: its ranks, held after step 1 (they would train on), leave; nothing is saved."""
+    import psutil
+
+    from tests.helpers import free_port
+
+    save = str(tmp_path / "ckpt")
+    agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                              str(free_port()), "-m", "megatron_glm.training.pretrain",
+                              *pretrain_args(data, save, 20, ["--save-interval", "5"])],
+                             env={**os.environ, "MEGATRON_GLM_FAULT": "hold:1"}, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (os.path.exists(os.path.join(save, "metrics.jsonl")) and records(save)):
+            assert agent.poll() is None and time.monotonic() < deadline, agent.communicate()[0][-3000:]
+            time.sleep(0.2)
+        ranks = psutil.Process(agent.pid).children()
+        assert len(ranks) == 2
+        agent.kill()
+        _, alive = psutil.wait_procs(ranks, timeout=120)
+        assert alive == [], "ranks went on after their launcher died"
+        output = agent.communicate()[0]  # the ranks held the pipe's write end: it closes with them
+    finally:
+        agent.kill()
+        for rank in psutil.Process().children(recursive=True):
+            rank.kill()
+    assert output.count("the launcher that started this rank") >= 1 and "stopping without saving" in output
+    assert not [n for n in os.listdir(save) if n.startswith("iter_")] and [r["iteration"] for r in records(save)] == [1]

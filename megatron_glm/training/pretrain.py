@@ -16,10 +16,12 @@ def pretrain(argv=None) -> dict:
     from megatron_glm.parallel.state import discover_launch
     from megatron_glm.training.arguments import build_parser
     from megatron_glm.training.config import from_args
+    from megatron_glm.training.launcher_watch import watch_launcher
 
     args = build_parser().parse_args(argv)
     launch = discover_launch()  # torchrun's variables, Slurm's, MPI's, or one process
     logs.setup(launch.rank, args.log_all_ranks)
+    watch_launcher(launch.source)
     job = from_args(args, world_size=launch.world_size)
 
     from megatron_glm.training.trainer import Trainer
