@@ -46,6 +46,7 @@ def load_model(path: str, device: str, tokenizer_spec=None, trust: bool = False)
     from megatron_glm.data.tokenizer import GLMTokenizer
     from megatron_glm.generate import load_for_inference, spec_of
     from megatron_glm.model.glm import GLMModel
+    from megatron_glm.serialization import check_finite
     from megatron_glm.training.checkpoint import locate, read_meta
 
     fmt = detect_format(path)
@@ -53,6 +54,7 @@ def load_model(path: str, device: str, tokenizer_spec=None, trust: bool = False)
         raise EvalError(f"{path} is an original GLM checkpoint: import it first (glm-convert import-thudm)")
     if fmt == "hf":
         state, cfg, info = read_hf(path)
+        check_finite(state.items(), path)
         meta = {"model": cfg.to_dict(), "tokenizer": info.get("tokenizer"), "args": info.get("args") or {},
                 "iteration": info.get("iteration", 0)}
     else:

@@ -236,3 +236,38 @@ def test_loads_from_the_checkouts_root_beside_our_kernels_folder(learned, tokeni
         assert got["kernels"] == kernels.__file__ and got["has_CUDAProperties"]
         assert got["ours"] == ours.__file__ and got["ours_has_flash"]
         assert got["fill"] == expected
+
+
+def test_non_finite_weights_are_refused_by_every_reader(tmp_path, learned, tokenizer, capsys):
+    """One NaN written into an export's weights, and one into a checkpoint's: each reader refuses it by name."""
+    import shutil
+
+    from megatron_glm.evaluate import main as evaluate
+    from megatron_glm.generate import main as generate
+
+    _, model, hf = learned
+    bad = tmp_path / "hf"
+    shutil.copytree(hf, bad)
+    raw = bytearray((bad / "model.safetensors").read_bytes())
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + size])
+    name = next(k for k in sorted(header) if k != "__metadata__")
+    dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[header[name]["dtype"]]
+    nan = torch.tensor([float("nan")], dtype=dtype).view(torch.uint8).numpy().tobytes()
+    at = 8 + size + header[name]["data_offsets"][0]
+    raw[at:at + len(nan)] = nan
+    (bad / "model.safetensors").write_bytes(bytes(raw))
+    assert convert(["import-hf", "--load", str(bad), "--save", str(tmp_path / "x")]) == 1
+    err = capsys.readouterr().err
+    assert f"1 tensor holds NaN or Inf ({name})" in err and not os.path.exists(tmp_path / "x")
+    assert evaluate(["--load", str(bad), "--lm-samples", "1"]) == 1
+    assert "holds NaN or Inf" in capsys.readouterr().err
+
+    state = model.state_dict()
+    state["word_embeddings.weight"][3, 5] = float("inf")
+    ckpt = str(tmp_path / "ckpt")
+    write_megatron_glm(ckpt, state, model.cfg, {"tokenizer": tokenizer.describe(), "iteration": 5})
+    assert generate(["--load", ckpt, "--text", "a [MASK] b"]) == 1
+    assert "1 tensor holds NaN or Inf (word_embeddings.weight)" in capsys.readouterr().err
+    assert convert(["export-hf", "--load", ckpt, "--save", str(tmp_path / "y")]) == 1
+    assert "word_embeddings.weight" in capsys.readouterr().err and not os.path.exists(tmp_path / "y")

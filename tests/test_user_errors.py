@@ -325,3 +325,23 @@ def test_ranks_stop_without_saving_when_torchrun_is_killed(tmp_path, data):
             rank.kill()
     assert output.count("the launcher that started this rank") >= 1 and "stopping without saving" in output
     assert not [n for n in os.listdir(save) if n.startswith("iter_")] and [r["iteration"] for r in records(save)] == [1]
+
+
+def test_a_checkpoint_with_a_nan_weight_is_refused_by_glm_pretrain(finished, data, tmp_path):
+    import shutil
+
+    import torch
+
+    _, save = finished
+    copy = str(tmp_path / "ckpt")
+    shutil.copytree(save, copy, ignore=shutil.ignore_patterns(".lock"))
+    model_file = os.path.join(copy, "iter_0000002", "mp_rank_00_model_states.pt")
+    states = torch.load(model_file, weights_only=False)
+    name = sorted(states["module"])[0]
+    states["module"][name].view(-1)[0] = float("nan")
+    torch.save(states, model_file)
+    before = tree_md5(copy)
+    result = run_pretrain(pretrain_args(data, str(tmp_path / "new"), 4, ["--load", copy, "--lr-decay-iters", "2"]))
+    assert result.returncode == 1
+    one_line(result.stderr, f"{copy}/iter_0000002: 1 tensor holds NaN or Inf ({name})", "use an earlier checkpoint")
+    assert tree_md5(copy) == before

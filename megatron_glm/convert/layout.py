@@ -8,6 +8,7 @@ from megatron_glm.config import ModelConfig
 from megatron_glm.model.parallelize import partition_of
 from megatron_glm.parallel.pipeline import partition_layers
 from megatron_glm.parallel.tensor_parallel import shard_tensor
+from megatron_glm.serialization import check_finite
 
 
 class ConversionError(ValueError):
@@ -37,6 +38,7 @@ def check_state(state: dict, cfg: ModelConfig, source: str) -> None:
     if problems:
         raise ConversionError(f"{source} does not match the model (layers {cfg.num_layers}, hidden {cfg.hidden_size}, "
                               f"heads {cfg.num_attention_heads}, vocab {cfg.vocab_size}): " + " | ".join(problems))
+    check_finite(state.items(), source)
 
 
 def check_target(cfg: ModelConfig, tp: int, pp: int, vpp: int, pipeline_layers) -> None:

@@ -404,7 +404,9 @@ def load_model_weights(load_dir: str, tag: str | None = None, trust: bool = Fals
         if not os.path.exists(path):
             raise CheckpointError(f"{path} is missing: the checkpoint is incomplete")
         return _module_of(serialization.load(path, trust=trust), path)
-    return merge_model_shards(read, meta), meta
+    state = merge_model_shards(read, meta)
+    serialization.check_finite(state.items(), os.path.join(load_dir, tag))
+    return state, meta
 
 
 def merge_model_shards(read_shard, meta: dict) -> dict:

@@ -20,7 +20,7 @@ import time
 import numpy as np
 import torch
 
-from megatron_glm import faults, kernels
+from megatron_glm import faults, kernels, serialization
 from megatron_glm.config import ModelConfig
 from megatron_glm.data import eval_tasks
 from megatron_glm.data.blank_infilling import OBJECTIVES, BlankInfillingCollator, SpecialIds, sentence_end_ids
@@ -257,6 +257,8 @@ class Trainer:
             if resume.universal else None
         position = ckpt.Checkpointer.load(self.engine, resume, job.checkpoint.trust, job.checkpoint.load_optim,
                                           job.checkpoint.load_rng, self.chunks, reader)
+        serialization.check_finite(((name, getattr(p, "ds_tensor", p)) for name, p in self.module.named_parameters()),
+                                   str(resume))
         saved = resume.meta.get("lr_schedule")
         if job.checkpoint.schedule_from == "flags" and job.checkpoint.load_optim and not resume.finetune and saved \
                 and schedule_differences(saved, job.optimizer.schedule_record()):
