@@ -119,6 +119,7 @@ def test_bad_flags_are_named(tmp_path, data, change, message):
     (["--train-samples", "40"], "pass one of --train-iters (steps) and --train-samples (samples)"),
     (["--lr-warmup-samples", "8"], "--lr-warmup-samples go with --train-samples"),
     (["--lr-warmup-iters", "2", "--lr-warmup-fraction", "0.1"], "both set the warm-up: pass one"),
+    (["--clip-grad", "-1"], "--clip-grad -1.0: give a gradient norm >= 0"),
     (["--rampup-batch-size", "2", "2", "8"], "--rampup-batch-size go with --train-samples"),
     (["--no-load-optim", "--load", ""], "--finetune, --no-load-optim and --no-load-rng say what to take from --load"),
 ])
@@ -235,6 +236,12 @@ def test_a_deepspeed_optimizer_block_is_honoured(tmp_path):
     ({"train_batch_size": 64}, ("--global-batch-size", "32"), "train_batch_size 64, the flags give 32"),
     ({"zero_optimization": {"stage": 2}}, ("--pipeline-model-parallel-size", "2"),
      "--zero-stage 2 cannot be combined with pipeline parallelism"),
+    ({"gradient_cliping": 0.01, "zero_optimisation": {"stage": 2}}, (),
+     "'gradient_cliping' is not a DeepSpeed key (DeepSpeed would ignore it): did you mean 'gradient_clipping'?"),
+    ({"gradient_cliping": 0.01, "zero_optimisation": {"stage": 2}}, (), "did you mean 'zero_optimization'?"),
+    ({"zero_optimization": {"stge": 2}}, (), "zero_optimization is not DeepSpeed's: stge: Extra inputs"),
+    ({"gradient_clipping": -1}, (), "gradient_clipping -1: give a norm >= 0"),
+    ({"bf16": {"enabled": True}, "fp16": {"enabled": True}}, (), "enables both bf16 and fp16: enable one"),
     ("{not json", (), "not a JSON file"),
     ("[1, 2]", (), "a DeepSpeed config is a JSON object"),
 ])

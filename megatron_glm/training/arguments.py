@@ -308,6 +308,8 @@ def validate_args(args, world_size: int = 1) -> None:
         problems.append("--async-save needs --save")
     if args.eval_interval < 1 or args.log_interval < 1:
         problems.append("--eval-interval and --log-interval must be positive")
+    if not args.clip_grad >= 0:
+        problems.append(f"--clip-grad {args.clip_grad}: give a gradient norm >= 0 (0 turns clipping off)")
     if args.lr_warmup_fraction is not None and not 0 <= args.lr_warmup_fraction <= 1:
         problems.append("--lr-warmup-fraction must be in [0, 1]")
     if args.lr_warmup_fraction is not None and (args.lr_warmup_iters or args.lr_warmup_samples):

@@ -16,14 +16,55 @@ the job here, before any work, and the banner and checkpoints report what ran:
   ``gradient_accumulation_steps``, ``train_batch_size``.
 
 Everything else (communication, profiling, activation-checkpointing options of DeepSpeed's own)
-goes to the engine unchanged.
+goes to the engine unchanged. DeepSpeed itself ignores a top-level key it does not know, so a
+typo (``gradient_cliping``) would run with the default without a word: a key close to one of
+DeepSpeed's is refused with the name it was meant to be, any other unknown key is warned about.
+``zero_optimization`` is checked against DeepSpeed's own model of it here, before any work.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
+import logging
 
+logger = logging.getLogger(__name__)
 ADAM_KEYS = {"lr", "betas", "eps", "weight_decay", "torch_adam", "adam_w_mode", "bias_correction"}
+# DeepSpeed's top-level sections (its documented JSON); the plain settings come from its constants module
+SECTIONS = {"zero_optimization", "activation_checkpointing", "flops_profiler", "tensorboard", "wandb", "csv_monitor",
+            "comms_logger", "compile", "data_efficiency", "aio", "pipeline", "autotuning", "elasticity", "nebula",
+            "compression_training", "hybrid_engine", "timers", "amp", "sparse_attention", "curriculum_learning",
+            "eigenvalue", "progressive_layer_drop", "weight_quantization", "graph_harvesting", "monitor_config",
+            "checkpoint", "data_types", "bf16", "fp16", "torch_autocast", "optimizer", "scheduler"}
+
+
+def deepspeed_keys() -> set[str]:
+    from deepspeed.runtime import constants
+
+    return SECTIONS | {v for k, v in vars(constants).items() if k.isupper() and isinstance(v, str)}
+
+
+def unknown_keys(config: dict, name: str) -> list[str]:
+    """Problems for top-level keys that are typos of DeepSpeed's; a warning for other keys it does not know."""
+    known, problems = deepspeed_keys(), []
+    for key in sorted(set(config) - known):
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.8)
+        if close:
+            problems.append(f"{name}: {key!r} is not a DeepSpeed key (DeepSpeed would ignore it): did you mean "
+                            f"{close[0]!r}?")
+        else:
+            logger.warning(f"{name}: DeepSpeed has no key {key!r} and ignores it")
+    zero = config.get("zero_optimization")
+    if isinstance(zero, dict):
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+        from pydantic import ValidationError
+
+        try:
+            DeepSpeedZeroConfig(**zero)
+        except ValidationError as e:
+            wrong = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+            problems.append(f"{name}: zero_optimization is not DeepSpeed's: {wrong}")
+    return problems
 
 
 def read(path: str) -> dict:
@@ -42,9 +83,9 @@ def read(path: str) -> dict:
 
 def fold(config: dict, args, data_parallel_size: int, path: str) -> tuple[dict, dict, list[str]]:
     """(what the engine gets from the JSON, the flags it overrides ``{dest: value}``, problems)."""
-    problems, flags = [], {}
     config = dict(config)
     name = f"--deepspeed-config {path}"
+    problems, flags = unknown_keys(config, name), {}
 
     micro, accum, total = (config.get(k) for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                                                     "train_batch_size"))
@@ -65,9 +106,13 @@ def fold(config: dict, args, data_parallel_size: int, path: str) -> tuple[dict, 
         flags["cpu_offload"] = (zero["offload_optimizer"] or {}).get("device", "none") == "cpu"
     if "gradient_clipping" in config:
         flags["clip_grad"] = config["gradient_clipping"]
+        if not isinstance(flags["clip_grad"], (int, float)) or flags["clip_grad"] < 0:
+            problems.append(f"{name} sets gradient_clipping {config['gradient_clipping']}: give a norm >= 0 (0: off)")
     for precision in ("bf16", "fp16"):
         if "enabled" in (config.get(precision) or {}):
             flags[precision] = bool(config[precision]["enabled"])
+    if flags.get("bf16") and flags.get("fp16"):
+        problems.append(f"{name} enables both bf16 and fp16: enable one")
 
     optimizer = config.pop("optimizer", None)
     if optimizer is not None:
