@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from megatron_glm.model.generation import GenerationConfig, fill_blanks
+from megatron_glm.model.generation import GenerationConfig, fill_blanks, prompt_problem
 from megatron_glm.model.glm import GLMModel
 
 
@@ -68,7 +68,15 @@ def main(argv=None) -> int:
         cfg = GenerationConfig(args.strategy, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                                args.num_beams, args.length_penalty, args.seed)
         model, tokenizer = load_for_inference(args.load, args.device, spec, args.trust_checkpoint)
-        for text in args.text or (line.rstrip("\n") for line in sys.stdin):
+        # the whole input is checked before any of it runs: one output line per input line, or none
+        named = [(f"--text {i + 1}", t) for i, t in enumerate(args.text)] if args.text else \
+            [(f"stdin line {i + 1}", line.rstrip("\n")) for i, line in enumerate(sys.stdin)]
+        problems = [f"{where}: {problem}" for where, text in named
+                    if (problem := prompt_problem(model, tokenizer, text, cfg))]
+        if problems:
+            raise ValueError(f"{len(problems)} of {len(named)} prompts cannot be filled, so none was: "
+                             + "; ".join(problems[:5]) + ("; ..." if len(problems) > 5 else ""))
+        for _, text in named:
             filled, _ = fill_blanks(model, tokenizer, text, cfg)
             print(filled, flush=True)
     except (ValueError, FileNotFoundError) as e:

@@ -345,3 +345,19 @@ def test_a_checkpoint_with_a_nan_weight_is_refused_by_glm_pretrain(finished, dat
     assert result.returncode == 1
     one_line(result.stderr, f"{copy}/iter_0000002: 1 tensor holds NaN or Inf ({name})", "use an earlier checkpoint")
     assert tree_md5(copy) == before
+
+
+def test_glm_generate_checks_every_stdin_line_before_filling_any(finished, monkeypatch, capsys):
+    import io
+
+    _, save = finished
+    monkeypatch.setattr(sys, "stdin", io.StringIO("first[MASK]line\n\nno mask here\nthird[gMASK]\n"))
+    assert generate(["--load", save, "--max-new-tokens", "3"]) == 1
+    out, err = capsys.readouterr()
+    one_line(err, "2 of 4 prompts cannot be filled, so none was", "stdin line 2: the text has no [MASK]",
+             "stdin line 3: the text has no [MASK]")
+    assert out == ""
+    monkeypatch.setattr(sys, "stdin", io.StringIO("first[MASK]line\nthird[gMASK]\n"))
+    assert generate(["--load", save, "--max-new-tokens", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("first") and lines[1].startswith("third")

@@ -142,23 +142,31 @@ def _span_beam(model, cache, mask_pos, sop, eop, cfg, device, vocab):
     return max(finished, key=lambda f: f[0])[1]
 
 
+def prompt_problem(model: GLMModel, tokenizer, text: str, cfg: GenerationConfig) -> str | None:
+    """Why ``fill_blanks`` cannot take ``text``, or None: checked for a whole input before any of it runs."""
+    ids = tokenizer.encode(text, allow_special=True)
+    if not {tokenizer.mask_id, tokenizer.smask_id, tokenizer.gmask_id} & set(ids):
+        return "the text has no [MASK], [sMASK] or [gMASK] to fill"
+    limit = model.cfg.max_position_embeddings
+    if len(ids) > limit or cfg.max_new_tokens + 1 > limit:
+        return f"{len(ids)} prompt tokens / {cfg.max_new_tokens} new tokens exceed the model's {limit} positions"
+    return None
+
+
 @torch.no_grad()
 def fill_blanks(model: GLMModel, tokenizer, text: str, cfg: GenerationConfig | None = None) -> tuple[str, list[str]]:
     """``(text with every blank filled, the generated spans)``."""
     cfg = cfg or GenerationConfig()
     if cfg.strategy not in ("greedy", "sample", "beam"):
         raise ValueError(f"unknown strategy {cfg.strategy!r}: use greedy, sample or beam")
+    problem = prompt_problem(model, tokenizer, text, cfg)
+    if problem:
+        raise ValueError(problem)
     model.eval()
     device = next(model.parameters()).device
     ids = tokenizer.encode(text, allow_special=True)
     blank_ids = {tokenizer.mask_id, tokenizer.smask_id, tokenizer.gmask_id}
     blanks = [i for i, t in enumerate(ids) if t in blank_ids]
-    if not blanks:
-        raise ValueError("the text has no [MASK], [sMASK] or [gMASK] to fill")
-    limit = model.cfg.max_position_embeddings
-    if len(ids) > limit or cfg.max_new_tokens + 1 > limit:
-        raise ValueError(f"{len(ids)} prompt tokens / {cfg.max_new_tokens} new tokens exceed the model's "
-                         f"{limit} positions")
     generator = torch.Generator(device=device)
     if cfg.seed is not None:
         generator.manual_seed(cfg.seed)
