@@ -49,6 +49,7 @@ def pretrain_args(data, load, iters, extra=()):
     return ["--data-path", prefix, "--tokenizer-model", model, "--num-layers", "2", "--hidden-size", "32",
             "--num-attention-heads", "2", "--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "4",
             "--train-iters", str(iters), "--lr", "1e-3", "--split", "100,0,0", "--zero-stage", "1",
+            "--lr-decay-iters", "2",  # one lr schedule for the 2-iteration checkpoint and its 3-iteration resumes
             "--load", load, "--save", load, "--data-cache-path", os.path.join(os.path.dirname(load), "cache"), *extra]
 
 

@@ -92,12 +92,13 @@ def test_a_save_that_fails_half_way_names_the_latest_good_checkpoint(tmp_path, d
     """Writes past 64 KB fail (RLIMIT_FSIZE, as a full disk does for torch's zip writer); the first save is kept.
     A background write's failure ends the run the same way, at the end of the run that waited for it."""
     save = str(tmp_path / "ckpt")
-    assert run_pretrain(pretrain_args(data, save, 2)).returncode == 0
+    assert run_pretrain(pretrain_args(data, save, 2, ["--lr-decay-iters", "4"])).returncode == 0
 
     def small_files():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing the process
         resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
-    result = run_pretrain(pretrain_args(data, save, 4, ["--save-interval", "2", *mode]), preexec_fn=small_files)
+    result = run_pretrain(pretrain_args(data, save, 4, ["--save-interval", "2", "--lr-decay-iters", "4", *mode]),
+                          preexec_fn=small_files)
     assert result.returncode == 1
     one_line(result.stderr, "saving iter_0000004", "failed", f"latest complete checkpoint is {save}/iter_0000002")
     assert sorted(n for n in os.listdir(save) if not n.endswith(".jsonl")) == [".lock", "iter_0000002", "latest"]
@@ -216,9 +217,12 @@ def test_a_mistyped_load_stops_glm_pretrain_and_an_iteration_folder_is_that_iter
 
     # glm-pretrain, glm-eval and glm-convert take one iteration folder as that iteration (not as an original GLM
     # checkpoint, which is what glm-eval and glm-convert called it)
-    result = run_pretrain(pretrain_args(data, new, 3, ["--load", os.path.join(save, "iter_0000001")]))
+    result = run_pretrain(pretrain_args(data, new, 3, ["--load", os.path.join(save, "iter_0000001"),
+                                                       "--lr-decay-iters", "2", "--eval-interval", "2"]))
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resumed from {save}/iter_0000001 at iteration 1" in result.stdout
+    # --split 100,0,0 (these tests' split) with validation due: said once, not skipped silently
+    assert result.stdout.count("--split 100,0,0 leaves no validation data") == 1
     assert [r["iteration"] for r in records(new)] == [2, 3]
     from megatron_glm.convert.readers import detect_format, read_megatron_glm
 

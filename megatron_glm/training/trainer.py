@@ -214,6 +214,10 @@ class Trainer:
         self.grad_accum = job.data.global_batch_size // (job.data.micro_batch_size
                                                          * state.get_data_parallel_world_size())
         self.train_batches, self.valid_batches = build_data(job, self.tokenizer, self.model_cfg.vocab_size)
+        if self.valid_batches is None and job.logging.eval_interval <= job.train_iters:
+            logger.warning(f"--split {job.data.split} leaves no validation data, so the validation every "
+                           f"--eval-interval {job.logging.eval_interval} iterations measures nothing: give the split "
+                           "a validation share (e.g. 98,2,0)")
 
         seed_everything(job.seed)
         kernels.set_backend(job.kernels)
