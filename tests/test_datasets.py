@@ -108,12 +108,13 @@ def test_parsers():
     for spec in (["0.7", "A", "0.3", "B"], ["7", "A", "3", "B"]):
         (wa, a), (wb, b) = parse_data_path(spec)
         assert (a, b) == ("A", "B") and (wa, wb) == pytest.approx((0.7, 0.3))
-    for bad in (["0.7", "A", "B"], ["A", "0.3"], ["0.5", "A", "x", "B"], [], ["0", "A"]):
+    for bad in (["0.7", "A", "B"], ["A", "0.3"], ["0.5", "A", "x", "B"], [], ["0", "A"], ["nan", "A", "0.5", "B"],
+                ["inf", "A", "0.5", "B"]):
         with pytest.raises(ValueError, match="--data-path"):
             parse_data_path(bad)
     assert parse_split("949,50,1") == pytest.approx([0.949, 0.05, 0.001])
     assert parse_split("98/2") == pytest.approx([0.98, 0.02, 0.0])
-    for bad in ("a,b", "0,0,0", "1,2,3,4", "-1,2"):
+    for bad in ("a,b", "0,0,0", "1,2,3,4", "-1,2", "nan,1,0", "inf,1,0"):
         with pytest.raises(ValueError, match="--split"):
             parse_split(bad)
 

@@ -208,6 +208,7 @@ def test_glm_eval_data_parallel_hf_export_and_training_agree(tmp_path, checkpoin
 @pytest.mark.parametrize("kind, rows, message", [
     ("choice", [{"text": "no blank here", "choices": ["a", "b"], "label": 0}], "has 0 [MASK] blanks"),
     ("choice", [{"text": "a [MASK] b", "choices": ["a", "b"], "label": 2}], "is not an index into its 2 choices"),
+    ("choice", [{"text": "a [MASK] b", "choices": ["a", "b", "a"], "label": 2}], "\"choices\" repeat ['a']"),
     ("lambada", [], "holds no items: an empty lambada task file"),
     ("blank", [{"txt": "x"}], "needs a non-empty \"text\""),
 ])

@@ -82,6 +82,10 @@ def test_the_steps_in_train_samples_are_megatrons():
     ramp = BatchSchedule(8, 2, (2, 2, 12))
     assert ramp.iterations_for(46) == 8 and ramp.consumed_before(8) == 46 and ramp.iterations_for(45) == 7
     assert BatchSchedule(8, 2).iterations_for(46) == 5  # constant: whole batches only
+    # --train-samples inside the ramp (2, 2, 24 to 8): Megatron runs the whole ramp, sizes 2, 2, 2, 2, 4, 4, 6, 6
+    # reach 28 in 8 steps, then adds (10 - 28) // 8 = -3: 5 steps (12 samples); for 1 sample, 8 - 4 = 4 steps
+    ramp = BatchSchedule(8, 2, (2, 2, 24))
+    assert ramp.iterations_for(10) == 5 and ramp.consumed_before(5) == 12 and ramp.iterations_for(1) == 4
     assert BatchSchedule(8, 2, (3, 2, 12)).problems() and BatchSchedule(8, 2, (2, 4, 12)).problems()
     assert BatchSchedule(8, 2, (8, 2, 12)).problems()
 

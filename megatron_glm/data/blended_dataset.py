@@ -9,6 +9,7 @@ sample is fetched by its index alone.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Sequence
 
@@ -44,8 +45,9 @@ def parse_data_path(data_path: Sequence[str]) -> list[tuple[float, str]]:
                 any(number(p) is not None for p in items[1::2]):
             raise ValueError(f"--data-path {' '.join(items)}: expected weight/prefix pairs such as 0.7 A 0.3 B")
         pairs = [(float(w), p) for w, p in zip(items[0::2], items[1::2])]
-    if any(w < 0 for w, _ in pairs) or sum(w for w, _ in pairs) <= 0:
-        raise ValueError(f"--data-path weights must be non-negative and not all zero, got {[w for w, _ in pairs]}")
+    if not all(math.isfinite(w) and w >= 0 for w, _ in pairs) or sum(w for w, _ in pairs) <= 0:
+        raise ValueError(f"--data-path weights must be finite, non-negative and not all zero, got "
+                         f"{[w for w, _ in pairs]}")
     total = sum(w for w, _ in pairs)
     return [(w / total, p) for w, p in pairs]
 
@@ -56,8 +58,8 @@ def parse_split(split: str) -> list[float]:
         parts = [float(x) for x in split.replace("/", ",").split(",") if x.strip()]
     except ValueError:
         raise ValueError(f"--split {split!r}: expected up to three comma-separated numbers such as 949,50,1") from None
-    if not 1 <= len(parts) <= 3 or any(x < 0 for x in parts) or sum(parts) <= 0:
-        raise ValueError(f"--split {split!r}: expected one to three non-negative numbers, not all zero")
+    if not 1 <= len(parts) <= 3 or not all(math.isfinite(x) and x >= 0 for x in parts) or sum(parts) <= 0:
+        raise ValueError(f"--split {split!r}: expected one to three finite non-negative numbers, not all zero")
     parts += [0.0] * (3 - len(parts))
     return [x / sum(parts) for x in parts]
 

@@ -99,6 +99,9 @@ def choice_rows(path: str, tokenizer, limit: int) -> tuple[list[Row], list[int]]
             raise TaskError(f"{path}:{n}: \"choices\" must be a list of at least two non-empty strings")
         if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(choices):
             raise TaskError(f"{path}:{n}: \"label\" {label!r} is not an index into its {len(choices)} choices")
+        repeated = sorted({c for c in choices if choices.count(c) > 1})
+        if repeated:  # equal candidates score alike, and a tie goes to the first: the row could never be right
+            raise TaskError(f"{path}:{n}: \"choices\" repeat {repeated}: each candidate must differ")
         part_a = tokenizer.encode(obj["text"], allow_special=True)
         blanks = [i for i, t in enumerate(part_a) if t == mask]
         if len(blanks) != 1:

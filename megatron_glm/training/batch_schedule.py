@@ -57,9 +57,12 @@ class BatchSchedule:
         return consumed
 
     def iterations_for(self, train_samples: int) -> int:
+        """Megatron's ``update_train_iters``: the whole ramp, then whole global batches. For a
+        ``--train-samples`` inside the ramp the second term is negative and takes back the steps
+        past it, counted in global batches (Python's floor division, as in Megatron)."""
         iterations, consumed = 0, 0
         if self.rampup is not None:
-            while consumed <= self.rampup[2] and consumed <= train_samples:
+            while consumed <= self.rampup[2]:
                 consumed += self.size_at(consumed)
                 iterations += 1
-        return iterations + max(train_samples - consumed, 0) // self.global_batch_size
+        return iterations + (train_samples - consumed) // self.global_batch_size
