@@ -3,6 +3,7 @@
 - ``save:staged``, ``save:renamed``, ``iteration:N``: SIGKILL at that point (a crash at the
   worst moment: mid-save, between the rename and ``latest``, between saves);
 - ``overflow:N``: an fp16 overflow in step N's gradients;
+- ``nan_loss:N``: step N reports a NaN loss (a diverged run);
 - ``worker_crash:N``: a data-loader worker SIGKILLs itself when it reaches sample N;
 - ``hold:N``: after step N, wait for a stop request (a signal or the stop file), so that a
   test's signal lands after a known step however fast or loaded the machine is;
@@ -31,6 +32,10 @@ def crash_point(name: str) -> None:
 
 def overflow_at(iteration: int) -> bool:
     return f"overflow:{iteration}" in _faults()
+
+
+def nan_loss_at(iteration: int) -> bool:
+    return f"nan_loss:{iteration}" in _faults()
 
 
 def holds_after(iteration: int) -> bool:

@@ -76,7 +76,7 @@ def by_hand(model, row):
         nll, correct = 0.0, 0
         for j, (token, target) in enumerate(zip(row.part_b, row.targets)):
             logits = _feed(model, cache, torch.tensor([[token]]), torch.tensor([[row.mask_pos]]),
-                           torch.tensor([[j + 1]]))[0].float()
+                           torch.tensor([[j + 1]]), model.cfg.vocab_size)[0].float()
             nll -= float(torch.log_softmax(logits, -1)[target])
             correct += int(int(logits.argmax()) == target)
     return nll, len(row.targets), correct
@@ -89,7 +89,7 @@ def greedy_span(model, row, max_new, eop):
     with torch.no_grad():
         cache = part_a_cached(model, row)
         return _span_greedy_or_sample(model, cache, row.mask_pos, row.part_b[0], eop,
-                                      GenerationConfig(max_new_tokens=max_new), None, "cpu")
+                                      GenerationConfig(max_new_tokens=max_new), None, "cpu", model.cfg.vocab_size)
 
 
 def test_rows_are_the_tasks_as_blank_filling(tokenizer, task_files):

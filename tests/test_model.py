@@ -105,7 +105,7 @@ def test_kv_cache_logits_equal_full_recompute(kind):
     for mask_pos, span in zip((2, 5), spans):
         for j, t in enumerate([SP.sop] + span):
             incremental.append(_feed(model, cache, torch.tensor([[t]]), torch.tensor([[mask_pos]]),
-                                     torch.tensor([[j + 1]]))[0])
+                                     torch.tensor([[j + 1]]), VOCAB)[0])
     tokens = part_a + [SP.sop] + spans[0] + [SP.sop] + spans[1]
     n = len(tokens)
     pos0 = list(range(a)) + [2] * 4 + [5] * 3

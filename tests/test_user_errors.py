@@ -365,3 +365,19 @@ def test_glm_generate_checks_every_stdin_line_before_filling_any(finished, monke
     assert generate(["--load", save, "--max-new-tokens", "3"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and lines[0].startswith("first") and lines[1].startswith("third")
+
+
+def test_a_nan_loss_names_what_a_rerun_would_resume(finished, data, tmp_path):
+    """A run started from another folder's checkpoint that diverges before its first save: --save holds nothing."""
+    _, save = finished
+    new = str(tmp_path / "new")
+    env = {**os.environ, "MEGATRON_GLM_FAULT": "nan_loss:3"}
+    result = run_pretrain(pretrain_args(data, new, 4, ["--load", save, "--lr-decay-iters", "2"]), env=env)
+    assert result.returncode == 1
+    one_line(result.stderr, "loss is nan at iteration 3; stopped without saving", f"--save {new} holds no checkpoint "
+             f"yet (this run started from {save}/iter_0000002)", "Lower --lr")
+    result = run_pretrain(pretrain_args(data, new, 6, ["--load", save, "--lr-decay-iters", "2", "--save-interval",
+                                                       "4"]), env={**os.environ, "MEGATRON_GLM_FAULT": "nan_loss:5"})
+    assert result.returncode == 1
+    one_line(result.stderr, "loss is nan at iteration 5", f"the newest checkpoint is {new}/iter_0000004")
+    assert sorted(n for n in os.listdir(new) if n.startswith("iter_")) == ["iter_0000004"]

@@ -336,12 +336,16 @@ class Trainer:
         values = self.runner.train(batches, inject_overflow=faults.overflow_at(self.iteration + 1))
         self.iteration += 1
         self.consumed += batch_size
-        loss = values["lm_loss"]
+        loss = float("nan") if faults.nan_loss_at(self.iteration) else values["lm_loss"]
         if not math.isfinite(loss) and self.job.precision != "fp16":
+            save = self.job.checkpoint.save
+            newest = ckpt.resume_tag(save) if save else None
+            where = f"the newest checkpoint is {save}/{newest}" if newest else \
+                f"--save {save} holds no checkpoint yet" if save else "there is no --save"
             raise TrainingError(
-                f"loss is {loss} at iteration {self.iteration}; stopped without saving, the latest checkpoint is "
-                f"{self.checkpointer.last_saved or 'none'}. Lower --lr, raise --clip-grad or --lr-warmup-iters, or "
-                "check the data")
+                f"loss is {loss} at iteration {self.iteration}; stopped without saving, {where}"
+                + (f" (this run started from {self.resume})" if self.resume and not newest else "")
+                + ". Lower --lr, raise --clip-grad or --lr-warmup-iters, or check the data")
         values.update({"data_wait_ms": 1000.0 * data_wait, "lr": self.engine.get_lr()[0],
                        "consumed_samples": self.consumed, "batch_size": batch_size,
                        "skipped_steps": int(getattr(self.engine, "skipped_steps", 0))})
@@ -425,6 +429,9 @@ class Trainer:
     def train(self) -> dict:
         """The loop to ``--train-iters`` or a stop request; a summary (iterations, losses, exit status)."""
         job, history, exit_code = self.job, [], 0
+        if self.iteration >= job.train_iters:
+            logger.info(f"nothing to do: the run is at iteration {self.iteration}, --train-iters is {job.train_iters} "
+                        "(raise --train-iters, with --lr-decay-iters to keep the schedule, to train on)")
         self.engine.train()
         while self.iteration < job.train_iters:
             values = self.train_step()
