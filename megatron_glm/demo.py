@@ -124,7 +124,7 @@ def main(argv=None) -> int:
 
     step("held-out sentences: the word it picks for the blank (the most likely choice), and what glm-generate's "
          "greedy filling writes there (a 1 M-parameter model after a few CPU minutes: grammar first, words later)")
-    glm, tok = load_for_inference(ckpt, device=device)
+    glm, tok, _ = load_for_inference(ckpt, device=device)
     for text, options, picked, truth in picked_choices(glm, tok, tasks["choice"], device)[:8]:
         _, spans = fill_blanks(glm, tok, text, GenerationConfig("greedy", max_new_tokens=6))
         shown = text.replace("[MASK]", " [MASK] ")
@@ -198,10 +198,11 @@ def score_before_and_after(ckpt: str, tasks: dict, device: str) -> tuple[dict, d
     import torch
 
     from megatron_glm.config import ModelConfig
-    from megatron_glm.evaluate import load_model, task_metrics
+    from megatron_glm.evaluate import task_metrics
+    from megatron_glm.generate import load_for_inference
     from megatron_glm.model.glm import GLMModel
 
-    trained, tok, meta = load_model(ckpt, device)
+    trained, tok, meta = load_for_inference(ckpt, device)
     initial = GLMModel(ModelConfig.from_dict(meta["model"]))
     initial.reset_parameters(meta["args"]["seed"])  # bitwise the weights glm-pretrain starts from
     initial = initial.to(device).eval()

@@ -36,47 +36,6 @@ class EvalError(ValueError):
     """A checkpoint, tokenizer or task that cannot be evaluated."""
 
 
-def load_model(path: str, device: str, tokenizer_spec=None, trust: bool = False):
-    """(model, tokenizer, meta) from a glm-pretrain folder (shards merged) or an export-hf folder.
-
-    A tokenizer given by flags must be the one the checkpoint records (its fingerprint), or it is refused.
-    """
-    from megatron_glm.config import ModelConfig
-    from megatron_glm.convert.readers import detect_format, read_hf
-    from megatron_glm.data.tokenizer import GLMTokenizer
-    from megatron_glm.generate import load_for_inference, spec_of
-    from megatron_glm.model.glm import GLMModel
-    from megatron_glm.serialization import check_finite
-    from megatron_glm.training.checkpoint import locate, read_meta
-
-    fmt = detect_format(path)
-    if fmt == "thudm":
-        raise EvalError(f"{path} is an original GLM checkpoint: import it first (glm-convert import-thudm)")
-    if fmt == "hf":
-        state, cfg, info = read_hf(path)
-        check_finite(state.items(), path)
-        meta = {"model": cfg.to_dict(), "tokenizer": info.get("tokenizer"), "args": info.get("args") or {},
-                "iteration": info.get("iteration", 0)}
-    else:
-        meta = read_meta(*locate(path))
-    recorded = meta.get("tokenizer") or {}
-    tokenizer = GLMTokenizer(tokenizer_spec or spec_of(recorded))
-    if tokenizer_spec is not None and recorded.get("fingerprint") not in (None, tokenizer.fingerprint()):
-        raise EvalError(f"{path} was trained with another tokenizer ({recorded.get('files')}): drop the tokenizer "
-                        "flags to use its own, or pass the same files")
-    if fmt == "hf":
-        with torch.device("meta"):
-            model = GLMModel(ModelConfig.from_dict(meta["model"]))
-        model.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)
-        model = model.to(device).eval()
-    else:
-        model, tokenizer = load_for_inference(path, device, tokenizer_spec, trust)
-    if tokenizer.padded_vocab_size() != model.cfg.vocab_size:
-        raise EvalError(f"the tokenizer's padded vocabulary ({tokenizer.padded_vocab_size()}) differs from the "
-                        f"model's ({model.cfg.vocab_size}): pass the tokenizer {path} was trained with")
-    return model, tokenizer, meta
-
-
 def score(model, batches: list[dict], device: str) -> np.ndarray:
     """``[rows, 3]``: each row's summed negative log-likelihood, targets and argmax-correct targets.
 
@@ -168,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def evaluate(args) -> dict:
     from megatron_glm.data.tokenizer import spec_from_args
+    from megatron_glm.generate import load_for_inference
 
     if not args.task and not args.lm_samples:
         raise EvalError("nothing to evaluate: give --task KIND:FILE and/or --lm-samples N")
@@ -176,7 +136,7 @@ def evaluate(args) -> dict:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise EvalError(f"--device {args.device}: this machine has no CUDA GPU; use --device cpu")
     spec = spec_from_args(args) if (args.tokenizer_model or args.vocab_file) else None
-    model, tokenizer, meta = load_model(args.load, args.device, spec, args.trust_checkpoint)
+    model, tokenizer, meta = load_for_inference(args.load, args.device, spec, args.trust_checkpoint)
     results = {"checkpoint": os.path.abspath(args.load), "iteration": meta.get("iteration"), "tasks": {}}
     from megatron_glm.data.eval_tasks import task_name
 

@@ -1,4 +1,4 @@
-"""glm-generate: fill the blanks of texts with a model from a glm-pretrain checkpoint folder."""
+"""glm-generate: fill the blanks of texts with a model from a glm-pretrain checkpoint or an export-hf folder."""
 
 from __future__ import annotations
 
@@ -24,21 +24,38 @@ def spec_of(recorded: dict | None):
             }.get(recorded["type"], TokenizerSpec(recorded["type"], vocab_file=files[0]))
 
 
-def load_for_inference(load_dir: str, device: str = "cpu", tokenizer_spec=None, trust: bool = False):
-    """(model, tokenizer) from a glm-pretrain checkpoint folder (the newest complete checkpoint)."""
+def load_for_inference(path: str, device: str = "cpu", tokenizer_spec=None, trust: bool = False):
+    """``(model, tokenizer, meta)`` from a glm-pretrain checkpoint (any layout, shards merged; a folder or
+    one ``iter_N`` in it) or an export-hf folder. A tokenizer given by flags must be the one the checkpoint
+    records (its fingerprint), or it is refused."""
     from megatron_glm.config import ModelConfig
+    from megatron_glm.convert.readers import detect_format, read_hf
     from megatron_glm.data.tokenizer import GLMTokenizer
+    from megatron_glm.serialization import check_finite
     from megatron_glm.training.checkpoint import load_model_weights
 
-    state, meta = load_model_weights(load_dir, trust=trust)
-    tokenizer = GLMTokenizer(tokenizer_spec or spec_of(meta.get("tokenizer")))
+    fmt = detect_format(path)
+    if fmt == "thudm":
+        raise ValueError(f"{path} is an original GLM checkpoint: import it first (glm-convert import-thudm)")
+    if fmt == "hf":
+        state, cfg, info = read_hf(path)
+        check_finite(state.items(), path)
+        meta = {"model": cfg.to_dict(), "tokenizer": info.get("tokenizer"), "args": info.get("args") or {},
+                "iteration": info.get("iteration", 0)}
+    else:
+        state, meta = load_model_weights(path, trust=trust)
+    recorded = meta.get("tokenizer") or {}
+    tokenizer = GLMTokenizer(tokenizer_spec or spec_of(recorded))
+    if tokenizer_spec is not None and recorded.get("fingerprint") not in (None, tokenizer.fingerprint()):
+        raise ValueError(f"{path} was trained with another tokenizer ({recorded.get('files')}): drop the tokenizer "
+                         "flags to use its own, or pass the same files")
     with torch.device("meta"):  # shapes only: the checkpoint's tensors become the parameters
         model = GLMModel(ModelConfig.from_dict(meta["model"]))
     if tokenizer.padded_vocab_size() != model.cfg.vocab_size:
         raise ValueError(f"the tokenizer's padded vocabulary ({tokenizer.padded_vocab_size()}) differs from the "
-                         f"model's ({model.cfg.vocab_size}): pass the tokenizer the model was trained with")
+                         f"model's ({model.cfg.vocab_size}): pass the tokenizer {path} was trained with")
     model.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)
-    return model.to(device).eval(), tokenizer
+    return model.to(device).eval(), tokenizer, meta
 
 
 def main(argv=None) -> int:
@@ -46,7 +63,8 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(prog="glm-generate", description="Fill [MASK]/[sMASK]/[gMASK] blanks with a GLM.",
                                 allow_abbrev=False)
-    p.add_argument("--load", required=True, help="a glm-pretrain checkpoint folder")
+    p.add_argument("--load", required=True, help="a glm-pretrain checkpoint folder (or one iter_N in it), or an "
+                                                 "export-hf folder")
     p.add_argument("--text", action="append", help="a text with blanks (repeatable); else lines of stdin")
     p.add_argument("--strategy", choices=["greedy", "sample", "beam"], default="greedy")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -67,7 +85,7 @@ def main(argv=None) -> int:
     try:
         cfg = GenerationConfig(args.strategy, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                                args.num_beams, args.length_penalty, args.seed)
-        model, tokenizer = load_for_inference(args.load, args.device, spec, args.trust_checkpoint)
+        model, tokenizer, _ = load_for_inference(args.load, args.device, spec, args.trust_checkpoint)
         # the whole input is checked before any of it runs: one output line per input line, or none
         named = [(f"--text {i + 1}", t) for i, t in enumerate(args.text)] if args.text else \
             [(f"stdin line {i + 1}", line.rstrip("\n")) for i, line in enumerate(sys.stdin)]

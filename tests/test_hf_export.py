@@ -152,7 +152,7 @@ def load_hf_tokenizer(path):
 def test_greedy_generate_fills_the_blank_as_glm_generate_does(learned, tokenizer):
     ckpt, _, hf = learned
     theirs, hf_tokenizer = load_hf(hf)
-    ours, our_tokenizer = load_for_inference(ckpt)
+    ours, our_tokenizer, _ = load_for_inference(ckpt)
     prompts = ["Return the [MASK] of a path.", "Open the file and [MASK] its lines, then close it again."]
     new = 12
     expected = [fill_blanks(ours, our_tokenizer, p, GenerationConfig(max_new_tokens=new))[1][0] for p in prompts]
@@ -223,7 +223,7 @@ def test_loads_from_the_checkouts_root_beside_our_kernels_folder(learned, tokeni
 
     ckpt, _, hf = learned
     prompt, new = "Return the [MASK] of a path.", 12
-    ours_model, our_tokenizer = load_for_inference(ckpt)
+    ours_model, our_tokenizer, _ = load_for_inference(ckpt)
     expected = fill_blanks(ours_model, our_tokenizer, prompt, GenerationConfig(max_new_tokens=new))[1][0]
     probe = ["-m", "tests.hf_root_probe"], ["-c", "import sys; from tests.hf_root_probe import main; "
                                                   "main(sys.argv[1], sys.argv[2], int(sys.argv[3]))"]
@@ -271,3 +271,14 @@ def test_non_finite_weights_are_refused_by_every_reader(tmp_path, learned, token
     assert "1 tensor holds NaN or Inf (word_embeddings.weight)" in capsys.readouterr().err
     assert convert(["export-hf", "--load", ckpt, "--save", str(tmp_path / "y")]) == 1
     assert "word_embeddings.weight" in capsys.readouterr().err and not os.path.exists(tmp_path / "y")
+
+
+def test_glm_generate_reads_an_export_as_it_reads_the_checkpoint(learned, capsys):
+    from megatron_glm.generate import main as generate
+
+    ckpt, _, hf = learned
+    texts = ["--text", "Return the [MASK] of a path.", "--text", "Open the file and [MASK] its lines."]
+    assert generate(["--load", ckpt, *texts, "--max-new-tokens", "8"]) == 0
+    from_checkpoint = capsys.readouterr().out
+    assert generate(["--load", hf, *texts, "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out == from_checkpoint and len(from_checkpoint.splitlines()) == 2
