@@ -172,7 +172,8 @@ def test_glm_generate_cli_and_a_mismatched_tokenizer(tmp_path, trained):
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "word"]) + "\n")
     result = subprocess.run(cmd + ["--vocab-file", str(vocab), "--text", "a [MASK] b"], capture_output=True, text=True,
                             timeout=300)
-    assert result.returncode == 1 and "pass the tokenizer the model was trained with" in result.stderr
+    assert result.returncode == 1 and "was trained with another tokenizer" in result.stderr
+    assert "drop the tokenizer flags to use its own" in result.stderr
     result = subprocess.run(cmd + ["--text", "no blank here"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 1 and "no [MASK]" in result.stderr
 
