@@ -169,6 +169,8 @@ def finished(tmp_path_factory, data):
     (root / "interrupted" / ".tmp-iter_0000003").mkdir(parents=True)
     (root / "thudm" / "1000").mkdir(parents=True)
     (root / "thudm" / "1000" / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    (root / "logged").mkdir()
+    (root / "logged" / "metrics.jsonl").write_text("")
     (root / "other").mkdir()
     (root / "other" / "notes.txt").write_text("x")
     return root, save
@@ -179,6 +181,7 @@ def finished(tmp_path_factory, data):
     ("empty", "is an empty folder"),
     ("ckpt/latest", "is the latest file of a checkpoint folder: pass the folder, {root}/ckpt"),
     ("interrupted", "holds no complete checkpoint"),
+    ("logged", "holds no checkpoint yet: the run that logged there saved none"),
     ("thudm", "is an original GLM checkpoint: import it first (glm-convert import-thudm"),
     ("other", "holds no megatron-glm checkpoint (iter_*/meta.json); it holds notes.txt"),
 ])

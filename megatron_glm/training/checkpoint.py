@@ -238,6 +238,8 @@ def what_is_at(path: str) -> str:
                 f"{os.path.dirname(os.path.normpath(path)) or '.'}, to resume the newest complete one")
     if any(n.startswith("iter_") or n.startswith(".tmp-iter_") for n in names):
         return "holds no complete checkpoint (iter_*/meta.json): every save there was interrupted before it finished"
+    if ".lock" in names or "metrics.jsonl" in names:
+        return "holds no checkpoint yet: the run that logged there saved none"
     if "config.json" in names and any(n.endswith(".safetensors") for n in names):
         return f"is an export-hf folder: import it first (glm-convert import-hf --load {path} --save NEW_FOLDER)"
     if any(f.startswith("mp_rank_") for _, _, files in os.walk(path) for f in files):
