@@ -1,5 +1,6 @@
 """Small helpers shared by the tests."""
 
+import itertools
 import json
 
 
@@ -23,12 +24,28 @@ def records(folder):
         return [json.loads(line) for line in f]
 
 
+_ports = itertools.count()
+
+
 def free_port():
+    """A port below the kernel's ephemeral range (32768-60999), in a block of its own per pytest-xdist worker.
+
+    A port the kernel hands out (bind to 0) is free only until the launcher binds it; meanwhile
+    the other worker's ranks open connections and gloo listeners on ephemeral ports and can take
+    it (EADDRINUSE, seen under the parallel suite). Ports below the range are never handed out.
+    """
+    import os
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0)
+    while True:
+        port = 20000 + 1500 * worker + next(_ports) % 1500
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 def _entry(rank, fn, world, port, out_dir, args):
