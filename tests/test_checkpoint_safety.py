@@ -222,3 +222,20 @@ def test_the_allow_list_reads_every_file_deepspeed_writes(checkpoint):
         path = os.path.join(checkpoint, tag, name)
         safe, trusted = serialization.load(path), torch.load(path, weights_only=False)
         assert safe.keys() == trusted.keys(), name
+
+
+def test_check_finite_finds_one_bad_value_in_every_float_dtype():
+    """Exact: one NaN or Inf among finite values is found; finite values whose sum would overflow pass."""
+    import torch
+
+    from megatron_glm.serialization import NonFiniteWeightsError, check_finite
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        big = torch.full((1000,), torch.finfo(dtype).max, dtype=dtype)
+        big[::2] = -big[::2]
+        check_finite([("big", big), ("ids", torch.arange(5))], "x")
+        for value in (float("nan"), float("inf"), float("-inf")):
+            bad = big.clone()
+            bad[777] = value
+            with pytest.raises(NonFiniteWeightsError, match=r"x: 1 tensor holds NaN or Inf \(bad\)"):
+                check_finite([("big", big), ("bad", bad)], "x")
