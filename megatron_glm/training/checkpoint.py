@@ -471,8 +471,9 @@ def find_resume(load: str | None, save: str | None, model_cfg: ModelConfig, toke
     refused, unless it is ``--save`` itself (the launchers' auto-resume: a first run finds nothing).
     An incompatible checkpoint is refused here, before any work and before anything is written.
     """
-    if save and resume_tag(save) and (not load or finetune):
-        load, tag, finetune = save, resume_tag(save), False
+    saved = resume_tag(save) if save else None
+    if saved and (not load or finetune):
+        load, tag, finetune = save, saved, False
     elif load and save and os.path.abspath(load) == os.path.abspath(save):
         tag = resume_tag(load)
     elif load:

@@ -146,8 +146,9 @@ def seed_everything(seed: int) -> None:
     model_parallel_seed(seed, state.get_tensor_model_parallel_rank())
 
 
-def resumed_schedule(job: JobConfig, resume: ckpt.ResumePoint | None) -> JobConfig:
-    """The job whose lr schedule a resume follows, as Megatron decides it.
+def resumed_schedule(job: JobConfig, resume: ckpt.ResumePoint | None) -> tuple[JobConfig, bool]:
+    """The job whose lr schedule a resume follows, as Megatron decides it, and whether the restored
+    scheduler must switch to the flags' schedule (``switch_schedule``).
 
     The checkpoint's schedule and the flags' must agree; where they differ, the run is refused
     unless ``--use-checkpoint-opt_param-scheduler`` (continue the checkpoint's) or
@@ -156,16 +157,17 @@ def resumed_schedule(job: JobConfig, resume: ckpt.ResumePoint | None) -> JobConf
     """
     saved = resume.meta.get("lr_schedule") if resume and job.checkpoint.load_optim and not resume.finetune else None
     if not saved:  # the schedule starts afresh (or an older checkpoint recorded none)
-        return job
-    diffs = schedule_differences(saved, job.optimizer.schedule_record())
+        return job, False
+    now = job.optimizer.schedule_record()
+    diffs = schedule_differences(saved, now)
     if not diffs or job.checkpoint.schedule_from == "flags":
-        return job
-    if job.checkpoint.schedule_from == "checkpoint" and saved["counts"] == job.optimizer.schedule_record()["counts"]:
+        return job, bool(diffs)
+    if job.checkpoint.schedule_from == "checkpoint" and saved["counts"] == now["counts"]:
         logger.info(f"continuing {resume}'s lr schedule (--use-checkpoint-opt_param-scheduler): {'; '.join(diffs)}")
         return dataclasses.replace(job, optimizer=dataclasses.replace(
             job.optimizer, lr=saved["lr"], min_lr=saved["min_lr"], decay_style=saved["decay_style"],
             warmup_iters=saved["warmup"], decay_iters=saved["decay"], wsd_decay_iters=saved["wsd_decay"],
-            wsd_style=saved["wsd_style"]))
+            wsd_style=saved["wsd_style"])), False
     raise ckpt.CheckpointError(
         f"{resume} was trained on another lr schedule: {'; '.join(diffs)}. Pass the checkpoint's values, or say "
         "which schedule wins: --use-checkpoint-opt_param-scheduler continues the checkpoint's, "
@@ -205,7 +207,8 @@ class Trainer:
         self.tasks = build_tasks(job, self.tokenizer)  # a task file that cannot be read fails here, before any work
         self.resume = ckpt.find_resume(job.checkpoint.load, job.checkpoint.save, self.model_cfg,
                                        self.tokenizer.fingerprint(), par.tensor, par.pipeline, job.checkpoint.finetune)
-        job = self.job = resumed_schedule(job, self.resume)
+        job, self.follow_flags_schedule = resumed_schedule(job, self.resume)
+        self.job = job
         init_distributed(self.device, par.tensor, par.pipeline, self.model_cfg)
         import torch.distributed as dist
 
@@ -263,9 +266,7 @@ class Trainer:
                                           job.checkpoint.load_rng, self.chunks, reader)
         serialization.check_finite(((name, getattr(p, "ds_tensor", p)) for name, p in self.module.named_parameters()),
                                    str(resume))
-        saved = resume.meta.get("lr_schedule")
-        if job.checkpoint.schedule_from == "flags" and job.checkpoint.load_optim and not resume.finetune and saved \
-                and schedule_differences(saved, job.optimizer.schedule_record()):
+        if self.follow_flags_schedule:
             switch_schedule(self.engine, job.optimizer.lr)
             logger.info(f"following the flags' lr schedule from iteration {position[0]} "
                         "(--override-opt_param-scheduler)")
