@@ -24,6 +24,7 @@ from megatron_glm import faults, serialization
 from megatron_glm.config import ModelConfig
 
 LATEST = "latest"
+LOCK = ".lock"  # held by the run writing the folder (save_lock.py)
 logger = logging.getLogger(__name__)
 
 
@@ -238,7 +239,7 @@ def what_is_at(path: str) -> str:
                 f"{os.path.dirname(os.path.normpath(path)) or '.'}, to resume the newest complete one")
     if any(n.startswith("iter_") or n.startswith(".tmp-iter_") for n in names):
         return "holds no complete checkpoint (iter_*/meta.json): every save there was interrupted before it finished"
-    if ".lock" in names or "metrics.jsonl" in names:
+    if LOCK in names or "metrics.jsonl" in names:
         return "holds no checkpoint yet: the run that logged there saved none"
     if "config.json" in names and any(n.endswith(".safetensors") for n in names):
         return f"is an export-hf folder: import it first (glm-convert import-hf --load {path} --save NEW_FOLDER)"

@@ -15,15 +15,13 @@ import os
 import socket
 import time
 
-from megatron_glm.training.checkpoint import CheckpointError
-
-NAME = ".lock"
+from megatron_glm.training.checkpoint import LOCK, CheckpointError
 
 
 class SaveLock:
     def __init__(self, folder: str):
         os.makedirs(folder, exist_ok=True)
-        self.path = os.path.join(folder, NAME)
+        self.path = os.path.join(folder, LOCK)
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
