@@ -24,6 +24,19 @@ def records(folder):
         return [json.loads(line) for line in f]
 
 
+def tree_md5(folder) -> dict[str, str]:
+    """``{relative path: md5}`` of every file below ``folder``: what a refused command must leave unchanged."""
+    import hashlib
+    import os
+
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                out[os.path.relpath(os.path.join(root, name), folder)] = hashlib.md5(f.read()).hexdigest()
+    return out
+
+
 _ports = itertools.count()
 
 

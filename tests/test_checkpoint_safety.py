@@ -5,7 +5,6 @@ pickle that would ``touch`` a marker file; the marker must not appear. The same 
 ``--trust-checkpoint`` does run (that proves the bait is live, so the refusals mean something).
 """
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -15,7 +14,7 @@ import pytest
 import torch
 
 from megatron_glm.convert.cli import main as convert
-from tests.helpers import thudm_checkpoint
+from tests.helpers import thudm_checkpoint, tree_md5
 
 
 class _Touch:
@@ -33,15 +32,6 @@ def poison(path, marker):
     obj = torch.load(path, weights_only=False)
     obj = {**obj, "payload": _Touch(marker)} if isinstance(obj, dict) else {"module": obj, "payload": _Touch(marker)}
     torch.save(obj, path)
-
-
-def digest(folder):
-    out = {}
-    for root, _, files in os.walk(folder):
-        for name in files:
-            with open(os.path.join(root, name), "rb") as f:
-                out[os.path.relpath(os.path.join(root, name), folder)] = hashlib.md5(f.read()).hexdigest()
-    return out
 
 
 def pretrain_args(data, load, iters, extra=()):
@@ -93,11 +83,11 @@ MODEL, OPTIM, RNG = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_op
 def test_glm_pretrain_load_refuses_a_malicious_file(tmp_path, data, checkpoint, name):
     marker = tmp_path / "marker"
     folder = copy_with(tmp_path, checkpoint, name, lambda p: poison(p, marker))
-    before = digest(folder)
+    before = tree_md5(folder)
     result = run_pretrain(pretrain_args(data, folder, 3))
     assert result.returncode == 1 and not marker.exists(), result.stderr[-3000:]
     one_clear_line(result.stderr, name, "posix.system", "--trust-checkpoint")
-    assert digest(folder) == before, "nothing already written changes"
+    assert tree_md5(folder) == before, "nothing already written changes"
     if name == MODEL:  # the opt-out loads it: the bait is live
         result = run_pretrain(pretrain_args(data, folder, 3, ["--trust-checkpoint"]))
         assert marker.exists() and result.returncode == 0, result.stderr[-3000:]
@@ -109,11 +99,11 @@ def test_glm_pretrain_refuses_a_malicious_converted_checkpoint(tmp_path, data, c
     assert convert(["reshard", "--load", checkpoint, "--save", converted]) == 0
     marker = tmp_path / "marker"
     poison(os.path.join(converted, open(os.path.join(converted, "latest")).read().strip(), MODEL), marker)
-    before = digest(converted)
+    before = tree_md5(converted)
     result = run_pretrain(pretrain_args(data, converted, 3))
     assert result.returncode == 1 and not marker.exists(), result.stderr[-3000:]
     one_clear_line(result.stderr, MODEL, "posix.system", "--trust-checkpoint")
-    assert digest(converted) == before
+    assert tree_md5(converted) == before
 
 
 def test_glm_pretrain_load_names_a_corrupt_file(tmp_path, data, checkpoint):

@@ -12,7 +12,7 @@ import pytest
 
 from megatron_glm.generate import main as generate
 from megatron_glm.plan.cli import main as plan
-from tests.helpers import records
+from tests.helpers import records, tree_md5
 
 
 def pretrain_args(data, save, iters, extra=()):
@@ -149,14 +149,6 @@ def test_glm_convert_into_a_folder_it_cannot_write(tmp_path, capsys):
                     "--num-attention-heads", "2"]) == 1
     one_line(capsys.readouterr().err, "a-file", "nothing was written")
     assert blocker.read_text() == "keep me" and sorted(os.listdir(tmp_path)) == ["a-file", "glm"]
-
-
-def tree_md5(folder) -> dict[str, str]:
-    import hashlib
-
-    return {os.path.relpath(os.path.join(root, name), folder): hashlib.md5(open(os.path.join(root, name), "rb")
-                                                                           .read()).hexdigest()
-            for root, _, files in os.walk(folder) for name in files}
 
 
 @pytest.fixture(scope="module")
