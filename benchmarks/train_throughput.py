@@ -82,8 +82,9 @@ def plan_peak(job, model_cfg, attention: str) -> int | None:
 
     if attention not in ("flash", "sdpa", "eager"):
         return None
-    workload = Workload(model_cfg, job.data.seq_length, job.data.micro_batch_size, job.precision, attention, "cuda")
-    return estimate(workload, Layout(micro_batch=job.data.micro_batch_size, zero=0))[0].peak
+    micro = job.training.micro_batch_size
+    workload = Workload(model_cfg, job.data.seq_length, micro, job.training.precision, attention, "cuda")
+    return estimate(workload, Layout(micro_batch=micro, zero=0))[0].peak
 
 
 def run_variant(args, name: str, base_model, device) -> dict:

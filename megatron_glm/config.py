@@ -9,25 +9,34 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from megatron_glm.flags import add_flags, flag_values, internal, setting
 
-@dataclass
+
+@dataclass(kw_only=True)
 class ModelConfig:
-    num_layers: int = 2
-    hidden_size: int = 128
-    num_attention_heads: int = 4
-    ffn_hidden_size: int | None = None  # 4h by default
-    max_position_embeddings: int = 256
-    vocab_size: int = 0  # padded vocabulary (tokenizer.padded_vocab_size); set from the tokenizer
-    position_embedding_type: str = "learned_2d"  # the paper; "rotary_2d" as in ChatGLM
-    hidden_dropout: float = 0.1
-    attention_dropout: float = 0.1
-    layernorm_epsilon: float = 1e-5
-    init_method_std: float = 0.02
-    geglu: bool = False  # GLM-130B's gated MLP
-    deepnorm: bool = False  # GLM-130B's post-LN with residual scaling alpha = (2N)^0.5
-    rotary_base: float = 10000.0
-    # GLM-130B's embedding gradient shrink: the word embedding's gradient times alpha (1.0: off)
-    embedding_gradient_shrink_alpha: float = 1.0
+    """The architecture: what a checkpoint's weights mean (glm-pretrain's model flags)."""
+
+    # the sizes default to --preset's when one is given (the parser leaves them None until then)
+    num_layers: int = setting(2, "transformer layers (default: the preset's, else 2)", parser_default=None)
+    hidden_size: int = setting(128, "default: the preset's, else 128", parser_default=None)
+    num_attention_heads: int = setting(4, "default: the preset's, else 4", parser_default=None)
+    ffn_hidden_size: int | None = setting(None, "default: 4 x --hidden-size")
+    max_position_embeddings: int = setting(256, "position table rows (default: the preset's, else --seq-length)",
+                                           parser_default=None)
+    vocab_size: int = internal(0)  # padded vocabulary (tokenizer.padded_vocab_size); set from the tokenizer
+    position_embedding_type: str = setting("learned_2d", "learned_2d: the paper's; rotary_2d: as in ChatGLM",
+                                           choices=("learned_2d", "rotary_2d"))
+    hidden_dropout: float = setting(0.1)
+    attention_dropout: float = setting(0.1)
+    layernorm_epsilon: float = setting(1e-5, "LayerNorm epsilon", name="--norm-epsilon",
+                                       aliases=("--layernorm-epsilon",))
+    init_method_std: float = setting(0.02)
+    geglu: bool = setting(False, "GLM-130B's gated MLP")
+    deepnorm: bool = setting(False, "GLM-130B's DeepNorm (post-LN, scaled residual)")
+    rotary_base: float = internal(10000.0)
+    embedding_gradient_shrink_alpha: float = setting(
+        1.0, "GLM-130B's stability trick: the word embedding's gradient times alpha (GLM-130B: 0.1), the forward "
+        "unchanged; 1.0 is off")
 
     def __post_init__(self):
         if self.ffn_hidden_size is None:
@@ -78,7 +87,8 @@ class ModelConfig:
         return [f"{k}: {a[k]} vs {b[k]}" for k in a if k not in ignore and a[k] != b[k]]
 
 
-# layers, hidden, heads, max positions (the GLM paper)
+# layers, hidden, heads, max positions (the GLM paper); a size flag given overrides the preset's
+PRESET_SIZES = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "max_position_embeddings")
 PRESETS: dict[str, dict] = {
     "glm-tiny": dict(num_layers=4, hidden_size=128, num_attention_heads=4, max_position_embeddings=512),
     "glm-base": dict(num_layers=12, hidden_size=768, num_attention_heads=12, max_position_embeddings=512),
@@ -94,3 +104,28 @@ def preset(name: str, **overrides) -> ModelConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     return ModelConfig(**{**PRESETS[name], **overrides})
+
+
+def add_model_flags(group) -> None:
+    """``--preset`` and the architecture's flags (glm-pretrain's and glm-plan's model group)."""
+    group.add_argument("--preset", choices=sorted(PRESETS), help="sizes of a published GLM (flags below override)")
+    add_flags(group, ModelConfig)
+
+
+def model_from_flags(values, vocab_size: int, seq_length: int) -> ModelConfig:
+    """The architecture the flags describe over ``--preset``'s (or the defaults), not yet validated.
+
+    A ``--hidden-size`` without ``--ffn-hidden-size`` means 4h, and without a preset the position
+    table is ``seq_length`` rows: the defaults Megatron's users expect.
+    """
+    given = flag_values(ModelConfig, values)
+    name = getattr(values, "preset", None) if not isinstance(values, dict) else values.get("preset")
+    cfg = preset(name, vocab_size=vocab_size) if name else ModelConfig(vocab_size=vocab_size)
+    for field, value in given.items():
+        if value is not None or field not in PRESET_SIZES:
+            setattr(cfg, field, value)
+    if given.get("hidden_size") is not None and given.get("ffn_hidden_size") is None:
+        cfg.ffn_hidden_size = 4 * given["hidden_size"]
+    if given.get("max_position_embeddings") is None and not name:
+        cfg.max_position_embeddings = seq_length
+    return cfg

@@ -197,6 +197,7 @@ def held_out_tasks(corpus: str, folder: str, items: int = 200, seed: int = 1234)
 def score_before_and_after(ckpt: str, tasks: dict, device: str) -> tuple[dict, dict]:
     import torch
 
+    from megatron_glm.checkpoint import settings_of
     from megatron_glm.config import ModelConfig
     from megatron_glm.evaluate import task_metrics
     from megatron_glm.generate import load_for_inference
@@ -204,7 +205,7 @@ def score_before_and_after(ckpt: str, tasks: dict, device: str) -> tuple[dict, d
 
     trained, tok, meta = load_for_inference(ckpt, device)
     initial = GLMModel(ModelConfig.from_dict(meta["model"]))
-    initial.reset_parameters(meta["args"]["seed"])  # bitwise the weights glm-pretrain starts from
+    initial.reset_parameters(settings_of(meta).training.seed)  # bitwise the weights glm-pretrain starts from
     initial = initial.to(device).eval()
     out = []
     for model in (initial, trained):

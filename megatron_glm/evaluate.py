@@ -71,20 +71,21 @@ def task_metrics(model, tokenizer, kind: str, path: str, batch_size: int, device
 def lm_metrics(model, tokenizer, meta: dict, samples: int, batch_size: int, device: str, data_path=None,
                cache=None) -> dict:
     """Loss and perplexity per objective on the first ``samples`` of the validation split."""
+    from megatron_glm.checkpoint import settings_of
     from megatron_glm.data.blank_infilling import OBJECTIVES, BlankInfillingCollator, SpecialIds, sentence_end_ids
     from megatron_glm.data.blended_dataset import build_train_valid_test_datasets
     from megatron_glm.data.loader import MicroBatches, collate_now
-    from megatron_glm.training.config import objective_from_args, recorded_args
 
-    args = recorded_args(meta.get("args", {}))
-    paths = data_path or args.data_path
+    run = settings_of(meta)  # the split, sequence length, seed and objective it was trained with
+    paths = data_path or run.data.data_path
     if not paths:
         raise EvalError("--lm-samples needs data: the checkpoint records no --data-path, pass --data-path")
-    _, valid, _ = build_train_valid_test_datasets(list(paths), args.split, args.seq_length, [1, samples, 0],
-                                                  seed=args.seed, cache_dir=cache, tokenizer=tokenizer)
+    split = run.data.split
+    _, valid, _ = build_train_valid_test_datasets(list(paths), split, run.data.seq_length, [1, samples, 0],
+                                                  seed=run.training.seed, cache_dir=cache, tokenizer=tokenizer)
     if valid is None or len(valid) == 0:
-        raise EvalError(f"the split {args.split} leaves no validation documents in {paths}: pass another --split")
-    objective = objective_from_args(args)
+        raise EvalError(f"the split {split} leaves no validation documents in {paths}: pass another --split")
+    objective = run.objective
     ends = sentence_end_ids(tokenizer) if objective.sentence_prob > 0 else None
     data = MicroBatches(valid, BlankInfillingCollator(objective, SpecialIds.from_tokenizer(tokenizer), ends),
                         model.cfg.vocab_size)
@@ -160,10 +161,10 @@ def report(results: dict) -> str:
 def main(argv=None) -> int:
     import torch.distributed as dist
 
+    from megatron_glm.checkpoint import CheckpointError
     from megatron_glm.convert.layout import ConversionError
     from megatron_glm.data.tokenizer import TokenizerError
     from megatron_glm.parallel.state import discover_launch
-    from megatron_glm.training.checkpoint import CheckpointError
 
     args = build_parser().parse_args(argv)
     launch = discover_launch()

@@ -18,21 +18,21 @@ def spec_of(recorded: dict | None):
     if not recorded or not recorded.get("files"):
         raise ValueError("the checkpoint records no tokenizer: pass --tokenizer-model (or --vocab-file)")
     files = recorded["files"]
-    return {"sentencepiece": TokenizerSpec("sentencepiece", model=files[0]),
-            "hf": TokenizerSpec("hf", model=files[0]),
-            "gpt2": TokenizerSpec("gpt2", vocab_file=files[0], merge_file=files[1] if len(files) > 1 else None)
-            }.get(recorded["type"], TokenizerSpec(recorded["type"], vocab_file=files[0]))
+    return {"sentencepiece": TokenizerSpec(type="sentencepiece", model=files[0]),
+            "hf": TokenizerSpec(type="hf", model=files[0]),
+            "gpt2": TokenizerSpec(type="gpt2", vocab_file=files[0], merge_file=files[1] if len(files) > 1 else None)
+            }.get(recorded["type"], TokenizerSpec(type=recorded["type"], vocab_file=files[0]))
 
 
 def load_for_inference(path: str, device: str = "cpu", tokenizer_spec=None, trust: bool = False):
     """``(model, tokenizer, meta)`` from a glm-pretrain checkpoint (any layout, shards merged; a folder or
     one ``iter_N`` in it) or an export-hf folder. A tokenizer given by flags must be the one the checkpoint
     records (its fingerprint), or it is refused."""
+    from megatron_glm.checkpoint import load_model_weights
     from megatron_glm.config import ModelConfig
     from megatron_glm.convert.readers import detect_format, read_hf
     from megatron_glm.data.tokenizer import GLMTokenizer
     from megatron_glm.serialization import check_finite
-    from megatron_glm.training.checkpoint import load_model_weights
 
     fmt = detect_format(path)
     if fmt == "thudm":
@@ -40,7 +40,7 @@ def load_for_inference(path: str, device: str = "cpu", tokenizer_spec=None, trus
     if fmt == "hf":
         state, cfg, info = read_hf(path)
         check_finite(state.items(), path)
-        meta = {"model": cfg.to_dict(), "tokenizer": info.get("tokenizer"), "args": info.get("args") or {},
+        meta = {"model": cfg.to_dict(), "tokenizer": info.get("tokenizer"), "settings": info.get("settings"),
                 "iteration": info.get("iteration", 0)}
     else:
         state, meta = load_model_weights(path, trust=trust)

@@ -62,7 +62,7 @@ LAYOUTS = {
 def test_layout_equals_one_process(tmp_path, data, single, name):
     import torch
 
-    from megatron_glm.training.checkpoint import CheckpointError, load_model_weights
+    from megatron_glm.checkpoint import CheckpointError, load_model_weights
 
     single, single_dir = single
     nproc, extra = LAYOUTS[name]
@@ -278,8 +278,8 @@ def _state_after_resume(rank, world, argv_):
     """Each parameter's fp32 master and Adam moments in the engine a universal resume built, beside the files'."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
+    from megatron_glm.checkpoint import universal
     from megatron_glm.model.parallelize import RankLayout
-    from megatron_glm.training import universal
     from megatron_glm.training.arguments import build_parser
     from megatron_glm.training.config import from_args
     from megatron_glm.training.trainer import Trainer

@@ -36,12 +36,12 @@ def expected_slice(name: str, full: torch.Tensor, r: int, tp: int) -> torch.Tens
 
 
 def construction_worker(rank, world, load_dir, reference_seed):
+    from megatron_glm import checkpoint as ckpt
     from megatron_glm.config import ModelConfig
     from megatron_glm.model.glm import GLMModel
     from megatron_glm.model.parallelize import RankLayout, build_rank_model
     from megatron_glm.parallel import state
     from megatron_glm.plan.memory import setup_host_bytes, stage_parameters
-    from megatron_glm.training import checkpoint as ckpt
     from megatron_glm.training.memory import host_memory, reset_host_peak
 
     state.initialize_model_parallel(tp=2, pp=2)

@@ -8,10 +8,10 @@ import sys
 import pytest
 import torch
 
+from megatron_glm.checkpoint import load_model_weights
 from megatron_glm.config import ModelConfig
 from megatron_glm.convert.cli import main as convert
 from megatron_glm.model.glm import GLMModel
-from megatron_glm.training.checkpoint import load_model_weights
 from tests.helpers import free_port, thudm_checkpoint
 
 

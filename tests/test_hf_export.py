@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from megatron_glm.checkpoint import load_model_weights
 from megatron_glm.config import ModelConfig
 from megatron_glm.convert.cli import main as convert
 from megatron_glm.convert.writers import write_megatron_glm
@@ -21,7 +22,6 @@ from megatron_glm.generate import load_for_inference
 from megatron_glm.kernels.reference import interval_mask
 from megatron_glm.model.generation import GenerationConfig, fill_blanks
 from megatron_glm.model.glm import GLMModel
-from megatron_glm.training.checkpoint import load_model_weights
 
 VARIANTS = {"learned_2d": {}, "rotary_2d+geglu": dict(position_embedding_type="rotary_2d", geglu=True),
             "deepnorm": dict(deepnorm=True)}

@@ -140,14 +140,15 @@ def test_estimated_peak_matches_measured_run(tmp_path, data, tokenizer, name):
 
 # -- the CLI ---------------------------------------------------------------------------------------
 def test_best_layout_flags_are_accepted_by_glm_pretrain(capsys):
-    from megatron_glm.training.arguments import build_parser, validate_args
+    from megatron_glm.training.arguments import build_parser
+    from megatron_glm.training.config import from_args
 
     assert plan(["--preset", "glm-2b", "--seq-length", "1024", "--global-batch-size", "512", "--nodes", "2",
                  "--gpus-per-node", "8", "--gpu-memory", "80"]) == 0
     out = capsys.readouterr().out
     line = out.strip().splitlines()[-1].split()
     args = build_parser().parse_args(["--preset", "glm-2b", "--data-path", "x", "--train-iters", "10", *line])
-    validate_args(args, world_size=16)  # raises on a layout glm-pretrain would refuse
+    from_args(args, world_size=16)  # raises on a layout glm-pretrain would refuse
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     assert 16 % (tp * pp) == 0 and 32 % tp == 0 and 36 % pp == 0
 

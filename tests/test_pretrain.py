@@ -127,10 +127,9 @@ def test_flags_that_cannot_work_together_are_named_before_any_work(tmp_path, dat
     """The job's checks (in-process: the same ValueError glm-pretrain prints as its one error line)."""
     from megatron_glm.training.arguments import build_parser
     from megatron_glm.training.config import from_args
-    from megatron_glm.training.trainer import resolve_device
 
     with pytest.raises(ValueError, match=re.escape(message)):
-        resolve_device(from_args(build_parser().parse_args(args(data, str(tmp_path / "ckpt")) + change), 1))
+        from_args(build_parser().parse_args(args(data, str(tmp_path / "ckpt")) + change), 1)
 
 
 def test_bf16_tensorboard_and_wandb(tmp_path, data):
@@ -196,7 +195,8 @@ def test_a_deepspeed_json_overrides_the_flags_it_sets(tmp_path):
     assert zero["allgather_bucket_size"] == 500_000_000  # keys the JSON does not set keep the flags' values
     # the job, and so the banner and meta.json, hold what runs
     assert job.parallel.zero_stage == 1 and job.optimizer.clip_grad == 0.5
-    assert job.flags["zero_stage"] == 1 and job.flags["clip_grad"] == 0.5
+    record = job.settings.record()
+    assert record["parallel"]["zero_stage"] == 1 and record["optimizer"]["clip_grad"] == 0.5
 
 
 def parse_with_json(tmp_path, content, *flags):
@@ -220,7 +220,7 @@ def test_a_deepspeed_optimizer_block_is_honoured(tmp_path):
     job = parse_with_json(tmp_path, {"optimizer": {"type": "AdamW", "params": {
         "lr": 3e-4, "betas": [0.9, 0.95], "eps": 1e-6, "weight_decay": 0.1}}}, "--lr", "1e-3")
     opt = job.optimizer
-    assert (opt.lr, opt.betas, opt.eps, opt.weight_decay) == (3e-4, (0.9, 0.95), 1e-6, 0.1)
+    assert (opt.lr, opt.betas, opt.adam_eps, opt.weight_decay) == (3e-4, (0.9, 0.95), 1e-6, 0.1)
     assert "optimizer" not in job.deepspeed_overrides  # the engine gets our AdamW with these values
 
 
@@ -254,7 +254,7 @@ def test_a_deepspeed_json_that_cannot_be_honoured_is_refused(tmp_path, content, 
 
 def test_tensor_parallel_pretraining_matches_one_process(tmp_path, data):
     """glm-pretrain under torchrun with TP=2, sequence parallelism and recomputation == one process."""
-    from megatron_glm.training.checkpoint import load_model_weights
+    from megatron_glm.checkpoint import load_model_weights
     from tests.helpers import free_port
 
     no_dropout = ["--hidden-dropout", "0", "--attention-dropout", "0"]
@@ -291,8 +291,8 @@ def test_the_banner_and_meta_report_what_a_deepspeed_json_made_of_the_flags(tmp_
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ZeRO 1, clip 0.5, fp32" in result.stdout  # read back from the engine
     with open(os.path.join(save, "iter_0000002", "meta.json")) as f:
-        flags = json.load(f)["args"]
-    assert flags["zero_stage"] == 1 and flags["clip_grad"] == 0.5
+        settings = json.load(f)["settings"]
+    assert settings["parallel"]["zero_stage"] == 1 and settings["optimizer"]["clip_grad"] == 0.5
 
 
 def test_megatrons_exit_flags_save_and_stop_cleanly_and_the_same_command_continues(tmp_path, data):
@@ -399,8 +399,8 @@ def test_finetune_starts_at_zero_from_the_weights_and_a_restart_resumes_its_own_
         assert (r["iteration"], r["lm_loss"], r["grad_norm"], r["lr"]) == \
             (ref["iteration"], ref["lm_loss"], ref["grad_norm"], ref["lr"])
     # the same command again (a requeued job) finds its own checkpoint in --save and resumes that
+    from megatron_glm.checkpoint import find_resume
     from megatron_glm.config import ModelConfig
-    from megatron_glm.training.checkpoint import find_resume
 
     cfg = ModelConfig.from_dict(meta["model"])
     again = find_resume(save, tuned, cfg, None, 1, 1, finetune=True)

@@ -114,7 +114,7 @@ def test_bert_wordpiece(bert_vocab):
     assert tok.vocab_size == 22 and tok.padded_vocab_size(2) == 256
     assert tok.encode("The cats sat.") == [5, 6, 12, 7, 14]  # the cat ##s sat .
     assert tok.decode(tok.encode("the dogs sat on a mat.")) == "the dogs sat on a mat."
-    cased = load_tokenizer(TokenizerSpec("BertWordPieceCase", vocab_file=bert_vocab))
+    cased = load_tokenizer(TokenizerSpec(type="BertWordPieceCase", vocab_file=bert_vocab))
     assert cased.spec.type == "bert-cased" and cased.encode("The") == [cased.unk_id]
 
 
@@ -132,7 +132,7 @@ def test_fingerprint_tracks_the_files(bert_vocab, tmp_path):
     [
         (TokenizerSpec(), "no tokenizer given"),
         (TokenizerSpec(model="/nonexistent/spm.model"), "not found"),
-        (TokenizerSpec("wordlevel", model=__file__), "unknown tokenizer type"),
+        (TokenizerSpec(type="wordlevel", model=__file__), "unknown tokenizer type"),
     ],
 )
 def test_bad_specs(spec, message):
@@ -142,7 +142,7 @@ def test_bad_specs(spec, message):
 
 def test_gpt2_needs_merges(trained_bpe):
     with pytest.raises(TokenizerError, match="--merge-file"):
-        TokenizerSpec("gpt2", vocab_file=str(trained_bpe / "vocab.json")).resolved()
+        TokenizerSpec(type="gpt2", vocab_file=str(trained_bpe / "vocab.json")).resolved()
 
 
 def test_train_tokenizer_cli_keeps_an_existing_model(spm_model, corpus, capsys):

@@ -180,9 +180,9 @@ def finished(tmp_path_factory, data):
 def test_a_load_that_holds_no_checkpoint_is_refused(finished, data, where, message, capsys):
     """An explicit --load never means "start from scratch": glm-pretrain, glm-eval, glm-convert and glm-generate
     all name what is there instead (in-process here; the command line's exit code is the test below)."""
+    from megatron_glm.checkpoint import CheckpointError, find_resume
     from megatron_glm.convert.cli import main as convert
     from megatron_glm.evaluate import main as evaluate
-    from megatron_glm.training.checkpoint import CheckpointError, find_resume
 
     root, _ = finished
     path = str(root / where)

@@ -14,10 +14,10 @@ import tempfile
 
 import torch
 
+from megatron_glm import checkpoint as ckpt
 from megatron_glm import serialization
 from megatron_glm.config import ModelConfig, preset
 from megatron_glm.convert.layout import ConversionError
-from megatron_glm.training import checkpoint as ckpt
 
 
 def detect_format(path: str) -> str:
@@ -42,7 +42,7 @@ def _info(meta: dict) -> dict:
     return {"tokenizer": meta.get("tokenizer"), "iteration": meta["iteration"],
             "consumed_samples": meta.get("consumed_samples", 0), "seq_length": meta.get("seq_length"),
             "source_layout": (meta.get("tensor_model_parallel_size", 1), meta.get("pipeline_model_parallel_size", 1)),
-            "args": meta.get("args", {})}
+            "settings": ckpt.settings_of(meta).record()}
 
 
 def read_megatron_glm(path: str, tag: str | None = None, trust: bool = False) -> tuple[dict, ModelConfig, dict]:
@@ -50,7 +50,7 @@ def read_megatron_glm(path: str, tag: str | None = None, trust: bool = False) ->
     if tag is None:
         path, tag = ckpt.locate(path)
     meta = ckpt.read_meta(path, tag)
-    if meta.get("args", {}).get("zero_stage") == 3:
+    if ckpt.settings_of(meta).parallel.zero_stage == 3:
         state = _consolidate_zero(path, tag, meta, trust)
     else:
         state, meta = ckpt.load_model_weights(path, tag, trust)
@@ -62,7 +62,7 @@ def zero_to_fp32(path: str, tag: str | None = None, trust: bool = False) -> tupl
     if tag is None:
         path, tag = ckpt.locate(path)
     meta = ckpt.read_meta(path, tag)
-    if not meta.get("args", {}).get("zero_stage"):
+    if not ckpt.settings_of(meta).parallel.zero_stage:
         raise ConversionError(f"{path}/{tag} was saved without ZeRO (--zero-stage 0): its weights are already whole; "
                               "use `glm-convert reshard` or `export-hf`")
     return _consolidate_zero(path, tag, meta, trust), ModelConfig.from_dict(meta["model"]), _info(meta)
@@ -128,7 +128,7 @@ def _with_moment(optim: dict, state: str, source: str) -> dict:
 def adam_steps(path: str, tag: str, meta: dict, trust: bool = False) -> int:
     """The Adam step count of a checkpoint (the same for every parameter group and rank)."""
     folder = os.path.join(path, tag)
-    if meta.get("args", {}).get("zero_stage"):
+    if ckpt.settings_of(meta).parallel.zero_stage:
         files = sorted(glob.glob(os.path.join(folder, "*zero_pp_rank_0_mp_rank_00_optim_states.pt")))
         if not files:
             raise ConversionError(f"{folder} has no ZeRO optimizer partitions "
@@ -144,7 +144,7 @@ def adam_steps(path: str, tag: str, meta: dict, trust: bool = False) -> int:
 
 def _zero0_rank(folder: str, mp: int, trust: bool) -> tuple[dict, dict]:
     """(weights, optimizer state) of a model-parallel rank's model file without ZeRO, read once."""
-    path = os.path.join(folder, f"mp_rank_{mp:02d}_model_states.pt")
+    path = ckpt.model_file(folder, 0, mp, 1)
     if not os.path.exists(path):
         raise ConversionError(f"{path} is missing: the checkpoint is incomplete")
     saved = serialization.load(path, trust=trust)
@@ -165,9 +165,9 @@ def optimizer_states(path: str, tag: str, meta: dict, trust: bool = False) -> di
     masters and the moments sit in each rank's model file, in the order the optimizer was given
     its parameters (decayed ones first: ``training.engine.param_groups``).
     """
-    from megatron_glm.training.universal import STATES
+    from megatron_glm.checkpoint.universal import STATES
 
-    if meta.get("args", {}).get("zero_stage"):
+    if ckpt.settings_of(meta).parallel.zero_stage:
         return {state: _consolidate_zero(path, tag, meta, trust, state) for state in STATES}
     from megatron_glm.training.engine import decays
 
@@ -289,7 +289,11 @@ def read_hf(path: str) -> tuple[dict, ModelConfig, dict]:
     tokenizer = config["megatron_glm"].get("tokenizer")
     if tokenizer:  # the files travel with the folder
         tokenizer = {**tokenizer, "files": [os.path.join(path, os.path.basename(p)) for p in tokenizer["files"]]}
-    return state, ModelConfig.from_dict(config["megatron_glm"]["model"]), {
-        "tokenizer": tokenizer, "iteration": config["megatron_glm"].get("iteration", 0),
-        "consumed_samples": config["megatron_glm"].get("consumed_samples", 0),
-        "seq_length": config["megatron_glm"].get("seq_length"), "args": config["megatron_glm"].get("training_args", {})}
+    ours = config["megatron_glm"]
+    # the run's settings (exports before they existed recorded its flags as training_args)
+    settings = ckpt.settings_of({"model": ours["model"], "settings": ours.get("settings"),
+                                 "args": ours.get("training_args")}).record()
+    return state, ModelConfig.from_dict(ours["model"]), {
+        "tokenizer": tokenizer, "iteration": ours.get("iteration", 0),
+        "consumed_samples": ours.get("consumed_samples", 0), "seq_length": ours.get("seq_length"),
+        "settings": settings}

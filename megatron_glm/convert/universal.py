@@ -24,13 +24,13 @@ import shutil
 import torch
 from tqdm import tqdm
 
+from megatron_glm import checkpoint as ckpt
 from megatron_glm import serialization
+from megatron_glm.checkpoint.universal import PARAM, STATES, param_file
 from megatron_glm.config import ModelConfig
 from megatron_glm.convert import readers
 from megatron_glm.convert.layout import ConversionError, check_state
 from megatron_glm.convert.writers import _commit, _nbytes, _stage
-from megatron_glm.training import checkpoint as ckpt
-from megatron_glm.training.universal import PARAM, STATES, param_file
 
 
 def _engine_state(folder: str, trust: bool) -> dict:
@@ -83,7 +83,7 @@ def write_universal(load: str, out: str, trust: bool = False, dry_run: bool = Fa
     step = readers.adam_steps(load, tag, meta, trust)
     names = sorted(states["fp32"])
     plan = [(param_file(tag, name, state), _nbytes([states[state][name]]) if state != "step" else 0)
-            for name in names for state in (*STATES, "step")] + [(os.path.join(tag, "meta.json"), 0), (ckpt.LATEST, 0)]
+            for name in names for state in (*STATES, "step")] + [(os.path.join(tag, ckpt.META), 0), (ckpt.LATEST, 0)]
     if dry_run:
         return plan
     partial = _stage(out, overwrite)
@@ -96,7 +96,7 @@ def write_universal(load: str, out: str, trust: bool = False, dry_run: bool = Fa
         shutil.copy2(rng, os.path.join(partial, tag))
     universal = {**meta, **engine, "universal": True, "adam_step": step, "loss_scale": _loss_scale(folder, trust),
                  "converted_from": os.path.abspath(folder)}
-    with open(os.path.join(partial, tag, "meta.json"), "w") as f:
+    with open(os.path.join(partial, tag, ckpt.META), "w") as f:
         json.dump(universal, f, indent=1)
     with open(os.path.join(partial, ckpt.LATEST), "w") as f:
         f.write(tag)

@@ -14,10 +14,11 @@ import shutil
 import torch
 from tqdm import tqdm
 
+from megatron_glm.checkpoint import LATEST, META, model_file, tag_of
+from megatron_glm.checkpoint.format import settings_for_layout
 from megatron_glm.config import ModelConfig
 from megatron_glm.convert.layout import ConversionError, check_target, repad_vocab, split_for_layout
 from megatron_glm.parallel.pipeline import partition_layers
-from megatron_glm.training.checkpoint import LATEST, tag_of
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -68,22 +69,23 @@ def write_megatron_glm(out: str, state: dict, cfg: ModelConfig, info: dict, tp: 
     shards = split_for_layout(state, cfg, tp, pp, vpp, pipeline_layers)
     iteration = info.get("iteration", 0)
     tag = tag_of(iteration)
-    plan = [(os.path.join(tag, f"mp_rank_{p * tp + t:02d}_model_states.pt"), _nbytes(sd.values()))
-            for (p, t), sd in sorted(shards.items())] + [(os.path.join(tag, "meta.json"), 0), (LATEST, 0)]
+    plan = [(model_file(tag, p, t, tp), _nbytes(sd.values()))
+            for (p, t), sd in sorted(shards.items())] + [(os.path.join(tag, META), 0), (LATEST, 0)]
     if dry_run:
         return plan
     partial = _stage(out, overwrite)
     os.makedirs(os.path.join(partial, tag))
     for (p, t), sd in tqdm(sorted(shards.items()), desc="writing shards", unit="file", disable=len(shards) < 4):
-        torch.save({"module": sd, "iteration": iteration},
-                   os.path.join(partial, tag, f"mp_rank_{p * tp + t:02d}_model_states.pt"))
+        torch.save({"module": sd, "iteration": iteration}, model_file(os.path.join(partial, tag), p, t, tp))
     meta = {"model": cfg.to_dict(), "tokenizer": info.get("tokenizer"), "seq_length": info.get("seq_length"),
             "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
             "pipeline_layers": [[[r.start, r.stop] for r in stage]
                                 for stage in partition_layers(cfg.num_layers, pp, vpp, pipeline_layers)],
             "iteration": iteration, "consumed_samples": info.get("consumed_samples", 0),
-            "weights_only": True, "converted_from": source, "args": {"zero_stage": 0}}
-    with open(os.path.join(partial, tag, "meta.json"), "w") as f:
+            "weights_only": True, "converted_from": source,
+            "settings": settings_for_layout({"model": cfg.to_dict(), "settings": info.get("settings")}, tp, pp, vpp,
+                                            pipeline_layers)}
+    with open(os.path.join(partial, tag, META), "w") as f:
         json.dump(meta, f, indent=1)
     with open(os.path.join(partial, LATEST), "w") as f:
         f.write(tag)
@@ -112,8 +114,8 @@ def hf_config(cfg: ModelConfig, info: dict, dtype: torch.dtype) -> dict:
                              "iteration": info.get("iteration", 0),
                              "consumed_samples": info.get("consumed_samples", 0),
                              "seq_length": info.get("seq_length"),
-                             # the run's flags: glm-eval takes the data split and objective from them
-                             "training_args": info.get("args") or {}}}
+                             # the run's settings: glm-eval takes the data split and objective from them
+                             "settings": info.get("settings")}}
 
 
 def hf_tokenizer_config(tokenizer: dict, max_length: int) -> dict:

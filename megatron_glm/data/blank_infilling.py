@@ -51,33 +51,43 @@ from dataclasses import dataclass
 import numpy as np
 
 from megatron_glm.data.sample_rng import SampleGenerators
+from megatron_glm.flags import internal, setting
 
 TOKEN, SENTENCE, DOCUMENT = 0, 1, 2
 OBJECTIVES = ("token", "sentence", "document")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class BlankInfillingConfig:
-    seq_length: int
-    token_prob: float = 1.0  # the reference's bert_prob
-    sentence_prob: float = 0.0  # gap_sentence_prob; the rest is the document objective
-    mask_ratio: float = 0.15
-    poisson_lambda: float = 3.0
-    max_span_length: int = 39
-    sentence_ratio: float = 0.15
-    gmask_min_ratio: float = 0.5
-    gmask_max_ratio: float = 1.0
-    gpt_infill_prob: float = 0.5  # document objective: suffix with this probability, else one span anywhere
-    block_mask_prob: float = 0.0  # token objective: each Part B input token -> [dBLOCK] with this probability
-    context_mask_ratio: float = 0.0  # token objective: this fraction of the text -> [dBLOCK], next to blanks
-    context_mask_range: int = 3  # ... within this many tokens of a blank
-    random_position: bool = False  # shift Part A positions by a random offset, to train every position row
-    shuffle_spans: bool = True
-    single_span_prob: float = 0.0  # token objective: one span of the whole masked length
-    short_seq_prob: float = 0.0  # cut the text to a uniform random length, pad the rest
-    task_mask: bool = True  # [sMASK]/[gMASK] for sentence/document; off: [MASK] for all
-    packed: bool = False
-    seed: int = 1234
+    """The objective's settings: THUDM/GLM's flags and defaults (``--bert-prob`` is ``token_prob``)."""
+
+    seq_length: int = internal()  # the data's (--seq-length)
+    token_prob: float = setting(1.0, "token objective ([MASK]) probability", name="--bert-prob")
+    sentence_prob: float = setting(0.0, "sentence objective ([sMASK]) probability; the rest is the document "
+                                        "objective", name="--gap-sentence-prob")
+    mask_ratio: float = setting(0.15)
+    poisson_lambda: float = setting(3.0)
+    max_span_length: int = internal(39)
+    sentence_ratio: float = setting(0.15, name="--gap-sentence-ratio")
+    gmask_min_ratio: float = setting(0.5, "shortest [gMASK] span, fraction of the text", name="--gpt-min-ratio")
+    gmask_max_ratio: float = internal(1.0)
+    gpt_infill_prob: float = setting(0.5, "document objective: probability of a suffix (no [eop]); otherwise one "
+                                          "span anywhere in a one-document sample (with [eop]). Samples of several "
+                                          "documents always take a suffix")
+    block_mask_prob: float = setting(0.0, "token objective: replace each Part B input token by [dBLOCK] with this "
+                                          "probability (GLM-10B: 0.1)")
+    context_mask_ratio: float = setting(0.0, "token objective: replace this fraction of the text, among the tokens "
+                                             "within --context-mask-range of a blank, by [dBLOCK]")
+    context_mask_range: int = setting(3)
+    random_position: bool = setting(False, "shift the positions of a sample by a random offset, so that every "
+                                           "position row trains")
+    shuffle_spans: bool = setting(True, "keep Part B spans in text order", name="--no-shuffle-blocks", negate=True)
+    single_span_prob: float = setting(0.0, "token objective: one span of the whole masked length")
+    short_seq_prob: float = setting(0.0, "cut the text to a uniform random length, pad the rest")
+    task_mask: bool = setting(True, "[MASK] for every objective (off: [sMASK]/[gMASK] for sentence/document)",
+                              name="--no-task-mask", negate=True)
+    packed: bool = setting(False, "one segment per document (GLM-130B style)", name="--packed-segments")
+    seed: int = internal(1234)  # the job's (--seed)
 
     def validate(self) -> None:
         probs = (self.token_prob, self.sentence_prob)

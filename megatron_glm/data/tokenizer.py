@@ -21,6 +21,8 @@ import re
 from dataclasses import dataclass
 from typing import Sequence
 
+from megatron_glm.flags import add_flags, read_flags, setting
+
 # role -> spellings recognised in a base vocabulary; the first is the canonical one we append.
 SPECIAL_TOKENS: dict[str, tuple[str, ...]] = {
     "pad": ("[pad]", "[PAD]", "<pad>"),
@@ -53,14 +55,17 @@ class TokenizerError(ValueError):
     """A tokenizer that cannot be loaded as given (missing file, unknown type)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TokenizerSpec:
-    """How to load a tokenizer: small and picklable, so worker processes load their own."""
+    """How to load a tokenizer (the tokenizer flags): small and picklable, so worker processes load their own."""
 
-    type: str = "auto"
-    model: str | None = None  # sentencepiece .model or HF tokenizer.json (or a folder holding one)
-    vocab_file: str | None = None  # BERT vocab.txt or GPT-2 vocab.json
-    merge_file: str | None = None  # GPT-2 merges.txt
+    type: str = setting("auto", f"one of {', '.join(TOKENIZER_TYPES)} (Megatron names such as "
+                                "SentencePieceTokenizer are accepted); auto infers it from the files",
+                        name="--tokenizer-type")
+    model: str | None = setting(None, "sentencepiece .model, or Hugging Face tokenizer.json (or its folder)",
+                                name="--tokenizer-model")
+    vocab_file: str | None = setting(None, "BERT vocab.txt, or GPT-2 vocab.json (with --merge-file)")
+    merge_file: str | None = setting(None, "GPT-2 merges.txt")
 
     def resolved(self) -> "TokenizerSpec":
         """The spec with ``auto`` replaced by the type its files imply, files checked to exist."""
@@ -91,24 +96,18 @@ class TokenizerSpec:
         missing = [f"--{n.replace('_', '-').replace('model', 'tokenizer-model')}" for n in needs if not values[n]]
         if missing:
             raise TokenizerError(f"tokenizer type {kind} needs {' and '.join(missing)}")
-        return TokenizerSpec(kind, model, self.vocab_file, self.merge_file)
+        return TokenizerSpec(type=kind, model=model, vocab_file=self.vocab_file, merge_file=self.merge_file)
 
     def files(self) -> list[str]:
         return [p for p in (self.model, self.vocab_file, self.merge_file) if p]
 
 
 def add_tokenizer_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("tokenizer")
-    g.add_argument("--tokenizer-type", default="auto",
-                   help=f"one of {', '.join(TOKENIZER_TYPES)} (Megatron names such as "
-                        "SentencePieceTokenizer are accepted); auto infers it from the files")
-    g.add_argument("--tokenizer-model", help="sentencepiece .model, or Hugging Face tokenizer.json (or its folder)")
-    g.add_argument("--vocab-file", help="BERT vocab.txt, or GPT-2 vocab.json (with --merge-file)")
-    g.add_argument("--merge-file", help="GPT-2 merges.txt")
+    add_flags(parser.add_argument_group("tokenizer"), TokenizerSpec)
 
 
 def spec_from_args(args) -> TokenizerSpec:
-    return TokenizerSpec(args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file).resolved()
+    return read_flags(TokenizerSpec, args).resolved()
 
 
 class _SentencePiece:

@@ -14,7 +14,7 @@ import json
 import sys
 from dataclasses import replace
 
-from megatron_glm.config import PRESETS, ModelConfig, preset
+from megatron_glm.config import ModelConfig, add_model_flags, model_from_flags
 from megatron_glm.plan.memory import ATTENTION, BYTES, Workload
 from megatron_glm.plan.search import Cluster, GiB, flags, rank
 
@@ -26,16 +26,10 @@ DEFAULT_VOCAB = 30522
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(allow_abbrev=False, prog="glm-plan", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("model (a preset, or sizes; sizes override the preset)")
-    g.add_argument("--preset", choices=sorted(PRESETS))
-    for name in ("num-layers", "hidden-size", "num-attention-heads", "ffn-hidden-size", "max-position-embeddings"):
-        g.add_argument(f"--{name}", type=int)
+    g = p.add_argument_group("model (a preset, or sizes; sizes override the preset): glm-pretrain's flags")
+    add_model_flags(g)
     g.add_argument("--vocab-size", type=int, help="the tokenizer's vocabulary (padded here as glm-pretrain pads it); "
                    f"default {DEFAULT_VOCAB}, or {PRESET_VOCAB['glm-2b']} for glm-2b and glm-10b")
-    g.add_argument("--position-embedding-type", choices=["learned_2d", "rotary_2d"], default="learned_2d")
-    g.add_argument("--geglu", action="store_true")
-    g.add_argument("--hidden-dropout", type=float, default=0.1)
-    g.add_argument("--attention-dropout", type=float, default=0.1)
     g = p.add_argument_group("training")
     g.add_argument("--seq-length", type=int, required=True)
     g.add_argument("--global-batch-size", type=int, required=True)
@@ -65,16 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def model_from_args(args) -> ModelConfig:
-    cfg = preset(args.preset) if args.preset else ModelConfig()
-    for name in ("num_layers", "hidden_size", "num_attention_heads", "max_position_embeddings"):
-        if getattr(args, name) is not None:
-            setattr(cfg, name, getattr(args, name))
-    cfg.ffn_hidden_size = args.ffn_hidden_size or 4 * cfg.hidden_size
-    cfg.vocab_size = args.vocab_size or PRESET_VOCAB.get(args.preset, DEFAULT_VOCAB)
-    cfg = replace(cfg, position_embedding_type=args.position_embedding_type, geglu=args.geglu,
-                  hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout)
-    if not args.preset and args.max_position_embeddings is None:
-        cfg.max_position_embeddings = args.seq_length
+    """The model glm-pretrain would build from the same flags, with the tokenizer's vocabulary."""
+    vocab = args.vocab_size or PRESET_VOCAB.get(args.preset, DEFAULT_VOCAB)
+    cfg = model_from_flags(args, vocab, args.seq_length)
     cfg.validate(seq_length=args.seq_length)
     return cfg
 

@@ -81,7 +81,8 @@ def read(path: str) -> dict:
     return config
 
 
-def fold(config: dict, args, data_parallel_size: int, path: str) -> tuple[dict, dict, list[str]]:
+def fold(config: dict, micro_batch_size: int, global_batch_size: int, data_parallel_size: int,
+         path: str) -> tuple[dict, dict, list[str]]:
     """(what the engine gets from the JSON, the flags it overrides ``{dest: value}``, problems)."""
     config = dict(config)
     name = f"--deepspeed-config {path}"
@@ -89,12 +90,12 @@ def fold(config: dict, args, data_parallel_size: int, path: str) -> tuple[dict, 
 
     micro, accum, total = (config.get(k) for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                                                     "train_batch_size"))
-    step = args.micro_batch_size * data_parallel_size
+    step = micro_batch_size * data_parallel_size
     for key, value, ours, flag in (
-            ("train_micro_batch_size_per_gpu", micro, args.micro_batch_size, "--micro-batch-size"),
-            ("gradient_accumulation_steps", accum, args.global_batch_size // step if step else None,
+            ("train_micro_batch_size_per_gpu", micro, micro_batch_size, "--micro-batch-size"),
+            ("gradient_accumulation_steps", accum, global_batch_size // step if step else None,
              "--global-batch-size / (--micro-batch-size x data-parallel size)"),
-            ("train_batch_size", total, args.global_batch_size, "--global-batch-size")):
+            ("train_batch_size", total, global_batch_size, "--global-batch-size")):
         if value is not None and value != ours:
             problems.append(f"{name} sets {key} {value}, the flags give {ours} ({flag}): make them agree, or drop "
                             "the key")

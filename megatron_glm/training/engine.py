@@ -7,10 +7,10 @@ The engine owns the optimizer step, gradient accumulation, clipping and mixed pr
 
 from __future__ import annotations
 
+from megatron_glm.settings import OPTIMIZER_IMPLS
 from megatron_glm.training.config import JobConfig
 
 DEEPSPEED_BUCKET = 500_000_000  # DeepSpeed's default reduce/all-gather bucket, in elements
-OPTIMIZER_IMPLS = ("adamw", "fused-adamw", "apex")
 
 
 def init_distributed(device: str, tp: int, pp: int, model_cfg) -> None:
@@ -38,7 +38,7 @@ def deepspeed_config(job: JobConfig, grad_accum: int, rank_params: int | None = 
     bucket = bucket_elements(rank_params)
     par = job.parallel
     config = {
-        "train_micro_batch_size_per_gpu": job.data.micro_batch_size,
+        "train_micro_batch_size_per_gpu": job.training.micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": job.optimizer.clip_grad,
         "zero_optimization": {"stage": par.zero_stage, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket,
@@ -46,8 +46,8 @@ def deepspeed_config(job: JobConfig, grad_accum: int, rank_params: int | None = 
                               **({"offload_optimizer": {"device": "cpu"}} if par.cpu_offload else {})},
         # our AdamW serves with offload too (DeepSpeed would otherwise insist on its compiled CPU Adam)
         "zero_force_ds_cpu_optimizer": False,
-        "bf16": {"enabled": job.precision == "bf16"},
-        "fp16": {"enabled": job.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
+        "bf16": {"enabled": job.training.precision == "bf16"},
+        "fp16": {"enabled": job.training.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
                  "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
         "steps_per_print": 10**12,
         "wall_clock_breakdown": False,
@@ -85,14 +85,16 @@ def make_optimizer(impl: str, groups, lr: float, betas, eps: float):
 
 
 def build_engine(job: JobConfig, module, engine_steps: int):
-    """(DeepSpeed engine, LR schedule) for ``module``; ``engine_steps``: backward calls per optimizer step."""
+    """The DeepSpeed engine that steps ``module``: our AdamW and lr schedule inside, ZeRO, clipping and mixed
+    precision as the job says; ``engine_steps``: backward calls per optimizer step."""
     import deepspeed
 
     from megatron_glm.parallel import state
 
     opt = job.optimizer
-    schedule = opt.schedule()
-    optimizer = make_optimizer(opt.impl, param_groups(module, opt.weight_decay), opt.lr, opt.betas, opt.eps)
+    schedule = job.schedule.build()
+    optimizer = make_optimizer(opt.optimizer_impl, param_groups(module, opt.weight_decay), job.schedule.lr, opt.betas,
+                               opt.adam_eps)
     config = deepspeed_config(job, engine_steps, sum(p.numel() for p in module.parameters()))
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=schedule.as_torch(optimizer),
                                            config=config, mpu=state)

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import math
 
-STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
-WSD_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")
+from megatron_glm.settings import DECAY_STYLES as STYLES
+from megatron_glm.settings import WSD_STYLES
 
 
 class LRSchedule:

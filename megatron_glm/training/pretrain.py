@@ -36,10 +36,10 @@ def pretrain(argv=None) -> dict:
 def main(argv=None) -> int:
     import faulthandler
 
+    from megatron_glm.checkpoint import CheckpointError
     from megatron_glm.data.indexed import IndexedDatasetError
     from megatron_glm.data.loader import DataError
     from megatron_glm.data.tokenizer import TokenizerError
-    from megatron_glm.training.checkpoint import CheckpointError
     from megatron_glm.training.trainer import TrainingError
 
     faulthandler.enable()  # a rank that dies on a signal (SIGABRT, SIGSEGV) prints every thread's Python stack

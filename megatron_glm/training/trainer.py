@@ -20,7 +20,9 @@ import time
 import numpy as np
 import torch
 
+from megatron_glm import checkpoint as ckpt
 from megatron_glm import faults, kernels, serialization
+from megatron_glm.checkpoint import universal
 from megatron_glm.config import ModelConfig
 from megatron_glm.data import eval_tasks
 from megatron_glm.data.blank_infilling import OBJECTIVES, BlankInfillingCollator, SpecialIds, sentence_end_ids
@@ -33,15 +35,12 @@ from megatron_glm.parallel import state
 from megatron_glm.parallel.pipeline import partition_layers
 from megatron_glm.parallel.pipeline_stage import TiedEmbedding
 from megatron_glm.parallel.random import model_parallel_seed
-from megatron_glm.training import checkpoint as ckpt
-from megatron_glm.training import universal
 from megatron_glm.training.config import JobConfig
 from megatron_glm.training.engine import build_engine, init_distributed
 from megatron_glm.training.lr_schedule import schedule_differences
 from megatron_glm.training.memory import host_memory, reset_host_peak
 from megatron_glm.training.metrics import MetricsLogger, Throughput, flops_per_token, memory_summary
 from megatron_glm.training.preemption import DURATION, EXIT_INTERRUPTED, EXIT_REQUEUE, Preemption
-from megatron_glm.training.save_lock import lock_save_folder
 from megatron_glm.training.step import StepRunner
 
 logger = logging.getLogger(__name__)
@@ -72,35 +71,23 @@ def check_writable(flag: str, folder: str) -> None:
             from None
 
 
-def resolve_device(job: JobConfig) -> str:
-    device = job.device if job.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda, but no CUDA GPU is visible here (or this torch is a CPU build); "
-                         "use --device cpu, or auto")
-    if job.attention_impl == "flex" and device == "cpu":
-        raise ValueError("--attention-impl flex trains on GPUs only (FlexAttention has no backward on the CPU); "
-                         "use --attention-impl sdpa here")
-    if job.precision == "fp16" and device == "cpu":
-        raise ValueError("--fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16 optimizer); use --bf16 on CPU")
-    return device
-
-
 def build_data(job: JobConfig, tokenizer: GLMTokenizer, vocab_size: int):
     """(train, valid) micro-batch datasets: samples read and collated by the blank-infilling objective."""
     data, log = job.data, job.logging
-    n_eval = log.eval_iters * data.global_batch_size if log.eval_interval <= job.train_iters else 0
+    n_eval = log.eval_iters * job.global_batch_size if log.eval_interval <= job.train_iters else 0
     train, valid, _ = build_train_valid_test_datasets(
         list(data.data_path), data.split, data.seq_length, [job.batches.consumed_before(job.train_iters), n_eval, 0],
-        seed=job.seed, cache_dir=data.cache_path, tokenizer=tokenizer)
-    ends = sentence_end_ids(tokenizer) if data.objective.sentence_prob > 0 else None
-    collate = BlankInfillingCollator(data.objective, SpecialIds.from_tokenizer(tokenizer), ends)
+        seed=job.training.seed, cache_dir=data.data_cache_path, tokenizer=tokenizer)
+    objective = job.settings.objective
+    ends = sentence_end_ids(tokenizer) if objective.sentence_prob > 0 else None
+    collate = BlankInfillingCollator(objective, SpecialIds.from_tokenizer(tokenizer), ends)
     return (MicroBatches(train, collate, vocab_size),
             MicroBatches(valid, collate, vocab_size) if valid is not None else None)
 
 
 def build_loader(job: JobConfig, batches: MicroBatches, consumed: int, device: str) -> BatchStream:
     """This data-parallel rank's micro-batches from ``consumed`` samples on, collated in the loader's workers."""
-    sampler = PretrainingSampler(len(batches), consumed, job.data.micro_batch_size, state.get_data_parallel_rank(),
+    sampler = PretrainingSampler(len(batches), consumed, job.training.micro_batch_size, state.get_data_parallel_rank(),
                                  state.get_data_parallel_world_size())
     return BatchStream(batches, sampler, job.data.num_workers, pin_memory=device == "cuda")
 
@@ -109,20 +96,22 @@ def build_model(job: JobConfig, model_cfg: ModelConfig, resume: ckpt.ResumePoint
     """(this rank's chunks, host memory peak of the build or None): only its shard is ever built."""
     par = job.parallel
     layout = RankLayout.from_state(par.virtual_stages(model_cfg.num_layers), par.pipeline_layers)
+    trust = job.checkpoint.trust_checkpoint
     weights = None
     if resume is not None and resume.weights_only:  # a glm-convert output: this rank's file only
         def weights(chunks):
             return ckpt.read_weights_only(resume.load_dir, resume.tag, layout.pp_rank, layout.tp_rank, layout.tp,
-                                          job.checkpoint.trust)
+                                          trust)
     elif resume is not None and resume.universal:  # this rank's parameters' files, sliced to its TP shard
-        weights = universal.reader_for(resume, layout, model_cfg.geglu, job.checkpoint.trust).weights
+        weights = universal.reader_for(resume, layout, model_cfg.geglu, trust).weights
     torch.nn.init.normal_(torch.empty(1, device="meta"))  # the meta kernels' one-time imports (~150 MB), not weights
     reset_host_peak()
     before = host_memory()
-    chunks = build_rank_model(model_cfg, layout, job.seed, par.sequence_parallel, par.recompute, job.attention_impl,
-                              weights=weights)
+    impl = job.settings.implementation
+    chunks = build_rank_model(model_cfg, layout, job.training.seed, par.sequence_parallel, par.recompute,
+                              impl.attention_impl, weights=weights)
     for chunk in chunks:
-        apply_layernorm_impl(chunk, job.layernorm_impl)
+        apply_layernorm_impl(chunk, impl.layernorm_impl)
     after = host_memory()
     return chunks, (after["peak_rss_bytes"] - before["rss_bytes"]) if after else None
 
@@ -130,13 +119,14 @@ def build_model(job: JobConfig, model_cfg: ModelConfig, resume: ckpt.ResumePoint
 def build_tasks(job: JobConfig, tokenizer: GLMTokenizer) -> list[tuple]:
     """``--eval-tasks``: (name, kind, rows, labels) each, rows at most a training sequence long."""
     return [(eval_tasks.task_name(kind, path), kind, *eval_tasks.build(kind, path, tokenizer, job.data.seq_length,
-                                                                         job.seed))
+                                                                         job.training.seed))
             for kind, path in job.logging.eval_tasks]
 
 
 def build_metrics(job: JobConfig, rank: int) -> MetricsLogger:
     log = job.logging
-    return MetricsLogger(log.log_dir, log.tensorboard, log.wandb_project, job.flags, rank == 0, log.tensorboard_dir)
+    return MetricsLogger(job.log_dir, log.tensorboard or bool(log.tensorboard_dir), log.wandb_project,
+                         job.settings.record(), rank == 0, log.tensorboard_dir)
 
 
 def seed_everything(seed: int) -> None:
@@ -158,16 +148,13 @@ def resumed_schedule(job: JobConfig, resume: ckpt.ResumePoint | None) -> tuple[J
     saved = resume.meta.get("lr_schedule") if resume and job.checkpoint.load_optim and not resume.finetune else None
     if not saved:  # the schedule starts afresh (or an older checkpoint recorded none)
         return job, False
-    now = job.optimizer.schedule_record()
+    now = job.schedule.record()
     diffs = schedule_differences(saved, now)
     if not diffs or job.checkpoint.schedule_from == "flags":
         return job, bool(diffs)
     if job.checkpoint.schedule_from == "checkpoint" and saved["counts"] == now["counts"]:
         logger.info(f"continuing {resume}'s lr schedule (--use-checkpoint-opt_param-scheduler): {'; '.join(diffs)}")
-        return dataclasses.replace(job, optimizer=dataclasses.replace(
-            job.optimizer, lr=saved["lr"], min_lr=saved["min_lr"], decay_style=saved["decay_style"],
-            warmup_iters=saved["warmup"], decay_iters=saved["decay"], wsd_decay_iters=saved["wsd_decay"],
-            wsd_style=saved["wsd_style"])), False
+        return dataclasses.replace(job, schedule=job.schedule.following(saved)), False
     raise ckpt.CheckpointError(
         f"{resume} was trained on another lr schedule: {'; '.join(diffs)}. Pass the checkpoint's values, or say "
         "which schedule wins: --use-checkpoint-opt_param-scheduler continues the checkpoint's, "
@@ -192,8 +179,8 @@ class Trainer:
     def __init__(self, job: JobConfig):
         self.job = job
         self.started = time.monotonic()  # --exit-duration-in-mins counts from here (set-up included)
-        self.device = resolve_device(job)
-        for flag, folder in (("--save", job.checkpoint.save), ("--log-dir", job.logging.log_dir)):
+        self.device = job.device
+        for flag, folder in (("--save", job.checkpoint.save), ("--log-dir", job.log_dir)):
             if folder:
                 check_writable(flag, folder)
         self.meter = None
@@ -202,72 +189,74 @@ class Trainer:
 
             self.meter = MemoryMeter(self.device)
         par = job.parallel
-        self.tokenizer = GLMTokenizer(job.data.tokenizer.resolved())
-        self.model_cfg = job.model_config(self.tokenizer.padded_vocab_size(par.tensor, job.vocab_multiple))
+        self.tokenizer = GLMTokenizer(job.settings.tokenizer.resolved())
+        self.tp, self.pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+        self.model_cfg = job.model_config(self.tokenizer.padded_vocab_size(self.tp, par.make_vocab_size_divisible_by))
         self.tasks = build_tasks(job, self.tokenizer)  # a task file that cannot be read fails here, before any work
         self.resume = ckpt.find_resume(job.checkpoint.load, job.checkpoint.save, self.model_cfg,
-                                       self.tokenizer.fingerprint(), par.tensor, par.pipeline, job.checkpoint.finetune)
+                                       self.tokenizer.fingerprint(), self.tp, self.pp, job.checkpoint.finetune)
         job, self.follow_flags_schedule = resumed_schedule(job, self.resume)
         self.job = job
-        init_distributed(self.device, par.tensor, par.pipeline, self.model_cfg)
+        init_distributed(self.device, self.tp, self.pp, self.model_cfg)
         import torch.distributed as dist
 
         self.rank = dist.get_rank()
         self.vpp = par.virtual_stages(self.model_cfg.num_layers)
-        self.grad_accum = job.data.global_batch_size // (job.data.micro_batch_size
-                                                         * state.get_data_parallel_world_size())
+        self.grad_accum = job.global_batch_size // (job.training.micro_batch_size
+                                                    * state.get_data_parallel_world_size())
         self.train_batches, self.valid_batches = build_data(job, self.tokenizer, self.model_cfg.vocab_size)
         if self.valid_batches is None and job.logging.eval_interval <= job.train_iters:
             logger.warning(f"--split {job.data.split} leaves no validation data, so the validation every "
                            f"--eval-interval {job.logging.eval_interval} iterations measures nothing: give the split "
                            "a validation share (e.g. 98,2,0)")
 
-        seed_everything(job.seed)
-        kernels.set_backend(job.kernels)
+        seed_everything(job.training.seed)
+        kernels.set_backend(job.settings.implementation.kernels)
         self.chunks, self.setup_peak = build_model(job, self.model_cfg, self.resume)
         self.module = (self.chunks[0] if len(self.chunks) == 1 else torch.nn.ModuleList(self.chunks)).to(self.device)
         state.mark_for_gradient_norm(self.module.parameters())
         self.rank_weight_bytes = sum(p.numel() * p.element_size() for p in self.module.parameters())
         # one engine.backward per micro-batch and chunk: that is the engine's accumulation count
         self.engine = build_engine(job, self.module, self.grad_accum * len(self.chunks))
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(job.precision, torch.float32)
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(job.training.precision, torch.float32)
         self.tied = TiedEmbedding(self.chunks, self.dtype)
         self.iteration, self.consumed = self._restore() if self.resume else (0, 0)
         self.tied.broadcast_weight()
-        seq_local = job.data.seq_length // par.tensor if par.sequence_parallel else job.data.seq_length
+        seq_local = job.data.seq_length // self.tp if par.sequence_parallel else job.data.seq_length
         self.runner = StepRunner(self.engine, self.chunks, self.tied, self.vpp,
-                                 (job.data.micro_batch_size, seq_local, self.model_cfg.hidden_size), self.dtype,
+                                 (job.training.micro_batch_size, seq_local, self.model_cfg.hidden_size), self.dtype,
                                  self.device)
         if self.meter:
             self.meter.mark()
 
-        self.save_lock = lock_save_folder(job.checkpoint.save, self.rank)  # before anything is written there
+        self.save_lock = ckpt.lock_save_folder(job.checkpoint.save, self.rank)  # before anything is written there
         self.log = build_metrics(job, self.rank)
         self._announce()
-        self.checkpointer = ckpt.Checkpointer(job.checkpoint.save, job.checkpoint.interval, job.checkpoint.keep_last,
-                                              self._checkpoint_meta(), self.rank, self.resume,
-                                              job.checkpoint.asynchronous)
+        self.checkpointer = ckpt.Checkpointer(job.checkpoint.save, job.checkpoint.save_interval,
+                                              job.checkpoint.keep_last, self._checkpoint_meta(), self.rank,
+                                              self.resume, job.checkpoint.async_save)
         self.stream = build_loader(job, self.train_batches, self.consumed, self.device)
         cfg = self.model_cfg
         self.speed = Throughput(job.data.seq_length,
                                 flops_per_token(cfg.num_layers, cfg.hidden_size, job.data.seq_length, cfg.vocab_size),
                                 job.train_iters, self.iteration, self.consumed)
-        minutes = job.logging.exit_duration_mins
-        self.preemption = Preemption(job.logging.stop_file, self.device, self.rank,
+        minutes = job.training.exit_duration_in_mins
+        self.preemption = Preemption(job.training.stop_file, self.device, self.rank,
                                      self.started + 60.0 * minutes if minutes else None)
 
     def _restore(self) -> tuple[int, int]:
         """(iteration, consumed samples) of the resume point, its state restored into the engine."""
         job, resume = self.job, self.resume
         ckpt.check_data_parallel(resume, state.get_data_parallel_world_size(), self.engine.zero_optimization_stage())
-        reader = universal.reader_for(resume, RankLayout.from_state(), self.model_cfg.geglu, job.checkpoint.trust) \
+        trust = job.checkpoint.trust_checkpoint
+        reader = universal.reader_for(resume, RankLayout.from_state(), self.model_cfg.geglu, trust) \
             if resume.universal else None
-        position = ckpt.Checkpointer.load(self.engine, resume, job.checkpoint.trust, job.checkpoint.load_optim,
+        position = ckpt.Checkpointer.load(self.engine, resume, trust, job.checkpoint.load_optim,
                                           job.checkpoint.load_rng, self.chunks, reader)
         serialization.check_finite(((name, getattr(p, "ds_tensor", p)) for name, p in self.module.named_parameters()),
                                    str(resume))
         if self.follow_flags_schedule:
-            switch_schedule(self.engine, job.optimizer.lr)
+            switch_schedule(self.engine, job.schedule.lr)
             logger.info(f"following the flags' lr schedule from iteration {position[0]} "
                         "(--override-opt_param-scheduler)")
         return position
@@ -275,7 +264,7 @@ class Trainer:
     # -- set-up reports ---------------------------------------------------------------------
     def _announce(self) -> None:
         job, cfg, par = self.job, self.model_cfg, self.job.parallel
-        n_params = count_parameters(cfg, par.tensor)
+        n_params = count_parameters(cfg, self.tp)
         world = state.get_data_parallel_world_size()
         resumed = f"; resumed from {self.resume} at iteration {self.iteration}" if self.resume else ""
         notes, resume = [], self.resume
@@ -285,15 +274,15 @@ class Trainer:
             if resume.universal:
                 meta = resume.meta
                 saved = (meta.get("tensor_model_parallel_size", 1), meta.get("pipeline_model_parallel_size", 1))
-                stage = meta.get("args", {}).get("zero_stage", 0)
+                stage = ckpt.settings_of(meta).parallel.zero_stage
                 notes.append(f"universal checkpoint of a TP {saved[0]} x PP {saved[1]} x DP "
                              f"{meta.get('data_parallel_size', '?')} ZeRO-{stage} run")
-                if saved != (par.tensor, par.pipeline) and job.checkpoint.load_rng:
-                    notes.append(f"random state from --seed {job.seed} (another TP x PP)")
+                if saved != (self.tp, self.pp) and job.checkpoint.load_rng:
+                    notes.append(f"random state from --seed {job.training.seed} (another TP x PP)")
             if resume.weights_only or not job.checkpoint.load_optim:
                 notes.append("the optimizer state and lr schedule start fresh")
             if resume.weights_only or not job.checkpoint.load_rng:
-                notes.append(f"random state from --seed {job.seed}")
+                notes.append(f"random state from --seed {job.training.seed}")
         converted = f" ({'; '.join(notes)})" if notes else ""
         if self.resume and self.resume.finetune:
             resumed = f"; fine-tuning from {self.resume}'s weights (iteration, data, optimizer and RNG start fresh)"
@@ -301,9 +290,9 @@ class Trainer:
         logger.info(
             f"glm-pretrain: {n_params / 1e6:.2f} M parameters (this TP rank's share), {cfg.num_layers} layers, "
             f"hidden {cfg.hidden_size}, vocab {cfg.vocab_size} (padded), seq {job.data.seq_length}, global batch "
-            f"{job.data.global_batch_size} = {job.data.micro_batch_size} x {self.grad_accum} accumulation x {world} "
-            f"data-parallel ranks{ramp}, TP {par.tensor}{' + sequence parallel' if par.sequence_parallel else ''}, "
-            f"PP {par.pipeline}{f' x {self.vpp} virtual' if self.vpp > 1 else ''}, "
+            f"{job.global_batch_size} = {job.training.micro_batch_size} x {self.grad_accum} accumulation x {world} "
+            f"data-parallel ranks{ramp}, TP {self.tp}{' + sequence parallel' if par.sequence_parallel else ''}, "
+            f"PP {self.pp}{f' x {self.vpp} virtual' if self.vpp > 1 else ''}, "
             # read back from the engine: what a --deepspeed-config made of the flags
             f"ZeRO {self.engine.zero_optimization_stage()}, clip {self.engine.gradient_clipping()}, "
             f"{'bf16' if self.engine.bfloat16_enabled() else 'fp16' if self.engine.fp16_enabled() else 'fp32'}, "
@@ -315,12 +304,13 @@ class Trainer:
     def _checkpoint_meta(self) -> dict:
         job, cfg, par = self.job, self.model_cfg, self.job.parallel
         explicit = list(par.pipeline_layers) if par.pipeline_layers else None
-        stages = partition_layers(cfg.num_layers, par.pipeline, self.vpp, explicit)
+        stages = partition_layers(cfg.num_layers, self.pp, self.vpp, explicit)
         return {"model": cfg.to_dict(), "tokenizer": self.tokenizer.describe(), "seq_length": job.data.seq_length,
-                "tensor_model_parallel_size": par.tensor, "pipeline_model_parallel_size": par.pipeline,
+                "tensor_model_parallel_size": self.tp, "pipeline_model_parallel_size": self.pp,
                 "data_parallel_size": state.get_data_parallel_world_size(),
                 "pipeline_layers": [[[r.start, r.stop] for r in stage] for stage in stages],
-                "lr_schedule": job.optimizer.schedule_record(), "args": job.flags}
+                "global_batch_size": job.global_batch_size, "train_iters": job.train_iters,
+                "lr_schedule": job.schedule.record(), "settings": job.settings.record()}
 
     # -- steps ------------------------------------------------------------------------------
     def _to_device(self, batch: dict) -> dict:
@@ -330,7 +320,7 @@ class Trainer:
         """One optimizer step over the next global batch; its values (losses, norm, lr, data wait, ...)."""
         batches, data_wait = [], 0.0
         batch_size = self.job.batches.size_at(self.consumed)  # below --global-batch-size while ramping up
-        for _ in range(batch_size // (self.job.data.micro_batch_size * state.get_data_parallel_world_size())):
+        for _ in range(batch_size // (self.job.training.micro_batch_size * state.get_data_parallel_world_size())):
             batch, waited = self.stream.next()
             batches.append(self._to_device(batch))
             data_wait += waited
@@ -338,7 +328,7 @@ class Trainer:
         self.iteration += 1
         self.consumed += batch_size
         loss = float("nan") if faults.nan_loss_at(self.iteration) else values["lm_loss"]
-        if not math.isfinite(loss) and self.job.precision != "fp16":
+        if not math.isfinite(loss) and self.job.training.precision != "fp16":
             save = self.job.checkpoint.save
             newest = ckpt.resume_tag(save) if save else None
             where = f"the newest checkpoint is {save}/{newest}" if newest else \
@@ -350,7 +340,7 @@ class Trainer:
         values.update({"data_wait_ms": 1000.0 * data_wait, "lr": self.engine.get_lr()[0],
                        "consumed_samples": self.consumed, "batch_size": batch_size,
                        "skipped_steps": int(getattr(self.engine, "skipped_steps", 0))})
-        if self.job.precision == "fp16":
+        if self.job.training.precision == "fp16":
             scale = getattr(self.engine.optimizer, "cur_scale", None)
             values["loss_scale"] = float(scale) if scale is not None else None
         return values
@@ -358,7 +348,7 @@ class Trainer:
     def evaluate(self) -> float:
         """Mean loss per token over the first ``--eval-iters`` global batches of the validation split (Megatron's
         count; the same samples every time), each data-parallel rank taking its share as in training."""
-        sampler = PretrainingSampler(len(self.valid_batches), 0, self.job.data.micro_batch_size,
+        sampler = PretrainingSampler(len(self.valid_batches), 0, self.job.training.micro_batch_size,
                                      state.get_data_parallel_rank(), state.get_data_parallel_world_size())
         micro_batches = itertools.islice(iter(sampler), self.job.logging.eval_iters * self.grad_accum)
         return self.runner.evaluate([self._to_device(collate_now(self.valid_batches, indices))
@@ -369,10 +359,10 @@ class Trainer:
         replicas (as many on each: ZeRO-3 gathers in every forward; padded with rows that score nothing), scored on
         the last stage, summed everywhere."""
         out = {}
-        mb, seq = self.job.data.micro_batch_size, self.job.data.seq_length
+        mb, seq = self.job.training.micro_batch_size, self.job.data.seq_length
         dp, dp_rank = state.get_data_parallel_world_size(), state.get_data_parallel_rank()
         for name, kind, rows, labels in self.tasks:
-            unit = dp * (self.job.parallel.pipeline if self.vpp > 1 else 1)  # the interleaved schedule's multiple
+            unit = dp * (self.pp if self.vpp > 1 else 1)  # the interleaved schedule's multiple
             count = math.ceil(math.ceil(len(rows) / mb) / unit) * unit
             mine = list(range(dp_rank, count, dp))
             batches = [self._to_device({k: torch.from_numpy(v) for k, v in eval_tasks.layout(
@@ -381,7 +371,7 @@ class Trainer:
             full = torch.zeros(count * mb, 3, dtype=torch.float64)
             for k, s in zip(mine, scores or []):
                 full[k * mb:(k + 1) * mb] = s.double().cpu()
-            for size, group in ((dp, state.get_data_parallel_group), (self.job.parallel.pipeline,
+            for size, group in ((dp, state.get_data_parallel_group), (self.pp,
                                                                       state.get_pipeline_model_parallel_group)):
                 if size > 1:
                     torch.distributed.all_reduce(full, group=group())
@@ -436,7 +426,7 @@ class Trainer:
         self.engine.train()
         while self.iteration < job.train_iters:
             values = self.train_step()
-            if self.iteration % job.logging.interval == 0 or self.iteration == job.train_iters:
+            if self.iteration % job.logging.log_interval == 0 or self.iteration == job.train_iters:
                 values.update(self.speed.report(self.iteration, self.consumed))
                 logger.info(self._console_line(values))
             if self.valid_batches is not None and self.iteration % job.logging.eval_interval == 0:
@@ -453,7 +443,7 @@ class Trainer:
                 self._save()
             hold = faults.holds_after(self.iteration)
             reason = self.preemption.wait() if hold else self.preemption.requested()
-            interval = job.logging.exit_interval
+            interval = job.training.exit_interval
             if not reason and interval and self.iteration % interval == 0:
                 reason = "--exit-interval"
             if reason and self.iteration < job.train_iters:
@@ -464,12 +454,12 @@ class Trainer:
         if self.meter:
             from megatron_glm.training.memory import write_report
 
-            write_report(job.logging.log_dir, self.rank, self.meter.finish(),
+            write_report(job.log_dir, self.rank, self.meter.finish(),
                          {"tp_rank": state.get_tensor_model_parallel_rank(),
                           "pp_rank": state.get_pipeline_model_parallel_rank(),
                           "dp_rank": state.get_data_parallel_rank(),
                           "setup_host_peak_bytes": self.setup_peak, "rank_weight_bytes": self.rank_weight_bytes})
-        whole = self.chunks[0] if len(self.chunks) == 1 and job.parallel.pipeline == 1 else None
+        whole = self.chunks[0] if len(self.chunks) == 1 and self.pp == 1 else None
         return {"iteration": self.iteration, "losses": history, "model": whole, "tokenizer": self.tokenizer,
                 "exit_code": exit_code}
 

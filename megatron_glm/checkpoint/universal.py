@@ -15,9 +15,11 @@ import os
 import torch
 
 from megatron_glm import serialization
+from megatron_glm.checkpoint.format import CheckpointError
+from megatron_glm.checkpoint.rng import restore_rng
 from megatron_glm.model.parallelize import partition_of
+from megatron_glm.parallel import state as parallel_state
 from megatron_glm.parallel.tensor_parallel import shard_tensor
-from megatron_glm.training.checkpoint import CheckpointError
 
 PARAM = "param"  # the tensor's key in a universal parameter file (DeepSpeed's)
 STATES = ("fp32", "exp_avg", "exp_avg_sq")
@@ -139,22 +141,11 @@ def load(engine, chunks, reader: UniversalReader, resume, optimizer: bool = True
     """The training state after the weights: optimizer and schedule unless ``optimizer`` is False
     (``--no-load-optim``), and RNG when the layout is the one it was saved on (otherwise the
     streams of ``--seed``: a TP rank's dropout stream has no counterpart on another TP size)."""
-    from megatron_glm.training import checkpoint as ckpt
-
     if optimizer:
         restore_optimizer(engine, chunks, reader, resume.meta)
-    pp, tp, dp = ckpt.position()
     meta = resume.meta
-    same = (meta.get("tensor_model_parallel_size", 1), meta.get("pipeline_model_parallel_size", 1)) == \
-        (reader.tp, _pipeline_size())
+    pp = parallel_state.get_pipeline_model_parallel_world_size() if parallel_state.model_parallel_is_initialized() \
+        else 1
+    same = (meta.get("tensor_model_parallel_size", 1), meta.get("pipeline_model_parallel_size", 1)) == (reader.tp, pp)
     if rng and same:
-        path = ckpt.rng_file(reader.folder, pp, tp, dp)
-        path = path if os.path.exists(path) else ckpt.rng_file(reader.folder, pp, tp, 0)
-        if os.path.exists(path):
-            ckpt.set_rng_state(serialization.load(path, trust=reader.trust))
-
-
-def _pipeline_size() -> int:
-    from megatron_glm.parallel import state
-
-    return state.get_pipeline_model_parallel_world_size() if state.model_parallel_is_initialized() else 1
+        restore_rng(reader.folder, reader.trust, required=False)

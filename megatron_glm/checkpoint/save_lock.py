@@ -15,7 +15,7 @@ import os
 import socket
 import time
 
-from megatron_glm.training.checkpoint import LOCK, CheckpointError
+from megatron_glm.checkpoint.format import LOCK, CheckpointError
 
 
 class SaveLock:
