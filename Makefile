@@ -10,7 +10,7 @@ LOCK := constraints.txt
 # make test-latest and make lock resolve the newest releases here, away from $(VENV)
 LATEST ?= .venv-latest
 
-.PHONY: install lint test test-latest lock demo bench clean
+.PHONY: install lint format test test-fast test-latest lock demo bench clean
 
 # $(1): the venv; $(2): the constraints (none: the newest releases), which also pin the setuptools that builds
 # our editable install (the venv's first pip predates --build-constraint)
@@ -28,12 +28,23 @@ $(VENV)/.installed: setup.py $(LOCK)
 install: $(VENV)/.installed
 
 lint: install
+	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/hadolint Dockerfile
+
+# the formatter (line length 100, ruff.toml) over the tree: make lint refuses unformatted code
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 # two pytest-xdist workers, a test file each: most tests wait on the processes they start
 test: install
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+
+# The quick lane while developing: the suite without the tests marked slow (multi-process training, launchers,
+# kernels in the interpreter). make test stays the whole suite.
+test-fast: install
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 # The suite on the newest releases of everything, in a scratch venv: drift found on purpose. The one test left out
 # is the one that holds an environment to the lock, which this one is not.

@@ -28,6 +28,19 @@ import sys
 
 import numpy as np
 import torch
+import torch.distributed as dist
+
+from megatron_glm.checkpoint import CheckpointError, settings_of
+from megatron_glm.convert.layout import ConversionError
+from megatron_glm.data import eval_tasks
+from megatron_glm.data.blank_infilling import OBJECTIVES, BlankInfillingCollator, SpecialIds, sentence_end_ids
+from megatron_glm.data.blended_dataset import build_train_valid_test_datasets
+from megatron_glm.data.eval_tasks import argparse_spec, task_name
+from megatron_glm.data.loader import MicroBatches, collate_now
+from megatron_glm.data.tokenizer import TokenizerError, add_tokenizer_args, spec_from_args
+from megatron_glm.generate import load_for_inference
+from megatron_glm.parallel import state
+from megatron_glm.parallel.state import discover_launch, exit_without_teardown
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +55,6 @@ def score(model, batches: list[dict], device: str) -> np.ndarray:
     Batch ``k`` runs on rank ``k % world``; every rank returns all rows (an all-reduce of sums
     over zeros, exact), in the order of the batches.
     """
-    import torch.distributed as dist
 
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
     sizes = [len(b["tokens"]) for b in batches]
@@ -60,7 +72,6 @@ def score(model, batches: list[dict], device: str) -> np.ndarray:
 
 
 def task_metrics(model, tokenizer, kind: str, path: str, batch_size: int, device: str, seed: int) -> dict:
-    from megatron_glm.data import eval_tasks
 
     rows, labels = eval_tasks.build(kind, path, tokenizer, model.cfg.max_position_embeddings, seed)
     batches = [eval_tasks.layout(rows[i:i + batch_size], max(map(len, rows[i:i + batch_size])), tokenizer.pad_id)
@@ -71,10 +82,6 @@ def task_metrics(model, tokenizer, kind: str, path: str, batch_size: int, device
 def lm_metrics(model, tokenizer, meta: dict, samples: int, batch_size: int, device: str, data_path=None,
                cache=None) -> dict:
     """Loss and perplexity per objective on the first ``samples`` of the validation split."""
-    from megatron_glm.checkpoint import settings_of
-    from megatron_glm.data.blank_infilling import OBJECTIVES, BlankInfillingCollator, SpecialIds, sentence_end_ids
-    from megatron_glm.data.blended_dataset import build_train_valid_test_datasets
-    from megatron_glm.data.loader import MicroBatches, collate_now
 
     run = settings_of(meta)  # the split, sequence length, seed and objective it was trained with
     paths = data_path or run.data.data_path
@@ -105,8 +112,6 @@ def lm_metrics(model, tokenizer, meta: dict, samples: int, batch_size: int, devi
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from megatron_glm.data.eval_tasks import argparse_spec
-    from megatron_glm.data.tokenizer import add_tokenizer_args
 
     p = argparse.ArgumentParser(prog="glm-eval", description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -127,8 +132,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def evaluate(args) -> dict:
-    from megatron_glm.data.tokenizer import spec_from_args
-    from megatron_glm.generate import load_for_inference
 
     if not args.task and not args.lm_samples:
         raise EvalError("nothing to evaluate: give --task KIND:FILE and/or --lm-samples N")
@@ -139,7 +142,6 @@ def evaluate(args) -> dict:
     spec = spec_from_args(args) if (args.tokenizer_model or args.vocab_file) else None
     model, tokenizer, meta = load_for_inference(args.load, args.device, spec, args.trust_checkpoint)
     results = {"checkpoint": os.path.abspath(args.load), "iteration": meta.get("iteration"), "tasks": {}}
-    from megatron_glm.data.eval_tasks import task_name
 
     for kind, path in args.task:
         results["tasks"][task_name(kind, path)] = task_metrics(model, tokenizer, kind, path, args.batch_size,
@@ -159,17 +161,11 @@ def report(results: dict) -> str:
 
 
 def main(argv=None) -> int:
-    import torch.distributed as dist
 
-    from megatron_glm.checkpoint import CheckpointError
-    from megatron_glm.convert.layout import ConversionError
-    from megatron_glm.data.tokenizer import TokenizerError
-    from megatron_glm.parallel.state import discover_launch
 
     args = build_parser().parse_args(argv)
     launch = discover_launch()
     if launch.world_size > 1:  # data parallel: every rank holds the whole model
-        from megatron_glm.parallel import state
 
         state.initialize_model_parallel(tp=1, pp=1, backend="gloo")
     try:
@@ -191,7 +187,6 @@ def main(argv=None) -> int:
 
 def cli() -> None:
     """The ``glm-eval`` command: ``main``, then leave without the interpreter's teardown (gloo's threads)."""
-    from megatron_glm.parallel.state import exit_without_teardown
 
     exit_without_teardown(main())
 

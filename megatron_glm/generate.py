@@ -7,13 +7,17 @@ import sys
 
 import torch
 
+from megatron_glm.checkpoint import load_model_weights
+from megatron_glm.config import ModelConfig
+from megatron_glm.convert.readers import detect_format, read_hf
+from megatron_glm.data.tokenizer import GLMTokenizer, TokenizerSpec, add_tokenizer_args, spec_from_args
 from megatron_glm.model.generation import GenerationConfig, fill_blanks, prompt_problem
 from megatron_glm.model.glm import GLMModel
+from megatron_glm.serialization import check_finite
 
 
 def spec_of(recorded: dict | None):
     """The tokenizer a checkpoint records (its type and files) as a ``TokenizerSpec``."""
-    from megatron_glm.data.tokenizer import TokenizerSpec
 
     if not recorded or not recorded.get("files"):
         raise ValueError("the checkpoint records no tokenizer: pass --tokenizer-model (or --vocab-file)")
@@ -28,11 +32,6 @@ def load_for_inference(path: str, device: str = "cpu", tokenizer_spec=None, trus
     """``(model, tokenizer, meta)`` from a glm-pretrain checkpoint (any layout, shards merged; a folder or
     one ``iter_N`` in it) or an export-hf folder. A tokenizer given by flags must be the one the checkpoint
     records (its fingerprint), or it is refused."""
-    from megatron_glm.checkpoint import load_model_weights
-    from megatron_glm.config import ModelConfig
-    from megatron_glm.convert.readers import detect_format, read_hf
-    from megatron_glm.data.tokenizer import GLMTokenizer
-    from megatron_glm.serialization import check_finite
 
     fmt = detect_format(path)
     if fmt == "thudm":
@@ -59,7 +58,6 @@ def load_for_inference(path: str, device: str = "cpu", tokenizer_spec=None, trus
 
 
 def main(argv=None) -> int:
-    from megatron_glm.data.tokenizer import add_tokenizer_args, spec_from_args
 
     p = argparse.ArgumentParser(prog="glm-generate", description="Fill [MASK]/[sMASK]/[gMASK] blanks with a GLM.",
                                 allow_abbrev=False)

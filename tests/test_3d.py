@@ -59,6 +59,7 @@ LAYOUTS = {
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
+@pytest.mark.slow
 def test_layout_equals_one_process(tmp_path, data, single, name):
     import torch
 
@@ -91,6 +92,7 @@ def test_layout_equals_one_process(tmp_path, data, single, name):
         torch.testing.assert_close(merged[key], reference[key], atol=1e-4, rtol=1e-3, msg=key)
 
 
+@pytest.mark.slow
 def test_kill_and_resume_on_a_3d_layout(tmp_path, data):
     """--async-save on DP2 x TP2 x PP2 (ZeRO-1): the save of step 2 is written only after step 3 has changed every
     rank's weights and partitions (async:late), then rank 0 is killed after the rename, before `latest`. The
@@ -123,12 +125,14 @@ def test_kill_and_resume_on_a_3d_layout(tmp_path, data):
     (["--pipeline-model-parallel-size", "2", "--pipeline-layers", "3", "2"], "--pipeline-layers"),
     (["--pipeline-model-parallel-size", "3"], "not a multiple of"),
 ])
+@pytest.mark.slow
 def test_impossible_layouts_fail_before_work(tmp_path, data, extra, message):
     result = launch_pretrain(2, argv(data, str(tmp_path / "log"), extra=extra))
     assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
     assert not os.path.exists(tmp_path / "log")
 
 
+@pytest.mark.slow
 def test_bf16_pipeline_tracks_bf16_one_process(tmp_path, data):
     """bf16 runs without a loss scaler; PP=2 follows the one-process bf16 run (same optimizer path)."""
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
@@ -152,6 +156,7 @@ def test_fp16_survives_an_injected_overflow(tmp_path, data):
     assert all(r["lm_loss"] < 100 for r in (seen[2], seen[3])), "training goes on"
 
 
+@pytest.mark.slow
 def test_resume_with_another_data_parallel_size(tmp_path, data):
     """Saved on one process, resumed on two (ZeRO-0): the same samples, the same losses."""
     clean = str(tmp_path / "clean")
@@ -168,6 +173,7 @@ def test_resume_with_another_data_parallel_size(tmp_path, data):
         assert r["consumed_samples"] == 8 * r["iteration"]
 
 
+@pytest.mark.slow
 def test_kill_and_resume_with_dropout_under_tensor_parallelism(tmp_path, data):
     """Dropout on split heads draws from the TP tracker's RNG: it is checkpointed too (bitwise resume)."""
     extra = ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--hidden-dropout", "0.1",
@@ -183,6 +189,7 @@ def test_kill_and_resume_with_dropout_under_tensor_parallelism(tmp_path, data):
         assert r["lm_loss"] == reference[r["iteration"]], r["iteration"]
 
 
+@pytest.mark.slow
 def test_embedding_gradient_shrink_under_tp_and_pp(tmp_path, data, single):
     """--embedding-gradient-shrink-alpha on TP2xPP2 (vocab-parallel lookup, tied copy on the last stage) equals
     one process with the same flag, and changes training (so the flag reaches the model)."""
@@ -247,6 +254,7 @@ NEW_LAYOUTS = {
 
 
 @pytest.mark.parametrize("name", list(NEW_LAYOUTS))
+@pytest.mark.slow
 def test_a_universal_checkpoint_resumes_on_another_layout_as_if_uninterrupted(tmp_path, data, tp2pp2, name):
     """4 steps on TP2xPP2 (ZeRO-1), converted, 4 more on another TP x PP x DP (and ZeRO stage): steps 5-8 are the
     uninterrupted run's, which they could not be with a fresh optimizer or schedule."""
@@ -257,6 +265,7 @@ def test_a_universal_checkpoint_resumes_on_another_layout_as_if_uninterrupted(tm
     assert_continues(result, out, reference)
 
 
+@pytest.mark.slow
 def test_zero3_to_zero1_through_a_universal_checkpoint(tmp_path_factory, tmp_path, data):
     reference, universal = uninterrupted(tmp_path_factory, data, "zero3", 2, ["--zero-stage", "3"])
     out = str(tmp_path / "zero1")
@@ -265,6 +274,7 @@ def test_zero3_to_zero1_through_a_universal_checkpoint(tmp_path_factory, tmp_pat
     assert_continues(result, out, reference)
 
 
+@pytest.mark.slow
 def test_zero0_through_a_universal_checkpoint_to_two_replicas(tmp_path_factory, tmp_path, data):
     """Without ZeRO the moments sit in each rank's model file (the optimizer's parameter order), and go back into
     the optimizer keyed by parameter: one process's run, converted, continues on DP2 as if uninterrupted."""
@@ -298,6 +308,7 @@ def _state_after_resume(rank, world, argv_):
     return result
 
 
+@pytest.mark.slow
 def test_the_moments_right_after_a_universal_resume_are_the_merged_originals(tmp_path, data, tp2pp2):
     """On DP2 ZeRO-1 the engine's fp32 masters and moments equal the files (merged from TP2xPP2's partitions)."""
     from tests.helpers import spawn

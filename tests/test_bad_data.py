@@ -82,6 +82,7 @@ def pretrain(dataset, tmp_path):
                           text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_glm_pretrain_names_a_corrupt_index_in_one_line(dataset, tmp_path):
     prefix, _ = dataset
     with open(prefix + ".idx", "r+b") as f:  # one length in the middle set to 2^31 - 1

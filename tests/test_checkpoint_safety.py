@@ -80,6 +80,7 @@ MODEL, OPTIM, RNG = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_op
 
 
 @pytest.mark.parametrize("name", [MODEL, OPTIM, RNG])
+@pytest.mark.slow
 def test_glm_pretrain_load_refuses_a_malicious_file(tmp_path, data, checkpoint, name):
     marker = tmp_path / "marker"
     folder = copy_with(tmp_path, checkpoint, name, lambda p: poison(p, marker))
@@ -106,6 +107,7 @@ def test_glm_pretrain_refuses_a_malicious_converted_checkpoint(tmp_path, data, c
     assert tree_md5(converted) == before
 
 
+@pytest.mark.slow
 def test_glm_pretrain_load_names_a_corrupt_file(tmp_path, data, checkpoint):
     def truncate(path):
         with open(path, "r+b") as f:
@@ -121,6 +123,7 @@ def test_glm_pretrain_load_names_a_corrupt_file(tmp_path, data, checkpoint):
     one_clear_line(result.stderr, "meta.json is corrupt")
 
 
+@pytest.mark.slow
 def test_glm_generate_refuses_a_malicious_file(tmp_path, checkpoint):
     marker = tmp_path / "marker"
     folder = copy_with(tmp_path, checkpoint, MODEL, lambda p: poison(p, marker))

@@ -49,8 +49,9 @@ def construction_worker(rank, world, load_dir, reference_seed):
     layout = RankLayout.from_state()
     weights = None
     if load_dir:
-        weights = lambda chunks: ckpt.read_weights_only(load_dir, ckpt.resume_tag(load_dir), layout.pp_rank,  # noqa: E731
-                                                 layout.tp_rank, layout.tp)
+        def weights(chunks):
+            return ckpt.read_weights_only(load_dir, ckpt.resume_tag(load_dir), layout.pp_rank, layout.tp_rank,
+                                          layout.tp)
     build_rank_model(ModelConfig(num_layers=2, hidden_size=8, num_attention_heads=2, vocab_size=16), layout, SEED)
     assert reset_host_peak()  # after a tiny build: the meta device's first use imports ~150 MB of libraries (sympy)
     before = host_memory()["rss_bytes"]
@@ -79,12 +80,14 @@ def check(results, cfg_bytes):
     assert sum(len(r["names"]) for r in results if r["coords"][1] == 0) == len(covered)
 
 
+@pytest.mark.slow
 def test_tp2_pp2_ranks_initialise_only_their_shard_bitwise(tmp_path):
     from megatron_glm.config import ModelConfig
 
     check(spawn(construction_worker, 4, tmp_path, None, SEED), full_bytes(ModelConfig(**CFG)))
 
 
+@pytest.mark.slow
 def test_tp2_pp2_ranks_read_only_their_converted_shard(tmp_path):
     from megatron_glm.config import ModelConfig
     from megatron_glm.convert.writers import write_megatron_glm

@@ -89,6 +89,7 @@ def test_reshard_tp2pp2_to_one_and_back_is_exact(tmp_path, tp2pp2):
     assert all(torch.equal(again[n], original[n]) for n in original)
 
 
+@pytest.mark.slow
 def test_converted_checkpoint_resumes_in_glm_pretrain(tmp_path, data, tp2pp2):
     one = str(tmp_path / "one")
     assert convert(["reshard", "--load", tp2pp2, "--save", one]) == 0
@@ -178,6 +179,7 @@ def test_bad_input_is_named_and_nothing_is_written(tmp_path, tp2pp2, capsys):
     assert "mp_rank_01_model_states.pt" in printed and "would write 4 files" in printed and not out.exists()
 
 
+@pytest.mark.slow
 def test_zero_checkpoints_consolidate_to_the_weights(tmp_path, data):
     """ZeRO-1 (whole weights beside the partitions) and ZeRO-3 (partitions only) -> the fp32 weights."""
     runs = {}

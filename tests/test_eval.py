@@ -178,6 +178,7 @@ def glm_eval(argv, nproc=1):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
 
 
+@pytest.mark.slow
 def test_glm_eval_data_parallel_hf_export_and_training_agree(tmp_path, checkpoint, task_files):
     from megatron_glm.convert.cli import main as convert
 
@@ -212,6 +213,7 @@ def test_glm_eval_data_parallel_hf_export_and_training_agree(tmp_path, checkpoin
     ("lambada", [], "holds no items: an empty lambada task file"),
     ("blank", [{"txt": "x"}], "needs a non-empty \"text\""),
 ])
+@pytest.mark.slow
 def test_bad_task_files_are_named(tmp_path, checkpoint, kind, rows, message):
     path = str(tmp_path / "task.jsonl")
     write_jsonl(path, rows)

@@ -206,6 +206,7 @@ def test_bad_exports_are_named(tmp_path, learned, capsys):
     assert "not a megatron-glm export (model_type 'glm')" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_loads_from_the_checkouts_root_beside_our_kernels_folder(learned, tokenizer):
     """Our top-level ``kernels/`` never shadows Hugging Face's ``kernels`` (transformers needs it to load a model).
 

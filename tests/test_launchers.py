@@ -102,6 +102,7 @@ def test_torchrun_launcher_prints_its_command_and_trains(torchrun_run):
     assert os.path.exists(os.path.join(save, f"iter_{ITERS:07d}", "meta.json"))
 
 
+@pytest.mark.slow
 def test_sigterm_saves_exits_for_requeue_and_the_restart_equals_an_uninterrupted_run(tmp_path, data, torchrun_run):
     """One process: SIGTERM mid-run; then the same command again (no --load needed) finishes the run."""
     reference = str(tmp_path / "ref" / "ckpt")
@@ -142,6 +143,7 @@ def fake_slurm(tmp_path, nodes, tasks):
                 FAKE_SLURM_PIDS=str(tmp_path / "pids"))
 
 
+@pytest.mark.slow
 def test_slurm_torchrun_script_rendezvous_preemption_and_requeue(tmp_path, data, torchrun_run):
     """Two 'nodes' (one torchrun each) meet at the c10d rendezvous; USR1 to the batch script -> stop file ->
     every rank saves after the same step -> requeue; the requeued job finishes like the uninterrupted run."""
@@ -172,6 +174,7 @@ def test_slurm_torchrun_script_rendezvous_preemption_and_requeue(tmp_path, data,
         assert ours[it] == pytest.approx(ref[it], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_slurm_srun_script_one_task_per_gpu_and_requeue_on_usr1(tmp_path, data):
     save = str(tmp_path / "ckpt")
     env = env_for(data, save, **fake_slurm(tmp_path, 1, 2))
@@ -191,6 +194,7 @@ def test_slurm_srun_script_one_task_per_gpu_and_requeue_on_usr1(tmp_path, data):
     assert os.path.exists(os.path.join(save, f"iter_{max(losses(save)):07d}", "meta.json"))
 
 
+@pytest.mark.slow
 def test_mpirun_launcher(tmp_path, data):
     save = str(tmp_path / "ckpt")
     env = env_for(data, save, NP="2", MPIRUN="mpiexec", TRAIN_ITERS="2")
@@ -202,6 +206,7 @@ def test_mpirun_launcher(tmp_path, data):
     assert sorted(losses(save)) == [1, 2]
 
 
+@pytest.mark.slow
 def test_deepspeed_launcher_on_localhost(tmp_path, data):
     save = str(tmp_path / "ckpt")
     env = env_for(data, save, NUM_GPUS="2", TRAIN_ITERS="2")

@@ -6,6 +6,7 @@ accuracy computed below (about 0.55), so high accuracy shows that Part B reads P
 sides of the blank through the 2D positions and the GLM mask.
 """
 
+import pytest
 import torch
 
 from megatron_glm.config import ModelConfig
@@ -42,6 +43,7 @@ def one_sided_ceiling() -> float:
     return sum(max((v + 1) / K, 1 / K) for v in range(K)) / K
 
 
+@pytest.mark.slow
 def test_tiny_glm_learns_a_two_sided_blank():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as fast alone; beside two busy cores 44 s, where 2 OpenMP threads passed 300 s

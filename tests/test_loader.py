@@ -111,6 +111,7 @@ def run(argv, fault=""):
                           text=True, timeout=600, env={**os.environ, "MEGATRON_GLM_FAULT": fault})
 
 
+@pytest.mark.slow
 def test_losses_are_bitwise_equal_with_and_without_workers_and_data_wait_is_logged(tmp_path, data):
     losses = {}
     for workers in (0, 2):
@@ -123,6 +124,7 @@ def test_losses_are_bitwise_equal_with_and_without_workers_and_data_wait_is_logg
     assert len(losses[0]) == 6 and losses[0] == losses[2]
 
 
+@pytest.mark.slow
 def test_a_worker_that_dies_stops_the_run_with_the_samples_and_keeps_the_checkpoints(tmp_path, data):
     save = str(tmp_path / "ckpt")
     # sample 17 is in step 5 (samples 16..19): the checkpoints up to step 4 are kept (the loader runs ahead,

@@ -68,6 +68,7 @@ def groups_worker(rank, world):
     return {k: state._STATE[k] for k in ("tp_ranks", "dp_ranks", "pp_ranks", "embedding_ranks")}
 
 
+@pytest.mark.slow
 def test_megatron_rank_order(tmp_path):
     results = spawn(groups_worker, 8, tmp_path)
     assert results[5] == {"tp_ranks": [4, 5], "dp_ranks": [5, 7], "pp_ranks": [1, 5], "embedding_ranks": [1, 5]}
@@ -89,6 +90,7 @@ def check(found, source):
     assert [r["tp_rank"] for r in found] == [0, 1]
 
 
+@pytest.mark.slow
 def test_torchrun(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            PROBE, "2", str(tmp_path)]
@@ -97,6 +99,7 @@ def test_torchrun(tmp_path):
     check(outputs(tmp_path), "torchrun")
 
 
+@pytest.mark.slow
 def test_simulated_slurm_srun(tmp_path):
     """Two tasks as srun starts them: only SLURM_* variables, the master from the node list."""
     port = free_port()
@@ -111,6 +114,7 @@ def test_simulated_slurm_srun(tmp_path):
     check(outputs(tmp_path), "slurm")
 
 
+@pytest.mark.slow
 def test_mpiexec(tmp_path):
     import mpi4py  # noqa: F401  (the test extra installs mpi4py and mpich)
 

@@ -84,6 +84,7 @@ def reference(num_micro):
 
 
 @pytest.mark.parametrize("world, vpp, num_micro", [(2, 1, 5), (4, 1, 6), (2, 2, 4), (2, 2, 2), (4, 2, 8), (2, 4, 6)])
+@pytest.mark.slow
 def test_schedules_equal_one_process(tmp_path, world, vpp, num_micro):
     results = spawn(schedule_worker, world, tmp_path, vpp, num_micro, False)
     ref_losses, ref_grads = reference(num_micro)
@@ -97,6 +98,7 @@ def test_schedules_equal_one_process(tmp_path, world, vpp, num_micro):
     assert sum(1 for op in results[0]["order"] if op[0] == "B") == num_micro * vpp
 
 
+@pytest.mark.slow
 def test_1f1b_keeps_at_most_pp_minus_rank_in_flight(tmp_path):
     results = spawn(schedule_worker, 4, tmp_path, 1, 8, False)
     for rank, r in enumerate(results):
@@ -107,6 +109,7 @@ def test_1f1b_keeps_at_most_pp_minus_rank_in_flight(tmp_path):
         assert peak == 4 - rank, (rank, peak)
 
 
+@pytest.mark.slow
 def test_forward_only(tmp_path):
     results = spawn(schedule_worker, 2, tmp_path, 2, 4, True)
     ref_losses, _ = reference(4)

@@ -115,6 +115,7 @@ RUNS = {  # name: (processes, flags, Layout, precision)
 
 
 @pytest.mark.parametrize("name", list(RUNS))
+@pytest.mark.slow
 def test_estimated_peak_matches_measured_run(tmp_path, data, tokenizer, name):
     nproc, extra, layout, precision = RUNS[name]
     prefix, model = data

@@ -51,6 +51,7 @@ def assert_killed_runs_match(save, reference):
         "keeps the last 2, no temporaries"
 
 
+@pytest.mark.slow
 def test_kill_anywhere_then_resume_equals_an_uninterrupted_run(tmp_path, data, uninterrupted):
     """Killed at every dangerous moment of a save, synchronous or --async-save, and between saves; each attempt
     resumes from the newest complete checkpoint, and every record of every attempt is the uninterrupted run's:
@@ -67,6 +68,29 @@ def test_kill_anywhere_then_resume_equals_an_uninterrupted_run(tmp_path, data, u
         if fault in ("save:staged", "async:writing"):  # the first save never completed: nothing to resume from
             assert "latest" not in os.listdir(save) and not [n for n in os.listdir(save) if n.startswith("iter_")]
     assert "in the background" in result.stdout
+    assert_killed_runs_match(save, uninterrupted)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_the_previous_meta_format_resumes_as_if_uninterrupted(tmp_path, data, uninterrupted):
+    """A checkpoint whose meta.json records the raw flags (``args``, as every checkpoint before the settings
+    sections did, e.g. 4457239's) resumes: its settings are read back from those flags."""
+    from megatron_glm.training.arguments import build_parser
+
+    save = str(tmp_path / "ckpt")
+    assert run(args(data, save), "iteration:5").returncode == -9  # checkpoints at 2 and 4
+    path = os.path.join(save, "iter_0000004", "meta.json")
+    with open(path) as f:
+        meta = json.load(f)
+    for key in ("settings", "global_batch_size", "train_iters"):
+        del meta[key]
+    flags = vars(build_parser().parse_args(args(data, save)))  # what was recorded: the parsed flags
+    meta["args"] = {k: v for k, v in flags.items() if isinstance(v, (int, float, str, bool, list, type(None)))}
+    with open(path, "w") as f:
+        json.dump(meta, f)
+    result = run(args(data, save))
+    assert result.returncode == 0 and "resumed from" in result.stdout and "iteration 4" in result.stdout, \
+        result.stderr[-2000:]
     assert_killed_runs_match(save, uninterrupted)
 
 
@@ -132,6 +156,7 @@ def test_flags_that_cannot_work_together_are_named_before_any_work(tmp_path, dat
         from_args(build_parser().parse_args(args(data, str(tmp_path / "ckpt")) + change), 1)
 
 
+@pytest.mark.slow
 def test_bf16_tensorboard_and_wandb(tmp_path, data):
     """bf16 through the engine tracks fp32 closely; TensorBoard and (offline) wandb get the metrics."""
     fp32 = str(tmp_path / "fp32" / "ckpt")
@@ -159,6 +184,7 @@ def test_bf16_tensorboard_and_wandb(tmp_path, data):
     assert any(name.startswith("offline-run-") for name in runs), runs
 
 
+@pytest.mark.slow
 def test_glm_generate_cli_and_a_mismatched_tokenizer(tmp_path, trained):
     cmd = [sys.executable, "-m", "megatron_glm.generate", "--load", trained, "--max-new-tokens", "4"]
     result = subprocess.run(cmd + ["--text", "Return the [MASK] of the list.", "--strategy", "beam",
@@ -252,6 +278,7 @@ def test_a_deepspeed_json_that_cannot_be_honoured_is_refused(tmp_path, content, 
     assert message in str(e.value)
 
 
+@pytest.mark.slow
 def test_tensor_parallel_pretraining_matches_one_process(tmp_path, data):
     """glm-pretrain under torchrun with TP=2, sequence parallelism and recomputation == one process."""
     from megatron_glm.checkpoint import load_model_weights
@@ -295,6 +322,7 @@ def test_the_banner_and_meta_report_what_a_deepspeed_json_made_of_the_flags(tmp_
     assert settings["parallel"]["zero_stage"] == 1 and settings["optimizer"]["clip_grad"] == 0.5
 
 
+@pytest.mark.slow
 def test_megatrons_exit_flags_save_and_stop_cleanly_and_the_same_command_continues(tmp_path, data):
     save, board = str(tmp_path / "ckpt"), tmp_path / "board"
     extra = ["--exit-interval", "2", "--norm-epsilon", "1e-6", "--make-vocab-size-divisible-by", "256",
@@ -324,6 +352,7 @@ def sample_based(data, save, extra=()):
     return argv
 
 
+@pytest.mark.slow
 def test_train_samples_with_a_batch_ramp_up_resumes_mid_ramp_as_if_uninterrupted(tmp_path, data):
     clean = str(tmp_path / "clean" / "ckpt")
     done = run(sample_based(data, clean))
@@ -362,6 +391,7 @@ def pretrained(tmp_path_factory, data):
     return save, converted
 
 
+@pytest.mark.slow
 def test_no_load_optim_and_rng_take_what_a_converted_checkpoint_gives(tmp_path, data, pretrained):
     save, converted = pretrained
     fresh = str(tmp_path / "fresh" / "ckpt")
@@ -377,6 +407,7 @@ def test_no_load_optim_and_rng_take_what_a_converted_checkpoint_gives(tmp_path, 
         assert (r["lm_loss"], r["grad_norm"], r["lr"]) == (ref["lm_loss"], ref["grad_norm"], ref["lr"])
 
 
+@pytest.mark.slow
 def test_finetune_starts_at_zero_from_the_weights_and_a_restart_resumes_its_own_checkpoint(tmp_path, data, pretrained):
     save, converted = pretrained
     tuned = str(tmp_path / "tuned" / "ckpt")

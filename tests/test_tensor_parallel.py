@@ -85,6 +85,7 @@ def equivalence_worker(rank, world, cases, steps):
 
 
 @pytest.mark.parametrize("world, cases", [(2, list(CASES)), (4, ["plain", "sp", "sp-recompute-block"])])
+@pytest.mark.slow
 def test_tp_equals_single_process(tmp_path, world, cases):
     results = spawn(equivalence_worker, world, tmp_path, cases, 3)
     for name in cases:
@@ -126,6 +127,7 @@ def rng_and_ce_worker(rank, world):
             "grad": (local.grad, logits.grad[..., rank * 64 // world:(rank + 1) * 64 // world])}
 
 
+@pytest.mark.slow
 def test_rng_tracker_and_vocab_parallel_cross_entropy(tmp_path):
     results = spawn(rng_and_ce_worker, 2, tmp_path)
     g = results[0]["gathered"]
@@ -165,6 +167,7 @@ def dropout_worker(rank, world, seed):
     return losses
 
 
+@pytest.mark.slow
 def test_dropout_runs_are_reproducible_from_the_seed(tmp_path):
     first = spawn(dropout_worker, 2, tmp_path / "a", 5)
     again = spawn(dropout_worker, 2, tmp_path / "b", 5)
@@ -201,6 +204,7 @@ def no_collective_worker(rank, world):
     return {"same_modules": {type(m).__name__ for m in model.modules()} == kinds_before, "loss": float(loss.detach())}
 
 
+@pytest.mark.slow
 def test_tp1_is_the_plain_model_and_runs_no_collective(tmp_path):
     (result,) = spawn(no_collective_worker, 1, tmp_path)
     assert result["same_modules"] and result["loss"] > 0

@@ -88,6 +88,7 @@ def test_a_save_folder_that_cannot_be_written(tmp_path, data):
 
 
 @pytest.mark.parametrize("mode", [[], ["--async-save"]], ids=["sync", "async"])
+@pytest.mark.slow
 def test_a_save_that_fails_half_way_names_the_latest_good_checkpoint(tmp_path, data, mode):
     """Writes past 64 KB fail (RLIMIT_FSIZE, as a full disk does for torch's zip writer); the first save is kept.
     A background write's failure ends the run the same way, at the end of the run that waited for it."""
@@ -226,6 +227,7 @@ def test_a_mistyped_load_stops_glm_pretrain_and_an_iteration_folder_is_that_iter
     assert tree_md5(save) == before
 
 
+@pytest.mark.slow
 def test_a_second_run_on_one_save_is_refused_and_a_dead_holder_blocks_nothing(tmp_path, data):
     """Run A saves iterations 1 and 2 and holds (alive); run B on the same --save is refused, naming A, and
     changes nothing. Once A is killed (-9: no clean-up of its own), B runs there."""
@@ -254,6 +256,7 @@ def test_a_second_run_on_one_save_is_refused_and_a_dead_holder_blocks_nothing(tm
     assert [r["iteration"] for r in records(save)] == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_a_resume_on_another_lr_schedule_is_refused_unless_a_flag_says_which_wins(tmp_path, data):
     """Megatron's rule and its two flags. The oracles are uninterrupted runs: the original one, and one trained
     from the start with the new flags (the rate depends on the step alone, not on the weights)."""
@@ -295,6 +298,7 @@ def test_a_resume_on_another_lr_schedule_is_refused_unless_a_flag_says_which_win
     assert tree_md5(original) == before
 
 
+@pytest.mark.slow
 def test_ranks_stop_without_saving_when_torchrun_is_killed(tmp_path, data):
     """kill -9 of torchrun's agent: its ranks, held after step 1 (they would train on), leave; nothing is saved."""
     import psutil
@@ -362,6 +366,7 @@ def test_glm_generate_checks_every_stdin_line_before_filling_any(finished, monke
     assert len(lines) == 2 and lines[0].startswith("first") and lines[1].startswith("third")
 
 
+@pytest.mark.slow
 def test_a_nan_loss_names_what_a_rerun_would_resume(finished, data, tmp_path):
     """A run started from another folder's checkpoint that diverges before its first save: --save holds nothing."""
     _, save = finished

@@ -40,6 +40,12 @@ def rng_file(folder: str, pp: int, tp: int, dp: int) -> str:
     return os.path.join(folder, f"rng_state_pp{pp:02d}_tp{tp:02d}_dp{dp:03d}.pt")
 
 
+def decays(name: str) -> bool:
+    """Whether a parameter takes weight decay: not biases and LayerNorm (Megatron's rule). The optimizer's
+    state in a checkpoint lists the decayed parameters' group first."""
+    return not (name.endswith("bias") or "layernorm" in name)
+
+
 def settings_of(meta: dict) -> Settings:
     """The settings of the run that wrote ``meta`` (older checkpoints: its recorded flags)."""
     return recorded(meta)

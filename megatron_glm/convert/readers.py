@@ -169,15 +169,13 @@ def optimizer_states(path: str, tag: str, meta: dict, trust: bool = False) -> di
 
     if ckpt.settings_of(meta).parallel.zero_stage:
         return {state: _consolidate_zero(path, tag, meta, trust, state) for state in STATES}
-    from megatron_glm.training.engine import decays
-
     folder, tp = os.path.join(path, tag), meta.get("tensor_model_parallel_size", 1)
     ranks: dict[tuple[int, int], dict] = {}
 
     def read(p, t):  # every state of one rank, from one read of its file
         if (p, t) not in ranks:
             module, optimizer = _zero0_rank(folder, p * tp + t, trust)
-            names = [n for n in module if decays(n)] + [n for n in module if not decays(n)]
+            names = [n for n in module if ckpt.decays(n)] + [n for n in module if not ckpt.decays(n)]
             ids = [i for group in optimizer["param_groups"] for i in group["params"]]
             if len(ids) != len(names):
                 raise ConversionError(f"{folder}/mp_rank_{p * tp + t:02d}_model_states.pt: {len(ids)} optimizer "

@@ -7,6 +7,7 @@ The engine owns the optimizer step, gradient accumulation, clipping and mixed pr
 
 from __future__ import annotations
 
+from megatron_glm.checkpoint.format import decays
 from megatron_glm.settings import OPTIMIZER_IMPLS
 from megatron_glm.training.config import JobConfig
 
@@ -56,11 +57,6 @@ def deepspeed_config(job: JobConfig, grad_accum: int, rank_params: int | None = 
         merge = isinstance(value, dict) and isinstance(config.get(key), dict)
         config[key] = {**config[key], **value} if merge else value
     return config
-
-
-def decays(name: str) -> bool:
-    """No weight decay on biases and LayerNorm parameters (Megatron's rule)."""
-    return not (name.endswith("bias") or "layernorm" in name)
 
 
 def param_groups(model, weight_decay: float):

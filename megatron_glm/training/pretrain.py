@@ -7,16 +7,25 @@ from those.
 
 from __future__ import annotations
 
+import faulthandler
 import sys
+
+import torch.distributed as dist
+
+from megatron_glm import logs
+from megatron_glm.checkpoint import CheckpointError
+from megatron_glm.data.indexed import IndexedDatasetError
+from megatron_glm.data.loader import DataError
+from megatron_glm.data.tokenizer import TokenizerError
+from megatron_glm.parallel.state import discover_launch, exit_without_teardown
+from megatron_glm.training.arguments import build_parser
+from megatron_glm.training.config import from_args
+from megatron_glm.training.launcher_watch import watch_launcher
+from megatron_glm.training.trainer import Trainer, TrainingError
 
 
 def pretrain(argv=None) -> dict:
     """Run glm-pretrain; returns a summary (iterations done, last losses, exit status)."""
-    from megatron_glm import logs
-    from megatron_glm.parallel.state import discover_launch
-    from megatron_glm.training.arguments import build_parser
-    from megatron_glm.training.config import from_args
-    from megatron_glm.training.launcher_watch import watch_launcher
 
     args = build_parser().parse_args(argv)
     launch = discover_launch()  # torchrun's variables, Slurm's, MPI's, or one process
@@ -24,7 +33,6 @@ def pretrain(argv=None) -> dict:
     watch_launcher(launch.source)
     job = from_args(args, world_size=launch.world_size)
 
-    from megatron_glm.training.trainer import Trainer
 
     trainer = Trainer(job)
     try:
@@ -34,13 +42,7 @@ def pretrain(argv=None) -> dict:
 
 
 def main(argv=None) -> int:
-    import faulthandler
 
-    from megatron_glm.checkpoint import CheckpointError
-    from megatron_glm.data.indexed import IndexedDatasetError
-    from megatron_glm.data.loader import DataError
-    from megatron_glm.data.tokenizer import TokenizerError
-    from megatron_glm.training.trainer import TrainingError
 
     faulthandler.enable()  # a rank that dies on a signal (SIGABRT, SIGSEGV) prints every thread's Python stack
     try:
@@ -52,7 +54,6 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:  # before the loop's handler was set, or a second Ctrl-C
         print("glm-pretrain: interrupted; the latest complete checkpoint is untouched", file=sys.stderr)
         return 130
-    import torch.distributed as dist
 
     if dist.is_initialized():  # leave together: gloo aborts a rank whose peer has gone
         dist.barrier()
@@ -67,7 +68,6 @@ def cli() -> None:
     interpreter finalization and ``std::terminate`` the process (SIGABRT) after a successful run,
     so the command exits directly.
     """
-    from megatron_glm.parallel.state import exit_without_teardown
 
     exit_without_teardown(main())
 

@@ -34,6 +34,13 @@ def gradient_norm(params) -> float:
 
 
 class StepRunner:
+    """Runs a global batch's micro-batches through this rank's chunks with the layout's pipeline schedule.
+
+    ``train`` is one optimizer step (losses, gradient norm), ``evaluate`` a validation loss and
+    ``score`` per-row scores for the zero-shot tasks; ``shape`` is the activation a stage sends
+    (micro-batch, local sequence, hidden), ``tied`` keeps the first and last stage's embeddings one.
+    """
+
     def __init__(self, engine, chunks, tied, vpp: int, shape, dtype, device):
         self.engine, self.chunks, self.tied = engine, chunks, tied
         self.shape, self.dtype, self.device = shape, dtype, device

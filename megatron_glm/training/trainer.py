@@ -176,6 +176,10 @@ def switch_schedule(engine, lr: float) -> None:
 
 
 class Trainer:
+    """glm-pretrain's run: ``__init__`` builds the components in order (tokenizer, resume point, process
+    groups, data, this rank's model shard, engine, restore, loader, metrics, checkpointer, stop
+    handling), ``train`` runs the loop, ``close`` releases what the set-up started."""
+
     def __init__(self, job: JobConfig):
         self.job = job
         self.started = time.monotonic()  # --exit-duration-in-mins counts from here (set-up included)
