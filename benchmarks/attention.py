@@ -72,6 +72,7 @@ def fwd_bwd(attn, q, k, v):
         out = attn(q, k, v)
         out.backward(torch.ones_like(out))
         q.grad = k.grad = v.grad = None
+
     return run
 
 
@@ -88,7 +89,9 @@ def attention_methods(lo, hi, s, device, compile_flex: bool):
         "glm-flash (ours)": lambda q, k, v: kernels.flash_attention(q, k, v, lo, hi),
         "flex-attention": lambda q, k, v: flex(q, k, v, block_mask=block_mask),
         "sdpa dense mask": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=dense),
-        "sdpa causal (ceiling)": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+        "sdpa causal (ceiling)": lambda q, k, v: F.scaled_dot_product_attention(
+            q, k, v, is_causal=True
+        ),
     }
 
 
@@ -98,11 +101,15 @@ def bench_attention(args, device, dtype, results):
             batch = max(1, args.tokens // s)
             heads = args.hidden // d
             lo, hi = glm_bounds(batch, s, device)
-            q, k, v = (torch.randn(batch, heads, s, d, device=device, dtype=dtype, requires_grad=True)
-                       for _ in range(3))
+            q, k, v = (
+                torch.randn(batch, heads, s, d, device=device, dtype=dtype, requires_grad=True)
+                for _ in range(3)
+            )
             glm_pairs, causal_pairs = allowed_pairs(lo, hi), batch * s * (s + 1) // 2
             rows = {}
-            for name, attn in attention_methods(lo, hi, s, device, compile_flex=device.type == "cuda").items():
+            for name, attn in attention_methods(
+                lo, hi, s, device, compile_flex=device.type == "cuda"
+            ).items():
                 pairs = causal_pairs if "causal" in name else glm_pairs
                 try:
                     sec, peak = timed(fwd_bwd(attn, q, k, v), device, args.warmup, args.reps)
@@ -111,15 +118,31 @@ def bench_attention(args, device, dtype, results):
                     torch.cuda.empty_cache()
                     continue
                 except NotImplementedError as e:  # FlexAttention has no CPU backward (--smoke)
-                    print(f"  {name:24s} s={s:5d} d={d:3d}: not run here ({str(e).splitlines()[0]})")
+                    print(
+                        f"  {name:24s} s={s:5d} d={d:3d}: not run here ({str(e).splitlines()[0]})"
+                    )
                     continue
                 tflops = 3.5 * 4 * d * pairs * heads / sec / 1e12
                 rows[name] = tflops
-                results.append(dict(kernel="attention", method=name, seq=s, head_dim=d, batch=batch, heads=heads,
-                                    dtype=str(dtype), ms=sec * 1e3, tflops=tflops, peak_mib=peak / 2**20,
-                                    density=glm_pairs / (batch * s * s)))
-                print(f"  {name:24s} s={s:5d} d={d:3d} B={batch:3d} H={heads:3d}: {sec * 1e3:8.3f} ms "
-                      f"{tflops:7.1f} TFLOP/s  peak {peak / 2**20:8.1f} MiB")
+                results.append(
+                    dict(
+                        kernel="attention",
+                        method=name,
+                        seq=s,
+                        head_dim=d,
+                        batch=batch,
+                        heads=heads,
+                        dtype=str(dtype),
+                        ms=sec * 1e3,
+                        tflops=tflops,
+                        peak_mib=peak / 2**20,
+                        density=glm_pairs / (batch * s * s),
+                    )
+                )
+                print(
+                    f"  {name:24s} s={s:5d} d={d:3d} B={batch:3d} H={heads:3d}: {sec * 1e3:8.3f} ms "
+                    f"{tflops:7.1f} TFLOP/s  peak {peak / 2**20:8.1f} MiB"
+                )
             ours = rows.get("glm-flash (ours)")
             for base in ("flex-attention", "sdpa dense mask", "sdpa causal (ceiling)"):
                 if ours and rows.get(base):
@@ -132,7 +155,9 @@ def bench_pair(label, fused, unfused, device, args, results, **shape):
     for name, fn in (("fused (ours)", fused), ("torch unfused", unfused)):
         sec, peak = timed(fn, device, args.warmup, args.reps)
         rows[name] = sec
-        results.append(dict(kernel=label, method=name, ms=sec * 1e3, peak_mib=peak / 2**20, **shape))
+        results.append(
+            dict(kernel=label, method=name, ms=sec * 1e3, peak_mib=peak / 2**20, **shape)
+        )
         print(f"  {label:14s} {name:14s}: {sec * 1e3:8.3f} ms  peak {peak / 2**20:8.1f} MiB")
     print(f"    speed-up: {rows['torch unfused'] / rows['fused (ours)']:.2f}x  {shape}")
 
@@ -147,19 +172,36 @@ def bench_softmax(args, device, dtype, results):
             y = fn(x, lo, hi, 0.125)
             y.backward(torch.ones_like(y))
             x.grad = None
+
         return go
+
     kernels.set_backend("triton")
-    bench_pair("masked softmax", run(kernels.masked_softmax), run(reference.masked_softmax_reference), device, args,
-               results, batch=b, heads=h, seq=s, dtype=str(dtype))
+    bench_pair(
+        "masked softmax",
+        run(kernels.masked_softmax),
+        run(reference.masked_softmax_reference),
+        device,
+        args,
+        results,
+        batch=b,
+        heads=h,
+        seq=s,
+        dtype=str(dtype),
+    )
 
 
 def bench_embedding(args, device, dtype, results):
     b, s, hidden, vocab = args.embedding_shape
     tokens = torch.randint(0, vocab, (b, s), device=device)
     sep = int(0.8 * s)
-    pos = torch.stack([torch.arange(s).clamp(max=sep), torch.arange(s).sub(sep).clamp(min=0)]).to(device)
+    pos = torch.stack([torch.arange(s).clamp(max=sep), torch.arange(s).sub(sep).clamp(min=0)]).to(
+        device
+    )
     pos = pos.expand(b, 2, s).contiguous()
-    tables = [torch.randn(n, hidden, device=device, dtype=dtype, requires_grad=True) for n in (vocab, s + 1, s + 1)]
+    tables = [
+        torch.randn(n, hidden, device=device, dtype=dtype, requires_grad=True)
+        for n in (vocab, s + 1, s + 1)
+    ]
 
     def run(fn):
         def go():
@@ -167,15 +209,30 @@ def bench_embedding(args, device, dtype, results):
             out.backward(torch.ones_like(out))
             for t in tables:
                 t.grad = None
+
         return go
-    bench_pair("2d embedding", run(kernels.embedding_2d), run(reference.embedding_2d_reference), device, args,
-               results, batch=b, seq=s, hidden=hidden, vocab=vocab, dtype=str(dtype))
+
+    bench_pair(
+        "2d embedding",
+        run(kernels.embedding_2d),
+        run(reference.embedding_2d_reference),
+        device,
+        args,
+        results,
+        batch=b,
+        seq=s,
+        hidden=hidden,
+        vocab=vocab,
+        dtype=str(dtype),
+    )
 
 
 def bench_rotary(args, device, dtype, results):
     b, s, heads, d = args.rotary_shape
     qkv = torch.randn(b, s, 3 * heads * d, device=device, dtype=dtype, requires_grad=True)
-    pos = torch.stack([torch.arange(s), torch.arange(s) % 64]).to(device).expand(b, 2, s).contiguous()
+    pos = (
+        torch.stack([torch.arange(s), torch.arange(s) % 64]).to(device).expand(b, 2, s).contiguous()
+    )
 
     def run(fn):
         def go():
@@ -183,48 +240,93 @@ def bench_rotary(args, device, dtype, results):
             rq, rk = fn(q, k)
             (rq.sum() + rk.sum()).backward()
             qkv.grad = None
+
         return go
-    bench_pair("2d rotary", run(lambda q, k: kernels.rotary_2d(q, k, pos)),
-               run(lambda q, k: (reference.rotary_2d_reference(q, pos), reference.rotary_2d_reference(k, pos))),
-               device, args, results, batch=b, seq=s, heads=heads, head_dim=d, dtype=str(dtype))
+
+    bench_pair(
+        "2d rotary",
+        run(lambda q, k: kernels.rotary_2d(q, k, pos)),
+        run(
+            lambda q, k: (
+                reference.rotary_2d_reference(q, pos),
+                reference.rotary_2d_reference(k, pos),
+            )
+        ),
+        device,
+        args,
+        results,
+        batch=b,
+        seq=s,
+        heads=heads,
+        head_dim=d,
+        dtype=str(dtype),
+    )
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        allow_abbrev=False,
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--seq", type=int, nargs="+", default=[512, 2048, 8192])
     p.add_argument("--head-dim", type=int, nargs="+", default=[64, 128])
     p.add_argument("--tokens", type=int, default=16384, help="batch * seq for attention")
     p.add_argument("--hidden", type=int, default=2048, help="heads * head dim for attention")
-    p.add_argument("--softmax-shape", type=int, nargs=3, default=[4, 16, 2048], metavar=("B", "H", "S"))
-    p.add_argument("--embedding-shape", type=int, nargs=4, default=[8, 1024, 2048, 50304],
-                   metavar=("B", "S", "HIDDEN", "VOCAB"))
-    p.add_argument("--rotary-shape", type=int, nargs=4, default=[8, 1024, 32, 64], metavar=("B", "S", "H", "D"))
-    p.add_argument("--only", nargs="+", choices=["attention", "softmax", "embedding", "rotary"],
-                   default=["attention", "softmax", "embedding", "rotary"])
+    p.add_argument(
+        "--softmax-shape", type=int, nargs=3, default=[4, 16, 2048], metavar=("B", "H", "S")
+    )
+    p.add_argument(
+        "--embedding-shape",
+        type=int,
+        nargs=4,
+        default=[8, 1024, 2048, 50304],
+        metavar=("B", "S", "HIDDEN", "VOCAB"),
+    )
+    p.add_argument(
+        "--rotary-shape", type=int, nargs=4, default=[8, 1024, 32, 64], metavar=("B", "S", "H", "D")
+    )
+    p.add_argument(
+        "--only",
+        nargs="+",
+        choices=["attention", "softmax", "embedding", "rotary"],
+        default=["attention", "softmax", "embedding", "rotary"],
+    )
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--reps", type=int, default=20)
-    p.add_argument("--smoke", action="store_true", help="tiny shapes, one repetition: checks the script runs")
+    p.add_argument(
+        "--smoke", action="store_true", help="tiny shapes, one repetition: checks the script runs"
+    )
     p.add_argument("--json", help="write every figure here")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if args.smoke:
         args.seq, args.head_dim, args.tokens, args.hidden = [48], [16], 96, 32
-        args.softmax_shape, args.embedding_shape, args.rotary_shape = [1, 2, 40], [2, 24, 32, 50], [1, 12, 2, 16]
+        args.softmax_shape, args.embedding_shape, args.rotary_shape = (
+            [1, 2, 40],
+            [2, 24, 32, 50],
+            [1, 12, 2, 16],
+        )
         args.warmup, args.reps = 0, 1
     elif device.type != "cuda":
-        raise SystemExit("benchmarks/attention.py measures GPU kernels; on the CPU only --smoke runs")
+        raise SystemExit(
+            "benchmarks/attention.py measures GPU kernels; on the CPU only --smoke runs"
+        )
     kernels.set_backend("triton")
     name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
-    print(f"device: {name}; dtype {dtype}; torch {torch.__version__}; date {time.strftime('%Y-%m-%d')}")
+    print(
+        f"device: {name}; dtype {dtype}; torch {torch.__version__}; date {time.strftime('%Y-%m-%d')}"
+    )
     results = []
     for part in args.only:
         print(f"{part}:")
         globals()[f"bench_{part}"](args, device, dtype, results)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(device=name, date=time.strftime("%Y-%m-%d"), results=results), f, indent=1)
+            json.dump(
+                dict(device=name, date=time.strftime("%Y-%m-%d"), results=results), f, indent=1
+            )
     return results
 
 

@@ -45,8 +45,13 @@ MODES = {
 def load_revision(rev: str) -> types.ModuleType:
     """The collator module as it was at ``rev`` (a git revision of this repository)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    src = subprocess.run(["git", "show", f"{rev}:megatron_glm/data/blank_infilling.py"], cwd=root,
-                         capture_output=True, text=True, check=True).stdout
+    src = subprocess.run(
+        ["git", "show", f"{rev}:megatron_glm/data/blank_infilling.py"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     module = types.ModuleType(f"blank_infilling_{rev}")
     sys.modules[module.__name__] = module  # dataclasses look their module up
     exec(compile(src, f"{rev}:megatron_glm/data/blank_infilling.py", "exec"), module.__dict__)
@@ -55,7 +60,9 @@ def load_revision(rev: str) -> types.ModuleType:
 
 def collator(module, S: int, kw: dict):
     sp = module.SpecialIds(pad=0, mask=1, smask=2, gmask=3, sop=4, eop=5)
-    return module.BlankInfillingCollator(module.BlankInfillingConfig(seq_length=S, **kw), sp, np.array([6]))
+    return module.BlankInfillingCollator(
+        module.BlankInfillingConfig(seq_length=S, **kw), sp, np.array([6])
+    )
 
 
 def rates(collates, batches, repeats: int) -> list[float]:
@@ -72,12 +79,17 @@ def rates(collates, batches, repeats: int) -> list[float]:
 
 
 def main():
-    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        allow_abbrev=False,
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--seq-length", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--batches", type=int, default=40, help="batches per pass")
-    p.add_argument("--repeats", type=int, default=10, help="passes per figure, taking turns (the best counts)")
+    p.add_argument(
+        "--repeats", type=int, default=10, help="passes per figure, taking turns (the best counts)"
+    )
     p.add_argument("--baseline", default="8557915", help="git revision of the baseline collator")
     args = p.parse_args()
     try:
@@ -92,22 +104,42 @@ def main():
     for t in texts:
         t[rng.choice(S, S // 20, replace=False)] = 6  # sentence ends
     old = load_revision(args.baseline)
-    print(f"{datetime.date.today()}, {platform.machine()} {platform.processor() or ''}, one core; "
-          f"batches of {bs} x {S}; baseline: the collator at {args.baseline}")
-    print("anchor, THUDM samples/s (issue 17, quoted): " + ", ".join(f"{k} {v:,}" for k, v in THUDM.items()))
-    print(f"{'mode':>22} | {args.baseline:>8} | {'today':>8} | today/baseline | vs THUDM, chained | bitwise")
+    print(
+        f"{datetime.date.today()}, {platform.machine()} {platform.processor() or ''}, one core; "
+        f"batches of {bs} x {S}; baseline: the collator at {args.baseline}"
+    )
+    print(
+        "anchor, THUDM samples/s (issue 17, quoted): "
+        + ", ".join(f"{k} {v:,}" for k, v in THUDM.items())
+    )
+    print(
+        f"{'mode':>22} | {args.baseline:>8} | {'today':>8} | today/baseline | vs THUDM, chained | bitwise"
+    )
     for name, kw in MODES.items():
         docs = np.array([S // 4] * 4) if "packed" in name else None
-        batches = [[(b * bs + j, {"text": texts[(b * bs + j) % 64], "document_lengths": docs}) for j in range(bs)]
-                   for b in range(args.batches)]
+        batches = [
+            [
+                (b * bs + j, {"text": texts[(b * bs + j) % 64], "document_lengths": docs})
+                for j in range(bs)
+            ]
+            for b in range(args.batches)
+        ]
         new_c, old_c = collator(today, S, kw), collator(old, S, kw)
         new_c(batches[0]), old_c(batches[0])  # warm up (imports torch)
-        same = all(all(np.array_equal(x.numpy(), y.numpy()) for x, y in zip(new_c(b).values(), old_c(b).values()))
-                   for b in batches[:5])
+        same = all(
+            all(
+                np.array_equal(x.numpy(), y.numpy())
+                for x, y in zip(new_c(b).values(), old_c(b).values())
+            )
+            for b in batches[:5]
+        )
         o, n = rates([old_c, new_c], batches, args.repeats)
         anchor = ANCHOR_RATIO.get(name) if args.baseline == ANCHOR_REVISION else None
         chained = f"{n / o * anchor:.1f}x" if anchor else ""
-        print(f"{name:>22} | {o:8,.0f} | {n:8,.0f} | {n / o:13.2f}x | {chained:>17} | {'yes' if same else 'no'}")
+        print(
+            f"{name:>22} | {o:8,.0f} | {n:8,.0f} | {n / o:13.2f}x | {chained:>17} | {'yes' if same else 'no'}"
+        )
+
 
 if __name__ == "__main__":
     main()

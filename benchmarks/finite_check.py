@@ -32,12 +32,19 @@ def main() -> None:
     args = p.parse_args()
     dtype = DTYPES[args.dtype]
     per = 4096 * 4096 * torch.tensor([], dtype=dtype).element_size()
-    state = {f"w{i}": torch.randn(4096, 4096).to(dtype) for i in range(max(1, int(args.gib * 2**30 / per)))}
+    state = {
+        f"w{i}": torch.randn(4096, 4096).to(dtype)
+        for i in range(max(1, int(args.gib * 2**30 / per)))
+    }
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "state.pt")
         torch.save(state, path)
         del state
-        best = {"read": float("inf"), "check_finite": float("inf"), "isfinite().all()": float("inf")}
+        best = {
+            "read": float("inf"),
+            "check_finite": float("inf"),
+            "isfinite().all()": float("inf"),
+        }
         for _ in range(args.repeats):
             started = time.perf_counter()
             loaded = torch.load(path, weights_only=True)
@@ -48,8 +55,10 @@ def main() -> None:
             started = time.perf_counter()
             assert all(bool(torch.isfinite(t).all()) for t in loaded.values())
             best["isfinite().all()"] = min(best["isfinite().all()"], time.perf_counter() - started)
-    print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}, {len(loaded)} x 4096 x 4096 {args.dtype} ({os.cpu_count()} CPUs)")
+    print(
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}, {len(loaded)} x 4096 x 4096 {args.dtype} ({os.cpu_count()} CPUs)"
+    )
     for name, seconds in best.items():
         print(f"  {name:18s} {seconds:7.3f} s   {seconds / best['read']:5.2f}x the read")
 

@@ -27,10 +27,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def load_reader(rev: str):
     """``IndexedDataset`` as it was at ``rev`` (its module source from git, run in a module of its own)."""
-    source = subprocess.run(["git", "show", f"{rev}:megatron_glm/data/indexed.py"], cwd=ROOT, check=True,
-                            capture_output=True, text=True).stdout
+    source = subprocess.run(
+        ["git", "show", f"{rev}:megatron_glm/data/indexed.py"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     module = types.ModuleType(f"indexed_{rev}")
-    sys.modules[module.__name__] = module  # dataclass-free, but annotations resolve through sys.modules
+    sys.modules[module.__name__] = (
+        module  # dataclass-free, but annotations resolve through sys.modules
+    )
     exec(compile(source, f"{rev}:indexed.py", "exec"), module.__dict__)
     return module.IndexedDataset
 
@@ -45,11 +52,18 @@ def best_of(fn, repeats: int) -> float:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        allow_abbrev=False,
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--sequences", type=int, default=5_000_000)
-    p.add_argument("--mean-length", type=int, default=200, help="tokens per document (exponential lengths)")
-    p.add_argument("--baseline-rev", default="8557915", help="the commit whose reader is the baseline")
+    p.add_argument(
+        "--mean-length", type=int, default=200, help="tokens per document (exponential lengths)"
+    )
+    p.add_argument(
+        "--baseline-rev", default="8557915", help="the commit whose reader is the baseline"
+    )
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args(argv)
     sys.path.insert(0, ROOT)
@@ -70,12 +84,18 @@ def main(argv=None) -> int:
         scan = best_of(lambda: (setattr(ds, "_token_range", None), ds.token_range()), args.repeats)
         gb = os.path.getsize(prefix + ".bin") / 1e9
     per_m = 1e6 / args.sequences * 1e3
-    print(f"device: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; numpy {np.__version__}; "
-          f"{args.sequences:,} sequences, {gb:.2f} GB of uint16 tokens; best of {args.repeats}")
+    print(
+        f"device: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; numpy {np.__version__}; "
+        f"{args.sequences:,} sequences, {gb:.2f} GB of uint16 tokens; best of {args.repeats}"
+    )
     print(f"open, full index check (ours):        {new * per_m:8.1f} ms per million sequences")
-    print(f"open, header checks ({args.baseline_rev}, baseline): {old * per_m:8.1f} ms per million sequences")
-    print(f"the check's cost:                     {(new - old) * per_m:8.1f} ms per million sequences "
-          f"({new / old:.1f}x the baseline open)")
+    print(
+        f"open, header checks ({args.baseline_rev}, baseline): {old * per_m:8.1f} ms per million sequences"
+    )
+    print(
+        f"the check's cost:                     {(new - old) * per_m:8.1f} ms per million sequences "
+        f"({new / old:.1f}x the baseline open)"
+    )
     print(f"token_range() over the .bin:          {scan:8.3f} s, {gb / scan:.2f} GB/s")
     return 0
 

@@ -56,7 +56,9 @@ class PeakRSS:
         while not self._stop.is_set():
             try:
                 procs = [self.proc] + self.proc.children(recursive=True)
-                self.peak = max(self.peak, sum(p.memory_info().rss for p in procs if p.is_running()))
+                self.peak = max(
+                    self.peak, sum(p.memory_info().rss for p in procs if p.is_running())
+                )
             except psutil.Error:
                 pass
             time.sleep(0.02)
@@ -98,7 +100,7 @@ def _encode_texts(texts):
 def ceiling(model, path, workers, max_docs=400_000):
     with open(path, "rb") as f:
         texts = [json.loads(line)["text"] for _, line in zip(range(max_docs), f)]
-    chunks = [texts[i:i + 2000] for i in range(0, len(texts), 2000)]
+    chunks = [texts[i : i + 2000] for i in range(0, len(texts), 2000)]
     nbytes = sum(len(t.encode()) for t in texts)
     with mp.get_context("fork").Pool(workers, initializer=_load, initargs=(model,)) as pool:
         pool.map(_encode_texts, chunks[:workers])  # warm up
@@ -106,8 +108,12 @@ def ceiling(model, path, workers, max_docs=400_000):
         results = pool.map(_encode_texts, chunks)
         seconds = time.perf_counter() - start
     tokens, cpu = sum(r[0] for r in results), sum(r[1] for r in results)
-    return {"tokens_per_s": tokens / seconds, "text_mb_per_s": nbytes / seconds / 1e6, "cpu_s": cpu,
-            "tokens": tokens}
+    return {
+        "tokens_per_s": tokens / seconds,
+        "text_mb_per_s": nbytes / seconds / 1e6,
+        "cpu_s": cpu,
+        "tokens": tokens,
+    }
 
 
 # -- baseline: Megatron-LM's preprocess_data.py structure ----------------------------------
@@ -124,8 +130,11 @@ def megatron_style(model, path, out_prefix, workers):
     tok = load_tokenizer(model=model)
     dtype = best_dtype(tok.vocab_size)
     tokens = 0
-    with open(path, "rb") as fin, IndexedDatasetWriter(out_prefix, dtype, overwrite=True) as writer, \
-            mp.get_context("fork").Pool(workers, initializer=_load, initargs=(model,)) as pool:
+    with (
+        open(path, "rb") as fin,
+        IndexedDatasetWriter(out_prefix, dtype, overwrite=True) as writer,
+        mp.get_context("fork").Pool(workers, initializer=_load, initargs=(model,)) as pool,
+    ):
         for ids, _ in pool.imap(_megatron_style_encode, fin, 32):
             if ids:
                 writer.add_document(np.asarray(ids, dtype=dtype))
@@ -141,27 +150,49 @@ def _run_baseline(model, path, out_prefix, workers, result_path):
 
 def measure_baseline(model, path, out_prefix, workers, tmp):
     result = os.path.join(tmp, "baseline.json")
-    code = ("import sys; sys.path.insert(0, %r); import preprocess as b; b._run_baseline(%r, %r, %r, %d, %r)"
-            % (os.path.dirname(os.path.abspath(__file__)), model, path, out_prefix, workers, result))
+    code = (
+        "import sys; sys.path.insert(0, %r); import preprocess as b; b._run_baseline(%r, %r, %r, %d, %r)"
+        % (os.path.dirname(os.path.abspath(__file__)), model, path, out_prefix, workers, result)
+    )
     proc = subprocess.Popen([sys.executable, "-c", code])
     rss = PeakRSS(proc.pid)
     proc.wait()
     peak = rss.stop()
     r = json.load(open(result))
-    return {"tokens_per_s": r["tokens"] / r["seconds"], "mb_per_s": os.path.getsize(path) / r["seconds"] / 1e6,
-            "seconds": r["seconds"], "peak_rss_mb": peak / 2**20}
+    return {
+        "tokens_per_s": r["tokens"] / r["seconds"],
+        "mb_per_s": os.path.getsize(path) / r["seconds"] / 1e6,
+        "seconds": r["seconds"],
+        "peak_rss_mb": peak / 2**20,
+    }
 
 
 def measure_ours(model, path, out_prefix, workers):
-    cmd = [sys.executable, "-m", "megatron_glm.data_prep.preprocess", "--input", path, "--output-prefix", out_prefix,
-           "--tokenizer-model", model, "--workers", str(workers), "--append-eod", "--overwrite", "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "megatron_glm.data_prep.preprocess",
+        "--input",
+        path,
+        "--output-prefix",
+        out_prefix,
+        "--tokenizer-model",
+        model,
+        "--workers",
+        str(workers),
+        "--append-eod",
+        "--overwrite",
+        "--no-progress",
+    ]
     start = time.perf_counter()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     rss = PeakRSS(proc.pid)
     out = proc.communicate()[0]
     seconds = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the CLI and its workers (it waits for them)
+    after = resource.getrusage(
+        resource.RUSAGE_CHILDREN
+    )  # the CLI and its workers (it waits for them)
     cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     peak = rss.stop()
     if proc.returncode:
@@ -170,69 +201,113 @@ def measure_ours(model, path, out_prefix, workers):
     # the CLI's own account: CPU seconds in the tokenizer's encode calls, of the run's (after start-up)
     found = re.search(r"the tokenizer took ([\d.,]+) of ([\d.,]+) CPU", out).groups()
     encode, run = (float(x.replace(",", "")) for x in found)
-    return {"tokens_per_s": meta["tokens"] / seconds, "mb_per_s": os.path.getsize(path) / seconds / 1e6,
-            "seconds": seconds, "peak_rss_mb": peak / 2**20, "tokens": meta["tokens"], "cpu_s": cpu,
-            "share": encode / run}
+    return {
+        "tokens_per_s": meta["tokens"] / seconds,
+        "mb_per_s": os.path.getsize(path) / seconds / 1e6,
+        "seconds": seconds,
+        "peak_rss_mb": peak / 2**20,
+        "tokens": meta["tokens"],
+        "cpu_s": cpu,
+        "share": encode / run,
+    }
 
 
 def startup_seconds() -> float:
     best = float("inf")
     for _ in range(3):
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "megatron_glm.data_prep.preprocess", "--help"], check=True,
-                       capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "megatron_glm.data_prep.preprocess", "--help"],
+            check=True,
+            capture_output=True,
+        )
         best = min(best, time.perf_counter() - start)
     return best
 
 
 def main():
-    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        allow_abbrev=False,
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--mb", type=int, default=200, help="corpus size in MB")
     p.add_argument("--workers", type=int, default=os.cpu_count())
     p.add_argument("--vocab-size", type=int, default=16000)
     p.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
     p.add_argument("--workdir", default=None, help="keep files here (default: a temporary folder)")
-    p.add_argument("--skip-baseline", action="store_true", help="only ours (for the large-corpus memory run)")
-    p.add_argument("--cpu-repeats", type=int, default=5, help="runs of ours and of the raw encode for the CPU times")
+    p.add_argument(
+        "--skip-baseline", action="store_true", help="only ours (for the large-corpus memory run)"
+    )
+    p.add_argument(
+        "--cpu-repeats",
+        type=int,
+        default=5,
+        help="runs of ours and of the raw encode for the CPU times",
+    )
     args = p.parse_args()
     tmp = args.workdir or tempfile.mkdtemp(prefix="bench-preprocess-")
     os.makedirs(tmp, exist_ok=True)
     corpus = make_corpus(tmp, args.mb)
-    model = train_tokenizer([os.path.join(tmp, "stdlib.jsonl")], os.path.join(tmp, f"spm_{args.model_type}"),
-                            args.vocab_size, model_type=args.model_type, overwrite=True)
-    print(f"device: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-          f"python {platform.python_version()}")
-    print(f"corpus: {os.path.getsize(corpus) / 1e6:,.0f} MB JSONL (stdlib docstrings), sentencepiece "
-          f"{args.model_type} {args.vocab_size}, workers {args.workers}")
+    model = train_tokenizer(
+        [os.path.join(tmp, "stdlib.jsonl")],
+        os.path.join(tmp, f"spm_{args.model_type}"),
+        args.vocab_size,
+        model_type=args.model_type,
+        overwrite=True,
+    )
+    print(
+        f"device: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+        f"python {platform.python_version()}"
+    )
+    print(
+        f"corpus: {os.path.getsize(corpus) / 1e6:,.0f} MB JSONL (stdlib docstrings), sentencepiece "
+        f"{args.model_type} {args.vocab_size}, workers {args.workers}"
+    )
     ours = measure_ours(model, corpus, os.path.join(tmp, "ours"), args.workers)
-    print(f"ours      : {ours['tokens_per_s'] / 1e6:6.2f} M tok/s  {ours['mb_per_s']:6.1f} MB/s  "
-          f"{ours['seconds']:6.1f} s  peak RSS {ours['peak_rss_mb']:,.0f} MB ({ours['tokens']:,} tokens)")
+    print(
+        f"ours      : {ours['tokens_per_s'] / 1e6:6.2f} M tok/s  {ours['mb_per_s']:6.1f} MB/s  "
+        f"{ours['seconds']:6.1f} s  peak RSS {ours['peak_rss_mb']:,.0f} MB ({ours['tokens']:,} tokens)"
+    )
     print(f"start-up  : glm-preprocess --help in {startup_seconds():.2f} s")
     if args.skip_baseline:
         return
     ceil = ceiling(model, corpus, args.workers, max_docs=10**9)
-    print(f"ceiling   : {ceil['tokens_per_s'] / 1e6:6.2f} M tok/s (raw encode of parsed text in memory)")
+    print(
+        f"ceiling   : {ceil['tokens_per_s'] / 1e6:6.2f} M tok/s (raw encode of parsed text in memory)"
+    )
     # CPU time, alternating the two so that a busy moment hits both; the least of each counts
     runs, cpu_ceil = [ours], [ceil["cpu_s"]]
     for _ in range(args.cpu_repeats - 1):
         runs.append(measure_ours(model, corpus, os.path.join(tmp, "ours"), args.workers))
         cpu_ceil.append(ceiling(model, corpus, args.workers, max_docs=10**9)["cpu_s"])
     cpu_ours, shares = [r["cpu_s"] for r in runs], sorted(r["share"] for r in runs)
-    print(f"CPU time  : ours {min(cpu_ours):.2f} s (everything: start-up, reading, parsing, encoding, writing, "
-          f"all processes), raw encode {min(cpu_ceil):.2f} s, least of {args.cpu_repeats} each: "
-          f"encode/ours {min(cpu_ceil) / min(cpu_ours):.2f}")
-    print(f"in-run    : the tokenizer's encode calls took {shares[len(shares) // 2]:.1%} of each run's CPU after "
-          f"start-up (median of {len(shares)}; {shares[0]:.1%} to {shares[-1]:.1%}): the same moment of the "
-          "machine for both, so it moves less than the ratio of two runs")
+    print(
+        f"CPU time  : ours {min(cpu_ours):.2f} s (everything: start-up, reading, parsing, encoding, writing, "
+        f"all processes), raw encode {min(cpu_ceil):.2f} s, least of {args.cpu_repeats} each: "
+        f"encode/ours {min(cpu_ceil) / min(cpu_ours):.2f}"
+    )
+    print(
+        f"in-run    : the tokenizer's encode calls took {shares[len(shares) // 2]:.1%} of each run's CPU after "
+        f"start-up (median of {len(shares)}; {shares[0]:.1%} to {shares[-1]:.1%}): the same moment of the "
+        "machine for both, so it moves less than the ratio of two runs"
+    )
     base = measure_baseline(model, corpus, os.path.join(tmp, "baseline"), args.workers, tmp)
-    print(f"baseline  : {base['tokens_per_s'] / 1e6:6.2f} M tok/s  {base['mb_per_s']:6.1f} MB/s  "
-          f"{base['seconds']:6.1f} s  peak RSS {base['peak_rss_mb']:,.0f} MB (Megatron-style Pool.imap)")
-    print(f"ratios    : ours/ceiling {ours['tokens_per_s'] / ceil['tokens_per_s']:.2f}  "
-          f"ours/baseline {ours['tokens_per_s'] / base['tokens_per_s']:.2f}")
-    same = open(os.path.join(tmp, "ours_text_document.bin"), "rb").read() == \
-        open(os.path.join(tmp, "baseline.bin"), "rb").read()
-    print(f"check     : ours and baseline wrote {'identical' if same else 'DIFFERENT'} token streams")
+    print(
+        f"baseline  : {base['tokens_per_s'] / 1e6:6.2f} M tok/s  {base['mb_per_s']:6.1f} MB/s  "
+        f"{base['seconds']:6.1f} s  peak RSS {base['peak_rss_mb']:,.0f} MB (Megatron-style Pool.imap)"
+    )
+    print(
+        f"ratios    : ours/ceiling {ours['tokens_per_s'] / ceil['tokens_per_s']:.2f}  "
+        f"ours/baseline {ours['tokens_per_s'] / base['tokens_per_s']:.2f}"
+    )
+    same = (
+        open(os.path.join(tmp, "ours_text_document.bin"), "rb").read()
+        == open(os.path.join(tmp, "baseline.bin"), "rb").read()
+    )
+    print(
+        f"check     : ours and baseline wrote {'identical' if same else 'DIFFERENT'} token streams"
+    )
 
 
 if __name__ == "__main__":

@@ -48,15 +48,20 @@ def report(build):
     print(json.dumps({"peak": peak, "weights": sum(4 * p.numel() for p in params)}))
 """
 
-TODAY = _COMMON + r"""
+TODAY = (
+    _COMMON
+    + r"""
 from megatron_glm.model.parallelize import RankLayout, build_rank_model
 def build(c):
     chunks = build_rank_model(c, RankLayout(tp_rank, tp, pp_rank, pp), seed=1234)
     return [p for chunk in chunks for p in chunk.parameters()]
 report(build)
 """
+)
 
-BASELINE = _COMMON + r"""
+BASELINE = (
+    _COMMON
+    + r"""
 import torch
 from megatron_glm.parallel import state
 for fn, value in {"get_tensor_model_parallel_world_size": tp, "get_tensor_model_parallel_rank": tp_rank,
@@ -75,12 +80,16 @@ def build(c):  # what glm-pretrain did at the baseline commit
     return [p for chunk in chunks for p in chunk.parameters()]
 report(build)
 """
+)
 
 
 def checkout(rev: str, into: str) -> str:
     """The package as it was at ``rev`` (``git archive``), to import instead of today's."""
-    archive = subprocess.run(["git", "-C", ROOT, "archive", rev, "megatron_glm", "kernels"], check=True,
-                             capture_output=True).stdout
+    archive = subprocess.run(
+        ["git", "-C", ROOT, "archive", rev, "megatron_glm", "kernels"],
+        check=True,
+        capture_output=True,
+    ).stdout
     path = os.path.join(into, "archive.tar")
     with open(path, "wb") as f:
         f.write(archive)
@@ -92,8 +101,13 @@ def checkout(rev: str, into: str) -> str:
 def measure(script: str, pythonpath: str, case: str, tp_rank: int, pp_rank: int) -> dict:
     name, tp, pp = case.split(":")
     env = {**os.environ, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-c", script, name, tp, pp, str(tp_rank), str(pp_rank), str(VOCAB)],
-                         env=env, capture_output=True, text=True, cwd=pythonpath)
+    run = subprocess.run(
+        [sys.executable, "-c", script, name, tp, pp, str(tp_rank), str(pp_rank), str(VOCAB)],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=pythonpath,
+    )
     if run.returncode:
         raise SystemExit(f"{case} rank ({pp_rank},{tp_rank}) failed:\n{run.stderr[-3000:]}")
     return json.loads(run.stdout.strip().splitlines()[-1])
@@ -103,12 +117,20 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--baseline", default="0d1ae98")
     p.add_argument("--only", nargs="+", default=CASES, help="preset:TP:PP cases")
-    p.add_argument("--baseline-ranks", choices=["first", "all"], default="first",
-                   help="the baseline builds the same full model on every rank: measure only rank 0 by default")
+    p.add_argument(
+        "--baseline-ranks",
+        choices=["first", "all"],
+        default="first",
+        help="the baseline builds the same full model on every rank: measure only rank 0 by default",
+    )
     args = p.parse_args()
     mib = 2**20
-    print(f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores; vocab {VOCAB}; baseline {args.baseline}")
-    print(f"{'case':16} {'rank (pp,tp)':>12} {'weights MiB':>12} {'today MiB':>10} {'baseline MiB':>13} {'ratio':>6}")
+    print(
+        f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores; vocab {VOCAB}; baseline {args.baseline}"
+    )
+    print(
+        f"{'case':16} {'rank (pp,tp)':>12} {'weights MiB':>12} {'today MiB':>10} {'baseline MiB':>13} {'ratio':>6}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         old = checkout(args.baseline, tmp)
         for case in args.only:
@@ -117,12 +139,18 @@ def main() -> None:
                 for tp_rank in range(int(tp)):
                     now = measure(TODAY, ROOT, case, tp_rank, pp_rank)
                     first = pp_rank == 0 and tp_rank == 0
-                    then = measure(BASELINE, old, case, tp_rank, pp_rank) \
-                        if first or args.baseline_ranks == "all" else None
+                    then = (
+                        measure(BASELINE, old, case, tp_rank, pp_rank)
+                        if first or args.baseline_ranks == "all"
+                        else None
+                    )
                     ratio = f"{now['peak'] / then['peak']:.2f}" if then else ""
-                    print(f"{case:16} {f'({pp_rank},{tp_rank})':>12} {now['weights'] / mib:12,.0f} "
-                          f"{now['peak'] / mib:10,.0f} {then['peak'] / mib if then else float('nan'):13,.0f} "
-                          f"{ratio:>6}", flush=True)
+                    print(
+                        f"{case:16} {f'({pp_rank},{tp_rank})':>12} {now['weights'] / mib:12,.0f} "
+                        f"{now['peak'] / mib:10,.0f} {then['peak'] / mib if then else float('nan'):13,.0f} "
+                        f"{ratio:>6}",
+                        flush=True,
+                    )
 
 
 if __name__ == "__main__":

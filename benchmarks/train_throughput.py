@@ -38,27 +38,56 @@ def parse_variant(name: str) -> dict:
     attention = [p for p in parts if p in ATTENTION]
     unknown = [p for p in parts if p not in ATTENTION + ("fused", "apex", "compile")]
     if len(attention) != 1 or unknown or ("fused" in parts and "apex" in parts):
-        raise SystemExit(f"train_throughput: variant {name!r}: one of {', '.join(ATTENTION)}, then any of +fused "
-                         "(or +apex) and +compile")
-    return {"attention": attention[0], "optimizer": "apex" if "apex" in parts else
-            "fused-adamw" if "fused" in parts else "adamw", "layernorm": "apex" if "apex" in parts else "torch",
-            "compile": "compile" in parts}
+        raise SystemExit(
+            f"train_throughput: variant {name!r}: one of {', '.join(ATTENTION)}, then any of +fused "
+            "(or +apex) and +compile"
+        )
+    return {
+        "attention": attention[0],
+        "optimizer": "apex" if "apex" in parts else "fused-adamw" if "fused" in parts else "adamw",
+        "layernorm": "apex" if "apex" in parts else "torch",
+        "compile": "compile" in parts,
+    }
 
 
 def job_for(args, variant: dict):
     from megatron_glm.training.arguments import build_parser
     from megatron_glm.training.config import from_args
 
-    argv = ["--data-path", "unused", "--tokenizer-model", "unused", "--train-iters", str(args.steps + args.warmup),
-            "--micro-batch-size", str(args.micro_batch_size), "--seq-length", str(args.seq_length),
-            "--attention-impl", variant["attention"], "--optimizer-impl", variant["optimizer"],
-            "--layernorm-impl", variant["layernorm"], "--attention-dropout", "0", "--hidden-dropout", "0",
-            "--lr", "1e-4", "--device", args.device]
+    argv = [
+        "--data-path",
+        "unused",
+        "--tokenizer-model",
+        "unused",
+        "--train-iters",
+        str(args.steps + args.warmup),
+        "--micro-batch-size",
+        str(args.micro_batch_size),
+        "--seq-length",
+        str(args.seq_length),
+        "--attention-impl",
+        variant["attention"],
+        "--optimizer-impl",
+        variant["optimizer"],
+        "--layernorm-impl",
+        variant["layernorm"],
+        "--attention-dropout",
+        "0",
+        "--hidden-dropout",
+        "0",
+        "--lr",
+        "1e-4",
+        "--device",
+        args.device,
+    ]
     argv += ["--preset", args.preset] if args.preset else []
     argv += ["--num-layers", str(args.num_layers)] if args.num_layers else []
     argv += ["--bf16"] if args.bf16 else []
-    argv += ["--hidden-size", str(args.hidden_size), "--num-attention-heads", str(args.heads)] if args.hidden_size \
+    argv += (
+        ["--hidden-size", str(args.hidden_size), "--num-attention-heads", str(args.heads)]
+        if args.hidden_size
         else []
+    )
     return from_args(build_parser().parse_args(argv), world_size=1)
 
 
@@ -68,11 +97,21 @@ def glm_batch(b: int, s: int, vocab: int, device, seed: int = 0) -> dict:
     sep = torch.randint(int(0.6 * s), int(0.85 * s), (b,), generator=g)
     i = torch.arange(s)
     tokens = torch.randint(0, vocab, (b, s), generator=g)
-    position_ids = torch.stack([torch.minimum(i[None].expand(b, s), sep[:, None]),
-                                (i[None] - sep[:, None] + 1).clamp(min=0)], dim=1)
-    batch = {"tokens": tokens, "position_ids": position_ids, "attn_lo": torch.zeros(b, s, dtype=torch.int32),
-             "attn_hi": torch.maximum(sep[:, None], i[None] + 1).to(torch.int32),
-             "labels": torch.roll(tokens, -1, 1), "loss_mask": (i[None] >= sep[:, None]).float()}
+    position_ids = torch.stack(
+        [
+            torch.minimum(i[None].expand(b, s), sep[:, None]),
+            (i[None] - sep[:, None] + 1).clamp(min=0),
+        ],
+        dim=1,
+    )
+    batch = {
+        "tokens": tokens,
+        "position_ids": position_ids,
+        "attn_lo": torch.zeros(b, s, dtype=torch.int32),
+        "attn_hi": torch.maximum(sep[:, None], i[None] + 1).to(torch.int32),
+        "labels": torch.roll(tokens, -1, 1),
+        "loss_mask": (i[None] >= sep[:, None]).float(),
+    }
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -83,7 +122,9 @@ def plan_peak(job, model_cfg, attention: str) -> int | None:
     if attention not in ("flash", "sdpa", "eager"):
         return None
     micro = job.training.micro_batch_size
-    workload = Workload(model_cfg, job.data.seq_length, micro, job.training.precision, attention, "cuda")
+    workload = Workload(
+        model_cfg, job.data.seq_length, micro, job.training.precision, attention, "cuda"
+    )
     return estimate(workload, Layout(micro_batch=micro, zero=0))[0].peak
 
 
@@ -132,10 +173,20 @@ def run_variant(args, name: str, base_model, device) -> dict:
     tokens_per_s = args.micro_batch_size * args.seq_length / seconds
     per_token = flops_per_token(cfg.num_layers, cfg.hidden_size, args.seq_length, cfg.vocab_size)
     peak_flops = device_peak_flops()
-    row = {"variant": name, **variant, "layers": cfg.num_layers, "hidden": cfg.hidden_size, "seq": args.seq_length,
-           "micro_batch": args.micro_batch_size, "step_ms": 1e3 * seconds, "tokens_per_s": tokens_per_s,
-           "tflops": tokens_per_s * per_token / 1e12, "mfu": tokens_per_s * per_token / peak_flops if peak_flops
-           else None, "first_loss": losses[0], "last_loss": losses[-1]}
+    row = {
+        "variant": name,
+        **variant,
+        "layers": cfg.num_layers,
+        "hidden": cfg.hidden_size,
+        "seq": args.seq_length,
+        "micro_batch": args.micro_batch_size,
+        "step_ms": 1e3 * seconds,
+        "tokens_per_s": tokens_per_s,
+        "tflops": tokens_per_s * per_token / 1e12,
+        "mfu": tokens_per_s * per_token / peak_flops if peak_flops else None,
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+    }
     if device.type == "cuda":
         row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         estimated = plan_peak(job, cfg, variant["attention"])
@@ -144,10 +195,18 @@ def run_variant(args, name: str, base_model, device) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        allow_abbrev=False,
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--preset", default="glm-large")
-    p.add_argument("--num-layers", type=int, default=None, help="fewer layers than the preset (to fit the time)")
+    p.add_argument(
+        "--num-layers",
+        type=int,
+        default=None,
+        help="fewer layers than the preset (to fit the time)",
+    )
     p.add_argument("--hidden-size", type=int, default=None)
     p.add_argument("--heads", type=int, default=None)
     p.add_argument("--seq-length", type=int, default=512)
@@ -155,7 +214,9 @@ def main(argv=None) -> int:
     p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--compile-backend", default="inductor", help="torch.compile's backend for +compile")
+    p.add_argument(
+        "--compile-backend", default="inductor", help="torch.compile's backend for +compile"
+    )
     p.add_argument("--json", help="write the rows here")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script")
     args = p.parse_args(argv)
@@ -164,11 +225,17 @@ def main(argv=None) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")
         args.preset, args.num_layers, args.hidden_size, args.heads = None, 2, 64, 4
         args.seq_length, args.micro_batch_size, args.steps, args.warmup = 64, 2, 2, 1
-        args.compile_backend = "aot_eager"  # traced forward and backward without code generation: quick on a CPU
+        args.compile_backend = (
+            "aot_eager"  # traced forward and backward without code generation: quick on a CPU
+        )
         args.bf16 = False  # the Triton interpreter has no bf16
     args.device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     device = torch.device(args.device)
-    variants = [v for v in args.variants if not (device.type == "cpu" and parse_variant(v)["attention"] == "flex")]
+    variants = [
+        v
+        for v in args.variants
+        if not (device.type == "cpu" and parse_variant(v)["attention"] == "flex")
+    ]
     skipped = sorted(set(args.variants) - set(variants))
 
     from megatron_glm.model.glm import GLMModel
@@ -183,17 +250,24 @@ def main(argv=None) -> int:
         base = GLMModel(cfg)
     base.to_empty(device="cpu")
     base.reset_parameters(seed=1234)
-    print(f"train_throughput: {cfg.num_layers} layers, hidden {cfg.hidden_size}, heads {cfg.num_attention_heads}, "
-          f"seq {args.seq_length}, micro-batch {args.micro_batch_size}, {'bf16' if args.bf16 else 'fp32'}, "
-          f"{torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor() or 'cpu'}"
-          + (f" (layers reduced from {args.preset}'s)" if args.num_layers and args.preset else ""), flush=True)
+    print(
+        f"train_throughput: {cfg.num_layers} layers, hidden {cfg.hidden_size}, heads {cfg.num_attention_heads}, "
+        f"seq {args.seq_length}, micro-batch {args.micro_batch_size}, {'bf16' if args.bf16 else 'fp32'}, "
+        f"{torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor() or 'cpu'}"
+        + (f" (layers reduced from {args.preset}'s)" if args.num_layers and args.preset else ""),
+        flush=True,
+    )
     if skipped:
         print(f"  not run here: {', '.join(skipped)} (FlexAttention has no backward on the CPU)")
     rows = []
     for name in variants:
         try:
             row = run_variant(args, name, base, device)
-        except (ImportError, ValueError, RuntimeError) as e:  # apex missing, an impossible variant, out of memory
+        except (
+            ImportError,
+            ValueError,
+            RuntimeError,
+        ) as e:  # apex missing, an impossible variant, out of memory
             print(f"  {name:28s} not run: {str(e).splitlines()[0][:200]}", flush=True)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -205,17 +279,30 @@ def main(argv=None) -> int:
         if "peak_gib" in row:
             plan = f" (glm-plan {row['plan_gib']:.2f})" if row.get("plan_gib") else ""
             extra += f"  peak {row['peak_gib']:.2f} GiB{plan}"
-        print(f"  {name:28s} {row['step_ms']:9.1f} ms/step  {row['tokens_per_s']:11,.0f} tok/s  "
-              f"{row['tflops']:7.1f} TFLOP/s{extra}  loss {row['first_loss']:.3f} -> {row['last_loss']:.3f}",
-              flush=True)
+        print(
+            f"  {name:28s} {row['step_ms']:9.1f} ms/step  {row['tokens_per_s']:11,.0f} tok/s  "
+            f"{row['tflops']:7.1f} TFLOP/s{extra}  loss {row['first_loss']:.3f} -> {row['last_loss']:.3f}",
+            flush=True,
+        )
     base_row = next((r for r in rows if r["variant"] == "eager"), None)
     for r in rows:
         if base_row and r is not base_row:
-            print(f"    {r['variant']} / eager: {r['tokens_per_s'] / base_row['tokens_per_s']:.2f}x")
+            print(
+                f"    {r['variant']} / eager: {r['tokens_per_s'] / base_row['tokens_per_s']:.2f}x"
+            )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"date": time.strftime("%Y-%m-%d"), "device": rows and (torch.cuda.get_device_name()
-                       if device.type == "cuda" else "cpu"), "rows": rows, "skipped": skipped}, f, indent=1)
+            json.dump(
+                {
+                    "date": time.strftime("%Y-%m-%d"),
+                    "device": rows
+                    and (torch.cuda.get_device_name() if device.type == "cuda" else "cpu"),
+                    "rows": rows,
+                    "skipped": skipped,
+                },
+                f,
+                indent=1,
+            )
     return 0 if rows else 1
 
 

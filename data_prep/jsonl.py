@@ -23,7 +23,14 @@ except ImportError:  # pragma: no cover - orjson is in install_requires
     _loads = json.loads
 
 SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst")
-SKIP_CAUSES = ("invalid-utf8", "malformed-json", "not-an-object", "missing-key", "not-a-string", "empty")
+SKIP_CAUSES = (
+    "invalid-utf8",
+    "malformed-json",
+    "not-an-object",
+    "missing-key",
+    "not-a-string",
+    "empty",
+)
 
 
 class CorpusError(ValueError):
@@ -42,7 +49,9 @@ def expand_inputs(specs: Sequence[str]) -> list[str]:
                 if name.endswith(SUFFIXES)
             )
             if not found:
-                raise CorpusError(f"input folder {spec} holds no file ending in {', '.join(SUFFIXES)}")
+                raise CorpusError(
+                    f"input folder {spec} holds no file ending in {', '.join(SUFFIXES)}"
+                )
         elif os.path.exists(spec):  # a file, or a named pipe fed by another program
             found = [spec]
         elif glob.has_magic(spec):
@@ -64,7 +73,9 @@ def open_binary(path: str):
         try:
             import zstandard
         except ImportError as e:  # pragma: no cover - zstandard is in install_requires
-            raise CorpusError(f"{path}: reading .zst needs the zstandard package (pip install zstandard)") from e
+            raise CorpusError(
+                f"{path}: reading .zst needs the zstandard package (pip install zstandard)"
+            ) from e
         return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw), 1 << 20), raw
     return raw, raw
 
@@ -151,7 +162,9 @@ def _read_block(reader, size: int) -> bytes:
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-def iter_line_batches(inputs: Sequence[str | Piece], batch_bytes: int = 1 << 20) -> Iterator[LineBatch]:
+def iter_line_batches(
+    inputs: Sequence[str | Piece], batch_bytes: int = 1 << 20
+) -> Iterator[LineBatch]:
     """Yield consecutive whole lines in batches of about ``batch_bytes`` (memory stays bounded), at least one batch
     per input.
 
@@ -166,8 +179,15 @@ def iter_line_batches(inputs: Sequence[str | Piece], batch_bytes: int = 1 << 20)
         limit = None if piece.end is None else piece.end - begin  # bytes in which lines may start
         if begin:  # counting the lines before would read the file up to here: number them from here
             path = f"{path} (from byte {begin})"
-        first, taken, reported, carry = 1, 0, 0, b""  # taken: bytes of the lines yielded (uncompressed)
-        last = limit is not None and limit <= 0  # the piece's first line started before it: nothing is its own
+        first, taken, reported, carry = (
+            1,
+            0,
+            0,
+            b"",
+        )  # taken: bytes of the lines yielded (uncompressed)
+        last = (
+            limit is not None and limit <= 0
+        )  # the piece's first line started before it: nothing is its own
         with reader, raw:
             try:
                 while True:
@@ -181,13 +201,13 @@ def iter_line_batches(inputs: Sequence[str | Piece], batch_bytes: int = 1 << 20)
                         if cut == -1:  # the last one goes on past this block
                             carry = data
                             continue
-                        data, last = data[:cut + 1], True
+                        data, last = data[: cut + 1], True
                     elif not last:
                         cut = data.rfind(b"\n")
                         if cut == -1:  # one line longer than a block
                             carry = data
                             continue
-                        data, carry = data[:cut + 1], data[cut + 1:]
+                        data, carry = data[: cut + 1], data[cut + 1 :]
                     taken += len(data)
                     consumed = raw.tell() if compressed else taken
                     yield LineBatch(path, first, data, consumed - reported)
@@ -245,14 +265,20 @@ def parse_lines(lines: Sequence[bytes], first_line: int, keys: Sequence[str]):
     """
     try:  # the usual batch: every line an object whose texts are all usable; one C-level pass over them
         objs = list(map(_loads, lines))
-        columns = [[obj[k] for obj in objs] for k in keys]  # (a list, a string, a number: TypeError)
+        columns = [
+            [obj[k] for obj in objs] for k in keys
+        ]  # (a list, a string, a number: TypeError)
     except (ValueError, KeyError, TypeError):
         pass
     else:
-        if all(set(map(type, c)) <= {str} and all(c) and not any(map(str.isspace, c)) for c in columns):
+        if all(
+            set(map(type, c)) <= {str} and all(c) and not any(map(str.isspace, c)) for c in columns
+        ):
             return list(range(first_line, first_line + len(lines))), columns, []
     kept, columns, skips = [], [[] for _ in keys], []
-    for number, line in enumerate(lines, first_line):  # a batch with some other line: each line's verdict
+    for number, line in enumerate(
+        lines, first_line
+    ):  # a batch with some other line: each line's verdict
         cause, texts = parse_line(line, keys)
         if cause is None:
             kept.append(number)

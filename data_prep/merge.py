@@ -31,25 +31,39 @@ def merged_meta(prefixes: list[str], force: bool) -> dict | None:
     if len({t.get("fingerprint") for _, t in known}) > 1:
         listing = "; ".join(f"{p}: {t.get('type')} {t.get('files')}" for p, t in known)
         if not force:
-            raise MergeError(f"the inputs were tokenized with different tokenizers ({listing}); their ids mean "
-                             "different things. Re-run glm-preprocess with one tokenizer, or pass --force to merge "
-                             "anyway (the output then gets no .meta.json)")
-        print(f"glm-merge-datasets: warning: merging different tokenizers (--force): {listing}", file=sys.stderr)
+            raise MergeError(
+                f"the inputs were tokenized with different tokenizers ({listing}); their ids mean "
+                "different things. Re-run glm-preprocess with one tokenizer, or pass --force to merge "
+                "anyway (the output then gets no .meta.json)"
+            )
+        print(
+            f"glm-merge-datasets: warning: merging different tokenizers (--force): {listing}",
+            file=sys.stderr,
+        )
         return None
     if len(known) < len(prefixes):
         missing = [p for p, m in zip(prefixes, metas) if not (m and m.get("tokenizer"))]
-        print(f"glm-merge-datasets: warning: {', '.join(missing)} record no tokenizer (no .meta.json): the output "
-              "gets none, so training cannot check which tokenizer made it", file=sys.stderr)
+        print(
+            f"glm-merge-datasets: warning: {', '.join(missing)} record no tokenizer (no .meta.json): the output "
+            "gets none, so training cannot check which tokenizer made it",
+            file=sys.stderr,
+        )
         return None
     tokenizer = known[0][1]
     for prefix, ds in zip(prefixes, datasets):
         check_token_range(prefix, ds.token_range(), tokenizer["vocab_size"])
     first = metas[0]
-    return {"inputs": [os.path.abspath(p) for p in prefixes], "merged": True,
-            "json_key": first.get("json_key"), "append_eod": first.get("append_eod"),
-            "documents": sum(ds.num_documents for ds in datasets), "tokens": sum(ds.num_tokens for ds in datasets),
-            "dtype": str(datasets[0].dtype), "tokenizer": tokenizer,
-            "megatron_glm_version": __import__("megatron_glm").__version__}
+    return {
+        "inputs": [os.path.abspath(p) for p in prefixes],
+        "merged": True,
+        "json_key": first.get("json_key"),
+        "append_eod": first.get("append_eod"),
+        "documents": sum(ds.num_documents for ds in datasets),
+        "tokens": sum(ds.num_tokens for ds in datasets),
+        "dtype": str(datasets[0].dtype),
+        "tokenizer": tokenizer,
+        "megatron_glm_version": __import__("megatron_glm").__version__,
+    }
 
 
 def merge(prefixes: list[str], output_prefix: str, overwrite: bool = False, force: bool = False):
@@ -58,23 +72,32 @@ def merge(prefixes: list[str], output_prefix: str, overwrite: bool = False, forc
 
     meta = merged_meta(prefixes, force)
     tmp = f"{meta_path(output_prefix)}.tmp-{os.getpid()}"
-    merged = merge_datasets(prefixes, output_prefix, overwrite=overwrite)  # checks its output before the rename
+    merged = merge_datasets(
+        prefixes, output_prefix, overwrite=overwrite
+    )  # checks its output before the rename
     if meta is not None:
         with open(tmp, "w") as f:
             json.dump(meta, f, indent=1)
         os.replace(tmp, meta_path(output_prefix))
-    elif os.path.exists(meta_path(output_prefix)):  # an older dataset's record must not describe this one
+    elif os.path.exists(
+        meta_path(output_prefix)
+    ):  # an older dataset's record must not describe this one
         os.remove(meta_path(output_prefix))
     return merged
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="glm-merge-datasets", description="Concatenate .bin/.idx datasets in order.",
-                                allow_abbrev=False)
+    p = argparse.ArgumentParser(
+        prog="glm-merge-datasets",
+        description="Concatenate .bin/.idx datasets in order.",
+        allow_abbrev=False,
+    )
     p.add_argument("--input", nargs="+", required=True, help="dataset prefixes (without .bin/.idx)")
     p.add_argument("--output-prefix", required=True)
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--force", action="store_true", help="merge inputs of different tokenizers (no .meta.json)")
+    p.add_argument(
+        "--force", action="store_true", help="merge inputs of different tokenizers (no .meta.json)"
+    )
     args = p.parse_args(argv)
     from megatron_glm.data.indexed import IndexedDatasetError
 
@@ -84,8 +107,10 @@ def main(argv=None) -> int:
         print(f"glm-merge-datasets: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:
-        print(f"glm-merge-datasets: error: writing failed ({e}); temporary files removed, nothing written",
-              file=sys.stderr)
+        print(
+            f"glm-merge-datasets: error: writing failed ({e}); temporary files removed, nothing written",
+            file=sys.stderr,
+        )
         return 1
     print(f"glm-merge-datasets: wrote {merged}")
     return 0

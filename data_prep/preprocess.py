@@ -83,7 +83,9 @@ def _init_worker(spec, keys, append_eod, dtype, sentences=None, in_subprocess=Tr
         from megatron_glm.data_prep.sentences import load_splitter
 
         splitter = load_splitter(*sentences)
-    _WORKER.update(tok=tok, keys=keys, eod=tok.eod_id if append_eod else None, dtype=dtype, splitter=splitter)
+    _WORKER.update(
+        tok=tok, keys=keys, eod=tok.eod_id if append_eod else None, dtype=dtype, splitter=splitter
+    )
 
 
 def _encode_one(tok, text):
@@ -126,7 +128,9 @@ def encode_lines(batch) -> Encoded:
     encoded = [_encode_column(tok, column, splitter) for column in columns]
     cpu = time.process_time() - cpu
     # a document is kept if every key encoded (not None) to something (ids, or sentences)
-    sizes = np.array([[-1 if ids is None else len(ids) for ids in col] for col in encoded], np.int64)
+    sizes = np.array(
+        [[-1 if ids is None else len(ids) for ids in col] for col in encoded], np.int64
+    )
     sizes = sizes.reshape(len(keys), len(kept_lines))
     ok = (sizes > 0).all(axis=0)
     if not ok.all():
@@ -180,8 +184,13 @@ def _cpu_seconds() -> float:
     """CPU time of this process (all threads) and of its children that have been waited for."""
     import resource
 
-    return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
-                                                  resource.getrusage(resource.RUSAGE_CHILDREN)))
+    return sum(
+        r.ru_utime + r.ru_stime
+        for r in (
+            resource.getrusage(resource.RUSAGE_SELF),
+            resource.getrusage(resource.RUSAGE_CHILDREN),
+        )
+    )
 
 
 def _ordered_map(fn, items, workers: int, initargs):
@@ -200,8 +209,9 @@ def _ordered_map(fn, items, workers: int, initargs):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     global _MAIN_PID
     _MAIN_PID = os.getpid()
-    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_init_worker,
-                               initargs=initargs)
+    pool = ProcessPoolExecutor(
+        workers, mp_context=mp.get_context("fork"), initializer=_init_worker, initargs=initargs
+    )
     try:
         window = collections.deque()
         for item in items:
@@ -225,8 +235,15 @@ class _Progress:
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1000, smoothing=0.1,
-                            desc="glm-preprocess", file=sys.stderr)
+            self.bar = tqdm(
+                total=total_bytes,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1000,
+                smoothing=0.1,
+                desc="glm-preprocess",
+                file=sys.stderr,
+            )
 
     def update(self, summary: Summary, raw_bytes: int) -> None:
         now = time.monotonic()
@@ -238,15 +255,21 @@ class _Progress:
         elif self.enabled and now - self.last_log >= self.interval:
             self.last_log = now
             pct = 100.0 * summary.raw_bytes / max(self.total, 1)
-            print(f"glm-preprocess: {pct:5.1f}% {summary.raw_bytes / 1e6:,.0f} MB, {stats}, "
-                  f"{summary.raw_bytes / rate / 1e6:.1f} MB/s", file=sys.stderr, flush=True)
+            print(
+                f"glm-preprocess: {pct:5.1f}% {summary.raw_bytes / 1e6:,.0f} MB, {stats}, "
+                f"{summary.raw_bytes / rate / 1e6:.1f} MB/s",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
 
 
-def output_prefix(prefix: str, key: str, shard_of: tuple[int, int] | None = None, level: str = "document") -> str:
+def output_prefix(
+    prefix: str, key: str, shard_of: tuple[int, int] | None = None, level: str = "document"
+) -> str:
     """Megatron's naming, ``{prefix}_{key}_{level}`` (level: document, or sentence with --split-sentences);
     shard I of N adds ``.shard-{I}-of-{N}`` (zero-padded: the names sort in shard order)."""
     name = f"{prefix}_{key}_{level}"
@@ -289,23 +312,36 @@ def preprocess(
     json_keys = list(json_keys)
     if len(set(json_keys)) != len(json_keys):
         raise PreprocessError(f"--json-keys repeats a key: {json_keys}")
-    prefixes = {key: output_prefix(output_prefix_, key, shard_of, "sentence" if split_sentences else "document")
-                for key in json_keys}
+    prefixes = {
+        key: output_prefix(
+            output_prefix_, key, shard_of, "sentence" if split_sentences else "document"
+        )
+        for key in json_keys
+    }
     sentences = None
     if split_sentences:
         from megatron_glm.data_prep.sentences import SentenceSplitError, load_splitter
 
         try:
-            load_splitter(lang, keep_newlines, warn=True)  # fail (or warn) here, once, not in every worker
+            load_splitter(
+                lang, keep_newlines, warn=True
+            )  # fail (or warn) here, once, not in every worker
         except SentenceSplitError as e:
             raise PreprocessError(str(e)) from e
         sentences = (lang, keep_newlines)
     elif keep_newlines:
         raise PreprocessError("--keep-newlines only means something with --split-sentences")
     if not overwrite:
-        existing = [p for pre in prefixes.values() for p in (bin_path(pre), idx_path(pre)) if os.path.exists(p)]
+        existing = [
+            p
+            for pre in prefixes.values()
+            for p in (bin_path(pre), idx_path(pre))
+            if os.path.exists(p)
+        ]
         if existing:
-            raise PreprocessError(f"{', '.join(existing)} already exist(s); pass --overwrite to replace")
+            raise PreprocessError(
+                f"{', '.join(existing)} already exist(s); pass --overwrite to replace"
+            )
     try:
         paths = expand_inputs(inputs)
         pieces = paths if shard_of is None else shard(paths, *shard_of)
@@ -316,16 +352,24 @@ def preprocess(
     summary = Summary(files=len(pieces))
     bar = _Progress(sum(os.path.getsize(p) for p in paths), progress, log_interval)
     start, cpu_start = time.monotonic(), _cpu_seconds()
-    writers = {key: IndexedDatasetWriter(prefixes[key], dtype, overwrite=overwrite) for key in json_keys}
+    writers = {
+        key: IndexedDatasetWriter(prefixes[key], dtype, overwrite=overwrite) for key in json_keys
+    }
     meta_tmp = {key: f"{prefixes[key]}.meta.json.tmp-{os.getpid()}" for key in json_keys}
     try:
-        results = _ordered_map(encode_lines, iter_line_batches(pieces, batch_bytes), workers,
-                               (spec, json_keys, append_eod, dtype, sentences))
+        results = _ordered_map(
+            encode_lines,
+            iter_line_batches(pieces, batch_bytes),
+            workers,
+            (spec, json_keys, append_eod, dtype, sentences),
+        )
         for res in results:
             for number, cause in res.skips:
                 where = f"{res.path}:{number}: {cause}"
                 if strict:
-                    raise PreprocessError(f"{where} (--strict stops at the first bad line; nothing was written)")
+                    raise PreprocessError(
+                        f"{where} (--strict stops at the first bad line; nothing was written)"
+                    )
                 summary.skipped[cause] += 1
                 if len(summary.examples) < MAX_REPORTED:
                     summary.examples.append(where)
@@ -338,17 +382,28 @@ def preprocess(
             bar.update(summary, res.raw_bytes)
         summary.seconds = time.monotonic() - start
         summary.cpu = _cpu_seconds() - cpu_start  # the workers have exited: the pool is shut down
-        if summary.docs == 0 and not allow_empty and shard_of is None:  # a shard may fall on blank lines only
-            causes = ", ".join(f"{c} {n:,}" for c, n in summary.skipped.items() if n) or "the input is empty"
-            raise PreprocessError(f"no documents in {', '.join(paths)} ({causes}"
-                                  + (f"; e.g. {summary.examples[0]}" if summary.examples else "")
-                                  + f"); check --json-keys {' '.join(json_keys)}, or pass --allow-empty to write "
-                                  "an empty dataset; nothing was written")
+        if (
+            summary.docs == 0 and not allow_empty and shard_of is None
+        ):  # a shard may fall on blank lines only
+            causes = (
+                ", ".join(f"{c} {n:,}" for c, n in summary.skipped.items() if n)
+                or "the input is empty"
+            )
+            raise PreprocessError(
+                f"no documents in {', '.join(paths)} ({causes}"
+                + (f"; e.g. {summary.examples[0]}" if summary.examples else "")
+                + f"); check --json-keys {' '.join(json_keys)}, or pass --allow-empty to write "
+                "an empty dataset; nothing was written"
+            )
         meta = {
             "inputs": [os.path.abspath(p) for p in paths],
             "json_keys": json_keys,
             "append_eod": append_eod,
-            **({"split_sentences": {"lang": lang, "keep_newlines": keep_newlines}} if split_sentences else {}),
+            **(
+                {"split_sentences": {"lang": lang, "keep_newlines": keep_newlines}}
+                if split_sentences
+                else {}
+            ),
             **({"shard": list(shard_of)} if shard_of else {}),
             "documents": summary.docs,
             "skipped": dict(summary.skipped),
@@ -390,34 +445,82 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--input", nargs="+", help="files, globs or folders")
     p.add_argument("--output-prefix")
-    p.add_argument("--verify", nargs="+", metavar="PREFIX",
-                   help="check existing datasets instead: the whole index, the .bin size, token ids against the "
-                        "vocabulary (the tokenizer flags, else the one recorded beside the data) and .meta.json")
-    p.add_argument("--allow-empty", action="store_true", help="write a dataset even when no line gave a document")
-    p.add_argument("--json-keys", nargs="+", default=["text"], help="keys to extract, one dataset each (default: text)")
-    p.add_argument("--append-eod", action="store_true", help="append the end-of-document token to every document")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes (default: all cores)")
-    p.add_argument("--strict", action="store_true", help="stop at the first bad line instead of skipping it")
+    p.add_argument(
+        "--verify",
+        nargs="+",
+        metavar="PREFIX",
+        help="check existing datasets instead: the whole index, the .bin size, token ids against the "
+        "vocabulary (the tokenizer flags, else the one recorded beside the data) and .meta.json",
+    )
+    p.add_argument(
+        "--allow-empty",
+        action="store_true",
+        help="write a dataset even when no line gave a document",
+    )
+    p.add_argument(
+        "--json-keys",
+        nargs="+",
+        default=["text"],
+        help="keys to extract, one dataset each (default: text)",
+    )
+    p.add_argument(
+        "--append-eod",
+        action="store_true",
+        help="append the end-of-document token to every document",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="tokenizer processes (default: all cores)",
+    )
+    p.add_argument(
+        "--strict", action="store_true", help="stop at the first bad line instead of skipping it"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
-    p.add_argument("--split-sentences", action="store_true",
-                   help="one sequence per sentence (NLTK Punkt), documents kept in the document index; writes "
-                        "{prefix}_{key}_sentence (Megatron's naming)")
-    p.add_argument("--keep-newlines", action="store_true",
-                   help="with --split-sentences: keep the whitespace (newlines too) after each sentence in it")
-    p.add_argument("--lang", default="english", help="Punkt model for --split-sentences (default: english)")
-    p.add_argument("--partitions", type=int, default=1,
-                   help="accepted for Megatron command lines; it changes nothing here: --workers already "
-                        "parallelises one run, and the output keeps the input order (Megatron's "
-                        "--keep-sequential-samples). Across nodes, use --shard-index/--num-shards")
-    p.add_argument("--keep-sequential-samples", action="store_true", help="accepted for Megatron command lines; "
-                   "always the case here")
-    p.add_argument("--shard-index", type=int, default=None,
-                   help="convert only this shard (0-based; e.g. $SLURM_ARRAY_TASK_ID) of --num-shards contiguous "
-                        "byte ranges of the inputs; writes {prefix}_{key}_document.shard-I-of-N. glm-merge-datasets "
-                        "joins the N shards, in order, into what one run writes")
+    p.add_argument(
+        "--split-sentences",
+        action="store_true",
+        help="one sequence per sentence (NLTK Punkt), documents kept in the document index; writes "
+        "{prefix}_{key}_sentence (Megatron's naming)",
+    )
+    p.add_argument(
+        "--keep-newlines",
+        action="store_true",
+        help="with --split-sentences: keep the whitespace (newlines too) after each sentence in it",
+    )
+    p.add_argument(
+        "--lang", default="english", help="Punkt model for --split-sentences (default: english)"
+    )
+    p.add_argument(
+        "--partitions",
+        type=int,
+        default=1,
+        help="accepted for Megatron command lines; it changes nothing here: --workers already "
+        "parallelises one run, and the output keeps the input order (Megatron's "
+        "--keep-sequential-samples). Across nodes, use --shard-index/--num-shards",
+    )
+    p.add_argument(
+        "--keep-sequential-samples",
+        action="store_true",
+        help="accepted for Megatron command lines; always the case here",
+    )
+    p.add_argument(
+        "--shard-index",
+        type=int,
+        default=None,
+        help="convert only this shard (0-based; e.g. $SLURM_ARRAY_TASK_ID) of --num-shards contiguous "
+        "byte ranges of the inputs; writes {prefix}_{key}_document.shard-I-of-N. glm-merge-datasets "
+        "joins the N shards, in order, into what one run writes",
+    )
     p.add_argument("--num-shards", type=int, default=None)
-    p.add_argument("--log-interval", type=float, default=10.0, help="seconds between progress lines off a terminal")
+    p.add_argument(
+        "--log-interval",
+        type=float,
+        default=10.0,
+        help="seconds between progress lines off a terminal",
+    )
     add_tokenizer_args(p)
     return p
 
@@ -430,7 +533,9 @@ def main(argv=None) -> int:
 
         return verify(args)
     if not args.input or not args.output_prefix:
-        parser.error("--input and --output-prefix are required (or --verify PREFIX to check a dataset)")
+        parser.error(
+            "--input and --output-prefix are required (or --verify PREFIX to check a dataset)"
+        )
     if args.workers < 1:
         parser.error("--workers must be at least 1")
     if args.partitions < 1:
@@ -438,8 +543,10 @@ def main(argv=None) -> int:
     if (args.shard_index is None) != (args.num_shards is None):
         parser.error("--shard-index and --num-shards go together")
     if args.num_shards is not None and not 0 <= args.shard_index < args.num_shards:
-        parser.error(f"--shard-index {args.shard_index} must be in 0..{args.num_shards - 1} for --num-shards "
-                     f"{args.num_shards}")
+        parser.error(
+            f"--shard-index {args.shard_index} must be in 0..{args.num_shards - 1} for --num-shards "
+            f"{args.num_shards}"
+        )
     from concurrent.futures.process import BrokenProcessPool
 
     from megatron_glm.data.indexed import IndexedDatasetError
@@ -448,27 +555,55 @@ def main(argv=None) -> int:
     def _terminate(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
 
-    previous = signal.signal(signal.SIGTERM, _terminate)  # clean up temporary files on kill, as on Ctrl-C
+    previous = signal.signal(
+        signal.SIGTERM, _terminate
+    )  # clean up temporary files on kill, as on Ctrl-C
     try:
         summary = preprocess(
-            args.input, args.output_prefix, spec_from_args(args), args.json_keys, args.append_eod,
-            args.workers, args.strict, args.overwrite, progress=not args.no_progress, log_interval=args.log_interval,
+            args.input,
+            args.output_prefix,
+            spec_from_args(args),
+            args.json_keys,
+            args.append_eod,
+            args.workers,
+            args.strict,
+            args.overwrite,
+            progress=not args.no_progress,
+            log_interval=args.log_interval,
             allow_empty=args.allow_empty,
             shard_of=None if args.num_shards is None else (args.shard_index, args.num_shards),
-            split_sentences=args.split_sentences, keep_newlines=args.keep_newlines, lang=args.lang,
+            split_sentences=args.split_sentences,
+            keep_newlines=args.keep_newlines,
+            lang=args.lang,
         )
-    except (PreprocessError, TokenizerError, CorpusError, FileExistsError, IndexedDatasetError) as e:
+    except (
+        PreprocessError,
+        TokenizerError,
+        CorpusError,
+        FileExistsError,
+        IndexedDatasetError,
+    ) as e:
         print(f"glm-preprocess: error: {e}", file=sys.stderr)
         return 1
-    except OSError as e:  # a full disk, a vanished folder: the writers removed their temporary files
-        print(f"glm-preprocess: error: writing failed ({e}); temporary files removed, nothing written", file=sys.stderr)
+    except (
+        OSError
+    ) as e:  # a full disk, a vanished folder: the writers removed their temporary files
+        print(
+            f"glm-preprocess: error: writing failed ({e}); temporary files removed, nothing written",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
-        print("glm-preprocess: interrupted; temporary files removed, nothing written", file=sys.stderr)
+        print(
+            "glm-preprocess: interrupted; temporary files removed, nothing written", file=sys.stderr
+        )
         return 130
     except BrokenProcessPool as e:
-        print(f"glm-preprocess: error: a worker process died ({e}); temporary files removed, nothing written. "
-              "Lower --workers if memory is short", file=sys.stderr)
+        print(
+            f"glm-preprocess: error: a worker process died ({e}); temporary files removed, nothing written. "
+            "Lower --workers if memory is short",
+            file=sys.stderr,
+        )
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous)

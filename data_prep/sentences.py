@@ -25,7 +25,9 @@ def load_splitter(lang: str = "english", keep_newlines: bool = False, warn: bool
     try:
         from nltk.tokenize import punkt
     except ImportError as e:
-        raise SentenceSplitError("--split-sentences needs NLTK: pip install nltk (or megatron-glm[sentences])") from e
+        raise SentenceSplitError(
+            "--split-sentences needs NLTK: pip install nltk (or megatron-glm[sentences])"
+        ) from e
 
     class KeepWhitespace(punkt.PunktLanguageVars):
         """A sentence end takes the whitespace after it, newlines included, instead of dropping it."""
@@ -44,8 +46,11 @@ def load_splitter(lang: str = "english", keep_newlines: bool = False, warn: bool
     except LookupError:
         params = None
         if warn:
-            log.warning("NLTK's punkt_tab data for %r is not installed: Punkt runs untrained (no known "
-                        "abbreviations). Install it with: python -m nltk.downloader punkt_tab", lang)
+            log.warning(
+                "NLTK's punkt_tab data for %r is not installed: Punkt runs untrained (no known "
+                "abbreviations). Install it with: python -m nltk.downloader punkt_tab",
+                lang,
+            )
     except ValueError as e:
         raise SentenceSplitError(f"--lang {lang!r}: {e}") from e
     lang_vars = KeepWhitespace() if keep_newlines else punkt.PunktLanguageVars()
@@ -54,4 +59,8 @@ def load_splitter(lang: str = "english", keep_newlines: bool = False, warn: bool
 
 def split(splitter, text: str) -> list[str]:
     """The sentences of ``text``, in order."""
-    return [s for i in range(0, len(text), MAX_CHARS) for s in splitter.tokenize(text[i:i + MAX_CHARS])]
+    return [
+        s
+        for i in range(0, len(text), MAX_CHARS)
+        for s in splitter.tokenize(text[i : i + MAX_CHARS])
+    ]

@@ -20,7 +20,9 @@ def iter_docstrings(min_chars: int = 40):
     """``(module path, docstring)`` for every module, class and function docstring."""
     root = sysconfig.get_paths()["stdlib"]
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "test", "tests", "idlelib"))
+        dirnames[:] = sorted(
+            d for d in dirnames if d not in ("site-packages", "test", "tests", "idlelib")
+        )
         for name in sorted(filenames):
             if not name.endswith(".py"):
                 continue
@@ -32,7 +34,9 @@ def iter_docstrings(min_chars: int = 40):
             except (SyntaxError, UnicodeDecodeError, ValueError):
                 continue
             for node in ast.walk(tree):
-                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                if isinstance(
+                    node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+                ):
                     doc = ast.get_docstring(node)
                     if doc and len(doc) >= min_chars:
                         yield os.path.relpath(path, root), doc
@@ -53,8 +57,9 @@ def write_corpus(path: str, max_docs: int | None = None) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(allow_abbrev=False,
-                                description="Write the standard library's docstrings as a JSONL corpus.")
+    p = argparse.ArgumentParser(
+        allow_abbrev=False, description="Write the standard library's docstrings as a JSONL corpus."
+    )
     p.add_argument("output")
     p.add_argument("--max-docs", type=int)
     args = p.parse_args(argv)

@@ -26,10 +26,18 @@ def iter_training_texts(paths, key: str, max_chars: int):
                 yield texts[0][:max_chars]
 
 
-def train_tokenizer(inputs, model_prefix: str, vocab_size: int = 32000, key: str = "text",
-                    model_type: str = "unigram", character_coverage: float = 0.9995,
-                    input_sentence_size: int = 2_000_000, byte_fallback: bool = True,
-                    threads: int | None = None, overwrite: bool = False) -> str:
+def train_tokenizer(
+    inputs,
+    model_prefix: str,
+    vocab_size: int = 32000,
+    key: str = "text",
+    model_type: str = "unigram",
+    character_coverage: float = 0.9995,
+    input_sentence_size: int = 2_000_000,
+    byte_fallback: bool = True,
+    threads: int | None = None,
+    overwrite: bool = False,
+) -> str:
     """Train and write ``{model_prefix}.model/.vocab`` atomically; returns the .model path."""
     import sentencepiece as spm
 
@@ -59,9 +67,12 @@ def train_tokenizer(inputs, model_prefix: str, vocab_size: int = 32000, key: str
             allow_whitespace_only_pieces=True,
             split_digits=True,
             byte_fallback=byte_fallback,
-            pad_id=0, pad_piece=canonical["pad"],
-            unk_id=1, unk_piece=canonical["unk"],
-            eos_id=2, eos_piece=canonical["eos"],
+            pad_id=0,
+            pad_piece=canonical["pad"],
+            unk_id=1,
+            unk_piece=canonical["unk"],
+            eos_id=2,
+            eos_piece=canonical["eos"],
             bos_id=-1,
             control_symbols=control,
             num_threads=threads or os.cpu_count() or 1,
@@ -73,27 +84,47 @@ def train_tokenizer(inputs, model_prefix: str, vocab_size: int = 32000, key: str
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(allow_abbrev=False, prog="glm-train-tokenizer",
-                                description="Train a sentencepiece tokenizer with the GLM special tokens on JSONL.")
-    p.add_argument("--input", nargs="+", required=True, help="files, globs or folders of JSONL (.gz/.zst too)")
+    p = argparse.ArgumentParser(
+        allow_abbrev=False,
+        prog="glm-train-tokenizer",
+        description="Train a sentencepiece tokenizer with the GLM special tokens on JSONL.",
+    )
+    p.add_argument(
+        "--input", nargs="+", required=True, help="files, globs or folders of JSONL (.gz/.zst too)"
+    )
     p.add_argument("--model-prefix", required=True, help="writes {prefix}.model and {prefix}.vocab")
     p.add_argument("--vocab-size", type=int, default=32000)
     p.add_argument("--json-key", default="text")
     p.add_argument("--model-type", choices=["unigram", "bpe", "char", "word"], default="unigram")
     p.add_argument("--character-coverage", type=float, default=0.9995)
-    p.add_argument("--input-sentence-size", type=int, default=2_000_000, help="lines sampled for training")
-    p.add_argument("--no-byte-fallback", action="store_true", help="unknown characters become [unk], not bytes")
+    p.add_argument(
+        "--input-sentence-size", type=int, default=2_000_000, help="lines sampled for training"
+    )
+    p.add_argument(
+        "--no-byte-fallback", action="store_true", help="unknown characters become [unk], not bytes"
+    )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
     try:
-        path = train_tokenizer(args.input, args.model_prefix, args.vocab_size, args.json_key, args.model_type,
-                               args.character_coverage, args.input_sentence_size, not args.no_byte_fallback,
-                               args.threads, args.overwrite)
+        path = train_tokenizer(
+            args.input,
+            args.model_prefix,
+            args.vocab_size,
+            args.json_key,
+            args.model_type,
+            args.character_coverage,
+            args.input_sentence_size,
+            not args.no_byte_fallback,
+            args.threads,
+            args.overwrite,
+        )
     except (CorpusError, FileExistsError) as e:
         print(f"glm-train-tokenizer: error: {e}", file=sys.stderr)
         return 1
-    except RuntimeError as e:  # sentencepiece's own complaints, e.g. a vocab larger than the corpus allows
+    except (
+        RuntimeError
+    ) as e:  # sentencepiece's own complaints, e.g. a vocab larger than the corpus allows
         print(f"glm-train-tokenizer: sentencepiece failed: {e}", file=sys.stderr)
         return 1
     print(f"glm-train-tokenizer: wrote {path}")

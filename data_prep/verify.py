@@ -11,7 +11,12 @@ import sys
 
 def verify_dataset(prefix: str, tokenizer=None) -> str:
     """A one-line report of a sound dataset; raises ``IndexedDatasetError`` naming what is wrong."""
-    from megatron_glm.data.dataset_meta import check_meta_matches, check_token_range, check_tokenizer_matches, read_meta
+    from megatron_glm.data.dataset_meta import (
+        check_meta_matches,
+        check_token_range,
+        check_tokenizer_matches,
+        read_meta,
+    )
     from megatron_glm.data.indexed import IndexedDataset
 
     ds = IndexedDataset(prefix)  # the whole index is checked on opening
@@ -27,8 +32,11 @@ def verify_dataset(prefix: str, tokenizer=None) -> str:
             check_token_range(prefix, ds.token_range(), vocab)
     lo, hi = ds.token_range()  # kept by the dataset: the pass over the .bin ran once
     ids = f"ids {lo}..{hi}" if ds.num_tokens else "no tokens"
-    checked = f"within the {vocab}-id vocabulary" if vocab is not None else \
-        "not checked against a vocabulary (no .meta.json: pass the tokenizer flags)"
+    checked = (
+        f"within the {vocab}-id vocabulary"
+        if vocab is not None
+        else "not checked against a vocabulary (no .meta.json: pass the tokenizer flags)"
+    )
     return f"{prefix}: ok: {ds.num_documents:,} documents, {ds.num_tokens:,} {ds.dtype} tokens, {ids} {checked}"
 
 
@@ -38,7 +46,11 @@ def main(args) -> int:
 
     failed = 0
     try:
-        tokenizer = GLMTokenizer(spec_from_args(args)) if (args.tokenizer_model or args.vocab_file) else None
+        tokenizer = (
+            GLMTokenizer(spec_from_args(args))
+            if (args.tokenizer_model or args.vocab_file)
+            else None
+        )
     except TokenizerError as e:
         print(f"glm-preprocess: error: {e}", file=sys.stderr)
         return 1

@@ -20,8 +20,19 @@ if __name__ == "megatron_glm.kernels":
         softmax_attention,
     )
 
-    __all__ = ["BACKENDS", "get_backend", "set_backend", "flash_attention", "flex_attention", "softmax_attention",
-               "masked_softmax", "embedding_2d", "rotary_2d", "sdpa_attention"]
+    __all__ = [
+        "BACKENDS",
+        "get_backend",
+        "set_backend",
+        "flash_attention",
+        "flex_attention",
+        "softmax_attention",
+        "masked_softmax",
+        "embedding_2d",
+        "rotary_2d",
+        "sdpa_attention",
+    ]
 else:  # imported as a bare `kernels` from the checkout's root: that name is Hugging Face's package
     from megatron_glm.bare_names import hand_on
+
     hand_on(__name__, __file__)

@@ -45,7 +45,9 @@ def interpreting() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _warn_once(kernel: str, reason: str) -> None:
-    warnings.warn(f"{kernel}: {reason}; using the torch reference instead", RuntimeWarning, stacklevel=3)
+    warnings.warn(
+        f"{kernel}: {reason}; using the torch reference instead", RuntimeWarning, stacklevel=3
+    )
 
 
 def use_triton(kernel: str, device: torch.device, unsupported: str | None = None) -> bool:
@@ -61,8 +63,10 @@ def use_triton(kernel: str, device: torch.device, unsupported: str | None = None
         _warn_once(kernel, "Triton is not installed")
         return False
     if device.type != "cuda" and not interpreting():
-        raise RuntimeError(f"--kernels triton on {device.type} tensors: Triton kernels need a CUDA device; "
-                           "set TRITON_INTERPRET=1 to run them (slowly) on the CPU, or use --kernels auto")
+        raise RuntimeError(
+            f"--kernels triton on {device.type} tensors: Triton kernels need a CUDA device; "
+            "set TRITON_INTERPRET=1 to run them (slowly) on the CPU, or use --kernels auto"
+        )
     if unsupported:
         _warn_once(kernel, unsupported)
         return False

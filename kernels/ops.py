@@ -20,8 +20,18 @@ import torch.nn.functional as F
 from megatron_glm.kernels import reference
 from megatron_glm.kernels.dispatch import BACKENDS, get_backend, set_backend, use_triton
 
-__all__ = ["BACKENDS", "get_backend", "set_backend", "flash_attention", "flex_attention", "softmax_attention",
-           "masked_softmax", "embedding_2d", "rotary_2d", "sdpa_attention"]
+__all__ = [
+    "BACKENDS",
+    "get_backend",
+    "set_backend",
+    "flash_attention",
+    "flex_attention",
+    "softmax_attention",
+    "masked_softmax",
+    "embedding_2d",
+    "rotary_2d",
+    "sdpa_attention",
+]
 
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -46,6 +56,7 @@ def flash_attention(q, k, v, attn_lo, attn_hi, dropout_p: float = 0.0):
     """GLM-mask flash attention (Triton), or SDPA with the dense mask where the kernel does not run."""
     if use_triton("flash_attention", q.device, _flash_unsupported(q, k, v)):
         from megatron_glm.kernels.triton_attention import glm_flash_attention
+
         return glm_flash_attention(q, k, v, attn_lo, attn_hi, dropout_p)
     return sdpa_attention(q, k, v, attn_lo, attn_hi, dropout_p)
 
@@ -56,8 +67,12 @@ _last_block_mask: tuple = ()  # (attn_lo, attn_hi, Sq, Sk, block mask): every la
 def _block_mask(attn_lo, attn_hi, sq: int, sk: int):
     """FlexAttention's block mask of the interval mask, built once per bounds tensors (held, so never confused)."""
     global _last_block_mask
-    if _last_block_mask and _last_block_mask[0] is attn_lo and _last_block_mask[1] is attn_hi \
-            and _last_block_mask[2:4] == (sq, sk):
+    if (
+        _last_block_mask
+        and _last_block_mask[0] is attn_lo
+        and _last_block_mask[1] is attn_hi
+        and _last_block_mask[2:4] == (sq, sk)
+    ):
         return _last_block_mask[4]
     from torch.nn.attention.flex_attention import create_block_mask
 
@@ -79,7 +94,9 @@ def _compiled_flex():
 def flex_attention(q, k, v, attn_lo, attn_hi, dropout_p: float = 0.0):
     """PyTorch's FlexAttention over the interval mask (a block mask; compiled on CUDA, where it is fast)."""
     if dropout_p:
-        raise ValueError("--attention-impl flex has no attention dropout: pass --attention-dropout 0, or use flash")
+        raise ValueError(
+            "--attention-impl flex has no attention dropout: pass --attention-dropout 0, or use flash"
+        )
     from torch.nn.attention.flex_attention import flex_attention as flex
 
     block_mask = _block_mask(attn_lo, attn_hi, q.shape[-2], k.shape[-2])
@@ -88,16 +105,20 @@ def flex_attention(q, k, v, attn_lo, attn_hi, dropout_p: float = 0.0):
 
 def masked_softmax(scores, attn_lo, attn_hi, scale: float = 1.0):
     """``softmax(scale * scores)`` over each row's key interval (Triton, or the torch reference)."""
-    if use_triton("masked_softmax", scores.device,
-                  None if scores.dtype in _FLOAT else f"dtype {scores.dtype}"):
+    if use_triton(
+        "masked_softmax", scores.device, None if scores.dtype in _FLOAT else f"dtype {scores.dtype}"
+    ):
         from megatron_glm.kernels.triton_softmax import glm_masked_softmax
+
         return glm_masked_softmax(scores, attn_lo, attn_hi, scale)
     return reference.masked_softmax_reference(scores, attn_lo, attn_hi, scale)
 
 
 def softmax_attention(q, k, v, attn_lo, attn_hi, dropout_p: float = 0.0):
     """Materialised scores in the input dtype, the fused masked softmax, dropout, weighted sum."""
-    probs = masked_softmax(torch.matmul(q, k.transpose(-1, -2)), attn_lo, attn_hi, q.shape[-1] ** -0.5)
+    probs = masked_softmax(
+        torch.matmul(q, k.transpose(-1, -2)), attn_lo, attn_hi, q.shape[-1] ** -0.5
+    )
     if dropout_p:
         probs = F.dropout(probs, dropout_p)
     return torch.matmul(probs, v)
@@ -107,18 +128,29 @@ def embedding_2d(tokens, position_ids, word_weight, position_weight, block_weigh
     """Word + position + block-position embeddings, ``[B, S, H]`` (one Triton pass, or three gathers)."""
     weights = (word_weight, position_weight, block_weight)
     dtypes = {w.dtype for w in weights}
-    unsupported = None if len(dtypes) == 1 and word_weight.dtype in _FLOAT else \
-        f"table dtypes {sorted(map(str, dtypes))}"
+    unsupported = (
+        None
+        if len(dtypes) == 1 and word_weight.dtype in _FLOAT
+        else f"table dtypes {sorted(map(str, dtypes))}"
+    )
     if use_triton("embedding_2d", word_weight.device, unsupported):
         from megatron_glm.kernels.triton_embedding import glm_embedding_2d
+
         return glm_embedding_2d(tokens, position_ids, *weights)
     return reference.embedding_2d_reference(tokens, position_ids, *weights)
 
 
 def rotary_2d(q, k, position_ids, base: float = 10000.0):
     """2D rotary applied to ``q`` and ``k`` ``[B, H, S, D]`` (one Triton pass, or the reference twice)."""
-    unsupported = None if q.shape == k.shape and q.shape[-1] % 4 == 0 else f"q {tuple(q.shape)} / k {tuple(k.shape)}"
+    unsupported = (
+        None
+        if q.shape == k.shape and q.shape[-1] % 4 == 0
+        else f"q {tuple(q.shape)} / k {tuple(k.shape)}"
+    )
     if use_triton("rotary_2d", q.device, unsupported):
         from megatron_glm.kernels.triton_rotary import rotary_2d_qk
+
         return rotary_2d_qk(q, k, position_ids, base)
-    return reference.rotary_2d_reference(q, position_ids, base), reference.rotary_2d_reference(k, position_ids, base)
+    return reference.rotary_2d_reference(q, position_ids, base), reference.rotary_2d_reference(
+        k, position_ids, base
+    )

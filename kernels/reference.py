@@ -40,8 +40,11 @@ def masked_softmax_reference(scores, attn_lo, attn_hi, scale: float = 1.0):
 
 def embedding_2d_reference(tokens, position_ids, word_weight, position_weight, block_weight):
     """Word + position + block-position embeddings: three gathers and two adds."""
-    return (F.embedding(tokens, word_weight) + F.embedding(position_ids[:, 0], position_weight)
-            + F.embedding(position_ids[:, 1], block_weight))
+    return (
+        F.embedding(tokens, word_weight)
+        + F.embedding(position_ids[:, 0], position_weight)
+        + F.embedding(position_ids[:, 1], block_weight)
+    )
 
 
 def inv_freq(head_dim: int, base: float, device) -> torch.Tensor:
@@ -59,9 +62,16 @@ def _rope(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor) -> torc
     return (x.float() * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
 
 
-def rotary_2d_reference(x: torch.Tensor, position_ids: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
+def rotary_2d_reference(
+    x: torch.Tensor, position_ids: torch.Tensor, base: float = 10000.0
+) -> torch.Tensor:
     """2D rotary (ChatGLM-6B): first half of each head rotated by ``position_ids[:, 0]``, second by ``[:, 1]``."""
     half = x.shape[-1] // 2
     freqs = inv_freq(x.shape[-1], base, x.device)
-    return torch.cat([_rope(x[..., :half], position_ids[:, 0], freqs),
-                      _rope(x[..., half:], position_ids[:, 1], freqs)], dim=-1)
+    return torch.cat(
+        [
+            _rope(x[..., :half], position_ids[:, 0], freqs),
+            _rope(x[..., half:], position_ids[:, 1], freqs),
+        ],
+        dim=-1,
+    )

@@ -16,8 +16,9 @@ import triton.language as tl
 
 
 @triton.jit
-def _fwd_kernel(TOK, POS, BPOS, W, P, BP, OUT, N, S, HID, sw, sp, sbp,
-                ROWS: tl.constexpr, BLOCK_H: tl.constexpr):
+def _fwd_kernel(
+    TOK, POS, BPOS, W, P, BP, OUT, N, S, HID, sw, sp, sbp, ROWS: tl.constexpr, BLOCK_H: tl.constexpr
+):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     row_ok = rows < N
@@ -29,17 +30,25 @@ def _fwd_kernel(TOK, POS, BPOS, W, P, BP, OUT, N, S, HID, sw, sp, sbp,
     acc = tl.load(W + tok[:, None] * sw + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     acc += tl.load(P + pos[:, None] * sp + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     acc += tl.load(BP + bpos[:, None] * sbp + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(OUT + rows.to(tl.int64)[:, None] * HID + cols[None, :], acc.to(OUT.dtype.element_ty), mask=mask)
+    tl.store(
+        OUT + rows.to(tl.int64)[:, None] * HID + cols[None, :],
+        acc.to(OUT.dtype.element_ty),
+        mask=mask,
+    )
 
 
 @triton.jit
-def _bwd_kernel(TOK, POS, BPOS, DOUT, DW, DP, DBP, N, S, HID, ROWS: tl.constexpr, BLOCK_H: tl.constexpr):
+def _bwd_kernel(
+    TOK, POS, BPOS, DOUT, DW, DP, DBP, N, S, HID, ROWS: tl.constexpr, BLOCK_H: tl.constexpr
+):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     row_ok = rows < N
     mask = row_ok[:, None] & (cols[None, :] < HID)
     b, s = rows // S, rows % S
-    g = tl.load(DOUT + rows.to(tl.int64)[:, None] * HID + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(DOUT + rows.to(tl.int64)[:, None] * HID + cols[None, :], mask=mask, other=0.0).to(
+        tl.float32
+    )
     tok = tl.load(TOK + rows, mask=row_ok, other=0).to(tl.int64)
     pos = tl.load(POS + b * 2 * S + s, mask=row_ok, other=0).to(tl.int64)
     bpos = tl.load(BPOS + b * 2 * S + s, mask=row_ok, other=0).to(tl.int64)
@@ -66,9 +75,24 @@ class GLMEmbedding2D(torch.autograd.Function):
         out = torch.empty((b, s, hidden), device=word_weight.device, dtype=word_weight.dtype)
         rows, block_h, warps = _tiles(hidden, out.device)
         grid = (triton.cdiv(b * s, rows), triton.cdiv(hidden, block_h))
-        _fwd_kernel[grid](tok, pos, pos[:, 1], word_weight, position_weight, block_weight, out, b * s, s, hidden,
-                          word_weight.stride(0), position_weight.stride(0), block_weight.stride(0),
-                          ROWS=rows, BLOCK_H=block_h, num_warps=warps)
+        _fwd_kernel[grid](
+            tok,
+            pos,
+            pos[:, 1],
+            word_weight,
+            position_weight,
+            block_weight,
+            out,
+            b * s,
+            s,
+            hidden,
+            word_weight.stride(0),
+            position_weight.stride(0),
+            block_weight.stride(0),
+            ROWS=rows,
+            BLOCK_H=block_h,
+            num_warps=warps,
+        )
         ctx.save_for_backward(tok, pos)
         ctx.shapes = [(w.shape, w.dtype) for w in (word_weight, position_weight, block_weight)]
         return out
@@ -78,14 +102,29 @@ class GLMEmbedding2D(torch.autograd.Function):
         tok, pos = ctx.saved_tensors
         b, s = tok.shape
         hidden = dout.shape[-1]
-        grads = [torch.zeros(shape, device=dout.device, dtype=torch.float32) for shape, _ in ctx.shapes]
+        grads = [
+            torch.zeros(shape, device=dout.device, dtype=torch.float32) for shape, _ in ctx.shapes
+        ]
         rows, block_h, warps = _tiles(hidden, dout.device)
         grid = (triton.cdiv(b * s, rows), triton.cdiv(hidden, block_h))
-        _bwd_kernel[grid](tok, pos, pos[:, 1], dout.contiguous(), *grads, b * s, s, hidden,
-                          ROWS=rows, BLOCK_H=block_h, num_warps=warps)
+        _bwd_kernel[grid](
+            tok,
+            pos,
+            pos[:, 1],
+            dout.contiguous(),
+            *grads,
+            b * s,
+            s,
+            hidden,
+            ROWS=rows,
+            BLOCK_H=block_h,
+            num_warps=warps,
+        )
         return (None, None, *(g.to(dtype) for g, (_, dtype) in zip(grads, ctx.shapes)))
 
 
-def glm_embedding_2d(tokens, position_ids, word_weight, position_weight, block_weight) -> torch.Tensor:
+def glm_embedding_2d(
+    tokens, position_ids, word_weight, position_weight, block_weight
+) -> torch.Tensor:
     """``tokens [B, S]``, ``position_ids [B, 2, S]`` -> ``[B, S, H]`` = word + position + block position (Triton)."""
     return GLMEmbedding2D.apply(tokens, position_ids, word_weight, position_weight, block_weight)

@@ -34,8 +34,26 @@ def _rotate(X, OUT, base_in, base_out, offs_s, offs_q, sxs, Q, c0, s0, c1, s1, m
 
 
 @triton.jit
-def _rotary_kernel(QX, KX, QO, KO, POS, INV_FREQ, sqb, sqh, sqs, skb, skh, sks, H, S, Q, sign,
-                   BLOCK_S: tl.constexpr, BLOCK_Q: tl.constexpr):
+def _rotary_kernel(
+    QX,
+    KX,
+    QO,
+    KO,
+    POS,
+    INV_FREQ,
+    sqb,
+    sqh,
+    sqs,
+    skb,
+    skh,
+    sks,
+    H,
+    S,
+    Q,
+    sign,
+    BLOCK_S: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+):
     pid_s, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -61,10 +79,27 @@ def _launch(q, k, position_ids, freqs, sign: float):
     ko = torch.empty((b, h, s, d), device=k.device, dtype=k.dtype)
     block_s = 32 if q.device.type == "cuda" else 8
     grid = (triton.cdiv(s, block_s), b * h)
-    _rotary_kernel[grid](q, k, qo, ko, position_ids, freqs, q.stride(0), q.stride(1), q.stride(2),
-                         k.stride(0), k.stride(1), k.stride(2), h, s, quarter, sign,
-                         BLOCK_S=block_s, BLOCK_Q=max(2, triton.next_power_of_2(quarter)),
-                         num_warps=4 if q.device.type == "cuda" else 1)
+    _rotary_kernel[grid](
+        q,
+        k,
+        qo,
+        ko,
+        position_ids,
+        freqs,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        h,
+        s,
+        quarter,
+        sign,
+        BLOCK_S=block_s,
+        BLOCK_Q=max(2, triton.next_power_of_2(quarter)),
+        num_warps=4 if q.device.type == "cuda" else 1,
+    )
     return qo, ko
 
 

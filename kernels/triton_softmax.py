@@ -44,9 +44,16 @@ def _fwd_kernel(X, Y, LO, HI, H, SQ, SK, slb, scale, BLOCK: tl.constexpr, SINGLE
         s = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range((lo // BLOCK) * BLOCK, hi, BLOCK):
             cols = start + offs
-            x = tl.load(x_row + cols, mask=(cols >= lo) & (cols < hi), other=float("-inf")).to(tl.float32) * scale
+            x = (
+                tl.load(x_row + cols, mask=(cols >= lo) & (cols < hi), other=float("-inf")).to(
+                    tl.float32
+                )
+                * scale
+            )
             m_new = tl.maximum(m, x)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # lanes with no key yet: exp(-inf) = 0, no NaN
+            m_safe = tl.where(
+                m_new == float("-inf"), 0.0, m_new
+            )  # lanes with no key yet: exp(-inf) = 0, no NaN
             s = s * tl.exp(m - m_safe) + tl.exp(x - m_safe)
             m = m_new
         m_row = tl.max(m, 0)
@@ -55,11 +62,15 @@ def _fwd_kernel(X, Y, LO, HI, H, SQ, SK, slb, scale, BLOCK: tl.constexpr, SINGLE
             cols = start + offs
             inside = (cols >= lo) & (cols < hi)
             x = tl.load(x_row + cols, mask=inside, other=float("-inf")).to(tl.float32) * scale
-            tl.store(y_row + cols, (tl.exp(x - m_row) / l_row).to(Y.dtype.element_ty), mask=cols < SK)
+            tl.store(
+                y_row + cols, (tl.exp(x - m_row) / l_row).to(Y.dtype.element_ty), mask=cols < SK
+            )
 
 
 @triton.jit
-def _bwd_kernel(Y, DY, DX, LO, HI, H, SQ, SK, slb, scale, BLOCK: tl.constexpr, SINGLE: tl.constexpr):
+def _bwd_kernel(
+    Y, DY, DX, LO, HI, H, SQ, SK, slb, scale, BLOCK: tl.constexpr, SINGLE: tl.constexpr
+):
     """``dx = scale * y * (dy - sum(dy * y))``; zero outside the interval, where ``y`` is zero."""
     row = tl.program_id(0)
     lo, hi = _row_bounds(LO, HI, row, H, SQ, SK, slb)
@@ -84,7 +95,9 @@ def _bwd_kernel(Y, DY, DX, LO, HI, H, SQ, SK, slb, scale, BLOCK: tl.constexpr, S
             inside = (cols >= lo) & (cols < hi)
             y = tl.load(Y + base + cols, mask=inside, other=0.0).to(tl.float32)
             dy = tl.load(DY + base + cols, mask=inside, other=0.0).to(tl.float32)
-            tl.store(DX + base + cols, (scale * y * (dy - dot)).to(DX.dtype.element_ty), mask=cols < SK)
+            tl.store(
+                DX + base + cols, (scale * y * (dy - dot)).to(DX.dtype.element_ty), mask=cols < SK
+            )
 
 
 def _launch_shape(sk: int, device: torch.device, single: bool | None) -> tuple[int, bool, int]:
@@ -103,8 +116,20 @@ class GLMMaskedSoftmax(torch.autograd.Function):
         lo, hi = attn_lo.to(torch.int32).contiguous(), attn_hi.to(torch.int32).contiguous()
         y = torch.empty_like(x)
         block, single, warps = _launch_shape(sk, x.device, single)
-        _fwd_kernel[(b * h * sq,)](x, y, lo, hi, h, sq, sk, lo.stride(0), scale, BLOCK=block, SINGLE=single,
-                                   num_warps=warps)
+        _fwd_kernel[(b * h * sq,)](
+            x,
+            y,
+            lo,
+            hi,
+            h,
+            sq,
+            sk,
+            lo.stride(0),
+            scale,
+            BLOCK=block,
+            SINGLE=single,
+            num_warps=warps,
+        )
         ctx.save_for_backward(y, lo, hi)
         ctx.scale, ctx.block, ctx.single, ctx.warps = scale, block, single, warps
         return y
@@ -114,12 +139,27 @@ class GLMMaskedSoftmax(torch.autograd.Function):
         y, lo, hi = ctx.saved_tensors
         b, h, sq, sk = y.shape
         dx = torch.empty_like(y)
-        _bwd_kernel[(b * h * sq,)](y, dy.contiguous(), dx, lo, hi, h, sq, sk, lo.stride(0), ctx.scale,
-                                   BLOCK=ctx.block, SINGLE=ctx.single, num_warps=ctx.warps)
+        _bwd_kernel[(b * h * sq,)](
+            y,
+            dy.contiguous(),
+            dx,
+            lo,
+            hi,
+            h,
+            sq,
+            sk,
+            lo.stride(0),
+            ctx.scale,
+            BLOCK=ctx.block,
+            SINGLE=ctx.single,
+            num_warps=ctx.warps,
+        )
         return dx, None, None, None, None
 
 
-def glm_masked_softmax(scores, attn_lo, attn_hi, scale: float = 1.0, single: bool | None = None) -> torch.Tensor:
+def glm_masked_softmax(
+    scores, attn_lo, attn_hi, scale: float = 1.0, single: bool | None = None
+) -> torch.Tensor:
     """``scores [B, H, Sq, Sk]``, bounds ``[B, Sq]`` -> probabilities in ``scores.dtype`` (Triton).
 
     ``single`` forces the one-pass (row in registers) or chunked path; tests use it to run

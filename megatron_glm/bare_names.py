@@ -34,7 +34,9 @@ def hand_on(name: str, init_file: str) -> None:
     else:
         raise ModuleNotFoundError(
             f"No module named {name!r}: the folder {name}/ in this checkout is megatron_glm.{name}; "
-            f"import it under that name", name=name)
+            f"import it under that name",
+            name=name,
+        )
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)

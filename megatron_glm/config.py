@@ -17,26 +17,37 @@ class ModelConfig:
     """The architecture: what a checkpoint's weights mean (glm-pretrain's model flags)."""
 
     # the sizes default to --preset's when one is given (the parser leaves them None until then)
-    num_layers: int = setting(2, "transformer layers (default: the preset's, else 2)", parser_default=None)
+    num_layers: int = setting(
+        2, "transformer layers (default: the preset's, else 2)", parser_default=None
+    )
     hidden_size: int = setting(128, "default: the preset's, else 128", parser_default=None)
     num_attention_heads: int = setting(4, "default: the preset's, else 4", parser_default=None)
     ffn_hidden_size: int | None = setting(None, "default: 4 x --hidden-size")
-    max_position_embeddings: int = setting(256, "position table rows (default: the preset's, else --seq-length)",
-                                           parser_default=None)
-    vocab_size: int = internal(0)  # padded vocabulary (tokenizer.padded_vocab_size); set from the tokenizer
-    position_embedding_type: str = setting("learned_2d", "learned_2d: the paper's; rotary_2d: as in ChatGLM",
-                                           choices=("learned_2d", "rotary_2d"))
+    max_position_embeddings: int = setting(
+        256, "position table rows (default: the preset's, else --seq-length)", parser_default=None
+    )
+    vocab_size: int = internal(
+        0
+    )  # padded vocabulary (tokenizer.padded_vocab_size); set from the tokenizer
+    position_embedding_type: str = setting(
+        "learned_2d",
+        "learned_2d: the paper's; rotary_2d: as in ChatGLM",
+        choices=("learned_2d", "rotary_2d"),
+    )
     hidden_dropout: float = setting(0.1)
     attention_dropout: float = setting(0.1)
-    layernorm_epsilon: float = setting(1e-5, "LayerNorm epsilon", name="--norm-epsilon",
-                                       aliases=("--layernorm-epsilon",))
+    layernorm_epsilon: float = setting(
+        1e-5, "LayerNorm epsilon", name="--norm-epsilon", aliases=("--layernorm-epsilon",)
+    )
     init_method_std: float = setting(0.02)
     geglu: bool = setting(False, "GLM-130B's gated MLP")
     deepnorm: bool = setting(False, "GLM-130B's DeepNorm (post-LN, scaled residual)")
     rotary_base: float = internal(10000.0)
     embedding_gradient_shrink_alpha: float = setting(
-        1.0, "GLM-130B's stability trick: the word embedding's gradient times alpha (GLM-130B: 0.1), the forward "
-        "unchanged; 1.0 is off")
+        1.0,
+        "GLM-130B's stability trick: the word embedding's gradient times alpha (GLM-130B: 0.1), the forward "
+        "unchanged; 1.0 is off",
+    )
 
     def __post_init__(self):
         if self.ffn_hidden_size is None:
@@ -50,22 +61,36 @@ class ModelConfig:
         """Raise ``ValueError`` naming the flag to change for a shape the model cannot take."""
         problems = []
         if not 0.0 <= self.embedding_gradient_shrink_alpha <= 1.0:
-            problems.append(f"--embedding-gradient-shrink-alpha must be in [0, 1] (GLM-130B: 0.1), "
-                            f"got {self.embedding_gradient_shrink_alpha}")
+            problems.append(
+                f"--embedding-gradient-shrink-alpha must be in [0, 1] (GLM-130B: 0.1), "
+                f"got {self.embedding_gradient_shrink_alpha}"
+            )
         if self.num_layers < 1 or self.hidden_size < 1 or self.num_attention_heads < 1:
-            problems.append("--num-layers, --hidden-size and --num-attention-heads must be positive")
+            problems.append(
+                "--num-layers, --hidden-size and --num-attention-heads must be positive"
+            )
         elif self.hidden_size % self.num_attention_heads:
-            problems.append(f"--hidden-size {self.hidden_size} is not divisible by --num-attention-heads "
-                            f"{self.num_attention_heads}")
+            problems.append(
+                f"--hidden-size {self.hidden_size} is not divisible by --num-attention-heads "
+                f"{self.num_attention_heads}"
+            )
         elif self.position_embedding_type == "rotary_2d" and self.head_dim % 4:
-            problems.append(f"2D rotary needs a head dim divisible by 4 (two rotated halves), got {self.head_dim}")
+            problems.append(
+                f"2D rotary needs a head dim divisible by 4 (two rotated halves), got {self.head_dim}"
+            )
         if self.position_embedding_type not in ("learned_2d", "rotary_2d"):
-            problems.append(f"--position-embedding-type {self.position_embedding_type!r}: use learned_2d or rotary_2d")
+            problems.append(
+                f"--position-embedding-type {self.position_embedding_type!r}: use learned_2d or rotary_2d"
+            )
         if self.vocab_size < 1:
-            problems.append("vocab size is not set: it comes from the tokenizer (padded_vocab_size)")
+            problems.append(
+                "vocab size is not set: it comes from the tokenizer (padded_vocab_size)"
+            )
         if seq_length is not None and seq_length > self.max_position_embeddings:
-            problems.append(f"--seq-length {seq_length} exceeds --max-position-embeddings "
-                            f"{self.max_position_embeddings}: positions beyond the table have no embedding")
+            problems.append(
+                f"--seq-length {seq_length} exceeds --max-position-embeddings "
+                f"{self.max_position_embeddings}: positions beyond the table have no embedding"
+            )
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 problems.append(f"--{name.replace('_', '-')} must be in [0, 1)")
@@ -88,15 +113,35 @@ class ModelConfig:
 
 
 # layers, hidden, heads, max positions (the GLM paper); a size flag given overrides the preset's
-PRESET_SIZES = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "max_position_embeddings")
+PRESET_SIZES = (
+    "num_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "ffn_hidden_size",
+    "max_position_embeddings",
+)
 PRESETS: dict[str, dict] = {
-    "glm-tiny": dict(num_layers=4, hidden_size=128, num_attention_heads=4, max_position_embeddings=512),
-    "glm-base": dict(num_layers=12, hidden_size=768, num_attention_heads=12, max_position_embeddings=512),
-    "glm-large": dict(num_layers=24, hidden_size=1024, num_attention_heads=16, max_position_embeddings=512),
-    "glm-410m": dict(num_layers=30, hidden_size=1024, num_attention_heads=16, max_position_embeddings=512),
-    "glm-515m": dict(num_layers=30, hidden_size=1152, num_attention_heads=18, max_position_embeddings=512),
-    "glm-2b": dict(num_layers=36, hidden_size=2048, num_attention_heads=32, max_position_embeddings=1024),
-    "glm-10b": dict(num_layers=48, hidden_size=4096, num_attention_heads=64, max_position_embeddings=1024),
+    "glm-tiny": dict(
+        num_layers=4, hidden_size=128, num_attention_heads=4, max_position_embeddings=512
+    ),
+    "glm-base": dict(
+        num_layers=12, hidden_size=768, num_attention_heads=12, max_position_embeddings=512
+    ),
+    "glm-large": dict(
+        num_layers=24, hidden_size=1024, num_attention_heads=16, max_position_embeddings=512
+    ),
+    "glm-410m": dict(
+        num_layers=30, hidden_size=1024, num_attention_heads=16, max_position_embeddings=512
+    ),
+    "glm-515m": dict(
+        num_layers=30, hidden_size=1152, num_attention_heads=18, max_position_embeddings=512
+    ),
+    "glm-2b": dict(
+        num_layers=36, hidden_size=2048, num_attention_heads=32, max_position_embeddings=1024
+    ),
+    "glm-10b": dict(
+        num_layers=48, hidden_size=4096, num_attention_heads=64, max_position_embeddings=1024
+    ),
 }
 
 
@@ -108,7 +153,9 @@ def preset(name: str, **overrides) -> ModelConfig:
 
 def add_model_flags(group) -> None:
     """``--preset`` and the architecture's flags (glm-pretrain's and glm-plan's model group)."""
-    group.add_argument("--preset", choices=sorted(PRESETS), help="sizes of a published GLM (flags below override)")
+    group.add_argument(
+        "--preset", choices=sorted(PRESETS), help="sizes of a published GLM (flags below override)"
+    )
     add_flags(group, ModelConfig)
 
 

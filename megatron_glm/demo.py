@@ -29,11 +29,19 @@ def step(title: str) -> float:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m megatron_glm.demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        allow_abbrev=False,
+        prog="python -m megatron_glm.demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--workdir", default="demo_out")
-    p.add_argument("--vocab-size", type=int, default=2000,
-                   help="sentencepiece pieces (small: a 1 M-parameter model spends less of itself on the vocabulary)")
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        default=2000,
+        help="sentencepiece pieces (small: a 1 M-parameter model spends less of itself on the vocabulary)",
+    )
     p.add_argument("--seq-length", type=int, default=256)
     p.add_argument("--train-iters", type=int, default=1000)
     p.add_argument("--skip-training", action="store_true", help="stop after the data pipeline")
@@ -47,11 +55,15 @@ def main(argv=None) -> int:
 
     t = step("corpus: Python standard library docstrings")
     n = write_corpus(corpus)
-    print(f"{n:,} documents, {os.path.getsize(corpus) / 1e6:.1f} MB -> {corpus} ({time.perf_counter() - t:.1f} s)")
+    print(
+        f"{n:,} documents, {os.path.getsize(corpus) / 1e6:.1f} MB -> {corpus} ({time.perf_counter() - t:.1f} s)"
+    )
 
     from megatron_glm.data_prep.train_tokenizer import train_tokenizer
 
-    t = step(f"tokenizer: sentencepiece unigram, {args.vocab_size} pieces, GLM special tokens built in")
+    t = step(
+        f"tokenizer: sentencepiece unigram, {args.vocab_size} pieces, GLM special tokens built in"
+    )
     model = train_tokenizer([corpus], spm_prefix, args.vocab_size, overwrite=True)
     print(f"-> {model} ({time.perf_counter() - t:.1f} s)")
 
@@ -60,19 +72,34 @@ def main(argv=None) -> int:
 
     tok = load_tokenizer(model=model)
     t = step("glm-preprocess: JSONL -> Megatron .bin/.idx")
-    summary = preprocess([corpus], data_prefix, tok.spec, append_eod=True, workers=os.cpu_count() or 1,
-                         overwrite=True)
+    summary = preprocess(
+        [corpus],
+        data_prefix,
+        tok.spec,
+        append_eod=True,
+        workers=os.cpu_count() or 1,
+        overwrite=True,
+    )
     print(summary.line())
 
     from megatron_glm.data.blended_dataset import build_train_valid_test_datasets
 
     step(f"packed samples of {args.seq_length} tokens, split 95,5,0")
     train, valid, test = build_train_valid_test_datasets(
-        [f"{data_prefix}_text_document"], "95,5,0", args.seq_length, [None, None, None], tokenizer=tok)
-    print(f"train {len(train):,} / valid {len(valid):,} / test {len(test) if test else 0:,} samples")
+        [f"{data_prefix}_text_document"],
+        "95,5,0",
+        args.seq_length,
+        [None, None, None],
+        tokenizer=tok,
+    )
+    print(
+        f"train {len(train):,} / valid {len(valid):,} / test {len(test) if test else 0:,} samples"
+    )
     sample = train[0]
-    print(f"train[0] holds {len(sample['document_lengths'])} document piece(s) of lengths "
-          f"{sample['document_lengths'].tolist()}; its first 200 characters:")
+    print(
+        f"train[0] holds {len(sample['document_lengths'])} document piece(s) of lengths "
+        f"{sample['document_lengths'].tolist()}; its first 200 characters:"
+    )
     print("  " + tok.decode(sample["text"].tolist())[:200].replace("\n", "\n  "))
     if args.skip_training:
         return 0
@@ -83,36 +110,90 @@ def main(argv=None) -> int:
 
     step("held-out tasks: the validation split's docstrings, never trained on")
     tasks = held_out_tasks(corpus, os.path.join(args.workdir, "tasks"))
-    print(f"blank filling: {tasks['blank_items']} sentences, spans blanked by the token objective -> {tasks['blank']}")
-    print(f"multiple choice: {tasks['choice_items']} sentences, a function word blanked, it and 3 other function "
-          f"words to choose from (chance 25%) -> {tasks['choice']}")
+    print(
+        f"blank filling: {tasks['blank_items']} sentences, spans blanked by the token objective -> {tasks['blank']}"
+    )
+    print(
+        f"multiple choice: {tasks['choice_items']} sentences, a function word blanked, it and 3 other function "
+        f"words to choose from (chance 25%) -> {tasks['choice']}"
+    )
     ckpt = os.path.join(args.workdir, "checkpoints")
-    shutil.rmtree(ckpt, ignore_errors=True)  # a fresh run each time: the second step shows the resume
+    shutil.rmtree(
+        ckpt, ignore_errors=True
+    )  # a fresh run each time: the second step shows the resume
     half = args.train_iters // 2
-    common = ["--data-path", f"{data_prefix}_text_document", "--tokenizer-model", model, "--preset", "glm-tiny",
-              "--seq-length", "128", "--micro-batch-size", "16", "--global-batch-size", "32", "--lr", "2e-3",
-              "--lr-warmup-iters", "20", "--lr-decay-iters", str(args.train_iters), "--min-lr", "2e-4",
-              "--hidden-dropout", "0.0", "--attention-dropout", "0.0", "--bert-prob", "0.7",
-              "--gap-sentence-prob", "0.2", "--split", "95,5,0", "--log-interval", "25", "--eval-interval", "100",
-              "--eval-iters", "4", "--save", ckpt, "--load", ckpt, "--save-interval", "100",
-              "--eval-tasks", f"blank:{tasks['blank']}", f"choice:{tasks['choice']}"]
+    common = [
+        "--data-path",
+        f"{data_prefix}_text_document",
+        "--tokenizer-model",
+        model,
+        "--preset",
+        "glm-tiny",
+        "--seq-length",
+        "128",
+        "--micro-batch-size",
+        "16",
+        "--global-batch-size",
+        "32",
+        "--lr",
+        "2e-3",
+        "--lr-warmup-iters",
+        "20",
+        "--lr-decay-iters",
+        str(args.train_iters),
+        "--min-lr",
+        "2e-4",
+        "--hidden-dropout",
+        "0.0",
+        "--attention-dropout",
+        "0.0",
+        "--bert-prob",
+        "0.7",
+        "--gap-sentence-prob",
+        "0.2",
+        "--split",
+        "95,5,0",
+        "--log-interval",
+        "25",
+        "--eval-interval",
+        "100",
+        "--eval-iters",
+        "4",
+        "--save",
+        ckpt,
+        "--load",
+        ckpt,
+        "--save-interval",
+        "100",
+        "--eval-tasks",
+        f"blank:{tasks['blank']}",
+        f"choice:{tasks['choice']}",
+    ]
     t = step(f"glm-pretrain: glm-tiny, {half} iterations, then stop")
     first = pretrain(common + ["--train-iters", str(half)])
-    print(f"({time.perf_counter() - t:.0f} s) loss {first['losses'][0]:.2f} -> {first['losses'][-1]:.2f}")
+    print(
+        f"({time.perf_counter() - t:.0f} s) loss {first['losses'][0]:.2f} -> {first['losses'][-1]:.2f}"
+    )
     t = step(f"glm-pretrain again: resumes from the checkpoint and goes on to {args.train_iters}")
     second = pretrain(common + ["--train-iters", str(args.train_iters)])
-    print(f"({time.perf_counter() - t:.0f} s) loss {second['losses'][0]:.2f} -> {second['losses'][-1]:.2f}")
+    print(
+        f"({time.perf_counter() - t:.0f} s) loss {second['losses'][0]:.2f} -> {second['losses'][-1]:.2f}"
+    )
 
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    step("glm-eval: the held-out tasks before training (the model glm-pretrain starts from) and after")
+    step(
+        "glm-eval: the held-out tasks before training (the model glm-pretrain starts from) and after"
+    )
     before, after = score_before_and_after(ckpt, tasks, device)
     print(f"{'':34} {'chance':>8} {'before':>8} {'after':>8}")
-    for label, kind, key, chance in (("blank filling, span exact match", "blank", "exact_match", None),
-                                     ("blank filling, token accuracy", "blank", "token_accuracy", None),
-                                     ("multiple choice, accuracy", "choice", "accuracy", 0.25),
-                                     ("multiple choice, per-token score", "choice", "accuracy_per_token", 0.25)):
+    for label, kind, key, chance in (
+        ("blank filling, span exact match", "blank", "exact_match", None),
+        ("blank filling, token accuracy", "blank", "token_accuracy", None),
+        ("multiple choice, accuracy", "choice", "accuracy", 0.25),
+        ("multiple choice, per-token score", "choice", "accuracy_per_token", 0.25),
+    ):
         shown = f"{chance:8.1%}" if chance is not None else f"{'~0%':>8}"
         print(f"{label:34} {shown} {before[kind][key]:8.1%} {after[kind][key]:8.1%}")
     plot = plot_curves(os.path.join(ckpt, "metrics.jsonl"), os.path.join(args.workdir, "loss.png"))
@@ -122,14 +203,18 @@ def main(argv=None) -> int:
     from megatron_glm.generate import load_for_inference
     from megatron_glm.model.generation import GenerationConfig, fill_blanks
 
-    step("held-out sentences: the word it picks for the blank (the most likely choice), and what glm-generate's "
-         "greedy filling writes there (a 1 M-parameter model after a few CPU minutes: grammar first, words later)")
+    step(
+        "held-out sentences: the word it picks for the blank (the most likely choice), and what glm-generate's "
+        "greedy filling writes there (a 1 M-parameter model after a few CPU minutes: grammar first, words later)"
+    )
     glm, tok, _ = load_for_inference(ckpt, device=device)
     for text, options, picked, truth in picked_choices(glm, tok, tasks["choice"], device)[:8]:
         _, spans = fill_blanks(glm, tok, text, GenerationConfig("greedy", max_new_tokens=6))
         shown = text.replace("[MASK]", " [MASK] ")
-        print(f"  {'right' if picked == truth else 'wrong'}: {shown}  {'/'.join(options)} -> {picked!r}"
-              f"{'' if picked == truth else f' (the text had {truth!r})'}; generated {spans[0]!r}")
+        print(
+            f"  {'right' if picked == truth else 'wrong'}: {shown}  {'/'.join(options)} -> {picked!r}"
+            f"{'' if picked == truth else f' (the text had {truth!r})'}; generated {spans[0]!r}"
+        )
     return 0
 
 
@@ -139,14 +224,27 @@ def picked_choices(model, tok, path: str, device: str) -> list[tuple]:
     from megatron_glm.evaluate import score
 
     rows, labels = eval_tasks.build("choice", path, tok, model.cfg.max_position_embeddings, 1234)
-    scores = score(model, [eval_tasks.layout(rows[i:i + 16], max(map(len, rows[i:i + 16])), tok.pad_id)
-                           for i in range(0, len(rows), 16)], device)
+    scores = score(
+        model,
+        [
+            eval_tasks.layout(rows[i : i + 16], max(map(len, rows[i : i + 16])), tok.pad_id)
+            for i in range(0, len(rows), 16)
+        ],
+        device,
+    )
     with open(path) as f:
         items = [json.loads(line) for line in f if line.strip()]
     out = []
     for i, (item, label) in enumerate(zip(items, labels)):
         nll = [scores[j, 0] for j, row in enumerate(rows) if row.item == i]
-        out.append((item["text"], item["choices"], item["choices"][nll.index(min(nll))], item["choices"][label]))
+        out.append(
+            (
+                item["text"],
+                item["choices"],
+                item["choices"][nll.index(min(nll))],
+                item["choices"][label],
+            )
+        )
     return out
 
 
@@ -165,7 +263,9 @@ def held_out_tasks(corpus: str, folder: str, items: int = 200, seed: int = 1234)
 
     with open(corpus, encoding="utf-8") as f:
         texts = [json.loads(line)["text"] for line in f]
-    start, stop = split_documents(len(texts), [0.95, 0.05, 0.0])[1]  # glm-pretrain --split 95,5,0's valid range
+    start, stop = split_documents(len(texts), [0.95, 0.05, 0.0])[
+        1
+    ]  # glm-pretrain --split 95,5,0's valid range
     sentences = []
     for text in texts[start:stop]:
         first = " ".join(text.split("\n\n")[0].split()).split(". ")[0].rstrip(".")
@@ -188,10 +288,18 @@ def held_out_tasks(corpus: str, folder: str, items: int = 200, seed: int = 1234)
             rng.shuffle(options)
             # no spaces beside the blank: it stands for the word and its leading space, as in training (with
             # sentencepiece, "a [MASK] b" would encode the spaces as pieces of their own)
-            text = " ".join(words[:at]) + "[MASK]" + " ".join(words[at + 1:]) + "."
-            f.write(json.dumps({"text": text, "choices": options, "label": options.index(words[at])}) + "\n")
+            text = " ".join(words[:at]) + "[MASK]" + " ".join(words[at + 1 :]) + "."
+            f.write(
+                json.dumps({"text": text, "choices": options, "label": options.index(words[at])})
+                + "\n"
+            )
             n_choice += 1
-    return {"blank": blank, "choice": choice, "blank_items": min(items, len(sentences)), "choice_items": n_choice}
+    return {
+        "blank": blank,
+        "choice": choice,
+        "blank_items": min(items, len(sentences)),
+        "choice_items": n_choice,
+    }
 
 
 def score_before_and_after(ckpt: str, tasks: dict, device: str) -> tuple[dict, dict]:
@@ -205,13 +313,19 @@ def score_before_and_after(ckpt: str, tasks: dict, device: str) -> tuple[dict, d
 
     trained, tok, meta = load_for_inference(ckpt, device)
     initial = GLMModel(ModelConfig.from_dict(meta["model"]))
-    initial.reset_parameters(settings_of(meta).training.seed)  # bitwise the weights glm-pretrain starts from
+    initial.reset_parameters(
+        settings_of(meta).training.seed
+    )  # bitwise the weights glm-pretrain starts from
     initial = initial.to(device).eval()
     out = []
     for model in (initial, trained):
         with torch.no_grad():
-            out.append({kind: task_metrics(model, tok, kind, tasks[kind], 16, device, 1234)
-                        for kind in ("blank", "choice")})
+            out.append(
+                {
+                    kind: task_metrics(model, tok, kind, tasks[kind], 16, device, 1234)
+                    for kind in ("blank", "choice")
+                }
+            )
     return out[0], out[1]
 
 
@@ -228,12 +342,20 @@ def plot_curves(metrics: str, path: str) -> str | None:
     with open(metrics) as f:
         rows = [json.loads(line) for line in f]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for key, label in (("loss_token", "token objective"), ("loss_sentence", "sentence objective"),
-                       ("loss_document", "document objective"), ("valid_loss", "validation (all)")):
+    for key, label in (
+        ("loss_token", "token objective"),
+        ("loss_sentence", "sentence objective"),
+        ("loss_document", "document objective"),
+        ("valid_loss", "validation (all)"),
+    ):
         points = [(r["iteration"], r[key]) for r in rows if key in r]
         if points:
-            left.plot(*zip(*points), "o-" if key == "valid_loss" else "-", label=label,
-                      linewidth=2 if key == "valid_loss" else 0.8)
+            left.plot(
+                *zip(*points),
+                "o-" if key == "valid_loss" else "-",
+                label=label,
+                linewidth=2 if key == "valid_loss" else 0.8,
+            )
     left.set(xlabel="iteration", ylabel="loss (nats per target token)", title="pretraining")
     left.legend()
     shown = ("/exact_match", "/token_accuracy", "/accuracy")
@@ -241,7 +363,9 @@ def plot_curves(metrics: str, path: str) -> str | None:
         points = [(r["iteration"], r[key]) for r in rows if key in r]
         right.plot(*zip(*points), "o-", label=key.removeprefix("eval/"))
     right.axhline(0.25, color="grey", linestyle=":", label="multiple choice: chance")
-    right.set(xlabel="iteration", ylabel="share", title="held-out tasks (--eval-tasks)", ylim=(0, 1))
+    right.set(
+        xlabel="iteration", ylabel="share", title="held-out tasks (--eval-tasks)", ylim=(0, 1)
+    )
     right.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -33,7 +33,12 @@ import torch.distributed as dist
 from megatron_glm.checkpoint import CheckpointError, settings_of
 from megatron_glm.convert.layout import ConversionError
 from megatron_glm.data import eval_tasks
-from megatron_glm.data.blank_infilling import OBJECTIVES, BlankInfillingCollator, SpecialIds, sentence_end_ids
+from megatron_glm.data.blank_infilling import (
+    OBJECTIVES,
+    BlankInfillingCollator,
+    SpecialIds,
+    sentence_end_ids,
+)
 from megatron_glm.data.blended_dataset import build_train_valid_test_datasets
 from megatron_glm.data.eval_tasks import argparse_spec, task_name
 from megatron_glm.data.loader import MicroBatches, collate_now
@@ -62,43 +67,79 @@ def score(model, batches: list[dict], device: str) -> np.ndarray:
     out = torch.zeros(int(starts[-1]), 3, dtype=torch.float64)
     with torch.no_grad():
         for k in range(rank, len(batches), world):
-            b = {name: torch.as_tensor(v).to(device) for name, v in batches[k].items() if name != "objective"}
+            b = {
+                name: torch.as_tensor(v).to(device)
+                for name, v in batches[k].items()
+                if name != "objective"
+            }
             logits = model(b["tokens"], b["position_ids"], b["attn_lo"], b["attn_hi"])
             nll, count, correct = model.score(logits, b["labels"], b["loss_mask"])
-            out[starts[k]:starts[k + 1]] = torch.stack([nll, count, correct], dim=1).double().cpu()
+            out[starts[k] : starts[k + 1]] = (
+                torch.stack([nll, count, correct], dim=1).double().cpu()
+            )
     if world > 1:
         dist.all_reduce(out)
     return out.numpy()
 
 
-def task_metrics(model, tokenizer, kind: str, path: str, batch_size: int, device: str, seed: int) -> dict:
+def task_metrics(
+    model, tokenizer, kind: str, path: str, batch_size: int, device: str, seed: int
+) -> dict:
 
     rows, labels = eval_tasks.build(kind, path, tokenizer, model.cfg.max_position_embeddings, seed)
-    batches = [eval_tasks.layout(rows[i:i + batch_size], max(map(len, rows[i:i + batch_size])), tokenizer.pad_id)
-               for i in range(0, len(rows), batch_size)]
+    batches = [
+        eval_tasks.layout(
+            rows[i : i + batch_size], max(map(len, rows[i : i + batch_size])), tokenizer.pad_id
+        )
+        for i in range(0, len(rows), batch_size)
+    ]
     return eval_tasks.metrics(kind, rows, score(model, batches, device), labels)
 
 
-def lm_metrics(model, tokenizer, meta: dict, samples: int, batch_size: int, device: str, data_path=None,
-               cache=None) -> dict:
+def lm_metrics(
+    model,
+    tokenizer,
+    meta: dict,
+    samples: int,
+    batch_size: int,
+    device: str,
+    data_path=None,
+    cache=None,
+) -> dict:
     """Loss and perplexity per objective on the first ``samples`` of the validation split."""
 
     run = settings_of(meta)  # the split, sequence length, seed and objective it was trained with
     paths = data_path or run.data.data_path
     if not paths:
-        raise EvalError("--lm-samples needs data: the checkpoint records no --data-path, pass --data-path")
+        raise EvalError(
+            "--lm-samples needs data: the checkpoint records no --data-path, pass --data-path"
+        )
     split = run.data.split
-    _, valid, _ = build_train_valid_test_datasets(list(paths), split, run.data.seq_length, [1, samples, 0],
-                                                  seed=run.training.seed, cache_dir=cache, tokenizer=tokenizer)
+    _, valid, _ = build_train_valid_test_datasets(
+        list(paths),
+        split,
+        run.data.seq_length,
+        [1, samples, 0],
+        seed=run.training.seed,
+        cache_dir=cache,
+        tokenizer=tokenizer,
+    )
     if valid is None or len(valid) == 0:
-        raise EvalError(f"the split {split} leaves no validation documents in {paths}: pass another --split")
+        raise EvalError(
+            f"the split {split} leaves no validation documents in {paths}: pass another --split"
+        )
     objective = run.objective
     ends = sentence_end_ids(tokenizer) if objective.sentence_prob > 0 else None
-    data = MicroBatches(valid, BlankInfillingCollator(objective, SpecialIds.from_tokenizer(tokenizer), ends),
-                        model.cfg.vocab_size)
+    data = MicroBatches(
+        valid,
+        BlankInfillingCollator(objective, SpecialIds.from_tokenizer(tokenizer), ends),
+        model.cfg.vocab_size,
+    )
     n = min(samples, len(valid))
-    batches = [{k: v.numpy() for k, v in collate_now(data, list(range(i, min(i + batch_size, n)))).items()}
-               for i in range(0, n, batch_size)]
+    batches = [
+        {k: v.numpy() for k, v in collate_now(data, list(range(i, min(i + batch_size, n)))).items()}
+        for i in range(0, n, batch_size)
+    ]
     scores = score(model, batches, device)
     objectives = np.concatenate([b["objective"] for b in batches])
     out = {"samples": n, "loss": float(scores[:, 0].sum() / scores[:, 1].sum())}
@@ -112,27 +153,50 @@ def lm_metrics(model, tokenizer, meta: dict, samples: int, batch_size: int, devi
 
 
 def build_parser() -> argparse.ArgumentParser:
-
-    p = argparse.ArgumentParser(prog="glm-eval", description=__doc__, allow_abbrev=False,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--load", required=True, help="a glm-pretrain checkpoint folder or an export-hf folder")
-    p.add_argument("--task", action="append", type=argparse_spec, default=[], metavar="KIND:FILE",
-                   help="blank:FILE, choice:FILE or lambada:FILE (JSONL; repeatable)")
-    p.add_argument("--lm-samples", type=int, default=0, help="loss and perplexity on this many validation samples")
-    p.add_argument("--data-path", nargs="+", default=None, help="the data for --lm-samples (default: the run's)")
+    p = argparse.ArgumentParser(
+        prog="glm-eval",
+        description=__doc__,
+        allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--load", required=True, help="a glm-pretrain checkpoint folder or an export-hf folder"
+    )
+    p.add_argument(
+        "--task",
+        action="append",
+        type=argparse_spec,
+        default=[],
+        metavar="KIND:FILE",
+        help="blank:FILE, choice:FILE or lambada:FILE (JSONL; repeatable)",
+    )
+    p.add_argument(
+        "--lm-samples",
+        type=int,
+        default=0,
+        help="loss and perplexity on this many validation samples",
+    )
+    p.add_argument(
+        "--data-path",
+        nargs="+",
+        default=None,
+        help="the data for --lm-samples (default: the run's)",
+    )
     p.add_argument("--data-cache-path", default=None)
     p.add_argument("--batch-size", type=int, default=8, help="rows per forward pass")
     p.add_argument("--seed", type=int, default=1234, help="the blank task's span draws")
     p.add_argument("--output", help="write the results here as JSON")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--trust-checkpoint", action="store_true",
-                   help="unpickle the checkpoint without restriction (it can run code): only for a trusted source")
+    p.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="unpickle the checkpoint without restriction (it can run code): only for a trusted source",
+    )
     add_tokenizer_args(p)
     return p
 
 
 def evaluate(args) -> dict:
-
     if not args.task and not args.lm_samples:
         raise EvalError("nothing to evaluate: give --task KIND:FILE and/or --lm-samples N")
     if args.batch_size < 1 or args.lm_samples < 0:
@@ -141,32 +205,44 @@ def evaluate(args) -> dict:
         raise EvalError(f"--device {args.device}: this machine has no CUDA GPU; use --device cpu")
     spec = spec_from_args(args) if (args.tokenizer_model or args.vocab_file) else None
     model, tokenizer, meta = load_for_inference(args.load, args.device, spec, args.trust_checkpoint)
-    results = {"checkpoint": os.path.abspath(args.load), "iteration": meta.get("iteration"), "tasks": {}}
+    results = {
+        "checkpoint": os.path.abspath(args.load),
+        "iteration": meta.get("iteration"),
+        "tasks": {},
+    }
 
     for kind, path in args.task:
-        results["tasks"][task_name(kind, path)] = task_metrics(model, tokenizer, kind, path, args.batch_size,
-                                                               args.device, args.seed)
+        results["tasks"][task_name(kind, path)] = task_metrics(
+            model, tokenizer, kind, path, args.batch_size, args.device, args.seed
+        )
     if args.lm_samples:
-        results["tasks"]["lm"] = lm_metrics(model, tokenizer, meta, args.lm_samples, args.batch_size, args.device,
-                                            args.data_path, args.data_cache_path)
+        results["tasks"]["lm"] = lm_metrics(
+            model,
+            tokenizer,
+            meta,
+            args.lm_samples,
+            args.batch_size,
+            args.device,
+            args.data_path,
+            args.data_cache_path,
+        )
     return results
 
 
 def report(results: dict) -> str:
     lines = [f"glm-eval: {results['checkpoint']} (iteration {results['iteration']})"]
     for name, values in results["tasks"].items():
-        shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
+        shown = ", ".join(
+            f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items()
+        )
         lines.append(f"  {name}: {shown}")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-
-
     args = build_parser().parse_args(argv)
     launch = discover_launch()
     if launch.world_size > 1:  # data parallel: every rank holds the whole model
-
         state.initialize_model_parallel(tp=1, pp=1, backend="gloo")
     try:
         results = evaluate(args)
@@ -187,7 +263,6 @@ def main(argv=None) -> int:
 
 def cli() -> None:
     """The ``glm-eval`` command: ``main``, then leave without the interpreter's teardown (gloo's threads)."""
-
     exit_without_teardown(main())
 
 

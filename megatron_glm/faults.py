@@ -63,4 +63,3 @@ def write_late(iteration: int) -> None:
     if "async:late" in _faults():
         with _progress:
             _progress.wait_for(lambda: _steps_done > iteration)
-

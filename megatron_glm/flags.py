@@ -32,10 +32,14 @@ class Flag:
     aliases: tuple[str, ...] = ()
     choices: tuple | None = None
     metavar: Any = None
-    negate: bool = False  # a bool field set False by its flag (``--no-load-optim`` for ``load_optim``)
+    negate: bool = (
+        False  # a bool field set False by its flag (``--no-load-optim`` for ``load_optim``)
+    )
     type: Callable | None = None  # an argparse type other than the annotation's
     nargs: Any = None  # an exact count (3) rather than one or more
-    parser_default: Any = UNSET  # what the parser holds when the flag is absent, where the field's default is
+    parser_default: Any = (
+        UNSET  # what the parser holds when the flag is absent, where the field's default is
+    )
     # filled in later from something else (a preset; the data-parallel size): the help says what
     hidden: bool = False  # accepted, not listed (the launchers' --local_rank)
     required: bool = False
@@ -78,7 +82,9 @@ def _unwrap(hint) -> tuple[Any, bool]:
 def flagged_fields(cls) -> list[tuple[dataclasses.Field, Flag, Any]]:
     """(field, flag, resolved type) for every field of ``cls`` that has a flag."""
     hints = typing.get_type_hints(cls)
-    return [(f, flag_of(f), hints[f.name]) for f in dataclasses.fields(cls) if flag_of(f) is not None]
+    return [
+        (f, flag_of(f), hints[f.name]) for f in dataclasses.fields(cls) if flag_of(f) is not None
+    ]
 
 
 def add_flags(group, cls, skip: tuple[str, ...] = ()) -> None:
@@ -88,12 +94,17 @@ def add_flags(group, cls, skip: tuple[str, ...] = ()) -> None:
             continue
         kind, _ = _unwrap(hint)
         default = field.default if spec.parser_default is UNSET else spec.parser_default
-        kw: dict[str, Any] = {"dest": dest(field), "help": argparse.SUPPRESS if spec.hidden else spec.help}
+        kw: dict[str, Any] = {
+            "dest": dest(field),
+            "help": argparse.SUPPRESS if spec.hidden else spec.help,
+        }
         if spec.required:
             kw["required"] = True
         elif default is not MISSING:
             kw["default"] = list(default) if isinstance(default, tuple) else default
-        if kind is bool:  # a switch; a negated one keeps Megatron's name and meaning (no_load_optim: do not load)
+        if (
+            kind is bool
+        ):  # a switch; a negated one keeps Megatron's name and meaning (no_load_optim: do not load)
             kw.update(action="store_true", default=False)
         else:
             element = typing.get_args(kind)[0] if typing.get_origin(kind) is tuple else kind
@@ -110,7 +121,11 @@ def add_flags(group, cls, skip: tuple[str, ...] = ()) -> None:
 def flag_values(cls, values) -> dict[str, Any]:
     """``{field: value}`` of ``cls``'s flags among parsed flags: an argparse namespace, or a dict of the
     same names (the flags a checkpoint recorded; a name it lacks is left out)."""
-    get = values.get if isinstance(values, dict) else lambda name, default: getattr(values, name, default)
+    get = (
+        values.get
+        if isinstance(values, dict)
+        else lambda name, default: getattr(values, name, default)
+    )
     out = {}
     for field, spec, _ in flagged_fields(cls):
         value = get(dest(field), MISSING)

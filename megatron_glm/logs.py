@@ -22,8 +22,11 @@ def setup(rank: int = 0, all_ranks: bool = False, level: int = logging.INFO) -> 
         logger.removeHandler(handler)
     handler = logging.StreamHandler(sys.stdout)
     setattr(handler, _HANDLER_MARK, True)
-    handler.setFormatter(logging.Formatter(f"%(asctime)s rank {rank} %(levelname)s %(message)s",
-                                           datefmt="%Y-%m-%d %H:%M:%S"))
+    handler.setFormatter(
+        logging.Formatter(
+            f"%(asctime)s rank {rank} %(levelname)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S"
+        )
+    )
     logger.addHandler(handler)
     logger.setLevel(level if rank == 0 or all_ranks else max(level, logging.WARNING))
     logger.propagate = False

@@ -14,6 +14,9 @@ import importlib.util
 def apex_available() -> bool:
     """True when NVIDIA apex with its fused normalization and optimizers is importable."""
     try:
-        return all(importlib.util.find_spec(m) is not None for m in ("apex.normalization", "apex.optimizers"))
+        return all(
+            importlib.util.find_spec(m) is not None
+            for m in ("apex.normalization", "apex.optimizers")
+        )
     except (ImportError, ValueError):  # an unrelated top-level 'apex' without these submodules
         return False

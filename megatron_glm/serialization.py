@@ -36,9 +36,23 @@ ALLOWED_GLOBALS = {
     "numpy._core.multiarray._reconstruct": "numpy RNG state (numpy 2.x)",
     "numpy.core.multiarray.scalar": "numpy scalars (numpy 1.x)",
     "numpy._core.multiarray.scalar": "numpy scalars (numpy 2.x)",
-    **{f"numpy.dtypes.{name}": "numpy dtypes" for name in (
-        "UInt8DType", "Int8DType", "UInt16DType", "Int16DType", "UInt32DType", "Int32DType", "UInt64DType",
-        "Int64DType", "Float16DType", "Float32DType", "Float64DType", "BoolDType")},
+    **{
+        f"numpy.dtypes.{name}": "numpy dtypes"
+        for name in (
+            "UInt8DType",
+            "Int8DType",
+            "UInt16DType",
+            "Int16DType",
+            "UInt32DType",
+            "Int32DType",
+            "UInt64DType",
+            "Int64DType",
+            "Float16DType",
+            "Float32DType",
+            "Float64DType",
+            "BoolDType",
+        )
+    },
 }
 
 
@@ -89,12 +103,15 @@ def globals_needed(path: str) -> list[str] | None:
 def _refusal(path: str, names) -> UnsafeCheckpointError:
     return UnsafeCheckpointError(
         f"{path}: refused to load: its pickle calls {', '.join(sorted(names))}, which megatron-glm does not "
-        f"allow (loading it could run code). If you trust where this file came from, pass {TRUST_FLAG}")
+        f"allow (loading it could run code). If you trust where this file came from, pass {TRUST_FLAG}"
+    )
 
 
 def _corrupt(path: str, problem: str) -> CorruptCheckpointError:
-    return CorruptCheckpointError(f"{path}: not a readable checkpoint file ({problem}): it is truncated, corrupt or "
-                                  "not a torch file; load another checkpoint, or re-create this one")
+    return CorruptCheckpointError(
+        f"{path}: not a readable checkpoint file ({problem}): it is truncated, corrupt or "
+        "not a torch file; load another checkpoint, or re-create this one"
+    )
 
 
 def load(path: str, map_location="cpu", trust: bool = False):
@@ -111,9 +128,14 @@ def load(path: str, map_location="cpu", trust: bool = False):
             if unknown:
                 raise _refusal(path, unknown)
         # numpy's dtype classes are checked on BUILD without being named in the pickle: always allowed
-        allowed = _allowed(ALLOWED_GLOBALS if needed is None else
-                           set(needed) | {n for n in ALLOWED_GLOBALS if n.startswith("numpy.")})
-        with torch.serialization.safe_globals(allowed):  # the guarantee: torch's restricted unpickler
+        allowed = _allowed(
+            ALLOWED_GLOBALS
+            if needed is None
+            else set(needed) | {n for n in ALLOWED_GLOBALS if n.startswith("numpy.")}
+        )
+        with torch.serialization.safe_globals(
+            allowed
+        ):  # the guarantee: torch's restricted unpickler
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         names = re.findall(r"GLOBAL (\S+)", str(e))
@@ -121,12 +143,16 @@ def load(path: str, map_location="cpu", trust: bool = False):
             raise _refusal(path, names) from None
         detail = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()
         raise _corrupt(path, detail[0][:200] if detail else "unpickling failed") from None
-    except (CheckpointFileError, FileNotFoundError, PermissionError, IsADirectoryError):  # ours, or unreadable
+    except (
+        CheckpointFileError,
+        FileNotFoundError,
+        PermissionError,
+        IsADirectoryError,
+    ):  # ours, or unreadable
         raise
     except Exception as e:  # noqa: BLE001 - the restricted unpickler fails in many ways on garbage; none ran code
         detail = str(e).split(". ")[0][:200] or "the file ends early"
         raise _corrupt(path, f"{type(e).__name__}: {detail}") from None
-
 
 
 class NonFiniteWeightsError(ValueError):
@@ -153,4 +179,5 @@ def check_finite(named_tensors, where: str) -> None:
         raise NonFiniteWeightsError(
             f"{where}: {len(bad)} tensor{'s hold' if len(bad) > 1 else ' holds'} NaN or Inf ({', '.join(bad[:4])}"
             f"{', ...' if len(bad) > 4 else ''}): the file is corrupt, or the run diverged before it saved; "
-            "use an earlier checkpoint")
+            "use an earlier checkpoint"
+        )

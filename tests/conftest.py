@@ -12,7 +12,9 @@ import sys
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # Triton kernels run in its interpreter on the CPU (before any kernel is built)
+if (
+    not torch.cuda.is_available()
+):  # Triton kernels run in its interpreter on the CPU (before any kernel is built)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from megatron_glm.data_prep.stdlib_corpus import write_corpus
@@ -41,8 +43,15 @@ def deepspeed_ops_built():
     with open(os.path.join(tempfile.gettempdir(), "megatron-glm-deepspeed-op.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:  # within pytest-timeout's 300 s for a fixture: a slower build finishes in the first test that needs it
-            subprocess.run([sys.executable, "-c", "from deepspeed.comm.torch import build_shm_op; build_shm_op()"],
-                           capture_output=True, timeout=240)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    "from deepspeed.comm.torch import build_shm_op; build_shm_op()",
+                ],
+                capture_output=True,
+                timeout=240,
+            )
         except subprocess.TimeoutExpired:
             pass
 

@@ -33,7 +33,9 @@ def tree_md5(folder) -> dict[str, str]:
     for root, _, files in os.walk(folder):
         for name in files:
             with open(os.path.join(root, name), "rb") as f:
-                out[os.path.relpath(os.path.join(root, name), folder)] = hashlib.md5(f.read()).hexdigest()
+                out[os.path.relpath(os.path.join(root, name), folder)] = hashlib.md5(
+                    f.read()
+                ).hexdigest()
     return out
 
 
@@ -66,14 +68,21 @@ def _entry(rank, fn, world, port, out_dir, args):
 
     import torch
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
     torch.set_num_threads(1)
     result = fn(rank, world, *args)
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     import torch.distributed as dist
 
-    if dist.is_initialized():  # no rank leaves while a peer still talks to it (gloo aborts on a closed peer)
+    if (
+        dist.is_initialized()
+    ):  # no rank leaves while a peer still talks to it (gloo aborts on a closed peer)
         dist.barrier()
         dist.destroy_process_group()
 
@@ -86,8 +95,16 @@ def spawn(fn, world, out_dir, *args):
     import torch.multiprocessing as mp
 
     os.makedirs(str(out_dir), exist_ok=True)
-    mp.start_processes(_entry, args=(fn, world, free_port(), str(out_dir), args), nprocs=world, start_method="spawn")
-    return [torch.load(os.path.join(str(out_dir), f"rank{r}.pt"), weights_only=False) for r in range(world)]
+    mp.start_processes(
+        _entry,
+        args=(fn, world, free_port(), str(out_dir), args),
+        nprocs=world,
+        start_method="spawn",
+    )
+    return [
+        torch.load(os.path.join(str(out_dir), f"rank{r}.pt"), weights_only=False)
+        for r in range(world)
+    ]
 
 
 def launch_pretrain(nproc, args, fault=None):
@@ -96,10 +113,24 @@ def launch_pretrain(nproc, args, fault=None):
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
+    }
     env["MEGATRON_GLM_FAULT"] = fault or ""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(free_port()), "-m", "megatron_glm.training.pretrain", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "megatron_glm.training.pretrain",
+        *args,
+    ]
     if nproc == 1:
         cmd = [sys.executable, "-m", "megatron_glm.training.pretrain", *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -132,7 +163,14 @@ def thudm_checkpoint(folder, model, mp: int):
                 part[name] = w.chunk(mp, 1)[r]
             else:
                 part[name] = w
-        torch.save({"module": {"module." + k: v.clone() for k, v in part.items()}, "iteration": 1000,
-                    "args": argparse.Namespace(num_layers=2, block_lm=True), "np_rng_state": np.random.get_state(),
-                    "random_rng_state": random.getstate(), "torch_rng_state": torch.get_rng_state()},
-                   it / f"mp_rank_{r:02d}_model_states.pt")
+        torch.save(
+            {
+                "module": {"module." + k: v.clone() for k, v in part.items()},
+                "iteration": 1000,
+                "args": argparse.Namespace(num_layers=2, block_lm=True),
+                "np_rng_state": np.random.get_state(),
+                "random_rng_state": random.getstate(),
+                "torch_rng_state": torch.get_rng_state(),
+            },
+            it / f"mp_rank_{r:02d}_model_states.pt",
+        )

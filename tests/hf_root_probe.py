@@ -14,15 +14,27 @@ def main(hf: str, prompt: str, new: int) -> None:
     model = AutoModelForCausalLM.from_pretrained(hf, trust_remote_code=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(hf, trust_remote_code=True)
     inputs = tokenizer(prompt + "[sop]", return_tensors="pt")
-    out = model.generate(**inputs, max_new_tokens=new + 1, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+    out = model.generate(**inputs, max_new_tokens=new + 1, do_sample=False)[
+        0, inputs["input_ids"].shape[1] :
+    ]
     fill = tokenizer.decode([t for t in out.tolist() if t != tokenizer.eop_token_id][:new])
 
     import kernels
 
     from megatron_glm import kernels as ours
-    print(json.dumps({"path0": sys.path[0], "fill": fill,
-                      "kernels": kernels.__file__, "has_CUDAProperties": hasattr(kernels, "CUDAProperties"),
-                      "ours": ours.__file__, "ours_has_flash": hasattr(ours, "flash_attention")}))
+
+    print(
+        json.dumps(
+            {
+                "path0": sys.path[0],
+                "fill": fill,
+                "kernels": kernels.__file__,
+                "has_CUDAProperties": hasattr(kernels, "CUDAProperties"),
+                "ours": ours.__file__,
+                "ours_has_flash": hasattr(ours, "flash_attention"),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

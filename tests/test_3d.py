@@ -20,19 +20,60 @@ def data(tmp_path_factory, corpus, tokenizer, spm_model):
     short = [t for t in corpus[1][-60:] if 4 <= len(t.split()) <= 12][:5]
     write_jsonl(str(root / "blank.jsonl"), [{"text": t} for t in short])
     write_jsonl(str(root / "lambada.jsonl"), [{"text": t} for t in short])
-    write_jsonl(str(root / "choice.jsonl"), [{"text": "Return the [MASK] of the object.", "choices": c, "label": 0}
-                                             for c in (["size", "file"], ["name", "value", "end"])])
+    write_jsonl(
+        str(root / "choice.jsonl"),
+        [
+            {"text": "Return the [MASK] of the object.", "choices": c, "label": 0}
+            for c in (["size", "file"], ["name", "value", "end"])
+        ],
+    )
     tasks = [f"{kind}:{root / kind}.jsonl" for kind in ("blank", "choice", "lambada")]
     return str(root / "docs_text_document"), spm_model, str(root / "cache"), tasks
 
 
 def argv(data, log_dir, iters=3, extra=()):
     prefix, model, cache, tasks = data
-    return ["--data-path", prefix, "--tokenizer-model", model, "--num-layers", "4", "--hidden-size", "32",
-            "--num-attention-heads", "4", "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "8",
-            "--train-iters", str(iters), "--lr", "1e-3", "--split", "90,10,0", "--eval-interval", "2",
-            "--eval-iters", "1", "--log-interval", "1", "--hidden-dropout", "0", "--attention-dropout", "0",
-            "--data-cache-path", cache, "--log-dir", log_dir, "--eval-tasks", *tasks, *extra]
+    return [
+        "--data-path",
+        prefix,
+        "--tokenizer-model",
+        model,
+        "--num-layers",
+        "4",
+        "--hidden-size",
+        "32",
+        "--num-attention-heads",
+        "4",
+        "--seq-length",
+        "32",
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        "8",
+        "--train-iters",
+        str(iters),
+        "--lr",
+        "1e-3",
+        "--split",
+        "90,10,0",
+        "--eval-interval",
+        "2",
+        "--eval-iters",
+        "1",
+        "--log-interval",
+        "1",
+        "--hidden-dropout",
+        "0",
+        "--attention-dropout",
+        "0",
+        "--data-cache-path",
+        cache,
+        "--log-dir",
+        log_dir,
+        "--eval-tasks",
+        *tasks,
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -45,12 +86,25 @@ def single(tmp_path_factory, data):
 
 LAYOUTS = {
     "PP2 1F1B": (2, ["--pipeline-model-parallel-size", "2"]),
-    "PP2 interleaved": (2, ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"]),
+    "PP2 interleaved": (
+        2,
+        ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"],
+    ),
     "TP2xPP2": (4, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]),
     "DP2xTP2 ZeRO-1": (4, ["--tensor-model-parallel-size", "2", "--zero-stage", "1"]),
     "DP2xPP2 ZeRO-1": (4, ["--pipeline-model-parallel-size", "2", "--zero-stage", "1"]),
-    "DP2xTP2xPP2 ZeRO-1 + SP": (8, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
-                                    "--zero-stage", "1", "--sequence-parallel"]),
+    "DP2xTP2xPP2 ZeRO-1 + SP": (
+        8,
+        [
+            "--tensor-model-parallel-size",
+            "2",
+            "--pipeline-model-parallel-size",
+            "2",
+            "--zero-stage",
+            "1",
+            "--sequence-parallel",
+        ],
+    ),
     "DP2 ZeRO-0": (2, ["--zero-stage", "0"]),
     "DP2 ZeRO-2": (2, ["--zero-stage", "2"]),
     "DP2 ZeRO-3": (2, ["--zero-stage", "3"]),
@@ -67,7 +121,9 @@ def test_layout_equals_one_process(tmp_path, data, single, name):
 
     single, single_dir = single
     nproc, extra = LAYOUTS[name]
-    result = launch_pretrain(nproc, argv(data, str(tmp_path), extra=extra + ["--save", str(tmp_path)]))
+    result = launch_pretrain(
+        nproc, argv(data, str(tmp_path), extra=extra + ["--save", str(tmp_path)])
+    )
     assert result.returncode == 0, result.stderr[-8000:]
     ours = records(str(tmp_path))
     assert [r["iteration"] for r in ours] == [r["iteration"] for r in single]
@@ -77,8 +133,12 @@ def test_layout_equals_one_process(tmp_path, data, single, name):
         assert ("valid_loss" in a) == ("valid_loss" in b)
         if "valid_loss" in b:
             assert a["valid_loss"] == pytest.approx(b["valid_loss"], rel=2e-5), name
-        tasks = {k: v for k, v in b.items() if k.startswith("eval/")}  # --eval-tasks scored on this layout
-        assert tasks.keys() == {k for k in a if k.startswith("eval/")} and bool(tasks) == ("valid_loss" in b)
+        tasks = {
+            k: v for k, v in b.items() if k.startswith("eval/")
+        }  # --eval-tasks scored on this layout
+        assert tasks.keys() == {k for k in a if k.startswith("eval/")} and bool(tasks) == (
+            "valid_loss" in b
+        )
         for key, value in tasks.items():
             assert a[key] == pytest.approx(value, rel=2e-5), (name, key)
     reference, _ = load_model_weights(single_dir)
@@ -86,7 +146,9 @@ def test_layout_equals_one_process(tmp_path, data, single, name):
         with pytest.raises(CheckpointError, match="ZeRO-3 partitions"):
             load_model_weights(str(tmp_path))
         return
-    merged, _ = load_model_weights(str(tmp_path))  # shards of every TP x PP rank (and chunk) put back together
+    merged, _ = load_model_weights(
+        str(tmp_path)
+    )  # shards of every TP x PP rank (and chunk) put back together
     assert merged.keys() == reference.keys()
     for key in reference:
         torch.testing.assert_close(merged[key], reference[key], atol=1e-4, rtol=1e-3, msg=key)
@@ -97,11 +159,22 @@ def test_kill_and_resume_on_a_3d_layout(tmp_path, data):
     """--async-save on DP2 x TP2 x PP2 (ZeRO-1): the save of step 2 is written only after step 3 has changed every
     rank's weights and partitions (async:late), then rank 0 is killed after the rename, before `latest`. The
     killed run's own steps are the uninterrupted trajectory: the resume from step 2 repeats them bit for bit."""
-    nproc, extra = 8, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--zero-stage", "1"]
+    nproc, extra = (
+        8,
+        [
+            "--tensor-model-parallel-size",
+            "2",
+            "--pipeline-model-parallel-size",
+            "2",
+            "--zero-stage",
+            "1",
+        ],
+    )
     killed = str(tmp_path / "killed")
     resume = ["--save", killed, "--load", killed, "--save-interval", "2", "--async-save"]
-    killed_run = launch_pretrain(nproc, argv(data, killed, iters=4, extra=extra + resume),
-                                 fault="async:late,save:renamed")
+    killed_run = launch_pretrain(
+        nproc, argv(data, killed, iters=4, extra=extra + resume), fault="async:late,save:renamed"
+    )
     assert killed_run.returncode != 0
     names = os.listdir(killed)
     assert "iter_0000002" in names and "latest" not in names, "renamed, `latest` not yet written"
@@ -109,7 +182,7 @@ def test_kill_and_resume_on_a_3d_layout(tmp_path, data):
     assert {1, 2, 3} <= set(before), "the write of step 2 waited for step 3"
     result = launch_pretrain(nproc, argv(data, killed, iters=4, extra=extra + resume))
     assert result.returncode == 0, result.stderr[-8000:]
-    after = records(killed)[len(before):]
+    after = records(killed)[len(before) :]
     assert [r["iteration"] for r in after] == [3, 4]
     for r in after:
         if r["iteration"] in before:
@@ -119,12 +192,24 @@ def test_kill_and_resume_on_a_3d_layout(tmp_path, data):
     assert sum(f.startswith("mp_rank_") for f in files) == 4, "one model shard per TP x PP rank"
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--pipeline-model-parallel-size", "2", "--zero-stage", "2"], "cannot be combined with pipeline"),
-    (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "3"], "not divisible by"),
-    (["--pipeline-model-parallel-size", "2", "--pipeline-layers", "3", "2"], "--pipeline-layers"),
-    (["--pipeline-model-parallel-size", "3"], "not a multiple of"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (
+            ["--pipeline-model-parallel-size", "2", "--zero-stage", "2"],
+            "cannot be combined with pipeline",
+        ),
+        (
+            ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "3"],
+            "not divisible by",
+        ),
+        (
+            ["--pipeline-model-parallel-size", "2", "--pipeline-layers", "3", "2"],
+            "--pipeline-layers",
+        ),
+        (["--pipeline-model-parallel-size", "3"], "not a multiple of"),
+    ],
+)
 @pytest.mark.slow
 def test_impossible_layouts_fail_before_work(tmp_path, data, extra, message):
     result = launch_pretrain(2, argv(data, str(tmp_path / "log"), extra=extra))
@@ -137,21 +222,27 @@ def test_bf16_pipeline_tracks_bf16_one_process(tmp_path, data):
     """bf16 runs without a loss scaler; PP=2 follows the one-process bf16 run (same optimizer path)."""
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     assert launch_pretrain(1, argv(data, one, extra=["--bf16"])).returncode == 0
-    result = launch_pretrain(2, argv(data, two, extra=["--bf16", "--pipeline-model-parallel-size", "2"]))
+    result = launch_pretrain(
+        2, argv(data, two, extra=["--bf16", "--pipeline-model-parallel-size", "2"])
+    )
     assert result.returncode == 0, result.stderr[-8000:]
     for a, b in zip(records(two), records(one)):
         assert a["lm_loss"] == pytest.approx(b["lm_loss"], rel=1e-3)
         assert a["skipped_steps"] == 0 and "loss_scale" not in a
 
 
-@pytest.mark.skipif(not __import__("torch").cuda.is_available(),
-                    reason="DeepSpeed's CPU accelerator has no fp16 optimizer: this needs a GPU")
+@pytest.mark.skipif(
+    not __import__("torch").cuda.is_available(),
+    reason="DeepSpeed's CPU accelerator has no fp16 optimizer: this needs a GPU",
+)
 def test_fp16_survives_an_injected_overflow(tmp_path, data):
     out = str(tmp_path / "fp16")
     result = launch_pretrain(1, argv(data, out, iters=4, extra=["--fp16"]), fault="overflow:2")
     assert result.returncode == 0, result.stderr[-8000:]
     seen = records(out)
-    assert seen[0]["skipped_steps"] == 0 and seen[1]["skipped_steps"] == 1, "the overflowing step is skipped"
+    assert seen[0]["skipped_steps"] == 0 and seen[1]["skipped_steps"] == 1, (
+        "the overflowing step is skipped"
+    )
     assert seen[2]["loss_scale"] < seen[0]["loss_scale"], "and the scale drops"
     assert all(r["lm_loss"] < 100 for r in (seen[2], seen[3])), "training goes on"
 
@@ -163,26 +254,43 @@ def test_resume_with_another_data_parallel_size(tmp_path, data):
     assert launch_pretrain(1, argv(data, clean, iters=4)).returncode == 0
     moved = str(tmp_path / "moved")
     ckpt = ["--save", moved, "--load", moved, "--save-interval", "2"]
-    assert launch_pretrain(1, argv(data, moved, iters=4, extra=ckpt), fault="iteration:3").returncode != 0
+    assert (
+        launch_pretrain(1, argv(data, moved, iters=4, extra=ckpt), fault="iteration:3").returncode
+        != 0
+    )
     result = launch_pretrain(2, argv(data, moved, iters=4, extra=ckpt))
     assert result.returncode == 0, result.stderr[-8000:]
     assert "resumed from" in result.stdout and "x 2 data-parallel ranks" in result.stdout
     reference = {r["iteration"]: r for r in records(clean)}
     for r in records(moved):
-        assert r["lm_loss"] == pytest.approx(reference[r["iteration"]]["lm_loss"], rel=2e-5), r["iteration"]
+        assert r["lm_loss"] == pytest.approx(reference[r["iteration"]]["lm_loss"], rel=2e-5), r[
+            "iteration"
+        ]
         assert r["consumed_samples"] == 8 * r["iteration"]
 
 
 @pytest.mark.slow
 def test_kill_and_resume_with_dropout_under_tensor_parallelism(tmp_path, data):
     """Dropout on split heads draws from the TP tracker's RNG: it is checkpointed too (bitwise resume)."""
-    extra = ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--hidden-dropout", "0.1",
-             "--attention-dropout", "0.1"]
+    extra = [
+        "--tensor-model-parallel-size",
+        "2",
+        "--sequence-parallel",
+        "--hidden-dropout",
+        "0.1",
+        "--attention-dropout",
+        "0.1",
+    ]
     clean = str(tmp_path / "clean")
     assert launch_pretrain(2, argv(data, clean, iters=4, extra=extra)).returncode == 0
     killed = str(tmp_path / "killed")
     resume = ["--save", killed, "--load", killed, "--save-interval", "2"]
-    assert launch_pretrain(2, argv(data, killed, iters=4, extra=extra + resume), fault="iteration:3").returncode != 0
+    assert (
+        launch_pretrain(
+            2, argv(data, killed, iters=4, extra=extra + resume), fault="iteration:3"
+        ).returncode
+        != 0
+    )
     assert launch_pretrain(2, argv(data, killed, iters=4, extra=extra + resume)).returncode == 0
     reference = {r["iteration"]: r["lm_loss"] for r in records(clean)}
     for r in records(killed):
@@ -195,7 +303,10 @@ def test_embedding_gradient_shrink_under_tp_and_pp(tmp_path, data, single):
     one process with the same flag, and changes training (so the flag reaches the model)."""
     shrink = ["--embedding-gradient-shrink-alpha", "0.1"]
     runs = {}
-    for nproc, extra in ((1, []), (4, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"])):
+    for nproc, extra in (
+        (1, []),
+        (4, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]),
+    ):
         out = tmp_path / str(nproc)
         result = launch_pretrain(nproc, argv(data, str(out), extra=shrink + extra))
         assert result.returncode == 0, result.stderr[-8000:]
@@ -204,22 +315,37 @@ def test_embedding_gradient_shrink_under_tp_and_pp(tmp_path, data, single):
         assert a["lm_loss"] == pytest.approx(b["lm_loss"], rel=2e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=2e-4)
     plain, _ = single
-    assert runs[1][0]["lm_loss"] == plain[0]["lm_loss"], "the forward of the first step is unchanged"
-    assert runs[1][0]["grad_norm"] != pytest.approx(plain[0]["grad_norm"], rel=1e-4), "the gradient shrinks"
+    assert runs[1][0]["lm_loss"] == plain[0]["lm_loss"], (
+        "the forward of the first step is unchanged"
+    )
+    assert runs[1][0]["grad_norm"] != pytest.approx(plain[0]["grad_norm"], rel=1e-4), (
+        "the gradient shrinks"
+    )
 
 
 # -- changing layout with the whole training state (glm-convert to-universal) --------------------------------------
 
-TP2PP2_ZERO1 = ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--zero-stage", "1"]
+TP2PP2_ZERO1 = [
+    "--tensor-model-parallel-size",
+    "2",
+    "--pipeline-model-parallel-size",
+    "2",
+    "--zero-stage",
+    "1",
+]
 
 
 def uninterrupted(tmp_path_factory, data, name, nproc, extra):
     """8 steps saved after 4: the reference for steps 5-8 of a run resumed from step 4 on another layout."""
     out = str(tmp_path_factory.mktemp(name))
-    result = launch_pretrain(nproc, argv(data, out, iters=8, extra=extra + ["--save", out, "--save-interval", "4"]))
+    result = launch_pretrain(
+        nproc, argv(data, out, iters=8, extra=extra + ["--save", out, "--save-interval", "4"])
+    )
     assert result.returncode == 0, result.stderr[-8000:]
     universal = os.path.join(out + "-universal")
-    assert convert_main(["to-universal", "--load", out, "--iteration", "4", "--save", universal]) == 0
+    assert (
+        convert_main(["to-universal", "--load", out, "--iteration", "4", "--save", universal]) == 0
+    )
     return {r["iteration"]: r for r in records(out)}, universal
 
 
@@ -243,7 +369,10 @@ def assert_continues(result, out, reference):
         ref = reference[r["iteration"]]
         assert r["lm_loss"] == pytest.approx(ref["lm_loss"], rel=1e-5), r["iteration"]
         assert r["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4), r["iteration"]
-        assert r["lr"] == pytest.approx(ref["lr"], rel=1e-6) and r["consumed_samples"] == ref["consumed_samples"]
+        assert (
+            r["lr"] == pytest.approx(ref["lr"], rel=1e-6)
+            and r["consumed_samples"] == ref["consumed_samples"]
+        )
 
 
 NEW_LAYOUTS = {
@@ -255,13 +384,17 @@ NEW_LAYOUTS = {
 
 @pytest.mark.parametrize("name", list(NEW_LAYOUTS))
 @pytest.mark.slow
-def test_a_universal_checkpoint_resumes_on_another_layout_as_if_uninterrupted(tmp_path, data, tp2pp2, name):
+def test_a_universal_checkpoint_resumes_on_another_layout_as_if_uninterrupted(
+    tmp_path, data, tp2pp2, name
+):
     """4 steps on TP2xPP2 (ZeRO-1), converted, 4 more on another TP x PP x DP (and ZeRO stage): steps 5-8 are the
     uninterrupted run's, which they could not be with a fresh optimizer or schedule."""
     reference, universal = tp2pp2
     nproc, extra = NEW_LAYOUTS[name]
     out = str(tmp_path / "moved")
-    result = launch_pretrain(nproc, argv(data, out, iters=8, extra=extra + ["--load", universal, "--save", out]))
+    result = launch_pretrain(
+        nproc, argv(data, out, iters=8, extra=extra + ["--load", universal, "--save", out])
+    )
     assert_continues(result, out, reference)
 
 
@@ -299,36 +432,57 @@ def _state_after_resume(rank, world, argv_):
     worst, steps = {}, set()
     for _, p, full in universal.local_parameters(trainer.chunks):
         for state in universal.STATES:
-            got = safe_get_full_fp32_param(p) if state == "fp32" else safe_get_full_optimizer_state(p, state)
-            worst[state] = max(worst.get(state, 0.0), (got - reader.shard(full, state, got.shape)).abs().max().item())
+            got = (
+                safe_get_full_fp32_param(p)
+                if state == "fp32"
+                else safe_get_full_optimizer_state(p, state)
+            )
+            worst[state] = max(
+                worst.get(state, 0.0),
+                (got - reader.shard(full, state, got.shape)).abs().max().item(),
+            )
     for s in trainer.engine.optimizer.optimizer.state.values():
         steps.add(int(s["step"]))
-    result = {"worst": worst, "steps": steps, "iteration": trainer.iteration, "lr": trainer.engine.get_lr()[0]}
+    result = {
+        "worst": worst,
+        "steps": steps,
+        "iteration": trainer.iteration,
+        "lr": trainer.engine.get_lr()[0],
+    }
     trainer.close()
     return result
 
 
 @pytest.mark.slow
-def test_the_moments_right_after_a_universal_resume_are_the_merged_originals(tmp_path, data, tp2pp2):
+def test_the_moments_right_after_a_universal_resume_are_the_merged_originals(
+    tmp_path, data, tp2pp2
+):
     """On DP2 ZeRO-1 the engine's fp32 masters and moments equal the files (merged from TP2xPP2's partitions)."""
     from tests.helpers import spawn
 
     reference, universal = tp2pp2
     out = str(tmp_path / "probe")
-    results = spawn(_state_after_resume, 2, tmp_path / "ranks",
-                    argv(data, out, iters=8, extra=["--zero-stage", "1", "--load", universal]))
+    results = spawn(
+        _state_after_resume,
+        2,
+        tmp_path / "ranks",
+        argv(data, out, iters=8, extra=["--zero-stage", "1", "--load", universal]),
+    )
     for r in results:
         assert r["iteration"] == 4 and r["steps"] == {4}
         assert all(diff <= 1e-6 for diff in r["worst"].values()), r["worst"]
         assert r["lr"] == pytest.approx(reference[4]["lr"], rel=1e-6)
 
 
-@pytest.mark.parametrize("case, message", [
-    ("a parameter file missing", "is missing: the universal checkpoint is incomplete"),
-    ("layers that do not split", "is not divisible by pipeline stages 3"),
-    ("another architecture", "another architecture"),
-    ("the original on another TP", "glm-convert to-universal --load"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("a parameter file missing", "is missing: the universal checkpoint is incomplete"),
+        ("layers that do not split", "is not divisible by pipeline stages 3"),
+        ("another architecture", "another architecture"),
+        ("the original on another TP", "glm-convert to-universal --load"),
+    ],
+)
 def test_universal_resumes_refuse_what_cannot_work(tmp_path, data, tp2pp2, case, message):
     import shutil
 
@@ -337,8 +491,15 @@ def test_universal_resumes_refuse_what_cannot_work(tmp_path, data, tp2pp2, case,
     if case == "a parameter file missing":
         load = str(tmp_path / "incomplete")
         shutil.copytree(universal, load)
-        os.remove(os.path.join(load, "iter_0000004", "zero", "transformer.layers.2.mlp.dense_4h_to_h.weight",
-                               "exp_avg_sq.pt"))
+        os.remove(
+            os.path.join(
+                load,
+                "iter_0000004",
+                "zero",
+                "transformer.layers.2.mlp.dense_4h_to_h.weight",
+                "exp_avg_sq.pt",
+            )
+        )
     elif case == "layers that do not split":
         nproc, extra = 3, ["--pipeline-model-parallel-size", "3"]
     elif case == "another architecture":
@@ -346,8 +507,12 @@ def test_universal_resumes_refuse_what_cannot_work(tmp_path, data, tp2pp2, case,
     else:
         load = universal.removesuffix("-universal")
     out = str(tmp_path / "out")
-    result = launch_pretrain(nproc, argv(data, str(tmp_path / "log"), iters=8, extra=extra + ["--load", load,
-                                                                                             "--save", out]))
+    result = launch_pretrain(
+        nproc,
+        argv(data, str(tmp_path / "log"), iters=8, extra=extra + ["--load", load, "--save", out]),
+    )
     assert result.returncode != 0 and message in result.stderr, result.stderr[-3000:]
-    assert nproc > 1 or "Traceback" not in result.stderr  # (torchrun prints its own when a rank fails)
+    assert (
+        nproc > 1 or "Traceback" not in result.stderr
+    )  # (torchrun prints its own when a rank fails)
     assert not os.path.exists(os.path.join(out, "latest")), "nothing saved"

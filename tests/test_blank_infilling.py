@@ -26,14 +26,27 @@ def segments_of(row, S):
     lo, hi = row["attn_lo"], row["attn_hi"]
     out, i = [], 0
     while i < S:
-        if hi[i] == i + 1 and lo[i] == i and row["tokens"][i] == SP.pad and row["loss_mask"][i] == 0:
+        if (
+            hi[i] == i + 1
+            and lo[i] == i
+            and row["tokens"][i] == SP.pad
+            and row["loss_mask"][i] == 0
+        ):
             i += 1  # padding row
             continue
         start = lo[i]
         sep = hi[i]
         j = start
-        while j < S and lo[j] == start and not (row["tokens"][j] == SP.pad and row["loss_mask"][j] == 0
-                                                and hi[j] == j + 1 and lo[j] == j):
+        while (
+            j < S
+            and lo[j] == start
+            and not (
+                row["tokens"][j] == SP.pad
+                and row["loss_mask"][j] == 0
+                and hi[j] == j + 1
+                and lo[j] == j
+            )
+        ):
             j += 1
         out.append((start, sep, j))
         i = j
@@ -54,9 +67,11 @@ def reconstruct(row, start, sep, end):
         n = 0
         while i + n + 1 < end and row["pos1"][i + n + 1] == n + 2:
             n += 1
-        span_labels = row["labels"][i:i + n + 1]
-        assert list(row["tokens"][i + 1:i + n + 1]) == list(span_labels[:-1]), "inputs are targets shifted by one"
-        assert (row["pos0"][i:i + n + 1] == mask_pos).all()
+        span_labels = row["labels"][i : i + n + 1]
+        assert list(row["tokens"][i + 1 : i + n + 1]) == list(span_labels[:-1]), (
+            "inputs are targets shifted by one"
+        )
+        assert (row["pos0"][i : i + n + 1] == mask_pos).all()
         if span_labels[-1] == SP.eop:
             spans[mask_pos] = list(span_labels[:-1])
         else:  # a suffix: the document objective's, the segment's last blank and last block
@@ -78,11 +93,17 @@ def check_row(row, text, docs, cfg):
     for start, sep, end in segs:
         rebuilt += reconstruct(row, start, sep, end)
         # Part A: bidirectional over Part A, positions 0.., block positions 0, no loss
-        assert (row["attn_lo"][start:sep] == start).all() and (row["attn_hi"][start:sep] == sep).all()
-        assert (row["pos0"][start:sep] == np.arange(sep - start)).all() and (row["pos1"][start:sep] == 0).all()
+        assert (row["attn_lo"][start:sep] == start).all() and (
+            row["attn_hi"][start:sep] == sep
+        ).all()
+        assert (row["pos0"][start:sep] == np.arange(sep - start)).all() and (
+            row["pos1"][start:sep] == 0
+        ).all()
         assert (row["loss_mask"][start:sep] == 0).all()
         # Part B: causal, plus all of Part A; loss everywhere
-        assert (row["attn_lo"][sep:end] == start).all() and (row["attn_hi"][sep:end] == np.arange(sep, end) + 1).all()
+        assert (row["attn_lo"][sep:end] == start).all() and (
+            row["attn_hi"][sep:end] == np.arange(sep, end) + 1
+        ).all()
         assert (row["loss_mask"][sep:end] == 1).all()
     used = len(rebuilt)
     assert rebuilt == list(text[:used]), "Part A plus the spans give back the text"
@@ -90,7 +111,7 @@ def check_row(row, text, docs, cfg):
     assert (row["tokens"][used_end:] == SP.pad).all() and (row["loss_mask"][used_end:] == 0).all()
     if cfg.packed:
         doc_ends = set(np.cumsum(docs).tolist())
-        assert all(sum(e - s for s, _, e in segs[:k + 1]) >= 0 for k in range(len(segs)))
+        assert all(sum(e - s for s, _, e in segs[: k + 1]) >= 0 for k in range(len(segs)))
         # each segment's text lies in one document
         pos = 0
         for start, sep, end in segs:
@@ -101,27 +122,45 @@ def check_row(row, text, docs, cfg):
     return used
 
 
-texts = st.integers(20, 400).flatmap(lambda n: st.tuples(
-    st.lists(st.integers(7, 99), min_size=n, max_size=n),
-    st.lists(st.integers(1, n), min_size=0, max_size=4)))
+texts = st.integers(20, 400).flatmap(
+    lambda n: st.tuples(
+        st.lists(st.integers(7, 99), min_size=n, max_size=n),
+        st.lists(st.integers(1, n), min_size=0, max_size=4),
+    )
+)
 
 
 @settings(max_examples=150, deadline=None)
-@given(data=texts, S=st.sampled_from([64, 128, 512]), token=st.floats(0, 1), packed=st.booleans(),
-       shuffle=st.booleans(), index=st.integers(0, 10**6), short=st.sampled_from([0.0, 0.5]))
+@given(
+    data=texts,
+    S=st.sampled_from([64, 128, 512]),
+    token=st.floats(0, 1),
+    packed=st.booleans(),
+    shuffle=st.booleans(),
+    index=st.integers(0, 10**6),
+    short=st.sampled_from([0.0, 0.5]),
+)
 def test_rows_follow_the_definition(data, S, token, packed, shuffle, index, short):
     values, cuts = data
     text = np.asarray(values)
     text[::9] = PERIOD
     cut = sorted(set(cuts))
     docs = np.diff([0] + [c for c in cut if c < len(text)] + [len(text)])
-    cfg = BlankInfillingConfig(seq_length=S, token_prob=token, sentence_prob=(1 - token) / 2, packed=packed,
-                               shuffle_spans=shuffle, short_seq_prob=short)
+    cfg = BlankInfillingConfig(
+        seq_length=S,
+        token_prob=token,
+        sentence_prob=(1 - token) / 2,
+        packed=packed,
+        shuffle_spans=shuffle,
+        short_seq_prob=short,
+    )
     collate = BlankInfillingCollator(cfg, SP, np.array([PERIOD]))
     row = collate.encode(index, text, docs)
     check_row(row, text, docs, cfg)
     again = collate.encode(index, text, docs)
-    assert all(np.array_equal(row[k], again[k]) for k in row if k != "objective"), "deterministic per index"
+    assert all(np.array_equal(row[k], again[k]) for k in row if k != "objective"), (
+        "deterministic per index"
+    )
 
 
 def test_token_objective_statistics():
@@ -154,10 +193,15 @@ def test_token_objective_statistics():
 def test_sentence_and_document_objectives():
     S = 256
     rng = np.random.default_rng(1)
-    sent = BlankInfillingCollator(BlankInfillingConfig(seq_length=S, token_prob=0.0, sentence_prob=1.0), SP,
-                                  np.array([PERIOD]))
-    doc = BlankInfillingCollator(BlankInfillingConfig(seq_length=S, token_prob=0.0, sentence_prob=0.0,
-                                                      gpt_infill_prob=1.0), SP)
+    sent = BlankInfillingCollator(
+        BlankInfillingConfig(seq_length=S, token_prob=0.0, sentence_prob=1.0),
+        SP,
+        np.array([PERIOD]),
+    )
+    doc = BlankInfillingCollator(
+        BlankInfillingConfig(seq_length=S, token_prob=0.0, sentence_prob=0.0, gpt_infill_prob=1.0),
+        SP,
+    )
     ratios = []
     for i in range(200):
         text = rng.integers(7, 99, S)
@@ -165,19 +209,27 @@ def test_sentence_and_document_objectives():
         row = sent.encode(i, text, None)
         assert row["objective"] == SENTENCE and SP.smask in row["tokens"]
         sep = int(row["attn_hi"][0])
-        for s in np.flatnonzero(row["tokens"] == SP.sop):  # each span is whole sentences: ends at a period
-            span = row["labels"][s:s + 1 + np.argmax(row["labels"][s:] == SP.eop)]
-            assert span[-1] == PERIOD or s + len(span) >= sep, "a masked sentence ends at a sentence end"
+        for s in np.flatnonzero(
+            row["tokens"] == SP.sop
+        ):  # each span is whole sentences: ends at a period
+            span = row["labels"][s : s + 1 + np.argmax(row["labels"][s:] == SP.eop)]
+            assert span[-1] == PERIOD or s + len(span) >= sep, (
+                "a masked sentence ends at a sentence end"
+            )
         row = doc.encode(i, text, None)
         assert row["objective"] == DOCUMENT
         sep = int(row["attn_hi"][0])
-        assert row["tokens"][sep - 1] == SP.gmask and (row["tokens"][:sep] == SP.gmask).sum() == 1, "one suffix"
+        assert (
+            row["tokens"][sep - 1] == SP.gmask and (row["tokens"][:sep] == SP.gmask).sum() == 1
+        ), "one suffix"
         n = int(row["loss_mask"].sum())
         assert SP.eop not in row["labels"], "a suffix has no [eop]: the text goes on"
-        assert list(row["labels"][sep:sep + n]) == list(text[sep - 1:sep - 1 + n])
+        assert list(row["labels"][sep : sep + n]) == list(text[sep - 1 : sep - 1 + n])
         assert sep - 1 + n == S - 1, "the suffix fills the row but for its [gMASK]"
         ratios.append(n / (sep - 1 + n))
-        assert (row["pos0"][sep:sep + n] == sep - 1).all(), "all generated tokens at the [gMASK] position"
+        assert (row["pos0"][sep : sep + n] == sep - 1).all(), (
+            "all generated tokens at the [gMASK] position"
+        )
     assert 0.5 - 0.01 <= min(ratios) and max(ratios) <= 1.0 and abs(np.mean(ratios) - 0.75) < 0.03
 
 
@@ -201,9 +253,11 @@ def test_document_objective_infill_variant():
             continue
         blank = int(np.flatnonzero(row["tokens"][:sep] == SP.gmask)[0])
         assert (row["tokens"][:sep] == SP.gmask).sum() == 1
-        span = list(row["labels"][sep:sep + n - 1])
+        span = list(row["labels"][sep : sep + n - 1])
         assert row["labels"][sep + n - 1] == SP.eop and len(span) == n - 1
-        assert list(row["tokens"][:blank]) + span + list(row["tokens"][blank + 1:sep]) == list(text[:sep - 1 + n - 1])
+        assert list(row["tokens"][:blank]) + span + list(row["tokens"][blank + 1 : sep]) == list(
+            text[: sep - 1 + n - 1]
+        )
         assert blank + len(span) < sep - 1 + len(span), "the text's last token is never in the span"
         starts.append(blank / (sep - 1))  # where the blank sits in Part A, 0..1
         ratios.append(len(span) / (sep - 1 + len(span)))
@@ -222,20 +276,32 @@ def test_objective_mixture_and_batch_contract():
     cfg = BlankInfillingConfig(seq_length=64, token_prob=0.5, sentence_prob=0.3, task_mask=False)
     collate = BlankInfillingCollator(cfg, SP, np.array([PERIOD]))
     rng = np.random.default_rng(2)
-    samples = [(i, {"text": rng.integers(7, 99, 64), "document_lengths": np.array([30, 34])}) for i in range(600)]
+    samples = [
+        (i, {"text": rng.integers(7, 99, 64), "document_lengths": np.array([30, 34])})
+        for i in range(600)
+    ]
     batch = collate(samples)
     assert batch["tokens"].shape == (600, 64) and batch["position_ids"].shape == (600, 2, 64)
     assert batch["attn_lo"].dtype == torch.int32 and batch["loss_mask"].dtype == torch.float32
     counts = np.bincount(batch["objective"].numpy(), minlength=3) / 600
     assert abs(counts[TOKEN] - 0.5) < 0.06 and abs(counts[DOCUMENT] - 0.2) < 0.06
-    assert not ((batch["tokens"] == SP.smask) | (batch["tokens"] == SP.gmask)).any(), "task masks off: [MASK] only"
+    assert not ((batch["tokens"] == SP.smask) | (batch["tokens"] == SP.gmask)).any(), (
+        "task masks off: [MASK] only"
+    )
     # the same sample index gives the same row whatever batch it lands in
     single = collate([samples[17]])
     assert torch.equal(single["tokens"][0], batch["tokens"][17])
 
 
-@pytest.mark.parametrize("bad", [dict(token_prob=0.8, sentence_prob=0.5), dict(mask_ratio=1.5),
-                                 dict(gmask_min_ratio=0.9, gmask_max_ratio=0.5), dict(seq_length=4)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(token_prob=0.8, sentence_prob=0.5),
+        dict(mask_ratio=1.5),
+        dict(gmask_min_ratio=0.9, gmask_max_ratio=0.5),
+        dict(seq_length=4),
+    ],
+)
 def test_bad_configurations(bad):
     with pytest.raises(ValueError):
         BlankInfillingCollator(BlankInfillingConfig(**{"seq_length": 64, **bad}), SP)
@@ -291,9 +357,13 @@ def test_document_ends_are_never_masked_and_short_documents_keep_their_context()
         cut = np.cumsum(docs)
         masked = np.asarray(masked, int)
         short[first].append(np.sum(masked < first) / first)
-        assert np.sum((masked >= cut[0]) & (masked < cut[1])) <= int(0.15 * 39), "the middle document over its cap"
+        assert np.sum((masked >= cut[0]) & (masked < cut[1])) <= int(0.15 * 39), (
+            "the middle document over its cap"
+        )
         assert np.sum(masked < first) <= int(0.15 * (first - 1))
-    assert np.mean(short[8]) < 0.05 and np.mean(short[16]) < 0.1, {k: np.mean(v) for k, v in short.items()}
+    assert np.mean(short[8]) < 0.05 and np.mean(short[16]) < 0.1, {
+        k: np.mean(v) for k, v in short.items()
+    }
 
 
 def test_block_mask_prob_replaces_part_b_inputs_only():
@@ -307,7 +377,9 @@ def test_block_mask_prob_replaces_part_b_inputs_only():
         text = rng.integers(7, 89, S)
         row, ref = collate.encode(i, text), plain.encode(i, text)
         sep = int(row["attn_hi"][0])
-        assert np.array_equal(row["labels"], ref["labels"]) and np.array_equal(row["tokens"][:sep], ref["tokens"][:sep])
+        assert np.array_equal(row["labels"], ref["labels"]) and np.array_equal(
+            row["tokens"][:sep], ref["tokens"][:sep]
+        )
         b = np.flatnonzero(row["loss_mask"] > 0)
         inputs = b[row["tokens"][b] != SP.sop]
         changed = row["tokens"][inputs] != ref["tokens"][inputs]
@@ -319,7 +391,9 @@ def test_block_mask_prob_replaces_part_b_inputs_only():
 
 def test_context_mask_ratio_hides_part_a_next_to_blanks():
     S, ratio, r = 256, 0.05, 3
-    collate = BlankInfillingCollator(BlankInfillingConfig(seq_length=S, context_mask_ratio=ratio), SPE)
+    collate = BlankInfillingCollator(
+        BlankInfillingConfig(seq_length=S, context_mask_ratio=ratio), SPE
+    )
     plain = BlankInfillingCollator(BlankInfillingConfig(seq_length=S), SPE)
     rng = np.random.default_rng(6)
     for i in range(200):
@@ -333,7 +407,9 @@ def test_context_mask_ratio_hides_part_a_next_to_blanks():
         assert all(np.min(np.abs(blanks - c)) <= r for c in changed), "only tokens next to a blank"
         text_len = sep - blanks.size + int(row["loss_mask"].sum()) - blanks.size
         assert changed.size == int(ratio * text_len)
-        assert np.array_equal(row["tokens"][sep:], ref["tokens"][sep:]) and np.array_equal(row["labels"], ref["labels"])
+        assert np.array_equal(row["tokens"][sep:], ref["tokens"][sep:]) and np.array_equal(
+            row["labels"], ref["labels"]
+        )
 
 
 def test_random_position_shifts_part_a_positions_uniformly():
@@ -361,7 +437,7 @@ def test_sentence_ends_anywhere_in_a_token():
     from megatron_glm.data.blank_infilling import sentence_end_ids
 
     class Pieces:
-        pieces = ["the", ".", "dog", "?\"", "...", "a.b", "\u2026", "\n\n", "x;", "\u3002", "end"]
+        pieces = ["the", ".", "dog", '?"', "...", "a.b", "\u2026", "\n\n", "x;", "\u3002", "end"]
         special_ids = {"pad": 11}
         vocab_size = 12
 
@@ -372,25 +448,42 @@ def test_sentence_ends_anywhere_in_a_token():
 
 
 @settings(max_examples=60, deadline=None)
-@given(data=texts, S=st.sampled_from([64, 128, 512]), token=st.sampled_from([1.0, 0.6, 0.0]), packed=st.booleans(),
-       shuffle=st.booleans(), first=st.integers(0, 10**6), several=st.booleans())
+@given(
+    data=texts,
+    S=st.sampled_from([64, 128, 512]),
+    token=st.sampled_from([1.0, 0.6, 0.0]),
+    packed=st.booleans(),
+    shuffle=st.booleans(),
+    first=st.integers(0, 10**6),
+    several=st.booleans(),
+)
 def test_a_batch_equals_its_samples_one_by_one(data, S, token, packed, shuffle, first, several):
     """``collator(batch)`` (batched draws for one-document token samples) is bitwise ``encode`` per sample, and
     the slice layout of one-span rows is bitwise the vectorised one."""
     values, cuts = data
     text = np.asarray(values)
     text[::9] = PERIOD
-    cfg = BlankInfillingConfig(seq_length=S, token_prob=token, sentence_prob=(1 - token) / 2, packed=packed,
-                               shuffle_spans=shuffle)
+    cfg = BlankInfillingConfig(
+        seq_length=S,
+        token_prob=token,
+        sentence_prob=(1 - token) / 2,
+        packed=packed,
+        shuffle_spans=shuffle,
+    )
     collate = BlankInfillingCollator(cfg, SP, np.array([PERIOD]))
     docs = [None, np.array([len(text)])]
     if several and len(text) > 30:
         docs.append(np.array([len(text) - 25, 25]))
-    samples = [(first + j, {"text": np.roll(text, j), "document_lengths": docs[j % len(docs)]}) for j in range(6)]
+    samples = [
+        (first + j, {"text": np.roll(text, j), "document_lengths": docs[j % len(docs)]})
+        for j in range(6)
+    ]
     batch = collate(samples)
     plans = collate.plans(samples)
     sliced, runs = collate._layout(plans), collate._layout(plans, runs_only=True)
-    assert all(np.array_equal(sliced[k], runs[k]) for k in runs), "the one-span slices differ from the runs"
+    assert all(np.array_equal(sliced[k], runs[k]) for k in runs), (
+        "the one-span slices differ from the runs"
+    )
     for j, (index, s) in enumerate(samples):
         row = collate.encode(index, s["text"], s["document_lengths"])
         assert np.array_equal(batch["tokens"][j].numpy(), row["tokens"]), j

@@ -13,7 +13,13 @@ import torch
 from tests.helpers import spawn
 
 SEED = 1234
-CFG = dict(num_layers=8, hidden_size=1024, num_attention_heads=16, vocab_size=8192, max_position_embeddings=512)
+CFG = dict(
+    num_layers=8,
+    hidden_size=1024,
+    num_attention_heads=16,
+    vocab_size=8192,
+    max_position_embeddings=512,
+)
 CONSTANT = 64 * 2**20  # interpreter, allocator slack, the meta model's bookkeeping
 
 
@@ -49,30 +55,54 @@ def construction_worker(rank, world, load_dir, reference_seed):
     layout = RankLayout.from_state()
     weights = None
     if load_dir:
+
         def weights(chunks):
-            return ckpt.read_weights_only(load_dir, ckpt.resume_tag(load_dir), layout.pp_rank, layout.tp_rank,
-                                          layout.tp)
-    build_rank_model(ModelConfig(num_layers=2, hidden_size=8, num_attention_heads=2, vocab_size=16), layout, SEED)
-    assert reset_host_peak()  # after a tiny build: the meta device's first use imports ~150 MB of libraries (sympy)
+            return ckpt.read_weights_only(
+                load_dir, ckpt.resume_tag(load_dir), layout.pp_rank, layout.tp_rank, layout.tp
+            )
+
+    build_rank_model(
+        ModelConfig(num_layers=2, hidden_size=8, num_attention_heads=2, vocab_size=16), layout, SEED
+    )
+    assert (
+        reset_host_peak()
+    )  # after a tiny build: the meta device's first use imports ~150 MB of libraries (sympy)
     before = host_memory()["rss_bytes"]
     chunks = build_rank_model(cfg, layout, SEED, weights=weights)
     peak = host_memory()["peak_rss_bytes"] - before
-    params = {chunk.full_name(n): p.detach() for chunk in chunks for n, p in chunk.named_parameters()}
+    params = {
+        chunk.full_name(n): p.detach() for chunk in chunks for n, p in chunk.named_parameters()
+    }
     shard = sum(4 * p.numel() for p in params.values())
     reference = GLMModel(cfg, seed=reference_seed).state_dict()
     largest = max(4 * t.numel() for t in reference.values())
-    wrong = [n for n, p in params.items() if not torch.equal(p, expected_slice(n, reference[n], layout.tp_rank, 2))]
-    planned = setup_host_bytes(stage_parameters(cfg, 2, 2)[layout.pp_rank])  # glm-plan's figure for this rank
-    return {"peak": peak, "shard": shard, "largest": largest, "planned": planned, "names": sorted(params),
-            "wrong": wrong,
-            "coords": (layout.pp_rank, layout.tp_rank), "all_names": sorted(reference)}
+    wrong = [
+        n
+        for n, p in params.items()
+        if not torch.equal(p, expected_slice(n, reference[n], layout.tp_rank, 2))
+    ]
+    planned = setup_host_bytes(
+        stage_parameters(cfg, 2, 2)[layout.pp_rank]
+    )  # glm-plan's figure for this rank
+    return {
+        "peak": peak,
+        "shard": shard,
+        "largest": largest,
+        "planned": planned,
+        "names": sorted(params),
+        "wrong": wrong,
+        "coords": (layout.pp_rank, layout.tp_rank),
+        "all_names": sorted(reference),
+    }
 
 
 def check(results, cfg_bytes):
     for r in results:
         bound = r["shard"] + r["largest"] + CONSTANT
         assert bound < cfg_bytes  # the budget: four full copies would exceed four times it
-        assert r["peak"] <= bound, f"rank {r['coords']}: set-up peak {r['peak'] / 2**20:.0f} MiB > {bound / 2**20:.0f}"
+        assert r["peak"] <= bound, (
+            f"rank {r['coords']}: set-up peak {r['peak'] / 2**20:.0f} MiB > {bound / 2**20:.0f}"
+        )
         assert r["wrong"] == []
         assert abs(r["peak"] - r["planned"]) <= CONSTANT, (r["peak"], r["planned"])
     covered = {n for r in results if r["coords"][1] == 0 for n in r["names"]}
@@ -94,13 +124,20 @@ def test_tp2_pp2_ranks_read_only_their_converted_shard(tmp_path):
     from megatron_glm.model.glm import GLMModel
 
     cfg = ModelConfig(**CFG)
-    converted = GLMModel(cfg, seed=SEED + 1).state_dict()  # not what SEED initialises: the file's values must win
+    converted = GLMModel(
+        cfg, seed=SEED + 1
+    ).state_dict()  # not what SEED initialises: the file's values must win
     write_megatron_glm(str(tmp_path / "converted"), converted, cfg, {}, tp=2, pp=2)
     del converted
-    check(spawn(construction_worker, 4, tmp_path / "out", str(tmp_path / "converted"), SEED + 1), full_bytes(cfg))
+    check(
+        spawn(construction_worker, 4, tmp_path / "out", str(tmp_path / "converted"), SEED + 1),
+        full_bytes(cfg),
+    )
 
 
-@pytest.mark.parametrize("layers,pre,post", [(range(0, 2), True, False), (range(2, 4), False, True)])
+@pytest.mark.parametrize(
+    "layers,pre,post", [(range(0, 2), True, False), (range(2, 4), False, True)]
+)
 def test_a_chunk_built_alone_equals_the_whole_models_layers(layers, pre, post):
     from megatron_glm.config import ModelConfig
     from megatron_glm.model.glm import GLMModel
@@ -109,5 +146,7 @@ def test_a_chunk_built_alone_equals_the_whole_models_layers(layers, pre, post):
     whole = GLMModel(cfg, seed=5).state_dict()
     chunk = GLMModel(cfg, layers, pre_process=pre, post_process=post, seed=5)
     names = {chunk.full_name(n): p for n, p in chunk.state_dict().items()}
-    assert ("word_embeddings.weight" in names) == pre and ("transformer.final_layernorm.weight" in names) == post
+    assert ("word_embeddings.weight" in names) == pre and (
+        "transformer.final_layernorm.weight" in names
+    ) == post
     assert all(torch.equal(p, whole[n]) for n, p in names.items())

@@ -17,19 +17,68 @@ from tests.helpers import free_port, thudm_checkpoint
 
 def pretrain_args(data, save, iters=2, extra=()):
     prefix, model = data
-    return ["--data-path", prefix, "--tokenizer-model", model, "--num-layers", "4", "--hidden-size", "32",
-            "--num-attention-heads", "4", "--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "4",
-            "--train-iters", str(iters), "--lr", "1e-3", "--split", "100,0,0", "--log-interval", "1",
-            "--hidden-dropout", "0", "--attention-dropout", "0", "--save", save,
-            "--data-cache-path", os.path.join(os.path.dirname(save), "cache"), *extra]
+    return [
+        "--data-path",
+        prefix,
+        "--tokenizer-model",
+        model,
+        "--num-layers",
+        "4",
+        "--hidden-size",
+        "32",
+        "--num-attention-heads",
+        "4",
+        "--seq-length",
+        "64",
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        "4",
+        "--train-iters",
+        str(iters),
+        "--lr",
+        "1e-3",
+        "--split",
+        "100,0,0",
+        "--log-interval",
+        "1",
+        "--hidden-dropout",
+        "0",
+        "--attention-dropout",
+        "0",
+        "--save",
+        save,
+        "--data-cache-path",
+        os.path.join(os.path.dirname(save), "cache"),
+        *extra,
+    ]
 
 
 def pretrain(argv, nproc=1):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port())] \
-        if nproc > 1 else []
-    result = subprocess.run([sys.executable, *launcher, "-m", "megatron_glm.training.pretrain", *argv], env=env,
-                            capture_output=True, text=True, timeout=600)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
+    }
+    launcher = (
+        [
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_port",
+            str(free_port()),
+        ]
+        if nproc > 1
+        else []
+    )
+    result = subprocess.run(
+        [sys.executable, *launcher, "-m", "megatron_glm.training.pretrain", *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     return result
 
@@ -37,8 +86,14 @@ def pretrain(argv, nproc=1):
 @pytest.fixture(scope="module")
 def tp2pp2(tmp_path_factory, data):
     save = str(tmp_path_factory.mktemp("tp2pp2") / "ckpt")
-    pretrain(pretrain_args(data, save, extra=["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size",
-                                              "2"]), nproc=4)
+    pretrain(
+        pretrain_args(
+            data,
+            save,
+            extra=["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"],
+        ),
+        nproc=4,
+    )
     return save
 
 
@@ -47,7 +102,9 @@ def logits_of(state, cfg):
     model = GLMModel(cfg).eval()
     model.load_state_dict(state)
     tokens = torch.randint(0, 100, (2, 24))
-    pos = torch.stack([torch.arange(24).clamp(max=16), (torch.arange(24) - 15).clamp(min=0)]).expand(2, 2, 24)
+    pos = torch.stack(
+        [torch.arange(24).clamp(max=16), (torch.arange(24) - 15).clamp(min=0)]
+    ).expand(2, 2, 24)
     lo = torch.zeros(2, 24, dtype=torch.int32)
     hi = torch.maximum(torch.tensor(16), torch.arange(24) + 1).to(torch.int32).expand(2, 24)
     with torch.no_grad():
@@ -56,8 +113,11 @@ def logits_of(state, cfg):
 
 def shards(folder):
     tag = open(os.path.join(folder, "latest")).read().strip()
-    return {f: torch.load(os.path.join(folder, tag, f), weights_only=True)["module"]
-            for f in sorted(os.listdir(os.path.join(folder, tag))) if f.startswith("mp_rank")}
+    return {
+        f: torch.load(os.path.join(folder, tag, f), weights_only=True)["module"]
+        for f in sorted(os.listdir(os.path.join(folder, tag)))
+        if f.startswith("mp_rank")
+    }
 
 
 def test_reshard_tp2pp2_to_one_and_back_is_exact(tmp_path, tp2pp2):
@@ -73,7 +133,10 @@ def test_reshard_tp2pp2_to_one_and_back_is_exact(tmp_path, tp2pp2):
     torch.testing.assert_close(logits_of(merged, cfg), logits_of(original, cfg), rtol=0, atol=0)
 
     back = str(tmp_path / "back")
-    assert convert(["reshard", "--load", one, "--save", back, "--target-tp", "2", "--target-pp", "2"]) == 0
+    assert (
+        convert(["reshard", "--load", one, "--save", back, "--target-tp", "2", "--target-pp", "2"])
+        == 0
+    )
     a, b = shards(tp2pp2), shards(back)
     assert a.keys() == b.keys() == {f"mp_rank_0{i}_model_states.pt" for i in range(4)}
     for f in a:  # every rank's file holds exactly what glm-pretrain's rank saved
@@ -82,9 +145,26 @@ def test_reshard_tp2pp2_to_one_and_back_is_exact(tmp_path, tp2pp2):
             assert torch.equal(a[f][name], b[f][name]), (f, name)
 
     virtual = str(tmp_path / "virtual")  # and through an interleaved layout
-    assert convert(["reshard", "--load", back, "--save", virtual, "--target-pp", "2",
-                    "--target-num-layers-per-virtual-pipeline-stage", "1"]) == 0
-    assert "0.transformer.layers.0.attention.query_key_value.weight" in shards(virtual)["mp_rank_00_model_states.pt"]
+    assert (
+        convert(
+            [
+                "reshard",
+                "--load",
+                back,
+                "--save",
+                virtual,
+                "--target-pp",
+                "2",
+                "--target-num-layers-per-virtual-pipeline-stage",
+                "1",
+            ]
+        )
+        == 0
+    )
+    assert (
+        "0.transformer.layers.0.attention.query_key_value.weight"
+        in shards(virtual)["mp_rank_00_model_states.pt"]
+    )
     again, _ = load_model_weights(virtual)
     assert all(torch.equal(again[n], original[n]) for n in original)
 
@@ -106,34 +186,68 @@ def test_export_hf_and_import_back(tmp_path, tp2pp2):
     assert convert(["export-hf", "--load", tp2pp2, "--save", hf]) == 0
     config = json.load(open(os.path.join(hf, "config.json")))
     assert config["model_type"] == "megatron_glm" and config["num_layers"] == 4
-    with open(meta["tokenizer"]["files"][0], "rb") as a, open(os.path.join(hf, "tokenizer.model"), "rb") as b:
+    with (
+        open(meta["tokenizer"]["files"][0], "rb") as a,
+        open(os.path.join(hf, "tokenizer.model"), "rb") as b,
+    ):
         assert a.read() == b.read(), "the export carries the tokenizer"
     from safetensors.torch import load_file
+
     exported = load_file(os.path.join(hf, "model.safetensors"))
     assert all(torch.equal(exported[n], original[n]) for n in original)
 
     back = str(tmp_path / "back")
     assert convert(["import-hf", "--load", hf, "--save", back, "--target-tp", "2"]) == 0
     merged, back_meta = load_model_weights(back)
-    assert back_meta["tokenizer"]["files"][0].startswith(hf), "the tokenizer now lives in the export folder"
+    assert back_meta["tokenizer"]["files"][0].startswith(hf), (
+        "the tokenizer now lives in the export folder"
+    )
     assert all(torch.equal(merged[n], original[n]) for n in original)
 
 
 def test_import_original_glm_checkpoint_gives_its_logits(tmp_path):
-    cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=256, max_position_embeddings=64,
-                      hidden_dropout=0.0, attention_dropout=0.0)
+    cfg = ModelConfig(
+        num_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        vocab_size=256,
+        max_position_embeddings=64,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+    )
     torch.manual_seed(3)
     model = GLMModel(cfg)
     thudm_checkpoint(tmp_path / "glm", model, mp=2)
     out = str(tmp_path / "imported")
-    assert convert(["import-thudm", "--load", str(tmp_path / "glm"), "--save", out, "--num-attention-heads", "4"]) == 0
+    assert (
+        convert(
+            [
+                "import-thudm",
+                "--load",
+                str(tmp_path / "glm"),
+                "--save",
+                out,
+                "--num-attention-heads",
+                "4",
+            ]
+        )
+        == 0
+    )
     state, meta = load_model_weights(out)
     assert ModelConfig.from_dict(meta["model"]).architecture_differences(cfg) == []
-    torch.testing.assert_close(logits_of(state, cfg), logits_of(model.state_dict(), cfg), rtol=0, atol=0)
+    torch.testing.assert_close(
+        logits_of(state, cfg), logits_of(model.state_dict(), cfg), rtol=0, atol=0
+    )
 
 
 def test_bad_input_is_named_and_nothing_is_written(tmp_path, tp2pp2, capsys):
-    cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=256, max_position_embeddings=64)
+    cfg = ModelConfig(
+        num_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        vocab_size=256,
+        max_position_embeddings=64,
+    )
     model = GLMModel(cfg)
     thudm_checkpoint(tmp_path / "glm", model, mp=1)
     f = tmp_path / "glm" / "1000" / "mp_rank_00_model_states.pt"
@@ -148,35 +262,93 @@ def test_bad_input_is_named_and_nothing_is_written(tmp_path, tp2pp2, capsys):
     sound = tmp_path / "sound"
     thudm_checkpoint(sound, GLMModel(cfg), mp=1)
     cases = [
-        (["import-thudm", "--load", str(tmp_path / "glm"), "--save", str(out), "--num-attention-heads", "4"],
-         ["missing 1: transformer.layers.1.mlp.dense_4h_to_h.bias", "unexpected 1: lm_head.weight",
-          "transformer.layers.0.attention.dense.weight: (32, 16) != (32, 32)"]),
-        (["import-thudm", "--load", str(tmp_path / "glm"), "--save", str(out)], ["--num-attention-heads or --preset"]),
+        (
+            [
+                "import-thudm",
+                "--load",
+                str(tmp_path / "glm"),
+                "--save",
+                str(out),
+                "--num-attention-heads",
+                "4",
+            ],
+            [
+                "missing 1: transformer.layers.1.mlp.dense_4h_to_h.bias",
+                "unexpected 1: lm_head.weight",
+                "transformer.layers.0.attention.dense.weight: (32, 16) != (32, 32)",
+            ],
+        ),
+        (
+            ["import-thudm", "--load", str(tmp_path / "glm"), "--save", str(out)],
+            ["--num-attention-heads or --preset"],
+        ),
         (["reshard", "--load", str(empty), "--save", str(out)], ["is an empty folder"]),
-        (["reshard", "--load", tp2pp2, "--save", str(out), "--target-tp", "3"],
-         ["--target-tp 3 does not divide 4 attention heads"]),
-        (["reshard", "--load", tp2pp2, "--save", str(out), "--target-pp", "3"], ["impossible target layout"]),
-        (["import-thudm", "--load", str(empty), "--save", str(out), "--num-attention-heads", "4"],
-         ["holds no mp_rank_XX_model_states.pt"]),
-        (["import-thudm", "--load", str(sound), "--save", str(out), "--num-attention-heads", "5"], ["heads"]),
-        (["import-thudm", "--load", str(sound), "--save", str(out), "--preset", "glm-large"],
-         ["--preset glm-large does not describe", "num_layers 24 (the weights have 2)",
-          "hidden_size 1024 (the weights have 32)"]),
+        (
+            ["reshard", "--load", tp2pp2, "--save", str(out), "--target-tp", "3"],
+            ["--target-tp 3 does not divide 4 attention heads"],
+        ),
+        (
+            ["reshard", "--load", tp2pp2, "--save", str(out), "--target-pp", "3"],
+            ["impossible target layout"],
+        ),
+        (
+            [
+                "import-thudm",
+                "--load",
+                str(empty),
+                "--save",
+                str(out),
+                "--num-attention-heads",
+                "4",
+            ],
+            ["holds no mp_rank_XX_model_states.pt"],
+        ),
+        (
+            [
+                "import-thudm",
+                "--load",
+                str(sound),
+                "--save",
+                str(out),
+                "--num-attention-heads",
+                "5",
+            ],
+            ["heads"],
+        ),
+        (
+            ["import-thudm", "--load", str(sound), "--save", str(out), "--preset", "glm-large"],
+            [
+                "--preset glm-large does not describe",
+                "num_layers 24 (the weights have 2)",
+                "hidden_size 1024 (the weights have 32)",
+            ],
+        ),
     ]
     for argv, messages in cases:
         assert convert(argv) == 1, argv
         err = capsys.readouterr().err
         for m in messages:
             assert m in err, (m, err)
-        assert "nothing was written" in err and not out.exists() and not (tmp_path / "out.partial").exists()
+        assert (
+            "nothing was written" in err
+            and not out.exists()
+            and not (tmp_path / "out.partial").exists()
+        )
 
     existing = tmp_path / "existing"
     existing.mkdir()
     assert convert(["reshard", "--load", tp2pp2, "--save", str(existing)]) == 1
     assert "pass --overwrite" in capsys.readouterr().err and os.listdir(existing) == []
-    assert convert(["reshard", "--load", tp2pp2, "--save", str(out), "--target-tp", "2", "--dry-run"]) == 0
+    assert (
+        convert(["reshard", "--load", tp2pp2, "--save", str(out), "--target-tp", "2", "--dry-run"])
+        == 0
+    )
     printed = capsys.readouterr().out
-    assert "mp_rank_01_model_states.pt" in printed and "would write 4 files" in printed and not out.exists()
+    assert (
+        "mp_rank_01_model_states.pt" in printed
+        and "would write 4 files" in printed
+        and not out.exists()
+    )
 
 
 @pytest.mark.slow
@@ -193,7 +365,11 @@ def test_zero_checkpoints_consolidate_to_the_weights(tmp_path, data):
         out = str(tmp_path / f"fp32-{stage}")
         assert convert(["zero-to-fp32", "--load", save, "--save", out]) == 0
         state, _ = load_model_weights(out)
-        assert state.keys() == whole.keys() and all(v.dtype == torch.float32 for v in state.values())
-        for name in whole:  # ZeRO stages agree (tests/test_3d.py); consolidation must not lose or mix anything
+        assert state.keys() == whole.keys() and all(
+            v.dtype == torch.float32 for v in state.values()
+        )
+        for name in (
+            whole
+        ):  # ZeRO stages agree (tests/test_3d.py); consolidation must not lose or mix anything
             torch.testing.assert_close(state[name], whole[name], atol=1e-5, rtol=1e-4, msg=name)
     torch.testing.assert_close(logits_of(state, cfg), logits_of(whole, cfg), atol=1e-4, rtol=1e-4)

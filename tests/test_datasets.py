@@ -42,13 +42,13 @@ def test_samples_are_the_packed_document_stream(corpus_prefix, tmp_path):
     n_docs = 260
     assert ds.num_epochs > 1
     for e in range(ds.num_epochs):  # each epoch visits every document of the range exactly once
-        epoch = np.asarray(ds.doc_idx[e * n_docs:(e + 1) * n_docs])
+        epoch = np.asarray(ds.doc_idx[e * n_docs : (e + 1) * n_docs])
         assert sorted(epoch.tolist()) == list(range(20, 280))
     text = stream(indexed, ds.doc_idx)
     inverse = np.argsort(ds.shuffle_idx)
     for j in range(len(ds)):  # sample in stream order j lives at shuffled position inverse[j]
         sample = ds[int(inverse[j])]
-        assert np.array_equal(sample["text"], text[j * 64:(j + 1) * 64])
+        assert np.array_equal(sample["text"], text[j * 64 : (j + 1) * 64])
         assert sample["text"].dtype == np.int64 and sample["document_lengths"].sum() == 64
         # document pieces are exactly the runs of one document id (tokens encode their document)
         docs = sample["text"] // 1000
@@ -63,7 +63,9 @@ def test_one_pass_by_default(corpus_prefix, tmp_path):
     assert len(ds) == indexed.num_tokens // 50 and ds.num_epochs == 1
 
 
-def test_index_is_cached_deterministic_and_keyed_by_its_inputs(corpus_prefix, tmp_path, monkeypatch):
+def test_index_is_cached_deterministic_and_keyed_by_its_inputs(
+    corpus_prefix, tmp_path, monkeypatch
+):
     indexed = IndexedDataset(corpus_prefix)
     cache = str(tmp_path / "cache")
     a = PackedDataset(indexed, 0, 300, 32, 500, seed=3, cache_dir=cache)
@@ -81,7 +83,9 @@ def test_index_is_cached_deterministic_and_keyed_by_its_inputs(corpus_prefix, tm
     monkeypatch.undo()
     for change in (dict(seed=4), dict(sample_length=33), dict(num_samples=501)):
         kw = dict(seed=3, sample_length=32, num_samples=500) | change
-        c = PackedDataset(indexed, 0, 300, kw["sample_length"], kw["num_samples"], kw["seed"], cache)
+        c = PackedDataset(
+            indexed, 0, 300, kw["sample_length"], kw["num_samples"], kw["seed"], cache
+        )
         assert len(os.listdir(cache)) > len(files), f"{change} must get its own cache entry"
         files = sorted(os.listdir(cache))
     assert not np.array_equal(c.shuffle_idx[:50], a.shuffle_idx[:50])
@@ -99,7 +103,9 @@ def test_a_rebuilt_corpus_never_reuses_a_stale_index(corpus_prefix, tmp_path):
 
 def test_split_too_small_is_a_clear_error(corpus_prefix, tmp_path):
     with pytest.raises(ValueError, match="less than one sample of 4096"):
-        PackedDataset(IndexedDataset(corpus_prefix), 0, 3, 4096, 10, seed=1, cache_dir=str(tmp_path))
+        PackedDataset(
+            IndexedDataset(corpus_prefix), 0, 3, 4096, 10, seed=1, cache_dir=str(tmp_path)
+        )
 
 
 def test_parsers():
@@ -108,8 +114,15 @@ def test_parsers():
     for spec in (["0.7", "A", "0.3", "B"], ["7", "A", "3", "B"]):
         (wa, a), (wb, b) = parse_data_path(spec)
         assert (a, b) == ("A", "B") and (wa, wb) == pytest.approx((0.7, 0.3))
-    for bad in (["0.7", "A", "B"], ["A", "0.3"], ["0.5", "A", "x", "B"], [], ["0", "A"], ["nan", "A", "0.5", "B"],
-                ["inf", "A", "0.5", "B"]):
+    for bad in (
+        ["0.7", "A", "B"],
+        ["A", "0.3"],
+        ["0.5", "A", "x", "B"],
+        [],
+        ["0", "A"],
+        ["nan", "A", "0.5", "B"],
+        ["inf", "A", "0.5", "B"],
+    ):
         with pytest.raises(ValueError, match="--data-path"):
             parse_data_path(bad)
     assert parse_split("949,50,1") == pytest.approx([0.949, 0.05, 0.001])
@@ -119,7 +132,10 @@ def test_parsers():
             parse_split(bad)
 
 
-@given(n=st.integers(0, 10_000), parts=st.lists(st.integers(0, 1000), min_size=3, max_size=3).filter(any))
+@given(
+    n=st.integers(0, 10_000),
+    parts=st.lists(st.integers(0, 1000), min_size=3, max_size=3).filter(any),
+)
 def test_split_documents_partitions_the_corpus(n, parts):
     fractions = [p / sum(parts) for p in parts]
     ranges = split_documents(n, fractions)
@@ -149,16 +165,22 @@ def test_train_valid_test_over_weighted_corpora(corpus_prefix, tmp_path):
         for _ in range(50):
             w.add_document(-np.arange(1, 40))  # negative tokens: recognisably the second corpus
     train, valid, test = build_train_valid_test_datasets(
-        ["0.75", corpus_prefix, "0.25", other], "90,10,0", 16, [400, 40, 40], seed=5)
+        ["0.75", corpus_prefix, "0.25", other], "90,10,0", 16, [400, 40, 40], seed=5
+    )
     assert test is None and len(train) == 400 and len(valid) == 40
     from_other = sum(int(train[i]["text"][0] < 0) for i in range(400))
     assert from_other == 100 and sum(train[i]["dataset"] == 1 for i in range(400)) == 100
     # the valid split never sees a training document
-    train_docs = {int(t) // 1000 for i in range(400) if train[i]["dataset"] == 0 for t in train[i]["text"]}
-    valid_docs = {int(t) // 1000 for i in range(40) if valid[i]["dataset"] == 0 for t in valid[i]["text"]}
+    train_docs = {
+        int(t) // 1000 for i in range(400) if train[i]["dataset"] == 0 for t in train[i]["text"]
+    }
+    valid_docs = {
+        int(t) // 1000 for i in range(40) if valid[i]["dataset"] == 0 for t in valid[i]["text"]
+    }
     assert not train_docs & valid_docs
-    again = build_train_valid_test_datasets(["0.75", corpus_prefix, "0.25", other], "90,10,0", 16, [400, 40, 40],
-                                            seed=5)[0]
+    again = build_train_valid_test_datasets(
+        ["0.75", corpus_prefix, "0.25", other], "90,10,0", 16, [400, 40, 40], seed=5
+    )[0]
     assert all(np.array_equal(train[i]["text"], again[i]["text"]) for i in range(0, 400, 37))
 
 
@@ -168,11 +190,16 @@ def test_tokenizer_and_data_must_agree(tmp_path, corpus, spm_model, tokenizer):
 
     preprocess([corpus[0]], str(tmp_path / "p"), tokenizer.spec)
     prefix = str(tmp_path / "p_text_document")
-    assert build_train_valid_test_datasets([prefix], "1", 32, [10, 0, 0], tokenizer=tokenizer)[0] is not None
+    assert (
+        build_train_valid_test_datasets([prefix], "1", 32, [10, 0, 0], tokenizer=tokenizer)[0]
+        is not None
+    )
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "word"]) + "\n")
     with pytest.raises(ValueError, match="was tokenized with sentencepiece"):
-        build_train_valid_test_datasets([prefix], "1", 32, [10, 0, 0], tokenizer=load_tokenizer(vocab_file=str(vocab)))
+        build_train_valid_test_datasets(
+            [prefix], "1", 32, [10, 0, 0], tokenizer=load_tokenizer(vocab_file=str(vocab))
+        )
     with pytest.raises(FileNotFoundError, match="glm-preprocess"):
         build_train_valid_test_datasets([str(tmp_path / "missing")], "1", 32, [10, 0, 0])
 

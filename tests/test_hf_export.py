@@ -17,26 +17,43 @@ from megatron_glm.checkpoint import load_model_weights
 from megatron_glm.config import ModelConfig
 from megatron_glm.convert.cli import main as convert
 from megatron_glm.convert.writers import write_megatron_glm
-from megatron_glm.data.blank_infilling import BlankInfillingCollator, BlankInfillingConfig, SpecialIds
+from megatron_glm.data.blank_infilling import (
+    BlankInfillingCollator,
+    BlankInfillingConfig,
+    SpecialIds,
+)
 from megatron_glm.generate import load_for_inference
 from megatron_glm.kernels.reference import interval_mask
 from megatron_glm.model.generation import GenerationConfig, fill_blanks
 from megatron_glm.model.glm import GLMModel
 
-VARIANTS = {"learned_2d": {}, "rotary_2d+geglu": dict(position_embedding_type="rotary_2d", geglu=True),
-            "deepnorm": dict(deepnorm=True)}
+VARIANTS = {
+    "learned_2d": {},
+    "rotary_2d+geglu": dict(position_embedding_type="rotary_2d", geglu=True),
+    "deepnorm": dict(deepnorm=True),
+}
 S = 48
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def checkpoint(root, tokenizer, **arch):
     """A glm-pretrain checkpoint of a random model (wide enough weights that greedy choices are clear)."""
-    cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=tokenizer.padded_vocab_size(),
-                      max_position_embeddings=128, hidden_dropout=0.0, attention_dropout=0.0, init_method_std=0.08,
-                      **arch)
+    cfg = ModelConfig(
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        vocab_size=tokenizer.padded_vocab_size(),
+        max_position_embeddings=128,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=0.08,
+        **arch,
+    )
     model = GLMModel(cfg, seed=11).eval()
     path = str(root / "ckpt")
-    write_megatron_glm(path, model.state_dict(), cfg, {"tokenizer": tokenizer.describe(), "iteration": 5})
+    write_megatron_glm(
+        path, model.state_dict(), cfg, {"tokenizer": tokenizer.describe(), "iteration": 5}
+    )
     return path, model
 
 
@@ -49,8 +66,10 @@ def export(root, ckpt, *flags):
 def load_hf(hf):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return (AutoModelForCausalLM.from_pretrained(hf, trust_remote_code=True).eval(),
-            AutoTokenizer.from_pretrained(hf, trust_remote_code=True))
+    return (
+        AutoModelForCausalLM.from_pretrained(hf, trust_remote_code=True).eval(),
+        AutoTokenizer.from_pretrained(hf, trust_remote_code=True),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +80,9 @@ def learned(tmp_path_factory, tokenizer):
 
 
 def samples(tokenizer, texts, **objective):
-    collate = BlankInfillingCollator(BlankInfillingConfig(seq_length=S, **objective),
-                                     SpecialIds.from_tokenizer(tokenizer))
+    collate = BlankInfillingCollator(
+        BlankInfillingConfig(seq_length=S, **objective), SpecialIds.from_tokenizer(tokenizer)
+    )
     long = [t for t in texts if len(tokenizer.encode(t)) > 2 * S][:4]
     return [collate.encode(i, np.array(tokenizer.encode(t)), None) for i, t in enumerate(long)]
 
@@ -76,8 +96,12 @@ def test_transformers_logits_equal_ours_on_training_samples(tmp_path, tokenizer,
         positions = torch.from_numpy(np.stack([row["pos0"], row["pos1"]]))[None]
         real = row["tokens"] != tokenizer.pad_id
         with torch.no_grad():
-            expected = ours(tokens, positions, torch.from_numpy(row["attn_lo"])[None],
-                            torch.from_numpy(row["attn_hi"])[None])
+            expected = ours(
+                tokens,
+                positions,
+                torch.from_numpy(row["attn_lo"])[None],
+                torch.from_numpy(row["attn_hi"])[None],
+            )
             # the mask comes from the separator; shuffled spans need their positions given
             got = theirs(input_ids=tokens, position_ids=positions).logits
         torch.testing.assert_close(got[0, real], expected[0, real], rtol=1e-5, atol=1e-5)
@@ -88,27 +112,44 @@ def test_layout_from_the_separator_is_the_collators(learned, tokenizer, corpus):
     from megatron_glm.convert.hf_files.modeling_megatron_glm import glm_layout
 
     config = MegatronGLMConfig.from_pretrained(learned[2])
-    one_span = samples(tokenizer, corpus[1], token_prob=0.0)  # the document objective: one [gMASK] span
-    for row, in_order in [(r, True) for r in one_span] + [(r, False) for r in samples(tokenizer, corpus[1])]:
+    one_span = samples(
+        tokenizer, corpus[1], token_prob=0.0
+    )  # the document objective: one [gMASK] span
+    for row, in_order in [(r, True) for r in one_span] + [
+        (r, False) for r in samples(tokenizer, corpus[1])
+    ]:
         real = row["tokens"] != tokenizer.pad_id
         positions, mask = glm_layout(torch.from_numpy(row["tokens"])[None], config)
-        expected = interval_mask(torch.from_numpy(row["attn_lo"])[None], torch.from_numpy(row["attn_hi"])[None], S)
+        expected = interval_mask(
+            torch.from_numpy(row["attn_lo"])[None], torch.from_numpy(row["attn_hi"])[None], S
+        )
         assert torch.equal(mask[0, 0][real][:, real], expected[0][real][:, real])
         if in_order:
-            assert torch.equal(positions[0][:, real], torch.from_numpy(np.stack([row["pos0"], row["pos1"]]))[:, real])
+            assert torch.equal(
+                positions[0][:, real],
+                torch.from_numpy(np.stack([row["pos0"], row["pos1"]]))[:, real],
+            )
 
 
 def test_tokenization_is_ours_on_a_corpus_sample(learned, tokenizer, corpus, tmp_path):
     _, theirs = load_hf(learned[2])
     texts = corpus[1][:300] + ["a [MASK] b [sMASK] c[gMASK]", "x [sop] y [eop] <unk> [CLS]"]
     for text in texts:
-        assert theirs(text, add_special_tokens=False)["input_ids"] == tokenizer.encode(text, allow_special=True)
+        assert theirs(text, add_special_tokens=False)["input_ids"] == tokenizer.encode(
+            text, allow_special=True
+        )
         ids = theirs(text, split_special_tokens=True)["input_ids"]
         assert ids == tokenizer.encode(text)
         assert theirs.decode(ids) == tokenizer.decode(ids)
-    assert (theirs.mask_token_id, theirs.sop_token_id, theirs.eop_token_id, theirs.gmask_token_id) == \
-        (tokenizer.mask_id, tokenizer.sop_id, tokenizer.eop_id, tokenizer.gmask_id)
-    theirs.save_pretrained(tmp_path / "saved")  # a tokenizer saved again by transformers loads the same
+    assert (
+        theirs.mask_token_id,
+        theirs.sop_token_id,
+        theirs.eop_token_id,
+        theirs.gmask_token_id,
+    ) == (tokenizer.mask_id, tokenizer.sop_id, tokenizer.eop_id, tokenizer.gmask_id)
+    theirs.save_pretrained(
+        tmp_path / "saved"
+    )  # a tokenizer saved again by transformers loads the same
     again = load_hf_tokenizer(tmp_path / "saved")
     assert again(texts[0])["input_ids"] == theirs(texts[0])["input_ids"]
 
@@ -124,17 +165,31 @@ def test_other_tokenizer_backends_are_ours_too(tmp_path, corpus, backend):
     texts = corpus[1][:150] + ["one [MASK] two [PAD] three [sop] <|endoftext|>"]
     if backend == "bert":
         words = sorted({w.lower() for t in texts[:50] for w in t.split() if w.isalpha()})
-        (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words) + "\n")
+        (tmp_path / "vocab.txt").write_text(
+            "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words) + "\n"
+        )
         ours = load_tokenizer(vocab_file=str(tmp_path / "vocab.txt"))
     else:
         bpe = tokenizers.ByteLevelBPETokenizer()
         bpe.train_from_iterator(texts, vocab_size=400, special_tokens=["<|endoftext|>"])
         bpe.save(str(tmp_path / "tokenizer.json"))
         bpe.save_model(str(tmp_path))
-        ours = load_tokenizer(model=str(tmp_path / "tokenizer.json")) if backend == "hf" else \
-            load_tokenizer(vocab_file=str(tmp_path / "vocab.json"), merge_file=str(tmp_path / "merges.txt"))
-    cfg = ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=2, vocab_size=ours.padded_vocab_size())
-    write_hf(str(tmp_path / "hf"), GLMModel(cfg, seed=0).state_dict(), cfg, {"tokenizer": ours.describe()})
+        ours = (
+            load_tokenizer(model=str(tmp_path / "tokenizer.json"))
+            if backend == "hf"
+            else load_tokenizer(
+                vocab_file=str(tmp_path / "vocab.json"), merge_file=str(tmp_path / "merges.txt")
+            )
+        )
+    cfg = ModelConfig(
+        num_layers=1, hidden_size=32, num_attention_heads=2, vocab_size=ours.padded_vocab_size()
+    )
+    write_hf(
+        str(tmp_path / "hf"),
+        GLMModel(cfg, seed=0).state_dict(),
+        cfg,
+        {"tokenizer": ours.describe()},
+    )
     theirs = load_hf_tokenizer(tmp_path / "hf")
     for text in texts:
         assert theirs(text)["input_ids"] == ours.encode(text, allow_special=True)
@@ -153,21 +208,35 @@ def test_greedy_generate_fills_the_blank_as_glm_generate_does(learned, tokenizer
     ckpt, _, hf = learned
     theirs, hf_tokenizer = load_hf(hf)
     ours, our_tokenizer, _ = load_for_inference(ckpt)
-    prompts = ["Return the [MASK] of a path.", "Open the file and [MASK] its lines, then close it again."]
+    prompts = [
+        "Return the [MASK] of a path.",
+        "Open the file and [MASK] its lines, then close it again.",
+    ]
     new = 12
-    expected = [fill_blanks(ours, our_tokenizer, p, GenerationConfig(max_new_tokens=new))[1][0] for p in prompts]
+    expected = [
+        fill_blanks(ours, our_tokenizer, p, GenerationConfig(max_new_tokens=new))[1][0]
+        for p in prompts
+    ]
     eop = hf_tokenizer.eop_token_id
     alone = []
     for prompt in prompts:
         inputs = hf_tokenizer(prompt + "[sop]", return_tensors="pt")
-        out = theirs.generate(**inputs, max_new_tokens=new + 1, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+        out = theirs.generate(**inputs, max_new_tokens=new + 1, do_sample=False)[
+            0, inputs["input_ids"].shape[1] :
+        ]
         alone.append(hf_tokenizer.decode([t for t in out.tolist() if t != eop][:new]))
     assert alone == expected
-    batch = hf_tokenizer([p + "[sop]" for p in prompts], return_tensors="pt", padding=True)  # left padding
+    batch = hf_tokenizer(
+        [p + "[sop]" for p in prompts], return_tensors="pt", padding=True
+    )  # left padding
     assert batch["attention_mask"].sum() < batch["attention_mask"].numel()
-    out = theirs.generate(**batch, max_new_tokens=new + 1, do_sample=False)[:, batch["input_ids"].shape[1]:]
-    together = [hf_tokenizer.decode([t for t in row if t not in (eop, hf_tokenizer.pad_token_id)][:new])
-                for row in out.tolist()]
+    out = theirs.generate(**batch, max_new_tokens=new + 1, do_sample=False)[
+        :, batch["input_ids"].shape[1] :
+    ]
+    together = [
+        hf_tokenizer.decode([t for t in row if t not in (eop, hf_tokenizer.pad_token_id)][:new])
+        for row in out.tolist()
+    ]
     assert together == expected
 
 
@@ -178,7 +247,9 @@ def test_export_import_round_trip_is_bitwise_through_shards(tmp_path, learned, t
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 2 and all(os.path.exists(os.path.join(hf, s)) for s in shards)
     modes = {n: os.stat(os.path.join(hf, n)).st_mode & 0o777 for n in os.listdir(hf)}
-    assert set(modes.values()) == {modes["config.json"]}, f"the weights are as readable as the rest: {modes}"
+    assert set(modes.values()) == {modes["config.json"]}, (
+        f"the weights are as readable as the rest: {modes}"
+    )
     theirs, _ = load_hf(hf)  # transformers reads the shards too
     assert all(torch.equal(theirs.state_dict()[n], p) for n, p in model.state_dict().items())
 
@@ -217,20 +288,37 @@ def test_loads_from_the_checkouts_root_beside_our_kernels_folder(learned, tokeni
 
     from megatron_glm import kernels as ours
 
-    assert hasattr(kernels, "CUDAProperties") and kernels.__file__ != os.path.join(ROOT, "kernels", "__init__.py")
-    assert ours.__file__ == os.path.join(ROOT, "kernels", "__init__.py") and callable(ours.flash_attention)
+    assert hasattr(kernels, "CUDAProperties") and kernels.__file__ != os.path.join(
+        ROOT, "kernels", "__init__.py"
+    )
+    assert ours.__file__ == os.path.join(ROOT, "kernels", "__init__.py") and callable(
+        ours.flash_attention
+    )
     with pytest.raises(ModuleNotFoundError, match="megatron_glm.data_prep"):
         import data_prep  # noqa: F401  (no package of that name is installed: ours does not answer to it either)
 
     ckpt, _, hf = learned
     prompt, new = "Return the [MASK] of a path.", 12
     ours_model, our_tokenizer, _ = load_for_inference(ckpt)
-    expected = fill_blanks(ours_model, our_tokenizer, prompt, GenerationConfig(max_new_tokens=new))[1][0]
-    probe = ["-m", "tests.hf_root_probe"], ["-c", "import sys; from tests.hf_root_probe import main; "
-                                                  "main(sys.argv[1], sys.argv[2], int(sys.argv[3]))"]
+    expected = fill_blanks(ours_model, our_tokenizer, prompt, GenerationConfig(max_new_tokens=new))[
+        1
+    ][0]
+    probe = (
+        ["-m", "tests.hf_root_probe"],
+        [
+            "-c",
+            "import sys; from tests.hf_root_probe import main; "
+            "main(sys.argv[1], sys.argv[2], int(sys.argv[3]))",
+        ],
+    )
     for how in probe:
-        run = subprocess.run([sys.executable, *how, hf, prompt, str(new)], cwd=ROOT, capture_output=True, text=True,
-                             env={**os.environ, "PYTHONPATH": ""})
+        run = subprocess.run(
+            [sys.executable, *how, hf, prompt, str(new)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": ""},
+        )
         assert run.returncode == 0, run.stderr[-3000:]
         got = json.loads(run.stdout.strip().splitlines()[-1])
         assert os.path.abspath(got["path0"] or ".") == ROOT
@@ -251,12 +339,14 @@ def test_non_finite_weights_are_refused_by_every_reader(tmp_path, learned, token
     shutil.copytree(hf, bad)
     raw = bytearray((bad / "model.safetensors").read_bytes())
     size = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8:8 + size])
+    header = json.loads(raw[8 : 8 + size])
     name = next(k for k in sorted(header) if k != "__metadata__")
-    dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[header[name]["dtype"]]
+    dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[
+        header[name]["dtype"]
+    ]
     nan = torch.tensor([float("nan")], dtype=dtype).view(torch.uint8).numpy().tobytes()
     at = 8 + size + header[name]["data_offsets"][0]
-    raw[at:at + len(nan)] = nan
+    raw[at : at + len(nan)] = nan
     (bad / "model.safetensors").write_bytes(bytes(raw))
     assert convert(["import-hf", "--load", str(bad), "--save", str(tmp_path / "x")]) == 1
     err = capsys.readouterr().err
@@ -271,14 +361,21 @@ def test_non_finite_weights_are_refused_by_every_reader(tmp_path, learned, token
     assert generate(["--load", ckpt, "--text", "a [MASK] b"]) == 1
     assert "1 tensor holds NaN or Inf (word_embeddings.weight)" in capsys.readouterr().err
     assert convert(["export-hf", "--load", ckpt, "--save", str(tmp_path / "y")]) == 1
-    assert "word_embeddings.weight" in capsys.readouterr().err and not os.path.exists(tmp_path / "y")
+    assert "word_embeddings.weight" in capsys.readouterr().err and not os.path.exists(
+        tmp_path / "y"
+    )
 
 
 def test_glm_generate_reads_an_export_as_it_reads_the_checkpoint(learned, capsys):
     from megatron_glm.generate import main as generate
 
     ckpt, _, hf = learned
-    texts = ["--text", "Return the [MASK] of a path.", "--text", "Open the file and [MASK] its lines."]
+    texts = [
+        "--text",
+        "Return the [MASK] of a path.",
+        "--text",
+        "Open the file and [MASK] its lines.",
+    ]
     assert generate(["--load", ckpt, *texts, "--max-new-tokens", "8"]) == 0
     from_checkpoint = capsys.readouterr().out
     assert generate(["--load", hf, *texts, "--max-new-tokens", "8"]) == 0

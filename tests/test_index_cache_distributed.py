@@ -23,9 +23,14 @@ def worker(rank, world, prefix, cache_dirs):
     packed_dataset.build_sample_index = counting
     result = {"rank": rank}
     try:
-        ds = PackedDataset(IndexedDataset(prefix), 0, 200, 24, 300, seed=11, cache_dir=cache_dirs[rank])
-        result.update(built=built, mmap=isinstance(ds.sample_idx, np.memmap),
-                      samples=np.stack([ds[i]["text"] for i in range(0, 300, 7)]))
+        ds = PackedDataset(
+            IndexedDataset(prefix), 0, 200, 24, 300, seed=11, cache_dir=cache_dirs[rank]
+        )
+        result.update(
+            built=built,
+            mmap=isinstance(ds.sample_idx, np.memmap),
+            samples=np.stack([ds[i]["text"] for i in range(0, 300, 7)]),
+        )
     except FileNotFoundError as e:
         result["error"] = str(e)
     return result
@@ -39,7 +44,9 @@ def run(tmp_path, shared: bool):
     with IndexedDatasetWriter(prefix, np.int32, overwrite=True) as w:
         for d in range(200):
             w.add_document(d * 100 + np.arange(rng.integers(1, 60)))
-    caches = [str(tmp_path / "cache")] * 2 if shared else [str(tmp_path / f"cache{r}") for r in range(2)]
+    caches = (
+        [str(tmp_path / "cache")] * 2 if shared else [str(tmp_path / f"cache{r}") for r in range(2)]
+    )
     return spawn(worker, 2, tmp_path / ("shared" if shared else "private"), prefix, caches)
 
 

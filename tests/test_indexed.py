@@ -20,7 +20,9 @@ from megatron_glm.data.indexed import (
 DTYPES = [np.uint8, np.int16, np.uint16, np.int32, np.int64]
 
 # a document is a list of sequences, a sequence a list of token ids (small enough for every dtype)
-documents = st.lists(st.lists(st.lists(st.integers(0, 120), max_size=20), min_size=1, max_size=3), max_size=25)
+documents = st.lists(
+    st.lists(st.lists(st.integers(0, 120), max_size=20), min_size=1, max_size=3), max_size=25
+)
 
 
 def write(prefix, docs, dtype, style):
@@ -40,7 +42,9 @@ def expected_idx_size(docs):
     return 34 + 12 * n_seq + 8 * (len(docs) + 1)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(docs=documents, dtype=st.sampled_from(DTYPES), style=st.sampled_from(["items", "document"]))
 def test_round_trip(tmp_path, docs, dtype, style):
     prefix = str(tmp_path / "rt")
@@ -50,7 +54,10 @@ def test_round_trip(tmp_path, docs, dtype, style):
     assert ds.num_documents == len(docs)
     assert len(ds) == sum(len(d) for d in docs)
     assert os.path.getsize(prefix + ".idx") == expected_idx_size(docs)
-    assert os.path.getsize(prefix + ".bin") == sum(len(s) for d in docs for s in d) * np.dtype(dtype).itemsize
+    assert (
+        os.path.getsize(prefix + ".bin")
+        == sum(len(s) for d in docs for s in d) * np.dtype(dtype).itemsize
+    )
     seqs = [s for d in docs for s in d]
     for i, seq in enumerate(seqs):
         assert ds[i].tolist() == seq
@@ -81,7 +88,9 @@ def test_spilled_index_is_identical(tmp_path, monkeypatch):
     monkeypatch.setattr(ix, "_CHUNK", 7)
     write(str(tmp_path / "spill"), docs, np.uint16, "items")
     for ext in (".bin", ".idx"):
-        assert open(tmp_path / f"mem{ext}", "rb").read() == open(tmp_path / f"spill{ext}", "rb").read()
+        assert (
+            open(tmp_path / f"mem{ext}", "rb").read() == open(tmp_path / f"spill{ext}", "rb").read()
+        )
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
 
 
@@ -90,8 +99,10 @@ def test_megatron_core_compatibility(tmp_path):
     torch = pytest.importorskip("torch")
     mc = pytest.importorskip("megatron.core.datasets.indexed_dataset")
     rng = np.random.default_rng(1)
-    docs = [[rng.integers(0, 60000, rng.integers(1, 50)).tolist() for _ in range(rng.integers(1, 3))]
-            for _ in range(200)]
+    docs = [
+        [rng.integers(0, 60000, rng.integers(1, 50)).tolist() for _ in range(rng.integers(1, 3))]
+        for _ in range(200)
+    ]
     ours = str(tmp_path / "ours")
     write(ours, docs, np.uint16, "items")
 
@@ -119,7 +130,10 @@ def test_megatron_core_compatibility(tmp_path):
     builder.add_index(theirs)
     builder.finalize(str(tmp_path / "their_merge.idx"))
     for ext in (".bin", ".idx"):
-        assert open(merged.prefix + ext, "rb").read() == open(str(tmp_path / "their_merge") + ext, "rb").read()
+        assert (
+            open(merged.prefix + ext, "rb").read()
+            == open(str(tmp_path / "their_merge") + ext, "rb").read()
+        )
     assert merged.num_documents == 2 * len(docs)
     assert merged.document(len(docs) + 3).tolist() == [t for s in docs[3] for t in s]
 
@@ -129,7 +143,9 @@ def test_merge_refuses_mixed_dtypes(tmp_path):
     write(str(tmp_path / "b"), [[[1, 2]]], np.int32, "items")
     with pytest.raises(IndexedDatasetError, match="dtype int32 differs"):
         merge_datasets([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "m"))
-    assert not os.path.exists(tmp_path / "m.idx") and not [p for p in os.listdir(tmp_path) if ".tmp" in p]
+    assert not os.path.exists(tmp_path / "m.idx") and not [
+        p for p in os.listdir(tmp_path) if ".tmp" in p
+    ]
 
 
 @pytest.fixture
@@ -157,14 +173,29 @@ def truncate(path, size):
         (lambda p: patch(p + ".idx", 9, struct.pack("<Q", 2)), "version 2 is not supported"),
         (lambda p: patch(p + ".idx", 17, b"\x09"), "unknown dtype code 9"),
         (lambda p: truncate(p + ".idx", 20), "shorter than the 34-byte header"),
-        (lambda p: truncate(p + ".idx", os.path.getsize(p + ".idx") - 8), "header promises 3 sequences"),
+        (
+            lambda p: truncate(p + ".idx", os.path.getsize(p + ".idx") - 8),
+            "header promises 3 sequences",
+        ),
         (lambda p: patch(p + ".idx", 18, struct.pack("<Q", 2**60)), "corrupt or truncated"),
         (lambda p: truncate(p + ".bin", 6), "describes 12 bytes"),
         (lambda p: open(p + ".bin", "ab").write(b"\0\0"), "describes 12 bytes"),
-        (lambda p: patch(p + ".idx", os.path.getsize(p + ".idx") - 8, struct.pack("<q", 2)), "document index"),
+        (
+            lambda p: patch(p + ".idx", os.path.getsize(p + ".idx") - 8, struct.pack("<q", 2)),
+            "document index",
+        ),
     ],
-    ids=["magic", "version", "dtype", "short-header", "truncated-idx", "huge-count", "truncated-bin",
-         "trailing-bin", "doc-index"],
+    ids=[
+        "magic",
+        "version",
+        "dtype",
+        "short-header",
+        "truncated-idx",
+        "huge-count",
+        "truncated-bin",
+        "trailing-bin",
+        "doc-index",
+    ],
 )
 def test_bad_files_get_clear_errors(good, damage, message):
     damage(good)
@@ -179,11 +210,23 @@ LENGTHS, POINTERS = 34, 34 + 3 * 4  # offsets of the 3 sequence lengths and poin
 @pytest.mark.parametrize(
     "damage, message",
     [
-        (lambda p: patch(p + ".idx", LENGTHS + 4, struct.pack("<i", 2**31 - 1)), "sequence 2 starts at byte 8"),
-        (lambda p: patch(p + ".idx", LENGTHS + 4, struct.pack("<i", -5)), "sequence 1 has a negative length"),
-        (lambda p: patch(p + ".idx", POINTERS + 8, struct.pack("<q", 2)), "sequence 1 starts at byte 2"),
+        (
+            lambda p: patch(p + ".idx", LENGTHS + 4, struct.pack("<i", 2**31 - 1)),
+            "sequence 2 starts at byte 8",
+        ),
+        (
+            lambda p: patch(p + ".idx", LENGTHS + 4, struct.pack("<i", -5)),
+            "sequence 1 has a negative length",
+        ),
+        (
+            lambda p: patch(p + ".idx", POINTERS + 8, struct.pack("<q", 2)),
+            "sequence 1 starts at byte 2",
+        ),
         (lambda p: patch(p + ".idx", 17, b"\x07"), "not an integer type"),
-        (lambda p: patch(p + ".idx", POINTERS + 3 * 8 + 8, struct.pack("<q", 4)), "decreases at document 1"),
+        (
+            lambda p: patch(p + ".idx", POINTERS + 3 * 8 + 8, struct.pack("<q", 4)),
+            "decreases at document 1",
+        ),
     ],
     ids=["huge-length", "negative-length", "pointer", "float-dtype", "doc-order"],
 )
@@ -213,8 +256,10 @@ def test_temporaries_of_dead_writers_are_removed(tmp_path):
     import sys
 
     prefix = str(tmp_path / "d")
-    code = ("import os, numpy as np; from megatron_glm.data.indexed import IndexedDatasetWriter as W; "
-            f"w = W({prefix!r}, np.uint16); w.add_document(list(range(10))); w._bin.flush(); os._exit(0)")
+    code = (
+        "import os, numpy as np; from megatron_glm.data.indexed import IndexedDatasetWriter as W; "
+        f"w = W({prefix!r}, np.uint16); w.add_document(list(range(10))); w._bin.flush(); os._exit(0)"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
     left = [p for p in os.listdir(tmp_path) if ".tmp-" in p]
     assert left, "the dead writer left its temporary .bin"

@@ -19,7 +19,9 @@ from tests.helpers import free_port, records
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHERS = os.path.join(ROOT, "launchers")
 ITERS = 12  # the runs stop at step 2 (HOLD) and resume to here
-HOLD = {"MEGATRON_GLM_FAULT": "hold:2"}  # the run waits after step 2 for the test's signal: never finishes first
+HOLD = {
+    "MEGATRON_GLM_FAULT": "hold:2"
+}  # the run waits after step 2 for the test's signal: never finishes first
 
 FAKE_SRUN = r'''#!PYTHON
 """srun stand-in: start the tasks of this 'job' on localhost with Slurm's variables."""
@@ -42,7 +44,7 @@ with open(os.environ["FAKE_SLURM_PIDS"], "w") as f:
     f.write(" ".join(str(p.pid) for p in procs))
 sys.exit(max(p.wait() for p in procs))
 '''
-FAKE_SCONTROL = r'''#!PYTHON
+FAKE_SCONTROL = r"""#!PYTHON
 import os, sys
 if sys.argv[1:3] == ["show", "hostnames"]:  # as long as a big job's list (past a pipe's buffer): a reader that
     # stops at the first line, like `| head -n 1`, makes this write fail, as it makes the real scontrol's
@@ -50,19 +52,38 @@ if sys.argv[1:3] == ["show", "hostnames"]:  # as long as a big job's list (past 
 elif sys.argv[1] == "requeue":
     with open(os.environ["FAKE_SLURM_LOG"], "a") as f:
         f.write("requeue " + sys.argv[2] + "\n")
-'''
+"""
 
 
 def env_for(data, save, **extra):
     prefix, model = data
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "OMPI_", "PMI_", "PMIX_")) and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(PRESET="glm-tiny", DATA_PATH=prefix, TOKENIZER_ARGS=f"--tokenizer-model {model}", SEQ_LENGTH="64",
-               MICRO_BATCH="2", GLOBAL_BATCH="4", TRAIN_ITERS=str(ITERS), LR="1e-3", PRECISION="fp32",
-               SAVE_DIR=save, SAVE_INTERVAL="100", LOG_INTERVAL="1", PYTHON=sys.executable,
-               MASTER_PORT=str(free_port()), PATH=os.path.dirname(sys.executable) + os.pathsep + env["PATH"],
-               EXTRA_ARGS=(f"--hidden-dropout 0 --attention-dropout 0 --split 100,0,0 "
-                           f"--data-cache-path {os.path.dirname(save)}/cache"))
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLURM_", "OMPI_", "PMI_", "PMIX_"))
+        and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+    }
+    env.update(
+        PRESET="glm-tiny",
+        DATA_PATH=prefix,
+        TOKENIZER_ARGS=f"--tokenizer-model {model}",
+        SEQ_LENGTH="64",
+        MICRO_BATCH="2",
+        GLOBAL_BATCH="4",
+        TRAIN_ITERS=str(ITERS),
+        LR="1e-3",
+        PRECISION="fp32",
+        SAVE_DIR=save,
+        SAVE_INTERVAL="100",
+        LOG_INTERVAL="1",
+        PYTHON=sys.executable,
+        MASTER_PORT=str(free_port()),
+        PATH=os.path.dirname(sys.executable) + os.pathsep + env["PATH"],
+        EXTRA_ARGS=(
+            f"--hidden-dropout 0 --attention-dropout 0 --split 100,0,0 "
+            f"--data-cache-path {os.path.dirname(save)}/cache"
+        ),
+    )
     env.update(extra)
     return env
 
@@ -76,8 +97,13 @@ def wait_for_iteration(save, n, proc, timeout=300):
     while time.time() - start < timeout:
         if proc.poll() is not None:
             output = proc.stdout.read() if proc.stdout else ""
-            raise AssertionError(f"the run ended (status {proc.returncode}) before iteration {n}:\n{output[-6000:]}")
-        if os.path.exists(os.path.join(save, "metrics.jsonl")) and max(losses(save), default=0) >= n:
+            raise AssertionError(
+                f"the run ended (status {proc.returncode}) before iteration {n}:\n{output[-6000:]}"
+            )
+        if (
+            os.path.exists(os.path.join(save, "metrics.jsonl"))
+            and max(losses(save), default=0) >= n
+        ):
             return
         time.sleep(0.2)
     raise AssertionError(f"no iteration {n} within {timeout} s")
@@ -87,8 +113,13 @@ def wait_for_iteration(save, n, proc, timeout=300):
 def torchrun_run(tmp_path_factory, data):
     """launchers/torchrun.sh, 2 processes (data parallel), uninterrupted: the reference for the Slurm runs."""
     save = str(tmp_path_factory.mktemp("torchrun") / "ckpt")
-    result = subprocess.run(["bash", os.path.join(LAUNCHERS, "torchrun.sh")],
-                            env=env_for(data, save, GPUS_PER_NODE="2"), capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        ["bash", os.path.join(LAUNCHERS, "torchrun.sh")],
+        env=env_for(data, save, GPUS_PER_NODE="2"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     return save, result
 
 
@@ -97,35 +128,69 @@ def test_torchrun_launcher_prints_its_command_and_trains(torchrun_run):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "+ torchrun --standalone --nproc_per_node 2" in result.stdout
     assert "x 2 data-parallel ranks" in result.stdout + result.stderr
-    assert " rank 0 INFO " in result.stdout and " rank 1 INFO " not in result.stdout  # rank 0 speaks
+    assert (
+        " rank 0 INFO " in result.stdout and " rank 1 INFO " not in result.stdout
+    )  # rank 0 speaks
     assert sorted(losses(save)) == list(range(1, ITERS + 1))
     assert os.path.exists(os.path.join(save, f"iter_{ITERS:07d}", "meta.json"))
 
 
 @pytest.mark.slow
-def test_sigterm_saves_exits_for_requeue_and_the_restart_equals_an_uninterrupted_run(tmp_path, data, torchrun_run):
+def test_sigterm_saves_exits_for_requeue_and_the_restart_equals_an_uninterrupted_run(
+    tmp_path, data, torchrun_run
+):
     """One process: SIGTERM mid-run; then the same command again (no --load needed) finishes the run."""
     reference = str(tmp_path / "ref" / "ckpt")
     env = env_for(data, reference)
-    cmd = [sys.executable, "-m", "megatron_glm.training.pretrain", "--preset", "glm-tiny", "--data-path",
-           env["DATA_PATH"], *env["TOKENIZER_ARGS"].split(), "--seq-length", "64", "--micro-batch-size", "2",
-           "--global-batch-size", "4", "--train-iters", str(ITERS), "--lr", "1e-3", "--log-interval", "1",
-           *env["EXTRA_ARGS"].split()]
-    done = subprocess.run(cmd + ["--save", reference], env=env, capture_output=True, text=True, timeout=600)
+    cmd = [
+        sys.executable,
+        "-m",
+        "megatron_glm.training.pretrain",
+        "--preset",
+        "glm-tiny",
+        "--data-path",
+        env["DATA_PATH"],
+        *env["TOKENIZER_ARGS"].split(),
+        "--seq-length",
+        "64",
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        "4",
+        "--train-iters",
+        str(ITERS),
+        "--lr",
+        "1e-3",
+        "--log-interval",
+        "1",
+        *env["EXTRA_ARGS"].split(),
+    ]
+    done = subprocess.run(
+        cmd + ["--save", reference], env=env, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
 
     save = str(tmp_path / "preempted" / "ckpt")
-    proc = subprocess.Popen(cmd + ["--save", save], env={**env, **HOLD}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        cmd + ["--save", save],
+        env={**env, **HOLD},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     wait_for_iteration(save, 2, proc)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == EXIT_REQUEUE, out[-3000:]
     stopped = max(losses(save))
     assert stopped == 2 and "stopping after iteration 2 (SIGTERM)" in out
-    assert os.listdir(save) and os.path.exists(os.path.join(save, f"iter_{stopped:07d}", "meta.json"))
+    assert os.listdir(save) and os.path.exists(
+        os.path.join(save, f"iter_{stopped:07d}", "meta.json")
+    )
 
-    again = subprocess.run(cmd + ["--save", save], env=env, capture_output=True, text=True, timeout=600)
+    again = subprocess.run(
+        cmd + ["--save", save], env=env, capture_output=True, text=True, timeout=600
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resumed from {save}/iter_{stopped:07d}" in again.stdout + again.stderr
     assert losses(save) == losses(reference), "bitwise the uninterrupted run"
@@ -137,10 +202,16 @@ def fake_slurm(tmp_path, nodes, tasks):
     for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
         (bin_dir / name).write_text(text.replace("#!PYTHON", "#!" + sys.executable))
         (bin_dir / name).chmod(0o755)
-    return dict(PATH=f"{bin_dir}{os.pathsep}{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}",
-                SLURM_JOB_ID="4242", SLURM_NNODES=str(nodes), SLURM_NTASKS=str(tasks), SLURM_JOB_NODELIST="node[1-2]",
-                SLURM_SUBMIT_DIR=ROOT, FAKE_SLURM_LOG=str(tmp_path / "slurm.log"),
-                FAKE_SLURM_PIDS=str(tmp_path / "pids"))
+    return dict(
+        PATH=f"{bin_dir}{os.pathsep}{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}",
+        SLURM_JOB_ID="4242",
+        SLURM_NNODES=str(nodes),
+        SLURM_NTASKS=str(tasks),
+        SLURM_JOB_NODELIST="node[1-2]",
+        SLURM_SUBMIT_DIR=ROOT,
+        FAKE_SLURM_LOG=str(tmp_path / "slurm.log"),
+        FAKE_SLURM_PIDS=str(tmp_path / "pids"),
+    )
 
 
 @pytest.mark.slow
@@ -150,10 +221,17 @@ def test_slurm_torchrun_script_rendezvous_preemption_and_requeue(tmp_path, data,
     reference, ref_result = torchrun_run
     assert ref_result.returncode == 0
     save = str(tmp_path / "ckpt")
-    env = env_for(data, save, GPUS_PER_NODE="1", RDZV_PORT=str(free_port()), **fake_slurm(tmp_path, 2, 2))
+    env = env_for(
+        data, save, GPUS_PER_NODE="1", RDZV_PORT=str(free_port()), **fake_slurm(tmp_path, 2, 2)
+    )
     script = os.path.join(LAUNCHERS, "slurm_torchrun.sbatch")
-    proc = subprocess.Popen(["bash", script], env={**env, **HOLD}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc = subprocess.Popen(
+        ["bash", script],
+        env={**env, **HOLD},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     wait_for_iteration(save, 2, proc)
     proc.send_signal(signal.SIGUSR1)
     out, _ = proc.communicate(timeout=300)
@@ -164,8 +242,13 @@ def test_slurm_torchrun_script_rendezvous_preemption_and_requeue(tmp_path, data,
     assert stopped == 2 and os.path.exists(os.path.join(save, "iter_0000002", "meta.json"))
 
     os.remove(env["FAKE_SLURM_LOG"])
-    again = subprocess.run(["bash", script], env={**env, "RDZV_PORT": str(free_port())}, capture_output=True,
-                           text=True, timeout=600)
+    again = subprocess.run(
+        ["bash", script],
+        env={**env, "RDZV_PORT": str(free_port())},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert again.returncode == 0, again.stdout[-4000:]
     assert not os.path.exists(env["FAKE_SLURM_LOG"]), "a finished job is not requeued"
     ours, ref = losses(save), losses(reference)
@@ -180,12 +263,18 @@ def test_slurm_srun_script_one_task_per_gpu_and_requeue_on_usr1(tmp_path, data):
     env = env_for(data, save, **fake_slurm(tmp_path, 1, 2))
     env.pop("MASTER_PORT")
     env["SLURM_JOB_ID"] = str(free_port() - 20000)  # the script derives its port from the job id
-    proc = subprocess.Popen(["bash", os.path.join(LAUNCHERS, "slurm_srun.sbatch")],
-                            env={**env, "MEGATRON_GLM_FAULT": "hold:1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        ["bash", os.path.join(LAUNCHERS, "slurm_srun.sbatch")],
+        env={**env, "MEGATRON_GLM_FAULT": "hold:1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     wait_for_iteration(save, 1, proc)
     pids = [int(p) for p in open(env["FAKE_SLURM_PIDS"]).read().split()]
-    os.kill(pids[1], signal.SIGUSR1)  # Slurm signals every task; one is enough for all to stop together
+    os.kill(
+        pids[1], signal.SIGUSR1
+    )  # Slurm signals every task; one is enough for all to stop together
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-4000:]
     assert "+ srun --kill-on-bad-exit=1" in out and "x 2 data-parallel ranks" in out
@@ -199,10 +288,18 @@ def test_mpirun_launcher(tmp_path, data):
     save = str(tmp_path / "ckpt")
     env = env_for(data, save, NP="2", MPIRUN="mpiexec", TRAIN_ITERS="2")
     env.pop("MASTER_PORT")
-    result = subprocess.run(["bash", os.path.join(LAUNCHERS, "mpirun.sh")], env=env, capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run(
+        ["bash", os.path.join(LAUNCHERS, "mpirun.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    assert "+ mpiexec -n 2" in result.stdout and "x 2 data-parallel ranks" in result.stdout + result.stderr
+    assert (
+        "+ mpiexec -n 2" in result.stdout
+        and "x 2 data-parallel ranks" in result.stdout + result.stderr
+    )
     assert sorted(losses(save)) == [1, 2]
 
 
@@ -210,8 +307,13 @@ def test_mpirun_launcher(tmp_path, data):
 def test_deepspeed_launcher_on_localhost(tmp_path, data):
     save = str(tmp_path / "ckpt")
     env = env_for(data, save, NUM_GPUS="2", TRAIN_ITERS="2")
-    result = subprocess.run(["bash", os.path.join(LAUNCHERS, "deepspeed.sh")], env=env, capture_output=True,
-                            text=True, timeout=600)
+    result = subprocess.run(
+        ["bash", os.path.join(LAUNCHERS, "deepspeed.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     assert "+ deepspeed --launcher pdsh" in result.stdout
     assert "x 2 data-parallel ranks" in result.stdout + result.stderr
@@ -229,13 +331,23 @@ def test_deepspeed_launcher_forwards_the_cluster_variables_to_every_node(tmp_pat
     hostfile = tmp_path / "hosts"
     hostfile.write_text("node1 slots=2\nnode2 slots=2\n")
     save = str(tmp_path / "ckpt")
-    cluster = {"NCCL_SOCKET_IFNAME": "ib0", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "GLOO_SOCKET_IFNAME": "eth0",
-               "OMP_NUM_THREADS": "4", "WANDB_MODE": "offline"}
+    cluster = {
+        "NCCL_SOCKET_IFNAME": "ib0",
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+        "GLOO_SOCKET_IFNAME": "eth0",
+        "OMP_NUM_THREADS": "4",
+        "WANDB_MODE": "offline",
+    }
     env = env_for(data, save, HOSTFILE=str(hostfile), MASTER_ADDR="node1", **cluster)
     env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
     env.pop("DS_ENV_FILE", None)
-    result = subprocess.run(["bash", os.path.join(LAUNCHERS, "deepspeed.sh")], env=env, capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        ["bash", os.path.join(LAUNCHERS, "deepspeed.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     with open(os.path.join(save, ".deepspeed_env")) as f:
         written = dict(line.rstrip("\n").split("=", 1) for line in f)
@@ -249,13 +361,18 @@ def test_deepspeed_launcher_forwards_the_cluster_variables_to_every_node(tmp_pat
 
 def test_launchers_name_missing_settings(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("DATA_PATH", "SAVE_DIR", "GLM_CONFIG")}
-    result = subprocess.run(["bash", os.path.join(LAUNCHERS, "torchrun.sh")], env=env, capture_output=True, text=True)
+    result = subprocess.run(
+        ["bash", os.path.join(LAUNCHERS, "torchrun.sh")], env=env, capture_output=True, text=True
+    )
     assert result.returncode != 0 and "set DATA_PATH" in result.stderr
     bad = tmp_path / "bad.env"
     bad.write_text("PRECISION=fp8\n")
-    result = subprocess.run(["bash", os.path.join(LAUNCHERS, "torchrun.sh")],
-                            env={**env, "GLM_CONFIG": str(bad), "DATA_PATH": "x", "SAVE_DIR": "y"},
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        ["bash", os.path.join(LAUNCHERS, "torchrun.sh")],
+        env={**env, "GLM_CONFIG": str(bad), "DATA_PATH": "x", "SAVE_DIR": "y"},
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2 and "PRECISION=fp8; use bf16, fp16 or fp32" in result.stderr
 
 
@@ -280,41 +397,69 @@ def test_slurm_preprocess_array_then_merge_equals_one_run(tmp_path, corpus, spm_
     (tmp_path / "raw").mkdir()
     for i, part in enumerate((lines[:500], lines[500:1100], lines[1100:])):
         (tmp_path / "raw" / f"part{i}.jsonl").write_bytes(b"".join(part))
-    preprocess([str(tmp_path / "raw")], str(tmp_path / "single"), TokenizerSpec(model=spm_model), append_eod=True)
+    preprocess(
+        [str(tmp_path / "raw")],
+        str(tmp_path / "single"),
+        TokenizerSpec(model=spm_model),
+        append_eod=True,
+    )
     bin_dir = tmp_path / "fake-slurm"
     bin_dir.mkdir()
     (bin_dir / "sbatch").write_text(FAKE_SBATCH.replace("#!PYTHON", "#!" + sys.executable))
     (bin_dir / "sbatch").chmod(0o755)
     log = tmp_path / "sbatch.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env.update(PATH=f"{bin_dir}{os.pathsep}{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}",
-               INPUT=str(tmp_path / "raw"), OUTPUT_PREFIX=str(tmp_path / "out" / "corpus"),
-               TOKENIZER_ARGS=f"--tokenizer-model {spm_model}", PREPROCESS_ARGS="--append-eod",
-               SLURM_SUBMIT_DIR=ROOT, SLURM_ARRAY_JOB_ID="900", SLURM_ARRAY_TASK_COUNT="3",
-               SLURM_ARRAY_TASK_MIN="0", SLURM_ARRAY_TASK_MAX="2", FAKE_SLURM_LOG=str(log), PYTHON=sys.executable)
+    env.update(
+        PATH=f"{bin_dir}{os.pathsep}{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}",
+        INPUT=str(tmp_path / "raw"),
+        OUTPUT_PREFIX=str(tmp_path / "out" / "corpus"),
+        TOKENIZER_ARGS=f"--tokenizer-model {spm_model}",
+        PREPROCESS_ARGS="--append-eod",
+        SLURM_SUBMIT_DIR=ROOT,
+        SLURM_ARRAY_JOB_ID="900",
+        SLURM_ARRAY_TASK_COUNT="3",
+        SLURM_ARRAY_TASK_MIN="0",
+        SLURM_ARRAY_TASK_MAX="2",
+        FAKE_SLURM_LOG=str(log),
+        PYTHON=sys.executable,
+    )
     (tmp_path / "out").mkdir()
     script = os.path.join(LAUNCHERS, "slurm_preprocess.sbatch")
     for task in (2, 0, 1):  # array tasks run in any order
-        result = subprocess.run(["bash", script], env={**env, "SLURM_ARRAY_TASK_ID": str(task)},
-                                capture_output=True, text=True, timeout=300)
+        result = subprocess.run(
+            ["bash", script],
+            env={**env, "SLURM_ARRAY_TASK_ID": str(task)},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         assert "--shard-index " + str(task) in result.stdout
     submissions = [json.loads(line) for line in log.read_text().splitlines()]
     assert len(submissions) == 1, "only task 0 submits the merge"
     merge = submissions[0]
     assert "--dependency=afterok:900" in merge and merge[-1].endswith("slurm_preprocess.sbatch")
-    export = next(a for a in merge if a.startswith("--export="))[len("--export="):].split(",")
+    export = next(a for a in merge if a.startswith("--export="))[len("--export=") :].split(",")
     stage = dict(kv.split("=", 1) for kv in export if "=" in kv)
     assert "ALL" in export and stage == {"GLM_PREPROCESS_STAGE": "merge", "NUM_SHARDS": "3"}
-    result = subprocess.run(["bash", merge[-1]], env={**env, **stage}, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        ["bash", merge[-1]], env={**env, **stage}, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for ext in (".bin", ".idx"):
-        assert (tmp_path / "out" / f"corpus_text_document{ext}").read_bytes() == \
-            (tmp_path / f"single_text_document{ext}").read_bytes()
+        assert (tmp_path / "out" / f"corpus_text_document{ext}").read_bytes() == (
+            tmp_path / f"single_text_document{ext}"
+        ).read_bytes()
     # a missing shard: the merge says which stage to rerun, and writes nothing
     os.remove(tmp_path / "out" / "corpus_text_document.bin")
     os.remove(tmp_path / "out" / "corpus_text_document.idx")
     os.remove(next((tmp_path / "out").glob("*.shard-00001-of-00003.idx")))
-    result = subprocess.run(["bash", merge[-1]], env={**env, **stage}, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 1 and "found 2 shards" in result.stderr and "expected 3" in result.stderr
+    result = subprocess.run(
+        ["bash", merge[-1]], env={**env, **stage}, capture_output=True, text=True, timeout=300
+    )
+    assert (
+        result.returncode == 1
+        and "found 2 shards" in result.stderr
+        and "expected 3" in result.stderr
+    )
     assert not (tmp_path / "out" / "corpus_text_document.bin").exists()

@@ -19,8 +19,13 @@ def package_imports() -> dict[str, set[str]]:
             path = os.path.join(folder, name)
             part = os.path.relpath(path, ROOT).split(os.sep)[0].removesuffix(".py")
             for node in ast.walk(ast.parse(open(path).read())):
-                modules = [node.module] if isinstance(node, ast.ImportFrom) and node.module else \
-                    [a.name for a in node.names] if isinstance(node, ast.Import) else []
+                modules = (
+                    [node.module]
+                    if isinstance(node, ast.ImportFrom) and node.module
+                    else [a.name for a in node.names]
+                    if isinstance(node, ast.Import)
+                    else []
+                )
                 for module in modules:
                     if module.startswith("megatron_glm.") and module.split(".")[1] != part:
                         graph.setdefault(part, set()).add(module.split(".")[1])
@@ -39,6 +44,7 @@ def test_no_import_cycle_between_parts():
                     seen.add(nxt)
                     todo.append(nxt)
         return seen
+
     cycles = sorted(part for part in graph if part in reach(part))
     assert cycles == [], f"parts that import themselves through others: {cycles}"
 
@@ -54,7 +60,11 @@ def module_imports() -> dict[str, set[str]]:
         for name in files:
             if name.endswith(".py"):
                 path = os.path.join(folder, name)
-                dotted = os.path.relpath(path, os.path.dirname(ROOT)).removesuffix(".py").replace(os.sep, ".")
+                dotted = (
+                    os.path.relpath(path, os.path.dirname(ROOT))
+                    .removesuffix(".py")
+                    .replace(os.sep, ".")
+                )
                 modules[dotted.removesuffix(".__init__")] = path
     graph = {}
     for module, path in modules.items():
@@ -64,13 +74,18 @@ def module_imports() -> dict[str, set[str]]:
             if isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:
-                    base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] + [base] * bool(base))
+                    base = ".".join(
+                        package.split(".")[: len(package.split(".")) - node.level + 1]
+                        + [base] * bool(base)
+                    )
                 names = [base] + [f"{base}.{alias.name}" for alias in node.names]
             elif isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
             else:
                 continue
-            found |= {n for n in names if n in modules and n != module and not module.startswith(n + ".")}
+            found |= {
+                n for n in names if n in modules and n != module and not module.startswith(n + ".")
+            }
         graph[module] = found
     return graph
 
@@ -117,7 +132,9 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_no_import_cycle_between_modules():
     graph = module_imports()
-    assert "megatron_glm.settings" in graph["megatron_glm.training.config"]  # the walk saw real imports
+    assert (
+        "megatron_glm.settings" in graph["megatron_glm.training.config"]
+    )  # the walk saw real imports
     assert "megatron_glm.checkpoint.format" in graph["megatron_glm.checkpoint.resume"]
     assert cycles(graph) == [], "modules that import themselves through others"
 
@@ -128,8 +145,10 @@ def test_the_cycle_finder_finds_cycles():
 
 
 def test_parallel_names_no_glm_module():
-    names = re.compile(r"word_embeddings|query_key_value|dense_h_to_4h|dense_4h_to_h|layernorm|transformer\.layers"
-                       r"|core_attention|\.cfg\b")
+    names = re.compile(
+        r"word_embeddings|query_key_value|dense_h_to_4h|dense_4h_to_h|layernorm|transformer\.layers"
+        r"|core_attention|\.cfg\b"
+    )
     found = []
     for name in sorted(os.listdir(os.path.join(ROOT, "parallel"))):
         if name.endswith(".py"):
@@ -149,5 +168,9 @@ def test_hf_export_code_stands_alone():
             if isinstance(node, ast.ImportFrom) and node.level:  # the export's own files, beside it
                 assert f"{node.module}.py" in hf_files.FILES, (name, node.module)
             elif isinstance(node, (ast.Import, ast.ImportFrom)):
-                modules = [node.module] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                modules = (
+                    [node.module]
+                    if isinstance(node, ast.ImportFrom)
+                    else [a.name for a in node.names]
+                )
                 assert {m.split(".")[0] for m in modules} <= allowed, (name, modules)

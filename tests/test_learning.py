@@ -46,7 +46,9 @@ def one_sided_ceiling() -> float:
 @pytest.mark.slow
 def test_tiny_glm_learns_a_two_sided_blank():
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as fast alone; beside two busy cores 44 s, where 2 OpenMP threads passed 300 s
+    torch.set_num_threads(
+        1
+    )  # as fast alone; beside two busy cores 44 s, where 2 OpenMP threads passed 300 s
     try:
         _learn()
     finally:
@@ -55,11 +57,21 @@ def test_tiny_glm_learns_a_two_sided_blank():
 
 def _learn():
     torch.manual_seed(0)
-    cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, max_position_embeddings=16,
-                      vocab_size=32, hidden_dropout=0.0, attention_dropout=0.0)
+    cfg = ModelConfig(
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        max_position_embeddings=16,
+        vocab_size=32,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+    )
     model = GLMModel(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    train, held_out = torch.Generator().manual_seed(0), make_batch(torch.Generator().manual_seed(99), 1000)
+    train, held_out = (
+        torch.Generator().manual_seed(0),
+        make_batch(torch.Generator().manual_seed(99), 1000),
+    )
     accuracy = 0.0
     for step in range(1, 2001):
         tokens, positions, lo, hi, labels, loss_mask, _ = make_batch(train, 128)
@@ -70,7 +82,9 @@ def _learn():
         if step % 250 == 0:
             tokens, positions, lo, hi, _, _, answer = held_out
             with torch.no_grad():
-                accuracy = float((model(tokens, positions, lo, hi)[:, N].argmax(-1) == answer).float().mean())
+                accuracy = float(
+                    (model(tokens, positions, lo, hi)[:, N].argmax(-1) == answer).float().mean()
+                )
             if accuracy >= 0.97:
                 break
     assert one_sided_ceiling() < 0.6

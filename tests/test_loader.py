@@ -13,11 +13,22 @@ from tests.helpers import records
 @pytest.fixture(scope="module")
 def pieces(data, tokenizer, tmp_path_factory):
     """(train dataset, collator) as glm-pretrain builds them."""
-    from megatron_glm.data.blank_infilling import BlankInfillingCollator, BlankInfillingConfig, SpecialIds
+    from megatron_glm.data.blank_infilling import (
+        BlankInfillingCollator,
+        BlankInfillingConfig,
+        SpecialIds,
+    )
     from megatron_glm.data.blended_dataset import build_train_valid_test_datasets
 
-    train, _, _ = build_train_valid_test_datasets([data[0]], "100,0,0", 64, [96, 0, 0], seed=3,
-                                                  cache_dir=str(tmp_path_factory.mktemp("cache")), tokenizer=tokenizer)
+    train, _, _ = build_train_valid_test_datasets(
+        [data[0]],
+        "100,0,0",
+        64,
+        [96, 0, 0],
+        seed=3,
+        cache_dir=str(tmp_path_factory.mktemp("cache")),
+        tokenizer=tokenizer,
+    )
     cfg = BlankInfillingConfig(seq_length=64, token_prob=0.5, sentence_prob=0.2, seed=3)
     return train, BlankInfillingCollator(cfg, SpecialIds.from_tokenizer(tokenizer))
 
@@ -28,7 +39,9 @@ def stream(pieces, workers, consumed=0, dataset=None):
 
     train, collate = pieces
     dataset = dataset or train
-    return BatchStream(MicroBatches(dataset, collate), PretrainingSampler(len(dataset), consumed, 4, 0, 1), workers)
+    return BatchStream(
+        MicroBatches(dataset, collate), PretrainingSampler(len(dataset), consumed, 4, 0, 1), workers
+    )
 
 
 def take(s, n):
@@ -42,7 +55,10 @@ def test_batches_are_bitwise_equal_for_0_1_2_workers_and_from_a_resumed_position
     reference = take(stream(pieces, 0), 12)
     # what the collator alone makes of the sampler's indices, without the loader
     train, collate = pieces
-    assert all(torch.equal(reference[3][k], v) for k, v in collate([(i, train[i]) for i in range(12, 16)]).items())
+    assert all(
+        torch.equal(reference[3][k], v)
+        for k, v in collate([(i, train[i]) for i in range(12, 16)]).items()
+    )
     for workers in (1, 2):
         got = take(stream(pieces, workers), 12)
         assert all(torch.equal(a[k], b[k]) for a, b in zip(reference, got) for k in a)
@@ -69,7 +85,9 @@ def test_a_sample_that_fails_in_a_worker_is_named(pieces):
     s = stream(pieces, 2, dataset=Unreadable(pieces[0], 9))
     s.next()
     s.next()  # samples 4..7
-    with pytest.raises(DataError, match=r"samples 8\.\.11: sample 9: ValueError: record is corrupt"):
+    with pytest.raises(
+        DataError, match=r"samples 8\.\.11: sample 9: ValueError: record is corrupt"
+    ):
         s.next()
     s.close()
 
@@ -79,7 +97,9 @@ def test_a_token_beyond_the_vocabulary_is_named(pieces):
 
     train, collate = pieces
     top = int(collate([(i, train[i]) for i in range(4)])["tokens"].max())
-    with pytest.raises(DataError, match=rf"sample \d: token id {top} is outside the model's vocabulary of {top}"):
+    with pytest.raises(
+        DataError, match=rf"sample \d: token id {top} is outside the model's vocabulary of {top}"
+    ):
         collate_now(MicroBatches(train, collate, vocab_size=top), range(4))
 
 
@@ -99,16 +119,53 @@ def test_negative_workers_are_refused(pieces):
 
 def pretrain_args(data, save, extra=()):
     prefix, model = data
-    return ["--data-path", prefix, "--tokenizer-model", model, "--num-layers", "2", "--hidden-size", "32",
-            "--num-attention-heads", "2", "--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "4",
-            "--train-iters", "6", "--lr", "1e-3", "--bert-prob", "0.5", "--gap-sentence-prob", "0.3",
-            "--split", "100,0,0", "--log-interval", "1", "--save", save, "--save-interval", "2",
-            "--data-cache-path", os.path.join(os.path.dirname(save), "cache"), *extra]
+    return [
+        "--data-path",
+        prefix,
+        "--tokenizer-model",
+        model,
+        "--num-layers",
+        "2",
+        "--hidden-size",
+        "32",
+        "--num-attention-heads",
+        "2",
+        "--seq-length",
+        "64",
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        "4",
+        "--train-iters",
+        "6",
+        "--lr",
+        "1e-3",
+        "--bert-prob",
+        "0.5",
+        "--gap-sentence-prob",
+        "0.3",
+        "--split",
+        "100,0,0",
+        "--log-interval",
+        "1",
+        "--save",
+        save,
+        "--save-interval",
+        "2",
+        "--data-cache-path",
+        os.path.join(os.path.dirname(save), "cache"),
+        *extra,
+    ]
 
 
 def run(argv, fault=""):
-    return subprocess.run([sys.executable, "-m", "megatron_glm.training.pretrain", *argv], capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "MEGATRON_GLM_FAULT": fault})
+    return subprocess.run(
+        [sys.executable, "-m", "megatron_glm.training.pretrain", *argv],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "MEGATRON_GLM_FAULT": fault},
+    )
 
 
 @pytest.mark.slow
@@ -125,7 +182,9 @@ def test_losses_are_bitwise_equal_with_and_without_workers_and_data_wait_is_logg
 
 
 @pytest.mark.slow
-def test_a_worker_that_dies_stops_the_run_with_the_samples_and_keeps_the_checkpoints(tmp_path, data):
+def test_a_worker_that_dies_stops_the_run_with_the_samples_and_keeps_the_checkpoints(
+    tmp_path, data
+):
     save = str(tmp_path / "ckpt")
     # sample 17 is in step 5 (samples 16..19): the checkpoints up to step 4 are kept (the loader runs ahead,
     # so the run may stop before step 4 is done, never after step 5)

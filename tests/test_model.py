@@ -7,7 +7,11 @@ import pytest
 import torch
 
 from megatron_glm.config import ModelConfig, preset
-from megatron_glm.data.blank_infilling import BlankInfillingCollator, BlankInfillingConfig, SpecialIds
+from megatron_glm.data.blank_infilling import (
+    BlankInfillingCollator,
+    BlankInfillingConfig,
+    SpecialIds,
+)
 from megatron_glm.model.attention import interval_attention
 from megatron_glm.model.generation import GenerationConfig, _feed, fill_blanks
 from megatron_glm.model.glm import GLMModel, KVCache
@@ -18,8 +22,17 @@ VOCAB = 128
 
 def model_for(kind: str, **kw) -> GLMModel:
     torch.manual_seed(0)
-    cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, max_position_embeddings=64,
-                      vocab_size=VOCAB, position_embedding_type=kind, hidden_dropout=0.0, attention_dropout=0.0, **kw)
+    cfg = ModelConfig(
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        vocab_size=VOCAB,
+        position_embedding_type=kind,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        **kw,
+    )
     return GLMModel(cfg).eval()
 
 
@@ -30,14 +43,23 @@ def batch(packed=False, index=3):
 
 
 def logits(model, b, tokens=None):
-    return model(b["tokens"] if tokens is None else tokens, b["position_ids"], b["attn_lo"], b["attn_hi"])
+    return model(
+        b["tokens"] if tokens is None else tokens, b["position_ids"], b["attn_lo"], b["attn_hi"]
+    )
 
 
 KINDS = ["learned_2d", "rotary_2d"]
 
 
-@pytest.mark.parametrize("kind, options", [("learned_2d", {}), ("rotary_2d", {}), ("learned_2d", {"deepnorm": True}),
-                                           ("rotary_2d", {"geglu": True})])
+@pytest.mark.parametrize(
+    "kind, options",
+    [
+        ("learned_2d", {}),
+        ("rotary_2d", {}),
+        ("learned_2d", {"deepnorm": True}),
+        ("rotary_2d", {"geglu": True}),
+    ],
+)
 def test_part_b_never_leaks_backwards(kind, options):
     model, b = model_for(kind, **options), batch()
     sep = int(b["attn_hi"][0, 0])
@@ -46,8 +68,12 @@ def test_part_b_never_leaks_backwards(kind, options):
         changed = b["tokens"].clone()
         changed[0, j] = (changed[0, j] + 7) % VOCAB
         out = logits(model, b, changed)
-        assert torch.allclose(out[0, :j], base[0, :j], atol=1e-6), "Part A and earlier Part B are unchanged"
-        assert not torch.allclose(out[0, j:j + 1], base[0, j:j + 1]), "the changed position itself changes"
+        assert torch.allclose(out[0, :j], base[0, :j], atol=1e-6), (
+            "Part A and earlier Part B are unchanged"
+        )
+        assert not torch.allclose(out[0, j : j + 1], base[0, j : j + 1]), (
+            "the changed position itself changes"
+        )
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -66,7 +92,9 @@ def test_part_a_is_seen_by_everything(kind):
 def test_packed_segments_never_see_each_other():
     model, b = model_for("learned_2d"), batch(packed=True)
     lo = b["attn_lo"][0]
-    starts = sorted(set(lo.tolist()) - {i for i in range(64) if b["tokens"][0, i] == SP.pad and lo[i] == i})
+    starts = sorted(
+        set(lo.tolist()) - {i for i in range(64) if b["tokens"][0, i] == SP.pad and lo[i] == i}
+    )
     assert len(starts) >= 2, "two documents give two segments"
     second = starts[1]
     base = logits(model, b)
@@ -80,14 +108,20 @@ def test_sdpa_equals_the_dense_eager_reference():
     q, k, v = (torch.randn(2, 3, 40, 16) for _ in range(3))
     b = batch(packed=True)
     lo, hi = b["attn_lo"][:, :40].expand(2, 40), b["attn_hi"][:, :40].expand(2, 40)
-    torch.testing.assert_close(interval_attention(q, k, v, lo, hi, impl="sdpa"),
-                               interval_attention(q, k, v, lo, hi, impl="eager"), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        interval_attention(q, k, v, lo, hi, impl="sdpa"),
+        interval_attention(q, k, v, lo, hi, impl="eager"),
+        atol=1e-5,
+        rtol=1e-5,
+    )
     # the eager path is the textbook definition: softmax over the allowed keys only
     scores = q[0, 0] @ k[0, 0].T / 4.0
     row = 5
     allowed = slice(int(lo[0, row]), int(hi[0, row]))
     expected = torch.softmax(scores[row, allowed], -1) @ v[0, 0, allowed]
-    torch.testing.assert_close(interval_attention(q, k, v, lo, hi, impl="eager")[0, 0, row], expected)
+    torch.testing.assert_close(
+        interval_attention(q, k, v, lo, hi, impl="eager")[0, 0, row], expected
+    )
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -99,13 +133,26 @@ def test_kv_cache_logits_equal_full_recompute(kind):
     cache = KVCache(model.cfg.num_layers)
     a = len(part_a)
     pos = torch.stack([torch.arange(a), torch.zeros(a, dtype=torch.long)])[None]
-    model(torch.tensor([part_a]), pos, torch.zeros(1, a, dtype=torch.int32), torch.full((1, a), a, dtype=torch.int32),
-          cache)
+    model(
+        torch.tensor([part_a]),
+        pos,
+        torch.zeros(1, a, dtype=torch.int32),
+        torch.full((1, a), a, dtype=torch.int32),
+        cache,
+    )
     incremental = []
     for mask_pos, span in zip((2, 5), spans):
         for j, t in enumerate([SP.sop] + span):
-            incremental.append(_feed(model, cache, torch.tensor([[t]]), torch.tensor([[mask_pos]]),
-                                     torch.tensor([[j + 1]]), VOCAB)[0])
+            incremental.append(
+                _feed(
+                    model,
+                    cache,
+                    torch.tensor([[t]]),
+                    torch.tensor([[mask_pos]]),
+                    torch.tensor([[j + 1]]),
+                    VOCAB,
+                )[0]
+            )
     tokens = part_a + [SP.sop] + spans[0] + [SP.sop] + spans[1]
     n = len(tokens)
     pos0 = list(range(a)) + [2] * 4 + [5] * 3
@@ -127,7 +174,9 @@ class ToyTokenizer:
 
     def decode(self, ids):
         outside = [i for i in ids if i >= self.vocab_size]
-        assert not outside, f"token ids {outside} are outside this tokenizer's {self.vocab_size} ids"
+        assert not outside, (
+            f"token ids {outside} are outside this tokenizer's {self.vocab_size} ids"
+        )
         return "".join("?" if i < 6 else chr(i - 6 + 32) for i in ids)
 
 
@@ -144,10 +193,23 @@ def test_fill_blanks_strategies(strategy):
         ids = ToyTokenizer().encode("ab_cd_e")
         a = len(ids)
         pos = torch.stack([torch.arange(a), torch.zeros(a, dtype=torch.long)])[None]
-        model(torch.tensor([ids]), pos, torch.zeros(1, a, dtype=torch.int32),
-              torch.full((1, a), a, dtype=torch.int32), cache)
-        first = int(_feed(model, cache, torch.tensor([[4]]), torch.tensor([[2]]), torch.tensor([[1]]),
-                          ToyTokenizer.vocab_size).argmax())
+        model(
+            torch.tensor([ids]),
+            pos,
+            torch.zeros(1, a, dtype=torch.int32),
+            torch.full((1, a), a, dtype=torch.int32),
+            cache,
+        )
+        first = int(
+            _feed(
+                model,
+                cache,
+                torch.tensor([[4]]),
+                torch.tensor([[2]]),
+                torch.tensor([[1]]),
+                ToyTokenizer.vocab_size,
+            ).argmax()
+        )
         if first == ToyTokenizer.eop_id:
             assert spans[0] == ""
         else:
@@ -156,26 +218,33 @@ def test_fill_blanks_strategies(strategy):
         fill_blanks(model, ToyTokenizer(), "abc", cfg)
 
 
-@pytest.mark.parametrize("strategy, temperature", [("greedy", 1.0), ("sample", 5.0), ("sample", float("inf")),
-                                                   ("beam", 1.0)])
+@pytest.mark.parametrize(
+    "strategy, temperature",
+    [("greedy", 1.0), ("sample", 5.0), ("sample", float("inf")), ("beam", 1.0)],
+)
 def test_the_padding_rows_of_the_vocabulary_are_never_generated(strategy, temperature):
     """Megatron pads the embedding past the tokenizer's ids; those rows are untrained and must never be drawn,
     even when their logits are the largest (here made so) or every logit is alike (an infinite temperature)."""
     model = model_for("learned_2d")
     with torch.no_grad():
-        model.word_embeddings.weight[ToyTokenizer.vocab_size:] *= 50.0
+        model.word_embeddings.weight[ToyTokenizer.vocab_size :] *= 50.0
     cfg = GenerationConfig(strategy, max_new_tokens=6, num_beams=3, temperature=temperature, seed=1)
     for seed in range(4):
-        _, spans = fill_blanks(model, ToyTokenizer(), "ab_cd_e", dataclasses.replace(cfg, seed=seed))
+        _, spans = fill_blanks(
+            model, ToyTokenizer(), "ab_cd_e", dataclasses.replace(cfg, seed=seed)
+        )
         assert len(spans) == 2  # decode asserts every id is the tokenizer's
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(hidden_size=100, num_attention_heads=3), "not divisible"),
-    (dict(vocab_size=0), "vocab size"),
-    (dict(position_embedding_type="alibi"), "learned_2d or rotary_2d"),
-    (dict(hidden_dropout=1.5), "hidden-dropout"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(hidden_size=100, num_attention_heads=3), "not divisible"),
+        (dict(vocab_size=0), "vocab size"),
+        (dict(position_embedding_type="alibi"), "learned_2d or rotary_2d"),
+        (dict(hidden_dropout=1.5), "hidden-dropout"),
+    ],
+)
 def test_impossible_shapes_are_named(change, message):
     cfg = preset("glm-tiny", vocab_size=VOCAB)
     for k, v in change.items():
@@ -197,21 +266,35 @@ def test_deepnorm_is_post_ln_with_scaled_residuals():
     expected = layer.post_attention_layernorm(layer.alpha * h + layer.mlp(h))
     torch.testing.assert_close(layer(x, pos, lo, hi), expected)
     out = layer(x, pos, lo, hi)
-    torch.testing.assert_close(out.mean(-1), torch.zeros(1, 5), atol=1e-5, rtol=0), "post-LN output is normalised"
+    (
+        torch.testing.assert_close(out.mean(-1), torch.zeros(1, 5), atol=1e-5, rtol=0),
+        "post-LN output is normalised",
+    )
 
 
 def test_presets_have_the_published_sizes():
-    expected = {"glm-base": (12, 768, 12), "glm-large": (24, 1024, 16), "glm-410m": (30, 1024, 16),
-                "glm-515m": (30, 1152, 18), "glm-2b": (36, 2048, 32), "glm-10b": (48, 4096, 64)}
+    expected = {
+        "glm-base": (12, 768, 12),
+        "glm-large": (24, 1024, 16),
+        "glm-410m": (30, 1024, 16),
+        "glm-515m": (30, 1152, 18),
+        "glm-2b": (36, 2048, 32),
+        "glm-10b": (48, 4096, 64),
+    }
     for name, (layers, hidden, heads) in expected.items():
         cfg = preset(name, vocab_size=30592)
         assert (cfg.num_layers, cfg.hidden_size, cfg.num_attention_heads) == (layers, hidden, heads)
         assert cfg.ffn_hidden_size == 4 * hidden
     model = GLMModel(preset("glm-tiny", vocab_size=VOCAB))
-    assert model.word_embeddings.weight is not None and model.transformer.position_embeddings.num_embeddings == 513
+    assert (
+        model.word_embeddings.weight is not None
+        and model.transformer.position_embeddings.num_embeddings == 513
+    )
 
 
-@pytest.mark.parametrize("kind", KINDS)  # learned 2D takes the fused embedding, rotary the plain lookup
+@pytest.mark.parametrize(
+    "kind", KINDS
+)  # learned 2D takes the fused embedding, rotary the plain lookup
 def test_embedding_gradient_shrink(kind):
     """GLM-130B's shrink: forward bitwise unchanged; the word embedding's gradient from its lookup times alpha.
 
@@ -227,13 +310,21 @@ def test_embedding_gradient_shrink(kind):
         loss.backward()
         outs[alpha] = out.detach()
         grads[alpha] = {n: p.grad.clone() for n, p in model.named_parameters()}
-    assert torch.equal(outs[0.1], outs[1.0]) and torch.equal(outs[0.0], outs[1.0]), "the forward is untouched"
+    assert torch.equal(outs[0.1], outs[1.0]) and torch.equal(outs[0.0], outs[1.0]), (
+        "the forward is untouched"
+    )
     emb = "word_embeddings.weight"
     lookup_share = grads[1.0][emb] - grads[0.0][emb]
     assert lookup_share.abs().max() > 0
-    scale = float(grads[1.0][emb].abs().max())  # the differences cancel the output's share: absolute tolerance
-    torch.testing.assert_close(grads[0.1][emb] - grads[0.0][emb], 0.1 * lookup_share, rtol=0, atol=1e-5 * scale)
-    assert float((0.1 * lookup_share).abs().max()) > 1e-2 * scale, "the lookup's share is large enough to test"
+    scale = float(
+        grads[1.0][emb].abs().max()
+    )  # the differences cancel the output's share: absolute tolerance
+    torch.testing.assert_close(
+        grads[0.1][emb] - grads[0.0][emb], 0.1 * lookup_share, rtol=0, atol=1e-5 * scale
+    )
+    assert float((0.1 * lookup_share).abs().max()) > 1e-2 * scale, (
+        "the lookup's share is large enough to test"
+    )
     for name in grads[1.0]:
         if name != emb:
             torch.testing.assert_close(grads[0.1][name], grads[1.0][name], rtol=0, atol=0, msg=name)

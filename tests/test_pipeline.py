@@ -41,8 +41,10 @@ def schedule_worker(rank, world, vpp, num_micro, forward_only):
     state.initialize_model_parallel(pp=world)
     stack = full_stack()
     ranges = partition_layers(LAYERS, world, vpp)[rank]
-    chunks = [Chunk([stack[i] for i in r], rank == 0 and c == 0, rank == world - 1 and c == vpp - 1)
-              for c, r in enumerate(ranges)]
+    chunks = [
+        Chunk([stack[i] for i in r], rank == 0 and c == 0, rank == world - 1 and c == vpp - 1)
+        for c, r in enumerate(ranges)
+    ]
     losses, order = {}, []
 
     def forward_step(chunk, m, x):
@@ -63,8 +65,15 @@ def schedule_worker(rank, world, vpp, num_micro, forward_only):
             backward_from(out, grad)
         return x.grad if x is not None else None
 
-    get_schedule(world, vpp)(forward_step, backward_step, chunks, num_micro, shape=(MICRO, WIDTH),
-                             dtype=torch.float32, forward_only=forward_only)
+    get_schedule(world, vpp)(
+        forward_step,
+        backward_step,
+        chunks,
+        num_micro,
+        shape=(MICRO, WIDTH),
+        dtype=torch.float32,
+        forward_only=forward_only,
+    )
     grads = {i: stack[i].weight.grad for r in ranges for i in r}
     return {"losses": losses, "grads": grads, "order": order}
 
@@ -83,7 +92,9 @@ def reference(num_micro):
     return losses, {i: stack[i].weight.grad for i in range(LAYERS)}
 
 
-@pytest.mark.parametrize("world, vpp, num_micro", [(2, 1, 5), (4, 1, 6), (2, 2, 4), (2, 2, 2), (4, 2, 8), (2, 4, 6)])
+@pytest.mark.parametrize(
+    "world, vpp, num_micro", [(2, 1, 5), (4, 1, 6), (2, 2, 4), (2, 2, 2), (4, 2, 8), (2, 4, 6)]
+)
 @pytest.mark.slow
 def test_schedules_equal_one_process(tmp_path, world, vpp, num_micro):
     results = spawn(schedule_worker, world, tmp_path, vpp, num_micro, False)

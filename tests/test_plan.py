@@ -16,7 +16,14 @@ import torch
 
 from megatron_glm.config import ModelConfig, preset
 from megatron_glm.plan.cli import main as plan
-from megatron_glm.plan.memory import Layout, Workload, estimate, in_flight, layer_activations, stage_parameters
+from megatron_glm.plan.memory import (
+    Layout,
+    Workload,
+    estimate,
+    in_flight,
+    layer_activations,
+    stage_parameters,
+)
 from megatron_glm.plan.search import Cluster, rank
 from tests.helpers import launch_pretrain
 
@@ -35,7 +42,11 @@ def test_parameters_per_stage_add_up_to_the_closed_form():
     four = stage_parameters(cfg, 1, 4)
     layer = (total - 30592 * 1024 - 2 * 513 * 1024 - 2 * 1024) // 24
     assert [s["embedding"] + s["other"] for s in four] == [
-        30592 * 1024 + 2 * 513 * 1024 + 6 * layer, 6 * layer, 6 * layer, 6 * layer + 2 * 1024]
+        30592 * 1024 + 2 * 513 * 1024 + 6 * layer,
+        6 * layer,
+        6 * layer,
+        6 * layer + 2 * 1024,
+    ]
     # TP2: the split matrices and column-parallel biases halve; row-parallel biases and LayerNorms stay whole
     h, f = 1024, 4096
     halved = 3 * h * h + 3 * h + h * h + h * f + f + f * h
@@ -61,11 +72,20 @@ def saved_bytes(layer, x, *args):
     return sum(kept.values())
 
 
-@pytest.mark.parametrize("impl,dropout,dtype,variant", [
-    ("sdpa", 0.0, "fp32", None), ("sdpa", 0.0, "fp32", "rotary_2d"), ("sdpa", 0.0, "fp32", "geglu"),
-    ("sdpa", 0.0, "bf16", None), ("sdpa", 0.1, "fp32", None), ("eager", 0.0, "fp32", None),
-    ("eager", 0.1, "fp32", None), ("flash", 0.0, "fp32", None), ("flash", 0.0, "fp32", "rotary_2d"),
-])
+@pytest.mark.parametrize(
+    "impl,dropout,dtype,variant",
+    [
+        ("sdpa", 0.0, "fp32", None),
+        ("sdpa", 0.0, "fp32", "rotary_2d"),
+        ("sdpa", 0.0, "fp32", "geglu"),
+        ("sdpa", 0.0, "bf16", None),
+        ("sdpa", 0.1, "fp32", None),
+        ("eager", 0.0, "fp32", None),
+        ("eager", 0.1, "fp32", None),
+        ("flash", 0.0, "fp32", None),
+        ("flash", 0.0, "fp32", "rotary_2d"),
+    ],
+)
 def test_layer_activations_equal_what_autograd_saves(impl, dropout, dtype, variant, monkeypatch):
     from megatron_glm import kernels
     from megatron_glm.model.glm import TransformerLayer
@@ -73,17 +93,32 @@ def test_layer_activations_equal_what_autograd_saves(impl, dropout, dtype, varia
     if impl == "flash":  # the Triton kernels themselves (attention and rotary), in the interpreter
         monkeypatch.setattr(kernels.dispatch, "_backend", "triton")
     b, s, h, a = (1, 32, 32, 2) if impl == "flash" else (2, 64, 64, 4)
-    cfg = ModelConfig(num_layers=2, hidden_size=h, num_attention_heads=a, vocab_size=128, hidden_dropout=dropout,
-                      attention_dropout=dropout, geglu=variant == "geglu",
-                      position_embedding_type="rotary_2d" if variant == "rotary_2d" else "learned_2d")
+    cfg = ModelConfig(
+        num_layers=2,
+        hidden_size=h,
+        num_attention_heads=a,
+        vocab_size=128,
+        hidden_dropout=dropout,
+        attention_dropout=dropout,
+        geglu=variant == "geglu",
+        position_embedding_type="rotary_2d" if variant == "rotary_2d" else "learned_2d",
+    )
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     layer = TransformerLayer(cfg, 0).to(torch_dtype).train()
     layer.attention.core_attention.impl = impl
     x = torch.randn(b, s, h, dtype=torch_dtype, requires_grad=True)
-    args = (torch.zeros(b, 2, s, dtype=torch.long), torch.zeros(b, s, dtype=torch.long), torch.full((b, s), s))
+    args = (
+        torch.zeros(b, 2, s, dtype=torch.long),
+        torch.zeros(b, s, dtype=torch.long),
+        torch.full((b, s), s),
+    )
     measured = saved_bytes(layer, x, *args)
-    device = "cuda" if impl == "flash" else "cpu"  # flash: the GPU path's Triton kernels, run by the interpreter
-    estimated = sum(layer_activations(Workload(cfg, s, b, dtype, impl, device), Layout(micro_batch=b)).values())
+    device = (
+        "cuda" if impl == "flash" else "cpu"
+    )  # flash: the GPU path's Triton kernels, run by the interpreter
+    estimated = sum(
+        layer_activations(Workload(cfg, s, b, dtype, impl, device), Layout(micro_batch=b)).values()
+    )
     assert estimated == pytest.approx(measured, rel=0.04)
 
 
@@ -92,19 +127,30 @@ def test_pipeline_in_flight_and_bubble():
     assert [in_flight(Layout(pp=4), 8, r) for r in range(4)] == [4, 3, 2, 1]
     assert [in_flight(Layout(pp=4), 2, r) for r in range(4)] == [2, 2, 2, 1]
     assert in_flight(Layout(pp=4, vpp=2), 8, 0) == 6 + 4 + 1
-    assert in_flight(Layout(pp=2, vpp=2), 2, 0) == 4  # as many micro-batches as stages: all forwards first
+    assert (
+        in_flight(Layout(pp=2, vpp=2), 2, 0) == 4
+    )  # as many micro-batches as stages: all forwards first
     cfg = preset("glm-large", vocab_size=30592)
     w = Workload(cfg, 512, 64)
     from megatron_glm.plan.search import evaluate
 
-    assert evaluate(w, Layout(pp=4, dp=2, micro_batch=4, zero=1), Cluster()).bubble == pytest.approx(3 / 8)
-    assert evaluate(w, Layout(pp=4, dp=2, micro_batch=4, zero=1, vpp=2), Cluster()).bubble == pytest.approx(3 / 16)
+    assert evaluate(
+        w, Layout(pp=4, dp=2, micro_batch=4, zero=1), Cluster()
+    ).bubble == pytest.approx(3 / 8)
+    assert evaluate(
+        w, Layout(pp=4, dp=2, micro_batch=4, zero=1, vpp=2), Cluster()
+    ).bubble == pytest.approx(3 / 16)
 
 
 # -- whole runs: glm-pretrain --measure-memory ---------------------------------------------------
 RUNS = {  # name: (processes, flags, Layout, precision)
     "one process": (1, [], Layout(zero=0), "fp32"),
-    "full recompute": (1, ["--recompute-granularity", "full"], Layout(zero=0, recompute="full"), "fp32"),
+    "full recompute": (
+        1,
+        ["--recompute-granularity", "full"],
+        Layout(zero=0, recompute="full"),
+        "fp32",
+    ),
     "bf16": (1, ["--bf16"], Layout(zero=0), "bf16"),
     "TP2": (2, ["--tensor-model-parallel-size", "2"], Layout(tp=2, zero=0), "fp32"),
     "PP2": (2, ["--pipeline-model-parallel-size", "2"], Layout(pp=2, zero=0), "fp32"),
@@ -120,18 +166,54 @@ def test_estimated_peak_matches_measured_run(tmp_path, data, tokenizer, name):
     nproc, extra, layout, precision = RUNS[name]
     prefix, model = data
     micro, seq, hidden = 2, 128, 64
-    argv = ["--data-path", prefix, "--tokenizer-model", model, "--num-layers", "4", "--hidden-size", str(hidden),
-            "--num-attention-heads", "4", "--seq-length", str(seq), "--micro-batch-size", str(micro),
-            "--global-batch-size", "8", "--train-iters", "2", "--lr", "1e-3", "--split", "100,0,0",
-            "--hidden-dropout", "0", "--attention-dropout", "0", "--log-dir", str(tmp_path), "--measure-memory",
-            "--data-cache-path", str(tmp_path / "cache"), *extra]
+    argv = [
+        "--data-path",
+        prefix,
+        "--tokenizer-model",
+        model,
+        "--num-layers",
+        "4",
+        "--hidden-size",
+        str(hidden),
+        "--num-attention-heads",
+        "4",
+        "--seq-length",
+        str(seq),
+        "--micro-batch-size",
+        str(micro),
+        "--global-batch-size",
+        "8",
+        "--train-iters",
+        "2",
+        "--lr",
+        "1e-3",
+        "--split",
+        "100,0,0",
+        "--hidden-dropout",
+        "0",
+        "--attention-dropout",
+        "0",
+        "--log-dir",
+        str(tmp_path),
+        "--measure-memory",
+        "--data-cache-path",
+        str(tmp_path / "cache"),
+        *extra,
+    ]
     result = launch_pretrain(nproc, argv)
     assert result.returncode == 0, result.stderr[-5000:]
     reports = [json.load(open(f)) for f in glob.glob(str(tmp_path / "memory_rank*.json"))]
     assert len(reports) == nproc and all(r["device"] == "cpu" for r in reports)
 
-    cfg = ModelConfig(num_layers=4, hidden_size=hidden, num_attention_heads=4, max_position_embeddings=seq,
-                      vocab_size=tokenizer.vocab_size, hidden_dropout=0.0, attention_dropout=0.0)
+    cfg = ModelConfig(
+        num_layers=4,
+        hidden_size=hidden,
+        num_attention_heads=4,
+        max_position_embeddings=seq,
+        vocab_size=tokenizer.vocab_size,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+    )
     layout = Layout(**{**layout.__dict__, "micro_batch": micro})
     stages = estimate(Workload(cfg, seq, 8, precision, "sdpa", "cpu"), layout)
     for st in stages:
@@ -144,19 +226,52 @@ def test_best_layout_flags_are_accepted_by_glm_pretrain(capsys):
     from megatron_glm.training.arguments import build_parser
     from megatron_glm.training.config import from_args
 
-    assert plan(["--preset", "glm-2b", "--seq-length", "1024", "--global-batch-size", "512", "--nodes", "2",
-                 "--gpus-per-node", "8", "--gpu-memory", "80"]) == 0
+    assert (
+        plan(
+            [
+                "--preset",
+                "glm-2b",
+                "--seq-length",
+                "1024",
+                "--global-batch-size",
+                "512",
+                "--nodes",
+                "2",
+                "--gpus-per-node",
+                "8",
+                "--gpu-memory",
+                "80",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     line = out.strip().splitlines()[-1].split()
-    args = build_parser().parse_args(["--preset", "glm-2b", "--data-path", "x", "--train-iters", "10", *line])
+    args = build_parser().parse_args(
+        ["--preset", "glm-2b", "--data-path", "x", "--train-iters", "10", *line]
+    )
     from_args(args, world_size=16)  # raises on a layout glm-pretrain would refuse
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     assert 16 % (tp * pp) == 0 and 32 % tp == 0 and 36 % pp == 0
 
 
 def test_a_model_that_fits_nowhere_is_refused_with_the_shortfall(capsys):
-    argv = ["--preset", "glm-10b", "--seq-length", "1024", "--global-batch-size", "8", "--nodes", "1",
-            "--gpus-per-node", "1", "--gpu-memory", "24", "--reserve", "0"]
+    argv = [
+        "--preset",
+        "glm-10b",
+        "--seq-length",
+        "1024",
+        "--global-batch-size",
+        "8",
+        "--nodes",
+        "1",
+        "--gpus-per-node",
+        "1",
+        "--gpu-memory",
+        "24",
+        "--reserve",
+        "0",
+    ]
     assert plan(argv) == 2
     err = capsys.readouterr().err
     assert "no layout fits" in err and "more than the 24.00 GiB available" in err
@@ -171,11 +286,30 @@ def test_a_model_that_fits_nowhere_is_refused_with_the_shortfall(capsys):
     w = Workload(model_from_args(args), 1024, 8)
     cluster = Cluster(nodes=nodes, gpus_per_node=1, gpu_memory_gib=24, reserve_gib=0)
     assert any(c.fits for c in rank(w, cluster))
-    assert not any(c.fits for c in rank(w, Cluster(nodes=nodes // 2, gpus_per_node=1, gpu_memory_gib=24,
-                                                   reserve_gib=0)))
+    assert not any(
+        c.fits
+        for c in rank(
+            w, Cluster(nodes=nodes // 2, gpus_per_node=1, gpu_memory_gib=24, reserve_gib=0)
+        )
+    )
 
 
 def test_impossible_model_is_a_named_error(capsys):
-    assert plan(["--hidden-size", "100", "--num-attention-heads", "3", "--num-layers", "2", "--seq-length", "64",
-                 "--global-batch-size", "8"]) == 1
+    assert (
+        plan(
+            [
+                "--hidden-size",
+                "100",
+                "--num-attention-heads",
+                "3",
+                "--num-layers",
+                "2",
+                "--seq-length",
+                "64",
+                "--global-batch-size",
+                "8",
+            ]
+        )
+        == 1
+    )
     assert "not divisible by --num-attention-heads" in capsys.readouterr().err

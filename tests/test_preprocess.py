@@ -39,7 +39,9 @@ def test_output_decodes_to_the_input(tmp_path, corpus, spm_model, tokenizer):
         assert tokens[-1] == tokenizer.eod_id
         assert tokenizer.decode(tokens[:-1]) == text
     meta = json.load(open(tmp_path / "out_text_document.meta.json"))
-    assert meta["tokenizer"]["fingerprint"] == tokenizer.fingerprint() and meta["documents"] == len(texts)
+    assert meta["tokenizer"]["fingerprint"] == tokenizer.fingerprint() and meta["documents"] == len(
+        texts
+    )
 
 
 def test_same_bytes_whatever_the_workers_batches_and_compression(tmp_path, corpus, spm_model):
@@ -73,7 +75,10 @@ def test_several_json_keys_stay_aligned(tmp_path, spm_model, tokenizer):
     rows.insert(5, {"text": "a body without a title"})  # dropped from both datasets
     path = write_jsonl(tmp_path / "two.jsonl", rows)
     summary = run([path], tmp_path / "kv", spm_model, json_keys=["title", "text"])
-    titles, bodies = IndexedDataset(tmp_path / "kv_title_document"), IndexedDataset(tmp_path / "kv_text_document")
+    titles, bodies = (
+        IndexedDataset(tmp_path / "kv_title_document"),
+        IndexedDataset(tmp_path / "kv_text_document"),
+    )
     assert titles.num_documents == bodies.num_documents == 20
     assert summary.skipped == {"missing-key": 1} and summary.examples == [f"{path}:6: missing-key"]
     for i in range(20):
@@ -92,16 +97,24 @@ BAD_LINES = [
 ]
 
 
-
 @pytest.mark.parametrize("keys", [["text"], ["title", "text"]])
 def test_batch_parsing_gives_every_line_parse_lines_verdict(keys):
     """The batch parser's fast test for usable lines agrees with parse_line on every kind of line."""
     from megatron_glm.data_prep.jsonl import BLANK, parse_line, parse_lines
 
     lines = [line for line, _ in BAD_LINES] + [
-        b"", b"   ", b'{"text": "ok", "title": "t"}', b'{"title": "t"}', b'{"text": "", "title": "t"}',
-        b'{"text": "x", "title": 3}', b'{"text": "x", "title": "  "}', b'"a string"', b"5", b"null",
-        b'{"text": "\\u00e9t\\u00e9", "title": "t"}', b'{"text": "dup", "text": "last wins", "title": "t"}',
+        b"",
+        b"   ",
+        b'{"text": "ok", "title": "t"}',
+        b'{"title": "t"}',
+        b'{"text": "", "title": "t"}',
+        b'{"text": "x", "title": 3}',
+        b'{"text": "x", "title": "  "}',
+        b'"a string"',
+        b"5",
+        b"null",
+        b'{"text": "\\u00e9t\\u00e9", "title": "t"}',
+        b'{"text": "dup", "text": "last wins", "title": "t"}',
     ]
     good = [line for line in lines if parse_line(line, keys)[0] is None]
     assert good, "some lines are usable"
@@ -131,8 +144,22 @@ def corpus_with_bad_lines(tmp_path):
 
 def test_bad_lines_are_skipped_counted_and_located(tmp_path, spm_model, capsys):
     path = corpus_with_bad_lines(tmp_path)
-    assert main(["--input", path, "--output-prefix", str(tmp_path / "o"), "--tokenizer-model", spm_model,
-                 "--workers", "2", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "--input",
+                path,
+                "--output-prefix",
+                str(tmp_path / "o"),
+                "--tokenizer-model",
+                spm_model,
+                "--workers",
+                "2",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert IndexedDataset(tmp_path / "o_text_document").num_documents == len(BAD_LINES) + 1
     counts = {}
@@ -147,8 +174,18 @@ def test_bad_lines_are_skipped_counted_and_located(tmp_path, spm_model, capsys):
 
 def test_strict_stops_at_the_first_bad_line_and_writes_nothing(tmp_path, spm_model, capsys):
     path = corpus_with_bad_lines(tmp_path)
-    rc = main(["--input", path, "--output-prefix", str(tmp_path / "o"), "--tokenizer-model", spm_model,
-               "--strict", "--no-progress"])
+    rc = main(
+        [
+            "--input",
+            path,
+            "--output-prefix",
+            str(tmp_path / "o"),
+            "--tokenizer-model",
+            spm_model,
+            "--strict",
+            "--no-progress",
+        ]
+    )
     assert rc == 1
     assert f"{path}:2: not-a-string" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["bad.jsonl"]
@@ -158,7 +195,15 @@ def test_existing_output_is_kept_without_overwrite(tmp_path, corpus, spm_model, 
     run([corpus[0]], tmp_path / "o", spm_model)
     before = files_of(tmp_path / "o_text_document")
     other = write_jsonl(tmp_path / "other.jsonl", [{"text": "something else entirely"}])
-    args = ["--input", other, "--output-prefix", str(tmp_path / "o"), "--tokenizer-model", spm_model, "--no-progress"]
+    args = [
+        "--input",
+        other,
+        "--output-prefix",
+        str(tmp_path / "o"),
+        "--tokenizer-model",
+        spm_model,
+        "--no-progress",
+    ]
     assert main(args) == 1
     assert "--overwrite" in capsys.readouterr().err
     assert files_of(tmp_path / "o_text_document") == before
@@ -166,15 +211,21 @@ def test_existing_output_is_kept_without_overwrite(tmp_path, corpus, spm_model, 
     assert IndexedDataset(tmp_path / "o_text_document").num_documents == 1
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--input", "/nonexistent/*.jsonl"], "matches no file"),
-    (["--input", "/nonexistent/file.jsonl"], "not a file, a folder or a glob"),
-    (["--input", "{corpus}", "--tokenizer-type", "nope"], "unknown tokenizer type"),
-    (["--input", "{corpus}", "--json-keys", "text", "text"], "repeats a key"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--input", "/nonexistent/*.jsonl"], "matches no file"),
+        (["--input", "/nonexistent/file.jsonl"], "not a file, a folder or a glob"),
+        (["--input", "{corpus}", "--tokenizer-type", "nope"], "unknown tokenizer type"),
+        (["--input", "{corpus}", "--json-keys", "text", "text"], "repeats a key"),
+    ],
+)
 def test_bad_arguments_are_named(tmp_path, corpus, spm_model, capsys, argv, message):
     argv = [a.replace("{corpus}", corpus[0]) for a in argv]
-    rc = main(argv + ["--output-prefix", str(tmp_path / "o"), "--tokenizer-model", spm_model, "--no-progress"])
+    rc = main(
+        argv
+        + ["--output-prefix", str(tmp_path / "o"), "--tokenizer-model", spm_model, "--no-progress"]
+    )
     assert rc == 1 and message in capsys.readouterr().err
     assert not os.listdir(tmp_path)
 
@@ -192,9 +243,23 @@ def start_on_a_pipe(tmp_path, corpus, spm_model, extra=()):
     fifo = tmp_path / "feed.jsonl"
     os.mkfifo(fifo)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "megatron_glm.data_prep.preprocess", "--input", str(fifo), "--output-prefix",
-         str(tmp_path / "o"), "--tokenizer-model", spm_model, "--workers", "2", "--no-progress", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [
+            sys.executable,
+            "-m",
+            "megatron_glm.data_prep.preprocess",
+            "--input",
+            str(fifo),
+            "--output-prefix",
+            str(tmp_path / "o"),
+            "--tokenizer-model",
+            spm_model,
+            "--workers",
+            "2",
+            "--no-progress",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     writer = open(fifo, "wb")
     lines = open(corpus[0], "rb").read()
@@ -236,10 +301,15 @@ def test_help_starts_without_heavy_imports():
         "preprocess.build_parser();"
         "print(sorted(m for m in ('torch', 'numpy', 'sentencepiece', 'tokenizers') if m in sys.modules))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
     assert out.strip() == "[]"
-    subprocess.run([sys.executable, "-m", "megatron_glm.data_prep.preprocess", "--help"], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "megatron_glm.data_prep.preprocess", "--help"],
+        check=True,
+        capture_output=True,
+    )
 
 
 def test_merge_cli_concatenates(tmp_path, corpus, spm_model):
@@ -249,8 +319,18 @@ def test_merge_cli_concatenates(tmp_path, corpus, spm_model):
     shutil.copy(corpus[0], tmp_path / "again.jsonl")
     run([str(tmp_path / "again.jsonl")], tmp_path / "b", spm_model)
     a = IndexedDataset(tmp_path / "a_text_document")
-    assert merge.main(["--input", str(tmp_path / "a_text_document"), str(tmp_path / "b_text_document"),
-                       "--output-prefix", str(tmp_path / "ab")]) == 0
+    assert (
+        merge.main(
+            [
+                "--input",
+                str(tmp_path / "a_text_document"),
+                str(tmp_path / "b_text_document"),
+                "--output-prefix",
+                str(tmp_path / "ab"),
+            ]
+        )
+        == 0
+    )
     ab = IndexedDataset(tmp_path / "ab")
     assert ab.num_documents == 2 * a.num_documents
     assert np.array_equal(ab.document(a.num_documents + 7), a.document(7))
@@ -279,7 +359,9 @@ def test_shards_merged_equal_one_run_byte_for_byte(tmp_path, corpus, spm_model):
             skipped += summary.examples
         assert shards == sorted(shards), "shard names sort in shard order"
         assert len(skipped) == 1 and skipped[0].startswith(str(c)), skipped
-        where, number, _ = skipped[0].rsplit(":", 2)  # "FILE:N" or "FILE (from byte B):N": the line is the bad one
+        where, number, _ = skipped[0].rsplit(
+            ":", 2
+        )  # "FILE:N" or "FILE (from byte B):N": the line is the bad one
         offset = int(where.split("from byte ")[1].rstrip(")")) if "from byte" in where else 0
         assert c.read_bytes()[offset:].splitlines(keepends=True)[int(number) - 1] == bad
         out = tmp_path / f"merged{n}"
@@ -296,8 +378,10 @@ def test_line_batches_are_the_files_lines_whatever_the_block_size(tmp_path, batc
 
     rng = np.random.default_rng(batch_bytes)
     pieces = [b"", b"\r", b"x" * 250, b'{"text": "a\\nb"}', b"\xff\xfe", b"  ", b"{}"]
-    lines = [pieces[i] + bytes(rng.integers(97, 123, rng.integers(0, 30)).astype(np.uint8)) for i in
-             rng.integers(0, len(pieces), 120)] + [b"last line, no newline"]
+    lines = [
+        pieces[i] + bytes(rng.integers(97, 123, rng.integers(0, 30)).astype(np.uint8))
+        for i in rng.integers(0, len(pieces), 120)
+    ] + [b"last line, no newline"]
     data = b"\n".join(lines)
     plain, packed = tmp_path / "a.jsonl", tmp_path / "b.jsonl.gz"
     plain.write_bytes(data)
@@ -307,7 +391,11 @@ def test_line_batches_are_the_files_lines_whatever_the_block_size(tmp_path, batc
         got, raw = [], 0
         for i in range(n):
             for batch in iter_line_batches(shard([str(plain), str(packed)], i, n), batch_bytes):
-                offset = int(batch.path.split("from byte ")[1].rstrip(")")) if "from byte" in batch.path else 0
+                offset = (
+                    int(batch.path.split("from byte ")[1].rstrip(")"))
+                    if "from byte" in batch.path
+                    else 0
+                )
                 if batch.lines:
                     start = 0 if batch.path.endswith("gz") else offset
                     assert data[start:].split(b"\n")[batch.first_line - 1] == batch.lines[0]
@@ -319,11 +407,20 @@ def test_line_batches_are_the_files_lines_whatever_the_block_size(tmp_path, batc
     starts = np.cumsum([0] + [len(line) + 1 for line in lines[:40]])
     for cut in sorted({int(c) for s in starts for c in (s - 1, s, s + 1) if 0 < c < len(data)}):
         halves = [Piece(str(plain), 0, cut), Piece(str(plain), cut)]
-        assert [line for b in iter_line_batches(halves, batch_bytes) for line in b.lines] == lines, cut
+        assert [
+            line for b in iter_line_batches(halves, batch_bytes) for line in b.lines
+        ] == lines, cut
 
 
 def test_shard_flags_are_checked(tmp_path, corpus, spm_model, capsys):
-    base = ["--input", corpus[0], "--output-prefix", str(tmp_path / "o"), "--tokenizer-model", spm_model]
+    base = [
+        "--input",
+        corpus[0],
+        "--output-prefix",
+        str(tmp_path / "o"),
+        "--tokenizer-model",
+        spm_model,
+    ]
     with pytest.raises(SystemExit):
         main(base + ["--shard-index", "3", "--num-shards", "3"])
     assert "must be in 0..2" in capsys.readouterr().err
@@ -349,8 +446,12 @@ def test_split_sentences_one_sequence_per_sentence(tmp_path, spm_model, tokenize
     document index at document ends, [eos] after each document's last sentence; shards merge to the same bytes."""
     from megatron_glm.data_prep import merge
 
-    texts = ["The cat sat. The dog ran! Did it? Yes.", "One sentence only", "Dr. Who came.  Then left.\n\nNew part.",
-             "Short. " * 40]
+    texts = [
+        "The cat sat. The dog ran! Did it? Yes.",
+        "One sentence only",
+        "Dr. Who came.  Then left.\n\nNew part.",
+        "Short. " * 40,
+    ]
     path = tmp_path / "in.jsonl"
     write_jsonl(path, [{"text": t} for t in texts])
     run([str(path)], tmp_path / "s", spm_model, append_eod=True, split_sentences=True)
@@ -368,8 +469,17 @@ def test_split_sentences_one_sequence_per_sentence(tmp_path, spm_model, tokenize
             seq += 1
     meta = json.load(open(tmp_path / "s_text_sentence.meta.json"))
     assert meta["split_sentences"] == {"lang": "english", "keep_newlines": False}
-    shards = [run([str(path)], tmp_path / "sh", spm_model, append_eod=True, split_sentences=True,
-                  shard_of=(i, 2)).outputs[0] for i in range(2)]
+    shards = [
+        run(
+            [str(path)],
+            tmp_path / "sh",
+            spm_model,
+            append_eod=True,
+            split_sentences=True,
+            shard_of=(i, 2),
+        ).outputs[0]
+        for i in range(2)
+    ]
     assert merge.main(["--input", *shards, "--output-prefix", str(tmp_path / "m")]) == 0
     assert files_of(tmp_path / "m") == files_of(tmp_path / "s_text_sentence")
 
@@ -378,15 +488,27 @@ def test_keep_newlines_keeps_the_whitespace_between_sentences():
     from megatron_glm.data_prep.sentences import load_splitter, split
 
     text = "First line here.\nSecond one!\n\nA new paragraph? It goes on.  Two spaces."
-    plain, kept = split(load_splitter("english"), text), split(load_splitter("english", keep_newlines=True), text)
+    plain, kept = (
+        split(load_splitter("english"), text),
+        split(load_splitter("english", keep_newlines=True), text),
+    )
     assert "".join(kept) == text, kept
-    assert [s.strip() for s in kept] == plain == [s.strip() for s in punkt_reference().tokenize(text)]
+    assert (
+        [s.strip() for s in kept] == plain == [s.strip() for s in punkt_reference().tokenize(text)]
+    )
     assert kept[1] == "Second one!\n\n"
 
 
 def test_sentence_flags_are_checked(tmp_path, corpus, spm_model, capsys, monkeypatch):
-    base = ["--input", corpus[0], "--output-prefix", str(tmp_path / "o"), "--tokenizer-model", spm_model,
-            "--no-progress"]
+    base = [
+        "--input",
+        corpus[0],
+        "--output-prefix",
+        str(tmp_path / "o"),
+        "--tokenizer-model",
+        spm_model,
+        "--no-progress",
+    ]
     assert main(base + ["--keep-newlines"]) == 1
     assert "only means something with --split-sentences" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "nltk", None)  # as if NLTK were not installed

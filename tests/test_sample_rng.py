@@ -27,7 +27,9 @@ def test_generators_are_reused_and_reset():
     for g in first:
         g.random(7), g.integers(0, 5, 3)  # leaves has_uint32 / uinteger set
     second = generators([11, 13])
-    assert [g.random(5).tolist() for g in second] == \
-        [np.random.default_rng([1234, i]).random(5).tolist() for i in (11, 13)]
-    assert [g.integers(0, 2**20, 4).tolist() for g in generators([99])] == \
-        [np.random.default_rng([1234, 99]).integers(0, 2**20, 4).tolist()]
+    assert [g.random(5).tolist() for g in second] == [
+        np.random.default_rng([1234, i]).random(5).tolist() for i in (11, 13)
+    ]
+    assert [g.integers(0, 2**20, 4).tolist() for g in generators([99])] == [
+        np.random.default_rng([1234, 99]).integers(0, 2**20, 4).tolist()
+    ]

@@ -37,9 +37,15 @@ def test_every_flag_is_one_field_and_its_default_is_the_fields():
             assert dest(field) not in seen, f"{dest(field)} is declared by two sections"
             seen.add(dest(field))
             if not spec.required:
-                assert action.default == expected_parser_default(field, spec), (name, field.name, action.default)
+                assert action.default == expected_parser_default(field, spec), (
+                    name,
+                    field.name,
+                    action.default,
+                )
             assert (action.help is None) == (spec.help is None) or spec.hidden, (name, field.name)
-    assert set(actions) == seen, f"flags declared outside the settings: {sorted(set(actions) - seen)}"
+    assert set(actions) == seen, (
+        f"flags declared outside the settings: {sorted(set(actions) - seen)}"
+    )
 
 
 def test_the_field_defaults_are_what_the_flags_give():
@@ -50,7 +56,9 @@ def test_the_field_defaults_are_what_the_flags_give():
         got = getattr(settings, name)
         for field in dataclasses.fields(section):
             if name == "model" and field.name == "max_position_embeddings":
-                assert got.max_position_embeddings == settings.data.seq_length  # no preset: the sequence's length
+                assert (
+                    got.max_position_embeddings == settings.data.seq_length
+                )  # no preset: the sequence's length
             elif name == "model" and field.name == "ffn_hidden_size":
                 assert got.ffn_hidden_size == 4 * got.hidden_size
             elif name in ("objective",) and field.name in ("seq_length", "seed"):
@@ -60,9 +68,21 @@ def test_the_field_defaults_are_what_the_flags_give():
 
 
 def test_a_switch_without_its_negation_keeps_megatrons_attribute():
-    args = build_parser().parse_args(["--data-path", "x", "--train-iters", "1", "--no-load-optim", "--load", "c",
-                                      "--no-shuffle-blocks"])
-    assert args.no_load_optim is True and args.no_shuffle_blocks is True  # Megatron's and THUDM's names
+    args = build_parser().parse_args(
+        [
+            "--data-path",
+            "x",
+            "--train-iters",
+            "1",
+            "--no-load-optim",
+            "--load",
+            "c",
+            "--no-shuffle-blocks",
+        ]
+    )
+    assert (
+        args.no_load_optim is True and args.no_shuffle_blocks is True
+    )  # Megatron's and THUDM's names
     settings = Settings.from_flags(args)
     assert settings.checkpoint.load_optim is False and settings.objective.shuffle_spans is False
 
@@ -76,11 +96,37 @@ def test_glm_plan_takes_glm_pretrains_model_flags():
 
 
 def test_settings_round_trip_through_a_checkpoint_record():
-    args = build_parser().parse_args(["--data-path", "0.3", "a", "0.7", "b", "--train-iters", "5", "--zero-stage", "1",
-                                      "--bert-prob", "0.4", "--rampup-batch-size", "2", "2", "8", "--no-load-rng",
-                                      "--load", "c", "--pipeline-layers", "1", "1", "--eval-tasks", "choice:x.jsonl"])
+    args = build_parser().parse_args(
+        [
+            "--data-path",
+            "0.3",
+            "a",
+            "0.7",
+            "b",
+            "--train-iters",
+            "5",
+            "--zero-stage",
+            "1",
+            "--bert-prob",
+            "0.4",
+            "--rampup-batch-size",
+            "2",
+            "2",
+            "8",
+            "--no-load-rng",
+            "--load",
+            "c",
+            "--pipeline-layers",
+            "1",
+            "1",
+            "--eval-tasks",
+            "choice:x.jsonl",
+        ]
+    )
     settings = Settings.from_flags(args)
-    meta = json.loads(json.dumps({"model": settings.model.to_dict(), "settings": settings.record()}))
+    meta = json.loads(
+        json.dumps({"model": settings.model.to_dict(), "settings": settings.record()})
+    )
     assert recorded(meta) == settings
 
 
@@ -93,13 +139,17 @@ def test_a_checkpoint_of_the_previous_format_reads_back_its_settings():
     assert settings.objective.token_prob == 0.5 and settings.objective.sentence_prob == 0.3
     assert settings.objective.shuffle_spans is False and settings.objective.packed is True
     assert settings.objective.seq_length == 64 and settings.data.split == "90,10,0"
-    assert settings.data.data_path == ("/data/docs_text_document",) and settings.training.seed == 1234
+    assert (
+        settings.data.data_path == ("/data/docs_text_document",) and settings.training.seed == 1234
+    )
     assert settings.model.layernorm_epsilon == 1e-6 and settings.model.init_method_std == 0.01
     assert settings.model == ModelConfig.from_dict(meta["model"])
 
 
 def test_a_record_from_a_newer_version_keeps_what_it_knows():
-    settings = Settings.from_flags(build_parser().parse_args(["--data-path", "x", "--train-iters", "1"]))
+    settings = Settings.from_flags(
+        build_parser().parse_args(["--data-path", "x", "--train-iters", "1"])
+    )
     record = settings.record()
     record["parallel"]["some_future_setting"] = 3
     record["brand_new_section"] = {"x": 1}

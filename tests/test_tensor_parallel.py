@@ -20,14 +20,25 @@ CASES = {
 
 
 def make_batch(seed=0, packed=True):
-    from megatron_glm.data.blank_infilling import BlankInfillingCollator, BlankInfillingConfig, SpecialIds
+    from megatron_glm.data.blank_infilling import (
+        BlankInfillingCollator,
+        BlankInfillingConfig,
+        SpecialIds,
+    )
 
-    collate = BlankInfillingCollator(BlankInfillingConfig(seq_length=SEQ, token_prob=0.6, sentence_prob=0.0,
-                                                          packed=packed, seed=seed),
-                                     SpecialIds(0, 1, 2, 3, 4, 5))
+    collate = BlankInfillingCollator(
+        BlankInfillingConfig(
+            seq_length=SEQ, token_prob=0.6, sentence_prob=0.0, packed=packed, seed=seed
+        ),
+        SpecialIds(0, 1, 2, 3, 4, 5),
+    )
     rng = np.random.default_rng(seed)
-    return collate([(i, {"text": rng.integers(6, VOCAB, SEQ), "document_lengths": np.array([20, 44])})
-                    for i in range(4)])
+    return collate(
+        [
+            (i, {"text": rng.integers(6, VOCAB, SEQ), "document_lengths": np.array([20, 44])})
+            for i in range(4)
+        ]
+    )
 
 
 def equivalence_worker(rank, world, cases, steps):
@@ -44,15 +55,25 @@ def equivalence_worker(rank, world, cases, steps):
     out = {}
     for name in cases:
         sp, ac, kind, geglu = CASES[name]
-        cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, max_position_embeddings=SEQ,
-                          vocab_size=VOCAB, position_embedding_type=kind, geglu=geglu, hidden_dropout=0.0,
-                          attention_dropout=0.0)
+        cfg = ModelConfig(
+            num_layers=2,
+            hidden_size=64,
+            num_attention_heads=4,
+            max_position_embeddings=SEQ,
+            vocab_size=VOCAB,
+            position_embedding_type=kind,
+            geglu=geglu,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+        )
         model_parallel_seed(0, state.get_tensor_model_parallel_rank())
         model = GLMModel(cfg)
         reference = copy.deepcopy(model)
         apply_ac(apply_tp(model, sequence_parallel=sp), *(ac or (None,)))
-        assert torch.allclose(gather_full_state(model)["word_embeddings.weight"],
-                              reference.state_dict()["word_embeddings.weight"])
+        assert torch.allclose(
+            gather_full_state(model)["word_embeddings.weight"],
+            reference.state_dict()["word_embeddings.weight"],
+        )
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-3)
         losses, ref_losses, grad_diffs = [], [], []
@@ -70,7 +91,9 @@ def equivalence_worker(rank, world, cases, steps):
                 g = p.grad
                 if spec is not None:
                     parts = [torch.empty_like(g) for _ in range(world)]
-                    dist.all_gather(parts, g.contiguous(), group=state.get_tensor_model_parallel_group())
+                    dist.all_gather(
+                        parts, g.contiguous(), group=state.get_tensor_model_parallel_group()
+                    )
                     g = unshard_tensors(parts, *spec)
                 worst = max(worst, float((g - ref_params[pname].grad).abs().max()))
             losses.append(float(loss.detach()))
@@ -84,14 +107,18 @@ def equivalence_worker(rank, world, cases, steps):
     return out
 
 
-@pytest.mark.parametrize("world, cases", [(2, list(CASES)), (4, ["plain", "sp", "sp-recompute-block"])])
+@pytest.mark.parametrize(
+    "world, cases", [(2, list(CASES)), (4, ["plain", "sp", "sp-recompute-block"])]
+)
 @pytest.mark.slow
 def test_tp_equals_single_process(tmp_path, world, cases):
     results = spawn(equivalence_worker, world, tmp_path, cases, 3)
     for name in cases:
         for r in results:  # every rank computes the same loss, equal to one process's
             got = r[name]
-            np.testing.assert_allclose(got["losses"], got["ref"], rtol=1e-5, atol=1e-6, err_msg=name)
+            np.testing.assert_allclose(
+                got["losses"], got["ref"], rtol=1e-5, atol=1e-6, err_msg=name
+            )
             assert got["grad_diff"] < 2e-5, (name, got["grad_diff"])
         assert results[0][name]["losses"][-1] < results[0][name]["losses"][0], "it trains"
 
@@ -120,19 +147,28 @@ def rng_and_ce_worker(rank, world):
     target = torch.randint(0, 64, (3, 5))
     ref = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none").view(3, 5)
     (ref * torch.arange(15.0).view(3, 5)).sum().backward()
-    local = logits.detach()[..., rank * 64 // world:(rank + 1) * 64 // world].clone().requires_grad_()
+    local = (
+        logits.detach()[..., rank * 64 // world : (rank + 1) * 64 // world].clone().requires_grad_()
+    )
     ours = vocab_parallel_cross_entropy(local, target)
     (ours * torch.arange(15.0).view(3, 5)).sum().backward()
-    return {"gathered": gathered, "loss": (ours.detach(), ref.detach()),
-            "grad": (local.grad, logits.grad[..., rank * 64 // world:(rank + 1) * 64 // world])}
+    return {
+        "gathered": gathered,
+        "loss": (ours.detach(), ref.detach()),
+        "grad": (local.grad, logits.grad[..., rank * 64 // world : (rank + 1) * 64 // world]),
+    }
 
 
 @pytest.mark.slow
 def test_rng_tracker_and_vocab_parallel_cross_entropy(tmp_path):
     results = spawn(rng_and_ce_worker, 2, tmp_path)
     g = results[0]["gathered"]
-    assert torch.equal(g["shared"][0], g["shared"][1]), "replicated activations: the same mask on every TP rank"
-    assert not torch.equal(g["split"][0], g["split"][1]), "split activations: a different mask per TP rank"
+    assert torch.equal(g["shared"][0], g["shared"][1]), (
+        "replicated activations: the same mask on every TP rank"
+    )
+    assert not torch.equal(g["split"][0], g["split"][1]), (
+        "split activations: a different mask per TP rank"
+    )
     assert torch.equal(g["after"][0], g["after"][1])
     for r in results:
         torch.testing.assert_close(*r["loss"])
@@ -150,15 +186,27 @@ def dropout_worker(rank, world, seed):
     losses = []
     for recompute in (None, "full"):
         model_parallel_seed(seed, state.get_tensor_model_parallel_rank())
-        model = GLMModel(ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, max_position_embeddings=SEQ,
-                                     vocab_size=VOCAB, hidden_dropout=0.2, attention_dropout=0.2))
+        model = GLMModel(
+            ModelConfig(
+                num_layers=2,
+                hidden_size=64,
+                num_attention_heads=4,
+                max_position_embeddings=SEQ,
+                vocab_size=VOCAB,
+                hidden_dropout=0.2,
+                attention_dropout=0.2,
+            )
+        )
         apply_ac(apply_tp(model, sequence_parallel=True), recompute)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         run = []
         for step in range(3):
             b = make_batch(step)
-            loss = model.loss(model(b["tokens"], b["position_ids"], b["attn_lo"], b["attn_hi"]), b["labels"],
-                              b["loss_mask"])[0]
+            loss = model.loss(
+                model(b["tokens"], b["position_ids"], b["attn_lo"], b["attn_hi"]),
+                b["labels"],
+                b["loss_mask"],
+            )[0]
             loss.backward()
             opt.step()
             opt.zero_grad()
@@ -187,8 +235,15 @@ def no_collective_worker(rank, world):
     from megatron_glm.parallel import state
 
     state.initialize_model_parallel(tp=1)
-    model = GLMModel(ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, max_position_embeddings=SEQ,
-                                 vocab_size=VOCAB))
+    model = GLMModel(
+        ModelConfig(
+            num_layers=2,
+            hidden_size=64,
+            num_attention_heads=4,
+            max_position_embeddings=SEQ,
+            vocab_size=VOCAB,
+        )
+    )
     apply_ac(model, "full")  # a Recompute module; then TP=1 must add no parallel one
     kinds_before = {type(m).__name__ for m in model.modules()}
     apply_tp(model, sequence_parallel=False)
@@ -199,9 +254,16 @@ def no_collective_worker(rank, world):
     for name in ("all_reduce", "all_gather", "reduce_scatter", "broadcast"):
         setattr(dist, name, refuse)
     b = make_batch(0)
-    loss = model.loss(model(b["tokens"], b["position_ids"], b["attn_lo"], b["attn_hi"]), b["labels"], b["loss_mask"])[0]
+    loss = model.loss(
+        model(b["tokens"], b["position_ids"], b["attn_lo"], b["attn_hi"]),
+        b["labels"],
+        b["loss_mask"],
+    )[0]
     loss.backward()
-    return {"same_modules": {type(m).__name__ for m in model.modules()} == kinds_before, "loss": float(loss.detach())}
+    return {
+        "same_modules": {type(m).__name__ for m in model.modules()} == kinds_before,
+        "loss": float(loss.detach()),
+    }
 
 
 @pytest.mark.slow

@@ -27,7 +27,9 @@ def check_common(tok: GLMTokenizer):
     prompt = "Paris is the [MASK] of France. [gMASK]"
     with_special = tok.encode(prompt, allow_special=True)
     assert tok.mask_id in with_special and tok.gmask_id in with_special
-    assert not set(tok.encode(prompt)) & (set(ids) - {tok.unk_id}), "raw text may only produce [unk]"
+    assert not set(tok.encode(prompt)) & (set(ids) - {tok.unk_id}), (
+        "raw text may only produce [unk]"
+    )
     assert tok.decode([tok.sop_id]) == "[sop]" and tok.decode([tok.eop_id]) == "[eop]"
     assert tok.eod_id == tok.eos_id
     with pytest.raises(ValueError, match="outside"):
@@ -42,7 +44,9 @@ def check_common(tok: GLMTokenizer):
 def test_sentencepiece_from_glm_train_tokenizer(tokenizer, corpus):
     check_common(tokenizer)
     assert tokenizer.spec.type == "sentencepiece"
-    assert tokenizer.vocab_size == tokenizer.base_vocab_size == 1500, "trained models hold all specials"
+    assert tokenizer.vocab_size == tokenizer.base_vocab_size == 1500, (
+        "trained models hold all specials"
+    )
     for text in corpus[1][:300] + [TEXT, "unicode: héllo ✓ 漢字 \t tabs"]:
         assert tokenizer.decode(tokenizer.encode(text)) == text
     prompt = "The [sMASK] is here. [MASK]"
@@ -87,7 +91,9 @@ def test_hf_tokenizer_json(trained_bpe):
 
 
 def test_gpt2_vocab_and_merges(trained_bpe):
-    tok = load_tokenizer(vocab_file=str(trained_bpe / "vocab.json"), merge_file=str(trained_bpe / "merges.txt"))
+    tok = load_tokenizer(
+        vocab_file=str(trained_bpe / "vocab.json"), merge_file=str(trained_bpe / "merges.txt")
+    )
     assert tok.spec.type == "gpt2"
     check_common(tok)
     assert tok.decode(tok.encode(TEXT)) == TEXT
@@ -110,7 +116,14 @@ def test_bert_wordpiece(bert_vocab):
     # BERT's own spellings are reused...
     assert (tok.pad_id, tok.unk_id, tok.cls_id, tok.sep_id, tok.mask_id) == (0, 1, 2, 3, 4)
     # ...and the GLM-only ones appended after the 16 base ids, in role order
-    assert [tok.smask_id, tok.gmask_id, tok.sop_id, tok.eop_id, tok.eos_id, tok.dblock_id] == [16, 17, 18, 19, 20, 21]
+    assert [tok.smask_id, tok.gmask_id, tok.sop_id, tok.eop_id, tok.eos_id, tok.dblock_id] == [
+        16,
+        17,
+        18,
+        19,
+        20,
+        21,
+    ]
     assert tok.vocab_size == 22 and tok.padded_vocab_size(2) == 256
     assert tok.encode("The cats sat.") == [5, 6, 12, 7, 14]  # the cat ##s sat .
     assert tok.decode(tok.encode("the dogs sat on a mat.")) == "the dogs sat on a mat."

@@ -31,13 +31,48 @@ from megatron_glm.checkpoint.format import (
     tag_of,
     what_is_at,
 )
-from megatron_glm.checkpoint.resume import ResumePoint, check_compatible, check_data_parallel, find_resume
+from megatron_glm.checkpoint.resume import (
+    ResumePoint,
+    check_compatible,
+    check_data_parallel,
+    find_resume,
+)
 from megatron_glm.checkpoint.save import prune, save_checkpoint
 from megatron_glm.checkpoint.save_lock import lock_save_folder
-from megatron_glm.checkpoint.weights import load_model_weights, merge_model_shards, read_weights_only
+from megatron_glm.checkpoint.weights import (
+    load_model_weights,
+    merge_model_shards,
+    read_weights_only,
+)
 
-__all__ = ["LATEST", "LOCK", "META", "CheckpointError", "Checkpointer", "ResumePoint", "check_compatible",
-           "check_data_parallel", "decays", "find_resume", "is_iteration_folder", "list_checkpoints", "load_checkpoint",
-           "load_model_weights", "locate", "lock_save_folder", "merge_model_shards", "model_file", "prune",
-           "read_latest", "read_meta", "read_safely", "read_weights_only", "resume_tag", "rng_file",
-           "save_checkpoint", "settings_of", "tag_of", "what_is_at"]
+__all__ = [
+    "LATEST",
+    "LOCK",
+    "META",
+    "CheckpointError",
+    "Checkpointer",
+    "ResumePoint",
+    "check_compatible",
+    "check_data_parallel",
+    "decays",
+    "find_resume",
+    "is_iteration_folder",
+    "list_checkpoints",
+    "load_checkpoint",
+    "load_model_weights",
+    "locate",
+    "lock_save_folder",
+    "merge_model_shards",
+    "model_file",
+    "prune",
+    "read_latest",
+    "read_meta",
+    "read_safely",
+    "read_weights_only",
+    "resume_tag",
+    "rng_file",
+    "save_checkpoint",
+    "settings_of",
+    "tag_of",
+    "what_is_at",
+]

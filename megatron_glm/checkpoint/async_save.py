@@ -33,7 +33,9 @@ def to_host(obj):
     if torch.is_tensor(obj):
         if obj.device.type == "cpu":
             return obj.detach().clone()
-        return torch.empty(obj.shape, dtype=obj.dtype, pin_memory=True).copy_(obj.detach(), non_blocking=True)
+        return torch.empty(obj.shape, dtype=obj.dtype, pin_memory=True).copy_(
+            obj.detach(), non_blocking=True
+        )
     if type(obj) in (dict, OrderedDict):
         return type(obj)((k, to_host(v)) for k, v in obj.items())
     if type(obj) in (list, tuple):
@@ -116,9 +118,12 @@ class BackgroundWriter:
             lower_priority()
             try:
                 job()
-                logger.info(f"saved {name} in the background ({time.perf_counter() - started:.1f} s)")
+                logger.info(
+                    f"saved {name} in the background ({time.perf_counter() - started:.1f} s)"
+                )
             except BaseException as e:  # raised in the training thread at the next wait
                 self._error = e
+
         self._thread = threading.Thread(target=run, name="megatron-glm-async-save", daemon=False)
         self._thread.start()
 

@@ -20,18 +20,35 @@ class Checkpointer:
     the background; ``wait`` blocks until it is complete (and raises its failure).
     """
 
-    def __init__(self, save_dir: str | None, interval: int | None, keep_last: int, meta: dict, rank: int,
-                 resume: ResumePoint | None, asynchronous: bool = False):
-        self.save_dir, self.interval, self.keep_last, self.meta, self.rank = save_dir, interval, keep_last, meta, rank
+    def __init__(
+        self,
+        save_dir: str | None,
+        interval: int | None,
+        keep_last: int,
+        meta: dict,
+        rank: int,
+        resume: ResumePoint | None,
+        asynchronous: bool = False,
+    ):
+        self.save_dir, self.interval, self.keep_last, self.meta, self.rank = (
+            save_dir,
+            interval,
+            keep_last,
+            meta,
+            rank,
+        )
         self.last_saved = resume.tag if resume else None
         self.writer = None
         if asynchronous and save_dir:
             self.writer = BackgroundWriter()
-        self.blocked_s = self.waited_s = 0.0  # the last save held the loop this long; of that, waiting for the last
+        self.blocked_s = self.waited_s = (
+            0.0  # the last save held the loop this long; of that, waiting for the last
+        )
 
     def due(self, iteration: int, last_iteration: int) -> bool:
-        return bool(self.save_dir) and ((bool(self.interval) and iteration % self.interval == 0)
-                                        or iteration == last_iteration)
+        return bool(self.save_dir) and (
+            (bool(self.interval) and iteration % self.interval == 0) or iteration == last_iteration
+        )
 
     def saved(self, iteration: int) -> bool:
         return self.last_saved == tag_of(iteration)
@@ -40,8 +57,15 @@ class Checkpointer:
         started = time.perf_counter()
         self.wait()  # the previous save, when asynchronous
         self.waited_s = time.perf_counter() - started
-        folder = save_checkpoint(engine, self.save_dir, iteration, {**self.meta, "consumed_samples": consumed_samples},
-                                 self.keep_last, self.rank, self.writer)
+        folder = save_checkpoint(
+            engine,
+            self.save_dir,
+            iteration,
+            {**self.meta, "consumed_samples": consumed_samples},
+            self.keep_last,
+            self.rank,
+            self.writer,
+        )
         self.blocked_s = time.perf_counter() - started
         self.last_saved = os.path.basename(folder)
         return folder
@@ -52,8 +76,15 @@ class Checkpointer:
             self.writer.wait()
 
     @staticmethod
-    def load(engine, resume: ResumePoint, trust: bool, optimizer: bool = True, rng: bool = True, chunks=None,
-             universal_reader=None) -> tuple[int, int]:
+    def load(
+        engine,
+        resume: ResumePoint,
+        trust: bool,
+        optimizer: bool = True,
+        rng: bool = True,
+        chunks=None,
+        universal_reader=None,
+    ) -> tuple[int, int]:
         """(iteration, consumed samples) after restoring the engine; converted and universal weights are already in
         the model (``chunks``), a universal checkpoint's optimizer state comes from ``universal_reader``.
 
@@ -61,9 +92,25 @@ class Checkpointer:
         weights alone and starts at iteration 0.
         """
         if resume.universal:
-            universal.load(engine, chunks, universal_reader, resume, optimizer and not resume.finetune,
-                           rng and not resume.finetune)
+            universal.load(
+                engine,
+                chunks,
+                universal_reader,
+                resume,
+                optimizer and not resume.finetune,
+                rng and not resume.finetune,
+            )
         elif not resume.weights_only:
-            load_checkpoint(engine, resume.load_dir, resume.tag, trust, optimizer and not resume.finetune,
-                            rng and not resume.finetune)
-        return (0, 0) if resume.finetune else (resume.meta["iteration"], resume.meta["consumed_samples"])
+            load_checkpoint(
+                engine,
+                resume.load_dir,
+                resume.tag,
+                trust,
+                optimizer and not resume.finetune,
+                rng and not resume.finetune,
+            )
+        return (
+            (0, 0)
+            if resume.finetune
+            else (resume.meta["iteration"], resume.meta["consumed_samples"])
+        )

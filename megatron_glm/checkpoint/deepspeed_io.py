@@ -32,8 +32,9 @@ def read_safely(engine, trust: bool = False) -> None:
         engine.checkpoint_engine = SafeCheckpointEngine(engine.checkpoint_engine, trust)
 
 
-def load_checkpoint(engine, load_dir: str, tag: str, trust: bool = False, optimizer: bool = True,
-                    rng: bool = True) -> dict:
+def load_checkpoint(
+    engine, load_dir: str, tag: str, trust: bool = False, optimizer: bool = True, rng: bool = True
+) -> dict:
     """Restore model, optimizer and scheduler (DeepSpeed; or the model alone), and RNG; returns the meta.
 
     The model alone: DeepSpeed copies the weights into the optimizer's fp32 master copies, and
@@ -41,12 +42,17 @@ def load_checkpoint(engine, load_dir: str, tag: str, trust: bool = False, optimi
     """
     meta = read_meta(load_dir, tag)
     read_safely(engine, trust)
-    path, _ = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=optimizer,
-                                     load_lr_scheduler_states=optimizer, load_module_only=not optimizer)
+    path, _ = engine.load_checkpoint(
+        load_dir,
+        tag=tag,
+        load_optimizer_states=optimizer,
+        load_lr_scheduler_states=optimizer,
+        load_module_only=not optimizer,
+    )
     if path is None:
-        raise CheckpointError(f"DeepSpeed could not load {load_dir}/{tag}: its model states are missing")
+        raise CheckpointError(
+            f"DeepSpeed could not load {load_dir}/{tag}: its model states are missing"
+        )
     if rng:
         restore_rng(os.path.join(load_dir, tag), trust)
     return meta
-
-

@@ -57,16 +57,25 @@ def settings_for_layout(meta: dict, tp: int, pp: int, vpp: int = 1, pipeline_lay
     settings = settings_of(meta)
     layers = settings.model.num_layers
     parallel = dataclasses.replace(
-        settings.parallel, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, zero_stage=0,
-        cpu_offload=False, pipeline_layers=tuple(pipeline_layers) if pipeline_layers else None,
-        num_layers_per_virtual_pipeline_stage=layers // (pp * vpp) if vpp > 1 and not pipeline_layers else None)
+        settings.parallel,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        zero_stage=0,
+        cpu_offload=False,
+        pipeline_layers=tuple(pipeline_layers) if pipeline_layers else None,
+        num_layers_per_virtual_pipeline_stage=layers // (pp * vpp)
+        if vpp > 1 and not pipeline_layers
+        else None,
+    )
     return dataclasses.replace(settings, parallel=parallel).record()
 
 
 def list_checkpoints(save_dir: str) -> list[int]:
     if not os.path.isdir(save_dir):
         return []
-    return sorted(int(n[5:]) for n in os.listdir(save_dir) if n.startswith("iter_") and n[5:].isdigit())
+    return sorted(
+        int(n[5:]) for n in os.listdir(save_dir) if n.startswith("iter_") and n[5:].isdigit()
+    )
 
 
 def resume_tag(load_dir: str) -> str | None:
@@ -75,7 +84,11 @@ def resume_tag(load_dir: str) -> str | None:
     It is normally the one ``latest`` names; a run killed between renaming a new checkpoint
     into place and updating ``latest`` leaves a newer complete one, which wins.
     """
-    done = [i for i in list_checkpoints(load_dir) if os.path.exists(os.path.join(load_dir, tag_of(i), META))]
+    done = [
+        i
+        for i in list_checkpoints(load_dir)
+        if os.path.exists(os.path.join(load_dir, tag_of(i), META))
+    ]
     return tag_of(done[-1]) if done else None
 
 
@@ -96,8 +109,10 @@ def what_is_at(path: str) -> str:
     if not names:
         return "is an empty folder: no checkpoint was saved there"
     if is_iteration_folder(path):
-        return ("is an unfinished checkpoint (no meta.json: its save did not complete); pass its folder, "
-                f"{os.path.dirname(os.path.normpath(path)) or '.'}, to resume the newest complete one")
+        return (
+            "is an unfinished checkpoint (no meta.json: its save did not complete); pass its folder, "
+            f"{os.path.dirname(os.path.normpath(path)) or '.'}, to resume the newest complete one"
+        )
     if any(n.startswith("iter_") or n.startswith(".tmp-iter_") for n in names):
         return "holds no complete checkpoint (iter_*/meta.json): every save there was interrupted before it finished"
     if LOCK in names or "metrics.jsonl" in names:
@@ -105,8 +120,10 @@ def what_is_at(path: str) -> str:
     if "config.json" in names and any(n.endswith(".safetensors") for n in names):
         return f"is an export-hf folder: import it first (glm-convert import-hf --load {path} --save NEW_FOLDER)"
     if any(f.startswith("mp_rank_") for _, _, files in os.walk(path) for f in files):
-        return ("is an original GLM checkpoint: import it first "
-                f"(glm-convert import-thudm --load {path} --save NEW_FOLDER)")
+        return (
+            "is an original GLM checkpoint: import it first "
+            f"(glm-convert import-thudm --load {path} --save NEW_FOLDER)"
+        )
     shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
     return f"holds no megatron-glm checkpoint (iter_*/meta.json); it holds {shown}"
 
@@ -135,18 +152,26 @@ def read_latest(load_dir: str) -> str | None:
 def read_meta(load_dir: str, tag: str) -> dict:
     folder = os.path.join(load_dir, tag)
     if not os.path.isdir(folder):
-        raise CheckpointError(f"{load_dir}/{LATEST} names {tag}, but {folder} does not exist; "
-                              f"point {LATEST} at one of {[tag_of(i) for i in list_checkpoints(load_dir)]}")
+        raise CheckpointError(
+            f"{load_dir}/{LATEST} names {tag}, but {folder} does not exist; "
+            f"point {LATEST} at one of {[tag_of(i) for i in list_checkpoints(load_dir)]}"
+        )
     path = os.path.join(folder, META)
     try:
         with open(path, "rb") as f:
             meta = json.loads(f.read().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} is corrupt ({e}): not a megatron-glm checkpoint's meta.json; "
-                              "load another checkpoint") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict) or "iteration" not in meta:
-        raise CheckpointError(f"{path} lacks the model configuration or the iteration: not a megatron-glm "
-                              "checkpoint's meta.json")
+        raise CheckpointError(
+            f"{path} is corrupt ({e}): not a megatron-glm checkpoint's meta.json; "
+            "load another checkpoint"
+        ) from None
+    if (
+        not isinstance(meta, dict)
+        or not isinstance(meta.get("model"), dict)
+        or "iteration" not in meta
+    ):
+        raise CheckpointError(
+            f"{path} lacks the model configuration or the iteration: not a megatron-glm "
+            "checkpoint's meta.json"
+        )
     return meta
-
-

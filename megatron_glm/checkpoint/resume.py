@@ -5,37 +5,68 @@ from __future__ import annotations
 import logging
 import os
 
-from megatron_glm.checkpoint.format import TO_UNIVERSAL, CheckpointError, locate, read_meta, resume_tag, settings_of
+from megatron_glm.checkpoint.format import (
+    TO_UNIVERSAL,
+    CheckpointError,
+    locate,
+    read_meta,
+    resume_tag,
+    settings_of,
+)
 from megatron_glm.config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
 
-def check_compatible(meta: dict, model_cfg: ModelConfig, tokenizer_fingerprint: str | None, where: str,
-                     tensor_parallel: int = 1, pipeline_parallel: int = 1) -> None:
+def check_compatible(
+    meta: dict,
+    model_cfg: ModelConfig,
+    tokenizer_fingerprint: str | None,
+    where: str,
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+) -> None:
     """Refuse a checkpoint of another architecture, tokenizer or layout, naming every difference.
 
     A universal checkpoint takes any layout; the others the TP x PP they were saved with.
     """
     for flag, saved, now in (
-            ("--tensor-model-parallel-size", meta.get("tensor_model_parallel_size", 1), tensor_parallel),
-            ("--pipeline-model-parallel-size", meta.get("pipeline_model_parallel_size", 1), pipeline_parallel)):
+        (
+            "--tensor-model-parallel-size",
+            meta.get("tensor_model_parallel_size", 1),
+            tensor_parallel,
+        ),
+        (
+            "--pipeline-model-parallel-size",
+            meta.get("pipeline_model_parallel_size", 1),
+            pipeline_parallel,
+        ),
+    ):
         if saved != now and not meta.get("universal") and not meta.get("weights_only"):
-            raise CheckpointError(f"{where} was saved with {flag} {saved}, this run has {now}: resume with the same "
-                                  "layout, or keep the whole training state on the new one with "
-                                  + TO_UNIVERSAL.format(where=where))
+            raise CheckpointError(
+                f"{where} was saved with {flag} {saved}, this run has {now}: resume with the same "
+                "layout, or keep the whole training state on the new one with "
+                + TO_UNIVERSAL.format(where=where)
+            )
     saved = ModelConfig.from_dict(meta["model"])
     diffs = saved.architecture_differences(model_cfg)
     if diffs:
         padding = saved.vocab_size != model_cfg.vocab_size and len(diffs) == 1
-        raise CheckpointError(f"{where} holds another architecture (checkpoint vs flags): {'; '.join(diffs)}. " + (
-            f"The vocabulary is padded to a multiple of --make-vocab-size-divisible-by x TP: choose them so that "
-            f"it stays {saved.vocab_size} rows" if padding else
-            "Pass the flags it was trained with, or start a new --save folder"))
+        raise CheckpointError(
+            f"{where} holds another architecture (checkpoint vs flags): {'; '.join(diffs)}. "
+            + (
+                f"The vocabulary is padded to a multiple of --make-vocab-size-divisible-by x TP: choose them so that "
+                f"it stays {saved.vocab_size} rows"
+                if padding
+                else "Pass the flags it was trained with, or start a new --save folder"
+            )
+        )
     recorded = meta.get("tokenizer", {}).get("fingerprint")
     if tokenizer_fingerprint and recorded and recorded != tokenizer_fingerprint:
-        raise CheckpointError(f"{where} was trained with another tokenizer ({meta['tokenizer'].get('files')}); "
-                              "pass the same tokenizer files")
+        raise CheckpointError(
+            f"{where} was trained with another tokenizer ({meta['tokenizer'].get('files')}); "
+            "pass the same tokenizer files"
+        )
 
 
 def check_data_parallel(resume: ResumePoint, data_parallel: int, zero_stage: int) -> None:
@@ -45,9 +76,11 @@ def check_data_parallel(resume: ResumePoint, data_parallel: int, zero_stage: int
     if resume.universal or resume.weights_only or resume.finetune or saved_dp is None:
         return
     if (saved_stage or zero_stage) and (saved_stage, saved_dp) != (zero_stage, data_parallel):
-        raise CheckpointError(f"{resume} holds ZeRO-{saved_stage} partitions of {saved_dp} data-parallel ranks; this "
-                              f"run has ZeRO-{zero_stage} on {data_parallel}: resume with the same, or keep the whole "
-                              "training state on the new layout with " + TO_UNIVERSAL.format(where=resume.load_dir))
+        raise CheckpointError(
+            f"{resume} holds ZeRO-{saved_stage} partitions of {saved_dp} data-parallel ranks; this "
+            f"run has ZeRO-{zero_stage} on {data_parallel}: resume with the same, or keep the whole "
+            "training state on the new layout with " + TO_UNIVERSAL.format(where=resume.load_dir)
+        )
 
 
 class ResumePoint:
@@ -70,8 +103,15 @@ class ResumePoint:
         return os.path.join(self.load_dir, self.tag)
 
 
-def find_resume(load: str | None, save: str | None, model_cfg: ModelConfig, tokenizer_fingerprint: str | None,
-                tp: int, pp: int, finetune: bool = False) -> ResumePoint | None:
+def find_resume(
+    load: str | None,
+    save: str | None,
+    model_cfg: ModelConfig,
+    tokenizer_fingerprint: str | None,
+    tp: int,
+    pp: int,
+    finetune: bool = False,
+) -> ResumePoint | None:
     """Where to resume: ``--load``'s checkpoint, or ``--save``'s when a restarted (requeued) job finds one there.
 
     A fine-tuning job starts from ``--load``'s weights, unless ``--save`` already holds its own
@@ -90,10 +130,11 @@ def find_resume(load: str | None, save: str | None, model_cfg: ModelConfig, toke
         tag = None
     if tag is None:
         if save:
-            logger.info("no checkpoint in %s yet: starting from iteration 0 with freshly initialised weights", save)
+            logger.info(
+                "no checkpoint in %s yet: starting from iteration 0 with freshly initialised weights",
+                save,
+            )
         return None
     meta = read_meta(load, tag)
     check_compatible(meta, model_cfg, tokenizer_fingerprint, load, tp, pp)
     return ResumePoint(load, tag, meta, finetune)
-
-

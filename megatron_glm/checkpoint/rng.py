@@ -14,8 +14,12 @@ from megatron_glm.parallel.random import get_rng_tracker
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "python_pos": random.getstate()[2],
-             "tracker": get_rng_tracker().get_states()}
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": list(random.getstate()[1]),
+        "python_pos": random.getstate()[2],
+        "tracker": get_rng_tracker().get_states(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -33,8 +37,11 @@ def position() -> tuple[int, int, int]:
     """This rank's (pipeline, tensor, data) ranks; (0, 0, 0) outside a parallel run."""
     if not parallel_state.model_parallel_is_initialized():
         return 0, 0, 0
-    return (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank(),
-            parallel_state.get_data_parallel_rank())
+    return (
+        parallel_state.get_pipeline_model_parallel_rank(),
+        parallel_state.get_tensor_model_parallel_rank(),
+        parallel_state.get_data_parallel_rank(),
+    )
 
 
 def restore_rng(folder: str, trust: bool = False, required: bool = True) -> bool:

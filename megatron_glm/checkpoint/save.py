@@ -51,13 +51,19 @@ def _clean_staging(save_dir: str, rank: int) -> None:
 
 def _save_failed(save_dir: str, tag: str, tmp_root: str, e: BaseException | str) -> CheckpointError:
     shutil.rmtree(tmp_root, ignore_errors=True)  # give the space back
-    cause = e if isinstance(e, str) else e.strerror if isinstance(e, OSError) and e.strerror else \
-        str(e).strip().splitlines()[0][:200]
+    cause = (
+        e
+        if isinstance(e, str)
+        else e.strerror
+        if isinstance(e, OSError) and e.strerror
+        else str(e).strip().splitlines()[0][:200]
+    )
     latest = resume_tag(save_dir)
     return CheckpointError(
         f"saving {tag} into {save_dir} failed ({cause}): the disk is probably full or the folder unwritable. "
         f"The latest complete checkpoint is {os.path.join(save_dir, latest) if latest else 'none'}; free space "
-        "and run the same command to resume from it")
+        "and run the same command to resume from it"
+    )
 
 
 def _publish(save_dir: str, tag: str, tmp_root: str, keep_last: int) -> None:
@@ -65,7 +71,9 @@ def _publish(save_dir: str, tag: str, tmp_root: str, keep_last: int) -> None:
     staged = os.path.join(tmp_root, tag)
     _fsync_tree(staged)
     final = os.path.join(save_dir, tag)
-    if os.path.exists(final):  # the same iteration saved again: keep the old one until the new is in place
+    if os.path.exists(
+        final
+    ):  # the same iteration saved again: keep the old one until the new is in place
         os.replace(final, final + ".old")
     os.replace(staged, final)
     faults.crash_point("save:renamed")
@@ -79,8 +87,9 @@ def _publish(save_dir: str, tag: str, tmp_root: str, keep_last: int) -> None:
     prune(save_dir, keep_last)
 
 
-def save_checkpoint(engine, save_dir: str, iteration: int, meta: dict, keep_last: int, rank: int = 0,
-                    writer=None) -> str:
+def save_checkpoint(
+    engine, save_dir: str, iteration: int, meta: dict, keep_last: int, rank: int = 0, writer=None
+) -> str:
     """Write checkpoint ``iteration`` atomically; returns its folder.
 
     With ``writer`` (``--async-save``) the state is only copied to host memory here; the writer's
@@ -97,12 +106,17 @@ def save_checkpoint(engine, save_dir: str, iteration: int, meta: dict, keep_last
         _save_in_background(engine, save_dir, tag, tmp_root, meta, keep_last, rank, writer)
         return os.path.join(save_dir, tag)
     try:
-        engine.save_checkpoint(tmp_root, tag=tag, client_state={"iteration": iteration}, save_latest=False)
+        engine.save_checkpoint(
+            tmp_root, tag=tag, client_state={"iteration": iteration}, save_latest=False
+        )
         torch.save(rng_state(), rng_file(staged, *position()))
         if rank == 0:
             with open(os.path.join(staged, META), "w") as f:
                 json.dump(meta, f, indent=1)
-    except (OSError, RuntimeError) as e:  # a full disk: torch reports it as a RuntimeError of its zip writer
+    except (
+        OSError,
+        RuntimeError,
+    ) as e:  # a full disk: torch reports it as a RuntimeError of its zip writer
         raise _save_failed(save_dir, tag, tmp_root, e) from None
     faults.crash_point("save:staged")
     if torch.distributed.is_initialized():
@@ -114,13 +128,16 @@ def save_checkpoint(engine, save_dir: str, iteration: int, meta: dict, keep_last
     return os.path.join(save_dir, tag)
 
 
-def _save_in_background(engine, save_dir: str, tag: str, tmp_root: str, meta: dict, keep_last: int, rank: int,
-                        writer) -> None:
+def _save_in_background(
+    engine, save_dir: str, tag: str, tmp_root: str, meta: dict, keep_last: int, rank: int, writer
+) -> None:
     staged = os.path.join(tmp_root, tag)
     host = HostCopyEngine(engine.checkpoint_engine)
     engine.checkpoint_engine = host
     try:
-        engine.save_checkpoint(tmp_root, tag=tag, client_state={"iteration": meta["iteration"]}, save_latest=False)
+        engine.save_checkpoint(
+            tmp_root, tag=tag, client_state={"iteration": meta["iteration"]}, save_latest=False
+        )
     except (OSError, RuntimeError) as e:  # the staging folder could not be made (a full disk, say)
         raise _save_failed(save_dir, tag, tmp_root, e) from None
     finally:
@@ -136,7 +153,9 @@ def _save_in_background(engine, save_dir: str, tag: str, tmp_root: str, meta: di
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 torch.save(state, path)
                 if i == 0:
-                    faults.crash_point("async:writing")  # killed mid-write, training running alongside
+                    faults.crash_point(
+                        "async:writing"
+                    )  # killed mid-write, training running alongside
             if rank == 0:
                 with open(os.path.join(staged, META), "w") as f:
                     json.dump(meta, f, indent=1)
@@ -144,9 +163,12 @@ def _save_in_background(engine, save_dir: str, tag: str, tmp_root: str, meta: di
         except (OSError, RuntimeError) as e:
             failure = e
         if not writer.all_ok(failure is None):  # every rank's files are staged (or someone failed)
-            raise _save_failed(save_dir, tag, tmp_root, failure or "another rank could not write its files")
+            raise _save_failed(
+                save_dir, tag, tmp_root, failure or "another rank could not write its files"
+            )
         if rank == 0:
             _publish(save_dir, tag, tmp_root, keep_last)
+
     writer.submit(write, tag)
 
 
@@ -156,5 +178,3 @@ def prune(save_dir: str, keep_last: int) -> None:
     for it in list_checkpoints(save_dir)[:-keep_last] if keep_last > 0 else []:
         if tag_of(it) != latest:
             shutil.rmtree(os.path.join(save_dir, tag_of(it)), ignore_errors=True)
-
-

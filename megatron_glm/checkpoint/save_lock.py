@@ -28,11 +28,17 @@ class SaveLock:
         except BlockingIOError:
             holder = os.pread(self._fd, 4096, 0).decode("utf-8", "replace").strip() or "a process"
             self.release()
-            raise CheckpointError(f"--save {folder} is in use by another run ({holder}): wait for it to end, "
-                                  "or give this run another --save") from None
+            raise CheckpointError(
+                f"--save {folder} is in use by another run ({holder}): wait for it to end, "
+                "or give this run another --save"
+            ) from None
         os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, f"host {socket.gethostname()}, pid {os.getpid()}, since "
-                  f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        os.pwrite(
+            self._fd,
+            f"host {socket.gethostname()}, pid {os.getpid()}, since "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(),
+            0,
+        )
 
     def release(self) -> None:
         """Unlock (closing the file does it); the file stays, so a waiting opener never locks an unlinked one."""

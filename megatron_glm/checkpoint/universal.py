@@ -32,13 +32,17 @@ def param_file(folder: str, name: str, state: str) -> str:
 def read_state(folder: str, name: str, state: str, trust: bool = False):
     path = param_file(folder, name, state)
     if not os.path.exists(path):
-        raise CheckpointError(f"{path} is missing: the universal checkpoint is incomplete; copy it whole, or "
-                              "convert it again (glm-convert to-universal)")
+        raise CheckpointError(
+            f"{path} is missing: the universal checkpoint is incomplete; copy it whole, or "
+            "convert it again (glm-convert to-universal)"
+        )
     value = serialization.load(path, trust=trust)
     if state == "step":
         return int(value)
     if not isinstance(value, dict) or not torch.is_tensor(value.get(PARAM)):
-        raise CheckpointError(f"{path} holds no tensor under {PARAM!r}: not a universal checkpoint's parameter file")
+        raise CheckpointError(
+            f"{path} holds no tensor under {PARAM!r}: not a universal checkpoint's parameter file"
+        )
     return value[PARAM]
 
 
@@ -53,20 +57,30 @@ class UniversalReader:
     """This rank's shards of a universal checkpoint's tensors."""
 
     def __init__(self, folder: str, tp_rank: int, tp: int, geglu: bool, trust: bool = False):
-        self.folder, self.tp_rank, self.tp, self.geglu, self.trust = folder, tp_rank, tp, geglu, trust
+        self.folder, self.tp_rank, self.tp, self.geglu, self.trust = (
+            folder,
+            tp_rank,
+            tp,
+            geglu,
+            trust,
+        )
 
     def shard(self, full_name: str, state: str, shape) -> torch.Tensor:
         whole = read_state(self.folder, full_name, state, self.trust)
         spec = partition_of(full_name, self.geglu) if self.tp > 1 else None
         value = shard_tensor(whole, *spec, self.tp_rank, self.tp) if spec else whole
         if tuple(value.shape) != tuple(shape):
-            raise CheckpointError(f"{param_file(self.folder, full_name, state)}: {tuple(whole.shape)} does not give "
-                                  f"this rank's {tuple(shape)} for TP {self.tp}: the checkpoint holds another model")
+            raise CheckpointError(
+                f"{param_file(self.folder, full_name, state)}: {tuple(whole.shape)} does not give "
+                f"this rank's {tuple(shape)} for TP {self.tp}: the checkpoint holds another model"
+            )
         return value
 
     def weights(self, chunks) -> tuple[dict, str]:
         """The fp32 weights of this rank's (meta) chunks: ``build_rank_model``'s ``weights``."""
-        return {local: self.shard(full, "fp32", p.shape) for local, p, full in local_parameters(chunks)}, self.folder
+        return {
+            local: self.shard(full, "fp32", p.shape) for local, p, full in local_parameters(chunks)
+        }, self.folder
 
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -84,23 +98,35 @@ def restore_optimizer(engine, chunks, reader: UniversalReader, meta: dict) -> No
     def values(p, shape):
         return {state: reader.shard(names[id(p)], state, shape) for state in STATES}
 
-    if hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO-3: each parameter's DP partition, concatenated
+    if hasattr(
+        opt, "fp32_partitioned_groups_flat"
+    ):  # ZeRO-3: each parameter's DP partition, concatenated
         for i, group in enumerate(opt.fp16_groups):
             flat = opt.fp32_partitioned_groups_flat[i]
             parts = {state: [] for state in STATES}
             for p in group:
                 whole = values(p, p.ds_shape)
-                owners = opt._get_param_partition_group(p) if hasattr(opt, "_get_param_partition_group") else \
-                    opt.dp_process_group
-                world, rank = torch.distributed.get_world_size(owners), torch.distributed.get_rank(owners)
+                owners = (
+                    opt._get_param_partition_group(p)
+                    if hasattr(opt, "_get_param_partition_group")
+                    else opt.dp_process_group
+                )
+                world, rank = (
+                    torch.distributed.get_world_size(owners),
+                    torch.distributed.get_rank(owners),
+                )
                 size = -(-p.ds_numel // world)
                 for state, v in whole.items():
                     padded = torch.nn.functional.pad(v.flatten(), (0, size * world - v.numel()))
                     parts[state].append(padded.narrow(0, rank * size, size))
             flat.data.copy_(torch.cat(parts["fp32"]))
-            opt.optimizer.state[flat] = {"step": step.clone(), **{m: torch.cat(parts[m]).to(flat.device)
-                                                                  for m in MOMENTS}}
-    elif hasattr(opt, "bit16_groups") or hasattr(opt, "bf16_groups"):  # ZeRO-1/2, bf16: fragments of flat groups
+            opt.optimizer.state[flat] = {
+                "step": step.clone(),
+                **{m: torch.cat(parts[m]).to(flat.device) for m in MOMENTS},
+            }
+    elif hasattr(opt, "bit16_groups") or hasattr(
+        opt, "bf16_groups"
+    ):  # ZeRO-1/2, bf16: fragments of flat groups
         from deepspeed.utils import safe_set_full_fp32_param
         from deepspeed.utils.tensor_fragment import map_to_flat_opt_states
 
@@ -112,7 +138,9 @@ def restore_optimizer(engine, chunks, reader: UniversalReader, meta: dict) -> No
                     continue
                 whole, at = values(p, p.shape), p._hp_mapping.lp_fragment_address
                 safe_set_full_fp32_param(p, whole["fp32"])
-                p._hp_mapping.optim_fragment = {m: whole[m].flatten().narrow(0, at.start, at.numel) for m in MOMENTS}
+                p._hp_mapping.optim_fragment = {
+                    m: whole[m].flatten().narrow(0, at.start, at.numel) for m in MOMENTS
+                }
             map_to_flat_opt_states(flat, lp_groups[i], opt.optimizer.state, list(MOMENTS))
             opt.optimizer.state[flat]["step"] = step.clone()
     else:  # no ZeRO, fp32: the module's parameters are the optimizer's
@@ -134,18 +162,28 @@ def restore_optimizer(engine, chunks, reader: UniversalReader, meta: dict) -> No
 
 
 def reader_for(resume, layout, geglu: bool, trust: bool = False) -> UniversalReader:
-    return UniversalReader(os.path.join(resume.load_dir, resume.tag), layout.tp_rank, layout.tp, geglu, trust)
+    return UniversalReader(
+        os.path.join(resume.load_dir, resume.tag), layout.tp_rank, layout.tp, geglu, trust
+    )
 
 
-def load(engine, chunks, reader: UniversalReader, resume, optimizer: bool = True, rng: bool = True) -> None:
+def load(
+    engine, chunks, reader: UniversalReader, resume, optimizer: bool = True, rng: bool = True
+) -> None:
     """The training state after the weights: optimizer and schedule unless ``optimizer`` is False
     (``--no-load-optim``), and RNG when the layout is the one it was saved on (otherwise the
     streams of ``--seed``: a TP rank's dropout stream has no counterpart on another TP size)."""
     if optimizer:
         restore_optimizer(engine, chunks, reader, resume.meta)
     meta = resume.meta
-    pp = parallel_state.get_pipeline_model_parallel_world_size() if parallel_state.model_parallel_is_initialized() \
+    pp = (
+        parallel_state.get_pipeline_model_parallel_world_size()
+        if parallel_state.model_parallel_is_initialized()
         else 1
-    same = (meta.get("tensor_model_parallel_size", 1), meta.get("pipeline_model_parallel_size", 1)) == (reader.tp, pp)
+    )
+    same = (
+        meta.get("tensor_model_parallel_size", 1),
+        meta.get("pipeline_model_parallel_size", 1),
+    ) == (reader.tp, pp)
     if rng and same:
         restore_rng(reader.folder, reader.trust, required=False)

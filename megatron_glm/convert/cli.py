@@ -25,49 +25,92 @@ import sys
 def _common(sp, layout: bool = True):
     sp.add_argument("--load", required=True, help="source checkpoint (file or folder)")
     sp.add_argument("--save", required=True, help="output folder (written atomically)")
-    sp.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="cast the weights")
-    sp.add_argument("--dry-run", action="store_true", help="list what would be written, write nothing")
+    sp.add_argument(
+        "--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="cast the weights"
+    )
+    sp.add_argument(
+        "--dry-run", action="store_true", help="list what would be written, write nothing"
+    )
     sp.add_argument("--overwrite", action="store_true", help="replace an existing --save")
-    sp.add_argument("--trust-checkpoint", action="store_true",
-                    help="unpickle --load's files without restriction (they can run code): only for a source you "
-                         "trust whose files hold more than tensors, numbers and DeepSpeed's optimizer states")
+    sp.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="unpickle --load's files without restriction (they can run code): only for a source you "
+        "trust whose files hold more than tensors, numbers and DeepSpeed's optimizer states",
+    )
     if layout:
-        sp.add_argument("--target-tp", type=int, default=1, help="tensor-parallel size of the output")
-        sp.add_argument("--target-pp", type=int, default=1, help="pipeline-parallel size of the output")
+        sp.add_argument(
+            "--target-tp", type=int, default=1, help="tensor-parallel size of the output"
+        )
+        sp.add_argument(
+            "--target-pp", type=int, default=1, help="pipeline-parallel size of the output"
+        )
         sp.add_argument("--target-num-layers-per-virtual-pipeline-stage", type=int, default=None)
         sp.add_argument("--target-pipeline-layers", type=int, nargs="+", default=None)
 
 
 def _shards(sp):
-    sp.add_argument("--max-shard-size", default="5GB",
-                    help="Hugging Face output: safetensors shards up to this size, with an index (e.g. 5GB, 500MB)")
+    sp.add_argument(
+        "--max-shard-size",
+        default="5GB",
+        help="Hugging Face output: safetensors shards up to this size, with an index (e.g. 5GB, 500MB)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     from megatron_glm.data.tokenizer import add_tokenizer_args
 
-    p = argparse.ArgumentParser(allow_abbrev=False, prog="glm-convert", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        allow_abbrev=False,
+        prog="glm-convert",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="command", required=True)
-    _common(sub.add_parser("reshard", allow_abbrev=False, help="any TP x PP layout (or format) -> another layout"))
-    sp = sub.add_parser("import-thudm", allow_abbrev=False, help="an original THUDM/GLM checkpoint -> megatron-glm")
+    _common(
+        sub.add_parser(
+            "reshard", allow_abbrev=False, help="any TP x PP layout (or format) -> another layout"
+        )
+    )
+    sp = sub.add_parser(
+        "import-thudm", allow_abbrev=False, help="an original THUDM/GLM checkpoint -> megatron-glm"
+    )
     _common(sp)
     sp.add_argument("--preset", help="architecture preset (gives the attention heads)")
     sp.add_argument("--num-attention-heads", type=int, help="heads (not recorded in the weights)")
     add_tokenizer_args(sp)
-    sp = sub.add_parser("export-hf", allow_abbrev=False, help="megatron-glm -> a folder transformers loads "
-                        "(AutoModelForCausalLM / AutoTokenizer, trust_remote_code=True)")
+    sp = sub.add_parser(
+        "export-hf",
+        allow_abbrev=False,
+        help="megatron-glm -> a folder transformers loads "
+        "(AutoModelForCausalLM / AutoTokenizer, trust_remote_code=True)",
+    )
     _common(sp, layout=False)
     _shards(sp)
-    _common(sub.add_parser("import-hf", allow_abbrev=False, help="an export-hf folder -> megatron-glm"))
-    sp = sub.add_parser("zero-to-fp32", allow_abbrev=False, help="consolidate ZeRO partitions to fp32 weights")
+    _common(
+        sub.add_parser("import-hf", allow_abbrev=False, help="an export-hf folder -> megatron-glm")
+    )
+    sp = sub.add_parser(
+        "zero-to-fp32", allow_abbrev=False, help="consolidate ZeRO partitions to fp32 weights"
+    )
     _common(sp)
-    sp.add_argument("--hf", action="store_true", help="write a Hugging Face folder instead (as export-hf)")
+    sp.add_argument(
+        "--hf", action="store_true", help="write a Hugging Face folder instead (as export-hf)"
+    )
     _shards(sp)
-    sp = sub.add_parser("to-universal", allow_abbrev=False, help="the whole training state (weights, Adam moments, "
-                        "schedule) for any layout: glm-pretrain resumes it on another TP x PP x DP or ZeRO stage")
+    sp = sub.add_parser(
+        "to-universal",
+        allow_abbrev=False,
+        help="the whole training state (weights, Adam moments, "
+        "schedule) for any layout: glm-pretrain resumes it on another TP x PP x DP or ZeRO stage",
+    )
     _common(sp, layout=False)
-    sp.add_argument("--iteration", type=int, default=None, help="the checkpoint to convert (default: the latest)")
+    sp.add_argument(
+        "--iteration",
+        type=int,
+        default=None,
+        help="the checkpoint to convert (default: the latest)",
+    )
     return p
 
 
@@ -79,18 +122,30 @@ def convert(args) -> list[tuple[str, int]]:
         from megatron_glm.convert.universal import write_universal
 
         if args.dtype:
-            raise ConversionError("to-universal keeps the fp32 training state as it is: drop --dtype")
-        return write_universal(args.load, args.save, args.trust_checkpoint, args.dry_run, args.overwrite,
-                               args.iteration)
+            raise ConversionError(
+                "to-universal keeps the fp32 training state as it is: drop --dtype"
+            )
+        return write_universal(
+            args.load,
+            args.save,
+            args.trust_checkpoint,
+            args.dry_run,
+            args.overwrite,
+            args.iteration,
+        )
     if args.command == "import-thudm":
-        state, cfg, info = readers.read_thudm(args.load, args.num_attention_heads, args.preset,
-                                              args.trust_checkpoint)
+        state, cfg, info = readers.read_thudm(
+            args.load, args.num_attention_heads, args.preset, args.trust_checkpoint
+        )
         if args.tokenizer_model or args.vocab_file:
             from megatron_glm.data.tokenizer import GLMTokenizer, spec_from_args
+
             tokenizer = GLMTokenizer(spec_from_args(args))
             if tokenizer.vocab_size > cfg.vocab_size:
-                raise ConversionError(f"the tokenizer has {tokenizer.vocab_size} ids but the checkpoint only "
-                                      f"{cfg.vocab_size} embedding rows: another tokenizer")
+                raise ConversionError(
+                    f"the tokenizer has {tokenizer.vocab_size} ids but the checkpoint only "
+                    f"{cfg.vocab_size} embedding rows: another tokenizer"
+                )
             info["tokenizer"] = tokenizer.describe()
     elif args.command == "zero-to-fp32":
         state, cfg, info = readers.zero_to_fp32(args.load, trust=args.trust_checkpoint)
@@ -100,38 +155,72 @@ def convert(args) -> list[tuple[str, int]]:
         if args.command == "import-hf" and fmt != "hf":
             raise ConversionError(f"{args.load} is a {fmt} checkpoint, not an export-hf folder")
         if args.command in ("reshard", "export-hf") and fmt == "thudm":
-            raise ConversionError(f"{args.load} is an original GLM checkpoint: use `glm-convert import-thudm`")
-        state, cfg, info = readers.read_hf(args.load) if fmt == "hf" else \
-            readers.read_megatron_glm(args.load, trust=args.trust_checkpoint)
+            raise ConversionError(
+                f"{args.load} is an original GLM checkpoint: use `glm-convert import-thudm`"
+            )
+        state, cfg, info = (
+            readers.read_hf(args.load)
+            if fmt == "hf"
+            else readers.read_megatron_glm(args.load, trust=args.trust_checkpoint)
+        )
     check_state(state, cfg, args.load)
     if args.command == "export-hf" or (args.command == "zero-to-fp32" and args.hf):
-        return writers.write_hf(args.save, state, cfg, info, args.dtype, args.dry_run, args.overwrite,
-                                args.max_shard_size)
+        return writers.write_hf(
+            args.save,
+            state,
+            cfg,
+            info,
+            args.dtype,
+            args.dry_run,
+            args.overwrite,
+            args.max_shard_size,
+        )
     vpp_layers = args.target_num_layers_per_virtual_pipeline_stage
     if vpp_layers and cfg.num_layers % (args.target_pp * vpp_layers):
-        raise ConversionError(f"{cfg.num_layers} layers do not split into --target-pp {args.target_pp} x "
-                              f"{vpp_layers} layers per virtual stage")
+        raise ConversionError(
+            f"{cfg.num_layers} layers do not split into --target-pp {args.target_pp} x "
+            f"{vpp_layers} layers per virtual stage"
+        )
     vpp = cfg.num_layers // (args.target_pp * vpp_layers) if vpp_layers else 1
-    return writers.write_megatron_glm(args.save, state, cfg, info, args.target_tp, args.target_pp, vpp,
-                                      args.target_pipeline_layers, args.dtype, args.dry_run, args.overwrite,
-                                      source=f"{args.command} {args.load}")
+    return writers.write_megatron_glm(
+        args.save,
+        state,
+        cfg,
+        info,
+        args.target_tp,
+        args.target_pp,
+        vpp,
+        args.target_pipeline_layers,
+        args.dtype,
+        args.dry_run,
+        args.overwrite,
+        source=f"{args.command} {args.load}",
+    )
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         plan = convert(args)
-    except (ValueError, FileNotFoundError) as e:  # ours (conversion, checkpoint, tokenizer) and ModelConfig's
+    except (
+        ValueError,
+        FileNotFoundError,
+    ) as e:  # ours (conversion, checkpoint, tokenizer) and ModelConfig's
         print(f"glm-convert: error: {e} (nothing was written)", file=sys.stderr)
         return 1
     except OSError as e:  # a full disk or an unwritable --save: the staged output goes too
         shutil.rmtree(args.save.rstrip("/") + ".partial", ignore_errors=True)
-        print(f"glm-convert: error: {e.filename or args.save}: {e.strerror or e}; the disk may be full or the "
-              "folder unwritable (nothing was written)", file=sys.stderr)
+        print(
+            f"glm-convert: error: {e.filename or args.save}: {e.strerror or e}; the disk may be full or the "
+            "folder unwritable (nothing was written)",
+            file=sys.stderr,
+        )
         return 1
     total = sum(size for _, size in plan)
     verb = "would write" if args.dry_run else "wrote"
-    shown = plan if len(plan) <= 24 else plan[:20] + plan[-2:]  # a universal checkpoint has a folder per tensor
+    shown = (
+        plan if len(plan) <= 24 else plan[:20] + plan[-2:]
+    )  # a universal checkpoint has a folder per tensor
     for name, size in shown:
         if len(shown) < len(plan) and name == plan[-2][0]:
             print(f"  ... {len(plan) - len(shown)} more")

@@ -63,48 +63,86 @@ class BlankInfillingConfig:
 
     seq_length: int = internal()  # the data's (--seq-length)
     token_prob: float = setting(1.0, "token objective ([MASK]) probability", name="--bert-prob")
-    sentence_prob: float = setting(0.0, "sentence objective ([sMASK]) probability; the rest is the document "
-                                        "objective", name="--gap-sentence-prob")
+    sentence_prob: float = setting(
+        0.0,
+        "sentence objective ([sMASK]) probability; the rest is the document objective",
+        name="--gap-sentence-prob",
+    )
     mask_ratio: float = setting(0.15)
     poisson_lambda: float = setting(3.0)
     max_span_length: int = internal(39)
     sentence_ratio: float = setting(0.15, name="--gap-sentence-ratio")
-    gmask_min_ratio: float = setting(0.5, "shortest [gMASK] span, fraction of the text", name="--gpt-min-ratio")
+    gmask_min_ratio: float = setting(
+        0.5, "shortest [gMASK] span, fraction of the text", name="--gpt-min-ratio"
+    )
     gmask_max_ratio: float = internal(1.0)
-    gpt_infill_prob: float = setting(0.5, "document objective: probability of a suffix (no [eop]); otherwise one "
-                                          "span anywhere in a one-document sample (with [eop]). Samples of several "
-                                          "documents always take a suffix")
-    block_mask_prob: float = setting(0.0, "token objective: replace each Part B input token by [dBLOCK] with this "
-                                          "probability (GLM-10B: 0.1)")
-    context_mask_ratio: float = setting(0.0, "token objective: replace this fraction of the text, among the tokens "
-                                             "within --context-mask-range of a blank, by [dBLOCK]")
+    gpt_infill_prob: float = setting(
+        0.5,
+        "document objective: probability of a suffix (no [eop]); otherwise one "
+        "span anywhere in a one-document sample (with [eop]). Samples of several "
+        "documents always take a suffix",
+    )
+    block_mask_prob: float = setting(
+        0.0,
+        "token objective: replace each Part B input token by [dBLOCK] with this "
+        "probability (GLM-10B: 0.1)",
+    )
+    context_mask_ratio: float = setting(
+        0.0,
+        "token objective: replace this fraction of the text, among the tokens "
+        "within --context-mask-range of a blank, by [dBLOCK]",
+    )
     context_mask_range: int = setting(3)
-    random_position: bool = setting(False, "shift the positions of a sample by a random offset, so that every "
-                                           "position row trains")
-    shuffle_spans: bool = setting(True, "keep Part B spans in text order", name="--no-shuffle-blocks", negate=True)
+    random_position: bool = setting(
+        False,
+        "shift the positions of a sample by a random offset, so that every position row trains",
+    )
+    shuffle_spans: bool = setting(
+        True, "keep Part B spans in text order", name="--no-shuffle-blocks", negate=True
+    )
     single_span_prob: float = setting(0.0, "token objective: one span of the whole masked length")
     short_seq_prob: float = setting(0.0, "cut the text to a uniform random length, pad the rest")
-    task_mask: bool = setting(True, "[MASK] for every objective (off: [sMASK]/[gMASK] for sentence/document)",
-                              name="--no-task-mask", negate=True)
-    packed: bool = setting(False, "one segment per document (GLM-130B style)", name="--packed-segments")
+    task_mask: bool = setting(
+        True,
+        "[MASK] for every objective (off: [sMASK]/[gMASK] for sentence/document)",
+        name="--no-task-mask",
+        negate=True,
+    )
+    packed: bool = setting(
+        False, "one segment per document (GLM-130B style)", name="--packed-segments"
+    )
     seed: int = internal(1234)  # the job's (--seed)
 
     def validate(self) -> None:
         probs = (self.token_prob, self.sentence_prob)
         if min(probs) < 0 or sum(probs) > 1 + 1e-9:
-            raise ValueError(f"objective probabilities token {self.token_prob} + sentence {self.sentence_prob} "
-                             "must be non-negative and at most 1 (the rest is the document objective)")
+            raise ValueError(
+                f"objective probabilities token {self.token_prob} + sentence {self.sentence_prob} "
+                "must be non-negative and at most 1 (the rest is the document objective)"
+            )
         if not 0 < self.mask_ratio < 1 or not 0 < self.sentence_ratio < 1:
             raise ValueError("mask and sentence ratios must be in (0, 1)")
         if not 0 <= self.gmask_min_ratio <= self.gmask_max_ratio <= 1:
             raise ValueError("need 0 <= gmask min ratio <= gmask max ratio <= 1")
-        for name in ("gpt_infill_prob", "block_mask_prob", "context_mask_ratio", "single_span_prob", "short_seq_prob"):
+        for name in (
+            "gpt_infill_prob",
+            "block_mask_prob",
+            "context_mask_ratio",
+            "single_span_prob",
+            "short_seq_prob",
+        ):
             if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
+                raise ValueError(
+                    f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}"
+                )
         if self.context_mask_range < 1:
-            raise ValueError(f"context mask range must be at least 1, got {self.context_mask_range}")
+            raise ValueError(
+                f"context mask range must be at least 1, got {self.context_mask_range}"
+            )
         if self.seq_length < 8:
-            raise ValueError(f"sequence length {self.seq_length} is too short for blank infilling (>= 8)")
+            raise ValueError(
+                f"sequence length {self.seq_length} is too short for blank infilling (>= 8)"
+            )
 
 
 @dataclass
@@ -121,8 +159,16 @@ class SpecialIds:
     @classmethod
     def from_tokenizer(cls, tok) -> "SpecialIds":
         ids = tok.special_ids
-        return cls(ids["pad"], ids["mask"], ids["smask"], ids["gmask"], ids["sop"], ids["eop"],
-                   ids.get("eos"), ids.get("dblock"))
+        return cls(
+            ids["pad"],
+            ids["mask"],
+            ids["smask"],
+            ids["gmask"],
+            ids["sop"],
+            ids["eop"],
+            ids.get("eos"),
+            ids.get("dblock"),
+        )
 
 
 SENTENCE_ENDS = ".?!;:\n…。？！；："
@@ -131,8 +177,11 @@ SENTENCE_ENDS = ".?!;:\n…。？！；："
 def sentence_end_ids(tokenizer) -> np.ndarray:
     """Ids of the tokens that end a sentence: THUDM's rule, an end character anywhere in the token."""
     special = set(tokenizer.special_ids.values())
-    ids = [i for i in range(tokenizer.vocab_size)
-           if i not in special and any(c in SENTENCE_ENDS for c in tokenizer.decode([i]))]
+    ids = [
+        i
+        for i in range(tokenizer.vocab_size)
+        if i not in special and any(c in SENTENCE_ENDS for c in tokenizer.decode([i]))
+    ]
     return np.asarray(ids, dtype=np.int64)
 
 
@@ -149,34 +198,59 @@ class _Plan:
     objective: int
     eop: bool = True
     bias: int = 0  # added to row 0 of the positions (random_position)
-    block_masked: np.ndarray | None = None  # over Part B inputs after [sop], in Part B order: -> [dBLOCK]
+    block_masked: np.ndarray | None = (
+        None  # over Part B inputs after [sop], in Part B order: -> [dBLOCK]
+    )
     context_masked: np.ndarray | None = None  # Part A indices -> [dBLOCK]
 
 
 class BlankInfillingCollator:
     """``collator([(sample_index, sample), ...])`` -> dict of torch tensors (the batch contract)."""
 
-    def __init__(self, cfg: BlankInfillingConfig, special: SpecialIds, sentence_ends: np.ndarray | None = None):
+    def __init__(
+        self,
+        cfg: BlankInfillingConfig,
+        special: SpecialIds,
+        sentence_ends: np.ndarray | None = None,
+    ):
         cfg.validate()
         if (cfg.block_mask_prob or cfg.context_mask_ratio) and special.dblock is None:
-            raise ValueError("--block-mask-prob and --context-mask-ratio need a [dBLOCK] token in the tokenizer")
+            raise ValueError(
+                "--block-mask-prob and --context-mask-ratio need a [dBLOCK] token in the tokenizer"
+            )
         self.cfg, self.special = cfg, special
-        self.sentence_ends = np.zeros(0, np.int64) if sentence_ends is None else np.asarray(sentence_ends, np.int64)
+        self.sentence_ends = (
+            np.zeros(0, np.int64) if sentence_ends is None else np.asarray(sentence_ends, np.int64)
+        )
         # a lookup table: is id i a sentence end? (ids past the table read its last entry, False)
         self._is_end = np.zeros(int(self.sentence_ends.max(initial=-1)) + 2, bool)
         self._is_end[self.sentence_ends] = True
         k = np.arange(1, cfg.max_span_length + 1)
-        log_pmf = k * math.log(cfg.poisson_lambda) - cfg.poisson_lambda - np.array([math.lgamma(x + 1) for x in k])
+        log_pmf = (
+            k * math.log(cfg.poisson_lambda)
+            - cfg.poisson_lambda
+            - np.array([math.lgamma(x + 1) for x in k])
+        )
         pmf = np.exp(log_pmf)
         self.span_cdf = np.cumsum(pmf / pmf.sum())
-        self._generators = SampleGenerators(cfg.seed)  # default_rng([seed, index]), a batch at a time
-        self._arange = np.arange(cfg.seq_length + 16, dtype=np.int64)  # columns; span counts stay under S/2 + 8
+        self._generators = SampleGenerators(
+            cfg.seed
+        )  # default_rng([seed, index]), a batch at a time
+        self._arange = np.arange(
+            cfg.seq_length + 16, dtype=np.int64
+        )  # columns; span counts stay under S/2 + 8
 
     # -- one sample's draws ----------------------------------------------------------------
     def objective_of(self, rng) -> int:
         u = rng.random()
         cfg = self.cfg
-        return TOKEN if u < cfg.token_prob else SENTENCE if u < cfg.token_prob + cfg.sentence_prob else DOCUMENT
+        return (
+            TOKEN
+            if u < cfg.token_prob
+            else SENTENCE
+            if u < cfg.token_prob + cfg.sentence_prob
+            else DOCUMENT
+        )
 
     def plan(self, index: int, text, document_lengths=None) -> _Plan:
         """Every random draw for one sample, deterministic from (seed, index)."""
@@ -191,8 +265,13 @@ class BlankInfillingCollator:
         all of them at once (``_token_plans``) instead of sample by sample.
         """
         cfg = self.cfg
-        batched = not (cfg.short_seq_prob or cfg.single_span_prob or cfg.random_position or cfg.block_mask_prob
-                       or cfg.context_mask_ratio)
+        batched = not (
+            cfg.short_seq_prob
+            or cfg.single_span_prob
+            or cfg.random_position
+            or cfg.block_mask_prob
+            or cfg.context_mask_ratio
+        )
         out, token = [None] * len(samples), []
         rngs = self._generators([index for index, _ in samples])
         for slot, ((_, sample), rng) in enumerate(zip(samples, rngs)):
@@ -216,8 +295,10 @@ class BlankInfillingCollator:
         G = int(guess.max())
         u = np.full((len(pending), G), 2.0)  # past a row's guess: never used
         for r, (_, rng, _) in enumerate(pending):
-            u[r, :guess[r]] = rng.random(int(guess[r]))
-        lengths = np.minimum(np.searchsorted(self.span_cdf, u, side="right") + 1, cfg.max_span_length)
+            u[r, : guess[r]] = rng.random(int(guess[r]))
+        lengths = np.minimum(
+            np.searchsorted(self.span_cdf, u, side="right") + 1, cfg.max_span_length
+        )
         total = np.cumsum(lengths, axis=1)
         k = np.arange(1, G + 1)
         drawn = k <= guess[:, None]
@@ -225,25 +306,42 @@ class BlankInfillingCollator:
         count = np.where(done.any(axis=1), done.argmax(axis=1) + 1, guess)
         length = np.minimum(available, S - 2 * count)
         room = length - 1  # all but the sample's last token
-        take = (((total + k - 1) <= room[:, None]) & (k <= count[:, None])).sum(axis=1)  # sum + gaps fit
+        take = (((total + k - 1) <= room[:, None]) & (k <= count[:, None])).sum(
+            axis=1
+        )  # sum + gaps fit
         kept = k <= take[:, None]
         free = room - np.where(kept, lengths, 0).sum(axis=1) - (take - 1)
         u[:] = 2.0
         orders = []
         for r, (_, rng, _) in enumerate(pending):
-            u[r, :take[r]] = rng.random(int(take[r]))
-            orders.append(rng.permutation(int(take[r])) if cfg.shuffle_spans else np.arange(take[r]))
-        places = np.sort(np.floor(u * (free + 1)[:, None]).astype(np.int64), axis=1)  # unused ones sort last
+            u[r, : take[r]] = rng.random(int(take[r]))
+            orders.append(
+                rng.permutation(int(take[r])) if cfg.shuffle_spans else np.arange(take[r])
+            )
+        places = np.sort(
+            np.floor(u * (free + 1)[:, None]).astype(np.int64), axis=1
+        )  # unused ones sort last
         starts = places + np.cumsum(lengths + 1, axis=1) - (lengths + 1)
-        return [_Plan(text[:length[r]], np.asarray([length[r]], np.int64), starts[r, :take[r]],
-                      lengths[r, :take[r]].astype(np.int64), order, self.special.mask, TOKEN)
-                for r, ((_, _, text), order) in enumerate(zip(pending, orders))]
+        return [
+            _Plan(
+                text[: length[r]],
+                np.asarray([length[r]], np.int64),
+                starts[r, : take[r]],
+                lengths[r, : take[r]].astype(np.int64),
+                order,
+                self.special.mask,
+                TOKEN,
+            )
+            for r, ((_, _, text), order) in enumerate(zip(pending, orders))
+        ]
 
     def _plan(self, rng, objective: int, text, document_lengths) -> _Plan:
         """The draws after the objective's, from ``rng``."""
         cfg, sp = self.cfg, self.special
         text = np.asarray(text, dtype=np.int64)
-        docs = np.asarray([len(text)] if document_lengths is None else document_lengths, dtype=np.int64)
+        docs = np.asarray(
+            [len(text)] if document_lengths is None else document_lengths, dtype=np.int64
+        )
         available = len(text)
         if cfg.short_seq_prob and rng.random() < cfg.short_seq_prob:
             available = int(rng.integers(2, max(available, 2) + 1))
@@ -265,7 +363,9 @@ class BlankInfillingCollator:
         p = _Plan(text[:length], segments, starts, lengths, order, mask_id, objective, eop)
         if objective == DOCUMENT and eop is False:
             return p  # THUDM's suffix: no position shift, no [dBLOCK]
-        if cfg.random_position:  # THUDM: positions end at the last Part A one; shift them up to S - 1
+        if (
+            cfg.random_position
+        ):  # THUDM: positions end at the last Part A one; shift them up to S - 1
             last = int(_part_a_lengths(starts, lengths, segments)[1].max()) - 1
             if last < cfg.seq_length - 1:
                 p.bias = int(rng.integers(0, cfg.seq_length - last))
@@ -283,8 +383,10 @@ class BlankInfillingCollator:
         if segments.size == 1:
             return rng.permutation(starts.size)
         seg = segments.cumsum().searchsorted(starts, side="right")
-        first = seg.searchsorted(self._arange[:segments.size + 1]).tolist()
-        return np.concatenate([a + rng.permutation(b - a) for a, b in zip(first[:-1], first[1:])]).astype(np.int64)
+        first = seg.searchsorted(self._arange[: segments.size + 1]).tolist()
+        return np.concatenate(
+            [a + rng.permutation(b - a) for a, b in zip(first[:-1], first[1:])]
+        ).astype(np.int64)
 
     def _protected_ends(self, text, docs) -> np.ndarray:
         """1 for a document piece whose last token may not be masked: an end-of-document token, or the sample's end."""
@@ -307,7 +409,9 @@ class BlankInfillingCollator:
         guess = int(cfg.mask_ratio * budget / 2) + 8
         lengths = self.span_cdf.searchsorted(rng.random(guess), side="right") + 1
         lengths = np.minimum(lengths, cfg.max_span_length)
-        text_len = np.minimum(available, S - 2 * self._arange[1:guess + 1])  # the text that k spans leave
+        text_len = np.minimum(
+            available, S - 2 * self._arange[1 : guess + 1]
+        )  # the text that k spans leave
         done = lengths.cumsum() >= cfg.mask_ratio * text_len
         k = int(done.argmax()) + 1 if done.any() else guess
         length = int(min(available, S - 2 * k))
@@ -318,7 +422,9 @@ class BlankInfillingCollator:
         """Give the drawn span lengths to documents (THUDM's rule, module docstring), then places inside each."""
         docs = _cut(docs, length)
         if docs.size == 1:  # all but the sample's last token
-            return self._places(rng, lengths[:_fitting(lengths, length - 1, gaps=True)], length - 1)
+            return self._places(
+                rng, lengths[: _fitting(lengths, length - 1, gaps=True)], length - 1
+            )
         room = docs - self._protected_ends(text[:length], docs)  # maskable length of each piece
         # how many of the lengths (in drawn order) each piece takes: prefix sums, searched per piece
         drawn = lengths.tolist()
@@ -329,14 +435,22 @@ class BlankInfillingCollator:
         pieces = room.argsort(kind="stable").tolist()
         room_of, used, counts = room.tolist(), 0, []
         for d in pieces[:-1]:  # sum within int(mask_ratio * room)
-            counts.append(bisect_right(sums, int(room_of[d] * self.cfg.mask_ratio) + sums[used], used + 1) - used - 1)
+            counts.append(
+                bisect_right(sums, int(room_of[d] * self.cfg.mask_ratio) + sums[used], used + 1)
+                - used
+                - 1
+            )
             used += counts[-1]
         # the longest: sum + gaps within its room
-        counts.append(bisect_right(with_gaps, room_of[pieces[-1]] + with_gaps[used] + 1, used + 1) - used - 1)
+        counts.append(
+            bisect_right(with_gaps, room_of[pieces[-1]] + with_gaps[used] + 1, used + 1) - used - 1
+        )
         pieces, counts = np.asarray(pieces), np.asarray(counts)
         owner = pieces.repeat(counts)  # the lengths go to the pieces in that order
         offsets = docs.cumsum() - docs
-        starts, lengths = self._places(rng, lengths[:used + counts[-1]], room[owner], offsets[owner], counts)
+        starts, lengths = self._places(
+            rng, lengths[: used + counts[-1]], room[owner], offsets[owner], counts
+        )
         by_start = starts.argsort(kind="stable")
         return starts[by_start], lengths[by_start]
 
@@ -357,12 +471,13 @@ class BlankInfillingCollator:
             return places + before, lengths
         group = np.arange(counts.size).repeat(counts)
         first = (counts.cumsum() - counts).repeat(counts)
-        total = np.bincount(group, weights=step, minlength=counts.size).astype(np.int64).repeat(counts)  # per piece
+        total = (
+            np.bincount(group, weights=step, minlength=counts.size).astype(np.int64).repeat(counts)
+        )  # per piece
         before -= before[first]  # within its piece
         places = (u * (room - total + 2)).astype(np.int64)  # free = room - sum - (k - 1)
         places = places[np.lexsort((places, group))]  # sorted within each piece
         return offset + places + before, lengths
-
 
     def _sentence_spans(self, rng, text, available: int, docs):
         """Whole sentences, in a random order, until ``sentence_ratio`` of the text they fit is covered."""
@@ -377,8 +492,11 @@ class BlankInfillingCollator:
             firsts, lasts = bounds[:-1], bounds[1:]
         else:  # document ends, and an end-of-document token as a sentence of its own (never chosen)
             doc_ends = docs.cumsum()
-            bounds = np.unique(np.concatenate([[0], ends, doc_ends[doc_ends < available], [available],
-                                               at_eod, at_eod + 1])).tolist()
+            bounds = np.unique(
+                np.concatenate(
+                    [[0], ends, doc_ends[doc_ends < available], [available], at_eod, at_eod + 1]
+                )
+            ).tolist()
             lone_eod = set(at_eod.tolist())
             firsts, lasts = [], []
             for first, last in zip(bounds[:-1], bounds[1:]):
@@ -403,7 +521,9 @@ class BlankInfillingCollator:
     def _document_spans(self, rng, text, available: int, docs):
         """A suffix (no [eop]) of the text, or of every document when packed; or one span anywhere (with [eop])."""
         cfg, S = self.cfg, self.cfg.seq_length
-        pieces = 1 if docs.size == 1 else _cut(docs, min(available, S - 1)).size  # documents a suffix may take
+        pieces = (
+            1 if docs.size == 1 else _cut(docs, min(available, S - 1)).size
+        )  # documents a suffix may take
         several = pieces > 1
         suffix = several or rng.random() < cfg.gpt_infill_prob
         if not suffix:  # one long span anywhere in a one-document sample, except its last token
@@ -435,7 +555,7 @@ class BlankInfillingCollator:
         a_off = np.cumsum(a_seg) - a_seg
         local = _mask_positions(p.starts, p.lengths, p.segments)
         r = self.cfg.context_mask_range
-        near = local[:, None] + np.r_[-r:0, 1:r + 1][None, :]
+        near = local[:, None] + np.r_[-r:0, 1 : r + 1][None, :]
         valid = (near >= 0) & (near < a_seg[seg][:, None])
         near = (near + a_off[seg][:, None])[valid]
         candidates = np.setdiff1d(near, local + a_off[seg])  # sorted, unique, not a blank itself
@@ -457,8 +577,18 @@ class BlankInfillingCollator:
         """
         S, B = self.cfg.seq_length, len(plans)
         out = self._blank(B)
-        one = [] if runs_only else [b for b, p in enumerate(plans) if p.starts.size == 1 and p.segments.size == 1
-                                    and p.block_masked is None and p.context_masked is None]
+        one = (
+            []
+            if runs_only
+            else [
+                b
+                for b, p in enumerate(plans)
+                if p.starts.size == 1
+                and p.segments.size == 1
+                and p.block_masked is None
+                and p.context_masked is None
+            ]
+        )
         chosen = set(one)
         rest = [b for b in range(B) if b not in chosen]
         if rest:
@@ -467,31 +597,37 @@ class BlankInfillingCollator:
             self._layout_one_span(plans[b], b, out)
         tokens, labels, pos0, pos1, lo, hi = out
         shape = (B, S)
-        return {"tokens": tokens.reshape(shape), "labels": labels.reshape(shape),
-                "loss_mask": (pos1 > 0).astype(np.float32).reshape(shape),
-                "pos0": pos0.reshape(shape), "pos1": pos1.reshape(shape), "attn_lo": lo.reshape(shape),
-                "attn_hi": hi.reshape(shape), "objective": np.asarray([p.objective for p in plans], np.int64)}
+        return {
+            "tokens": tokens.reshape(shape),
+            "labels": labels.reshape(shape),
+            "loss_mask": (pos1 > 0).astype(np.float32).reshape(shape),
+            "pos0": pos0.reshape(shape),
+            "pos1": pos1.reshape(shape),
+            "attn_lo": lo.reshape(shape),
+            "attn_hi": hi.reshape(shape),
+            "objective": np.asarray([p.objective for p in plans], np.int64),
+        }
 
     def _layout_one_span(self, p: _Plan, b: int, out) -> None:
         """Row ``b`` for a plan of one segment and one span, by slices: ``A = text[:s] [blank] text[s+n:]``, then
         ``[sop] text[s:s+m-1]`` with labels ``text[s:s+n] ([eop])``."""
         S, sp = self.cfg.seq_length, self.special
-        tokens, labels, pos0, pos1, lo, hi = (a[b * S:(b + 1) * S] for a in out)
+        tokens, labels, pos0, pos1, lo, hi = (a[b * S : (b + 1) * S] for a in out)
         text, s, n = p.text, int(p.starts[0]), int(p.lengths[0])
         a = text.size - n + 1  # Part A, the blank included
         m = n + int(p.eop)  # Part B
         used, ar = a + m, self._arange
         tokens[:s] = text[:s]
         tokens[s] = p.mask_id
-        tokens[s + 1:a] = text[s + n:]
+        tokens[s + 1 : a] = text[s + n :]
         tokens[a] = sp.sop
-        tokens[a + 1:used] = text[s:s + m - 1]
-        labels[a:a + n] = text[s:s + n]
+        tokens[a + 1 : used] = text[s : s + m - 1]
+        labels[a : a + n] = text[s : s + n]
         if p.eop:
             labels[a + n] = sp.eop
         pos0[:a] = ar[:a] + p.bias
         pos0[a:used] = s + p.bias
-        pos1[a:used] = ar[1:m + 1]
+        pos1[a:used] = ar[1 : m + 1]
         lo[:used] = 0
         hi[:a] = a
 
@@ -503,15 +639,22 @@ class BlankInfillingCollator:
         columns, so a destination is a run's first column plus a running index.
         """
         S, sp, B = self.cfg.seq_length, self.special, len(plans)
-        sizes = np.asarray([(p.text.size, p.segments.size, p.starts.size, p.eop, p.bias, p.mask_id) for p in plans],
-                           np.int64)
+        sizes = np.asarray(
+            [
+                (p.text.size, p.segments.size, p.starts.size, p.eop, p.bias, p.mask_id)
+                for p in plans
+            ],
+            np.int64,
+        )
         text_len, n_seg, n_span, eop, bias, mask_id = sizes.T
         text = np.concatenate([p.text for p in plans])
         seg_len = np.concatenate([p.segments for p in plans])
         starts = np.concatenate([p.starts for p in plans]).astype(np.int64)
         lengths = np.concatenate([p.lengths for p in plans]).astype(np.int64)
         span_base = np.cumsum(n_span) - n_span
-        order = np.concatenate([p.order for p in plans]).astype(np.int64) + np.repeat(span_base, n_span)
+        order = np.concatenate([p.order for p in plans]).astype(np.int64) + np.repeat(
+            span_base, n_span
+        )
         seg_row = np.repeat(np.arange(B), n_seg)
         span_row = np.repeat(np.arange(B), n_span)
         seg_end = np.cumsum(seg_len)
@@ -523,7 +666,9 @@ class BlankInfillingCollator:
         drop_first = np.cumsum(dropped) - dropped
         keep[np.repeat(starts + 1 - drop_first, dropped) + np.arange(int(dropped.sum()))] = False
         kept = np.flatnonzero(keep)
-        a_len = seg_len - np.bincount(span_seg, weights=dropped, minlength=seg_len.size).astype(np.int64)
+        a_len = seg_len - np.bincount(span_seg, weights=dropped, minlength=seg_len.size).astype(
+            np.int64
+        )
         a_first = np.cumsum(a_len) - a_len  # in ``kept``
         # where each segment starts in its row: Part A then Part B, segment after segment
         block = lengths[order] + eop[span_row[order]]  # Part B tokens of each span, in Part B order
@@ -540,7 +685,9 @@ class BlankInfillingCollator:
         tokens[dest] = text[kept]
         # a segment's columns [cursor, cursor + total) all attend from its first column; its Part A sees all of its
         # Part A, and Part B keeps hi = column + 1
-        if seg_len.size == B:  # a segment per row, from column 0: whole rows at once, cheaper than scattering
+        if (
+            seg_len.size == B
+        ):  # a segment per row, from column 0: whole rows at once, cheaper than scattering
             col, a_end = self._arange[:S], a_len[:, None]
             part_a = col < a_end
             lo.reshape(-1, S)[rows] = np.where(col < total[:, None], 0, col)
@@ -548,7 +695,9 @@ class BlankInfillingCollator:
             pos0.reshape(-1, S)[rows] = np.where(part_a, col + bias[:, None], 0)
         else:
             seg_col_first = np.cumsum(total) - total
-            lo[np.repeat(seg_col0 - seg_col_first, total) + np.arange(int(total.sum()))] = np.repeat(cursor, total)
+            lo[np.repeat(seg_col0 - seg_col_first, total) + np.arange(int(total.sum()))] = (
+                np.repeat(cursor, total)
+            )
             pos0[dest] = np.arange(kept.size) - np.repeat(a_first - bias[seg_row], a_len)
             hi[dest] = np.repeat(cursor + a_len, a_len)
         seg_text0 = seg_end - seg_len
@@ -577,8 +726,15 @@ class BlankInfillingCollator:
             after_sop = np.ones(run.size, bool)
             after_sop[b_first] = False
             after_sop &= np.repeat(ends_eop, block)
-            drop = np.concatenate([p.block_masked if p.block_masked is not None
-                                   else np.zeros(int(p.lengths.sum()), bool) for p in plans if p.eop])
+            drop = np.concatenate(
+                [
+                    p.block_masked
+                    if p.block_masked is not None
+                    else np.zeros(int(p.lengths.sum()), bool)
+                    for p in plans
+                    if p.eop
+                ]
+            )
             true_next = b_tok.copy()  # labels are the true tokens, whatever the inputs show
             b_tok[np.flatnonzero(after_sop)[drop]] = sp.dblock
         else:
@@ -586,7 +742,9 @@ class BlankInfillingCollator:
         tokens[dest] = b_tok
         tokens[b_col0] = sp.sop
         labels[dest[:-1]] = true_next[1:]  # within a block, a label is the next input token ...
-        labels[b_last] = last_label  # ... but for the block's last, which is [eop] or the suffix's last token
+        labels[b_last] = (
+            last_label  # ... but for the block's last, which is [eop] or the suffix's last token
+        )
         pos0[dest] = np.repeat(mask_pos[order] + bias[span_row[order]], block)
         pos1[dest] = run - np.repeat(b_first - 1, block)
 

@@ -37,17 +37,26 @@ def parse_data_path(data_path: Sequence[str]) -> list[tuple[float, str]]:
 
     if number(items[0]) is None:
         if any(number(x) is not None for x in items):
-            raise ValueError(f"--data-path {' '.join(items)}: mixes weights and bare prefixes; "
-                             "give either prefixes only or weight/prefix pairs (0.7 A 0.3 B)")
+            raise ValueError(
+                f"--data-path {' '.join(items)}: mixes weights and bare prefixes; "
+                "give either prefixes only or weight/prefix pairs (0.7 A 0.3 B)"
+            )
         pairs = [(1.0, p) for p in items]
     else:
-        if len(items) % 2 or any(number(w) is None for w in items[0::2]) or \
-                any(number(p) is not None for p in items[1::2]):
-            raise ValueError(f"--data-path {' '.join(items)}: expected weight/prefix pairs such as 0.7 A 0.3 B")
+        if (
+            len(items) % 2
+            or any(number(w) is None for w in items[0::2])
+            or any(number(p) is not None for p in items[1::2])
+        ):
+            raise ValueError(
+                f"--data-path {' '.join(items)}: expected weight/prefix pairs such as 0.7 A 0.3 B"
+            )
         pairs = [(float(w), p) for w, p in zip(items[0::2], items[1::2])]
     if not all(math.isfinite(w) and w >= 0 for w, _ in pairs) or sum(w for w, _ in pairs) <= 0:
-        raise ValueError(f"--data-path weights must be finite, non-negative and not all zero, got "
-                         f"{[w for w, _ in pairs]}")
+        raise ValueError(
+            f"--data-path weights must be finite, non-negative and not all zero, got "
+            f"{[w for w, _ in pairs]}"
+        )
     total = sum(w for w, _ in pairs)
     return [(w / total, p) for w, p in pairs]
 
@@ -57,9 +66,17 @@ def parse_split(split: str) -> list[float]:
     try:
         parts = [float(x) for x in split.replace("/", ",").split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"--split {split!r}: expected up to three comma-separated numbers such as 949,50,1") from None
-    if not 1 <= len(parts) <= 3 or not all(math.isfinite(x) and x >= 0 for x in parts) or sum(parts) <= 0:
-        raise ValueError(f"--split {split!r}: expected one to three finite non-negative numbers, not all zero")
+        raise ValueError(
+            f"--split {split!r}: expected up to three comma-separated numbers such as 949,50,1"
+        ) from None
+    if (
+        not 1 <= len(parts) <= 3
+        or not all(math.isfinite(x) and x >= 0 for x in parts)
+        or sum(parts) <= 0
+    ):
+        raise ValueError(
+            f"--split {split!r}: expected one to three finite non-negative numbers, not all zero"
+        )
     parts += [0.0] * (3 - len(parts))
     return [x / sum(parts) for x in parts]
 
@@ -104,8 +121,12 @@ class BlendedDataset:
 
     def __init__(self, datasets, weights, num_samples: int, cache_dir: str, description: dict):
         self.datasets, self.weights = datasets, list(weights)
-        index = load_or_build(cache_dir, "blend", {**description, "weights": self.weights, "num_samples": num_samples},
-                              lambda: blend_index(self.weights, num_samples))
+        index = load_or_build(
+            cache_dir,
+            "blend",
+            {**description, "weights": self.weights, "num_samples": num_samples},
+            lambda: blend_index(self.weights, num_samples),
+        )
         self.dataset_index, self.dataset_sample = index["dataset"], index["sample"]
 
     def __len__(self) -> int:
@@ -135,7 +156,9 @@ def build_train_valid_test_datasets(
     """
     pairs = parse_data_path(data_path)
     fractions = parse_split(split)
-    cache_dir = cache_dir or os.path.join(os.path.dirname(os.path.abspath(pairs[0][1])), "index-cache")
+    cache_dir = cache_dir or os.path.join(
+        os.path.dirname(os.path.abspath(pairs[0][1])), "index-cache"
+    )
     corpora = []
     for _, prefix in pairs:
         indexed = IndexedDataset(prefix)
@@ -151,10 +174,15 @@ def build_train_valid_test_datasets(
             continue
         ranges = [split_documents(c.num_documents, fractions)[k] for c in corpora]
         if wanted is None:  # one pass over the split's tokens
-            wanted = sum(int(c.document_lengths()[b:e].sum()) // sample_length for c, (b, e) in zip(corpora, ranges))
+            wanted = sum(
+                int(c.document_lengths()[b:e].sum()) // sample_length
+                for c, (b, e) in zip(corpora, ranges)
+            )
             if wanted == 0:
-                raise ValueError(f"the {name} split ({fractions[k]:.1%} of the documents) holds less than one "
-                                 f"sample of {sample_length} tokens: change --split, or add data")
+                raise ValueError(
+                    f"the {name} split ({fractions[k]:.1%} of the documents) holds less than one "
+                    f"sample of {sample_length} tokens: change --split, or add data"
+                )
         counts = np.bincount(blend_index(weights, wanted)["dataset"], minlength=len(pairs))
         parts = [
             PackedDataset(c, b, e, sample_length, int(n), seed, cache_dir, name) if n else None
@@ -163,7 +191,11 @@ def build_train_valid_test_datasets(
         if len(parts) == 1:
             out.append(parts[0])
             continue
-        description = {"data": [c.fingerprint() for c in corpora], "split": name, "seed": seed,
-                       "sample_length": sample_length}
+        description = {
+            "data": [c.fingerprint() for c in corpora],
+            "split": name,
+            "seed": seed,
+            "sample_length": sample_length,
+        }
         out.append(BlendedDataset(parts, weights, wanted, cache_dir, description))
     return out

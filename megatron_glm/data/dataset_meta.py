@@ -32,8 +32,10 @@ def read_meta(prefix: str) -> dict | None:
         with open(path, "rb") as f:
             meta = json.loads(f.read().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise IndexedDatasetError(f"{path} is corrupt ({e}); delete it to train without the tokenizer check, or "
-                                  "re-run glm-preprocess") from None
+        raise IndexedDatasetError(
+            f"{path} is corrupt ({e}); delete it to train without the tokenizer check, or "
+            "re-run glm-preprocess"
+        ) from None
     if not isinstance(meta, dict):
         raise IndexedDatasetError(f"{path} is not a glm-preprocess record (a JSON object)")
     return meta
@@ -49,8 +51,10 @@ def check_meta_matches(prefix: str, ds: IndexedDataset, meta: dict) -> None:
     if meta.get("tokens") is not None and meta["tokens"] != ds.num_tokens:
         problems.append(f"{meta['tokens']} tokens recorded, {ds.num_tokens} in the .bin")
     if problems:
-        raise IndexedDatasetError(f"{prefix}: the .bin/.idx pair is not the one {meta_path(prefix)} describes "
-                                  f"({'; '.join(problems)}): re-run glm-preprocess")
+        raise IndexedDatasetError(
+            f"{prefix}: the .bin/.idx pair is not the one {meta_path(prefix)} describes "
+            f"({'; '.join(problems)}): re-run glm-preprocess"
+        )
 
 
 def token_range(ds: IndexedDataset, cache_dir: str | None) -> tuple[int, int]:
@@ -58,9 +62,17 @@ def token_range(ds: IndexedDataset, cache_dir: str | None) -> tuple[int, int]:
     if cache_dir is None:
         return ds.token_range()
     stat = os.stat(ds.prefix + ".bin")
-    description = {"token_range": ds.fingerprint(), "bin_bytes": stat.st_size, "bin_mtime_ns": stat.st_mtime_ns}
-    arrays = load_or_build(cache_dir, "token_range", description,
-                           lambda: {"range": np.asarray(ds.token_range(), dtype=np.int64)})
+    description = {
+        "token_range": ds.fingerprint(),
+        "bin_bytes": stat.st_size,
+        "bin_mtime_ns": stat.st_mtime_ns,
+    }
+    arrays = load_or_build(
+        cache_dir,
+        "token_range",
+        description,
+        lambda: {"range": np.asarray(ds.token_range(), dtype=np.int64)},
+    )
     lo, hi = (int(v) for v in arrays["range"])
     return lo, hi
 
@@ -70,10 +82,13 @@ def check_token_range(prefix: str, id_range: tuple[int, int], vocab_size: int) -
     if lo < 0 or hi >= vocab_size:
         raise IndexedDatasetError(
             f"{prefix}.bin: token ids run from {lo} to {hi}, outside the tokenizer's {vocab_size} ids: the data is "
-            "corrupt or was made with another tokenizer; re-run glm-preprocess with the tokenizer you train with")
+            "corrupt or was made with another tokenizer; re-run glm-preprocess with the tokenizer you train with"
+        )
 
 
-def check_tokenizer_matches(prefix: str, ds: IndexedDataset, tokenizer, cache_dir: str | None = None) -> None:
+def check_tokenizer_matches(
+    prefix: str, ds: IndexedDataset, tokenizer, cache_dir: str | None = None
+) -> None:
     """Refuse data this tokenizer cannot have made: ids outside its vocabulary, or another recorded tokenizer."""
     check_dtype_holds_vocab(ds.dtype, tokenizer.vocab_size, where=f"{prefix}.bin")
     meta = read_meta(prefix)
@@ -85,9 +100,14 @@ def check_tokenizer_matches(prefix: str, ds: IndexedDataset, tokenizer, cache_di
                 f"{prefix} was tokenized with {recorded.get('type')} {recorded.get('files')} "
                 f"({recorded.get('vocab_size')} ids), not with the tokenizer given here ({tokenizer.spec.type} "
                 f"{tokenizer.spec.files()}, {tokenizer.vocab_size} ids): pass the same tokenizer, or re-run "
-                "glm-preprocess with this one")
+                "glm-preprocess with this one"
+            )
     check_token_range(prefix, token_range(ds, cache_dir), tokenizer.vocab_size)
     dist = distributed()
     if meta is None and (dist is None or dist.get_rank() == 0):
-        log.warning("%s has no .meta.json (made by another tool, or the record was deleted): its token ids fit the "
-                    "tokenizer's %d ids, but which tokenizer made it cannot be checked", prefix, tokenizer.vocab_size)
+        log.warning(
+            "%s has no .meta.json (made by another tool, or the record was deleted): its token ids fit the "
+            "tokenizer's %d ids, but which tokenizer made it cannot be checked",
+            prefix,
+            tokenizer.vocab_size,
+        )

@@ -48,7 +48,9 @@ class Row:
         return len(self.part_a) + len(self.part_b)
 
 
-def layout(rows: list[Row], length: int, pad: int, size: int | None = None) -> dict[str, np.ndarray]:
+def layout(
+    rows: list[Row], length: int, pad: int, size: int | None = None
+) -> dict[str, np.ndarray]:
     """The batch contract for ``rows`` padded to ``length`` (and to ``size`` rows, with rows that score nothing):
     Part A bidirectional, Part B causal."""
     n = size or len(rows)
@@ -60,13 +62,20 @@ def layout(rows: list[Row], length: int, pad: int, size: int | None = None) -> d
     hi = np.ones((n, length), np.int32)  # padding looks at the first token only
     for r, row in enumerate(rows):
         a, b = len(row.part_a), len(row.part_b)
-        tokens[r, :a], tokens[r, a:a + b] = row.part_a, row.part_b
-        labels[r, a:a + b], loss_mask[r, a:a + b] = row.targets, 1.0
-        positions[r, 0, :a], positions[r, 0, a:a + b] = np.arange(a), row.mask_pos
-        positions[r, 1, a:a + b] = np.arange(1, b + 1)
-        hi[r, :a], hi[r, a:a + b] = a, np.arange(a + 1, a + b + 1)
-    return {"tokens": tokens, "position_ids": positions, "attn_lo": lo, "attn_hi": hi, "labels": labels,
-            "loss_mask": loss_mask, "objective": np.zeros(n, np.int64)}
+        tokens[r, :a], tokens[r, a : a + b] = row.part_a, row.part_b
+        labels[r, a : a + b], loss_mask[r, a : a + b] = row.targets, 1.0
+        positions[r, 0, :a], positions[r, 0, a : a + b] = np.arange(a), row.mask_pos
+        positions[r, 1, a : a + b] = np.arange(1, b + 1)
+        hi[r, :a], hi[r, a : a + b] = a, np.arange(a + 1, a + b + 1)
+    return {
+        "tokens": tokens,
+        "position_ids": positions,
+        "attn_lo": lo,
+        "attn_hi": hi,
+        "labels": labels,
+        "loss_mask": loss_mask,
+        "objective": np.zeros(n, np.int64),
+    }
 
 
 def read_jsonl(path: str, kind: str) -> list[dict]:
@@ -80,9 +89,15 @@ def read_jsonl(path: str, kind: str) -> list[dict]:
             try:
                 row = json.loads(line)
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise TaskError(f"{path}:{n}: not a JSON object ({e}); one object per line") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"].strip():
-                raise TaskError(f"{path}:{n}: needs a non-empty \"text\"")
+                raise TaskError(
+                    f"{path}:{n}: not a JSON object ({e}); one object per line"
+                ) from None
+            if (
+                not isinstance(row, dict)
+                or not isinstance(row.get("text"), str)
+                or not row["text"].strip()
+            ):
+                raise TaskError(f'{path}:{n}: needs a non-empty "text"')
             rows.append((n, row))
     if not rows:
         raise TaskError(f"{path} holds no items: an empty {kind} task file")
@@ -95,17 +110,27 @@ def choice_rows(path: str, tokenizer, limit: int) -> tuple[list[Row], list[int]]
     sop, mask = tokenizer.sop_id, tokenizer.mask_id
     for item, (n, obj) in enumerate(read_jsonl(path, "choice")):
         choices, label = obj.get("choices"), obj.get("label")
-        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
-            raise TaskError(f"{path}:{n}: \"choices\" must be a list of at least two non-empty strings")
+        if (
+            not isinstance(choices, list)
+            or len(choices) < 2
+            or not all(isinstance(c, str) and c for c in choices)
+        ):
+            raise TaskError(
+                f'{path}:{n}: "choices" must be a list of at least two non-empty strings'
+            )
         if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(choices):
-            raise TaskError(f"{path}:{n}: \"label\" {label!r} is not an index into its {len(choices)} choices")
+            raise TaskError(
+                f'{path}:{n}: "label" {label!r} is not an index into its {len(choices)} choices'
+            )
         repeated = sorted({c for c in choices if choices.count(c) > 1})
         if repeated:  # equal candidates score alike, and a tie goes to the first: the row could never be right
-            raise TaskError(f"{path}:{n}: \"choices\" repeat {repeated}: each candidate must differ")
+            raise TaskError(f'{path}:{n}: "choices" repeat {repeated}: each candidate must differ')
         part_a = tokenizer.encode(obj["text"], allow_special=True)
         blanks = [i for i, t in enumerate(part_a) if t == mask]
         if len(blanks) != 1:
-            raise TaskError(f"{path}:{n}: the text has {len(blanks)} [MASK] blanks; a choice fills exactly one")
+            raise TaskError(
+                f"{path}:{n}: the text has {len(blanks)} [MASK] blanks; a choice fills exactly one"
+            )
         for c, text in enumerate(choices):
             ids = tokenizer.encode(text)
             if not ids:
@@ -125,7 +150,11 @@ def lambada_rows(path: str, tokenizer, limit: int) -> list[Row]:
             raise TaskError(f"{path}:{n}: a LAMBADA text needs a context and a last word")
         context, word = text.rsplit(" ", 1)
         whole, ctx = tokenizer.encode(text), tokenizer.encode(context)
-        target = whole[len(ctx):] if whole[:len(ctx)] == ctx and len(whole) > len(ctx) else tokenizer.encode(word)
+        target = (
+            whole[len(ctx) :]
+            if whole[: len(ctx)] == ctx and len(whole) > len(ctx)
+            else tokenizer.encode(word)
+        )
         part_a = ctx + [tokenizer.gmask_id]
         rows.append(Row(part_a, len(ctx), [tokenizer.sop_id] + target[:-1], target, item))
     _check_lengths(rows, limit, path)
@@ -143,7 +172,9 @@ def blank_rows(path: str, tokenizer, limit: int, collator) -> list[Row]:
     for item, (_, obj) in enumerate(read_jsonl(path, "blank")):
         ids = np.asarray(tokenizer.encode(obj["text"])[:budget], np.int64)
         plan = collator.plan(item, ids)
-        if len(plan.starts) == 0:  # too short for the objective's mask ratio: no blank, nothing to score
+        if (
+            len(plan.starts) == 0
+        ):  # too short for the objective's mask ratio: no blank, nothing to score
             continue
         part_a, places, prev = [], [], 0
         for s, length in zip(plan.starts.tolist(), plan.lengths.tolist()):
@@ -153,10 +184,16 @@ def blank_rows(path: str, tokenizer, limit: int, collator) -> list[Row]:
             prev = s + length
         part_a += ids[prev:].tolist()
         for k, (s, length) in enumerate(zip(plan.starts.tolist(), plan.lengths.tolist())):
-            span = ids[s:s + length].tolist()
-            rows.append(Row(part_a, places[k], [tokenizer.sop_id] + span, span + [tokenizer.eop_id], item, k))
+            span = ids[s : s + length].tolist()
+            rows.append(
+                Row(
+                    part_a, places[k], [tokenizer.sop_id] + span, span + [tokenizer.eop_id], item, k
+                )
+            )
     if not rows:
-        raise TaskError(f"{path}: no document is long enough for the token objective to blank a span in it")
+        raise TaskError(
+            f"{path}: no document is long enough for the token objective to blank a span in it"
+        )
     _check_lengths(rows, limit, path)
     return rows
 
@@ -164,19 +201,30 @@ def blank_rows(path: str, tokenizer, limit: int, collator) -> list[Row]:
 def _check_lengths(rows: list[Row], limit: int, path: str) -> None:
     longest = max(rows, key=len)
     if len(longest) > limit:
-        raise TaskError(f"{path}: item {longest.item + 1} needs {len(longest)} positions, the model has {limit}; "
-                        "shorten it or evaluate a model with longer positions")
+        raise TaskError(
+            f"{path}: item {longest.item + 1} needs {len(longest)} positions, the model has {limit}; "
+            "shorten it or evaluate a model with longer positions"
+        )
 
 
-def metrics(kind: str, rows: list[Row], scores: np.ndarray, labels: list[int] | None = None) -> dict:
+def metrics(
+    kind: str, rows: list[Row], scores: np.ndarray, labels: list[int] | None = None
+) -> dict:
     """A task's metrics from ``scores[i] = (nll sum, targets, argmax-correct targets)`` of ``rows[i]``."""
     nll, count, correct = scores[:, 0], scores[:, 1], scores[:, 2]
     if kind == "blank":
-        return {"exact_match": float(np.mean(correct == count)), "token_accuracy": float(correct.sum() / count.sum()),
-                "spans": len(rows), "documents": len({r.item for r in rows})}
+        return {
+            "exact_match": float(np.mean(correct == count)),
+            "token_accuracy": float(correct.sum() / count.sum()),
+            "spans": len(rows),
+            "documents": len({r.item for r in rows}),
+        }
     if kind == "lambada":
-        return {"accuracy": float(np.mean(correct == count)), "perplexity": math.exp(nll.sum() / count.sum()),
-                "items": len(rows)}
+        return {
+            "accuracy": float(np.mean(correct == count)),
+            "perplexity": math.exp(nll.sum() / count.sum()),
+            "items": len(rows),
+        }
     items = np.array([r.item for r in rows])
     right = {"summed": 0, "per_token": 0}
     for item, label in enumerate(labels):
@@ -184,19 +232,31 @@ def metrics(kind: str, rows: list[Row], scores: np.ndarray, labels: list[int] | 
         right["summed"] += int(np.argmin(nll[at]) == label)  # the highest log-likelihood
         right["per_token"] += int(np.argmin(nll[at] / count[at]) == label)
     chance = float(np.mean([1.0 / np.sum(items == i) for i in range(len(labels))]))
-    return {"accuracy": right["summed"] / len(labels), "accuracy_per_token": right["per_token"] / len(labels),
-            "chance": chance, "items": len(labels)}
+    return {
+        "accuracy": right["summed"] / len(labels),
+        "accuracy_per_token": right["per_token"] / len(labels),
+        "chance": chance,
+        "items": len(labels),
+    }
 
 
 def blank_collator(tokenizer, seq_length: int, seed: int):
     """The collator's token objective alone: the spans a held-out document gets blanked at."""
-    from megatron_glm.data.blank_infilling import BlankInfillingCollator, BlankInfillingConfig, SpecialIds
+    from megatron_glm.data.blank_infilling import (
+        BlankInfillingCollator,
+        BlankInfillingConfig,
+        SpecialIds,
+    )
 
-    return BlankInfillingCollator(BlankInfillingConfig(seq_length=seq_length, token_prob=1.0, seed=seed),
-                                  SpecialIds.from_tokenizer(tokenizer))
+    return BlankInfillingCollator(
+        BlankInfillingConfig(seq_length=seq_length, token_prob=1.0, seed=seed),
+        SpecialIds.from_tokenizer(tokenizer),
+    )
 
 
-def build(kind: str, path: str, tokenizer, limit: int, seed: int) -> tuple[list[Row], list[int] | None]:
+def build(
+    kind: str, path: str, tokenizer, limit: int, seed: int
+) -> tuple[list[Row], list[int] | None]:
     """A task file's rows (and labels, for ``choice``), each row at most ``limit`` tokens."""
     if kind == "choice":
         return choice_rows(path, tokenizer, limit)

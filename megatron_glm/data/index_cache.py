@@ -19,7 +19,11 @@ import numpy as np
 def distributed():
     """torch.distributed when a process group is up; never imports torch by itself."""
     torch = sys.modules.get("torch")
-    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+    if (
+        torch is not None
+        and torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+    ):
         return torch.distributed
     return None
 
@@ -39,8 +43,10 @@ def load_or_build(
         try:
             os.makedirs(cache_dir, exist_ok=True)
         except OSError as e:
-            raise OSError(f"cannot create the index cache {cache_dir} ({e}); pass --data-cache-path to a writable "
-                          "folder") from e
+            raise OSError(
+                f"cannot create the index cache {cache_dir} ({e}); pass --data-cache-path to a writable "
+                "folder"
+            ) from e
         arrays = build()
         for name, array in arrays.items():
             tmp = f"{base}_{name}.tmp-{os.getpid()}.npy"
@@ -58,4 +64,6 @@ def load_or_build(
         )
     with open(marker) as f:
         names = json.load(f)["arrays"]
-    return {name: np.load(f"{base}_{name}.npy", mmap_mode="r", allow_pickle=False) for name in names}
+    return {
+        name: np.load(f"{base}_{name}.npy", mmap_mode="r", allow_pickle=False) for name in names
+    }

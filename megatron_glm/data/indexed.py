@@ -134,7 +134,9 @@ class IndexedDatasetWriter:
         self.prefix = os.fspath(prefix)
         self.dtype = np.dtype(dtype)
         if self.dtype not in CODE_OF_DTYPE:
-            raise ValueError(f"unsupported token dtype {self.dtype}; use one of {sorted(map(str, CODE_OF_DTYPE))}")
+            raise ValueError(
+                f"unsupported token dtype {self.dtype}; use one of {sorted(map(str, CODE_OF_DTYPE))}"
+            )
         if not overwrite:
             for path in (bin_path(self.prefix), idx_path(self.prefix)):
                 if os.path.exists(path):
@@ -145,8 +147,10 @@ class IndexedDatasetWriter:
             tag = f".tmp-{os.getpid()}"
             self._bin = open(bin_path(self.prefix) + tag, "wb", buffering=1 << 20)
         except OSError as e:  # read-only, not a folder, full
-            raise IndexedDatasetError(f"cannot write {bin_path(self.prefix)} ({e.strerror}): choose an output "
-                                      "prefix in a folder you can write to") from None
+            raise IndexedDatasetError(
+                f"cannot write {bin_path(self.prefix)} ({e.strerror}): choose an output "
+                "prefix in a folder you can write to"
+            ) from None
         self._bin_tmp = bin_path(self.prefix) + tag
         self._idx_tmp = idx_path(self.prefix) + tag
         self._lengths = _Spill(self._idx_tmp + ".lengths", np.int32)
@@ -173,7 +177,9 @@ class IndexedDatasetWriter:
         arr = self._as_tokens(tokens)
         lengths = np.asarray([arr.size] if lengths is None else list(lengths), dtype=np.int64)
         if int(lengths.sum()) != arr.size or (lengths < 0).any():
-            raise ValueError(f"sequence lengths {lengths.tolist()} do not add up to the {arr.size} tokens given")
+            raise ValueError(
+                f"sequence lengths {lengths.tolist()} do not add up to the {arr.size} tokens given"
+            )
         self._bin.write(arr.tobytes())
         self._lengths.extend(lengths)
         self.num_sequences += lengths.size
@@ -188,11 +194,18 @@ class IndexedDatasetWriter:
         arr = self._as_tokens(tokens)
         lengths = np.asarray(lengths, dtype=np.int64)
         if int(lengths.sum()) != arr.size:
-            raise ValueError(f"sequence lengths add up to {int(lengths.sum())}, not the {arr.size} tokens given")
-        ends = (np.arange(1, lengths.size + 1) if sequences_per_doc is None
-                else np.cumsum(np.asarray(sequences_per_doc, dtype=np.int64)))
+            raise ValueError(
+                f"sequence lengths add up to {int(lengths.sum())}, not the {arr.size} tokens given"
+            )
+        ends = (
+            np.arange(1, lengths.size + 1)
+            if sequences_per_doc is None
+            else np.cumsum(np.asarray(sequences_per_doc, dtype=np.int64))
+        )
         if ends.size and ends[-1] != lengths.size:
-            raise ValueError(f"documents hold {int(ends[-1])} sequences, not the {lengths.size} given")
+            raise ValueError(
+                f"documents hold {int(ends[-1])} sequences, not the {lengths.size} given"
+            )
         self._bin.write(arr.tobytes())
         self._lengths.extend(lengths)
         self._doc_idx.extend(self.num_sequences + ends)
@@ -211,7 +224,9 @@ class IndexedDatasetWriter:
         for start in range(0, lengths.size, _CHUNK):
             self._lengths.extend(lengths[start : start + _CHUNK])
         for start in range(1, doc_idx.size, _CHUNK):
-            self._doc_idx.extend(doc_idx[start : start + _CHUNK].astype(np.int64) + self.num_sequences)
+            self._doc_idx.extend(
+                doc_idx[start : start + _CHUNK].astype(np.int64) + self.num_sequences
+            )
         with open(bin_path(prefix), "rb") as f:
             while block := f.read(1 << 24):
                 self._bin.write(block)
@@ -222,8 +237,12 @@ class IndexedDatasetWriter:
     def _as_tokens(self, tokens) -> np.ndarray:
         arr = np.asarray(tokens)
         if arr.dtype != self.dtype:
-            if arr.size and (arr.min() < np.iinfo(self.dtype).min or arr.max() > np.iinfo(self.dtype).max):
-                raise IndexedDatasetError(f"token ids {arr.min()}..{arr.max()} do not fit dtype {self.dtype}")
+            if arr.size and (
+                arr.min() < np.iinfo(self.dtype).min or arr.max() > np.iinfo(self.dtype).max
+            ):
+                raise IndexedDatasetError(
+                    f"token ids {arr.min()}..{arr.max()} do not fit dtype {self.dtype}"
+                )
             arr = arr.astype(self.dtype)
         return np.ascontiguousarray(arr).ravel()
 
@@ -261,7 +280,9 @@ class IndexedDatasetWriter:
             os.fsync(f.fileno())
         self._lengths.close()
         self._doc_idx.close()
-        IndexedDataset(self.prefix, files=(self._idx_tmp, self._bin_tmp)).close()  # never rename a bad pair in
+        IndexedDataset(
+            self.prefix, files=(self._idx_tmp, self._bin_tmp)
+        ).close()  # never rename a bad pair in
         # An old index must never describe the new .bin, even for a moment.
         if os.path.exists(idx_path(self.prefix)):
             os.remove(idx_path(self.prefix))
@@ -318,7 +339,7 @@ def remove_stale_temporaries(prefix) -> list[str]:
     folder, base = os.path.split(os.path.abspath(os.fspath(prefix)))
     removed = []
     for name in os.listdir(folder) if os.path.isdir(folder) else []:
-        match = _TEMPORARY.fullmatch(name[len(base):]) if name.startswith(base) else None
+        match = _TEMPORARY.fullmatch(name[len(base) :]) if name.startswith(base) else None
         if match and not _pid_alive(int(match.group(1))):
             try:
                 os.remove(os.path.join(folder, name))
@@ -353,14 +374,21 @@ class IndexedDataset:
         with open(ipath, "rb") as f:
             magic, version, code, num_seq, doc_len = HEADER.unpack(f.read(HEADER.size))
         if magic != MAGIC:
-            raise IndexedDatasetError(f"{ipath}: not a Megatron indexed dataset (magic {magic!r}, expected {MAGIC!r})")
+            raise IndexedDatasetError(
+                f"{ipath}: not a Megatron indexed dataset (magic {magic!r}, expected {MAGIC!r})"
+            )
         if version != VERSION:
-            raise IndexedDatasetError(f"{ipath}: index version {version} is not supported (only {VERSION})")
+            raise IndexedDatasetError(
+                f"{ipath}: index version {version} is not supported (only {VERSION})"
+            )
         if code not in DTYPE_CODES:
             raise _corrupt(ipath, f"unknown dtype code {code}")
         if np.dtype(DTYPE_CODES[code]).kind not in "iu":
-            raise _corrupt(ipath, f"dtype code {code} ({np.dtype(DTYPE_CODES[code])}) is not an integer type, "
-                                  "so it cannot hold token ids")
+            raise _corrupt(
+                ipath,
+                f"dtype code {code} ({np.dtype(DTYPE_CODES[code])}) is not an integer type, "
+                "so it cannot hold token ids",
+            )
         expected = HEADER.size + 12 * num_seq + 8 * doc_len
         if idx_size != expected or doc_len < 1:
             raise _corrupt(
@@ -381,10 +409,17 @@ class IndexedDataset:
 
         bin_size = os.path.getsize(bpath)
         if bin_size != self.num_tokens * self.dtype.itemsize:
-            raise _corrupt(bpath, f"{bin_size} bytes, but {ipath} describes {self.num_tokens * self.dtype.itemsize} "
-                                  f"bytes of {self.dtype} tokens")
-        self._bin = np.memmap(bpath, dtype=self.dtype, mode="r") if bin_size else np.empty(0, self.dtype)
-        self._document_lengths = self._fingerprint = self._token_range = None  # derived on first use, then kept
+            raise _corrupt(
+                bpath,
+                f"{bin_size} bytes, but {ipath} describes {self.num_tokens * self.dtype.itemsize} "
+                f"bytes of {self.dtype} tokens",
+            )
+        self._bin = (
+            np.memmap(bpath, dtype=self.dtype, mode="r") if bin_size else np.empty(0, self.dtype)
+        )
+        self._document_lengths = self._fingerprint = self._token_range = (
+            None  # derived on first use, then kept
+        )
 
     def _check_index(self, ipath: str) -> int:
         """The whole index, vectorised in chunks (milliseconds per million sequences); returns the .bin size.
@@ -398,22 +433,33 @@ class IndexedDataset:
             lengths = self.sequence_lengths[start : start + _CHUNK]
             if lengths.min() < 0:
                 bad = start + int(np.argmax(lengths < 0))
-                raise _corrupt(ipath, f"sequence {bad} has a negative length ({int(self.sequence_lengths[bad])})")
+                raise _corrupt(
+                    ipath,
+                    f"sequence {bad} has a negative length ({int(self.sequence_lengths[bad])})",
+                )
             sizes = lengths.astype(np.int64) * itemsize
             ends = np.cumsum(sizes) + pointer
             wrong = (ends - sizes) != self.sequence_pointers[start : start + _CHUNK]
             if wrong.any():
                 bad = start + int(np.argmax(wrong))
-                raise _corrupt(ipath, f"sequence {bad} starts at byte {int(self.sequence_pointers[bad])}, but the "
-                                      f"lengths before it end at byte {int((ends - sizes)[bad - start])}")
+                raise _corrupt(
+                    ipath,
+                    f"sequence {bad} starts at byte {int(self.sequence_pointers[bad])}, but the "
+                    f"lengths before it end at byte {int((ends - sizes)[bad - start])}",
+                )
             pointer = int(ends[-1])
         docs = self.document_indices
         if docs[0] != 0 or docs[-1] != len(self):
-            raise _corrupt(ipath, "document index does not start at 0 and end at the sequence count")
+            raise _corrupt(
+                ipath, "document index does not start at 0 and end at the sequence count"
+            )
         for start in range(0, docs.size - 1, _CHUNK):
             steps = np.diff(docs[start : start + _CHUNK + 1])
             if steps.min() < 0:
-                raise _corrupt(ipath, f"document index decreases at document {start + int(np.argmax(steps < 0))}")
+                raise _corrupt(
+                    ipath,
+                    f"document index decreases at document {start + int(np.argmax(steps < 0))}",
+                )
         return pointer
 
     # -- sizes -------------------------------------------------------------------------
@@ -438,11 +484,15 @@ class IndexedDataset:
     def get(self, i: int, offset: int = 0, length: int | None = None) -> np.ndarray:
         """Tokens of sequence ``i`` (a read-only view), optionally a slice of it."""
         if not -len(self) <= i < len(self):
-            raise IndexError(f"sequence {i} out of range for {len(self)} sequences in {self.prefix}")
+            raise IndexError(
+                f"sequence {i} out of range for {len(self)} sequences in {self.prefix}"
+            )
         size = int(self.sequence_lengths[i])
         length = size - offset if length is None else length
         if offset < 0 or length < 0 or offset + length > size:
-            raise IndexError(f"slice [{offset}, {offset + length}) outside sequence {i} of {size} tokens")
+            raise IndexError(
+                f"slice [{offset}, {offset + length}) outside sequence {i} of {size} tokens"
+            )
         start = int(self.sequence_pointers[i]) // self.dtype.itemsize + offset
         return self._bin[start : start + length]
 
@@ -451,15 +501,23 @@ class IndexedDataset:
     def document(self, d: int, offset: int = 0, length: int | None = None) -> np.ndarray:
         """Tokens of document ``d`` (its sequences are contiguous in the .bin), or a slice of it."""
         if not 0 <= d < self.num_documents:
-            raise IndexError(f"document {d} out of range for {self.num_documents} documents in {self.prefix}")
+            raise IndexError(
+                f"document {d} out of range for {self.num_documents} documents in {self.prefix}"
+            )
         first, end = int(self.document_indices[d]), int(self.document_indices[d + 1])
         if first == end:
             return self._bin[:0]
         start = int(self.sequence_pointers[first]) // self.dtype.itemsize
-        size = int(self.sequence_pointers[end - 1]) // self.dtype.itemsize + int(self.sequence_lengths[end - 1]) - start
+        size = (
+            int(self.sequence_pointers[end - 1]) // self.dtype.itemsize
+            + int(self.sequence_lengths[end - 1])
+            - start
+        )
         length = size - offset if length is None else length
         if offset < 0 or length < 0 or offset + length > size:
-            raise IndexError(f"slice [{offset}, {offset + length}) outside document {d} of {size} tokens")
+            raise IndexError(
+                f"slice [{offset}, {offset + length}) outside document {d} of {size} tokens"
+            )
         return self._bin[start + offset : start + offset + length]
 
     def fingerprint(self) -> str:
@@ -471,7 +529,9 @@ class IndexedDataset:
             return self._fingerprint
         import hashlib
 
-        h = hashlib.sha1(f"{self.dtype}-{len(self)}-{self.num_documents}-{self.num_tokens}".encode())
+        h = hashlib.sha1(
+            f"{self.dtype}-{len(self)}-{self.num_documents}-{self.num_tokens}".encode()
+        )
         head = self._idx[: 1 << 20]
         tail = self._idx[max(len(self._idx) - (1 << 20), 0) :]
         h.update(head.tobytes())
@@ -485,9 +545,18 @@ class IndexedDataset:
             if self.num_tokens == 0:
                 self._token_range = (0, -1)
             else:
-                lo = 0 if self.dtype.kind == "u" else min(int(self._bin[s : s + (1 << 26)].min())
-                                                           for s in range(0, self.num_tokens, 1 << 26))
-                hi = max(int(self._bin[s : s + (1 << 26)].max()) for s in range(0, self.num_tokens, 1 << 26))
+                lo = (
+                    0
+                    if self.dtype.kind == "u"
+                    else min(
+                        int(self._bin[s : s + (1 << 26)].min())
+                        for s in range(0, self.num_tokens, 1 << 26)
+                    )
+                )
+                hi = max(
+                    int(self._bin[s : s + (1 << 26)].max())
+                    for s in range(0, self.num_tokens, 1 << 26)
+                )
                 self._token_range = (lo, hi)
         return self._token_range
 

@@ -54,7 +54,9 @@ class MicroBatches(Dataset):
 
     def __init__(self, dataset, collate, vocab_size: int | None = None):
         self.dataset, self.collate, self.vocab_size = dataset, collate, vocab_size
-        self.progress = None  # shared with the workers: the sample each one is on (BatchStream sets it)
+        self.progress = (
+            None  # shared with the workers: the sample each one is on (BatchStream sets it)
+        )
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -77,8 +79,10 @@ class MicroBatches(Dataset):
             top = int(batch["tokens"].max())
             if top >= self.vocab_size:
                 row = int((batch["tokens"] >= self.vocab_size).any(dim=1).nonzero()[0])
-                return {_ERROR: f"sample {indices[row]}: token id {top} is outside the model's vocabulary of "
-                                f"{self.vocab_size}: the data was tokenized with another tokenizer, or changed"}
+                return {
+                    _ERROR: f"sample {indices[row]}: token id {top} is outside the model's vocabulary of "
+                    f"{self.vocab_size}: the data was tokenized with another tokenizer, or changed"
+                }
         return HostBatch(batch) if worker is not None else batch
 
 
@@ -96,18 +100,33 @@ def _worker_init(_worker_id: int) -> None:
 class BatchStream:
     """This rank's micro-batches in order, with the seconds each ``next`` waited for its batch."""
 
-    def __init__(self, batches: MicroBatches, sampler, num_workers: int, pin_memory: bool = False,
-                 prefetch_factor: int = 2):
+    def __init__(
+        self,
+        batches: MicroBatches,
+        sampler,
+        num_workers: int,
+        pin_memory: bool = False,
+        prefetch_factor: int = 2,
+    ):
         if num_workers < 0:
-            raise ValueError(f"--num-workers {num_workers}: use 0 (collate in the training process) or more")
+            raise ValueError(
+                f"--num-workers {num_workers}: use 0 (collate in the training process) or more"
+            )
         self.progress = torch.full((max(num_workers, 1),), -1, dtype=torch.int64).share_memory_()
         batches.progress = self.progress
-        self.loader = DataLoader(batches, sampler=sampler, batch_size=None, collate_fn=_as_is,
-                                 num_workers=num_workers, pin_memory=pin_memory, worker_init_fn=_worker_init,
-                                 prefetch_factor=prefetch_factor if num_workers else None,
-                                 # the loader draws its workers' base seed from this, not from torch's default
-                                 # generator, whose state is the training's (dropout) and is checkpointed
-                                 generator=torch.Generator().manual_seed(0))
+        self.loader = DataLoader(
+            batches,
+            sampler=sampler,
+            batch_size=None,
+            collate_fn=_as_is,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            worker_init_fn=_worker_init,
+            prefetch_factor=prefetch_factor if num_workers else None,
+            # the loader draws its workers' base seed from this, not from torch's default
+            # generator, whose state is the training's (dropout) and is checkpointed
+            generator=torch.Generator().manual_seed(0),
+        )
         # the loader's SIGCHLD handler would raise a dead worker's error wherever the trainer happens to be;
         # without it the error comes from the wait for a batch (within seconds), where it can name the samples
         previous = signal.getsignal(signal.SIGCHLD)
@@ -120,13 +139,18 @@ class BatchStream:
         start = time.perf_counter()
         try:
             batch = next(self._batches)
-        except RuntimeError as e:  # a worker died (the loader notices within seconds), or the loader failed
+        except (
+            RuntimeError
+        ) as e:  # a worker died (the loader notices within seconds), or the loader failed
             dead = self._where_workers_died()
             if dead is None:
-                raise DataError(f"the data loader failed waiting for samples {indices[0]}..{indices[-1]}: {e}") \
-                    from None
-            raise DataError(f"a data-loader worker died {dead} ({e}); run with --num-workers 0 to see the failure "
-                            "in the training process, or check the node's memory") from None
+                raise DataError(
+                    f"the data loader failed waiting for samples {indices[0]}..{indices[-1]}: {e}"
+                ) from None
+            raise DataError(
+                f"a data-loader worker died {dead} ({e}); run with --num-workers 0 to see the failure "
+                "in the training process, or check the node's memory"
+            ) from None
         if isinstance(batch, HostBatch):  # not pinned (CPU training)
             batch = batch.tensors()
         return _checked(batch, indices), time.perf_counter() - start
@@ -137,7 +161,11 @@ class BatchStream:
         if not dead:
             return None
         samples = [int(self.progress[i]) for i in dead if self.progress[i] >= 0]
-        return f"reading or collating sample {', '.join(map(str, samples))}" if samples else "before reading a sample"
+        return (
+            f"reading or collating sample {', '.join(map(str, samples))}"
+            if samples
+            else "before reading a sample"
+        )
 
     def close(self) -> None:
         """Stop the workers now (not at interpreter exit, after the process group is gone)."""
@@ -150,7 +178,9 @@ class BatchStream:
 def _checked(batch: dict, indices) -> dict:
     """The batch, or ``DataError`` with the message its error record carries."""
     if _ERROR in batch:
-        raise DataError(f"cannot build the micro-batch of samples {indices[0]}..{indices[-1]}: {batch[_ERROR]}")
+        raise DataError(
+            f"cannot build the micro-batch of samples {indices[0]}..{indices[-1]}: {batch[_ERROR]}"
+        )
     return batch
 
 

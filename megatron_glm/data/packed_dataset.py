@@ -56,11 +56,17 @@ class PackedDataset:
         }
 
         def build():
-            return build_sample_index(lengths, doc_begin, sample_length, num_samples, self.num_epochs, seed)
+            return build_sample_index(
+                lengths, doc_begin, sample_length, num_samples, self.num_epochs, seed
+            )
 
         stem = f"{indexed.prefix.rsplit('/', 1)[-1]}_{name}"
         arrays = load_or_build(cache_dir, stem, description, build)
-        self.doc_idx, self.sample_idx, self.shuffle_idx = arrays["doc"], arrays["sample"], arrays["shuffle"]
+        self.doc_idx, self.sample_idx, self.shuffle_idx = (
+            arrays["doc"],
+            arrays["sample"],
+            arrays["shuffle"],
+        )
 
     def __len__(self) -> int:
         return self.shuffle_idx.size
@@ -68,7 +74,9 @@ class PackedDataset:
     def __getitem__(self, i: int) -> dict:
         """``{"text": int64 [L], "document_lengths": int64 [pieces]}`` for sample ``i``."""
         if not 0 <= i < len(self):
-            raise IndexError(f"sample {i} out of range for {len(self)} samples of the {self.name} split")
+            raise IndexError(
+                f"sample {i} out of range for {len(self)} samples of the {self.name} split"
+            )
         pos, offset = (int(v) for v in self.sample_idx[int(self.shuffle_idx[i])])
         need, pieces, lengths = self.sample_length, [], []
         while need:
@@ -79,11 +87,20 @@ class PackedDataset:
                 lengths.append(take)
             need -= take
             pos, offset = pos + 1, 0
-        return {"text": np.concatenate(pieces).astype(np.int64), "document_lengths": np.asarray(lengths, np.int64)}
+        return {
+            "text": np.concatenate(pieces).astype(np.int64),
+            "document_lengths": np.asarray(lengths, np.int64),
+        }
 
 
-def build_sample_index(lengths: np.ndarray, doc_begin: int, sample_length: int, num_samples: int,
-                       num_epochs: int, seed: int) -> dict[str, np.ndarray]:
+def build_sample_index(
+    lengths: np.ndarray,
+    doc_begin: int,
+    sample_length: int,
+    num_samples: int,
+    num_epochs: int,
+    seed: int,
+) -> dict[str, np.ndarray]:
     """Vectorised: document order per epoch, where each sample starts, and the sample shuffle.
 
     ``doc``: corpus document ids, one permutation of the range per epoch.
@@ -93,7 +110,10 @@ def build_sample_index(lengths: np.ndarray, doc_begin: int, sample_length: int, 
     n = lengths.size
     id_dtype = np.int32 if doc_begin + n < 2**31 else np.int64
     doc_idx = np.concatenate(
-        [np.random.default_rng([seed, epoch]).permutation(n).astype(id_dtype) for epoch in range(num_epochs)]
+        [
+            np.random.default_rng([seed, epoch]).permutation(n).astype(id_dtype)
+            for epoch in range(num_epochs)
+        ]
     )
     ends = np.cumsum(lengths[doc_idx], dtype=np.int64)  # token offset where each doc position ends
     starts = np.arange(num_samples, dtype=np.int64) * sample_length

@@ -54,16 +54,26 @@ class SampleGenerators:
         self.seed = int(seed)
         self._fast = 0 <= self.seed <= _M32
         self._pool: list[np.random.Generator] = []
-        consts = _hash_constants(_INIT_A, _MULT_A, _POOL + _POOL * (_POOL - 1))  # mixing the entropy in
+        consts = _hash_constants(
+            _INIT_A, _MULT_A, _POOL + _POOL * (_POOL - 1)
+        )  # mixing the entropy in
         # the pool after the entropy [seed, index, 0, 0] goes in; row 1, the index's, is filled per call
-        self._entropy = _column([_hashmix(self.seed, consts[0]), 0, _hashmix(0, consts[2]), _hashmix(0, consts[3])])
+        self._entropy = _column(
+            [_hashmix(self.seed, consts[0]), 0, _hashmix(0, consts[2]), _hashmix(0, consts[3])]
+        )
         self._index_const = tuple(np.uint32(c) for c in consts[1])
         # then every pool word is mixed into the other three, one source word at a time
         self._rounds = []
         for src in range(_POOL):
-            cs = consts[_POOL + 3 * src:_POOL + 3 * src + 3]
-            self._rounds.append((src, [d for d in range(_POOL) if d != src], _column([c[0] for c in cs]),
-                                 _column([c[1] for c in cs])))
+            cs = consts[_POOL + 3 * src : _POOL + 3 * src + 3]
+            self._rounds.append(
+                (
+                    src,
+                    [d for d in range(_POOL) if d != src],
+                    _column([c[0] for c in cs]),
+                    _column([c[1] for c in cs]),
+                )
+            )
         # generate_state(4, uint64): eight 32-bit words drawn from the pool in turn
         out = _hash_constants(_INIT_B, _MULT_B, 2 * _POOL)
         self._out = (_column([c[0] for c in out]), _column([c[1] for c in out]))
@@ -75,13 +85,19 @@ class SampleGenerators:
         while len(self._pool) < len(indices):
             self._pool.append(np.random.Generator(np.random.PCG64()))
         for gen, (state, inc) in zip(self._pool, self._pcg64_states(indices)):
-            gen.bit_generator.state = {"bit_generator": "PCG64", "state": {"state": state, "inc": inc},
-                                       "has_uint32": 0, "uinteger": 0}
-        return self._pool[:len(indices)]
+            gen.bit_generator.state = {
+                "bit_generator": "PCG64",
+                "state": {"state": state, "inc": inc},
+                "has_uint32": 0,
+                "uinteger": 0,
+            }
+        return self._pool[: len(indices)]
 
     def _pcg64_states(self, indices: list[int]) -> list[tuple[int, int]]:
         """PCG64's (state, increment) after seeding from ``SeedSequence([seed, index])``, per index."""
-        pool = np.repeat(self._entropy, len(indices), axis=1)  # uint32: products wrap as SeedSequence's do
+        pool = np.repeat(
+            self._entropy, len(indices), axis=1
+        )  # uint32: products wrap as SeedSequence's do
         v = (np.asarray(indices, np.uint32) ^ self._index_const[0]) * self._index_const[1]
         pool[1] = v ^ (v >> 16)
         for src, dst, c0, c1 in self._rounds:

@@ -10,14 +10,24 @@ from __future__ import annotations
 
 
 class PretrainingSampler:
-    def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int,
-                 data_parallel_rank: int, data_parallel_size: int):
+    def __init__(
+        self,
+        total_samples: int,
+        consumed_samples: int,
+        micro_batch_size: int,
+        data_parallel_rank: int,
+        data_parallel_size: int,
+    ):
         if micro_batch_size < 1 or data_parallel_size < 1:
             raise ValueError("micro batch size and data-parallel size must be positive")
         if not 0 <= data_parallel_rank < data_parallel_size:
-            raise ValueError(f"data-parallel rank {data_parallel_rank} outside a group of {data_parallel_size}")
+            raise ValueError(
+                f"data-parallel rank {data_parallel_rank} outside a group of {data_parallel_size}"
+            )
         if not 0 <= consumed_samples <= total_samples:
-            raise ValueError(f"consumed samples {consumed_samples} outside the {total_samples} available")
+            raise ValueError(
+                f"consumed samples {consumed_samples} outside the {total_samples} available"
+            )
         self.total, self.consumed = total_samples, consumed_samples
         self.micro, self.rank, self.size = micro_batch_size, data_parallel_rank, data_parallel_size
 

@@ -59,19 +59,29 @@ class TokenizerError(ValueError):
 class TokenizerSpec:
     """How to load a tokenizer (the tokenizer flags): small and picklable, so worker processes load their own."""
 
-    type: str = setting("auto", f"one of {', '.join(TOKENIZER_TYPES)} (Megatron names such as "
-                                "SentencePieceTokenizer are accepted); auto infers it from the files",
-                        name="--tokenizer-type")
-    model: str | None = setting(None, "sentencepiece .model, or Hugging Face tokenizer.json (or its folder)",
-                                name="--tokenizer-model")
-    vocab_file: str | None = setting(None, "BERT vocab.txt, or GPT-2 vocab.json (with --merge-file)")
+    type: str = setting(
+        "auto",
+        f"one of {', '.join(TOKENIZER_TYPES)} (Megatron names such as "
+        "SentencePieceTokenizer are accepted); auto infers it from the files",
+        name="--tokenizer-type",
+    )
+    model: str | None = setting(
+        None,
+        "sentencepiece .model, or Hugging Face tokenizer.json (or its folder)",
+        name="--tokenizer-model",
+    )
+    vocab_file: str | None = setting(
+        None, "BERT vocab.txt, or GPT-2 vocab.json (with --merge-file)"
+    )
     merge_file: str | None = setting(None, "GPT-2 merges.txt")
 
     def resolved(self) -> "TokenizerSpec":
         """The spec with ``auto`` replaced by the type its files imply, files checked to exist."""
         kind = MEGATRON_TYPE_NAMES.get(self.type, self.type)
         if kind not in TOKENIZER_TYPES:
-            raise TokenizerError(f"unknown tokenizer type {self.type!r}; choose one of {', '.join(TOKENIZER_TYPES)}")
+            raise TokenizerError(
+                f"unknown tokenizer type {self.type!r}; choose one of {', '.join(TOKENIZER_TYPES)}"
+            )
         model = self.model
         if model and os.path.isdir(model):
             model = os.path.join(model, "tokenizer.json")
@@ -90,13 +100,24 @@ class TokenizerSpec:
                     "no tokenizer given: pass --tokenizer-model (sentencepiece .model or tokenizer.json), "
                     "--vocab-file (BERT vocab.txt), or --vocab-file and --merge-file (GPT-2)"
                 )
-        needs = {"sentencepiece": ("model",), "hf": ("model",), "bert": ("vocab_file",),
-                 "bert-cased": ("vocab_file",), "gpt2": ("vocab_file", "merge_file")}[kind]
+        needs = {
+            "sentencepiece": ("model",),
+            "hf": ("model",),
+            "bert": ("vocab_file",),
+            "bert-cased": ("vocab_file",),
+            "gpt2": ("vocab_file", "merge_file"),
+        }[kind]
         values = {"model": model, "vocab_file": self.vocab_file, "merge_file": self.merge_file}
-        missing = [f"--{n.replace('_', '-').replace('model', 'tokenizer-model')}" for n in needs if not values[n]]
+        missing = [
+            f"--{n.replace('_', '-').replace('model', 'tokenizer-model')}"
+            for n in needs
+            if not values[n]
+        ]
         if missing:
             raise TokenizerError(f"tokenizer type {kind} needs {' and '.join(missing)}")
-        return TokenizerSpec(type=kind, model=model, vocab_file=self.vocab_file, merge_file=self.merge_file)
+        return TokenizerSpec(
+            type=kind, model=model, vocab_file=self.vocab_file, merge_file=self.merge_file
+        )
 
     def files(self) -> list[str]:
         return [p for p in (self.model, self.vocab_file, self.merge_file) if p]
@@ -117,8 +138,10 @@ class _SentencePiece:
         try:
             self.sp = sentencepiece.SentencePieceProcessor(model_file=path)
         except (RuntimeError, OSError) as e:
-            raise TokenizerError(f"{path} is not a sentencepiece model ({str(e).strip()[:160]}): the file is "
-                                 "corrupt or of another kind; pass the .model glm-train-tokenizer wrote") from None
+            raise TokenizerError(
+                f"{path} is not a sentencepiece model ({str(e).strip()[:160]}): the file is "
+                "corrupt or of another kind; pass the .model glm-train-tokenizer wrote"
+            ) from None
         self.size = self.sp.get_piece_size()
         try:  # sentencepiece >= 0.2.1 hands back buffers: no Python int per token
             self.sp.encode(["a"], num_threads=1, return_type="numpy")
@@ -152,12 +175,16 @@ class _HuggingFace:
             if spec.type == "hf":
                 tok = tokenizers.Tokenizer.from_file(spec.model)
             elif spec.type in ("bert", "bert-cased"):
-                tok = tokenizers.BertWordPieceTokenizer(spec.vocab_file, lowercase=spec.type == "bert")._tokenizer
+                tok = tokenizers.BertWordPieceTokenizer(
+                    spec.vocab_file, lowercase=spec.type == "bert"
+                )._tokenizer
             else:
                 tok = tokenizers.ByteLevelBPETokenizer(spec.vocab_file, spec.merge_file)._tokenizer
         except Exception as e:  # the tokenizers library raises plain Exception on unparsable files
-            raise TokenizerError(f"{spec.files()} cannot be read as a {spec.type} tokenizer "
-                                 f"({str(e).strip()[:160]}): the file is corrupt or of another kind") from None
+            raise TokenizerError(
+                f"{spec.files()} cannot be read as a {spec.type} tokenizer "
+                f"({str(e).strip()[:160]}): the file is corrupt or of another kind"
+            ) from None
         tok.encode_special_tokens = True  # raw text never turns into a special token
         self.tok = tok
         self.size = tok.get_vocab_size(with_added_tokens=True)
@@ -182,7 +209,11 @@ class GLMTokenizer:
 
     def __init__(self, spec: TokenizerSpec):
         self.spec = spec.resolved()
-        self._base = _SentencePiece(self.spec.model) if self.spec.type == "sentencepiece" else _HuggingFace(self.spec)
+        self._base = (
+            _SentencePiece(self.spec.model)
+            if self.spec.type == "sentencepiece"
+            else _HuggingFace(self.spec)
+        )
         self.base_vocab_size = self._base.size
         self.special_ids: dict[str, int] = {}
         self._added: dict[int, str] = {}  # ids appended after the base vocabulary
@@ -195,9 +226,13 @@ class GLMTokenizer:
         self.vocab_size = self.base_vocab_size + len(self._added)
         # decode spells every special token the same way, whether the base vocabulary had it or not
         self._spelling = {i: SPECIAL_TOKENS[r][0] for r, i in self.special_ids.items()}
-        spelled = sorted({s for spellings in SPECIAL_TOKENS.values() for s in spellings}, key=len, reverse=True)
+        spelled = sorted(
+            {s for spellings in SPECIAL_TOKENS.values() for s in spellings}, key=len, reverse=True
+        )
         self._special_re = re.compile("(" + "|".join(map(re.escape, spelled)) + ")")
-        self._id_of_spelling = {s: self.special_ids[r] for r, sp in SPECIAL_TOKENS.items() for s in sp}
+        self._id_of_spelling = {
+            s: self.special_ids[r] for r, sp in SPECIAL_TOKENS.items() for s in sp
+        }
 
     # special ids as attributes: tok.mask_id, tok.eos_id, ...
     def __getattr__(self, name: str) -> int:

@@ -39,7 +39,9 @@ class GenerationConfig:
         if self.max_new_tokens < 1:
             problems.append(f"--max-new-tokens {self.max_new_tokens} must be at least 1")
         if not self.temperature > 0:  # also NaN
-            problems.append(f"--temperature {self.temperature} must be positive (greedy decoding needs none)")
+            problems.append(
+                f"--temperature {self.temperature} must be positive (greedy decoding needs none)"
+            )
         if self.top_k < 0:
             problems.append(f"--top-k {self.top_k} must be 0 (off) or positive")
         if not 0 < self.top_p <= 1:
@@ -79,8 +81,14 @@ def _span_greedy_or_sample(model, cache, mask_pos, sop, eop, cfg, generator, dev
     out = []
     token = torch.tensor([[sop]], device=device)
     for step in range(1, cfg.max_new_tokens + 2):
-        logits = _feed(model, cache, token, torch.tensor([[mask_pos]], device=device),
-                       torch.tensor([[step]], device=device), vocab)
+        logits = _feed(
+            model,
+            cache,
+            token,
+            torch.tensor([[mask_pos]], device=device),
+            torch.tensor([[step]], device=device),
+            vocab,
+        )
         if cfg.strategy == "greedy":
             nxt = int(logits.argmax(-1))
         else:
@@ -97,8 +105,14 @@ def _span_beam(model, cache, mask_pos, sop, eop, cfg, device, vocab):
     """Beam search over one span on a copy of the cache; returns the best token list."""
     beams = cfg.num_beams
     work = cache.copy()
-    logits = _feed(model, work, torch.tensor([[sop]], device=device), torch.tensor([[mask_pos]], device=device),
-                   torch.tensor([[1]], device=device), vocab)
+    logits = _feed(
+        model,
+        work,
+        torch.tensor([[sop]], device=device),
+        torch.tensor([[mask_pos]], device=device),
+        torch.tensor([[1]], device=device),
+        vocab,
+    )
     work.reorder(torch.zeros(beams, dtype=torch.long, device=device))
     seqs = [[] for _ in range(beams)]
     scores = torch.full((beams,), float("-inf"), device=device)
@@ -119,7 +133,11 @@ def _span_beam(model, cache, mask_pos, sop, eop, cfg, device, vocab):
                 keep_rows.append(row)
                 keep_tokens.append(token)
                 keep_scores.append(score)
-        best_alive = max(keep_scores) / (len(seqs[0]) + 1) ** cfg.length_penalty if keep_scores else float("-inf")
+        best_alive = (
+            max(keep_scores) / (len(seqs[0]) + 1) ** cfg.length_penalty
+            if keep_scores
+            else float("-inf")
+        )
         if not keep_rows or (len(finished) >= beams and max(f[0] for f in finished) >= best_alive):
             break
         seqs = [seqs[r] + [t] for r, t in zip(keep_rows, keep_tokens)]
@@ -128,15 +146,27 @@ def _span_beam(model, cache, mask_pos, sop, eop, cfg, device, vocab):
         scores = torch.tensor(keep_scores, device=device)
         tokens = torch.tensor(keep_tokens, device=device)[:, None]
         n = len(keep_rows)
-        logits = _feed(model, work, tokens, torch.full((n, 1), mask_pos, device=device),
-                       torch.full((n, 1), step + 1, device=device), vocab)
+        logits = _feed(
+            model,
+            work,
+            tokens,
+            torch.full((n, 1), mask_pos, device=device),
+            torch.full((n, 1), step + 1, device=device),
+            vocab,
+        )
         logprobs = torch.log_softmax(logits, -1)
         if n < beams:
             scores = torch.cat([scores, torch.full((beams - n,), float("-inf"), device=device)])
             logprobs = torch.cat([logprobs, logprobs[:1].expand(beams - n, -1)])
             seqs += [[] for _ in range(beams - n)]
-            work.reorder(torch.cat([torch.arange(n, device=device), torch.zeros(beams - n, dtype=torch.long,
-                                                                                device=device)]))
+            work.reorder(
+                torch.cat(
+                    [
+                        torch.arange(n, device=device),
+                        torch.zeros(beams - n, dtype=torch.long, device=device),
+                    ]
+                )
+            )
     if not finished:
         return seqs[int(scores.argmax())]
     return max(finished, key=lambda f: f[0])[1]
@@ -154,7 +184,9 @@ def prompt_problem(model: GLMModel, tokenizer, text: str, cfg: GenerationConfig)
 
 
 @torch.no_grad()
-def fill_blanks(model: GLMModel, tokenizer, text: str, cfg: GenerationConfig | None = None) -> tuple[str, list[str]]:
+def fill_blanks(
+    model: GLMModel, tokenizer, text: str, cfg: GenerationConfig | None = None
+) -> tuple[str, list[str]]:
     """``(text with every blank filled, the generated spans)``."""
     cfg = cfg or GenerationConfig()
     if cfg.strategy not in ("greedy", "sample", "beam"):
@@ -174,21 +206,34 @@ def fill_blanks(model: GLMModel, tokenizer, text: str, cfg: GenerationConfig | N
     vocab = tokenizer.vocab_size
     a = len(ids)
     tokens = torch.tensor([ids], device=device)
-    position_ids = torch.stack([torch.arange(a, device=device), torch.zeros(a, dtype=torch.long, device=device)])[None]
-    bounds = (torch.zeros(1, a, dtype=torch.int32, device=device),
-              torch.full((1, a), a, dtype=torch.int32, device=device))
+    position_ids = torch.stack(
+        [torch.arange(a, device=device), torch.zeros(a, dtype=torch.long, device=device)]
+    )[None]
+    bounds = (
+        torch.zeros(1, a, dtype=torch.int32, device=device),
+        torch.full((1, a), a, dtype=torch.int32, device=device),
+    )
     model(tokens, position_ids, *bounds, cache)  # Part A, bidirectional, once
     spans = []
     for pos in blanks:
         if cfg.strategy == "beam":
-            span = _span_beam(model, cache, pos, tokenizer.sop_id, tokenizer.eop_id, cfg, device, vocab)
+            span = _span_beam(
+                model, cache, pos, tokenizer.sop_id, tokenizer.eop_id, cfg, device, vocab
+            )
             fed = torch.tensor([[tokenizer.sop_id] + span], device=device)
             n = fed.shape[1]
-            _feed(model, cache, fed, torch.full((1, n), pos, device=device),
-                  torch.arange(1, n + 1, device=device)[None], vocab)
+            _feed(
+                model,
+                cache,
+                fed,
+                torch.full((1, n), pos, device=device),
+                torch.arange(1, n + 1, device=device)[None],
+                vocab,
+            )
         else:
-            span = _span_greedy_or_sample(model, cache, pos, tokenizer.sop_id, tokenizer.eop_id, cfg, generator, device,
-                                          vocab)
+            span = _span_greedy_or_sample(
+                model, cache, pos, tokenizer.sop_id, tokenizer.eop_id, cfg, generator, device, vocab
+            )
         spans.append(span)
     out, k = [], 0
     for i, t in enumerate(ids):

@@ -66,12 +66,21 @@ class CoreAttention(nn.Module):
         super().__init__()
         self.dropout_p = cfg.attention_dropout
         self.impl = "auto"
-        self.rng_fork = contextlib.nullcontext  # tensor parallelism: a per-rank RNG for dropout on split heads
+        self.rng_fork = (
+            contextlib.nullcontext
+        )  # tensor parallelism: a per-rank RNG for dropout on split heads
 
     def forward(self, q, k, v, attn_lo, attn_hi):
         with self.rng_fork():
-            return interval_attention(q, k, v, attn_lo, attn_hi, dropout_p=self.dropout_p if self.training else 0.0,
-                                      impl=self.impl)
+            return interval_attention(
+                q,
+                k,
+                v,
+                attn_lo,
+                attn_hi,
+                dropout_p=self.dropout_p if self.training else 0.0,
+                impl=self.impl,
+            )
 
 
 class Attention(nn.Module):
@@ -130,14 +139,18 @@ class TransformerLayer(nn.Module):
             h = self.attention(x, position_ids, attn_lo, attn_hi, cache)
             x = self.input_layernorm(self.alpha * x + self.dropout(h))
             return self.post_attention_layernorm(self.alpha * x + self.dropout(self.mlp(x)))
-        x = x + self.dropout(self.attention(self.input_layernorm(x), position_ids, attn_lo, attn_hi, cache))
+        x = x + self.dropout(
+            self.attention(self.input_layernorm(x), position_ids, attn_lo, attn_hi, cache)
+        )
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
 class Transformer(nn.Module):
     """Layers ``layers`` of the stack; the 2D position tables with the first, the final LayerNorm with the last."""
 
-    def __init__(self, cfg: ModelConfig, layers: range, pre_process: bool = True, post_process: bool = True):
+    def __init__(
+        self, cfg: ModelConfig, layers: range, pre_process: bool = True, post_process: bool = True
+    ):
         super().__init__()
         if pre_process and cfg.position_embedding_type == "learned_2d":
             rows = cfg.max_position_embeddings + 1
@@ -147,7 +160,9 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerLayer(cfg, i) for i in layers)
         if post_process:
             self.final_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
-        self.recompute = None  # a parallel.recompute.Recompute: how the stack is recomputed in training
+        self.recompute = (
+            None  # a parallel.recompute.Recompute: how the stack is recomputed in training
+        )
 
     def run_layers(self, h, position_ids, attn_lo, attn_hi, cache=None):
         if self.recompute is not None and self.training and cache is None:
@@ -165,7 +180,9 @@ class TiedOutput(nn.Module):
 
     @staticmethod
     def cross_entropy(logits, labels):
-        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
+        return F.cross_entropy(
+            logits.float().flatten(0, 1), labels.flatten(), reduction="none"
+        ).view_as(labels)
 
     @staticmethod
     def is_argmax(logits, labels):
@@ -174,7 +191,9 @@ class TiedOutput(nn.Module):
         return logits.gather(-1, labels[..., None]).squeeze(-1) >= logits.max(dim=-1).values
 
 
-def init_parameter(cfg: ModelConfig, name: str, shape, seed: int, out: torch.Tensor | None = None) -> torch.Tensor:
+def init_parameter(
+    cfg: ModelConfig, name: str, shape, seed: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """The initial value of the full (unsharded) parameter ``name``: the same on every rank and layout.
 
     N(0, std) everywhere, output projections scaled by 1/sqrt(2L), DeepNorm's beta when on; zero
@@ -206,8 +225,14 @@ class GLMModel(nn.Module):
     generator. Built under ``torch.device("meta")`` it holds shapes only (``model/parallelize.py``).
     """
 
-    def __init__(self, cfg: ModelConfig, layers: range | None = None, pre_process: bool = True,
-                 post_process: bool = True, seed: int | None = None):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        layers: range | None = None,
+        pre_process: bool = True,
+        post_process: bool = True,
+        seed: int | None = None,
+    ):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
@@ -241,12 +266,18 @@ class GLMModel(nn.Module):
     def embed(self, tokens, position_ids):
         learned = self.cfg.position_embedding_type == "learned_2d"
         alpha = self.cfg.embedding_gradient_shrink_alpha
-        if learned and type(self.word_embeddings) is nn.Embedding:  # one fused pass (the vocab-parallel one reduces)
+        if (
+            learned and type(self.word_embeddings) is nn.Embedding
+        ):  # one fused pass (the vocab-parallel one reduces)
             # the lookup is linear in the table, so shrinking the gradient the lookup gives the table is
             # shrinking the word embedding output's; the tied output layer's share is untouched
-            h = kernels.embedding_2d(tokens, position_ids, scale_gradient(self.word_embeddings.weight, alpha),
-                                     self.transformer.position_embeddings.weight,
-                                     self.transformer.block_position_embeddings.weight)
+            h = kernels.embedding_2d(
+                tokens,
+                position_ids,
+                scale_gradient(self.word_embeddings.weight, alpha),
+                self.transformer.position_embeddings.weight,
+                self.transformer.block_position_embeddings.weight,
+            )
         else:
             h = scale_gradient(self.word_embeddings(tokens), alpha)
             if learned:
@@ -262,7 +293,15 @@ class GLMModel(nn.Module):
         """The tied output matrix: the word embeddings, or their copy on a last pipeline stage."""
         return self.word_embeddings.weight if self.pre_process else self.tied_weight_copy
 
-    def forward(self, tokens, position_ids, attn_lo, attn_hi, cache: KVCache | None = None, hidden_states=None):
+    def forward(
+        self,
+        tokens,
+        position_ids,
+        attn_lo,
+        attn_hi,
+        cache: KVCache | None = None,
+        hidden_states=None,
+    ):
         """Logits ``[B, S, V]`` over the padded vocabulary (tied to the word embeddings).
 
         A pipeline stage without ``pre_process`` starts from ``hidden_states``; one without
@@ -287,7 +326,9 @@ class GLMModel(nn.Module):
         return glm_loss(logits, labels, loss_mask, self.output_layer.cross_entropy)
 
     def set_attention_impl(self, impl: str) -> None:
-        for core in (m for m in self.modules() if isinstance(m, CoreAttention)):  # wrapped by recomputation or not
+        for core in (
+            m for m in self.modules() if isinstance(m, CoreAttention)
+        ):  # wrapped by recomputation or not
             core.impl = impl
 
 

@@ -72,16 +72,26 @@ class RankLayout:
 
     @classmethod
     def from_state(cls, vpp: int = 1, pipeline_layers=None) -> "RankLayout":
-        return cls(state.get_tensor_model_parallel_rank(), state.get_tensor_model_parallel_world_size(),
-                   state.get_pipeline_model_parallel_rank(), state.get_pipeline_model_parallel_world_size(), vpp,
-                   tuple(pipeline_layers) if pipeline_layers else None)
+        return cls(
+            state.get_tensor_model_parallel_rank(),
+            state.get_tensor_model_parallel_world_size(),
+            state.get_pipeline_model_parallel_rank(),
+            state.get_pipeline_model_parallel_world_size(),
+            vpp,
+            tuple(pipeline_layers) if pipeline_layers else None,
+        )
 
     def chunk_layers(self, num_layers: int) -> list[range]:
         explicit = list(self.pipeline_layers) if self.pipeline_layers else None
         return partition_layers(num_layers, self.pp, self.vpp, explicit)[self.pp_rank]
 
 
-def apply_tp(model: GLMModel, sequence_parallel: bool = False, tp_rank: int | None = None, tp: int | None = None):
+def apply_tp(
+    model: GLMModel,
+    sequence_parallel: bool = False,
+    tp_rank: int | None = None,
+    tp: int | None = None,
+):
     """Shard ``model`` (a whole GLMModel or a pipeline chunk) for one TP rank, in place; TP=1 changes nothing.
 
     Works on real weights (they are sliced) and on the meta device (only shapes change).
@@ -97,12 +107,16 @@ def apply_tp(model: GLMModel, sequence_parallel: bool = False, tp_rank: int | No
         return shard_tensor(tensor.detach(), dim, stride, rank, tp)
 
     def column(name, linear):
-        return ColumnParallelLinear(split(name + ".weight", linear.weight), split(name + ".bias", linear.bias),
-                                    sequence_parallel)
+        return ColumnParallelLinear(
+            split(name + ".weight", linear.weight),
+            split(name + ".bias", linear.bias),
+            sequence_parallel,
+        )
 
     def row(name, linear):
-        return RowParallelLinear(split(name + ".weight", linear.weight), linear.bias.detach().clone(),
-                                 sequence_parallel)
+        return RowParallelLinear(
+            split(name + ".weight", linear.weight), linear.bias.detach().clone(), sequence_parallel
+        )
 
     for layer in model.transformer.layers:
         att, mlp = layer.attention, layer.mlp
@@ -112,7 +126,10 @@ def apply_tp(model: GLMModel, sequence_parallel: bool = False, tp_rank: int | No
         mlp.dense_4h_to_h = row("mlp.dense_4h_to_h", mlp.dense_4h_to_h)
         if sequence_parallel:
             layer.dropout = ForkedDropout(layer.dropout.p)
-            for p in (*layer.input_layernorm.parameters(), *layer.post_attention_layernorm.parameters()):
+            for p in (
+                *layer.input_layernorm.parameters(),
+                *layer.post_attention_layernorm.parameters(),
+            ):
                 mark_sequence_parallel(p)
     for core in (m for m in model.modules() if isinstance(m, CoreAttention)):
         core.rng_fork = get_rng_tracker().fork  # dropout on this rank's heads
@@ -120,7 +137,9 @@ def apply_tp(model: GLMModel, sequence_parallel: bool = False, tp_rank: int | No
         vocab_shard = split("word_embeddings.weight", model.word_embeddings.weight)
         model.word_embeddings = VocabParallelEmbedding(vocab_shard, rank * vocab_shard.shape[0])
         if sequence_parallel:
-            model.transformer.embedding_dropout = ScatterToSequenceParallel(model.transformer.embedding_dropout.p)
+            model.transformer.embedding_dropout = ScatterToSequenceParallel(
+                model.transformer.embedding_dropout.p
+            )
     if model.post_process:
         model.output_layer = VocabParallelOutput(sequence_parallel)
         if sequence_parallel:
@@ -130,7 +149,9 @@ def apply_tp(model: GLMModel, sequence_parallel: bool = False, tp_rank: int | No
     return model
 
 
-def apply_ac(model: GLMModel, granularity: str | None, method: str = "uniform", num_layers: int = 1):
+def apply_ac(
+    model: GLMModel, granularity: str | None, method: str = "uniform", num_layers: int = 1
+):
     """Activation recomputation by Megatron's flags (``parallel/recompute.py``); None leaves ``model`` as it is."""
     check_recompute(granularity, method, num_layers)
     if granularity == "selective":
@@ -146,9 +167,15 @@ def build_chunks(cfg: ModelConfig, layout: RankLayout) -> list[GLMModel]:
     ranges = layout.chunk_layers(cfg.num_layers)
     last = len(ranges) - 1
     with torch.device("meta"):
-        return [GLMModel(cfg, layers, pre_process=layout.pp_rank == 0 and c == 0,
-                         post_process=layout.pp_rank == layout.pp - 1 and c == last)
-                for c, layers in enumerate(ranges)]
+        return [
+            GLMModel(
+                cfg,
+                layers,
+                pre_process=layout.pp_rank == 0 and c == 0,
+                post_process=layout.pp_rank == layout.pp - 1 and c == last,
+            )
+            for c, layers in enumerate(ranges)
+        ]
 
 
 def initialize_shard(chunk: GLMModel, layout: RankLayout, seed: int) -> None:
@@ -158,6 +185,7 @@ def initialize_shard(chunk: GLMModel, layout: RankLayout, seed: int) -> None:
     system at once: allocated from the heap between the slices, the freed tensors left holes
     that kept up to ~50% of the shard again resident.
     """
+
     def make(name, meta):
         full_name = chunk.full_name(name)
         spec = partition_of(full_name, chunk.cfg.geglu) if layout.tp > 1 else None
@@ -166,11 +194,17 @@ def initialize_shard(chunk: GLMModel, layout: RankLayout, seed: int) -> None:
         shape = list(meta.shape)
         shape[spec[0]] *= layout.tp
         with mmap.mmap(-1, 4 * math.prod(shape)) as scratch:
-            full = init_parameter(chunk.cfg, full_name, shape, seed,
-                                  out=torch.frombuffer(scratch, dtype=torch.float32).view(shape))
+            full = init_parameter(
+                chunk.cfg,
+                full_name,
+                shape,
+                seed,
+                out=torch.frombuffer(scratch, dtype=torch.float32).view(shape),
+            )
             shard = shard_tensor(full, *spec, layout.tp_rank, layout.tp)
             del full  # the mapping closes only once nothing views it
         return shard
+
     materialize(chunk, make)
 
 
@@ -186,17 +220,27 @@ def load_shard(chunk: nn.Module, weights: dict[str, torch.Tensor], where: str) -
         if value.dtype != meta.dtype:
             value = value.to(meta.dtype)
         return value
+
     try:
         materialize(chunk, make)
     except ValueError as e:  # a tensor of another shape
         raise ValueError(f"{where} does not fit this rank's model: {e}") from None
     if missing or weights:
-        raise ValueError(f"{where} does not fit this rank's model: missing {missing[:6]}, "
-                         f"unexpected {sorted(weights)[:6]}")
+        raise ValueError(
+            f"{where} does not fit this rank's model: missing {missing[:6]}, "
+            f"unexpected {sorted(weights)[:6]}"
+        )
 
 
-def build_rank_model(cfg: ModelConfig, layout: RankLayout, seed: int, sequence_parallel: bool = False,
-                     recompute: tuple = (None,), attention_impl: str = "auto", weights=None) -> list[GLMModel]:
+def build_rank_model(
+    cfg: ModelConfig,
+    layout: RankLayout,
+    seed: int,
+    sequence_parallel: bool = False,
+    recompute: tuple = (None,),
+    attention_impl: str = "auto",
+    weights=None,
+) -> list[GLMModel]:
     """This rank's chunks with real weights: initialised from ``seed``, or ``weights(chunks)`` (this rank's
     state dict for the meta chunks, named as one module of them: a ModuleList's ``{c}.`` prefixes when several)."""
     chunks = build_chunks(cfg, layout)
@@ -223,7 +267,9 @@ def apply_layernorm_impl(model, impl: str) -> None:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is torch.nn.LayerNorm:
-                fused = FusedLayerNorm(child.normalized_shape, eps=child.eps).to(child.weight.device)
+                fused = FusedLayerNorm(child.normalized_shape, eps=child.eps).to(
+                    child.weight.device
+                )
                 fused.load_state_dict(child.state_dict())
                 setattr(parent, name, fused)
 

@@ -25,7 +25,9 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         start = state.get_tensor_model_parallel_rank() * vocab
         outside = (target < start) | (target >= start + vocab)
         local_target = (target - start).masked_fill(outside, 0)
-        predicted = shifted.gather(-1, local_target[..., None]).squeeze(-1).masked_fill(outside, 0.0)
+        predicted = (
+            shifted.gather(-1, local_target[..., None]).squeeze(-1).masked_fill(outside, 0.0)
+        )
         dist.all_reduce(predicted, group=group)
         exp = shifted.exp()
         sum_exp = exp.sum(dim=-1)
@@ -55,7 +57,11 @@ def vocab_parallel_is_argmax(logits: torch.Tensor, target: torch.Tensor) -> torc
     vocab = logits.shape[-1]
     start = state.get_tensor_model_parallel_rank() * vocab
     outside = (target < start) | (target >= start + vocab)
-    mine = logits.gather(-1, (target - start).masked_fill(outside, 0)[..., None]).squeeze(-1).masked_fill(outside, 0.0)
+    mine = (
+        logits.gather(-1, (target - start).masked_fill(outside, 0)[..., None])
+        .squeeze(-1)
+        .masked_fill(outside, 0.0)
+    )
     dist.all_reduce(mine, group=group)
     return mine >= best
 
@@ -63,6 +69,7 @@ def vocab_parallel_is_argmax(logits: torch.Tensor, target: torch.Tensor) -> torc
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-token loss ``[...]`` from this rank's logits ``[..., V / tp]`` and global targets."""
     if state.get_tensor_model_parallel_world_size() == 1:
-        return torch.nn.functional.cross_entropy(logits.float().flatten(0, -2), target.flatten(),
-                                                 reduction="none").view_as(target)
+        return torch.nn.functional.cross_entropy(
+            logits.float().flatten(0, -2), target.flatten(), reduction="none"
+        ).view_as(target)
     return _VocabParallelCrossEntropy.apply(logits, target)

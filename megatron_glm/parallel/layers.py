@@ -51,7 +51,9 @@ def install_sequence_parallel_hook(p: nn.Parameter) -> None:
 class ColumnParallelLinear(nn.Module):
     """``Y = X A^T + b`` with ``A`` split along its output rows; the output stays split."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, sequence_parallel: bool = False):
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, sequence_parallel: bool = False
+    ):
         super().__init__()
         self.weight = mark_tensor_parallel(nn.Parameter(weight), 0)
         self.bias = mark_tensor_parallel(nn.Parameter(bias), 0) if bias is not None else None
@@ -68,7 +70,9 @@ class ColumnParallelLinear(nn.Module):
 class RowParallelLinear(nn.Module):
     """``Y = X A^T + b`` with ``A`` split along its input columns; partial outputs are summed."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, sequence_parallel: bool = False):
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, sequence_parallel: bool = False
+    ):
         super().__init__()
         self.weight = mark_tensor_parallel(nn.Parameter(weight), 1)
         self.bias = nn.Parameter(bias) if bias is not None else None

@@ -24,7 +24,9 @@ from megatron_glm.parallel import state
 
 
 # -- partitioning ------------------------------------------------------------------------
-def partition_layers(num_layers: int, pp: int, vpp: int = 1, explicit: list[int] | None = None) -> list[list[range]]:
+def partition_layers(
+    num_layers: int, pp: int, vpp: int = 1, explicit: list[int] | None = None
+) -> list[list[range]]:
     """``ranges[stage][chunk]``: the global layer ids each pipeline rank runs, chunk by chunk.
 
     Uniform by default; ``explicit`` gives the layer count of every virtual stage in order
@@ -33,17 +35,23 @@ def partition_layers(num_layers: int, pp: int, vpp: int = 1, explicit: list[int]
     stages = pp * vpp
     if explicit is not None:
         if len(explicit) != stages or sum(explicit) != num_layers or min(explicit) < 1:
-            raise ValueError(f"--pipeline-layers {explicit}: need {stages} positive counts adding up to "
-                             f"--num-layers {num_layers}")
+            raise ValueError(
+                f"--pipeline-layers {explicit}: need {stages} positive counts adding up to "
+                f"--num-layers {num_layers}"
+            )
         counts = list(explicit)
     else:
         if num_layers % stages:
-            raise ValueError(f"--num-layers {num_layers} is not divisible by pipeline stages {pp} x virtual stages "
-                             f"{vpp}; change --num-layers-per-virtual-pipeline-stage or give --pipeline-layers")
+            raise ValueError(
+                f"--num-layers {num_layers} is not divisible by pipeline stages {pp} x virtual stages "
+                f"{vpp}; change --num-layers-per-virtual-pipeline-stage or give --pipeline-layers"
+            )
         counts = [num_layers // stages] * stages
     starts = [sum(counts[:i]) for i in range(stages)]
-    return [[range(starts[c * pp + s], starts[c * pp + s] + counts[c * pp + s]) for c in range(vpp)]
-            for s in range(pp)]
+    return [
+        [range(starts[c * pp + s], starts[c * pp + s] + counts[c * pp + s]) for c in range(vpp)]
+        for s in range(pp)
+    ]
 
 
 # -- point to point ----------------------------------------------------------------------
@@ -53,11 +61,20 @@ def _neighbours():
     return ranks[(i - 1) % len(ranks)], ranks[(i + 1) % len(ranks)]
 
 
-ACTIVATION, GRADIENT = 1, 2  # message tags: with 2 stages (and rings), prev and next are the same rank
+ACTIVATION, GRADIENT = (
+    1,
+    2,
+)  # message tags: with 2 stages (and rings), prev and next are the same rank
 
 
-def communicate(send_next=None, send_prev=None, recv_prev: bool = False, recv_next: bool = False,
-                shape=None, dtype=None):
+def communicate(
+    send_next=None,
+    send_prev=None,
+    recv_prev: bool = False,
+    recv_next: bool = False,
+    shape=None,
+    dtype=None,
+):
     """One batched exchange with the neighbours; returns ``(from_prev, from_next)``.
 
     Activations flow forward and gradients backward under different tags, so when the
@@ -82,7 +99,11 @@ def communicate(send_next=None, send_prev=None, recv_prev: bool = False, recv_ne
 
 
 def _device():
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
 
 
 def backward_from(out: torch.Tensor, grad: torch.Tensor) -> None:
@@ -92,7 +113,8 @@ def backward_from(out: torch.Tensor, grad: torch.Tensor) -> None:
     one-element) tensor; the engine itself only needs the graph, which kept the real shape.
     """
     torch.autograd.Variable._execution_engine.run_backward(
-        (out,), (grad,), False, False, (), True, True)
+        (out,), (grad,), False, False, (), True, True
+    )
 
 
 def deallocate(out) -> None:
@@ -102,17 +124,28 @@ def deallocate(out) -> None:
 
 
 # -- schedules ---------------------------------------------------------------------------
-def forward_backward_no_pipelining(forward_step, backward_step, chunks, num_microbatches: int,
-                                   forward_only: bool = False, **_):
+def forward_backward_no_pipelining(
+    forward_step, backward_step, chunks, num_microbatches: int, forward_only: bool = False, **_
+):
     for m in range(num_microbatches):
         out = forward_step(chunks[0], m, None)
         if not forward_only:
             backward_step(chunks[0], None, out, None)
 
 
-def forward_backward_pipelining_without_interleaving(forward_step, backward_step, chunks, num_microbatches: int,
-                                                     shape, dtype, forward_only: bool = False):
-    rank, pp = state.get_pipeline_model_parallel_rank(), state.get_pipeline_model_parallel_world_size()
+def forward_backward_pipelining_without_interleaving(
+    forward_step,
+    backward_step,
+    chunks,
+    num_microbatches: int,
+    shape,
+    dtype,
+    forward_only: bool = False,
+):
+    rank, pp = (
+        state.get_pipeline_model_parallel_rank(),
+        state.get_pipeline_model_parallel_world_size(),
+    )
     first, last = rank == 0, rank == pp - 1
     chunk = chunks[0]
     warmup = num_microbatches if forward_only else min(pp - rank - 1, num_microbatches)
@@ -120,7 +153,11 @@ def forward_backward_pipelining_without_interleaving(forward_step, backward_step
     inputs, outputs = [], []
 
     def recv_forward():
-        return None if first else communicate(recv_prev=True, shape=shape, dtype=dtype)[0].requires_grad_()
+        return (
+            None
+            if first
+            else communicate(recv_prev=True, shape=shape, dtype=dtype)[0].requires_grad_()
+        )
 
     def send_forward(out):
         if not last:
@@ -139,7 +176,11 @@ def forward_backward_pipelining_without_interleaving(forward_step, backward_step
     for i in range(remaining):
         m = warmup + i
         out = forward_step(chunk, m, inp)
-        out_grad = None if last else communicate(send_next=out.detach(), recv_next=True, shape=shape, dtype=dtype)[1]
+        out_grad = (
+            None
+            if last
+            else communicate(send_next=out.detach(), recv_next=True, shape=shape, dtype=dtype)[1]
+        )
         inputs.append(inp)
         outputs.append(out)
         if not last:
@@ -153,7 +194,9 @@ def forward_backward_pipelining_without_interleaving(forward_step, backward_step
         elif first:
             inp = None
         else:
-            inp = communicate(send_prev=in_grad, recv_prev=True, shape=shape, dtype=dtype)[0].requires_grad_()
+            inp = communicate(send_prev=in_grad, recv_prev=True, shape=shape, dtype=dtype)[
+                0
+            ].requires_grad_()
     if forward_only:
         return
     for _ in range(warmup):
@@ -164,18 +207,30 @@ def forward_backward_pipelining_without_interleaving(forward_step, backward_step
             communicate(send_prev=in_grad)
 
 
-def forward_backward_pipelining_with_interleaving(forward_step, backward_step, chunks, num_microbatches: int,
-                                                  shape, dtype, forward_only: bool = False):
+def forward_backward_pipelining_with_interleaving(
+    forward_step,
+    backward_step,
+    chunks,
+    num_microbatches: int,
+    shape,
+    dtype,
+    forward_only: bool = False,
+):
     """Megatron's interleaved 1F1B: rank ``r`` holds chunks ``0..v-1`` = virtual stages ``c * pp + r``.
 
     Activations go round a ring (the last rank's chunk ``c`` feeds rank 0's chunk ``c + 1``).
     The bookkeeping of which chunk a received tensor belongs to follows Megatron's schedule.
     """
-    rank, pp = state.get_pipeline_model_parallel_rank(), state.get_pipeline_model_parallel_world_size()
+    rank, pp = (
+        state.get_pipeline_model_parallel_rank(),
+        state.get_pipeline_model_parallel_world_size(),
+    )
     v = len(chunks)
     if num_microbatches % pp:
-        raise ValueError(f"the interleaved schedule needs the number of micro-batches ({num_microbatches}) to be a "
-                         f"multiple of --pipeline-model-parallel-size {pp}")
+        raise ValueError(
+            f"the interleaved schedule needs the number of micro-batches ({num_microbatches}) to be a "
+            f"multiple of --pipeline-model-parallel-size {pp}"
+        )
     total = num_microbatches * v
     first_rank, last_rank = rank == 0, rank == pp - 1
     all_warmup = num_microbatches == pp
@@ -194,7 +249,9 @@ def forward_backward_pipelining_with_interleaving(forward_step, backward_step, c
     def forward_helper(k: int):
         c = chunk_id(k, True)
         if first_rank and c == 0 and len(inputs[c]) == len(outputs[c]):
-            inputs[c].append(None)  # the first virtual stage reads data, nothing was received for it
+            inputs[c].append(
+                None
+            )  # the first virtual stage reads data, nothing was received for it
         inp = inputs[c][len(outputs[c])]
         out = forward_step(chunks[c], micro_id(k), inp)
         outputs[c].append(out)
@@ -213,15 +270,18 @@ def forward_backward_pipelining_with_interleaving(forward_step, backward_step, c
     def received(t):
         return None if t is None else t.requires_grad_()
 
-    inputs[0].append(None if first_rank else received(communicate(recv_prev=True, shape=shape, dtype=dtype)[0]))
+    inputs[0].append(
+        None if first_rank else received(communicate(recv_prev=True, shape=shape, dtype=dtype)[0])
+    )
     for k in range(warmup):
         out = forward_helper(k)
         send = None if (last_rank and chunk_id(k, True) == v - 1) else out.detach()
         nxt = chunk_id(k + 1, True)
         recv_prev = not (first_rank and nxt == 0) and k != total - 1
         recv_next = k == warmup - 1 and not forward_only and not all_warmup and not last_rank
-        from_prev, from_next = communicate(send_next=send, recv_prev=recv_prev, recv_next=recv_next,
-                                           shape=shape, dtype=dtype)
+        from_prev, from_next = communicate(
+            send_next=send, recv_prev=recv_prev, recv_next=recv_next, shape=shape, dtype=dtype
+        )
         if send is not None and not forward_only:
             deallocate(out)
         if k == warmup - 1 and not forward_only and not all_warmup:
@@ -250,8 +310,14 @@ def forward_backward_pipelining_with_interleaving(forward_step, backward_step, c
             next_b = chunk_id(kb + 1, False)
         if i == remaining - 1:
             recv_prev = False
-        from_prev, from_next = communicate(send_next=send_next, send_prev=send_prev, recv_prev=recv_prev,
-                                           recv_next=recv_next, shape=shape, dtype=dtype)
+        from_prev, from_next = communicate(
+            send_next=send_next,
+            send_prev=send_prev,
+            recv_prev=recv_prev,
+            recv_next=recv_next,
+            shape=shape,
+            dtype=dtype,
+        )
         if send_next is not None:
             deallocate(out)
         if recv_prev:
@@ -261,13 +327,17 @@ def forward_backward_pipelining_with_interleaving(forward_step, backward_step, c
     if forward_only:
         return
     if all_warmup:
-        grads[v - 1].append(None if last_rank else communicate(recv_next=True, shape=shape, dtype=dtype)[1])
+        grads[v - 1].append(
+            None if last_rank else communicate(recv_next=True, shape=shape, dtype=dtype)[1]
+        )
     for k in range(remaining, total):
         in_grad = backward_helper(k)
         send_prev = None if (first_rank and chunk_id(k, False) == 0) else in_grad
         nxt = chunk_id(k + 1, False)
         recv_next = not (last_rank and nxt == v - 1) and k != total - 1
-        _, from_next = communicate(send_prev=send_prev, recv_next=recv_next, shape=shape, dtype=dtype)
+        _, from_next = communicate(
+            send_prev=send_prev, recv_next=recv_next, shape=shape, dtype=dtype
+        )
         if k != total - 1:
             grads[nxt].append(from_next)
 

@@ -29,10 +29,16 @@ class TiedEmbedding:
         self.last_chunk = chunks[-1] if state.is_pipeline_last_stage() else None
         ranks = state._require()["pp_ranks"] if self.pp > 1 else None
         self.first_rank, self.last_rank = (ranks[0], ranks[-1]) if ranks else (None, None)
-        if self.active and self.last_chunk is not None:  # the copy, in the training dtype; broadcast_weight fills it
+        if (
+            self.active and self.last_chunk is not None
+        ):  # the copy, in the training dtype; broadcast_weight fills it
             chunk = self.last_chunk
-            chunk.tied_weight_copy = torch.empty(chunk.tied_weight_shape(), dtype=dtype,
-                                                 device=next(chunk.parameters()).device, requires_grad=True)
+            chunk.tied_weight_copy = torch.empty(
+                chunk.tied_weight_shape(),
+                dtype=dtype,
+                device=next(chunk.parameters()).device,
+                requires_grad=True,
+            )
 
     @property
     def active(self) -> bool:
@@ -51,8 +57,11 @@ class TiedEmbedding:
         """First stage, before the engine reduces gradients: add the last stage's contribution."""
         if not self.active or self.first_chunk is None:
             return
-        incoming = torch.empty(weight.shape, dtype=weight.grad.dtype if weight.grad is not None else weight.dtype,
-                               device=weight.device)
+        incoming = torch.empty(
+            weight.shape,
+            dtype=weight.grad.dtype if weight.grad is not None else weight.dtype,
+            device=weight.device,
+        )
         dist.recv(incoming, self.last_rank)
         if weight.grad is None:
             weight.grad = incoming.to(weight.dtype)

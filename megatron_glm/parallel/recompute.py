@@ -24,8 +24,10 @@ def check_recompute(granularity: str | None, method: str = "uniform", num_layers
     if granularity is None:
         return
     if granularity not in GRANULARITIES or method not in METHODS:
-        raise ValueError(f"--recompute-granularity {granularity!r} / --recompute-method {method!r}: "
-                         f"choose from {GRANULARITIES} and {METHODS}")
+        raise ValueError(
+            f"--recompute-granularity {granularity!r} / --recompute-method {method!r}: "
+            f"choose from {GRANULARITIES} and {METHODS}"
+        )
     if num_layers < 1:
         raise ValueError("--recompute-num-layers must be at least 1")
 
@@ -46,6 +48,7 @@ class Recompute(nn.Module):
                 for layer in layers[start:end]:
                     x = layer(x, *a)
                 return x
+
             return run
 
         if self.method == "uniform":
@@ -63,7 +66,9 @@ class Checkpointed(nn.Module):
     def __init__(self, module: nn.Module):
         super().__init__()
         if any(True for _ in module.parameters()):
-            raise ValueError(f"selective recomputation wraps parameter-free modules, not {type(module).__name__}")
+            raise ValueError(
+                f"selective recomputation wraps parameter-free modules, not {type(module).__name__}"
+            )
         self.module = module
 
     def forward(self, *args):

@@ -68,64 +68,113 @@ def discover_launch(environ=None) -> Launch:
     """Rank, world size, local rank and rendezvous address from the launcher's environment."""
     env = os.environ if environ is None else environ
     port = int(env.get("MASTER_PORT", 0)) or None
-    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, deepspeed launcher, or anything exporting the same
-        return Launch(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
-                      env.get("MASTER_ADDR", "127.0.0.1"), port or 29500, "torchrun")
+    if (
+        "RANK" in env and "WORLD_SIZE" in env
+    ):  # torchrun, deepspeed launcher, or anything exporting the same
+        return Launch(
+            int(env["RANK"]),
+            int(env["WORLD_SIZE"]),
+            int(env.get("LOCAL_RANK", 0)),
+            env.get("MASTER_ADDR", "127.0.0.1"),
+            port or 29500,
+            "torchrun",
+        )
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        addr = env.get("MASTER_ADDR") or _expand_first_host(env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"])
+        addr = env.get("MASTER_ADDR") or _expand_first_host(
+            env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"]
+        )
         job = int(env.get("SLURM_JOB_ID", "0"))
-        return Launch(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
-                      addr, port or 20000 + job % 20000, "slurm")
-    mpi_variables = (("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
-                     ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
-                     ("PMIX_RANK", "PMIX_SIZE", "PMIX_LOCAL_RANK"))
+        return Launch(
+            int(env["SLURM_PROCID"]),
+            int(env["SLURM_NTASKS"]),
+            int(env.get("SLURM_LOCALID", 0)),
+            addr,
+            port or 20000 + job % 20000,
+            "slurm",
+        )
+    mpi_variables = (
+        ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+        ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
+        ("PMIX_RANK", "PMIX_SIZE", "PMIX_LOCAL_RANK"),
+    )
     for rank_key, size_key, local_key in mpi_variables:
         if rank_key in env and (size_key in env or rank_key == "PMIX_RANK"):
             from mpi4py import MPI  # the master's address travels over MPI itself
 
             comm = MPI.COMM_WORLD
-            addr = comm.bcast(env.get("MASTER_ADDR") or (socket.gethostname() if comm.Get_rank() == 0 else None),
-                              root=0)
+            addr = comm.bcast(
+                env.get("MASTER_ADDR") or (socket.gethostname() if comm.Get_rank() == 0 else None),
+                root=0,
+            )
             port = comm.bcast(port or (_free_port() if comm.Get_rank() == 0 else None), root=0)
-            return Launch(comm.Get_rank(), comm.Get_size(), int(env.get(local_key, 0)), addr, port, "mpi")
+            return Launch(
+                comm.Get_rank(), comm.Get_size(), int(env.get(local_key, 0)), addr, port, "mpi"
+            )
     return Launch(0, 1, 0, "127.0.0.1", port or _free_port(), "single")
 
 
-def check_layout(world_size: int, tp: int, pp: int, num_attention_heads: int | None = None,
-                 hidden_size: int | None = None, vocab_size: int | None = None) -> int:
+def check_layout(
+    world_size: int,
+    tp: int,
+    pp: int,
+    num_attention_heads: int | None = None,
+    hidden_size: int | None = None,
+    vocab_size: int | None = None,
+) -> int:
     """Data-parallel size of a layout, or ``ParallelLayoutError`` naming what does not divide."""
     problems = []
     if tp < 1 or pp < 1:
-        problems.append("--tensor-model-parallel-size and --pipeline-model-parallel-size must be at least 1")
+        problems.append(
+            "--tensor-model-parallel-size and --pipeline-model-parallel-size must be at least 1"
+        )
     elif world_size % (tp * pp):
-        problems.append(f"world size {world_size} is not a multiple of tensor {tp} x pipeline {pp} parallel size")
+        problems.append(
+            f"world size {world_size} is not a multiple of tensor {tp} x pipeline {pp} parallel size"
+        )
     if num_attention_heads is not None and tp >= 1 and num_attention_heads % tp:
-        problems.append(f"--num-attention-heads {num_attention_heads} is not divisible by "
-                        f"--tensor-model-parallel-size {tp}")
+        problems.append(
+            f"--num-attention-heads {num_attention_heads} is not divisible by "
+            f"--tensor-model-parallel-size {tp}"
+        )
     if hidden_size is not None and tp >= 1 and hidden_size % tp:
-        problems.append(f"--hidden-size {hidden_size} is not divisible by --tensor-model-parallel-size {tp}")
+        problems.append(
+            f"--hidden-size {hidden_size} is not divisible by --tensor-model-parallel-size {tp}"
+        )
     if vocab_size is not None and tp >= 1 and vocab_size % tp:
-        problems.append(f"padded vocabulary {vocab_size} is not divisible by --tensor-model-parallel-size {tp}")
+        problems.append(
+            f"padded vocabulary {vocab_size} is not divisible by --tensor-model-parallel-size {tp}"
+        )
     if problems:
         raise ParallelLayoutError("impossible parallel layout: " + "; ".join(problems))
     return world_size // (tp * pp)
 
 
-def initialize_model_parallel(tp: int = 1, pp: int = 1, backend: str | None = None, **model_sizes) -> Launch | None:
+def initialize_model_parallel(
+    tp: int = 1, pp: int = 1, backend: str | None = None, **model_sizes
+) -> Launch | None:
     """Start the process group (if needed) and build the TP, PP, DP and embedding groups."""
     launch = None
     if not dist.is_initialized():
         launch = discover_launch()
         check_layout(launch.world_size, tp, pp, **model_sizes)  # before any group exists
         # the standard variables, for DeepSpeed and anything else that reads them
-        for key, value in (("RANK", launch.rank), ("WORLD_SIZE", launch.world_size), ("LOCAL_RANK", launch.local_rank),
-                           ("MASTER_ADDR", launch.master_addr), ("MASTER_PORT", launch.master_port)):
+        for key, value in (
+            ("RANK", launch.rank),
+            ("WORLD_SIZE", launch.world_size),
+            ("LOCAL_RANK", launch.local_rank),
+            ("MASTER_ADDR", launch.master_addr),
+            ("MASTER_PORT", launch.master_port),
+        ):
             os.environ.setdefault(key, str(value))
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if backend == "nccl":
             torch.cuda.set_device(launch.local_rank)
-        dist.init_process_group(backend, init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
-                                rank=launch.rank, world_size=launch.world_size)
+        dist.init_process_group(
+            backend,
+            init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
+            rank=launch.rank,
+            world_size=launch.world_size,
+        )
     world, rank = dist.get_world_size(), dist.get_rank()
     dp = check_layout(world, tp, pp, **model_sizes)
 
@@ -137,11 +186,18 @@ def initialize_model_parallel(tp: int = 1, pp: int = 1, backend: str | None = No
         "tp": [[index(p, d, t) for t in range(tp)] for p in range(pp) for d in range(dp)],
         "dp": [[index(p, d, t) for d in range(dp)] for p in range(pp) for t in range(tp)],
         "pp": pipelines,
-        "embedding": [sorted({ranks[0], ranks[-1]}) for ranks in pipelines],  # first and last stage: the tied matrix
-        "mp": [[index(p, d, t) for p in range(pp) for t in range(tp)] for d in range(dp)],  # DeepSpeed's "mp"
+        "embedding": [
+            sorted({ranks[0], ranks[-1]}) for ranks in pipelines
+        ],  # first and last stage: the tied matrix
+        "mp": [
+            [index(p, d, t) for p in range(pp) for t in range(tp)] for d in range(dp)
+        ],  # DeepSpeed's "mp"
     }
     groups = {}
-    for key, rank_lists in layouts.items():  # every rank calls new_group for every group, in the same order
+    for (
+        key,
+        rank_lists,
+    ) in layouts.items():  # every rank calls new_group for every group, in the same order
         for ranks in rank_lists:
             group = dist.new_group(ranks)
             if rank in ranks:
@@ -160,7 +216,9 @@ def destroy_model_parallel() -> None:
 
 def _require():
     if not _STATE:
-        raise RuntimeError("model parallelism is not initialized: call initialize_model_parallel() first")
+        raise RuntimeError(
+            "model parallelism is not initialized: call initialize_model_parallel() first"
+        )
     return _STATE
 
 

@@ -14,7 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_glm.parallel.cross_entropy import vocab_parallel_cross_entropy, vocab_parallel_is_argmax
+from megatron_glm.parallel.cross_entropy import (
+    vocab_parallel_cross_entropy,
+    vocab_parallel_is_argmax,
+)
 from megatron_glm.parallel.layers import install_sequence_parallel_hook
 from megatron_glm.parallel.mappings import (
     copy_to_tensor_model_parallel_region,
@@ -25,7 +28,9 @@ from megatron_glm.parallel.random import get_rng_tracker
 
 
 def shard_tensor(full: torch.Tensor, dim: int, stride: int, rank: int, world: int) -> torch.Tensor:
-    return torch.cat([part.chunk(world, dim)[rank] for part in full.chunk(stride, dim)], dim)  # a copy: cat always is
+    return torch.cat(
+        [part.chunk(world, dim)[rank] for part in full.chunk(stride, dim)], dim
+    )  # a copy: cat always is
 
 
 def unshard_tensors(shards: list[torch.Tensor], dim: int, stride: int) -> torch.Tensor:
@@ -47,7 +52,9 @@ def materialize(module: nn.Module, make) -> None:
             name = f"{prefix}.{key}" if prefix else key
             value = make(name, meta)
             if tuple(value.shape) != tuple(meta.shape):
-                raise ValueError(f"{name}: got shape {tuple(value.shape)}, this rank's model has {tuple(meta.shape)}")
+                raise ValueError(
+                    f"{name}: got shape {tuple(value.shape)}, this rank's model has {tuple(meta.shape)}"
+                )
             param = nn.Parameter(value, requires_grad=meta.requires_grad)
             param.__dict__.update(meta.__dict__)
             if getattr(param, "sequence_parallel", False):

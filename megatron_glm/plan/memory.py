@@ -39,12 +39,20 @@ class Workload:
     seq_length: int
     global_batch: int
     precision: str = "bf16"  # fp32 | bf16 | fp16
-    attention: str = "flash"  # flash (ours on GPU) | sdpa (CPU default) | eager (the reference path)
+    attention: str = (
+        "flash"  # flash (ours on GPU) | sdpa (CPU default) | eager (the reference path)
+    )
     device: str = "cuda"  # CUDA: Triton kernels, one-byte dropout masks; CPU: torch references, element-size masks
 
     def __post_init__(self):
-        problems = [f"{flag} {value} must be positive" for flag, value in
-                    (("--seq-length", self.seq_length), ("--global-batch-size", self.global_batch)) if value < 1]
+        problems = [
+            f"{flag} {value} must be positive"
+            for flag, value in (
+                ("--seq-length", self.seq_length),
+                ("--global-batch-size", self.global_batch),
+            )
+            if value < 1
+        ]
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -81,7 +89,9 @@ class StageMemory:
     activations: int = 0
     transient: int = 0  # live only around the output layer's backward or the optimizer step
     in_flight: int = 0  # micro-batches (model-chunk forwards) whose activations are held at once
-    setup_host: int = 0  # host (CPU) bytes while the rank builds its weights, before they move to the GPU
+    setup_host: int = (
+        0  # host (CPU) bytes while the rank builds its weights, before they move to the GPU
+    )
     terms: dict = field(default_factory=dict)
 
     @property
@@ -134,7 +144,9 @@ def setup_host_bytes(counts: dict) -> int:
     return 4 * (counts["embedding"] + counts["other"] + counts["largest_full"])
 
 
-def model_states(params: int, precision: str, zero: int, dp: int, cpu_offload: bool = False) -> dict:
+def model_states(
+    params: int, precision: str, zero: int, dp: int, cpu_offload: bool = False
+) -> dict:
     """Weights, gradients, optimizer and communication-buffer bytes for ``params`` elements on one rank.
 
     As DeepSpeed lays them out (Rajbhandari et al. 2020 for the partitioning):
@@ -160,7 +172,9 @@ def model_states(params: int, precision: str, zero: int, dp: int, cpu_offload: b
     if zero >= 2:
         grads = e * part
     if zero == 3:
-        weights = e * part + e * bucket_elements(params)  # the gathered working set, one bucket's worth
+        weights = e * part + e * bucket_elements(
+            params
+        )  # the gathered working set, one bucket's worth
     if cpu_offload:
         optimizer = 0
     return {"weights": weights, "gradients": grads, "optimizer": optimizer, "buffers": buffers}
@@ -181,10 +195,13 @@ def layer_activations(w: Workload, lay: Layout) -> dict:
         # the LayerNorm outputs saved by the column-parallel linears (gathered in full with SP)
         "linear_inputs": 2 * e * n,
         "qkv": 3 * e * n // t,
-        "mlp": e * b * s * (2 * f if cfg.geglu else f) // t + e * b * s * f // t * (2 if cfg.geglu else 1),
+        "mlp": e * b * s * (2 * f if cfg.geglu else f) // t
+        + e * b * s * f // t * (2 if cfg.geglu else 1),
     }
     if cfg.position_embedding_type == "rotary_2d":
-        if w.device == "cuda":  # the Triton kernel: rotated q and k (SDPA keeps one more copy), int64 positions
+        if (
+            w.device == "cuda"
+        ):  # the Triton kernel: rotated q and k (SDPA keeps one more copy), int64 positions
             terms["rotary"] = (2 if w.attention == "flash" else 3) * e * n // t + 16 * b * s
         else:  # the torch reference: rotated halves and their concatenations
             terms["rotary"] = 4 * e * n // t
@@ -195,7 +212,9 @@ def layer_activations(w: Workload, lay: Layout) -> dict:
     elif w.attention == "sdpa":
         # O (the dense input is a view of it), log-sum-exp, and the dense additive mask built per layer
         terms["attention"] = e * n // t + 4 * b * heads * s + e * b * s * s
-        if cfg.attention_dropout > 0:  # PyTorch's math path (in fp32 on CPU): scores, probabilities, dropout mask
+        if (
+            cfg.attention_dropout > 0
+        ):  # PyTorch's math path (in fp32 on CPU): scores, probabilities, dropout mask
             terms["attention"] += 3 * 4 * b * heads * s * s
     else:  # the reference: fp32 probabilities, a boolean mask, the context
         terms["attention"] = 4 * b * heads * s * s + b * s * s + e * n // t
@@ -236,8 +255,12 @@ def estimate(w: Workload, lay: Layout) -> list[StageMemory]:
     out = []
     for r, counts in enumerate(stage_parameters(cfg, t, lay.pp, lay.vpp)):
         params = counts["embedding"] + counts["other"]
-        st = StageMemory(stage=r, parameters=params, in_flight=in_flight(lay, m, r),
-                         setup_host=setup_host_bytes(counts))
+        st = StageMemory(
+            stage=r,
+            parameters=params,
+            in_flight=in_flight(lay, m, r),
+            setup_host=setup_host_bytes(counts),
+        )
         st.terms.update(model_states(params, w.precision, lay.zero, lay.dp, lay.cpu_offload))
         if lay.pp > 1 and r == lay.pp - 1:  # the tied output matrix's copy and its gradient
             st.terms["tied_copy"] = e * vocab_share * h
@@ -246,24 +269,33 @@ def estimate(w: Workload, lay: Layout) -> list[StageMemory]:
             st.terms["activations"] = st.in_flight * kept * layers_per_chunk
             st.terms["recompute"] = layer_bytes
         elif lay.recompute == "selective":  # the core attention is rebuilt, one layer at a time
-            st.terms["activations"] = st.in_flight * layers_per_chunk * (layer_bytes - per_layer["attention"])
+            st.terms["activations"] = (
+                st.in_flight * layers_per_chunk * (layer_bytes - per_layer["attention"])
+            )
             st.terms["recompute"] = per_layer["attention"]
         else:
             st.terms["activations"] = st.in_flight * layers_per_chunk * layer_bytes
-        if r == lay.pp - 1:  # one micro-batch's logits in fp32: log-softmax, its gradient, the logits' gradient;
+        if (
+            r == lay.pp - 1
+        ):  # one micro-batch's logits in fp32: log-softmax, its gradient, the logits' gradient;
             # the vocab-parallel cross entropy also holds the shifted logits and their exponentials at once
             st.terms["output_layer"] = (12 if t == 1 else 16) * b * s * vocab_share
         # the optimizer step: torch's Adam makes a temporary the size of the largest tensor it updates
         # (the whole flat partition under ZeRO)
         biggest = -(-params // lay.dp) if lay.zero else max(counts["embedding"], 1)
-        step = 4 * biggest + (4 * params if lay.zero == 0 and w.precision != "fp32" else 0)  # + fp32 gradients
+        step = 4 * biggest + (
+            4 * params if lay.zero == 0 and w.precision != "fp32" else 0
+        )  # + fp32 gradients
         st.terms["optimizer_step"] = 0 if lay.cpu_offload else step
         st.weights = st.terms["weights"] + st.terms.get("tied_copy", 0)
         st.gradients = st.terms["gradients"] + st.terms.get("tied_copy", 0)
         st.optimizer = st.terms["optimizer"] + st.terms["buffers"]
         st.activations = st.terms["activations"]
         # the peak is at the output layer's backward, while a layer is recomputed, or in the step
-        st.transient = max(st.terms.get("output_layer", 0), st.terms.get("recompute", 0),
-                           st.terms["optimizer_step"] - st.activations)
+        st.transient = max(
+            st.terms.get("output_layer", 0),
+            st.terms.get("recompute", 0),
+            st.terms["optimizer_step"] - st.activations,
+        )
         out.append(st)
     return out

@@ -35,16 +35,27 @@ class Cluster:
     reserve_gib: float = 2.0  # CUDA context, allocator caching, fragmentation
 
     def __post_init__(self):
-        flag = {"nodes": "--nodes", "gpus_per_node": "--gpus-per-node", "gpu_memory_gib": "--gpu-memory",
-                "peak_tflops": "--peak-tflops", "intra_node_gbps": "--intra-node-bandwidth",
-                "inter_node_gbps": "--inter-node-bandwidth", "efficiency": "--efficiency"}
-        problems = [f"{f} {getattr(self, k)} must be positive" for k, f in flag.items()
-                    if not getattr(self, k) > 0 or getattr(self, k) == float("inf")]  # NaN fails `> 0`
+        flag = {
+            "nodes": "--nodes",
+            "gpus_per_node": "--gpus-per-node",
+            "gpu_memory_gib": "--gpu-memory",
+            "peak_tflops": "--peak-tflops",
+            "intra_node_gbps": "--intra-node-bandwidth",
+            "inter_node_gbps": "--inter-node-bandwidth",
+            "efficiency": "--efficiency",
+        }
+        problems = [
+            f"{f} {getattr(self, k)} must be positive"
+            for k, f in flag.items()
+            if not getattr(self, k) > 0 or getattr(self, k) == float("inf")
+        ]  # NaN fails `> 0`
         if not 0 <= self.reserve_gib < float("inf"):
             problems.append(f"--reserve {self.reserve_gib} must be 0 or more")
         elif self.gpu_memory_gib > 0 and self.reserve_gib >= self.gpu_memory_gib:
-            problems.append(f"--reserve {self.reserve_gib:g} GiB leaves nothing of --gpu-memory "
-                            f"{self.gpu_memory_gib:g}")
+            problems.append(
+                f"--reserve {self.reserve_gib:g} GiB leaves nothing of --gpu-memory "
+                f"{self.gpu_memory_gib:g}"
+            )
         if self.efficiency > 1:
             problems.append(f"--efficiency {self.efficiency} is a fraction of the peak: at most 1")
         if problems:
@@ -79,8 +90,13 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def candidates(w: Workload, cluster: Cluster, zero_stages=(0, 1, 2, 3), recompute=(None, "selective", "full"),
-               micro_batches=(1, 2, 4, 8, 16)) -> list[Layout]:
+def candidates(
+    w: Workload,
+    cluster: Cluster,
+    zero_stages=(0, 1, 2, 3),
+    recompute=(None, "selective", "full"),
+    micro_batches=(1, 2, 4, 8, 16),
+) -> list[Layout]:
     """Every layout the implementation accepts (``validate_args``' rules) for this cluster."""
     cfg, world, out = w.cfg, cluster.world, []
     for tp in _divisors(cluster.gpus_per_node):  # TP stays inside a node
@@ -94,14 +110,26 @@ def candidates(w: Workload, cluster: Cluster, zero_stages=(0, 1, 2, 3), recomput
                 if w.global_batch % (b * dp):
                     continue
                 m = w.global_batch // (b * dp)
-                vpps = [1] + [v for v in (2, 4) if pp > 1 and cfg.num_layers % (pp * v) == 0 and m % pp == 0]
+                vpps = [1] + [
+                    v for v in (2, 4) if pp > 1 and cfg.num_layers % (pp * v) == 0 and m % pp == 0
+                ]
                 for v in vpps:
                     for z in zero_stages:
                         if pp > 1 and z >= 2 or dp == 1 and z > 0:
                             continue
                         for r in recompute:
-                            out.append(Layout(tp=tp, pp=pp, dp=dp, vpp=v, micro_batch=b, zero=z,
-                                              sequence_parallel=tp > 1 and w.seq_length % tp == 0, recompute=r))
+                            out.append(
+                                Layout(
+                                    tp=tp,
+                                    pp=pp,
+                                    dp=dp,
+                                    vpp=v,
+                                    micro_batch=b,
+                                    zero=z,
+                                    sequence_parallel=tp > 1 and w.seq_length % tp == 0,
+                                    recompute=r,
+                                )
+                            )
     return out
 
 
@@ -129,7 +157,9 @@ def evaluate(w: Workload, lay: Layout, cluster: Cluster) -> Candidate:
     act = lay.micro_batch * s * h * e  # one activation tensor of a micro-batch
     layers_here = L // lay.pp
     tp_bytes = 4 * layers_here * m * _ring(act, lay.tp)
-    pp_bytes = 0 if lay.pp == 1 else 2 * m * lay.vpp * act / (lay.tp if lay.sequence_parallel else 1)
+    pp_bytes = (
+        0 if lay.pp == 1 else 2 * m * lay.vpp * act / (lay.tp if lay.sequence_parallel else 1)
+    )
     params = max(st.parameters for st in stages)
     dp_bytes = _ring(params * e, lay.dp) * (1.5 if lay.zero == 3 else 1.0)
     intra = cluster.intra_node_gbps * 1e9
@@ -139,8 +169,15 @@ def evaluate(w: Workload, lay: Layout, cluster: Cluster) -> Candidate:
     comm_time = tp_bytes / intra + pp_bytes / pp_link + dp_bytes / dp_link
     step = compute * (1 + bubble) + comm_time
     budget = (cluster.gpu_memory_gib - cluster.reserve_gib) * GiB
-    return Candidate(lay, stages, bubble, {"tp": tp_bytes, "pp": pp_bytes, "dp": dp_bytes}, step,
-                     max(st.peak for st in stages) <= budget, tokens)
+    return Candidate(
+        lay,
+        stages,
+        bubble,
+        {"tp": tp_bytes, "pp": pp_bytes, "dp": dp_bytes},
+        step,
+        max(st.peak for st in stages) <= budget,
+        tokens,
+    )
 
 
 def rank(w: Workload, cluster: Cluster, **limits) -> list[Candidate]:
@@ -151,11 +188,25 @@ def rank(w: Workload, cluster: Cluster, **limits) -> list[Candidate]:
 
 def flags(w: Workload, lay: Layout) -> list[str]:
     """glm-pretrain's flags for a layout (the model flags come from the user's own command)."""
-    out = ["--tensor-model-parallel-size", str(lay.tp), "--pipeline-model-parallel-size", str(lay.pp),
-           "--micro-batch-size", str(lay.micro_batch), "--global-batch-size", str(w.global_batch),
-           "--seq-length", str(w.seq_length), "--zero-stage", str(lay.zero)]
+    out = [
+        "--tensor-model-parallel-size",
+        str(lay.tp),
+        "--pipeline-model-parallel-size",
+        str(lay.pp),
+        "--micro-batch-size",
+        str(lay.micro_batch),
+        "--global-batch-size",
+        str(w.global_batch),
+        "--seq-length",
+        str(w.seq_length),
+        "--zero-stage",
+        str(lay.zero),
+    ]
     if lay.vpp > 1:
-        out += ["--num-layers-per-virtual-pipeline-stage", str(w.cfg.num_layers // (lay.pp * lay.vpp))]
+        out += [
+            "--num-layers-per-virtual-pipeline-stage",
+            str(w.cfg.num_layers // (lay.pp * lay.vpp)),
+        ]
     if lay.sequence_parallel:
         out.append("--sequence-parallel")
     if lay.recompute:

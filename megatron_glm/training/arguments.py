@@ -25,7 +25,10 @@ from megatron_glm.settings import (
 GROUPS = (  # --help's groups, and the sections whose flags each lists
     ("model", (ImplementationConfig,)),
     ("parallelism", (ParallelConfig,)),
-    ("blank infilling (the GLM objective; THUDM/GLM's flags and defaults)", (BlankInfillingConfig,)),
+    (
+        "blank infilling (the GLM objective; THUDM/GLM's flags and defaults)",
+        (BlankInfillingConfig,),
+    ),
     ("data", (DataConfig,)),
     ("tokenizer", (TokenizerSpec,)),
     ("training", (TrainingConfig, OptimizerConfig)),
@@ -34,8 +37,11 @@ GROUPS = (  # --help's groups, and the sections whose flags each lists
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(allow_abbrev=False, prog="glm-pretrain",
-                                description="Pretrain GLM with autoregressive blank infilling.")
+    p = argparse.ArgumentParser(
+        allow_abbrev=False,
+        prog="glm-pretrain",
+        description="Pretrain GLM with autoregressive blank infilling.",
+    )
     for title, sections in GROUPS:
         group = p.add_argument_group(title)
         if title == "model":

@@ -25,16 +25,22 @@ class BatchSchedule:
         start, increment, samples = self.rampup
         flag = f"--rampup-batch-size {start} {increment} {samples}"
         if start < 1 or increment < 1 or samples < 0:
-            return [f"{flag}: the start and increment must be positive and the samples not negative"]
+            return [
+                f"{flag}: the start and increment must be positive and the samples not negative"
+            ]
         if start >= self.global_batch_size:
             return [f"{flag}: the start must be below --global-batch-size {self.global_batch_size}"]
         found = []
         if (self.global_batch_size - start) % increment:
-            found.append(f"{flag}: --global-batch-size {self.global_batch_size} minus the start is not a multiple "
-                         f"of the increment")
+            found.append(
+                f"{flag}: --global-batch-size {self.global_batch_size} minus the start is not a multiple "
+                f"of the increment"
+            )
         if start % self.unit or increment % self.unit:
-            found.append(f"{flag}: the start and the increment must be multiples of --micro-batch-size x "
-                         f"data-parallel size ({self.unit}), so that every step is whole micro-batches")
+            found.append(
+                f"{flag}: the start and the increment must be multiples of --micro-batch-size x "
+                f"data-parallel size ({self.unit}), so that every step is whole micro-batches"
+            )
         return found
 
     def size_at(self, consumed: int) -> int:

@@ -46,20 +46,42 @@ class ScheduleConfig:
 
     def record(self) -> dict:
         """What a checkpoint records of the schedule, to hold a resume to it (Megatron's checked values)."""
-        return {"lr": self.lr, "min_lr": self.min_lr, "decay_style": self.decay_style, "warmup": self.warmup,
-                "decay": self.decay, "wsd_decay": self.wsd_decay, "wsd_style": self.wsd_style,
-                "counts": "iterations" if self.consumed_before is None else "samples"}
+        return {
+            "lr": self.lr,
+            "min_lr": self.min_lr,
+            "decay_style": self.decay_style,
+            "warmup": self.warmup,
+            "decay": self.decay,
+            "wsd_decay": self.wsd_decay,
+            "wsd_style": self.wsd_style,
+            "counts": "iterations" if self.consumed_before is None else "samples",
+        }
 
     def build(self) -> LRSchedule:
         """The schedule (``ValueError`` for one that cannot run)."""
-        return LRSchedule(self.lr, self.min_lr, self.decay_style, self.warmup, self.decay, self.wsd_decay,
-                          self.wsd_style, self.consumed_before)
+        return LRSchedule(
+            self.lr,
+            self.min_lr,
+            self.decay_style,
+            self.warmup,
+            self.decay,
+            self.wsd_decay,
+            self.wsd_style,
+            self.consumed_before,
+        )
 
     def following(self, saved: dict) -> "ScheduleConfig":
         """This schedule with a checkpoint's recorded values (``--use-checkpoint-opt_param-scheduler``)."""
-        return dataclasses.replace(self, lr=saved["lr"], min_lr=saved["min_lr"], decay_style=saved["decay_style"],
-                                   warmup=saved["warmup"], decay=saved["decay"], wsd_decay=saved["wsd_decay"],
-                                   wsd_style=saved["wsd_style"])
+        return dataclasses.replace(
+            self,
+            lr=saved["lr"],
+            min_lr=saved["min_lr"],
+            decay_style=saved["decay_style"],
+            warmup=saved["warmup"],
+            decay=saved["decay"],
+            wsd_decay=saved["wsd_decay"],
+            wsd_style=saved["wsd_style"],
+        )
 
 
 @dataclass(frozen=True)
@@ -71,7 +93,9 @@ class JobConfig:
     batches: BatchSchedule  # each step's global batch (Megatron's ramp-up, or constant)
     schedule: ScheduleConfig
     device: str  # cpu or cuda: --device auto resolved
-    deepspeed_overrides: dict = field(default_factory=dict)  # --deepspeed-config's keys for the engine
+    deepspeed_overrides: dict = field(
+        default_factory=dict
+    )  # --deepspeed-config's keys for the engine
 
     # the sections the Trainer reads most, by their names
     parallel = property(lambda self: self.settings.parallel)
@@ -99,10 +123,16 @@ class JobConfig:
         check_layout(tp * pp, tp, pp, cfg.num_attention_heads, cfg.hidden_size, cfg.vocab_size)
         per_chunk = par.num_layers_per_virtual_pipeline_stage
         if per_chunk and cfg.num_layers % (pp * per_chunk):
-            raise ValueError(f"--num-layers {cfg.num_layers} is not divisible by --pipeline-model-parallel-size "
-                             f"{pp} x --num-layers-per-virtual-pipeline-stage {per_chunk}")
-        partition_layers(cfg.num_layers, pp, par.virtual_stages(cfg.num_layers),
-                         list(par.pipeline_layers) if par.pipeline_layers else None)  # an impossible split fails here
+            raise ValueError(
+                f"--num-layers {cfg.num_layers} is not divisible by --pipeline-model-parallel-size "
+                f"{pp} x --num-layers-per-virtual-pipeline-stage {per_chunk}"
+            )
+        partition_layers(
+            cfg.num_layers,
+            pp,
+            par.virtual_stages(cfg.num_layers),
+            list(par.pipeline_layers) if par.pipeline_layers else None,
+        )  # an impossible split fails here
         return cfg
 
 
@@ -112,32 +142,45 @@ def resolve_device(settings: Settings) -> tuple[str, list[str]]:
     device = wanted if wanted != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     found = []
     if device == "cuda" and not torch.cuda.is_available():
-        found.append("--device cuda, but no CUDA GPU is visible here (or this torch is a CPU build); use --device "
-                     "cpu, or auto")
+        found.append(
+            "--device cuda, but no CUDA GPU is visible here (or this torch is a CPU build); use --device "
+            "cpu, or auto"
+        )
     if settings.implementation.attention_impl == "flex" and device == "cpu":
-        found.append("--attention-impl flex trains on GPUs only (FlexAttention has no backward on the CPU); use "
-                     "--attention-impl sdpa here")
+        found.append(
+            "--attention-impl flex trains on GPUs only (FlexAttention has no backward on the CPU); use "
+            "--attention-impl sdpa here"
+        )
     if settings.training.precision == "fp16" and device == "cpu":
-        found.append("--fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16 optimizer); use --bf16 on CPU")
+        found.append(
+            "--fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16 optimizer); use --bf16 on CPU"
+        )
     return device, found
 
 
-def _fold_deepspeed_json(args: argparse.Namespace, world_size: int) -> tuple[argparse.Namespace, dict]:
+def _fold_deepspeed_json(
+    args: argparse.Namespace, world_size: int
+) -> tuple[argparse.Namespace, dict]:
     """(the flags with ``--deepspeed-config``'s keys over them, what the engine gets from the JSON)."""
     path = args.deepspeed_config
     if not path:
         return args, {}
-    dp = ParallelConfig(tensor_model_parallel_size=args.tensor_model_parallel_size,
-                        pipeline_model_parallel_size=args.pipeline_model_parallel_size).data_parallel_size(world_size)
+    dp = ParallelConfig(
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+    ).data_parallel_size(world_size)
     batch = args.global_batch_size or args.micro_batch_size * dp
-    overrides, changed, problems = deepspeed_json.fold(deepspeed_json.read(path), args.micro_batch_size, batch, dp,
-                                                       path)
+    overrides, changed, problems = deepspeed_json.fold(
+        deepspeed_json.read(path), args.micro_batch_size, batch, dp, path
+    )
     if problems:
         raise ValueError("; ".join(problems))
     for dest, value in changed.items():
         if getattr(args, dest) != value:
-            logger.warning(f"--deepspeed-config {path} sets {value} over --{dest.replace('_', '-')} "
-                           f"{getattr(args, dest)}")
+            logger.warning(
+                f"--deepspeed-config {path} sets {value} over --{dest.replace('_', '-')} "
+                f"{getattr(args, dest)}"
+            )
     return argparse.Namespace(**{**vars(args), **changed}), overrides
 
 
@@ -146,34 +189,58 @@ def _lr_schedule(settings: Settings, batches: BatchSchedule, train_iters: int) -
     decay."""
     opt, samples = settings.optimizer, settings.training.train_samples
     if samples:
-        decay, warmup, wsd_decay, consumed_before = opt.lr_decay_samples or samples, opt.lr_warmup_samples, \
-            opt.lr_wsd_decay_samples, batches.consumed_before
+        decay, warmup, wsd_decay, consumed_before = (
+            opt.lr_decay_samples or samples,
+            opt.lr_warmup_samples,
+            opt.lr_wsd_decay_samples,
+            batches.consumed_before,
+        )
     else:
-        decay, warmup, wsd_decay, consumed_before = opt.lr_decay_iters or train_iters, opt.lr_warmup_iters, \
-            opt.lr_wsd_decay_iters, None
+        decay, warmup, wsd_decay, consumed_before = (
+            opt.lr_decay_iters or train_iters,
+            opt.lr_warmup_iters,
+            opt.lr_wsd_decay_iters,
+            None,
+        )
     warmup = warmup or int(round((opt.lr_warmup_fraction or 0.0) * decay))
-    return ScheduleConfig(opt.lr, opt.min_lr, opt.lr_decay_style, warmup, decay, wsd_decay, opt.lr_wsd_decay_style,
-                          consumed_before)
+    return ScheduleConfig(
+        opt.lr,
+        opt.min_lr,
+        opt.lr_decay_style,
+        warmup,
+        decay,
+        wsd_decay,
+        opt.lr_wsd_decay_style,
+        consumed_before,
+    )
 
 
 def from_args(args: argparse.Namespace, world_size: int) -> JobConfig:
     """The job the flags describe, or ``ValueError`` listing every flag that cannot work."""
-    args, overrides = _fold_deepspeed_json(args, world_size)  # its keys win: the settings hold the values that run
+    args, overrides = _fold_deepspeed_json(
+        args, world_size
+    )  # its keys win: the settings hold the values that run
     settings = Settings.from_flags(args)
     problems = settings.problems(world_size)
     device, device_problems = resolve_device(settings)
     problems += device_problems
     train, par = settings.training, settings.parallel
     dp = par.data_parallel_size(world_size)
-    batches = BatchSchedule(train.batch_size(dp), train.micro_batch_size * dp, train.rampup_batch_size)
+    batches = BatchSchedule(
+        train.batch_size(dp), train.micro_batch_size * dp, train.rampup_batch_size
+    )
     if train.batch_problem(dp) is None:
         problems += batches.problems()
     if problems:
         raise ValueError("; ".join(problems))
-    train_iters = batches.iterations_for(train.train_samples) if train.train_samples else train.train_iters
+    train_iters = (
+        batches.iterations_for(train.train_samples) if train.train_samples else train.train_iters
+    )
     if train_iters < 1:
-        raise ValueError(f"--train-samples {train.train_samples} is less than one step of {batches.size_at(0)} "
-                         "samples")
+        raise ValueError(
+            f"--train-samples {train.train_samples} is less than one step of {batches.size_at(0)} "
+            "samples"
+        )
     schedule = _lr_schedule(settings, batches, train_iters)
     schedule.build()  # a schedule that cannot run fails here, before any work
     return JobConfig(settings, train_iters, batches, schedule, device, overrides)

@@ -20,9 +20,14 @@ def init_distributed(device: str, tp: int, pp: int, model_cfg) -> None:
 
     from megatron_glm.parallel import state
 
-    state.initialize_model_parallel(tp=tp, pp=pp, backend="nccl" if device == "cuda" else "gloo",
-                                    num_attention_heads=model_cfg.num_attention_heads,
-                                    hidden_size=model_cfg.hidden_size, vocab_size=model_cfg.vocab_size)
+    state.initialize_model_parallel(
+        tp=tp,
+        pp=pp,
+        backend="nccl" if device == "cuda" else "gloo",
+        num_attention_heads=model_cfg.num_attention_heads,
+        hidden_size=model_cfg.hidden_size,
+        vocab_size=model_cfg.vocab_size,
+    )
     deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", verbose=False)
 
 
@@ -42,18 +47,31 @@ def deepspeed_config(job: JobConfig, grad_accum: int, rank_params: int | None = 
         "train_micro_batch_size_per_gpu": job.training.micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": job.optimizer.clip_grad,
-        "zero_optimization": {"stage": par.zero_stage, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket,
-                              **({"stage3_prefetch_bucket_size": bucket} if par.zero_stage == 3 else {}),
-                              **({"offload_optimizer": {"device": "cpu"}} if par.cpu_offload else {})},
+        "zero_optimization": {
+            "stage": par.zero_stage,
+            "reduce_bucket_size": bucket,
+            "allgather_bucket_size": bucket,
+            **({"stage3_prefetch_bucket_size": bucket} if par.zero_stage == 3 else {}),
+            **({"offload_optimizer": {"device": "cpu"}} if par.cpu_offload else {}),
+        },
         # our AdamW serves with offload too (DeepSpeed would otherwise insist on its compiled CPU Adam)
         "zero_force_ds_cpu_optimizer": False,
         "bf16": {"enabled": job.training.precision == "bf16"},
-        "fp16": {"enabled": job.training.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
-                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
+        "fp16": {
+            "enabled": job.training.precision == "fp16",
+            "loss_scale": 0,
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        },
         "steps_per_print": 10**12,
         "wall_clock_breakdown": False,
     }
-    for key, value in job.deepspeed_overrides.items():  # --deepspeed-config's keys (training/deepspeed_json.py)
+    for (
+        key,
+        value,
+    ) in job.deepspeed_overrides.items():  # --deepspeed-config's keys (training/deepspeed_json.py)
         merge = isinstance(value, dict) and isinstance(config.get(key), dict)
         config[key] = {**config[key], **value} if merge else value
     return config
@@ -64,7 +82,10 @@ def param_groups(model, weight_decay: float):
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (decay if decays(name) else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
 
 
 def make_optimizer(impl: str, groups, lr: float, betas, eps: float):
@@ -77,7 +98,9 @@ def make_optimizer(impl: str, groups, lr: float, betas, eps: float):
         return FusedAdam(groups, lr=lr, betas=betas, eps=eps, adam_w_mode=True)
     if impl not in OPTIMIZER_IMPLS:
         raise ValueError(f"--optimizer-impl {impl!r}: choose one of {', '.join(OPTIMIZER_IMPLS)}")
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=impl == "fused-adamw" or None)
+    return torch.optim.AdamW(
+        groups, lr=lr, betas=betas, eps=eps, fused=impl == "fused-adamw" or None
+    )
 
 
 def build_engine(job: JobConfig, module, engine_steps: int):
@@ -89,9 +112,19 @@ def build_engine(job: JobConfig, module, engine_steps: int):
 
     opt = job.optimizer
     schedule = job.schedule.build()
-    optimizer = make_optimizer(opt.optimizer_impl, param_groups(module, opt.weight_decay), job.schedule.lr, opt.betas,
-                               opt.adam_eps)
+    optimizer = make_optimizer(
+        opt.optimizer_impl,
+        param_groups(module, opt.weight_decay),
+        job.schedule.lr,
+        opt.betas,
+        opt.adam_eps,
+    )
     config = deepspeed_config(job, engine_steps, sum(p.numel() for p in module.parameters()))
-    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=schedule.as_torch(optimizer),
-                                           config=config, mpu=state)
+    engine, _, _, _ = deepspeed.initialize(
+        model=module,
+        optimizer=optimizer,
+        lr_scheduler=schedule.as_torch(optimizer),
+        config=config,
+        mpu=state,
+    )
     return engine

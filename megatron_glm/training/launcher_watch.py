@@ -29,10 +29,14 @@ def watch_launcher(source: str, interval: float = 1.0) -> None:
     def watch():
         while not stop.wait(interval):
             if os.getppid() != parent:
-                logger.error(f"the launcher that started this rank (pid {parent}) is gone: stopping without saving; "
-                             "relaunch the job to resume from its latest complete checkpoint")
+                logger.error(
+                    f"the launcher that started this rank (pid {parent}) is gone: stopping without saving; "
+                    "relaunch the job to resume from its latest complete checkpoint"
+                )
                 for stream in (sys.stdout, sys.stderr):
                     stream.flush()
-                os._exit(EXIT_LAUNCHER_GONE)  # now, whatever the main thread is doing (a collective, a save)
+                os._exit(
+                    EXIT_LAUNCHER_GONE
+                )  # now, whatever the main thread is doing (a collective, a save)
 
     threading.Thread(target=watch, name="launcher-watch", daemon=True).start()

@@ -55,7 +55,11 @@ class MemoryMeter:
 
         if self.device == "cuda":
             torch.cuda.synchronize()
-            return {"static_bytes": self.static, "peak_bytes": torch.cuda.max_memory_allocated(), "device": "cuda"}
+            return {
+                "static_bytes": self.static,
+                "peak_bytes": torch.cuda.max_memory_allocated(),
+                "device": "cuda",
+            }
         self.profiler.__exit__(None, None, None)
         static, peak = replay(self.profiler, self.counts_all_threads)
         return {"static_bytes": static, "peak_bytes": peak, "device": "cpu"}
@@ -92,8 +96,10 @@ def replay(profiler, total_is_global: bool) -> tuple[int, int]:
         with open(path) as f:
             events = json.load(f)["traceEvents"]
     mark = min((e["ts"] for e in events if e.get("name") == _MARK), default=None)
-    memory = sorted((e for e in events if e.get("name") == "[memory]"),
-                    key=lambda e: (e["ts"], e["args"].get("Ev Idx", 0)))
+    memory = sorted(
+        (e for e in events if e.get("name") == "[memory]"),
+        key=lambda e: (e["ts"], e["args"].get("Ev Idx", 0)),
+    )
     blocks: dict[int, int] = {}
     live, static, peak = 0, None, 0
     for e in memory:
@@ -103,7 +109,9 @@ def replay(profiler, total_is_global: bool) -> tuple[int, int]:
         if total_is_global:
             live = e["args"]["Total Allocated"]
         else:
-            live -= blocks.pop(addr, 0)  # freed here, or (address reused) freed unseen on another thread
+            live -= blocks.pop(
+                addr, 0
+            )  # freed here, or (address reused) freed unseen on another thread
             if nbytes > 0:
                 blocks[addr] = nbytes
                 live += nbytes

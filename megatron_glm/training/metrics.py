@@ -43,14 +43,27 @@ def memory_summary() -> str:
 
 
 # Megatron's TensorBoard tags (and their "... vs samples" twins), so that its dashboards read our runs
-MEGATRON_TAGS = {"lm_loss": "lm loss", "valid_loss": "lm loss validation", "lr": "learning-rate",
-                 "grad_norm": "grad-norm", "batch_size": "batch-size", "loss_scale": "loss-scale",
-                 "iteration_time": "iteration-time"}
+MEGATRON_TAGS = {
+    "lm_loss": "lm loss",
+    "valid_loss": "lm loss validation",
+    "lr": "learning-rate",
+    "grad_norm": "grad-norm",
+    "batch_size": "batch-size",
+    "loss_scale": "loss-scale",
+    "iteration_time": "iteration-time",
+}
 
 
 class MetricsLogger:
-    def __init__(self, log_dir: str | None, tensorboard: bool, wandb_project: str | None, config: dict, enabled: bool,
-                 tensorboard_dir: str | None = None):
+    def __init__(
+        self,
+        log_dir: str | None,
+        tensorboard: bool,
+        wandb_project: str | None,
+        config: dict,
+        enabled: bool,
+        tensorboard_dir: str | None = None,
+    ):
         self.enabled, self.file, self.tb, self.wandb = enabled, None, None, None
         if not enabled:
             return
@@ -61,13 +74,19 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
-                raise RuntimeError("--tensorboard needs the tensorboard package: pip install tensorboard") from e
-            self.tb = SummaryWriter(tensorboard_dir or os.path.join(log_dir or "runs", "tensorboard"))
+                raise RuntimeError(
+                    "--tensorboard needs the tensorboard package: pip install tensorboard"
+                ) from e
+            self.tb = SummaryWriter(
+                tensorboard_dir or os.path.join(log_dir or "runs", "tensorboard")
+            )
         if wandb_project:
             try:
                 import wandb
             except ImportError as e:
-                raise RuntimeError("--wandb-project needs wandb: pip install 'megatron-glm[wandb]'") from e
+                raise RuntimeError(
+                    "--wandb-project needs wandb: pip install 'megatron-glm[wandb]'"
+                ) from e
             if not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ:
                 os.environ["WANDB_MODE"] = "offline"  # never block a cluster job on a login prompt
             self.wandb = wandb.init(project=wandb_project, config=config, dir=log_dir)
@@ -100,11 +119,21 @@ class MetricsLogger:
 class Throughput:
     """Tokens/s, TFLOP/s, MFU and ETA over the iterations since the last report."""
 
-    def __init__(self, seq_length: int, flops_per_tok: float, total_iterations: int, start_iteration: int,
-                 start_consumed: int):
+    def __init__(
+        self,
+        seq_length: int,
+        flops_per_tok: float,
+        total_iterations: int,
+        start_iteration: int,
+        start_consumed: int,
+    ):
         self.seq, self.flops, self.total = seq_length, flops_per_tok, total_iterations
         self.peak = device_peak_flops()
-        self.last_time, self.last_iter, self.last_consumed = time.perf_counter(), start_iteration, start_consumed
+        self.last_time, self.last_iter, self.last_consumed = (
+            time.perf_counter(),
+            start_iteration,
+            start_consumed,
+        )
 
     def report(self, iteration: int, consumed: int) -> dict:
         """``consumed``: samples so far (a ramping batch makes the early steps smaller)."""
@@ -114,8 +143,12 @@ class Throughput:
         tokens = (consumed - self.last_consumed) * self.seq / done
         self.last_time, self.last_iter, self.last_consumed = now, iteration, consumed
         tps = tokens / seconds
-        out = {"iteration_time": seconds, "tokens_per_s": tps, "tflops": tps * self.flops / 1e12,
-               "eta_s": seconds * (self.total - iteration)}
+        out = {
+            "iteration_time": seconds,
+            "tokens_per_s": tps,
+            "tflops": tps * self.flops / 1e12,
+            "eta_s": seconds * (self.total - iteration),
+        }
         if self.peak:
             out["mfu"] = tps * self.flops / self.peak
         return out

@@ -30,17 +30,23 @@ DURATION = "--exit-duration-in-mins reached"  # a planned stop: exit status 0
 class Preemption:
     """Stop requests: a signal, the stop file, or (``deadline``, monotonic seconds) the run's time budget."""
 
-    def __init__(self, stop_file: str | None, device: str, rank: int, deadline: float | None = None):
+    def __init__(
+        self, stop_file: str | None, device: str, rank: int, deadline: float | None = None
+    ):
         self.stop_file, self.device, self.rank, self.deadline = stop_file, device, rank, deadline
         self.received: str | None = None
         self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
-        if stop_file and rank == 0 and os.path.exists(stop_file):  # left by the run before a requeue
+        if (
+            stop_file and rank == 0 and os.path.exists(stop_file)
+        ):  # left by the run before a requeue
             os.remove(stop_file)
         if dist.is_initialized():
             dist.barrier()  # nobody checks the stop file before the stale one is gone
 
     def _handle(self, signum, _frame) -> None:
-        if signum == signal.SIGINT and self.received == "SIGINT":  # Ctrl-C twice: stop now, without the save
+        if (
+            signum == signal.SIGINT and self.received == "SIGINT"
+        ):  # Ctrl-C twice: stop now, without the save
             raise KeyboardInterrupt
         self.received = signal.Signals(signum).name
 
@@ -50,8 +56,11 @@ class Preemption:
         Every rank gets a reason of the same kind: a preemption (a signal, the stop file) wins over
         the time budget, which ranks may reach a moment apart.
         """
-        local = self.received or (self.stop_file if self.stop_file and self.rank == 0
-                                  and os.path.exists(self.stop_file) else None)
+        local = self.received or (
+            self.stop_file
+            if self.stop_file and self.rank == 0 and os.path.exists(self.stop_file)
+            else None
+        )
         if not local and self.deadline is not None and time.monotonic() > self.deadline:
             local = DURATION
         if dist.is_initialized():

@@ -26,13 +26,11 @@ from megatron_glm.training.trainer import Trainer, TrainingError
 
 def pretrain(argv=None) -> dict:
     """Run glm-pretrain; returns a summary (iterations done, last losses, exit status)."""
-
     args = build_parser().parse_args(argv)
     launch = discover_launch()  # torchrun's variables, Slurm's, MPI's, or one process
     logs.setup(launch.rank, args.log_all_ranks)
     watch_launcher(launch.source)
     job = from_args(args, world_size=launch.world_size)
-
 
     trainer = Trainer(job)
     try:
@@ -42,17 +40,25 @@ def pretrain(argv=None) -> dict:
 
 
 def main(argv=None) -> int:
-
-
     faulthandler.enable()  # a rank that dies on a signal (SIGABRT, SIGSEGV) prints every thread's Python stack
     try:
         result = pretrain(argv)
-    except (ValueError, TokenizerError, IndexedDatasetError, CheckpointError, FileNotFoundError, TrainingError,
-            DataError) as e:
+    except (
+        ValueError,
+        TokenizerError,
+        IndexedDatasetError,
+        CheckpointError,
+        FileNotFoundError,
+        TrainingError,
+        DataError,
+    ) as e:
         print(f"glm-pretrain: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # before the loop's handler was set, or a second Ctrl-C
-        print("glm-pretrain: interrupted; the latest complete checkpoint is untouched", file=sys.stderr)
+        print(
+            "glm-pretrain: interrupted; the latest complete checkpoint is untouched",
+            file=sys.stderr,
+        )
         return 130
 
     if dist.is_initialized():  # leave together: gloo aborts a rank whose peer has gone

@@ -23,7 +23,9 @@ from megatron_glm.parallel.pipeline import backward_from, get_schedule
 
 def gradient_norm(params) -> float:
     """Global gradient norm, each parameter counted once (``state.mark_for_gradient_norm``)."""
-    counted_everywhere = state.get_model_parallel_rank() == 0 if state.model_parallel_is_initialized() else True
+    counted_everywhere = (
+        state.get_model_parallel_rank() == 0 if state.model_parallel_is_initialized() else True
+    )
     total = torch.zeros(1, dtype=torch.float64)
     for p in params:
         if p.grad is not None and (getattr(p, "model_parallel", False) or counted_everywhere):
@@ -48,23 +50,39 @@ class StepRunner:
         self.schedule = get_schedule(self.pp, vpp)
         self.params = [p for c in chunks for p in c.parameters() if p.requires_grad]
 
-    def _run(self, batches, forward_only: bool, overflow: bool = False, collect: dict | None = None):
-        stats = np.zeros(2 + 2 * len(OBJECTIVES))  # loss sum, loss count, then (sum, tokens) per objective
+    def _run(
+        self, batches, forward_only: bool, overflow: bool = False, collect: dict | None = None
+    ):
+        stats = np.zeros(
+            2 + 2 * len(OBJECTIVES)
+        )  # loss sum, loss count, then (sum, tokens) per objective
         engine, calls = self.engine, [0]
         total_calls = len(batches) * len(self.chunks)
         norm = [None]
 
         # without pipelining the engine runs the forward (ZeRO-3 gathers parameters and resets its
         # prefetching there); pipeline chunks are called directly (ZeRO-3 is refused with pipelining)
-        call = (lambda c, *a, **k: engine(*a, **k)) if len(self.chunks) == 1 and self.pp == 1 else \
-            (lambda c, *a, **k: c(*a, **k))
+        call = (
+            (lambda c, *a, **k: engine(*a, **k))
+            if len(self.chunks) == 1 and self.pp == 1
+            else (lambda c, *a, **k: c(*a, **k))
+        )
 
         def forward_step(chunk, m, hidden):
             b = batches[m]
-            out = call(chunk, b["tokens"], b["position_ids"], b["attn_lo"], b["attn_hi"], hidden_states=hidden)
+            out = call(
+                chunk,
+                b["tokens"],
+                b["position_ids"],
+                b["attn_lo"],
+                b["attn_hi"],
+                hidden_states=hidden,
+            )
             if not chunk.post_process:
                 return out
-            if collect is not None:  # evaluation tasks: each row's score, and no loss (forward only)
+            if (
+                collect is not None
+            ):  # evaluation tasks: each row's score, and no loss (forward only)
                 collect[m] = torch.stack(chunk.score(out, b["labels"], b["loss_mask"]), dim=1)
                 return out
             loss, sums, counts = chunk.loss(out, b["labels"], b["loss_mask"])
@@ -88,14 +106,25 @@ class StepRunner:
                 backward_from(out, out_grad)
                 if last and self.tied.active and self.tied.first_chunk is not None:
                     self.tied.recv_grad_into(self.tied.first_chunk.output_weight())
-                empty = torch.zeros((), requires_grad=True, device=self.device) * 1.0  # a loss with no parameters
+                empty = (
+                    torch.zeros((), requires_grad=True, device=self.device) * 1.0
+                )  # a loss with no parameters
                 engine.backward(empty, scale_wrt_gas=False)
-            if not last:  # the engine counts micro-steps in step(); the real step waits for every stage
+            if (
+                not last
+            ):  # the engine counts micro-steps in step(); the real step waits for every stage
                 engine.step()
             return hidden.grad if hidden is not None else None
 
-        self.schedule(forward_step, backward_step, self.chunks, len(batches), shape=self.shape, dtype=self.dtype,
-                      forward_only=forward_only)
+        self.schedule(
+            forward_step,
+            backward_step,
+            self.chunks,
+            len(batches),
+            shape=self.shape,
+            dtype=self.dtype,
+            forward_only=forward_only,
+        )
         if not forward_only:
             # collectives across stages (gradient norm, clipping) only once every stage has finished
             self.tied.send_grad()
@@ -110,12 +139,17 @@ class StepRunner:
 
     def train(self, batches, inject_overflow: bool = False) -> dict:
         stats, norm = self._run(batches, forward_only=False, overflow=inject_overflow)
-        if state.get_data_parallel_world_size() > 1:  # the global batch's loss, not this replica's share
+        if (
+            state.get_data_parallel_world_size() > 1
+        ):  # the global batch's loss, not this replica's share
             t = torch.from_numpy(stats)
             dist.all_reduce(t, group=state.get_data_parallel_group())
             stats = t.numpy()
         reported = self.engine.get_global_grad_norm()
-        out = {"lm_loss": stats[0] / max(stats[1], 1), "grad_norm": float(reported) if reported is not None else norm}
+        out = {
+            "lm_loss": stats[0] / max(stats[1], 1),
+            "grad_norm": float(reported) if reported is not None else norm,
+        }
         for k, name in enumerate(OBJECTIVES):
             if stats[3 + 2 * k]:
                 out[f"loss_{name}"] = stats[2 + 2 * k] / stats[3 + 2 * k]
@@ -135,7 +169,9 @@ class StepRunner:
         with torch.no_grad():
             stats, _ = self._run(batches, forward_only=True)
         self.engine.train()
-        if state.get_data_parallel_world_size() > 1:  # each data-parallel rank saw its share of the samples
+        if (
+            state.get_data_parallel_world_size() > 1
+        ):  # each data-parallel rank saw its share of the samples
             t = torch.from_numpy(stats)
             dist.all_reduce(t, group=state.get_data_parallel_group())
             stats = t.numpy()

@@ -25,12 +25,22 @@ from megatron_glm import faults, kernels, serialization
 from megatron_glm.checkpoint import universal
 from megatron_glm.config import ModelConfig
 from megatron_glm.data import eval_tasks
-from megatron_glm.data.blank_infilling import OBJECTIVES, BlankInfillingCollator, SpecialIds, sentence_end_ids
+from megatron_glm.data.blank_infilling import (
+    OBJECTIVES,
+    BlankInfillingCollator,
+    SpecialIds,
+    sentence_end_ids,
+)
 from megatron_glm.data.blended_dataset import build_train_valid_test_datasets
 from megatron_glm.data.loader import BatchStream, MicroBatches, collate_now
 from megatron_glm.data.sampler import PretrainingSampler
 from megatron_glm.data.tokenizer import GLMTokenizer
-from megatron_glm.model.parallelize import RankLayout, apply_layernorm_impl, build_rank_model, count_parameters
+from megatron_glm.model.parallelize import (
+    RankLayout,
+    apply_layernorm_impl,
+    build_rank_model,
+    count_parameters,
+)
 from megatron_glm.parallel import state
 from megatron_glm.parallel.pipeline import partition_layers
 from megatron_glm.parallel.pipeline_stage import TiedEmbedding
@@ -67,8 +77,9 @@ def check_writable(flag: str, folder: str) -> None:
             pass
         os.remove(probe)
     except OSError as e:
-        raise ValueError(f"{flag} {folder}: cannot write there ({e.strerror}); choose a folder you can write to") \
-            from None
+        raise ValueError(
+            f"{flag} {folder}: cannot write there ({e.strerror}); choose a folder you can write to"
+        ) from None
 
 
 def build_data(job: JobConfig, tokenizer: GLMTokenizer, vocab_size: int):
@@ -76,19 +87,32 @@ def build_data(job: JobConfig, tokenizer: GLMTokenizer, vocab_size: int):
     data, log = job.data, job.logging
     n_eval = log.eval_iters * job.global_batch_size if log.eval_interval <= job.train_iters else 0
     train, valid, _ = build_train_valid_test_datasets(
-        list(data.data_path), data.split, data.seq_length, [job.batches.consumed_before(job.train_iters), n_eval, 0],
-        seed=job.training.seed, cache_dir=data.data_cache_path, tokenizer=tokenizer)
+        list(data.data_path),
+        data.split,
+        data.seq_length,
+        [job.batches.consumed_before(job.train_iters), n_eval, 0],
+        seed=job.training.seed,
+        cache_dir=data.data_cache_path,
+        tokenizer=tokenizer,
+    )
     objective = job.settings.objective
     ends = sentence_end_ids(tokenizer) if objective.sentence_prob > 0 else None
     collate = BlankInfillingCollator(objective, SpecialIds.from_tokenizer(tokenizer), ends)
-    return (MicroBatches(train, collate, vocab_size),
-            MicroBatches(valid, collate, vocab_size) if valid is not None else None)
+    return (
+        MicroBatches(train, collate, vocab_size),
+        MicroBatches(valid, collate, vocab_size) if valid is not None else None,
+    )
 
 
 def build_loader(job: JobConfig, batches: MicroBatches, consumed: int, device: str) -> BatchStream:
     """This data-parallel rank's micro-batches from ``consumed`` samples on, collated in the loader's workers."""
-    sampler = PretrainingSampler(len(batches), consumed, job.training.micro_batch_size, state.get_data_parallel_rank(),
-                                 state.get_data_parallel_world_size())
+    sampler = PretrainingSampler(
+        len(batches),
+        consumed,
+        job.training.micro_batch_size,
+        state.get_data_parallel_rank(),
+        state.get_data_parallel_world_size(),
+    )
     return BatchStream(batches, sampler, job.data.num_workers, pin_memory=device == "cuda")
 
 
@@ -99,17 +123,30 @@ def build_model(job: JobConfig, model_cfg: ModelConfig, resume: ckpt.ResumePoint
     trust = job.checkpoint.trust_checkpoint
     weights = None
     if resume is not None and resume.weights_only:  # a glm-convert output: this rank's file only
+
         def weights(chunks):
-            return ckpt.read_weights_only(resume.load_dir, resume.tag, layout.pp_rank, layout.tp_rank, layout.tp,
-                                          trust)
-    elif resume is not None and resume.universal:  # this rank's parameters' files, sliced to its TP shard
+            return ckpt.read_weights_only(
+                resume.load_dir, resume.tag, layout.pp_rank, layout.tp_rank, layout.tp, trust
+            )
+    elif (
+        resume is not None and resume.universal
+    ):  # this rank's parameters' files, sliced to its TP shard
         weights = universal.reader_for(resume, layout, model_cfg.geglu, trust).weights
-    torch.nn.init.normal_(torch.empty(1, device="meta"))  # the meta kernels' one-time imports (~150 MB), not weights
+    torch.nn.init.normal_(
+        torch.empty(1, device="meta")
+    )  # the meta kernels' one-time imports (~150 MB), not weights
     reset_host_peak()
     before = host_memory()
     impl = job.settings.implementation
-    chunks = build_rank_model(model_cfg, layout, job.training.seed, par.sequence_parallel, par.recompute,
-                              impl.attention_impl, weights=weights)
+    chunks = build_rank_model(
+        model_cfg,
+        layout,
+        job.training.seed,
+        par.sequence_parallel,
+        par.recompute,
+        impl.attention_impl,
+        weights=weights,
+    )
     for chunk in chunks:
         apply_layernorm_impl(chunk, impl.layernorm_impl)
     after = host_memory()
@@ -118,15 +155,26 @@ def build_model(job: JobConfig, model_cfg: ModelConfig, resume: ckpt.ResumePoint
 
 def build_tasks(job: JobConfig, tokenizer: GLMTokenizer) -> list[tuple]:
     """``--eval-tasks``: (name, kind, rows, labels) each, rows at most a training sequence long."""
-    return [(eval_tasks.task_name(kind, path), kind, *eval_tasks.build(kind, path, tokenizer, job.data.seq_length,
-                                                                         job.training.seed))
-            for kind, path in job.logging.eval_tasks]
+    return [
+        (
+            eval_tasks.task_name(kind, path),
+            kind,
+            *eval_tasks.build(kind, path, tokenizer, job.data.seq_length, job.training.seed),
+        )
+        for kind, path in job.logging.eval_tasks
+    ]
 
 
 def build_metrics(job: JobConfig, rank: int) -> MetricsLogger:
     log = job.logging
-    return MetricsLogger(job.log_dir, log.tensorboard or bool(log.tensorboard_dir), log.wandb_project,
-                         job.settings.record(), rank == 0, log.tensorboard_dir)
+    return MetricsLogger(
+        job.log_dir,
+        log.tensorboard or bool(log.tensorboard_dir),
+        log.wandb_project,
+        job.settings.record(),
+        rank == 0,
+        log.tensorboard_dir,
+    )
 
 
 def seed_everything(seed: int) -> None:
@@ -145,7 +193,11 @@ def resumed_schedule(job: JobConfig, resume: ckpt.ResumePoint | None) -> tuple[J
     ``--override-opt_param-scheduler`` (the flags' from here on) says which wins. Otherwise a
     longer ``--train-iters`` would splice two schedules, and a new ``--lr`` would be ignored.
     """
-    saved = resume.meta.get("lr_schedule") if resume and job.checkpoint.load_optim and not resume.finetune else None
+    saved = (
+        resume.meta.get("lr_schedule")
+        if resume and job.checkpoint.load_optim and not resume.finetune
+        else None
+    )
     if not saved:  # the schedule starts afresh (or an older checkpoint recorded none)
         return job, False
     now = job.schedule.record()
@@ -153,12 +205,15 @@ def resumed_schedule(job: JobConfig, resume: ckpt.ResumePoint | None) -> tuple[J
     if not diffs or job.checkpoint.schedule_from == "flags":
         return job, bool(diffs)
     if job.checkpoint.schedule_from == "checkpoint" and saved["counts"] == now["counts"]:
-        logger.info(f"continuing {resume}'s lr schedule (--use-checkpoint-opt_param-scheduler): {'; '.join(diffs)}")
+        logger.info(
+            f"continuing {resume}'s lr schedule (--use-checkpoint-opt_param-scheduler): {'; '.join(diffs)}"
+        )
         return dataclasses.replace(job, schedule=job.schedule.following(saved)), False
     raise ckpt.CheckpointError(
         f"{resume} was trained on another lr schedule: {'; '.join(diffs)}. Pass the checkpoint's values, or say "
         "which schedule wins: --use-checkpoint-opt_param-scheduler continues the checkpoint's, "
-        f"--override-opt_param-scheduler follows the flags' from iteration {resume.meta['iteration']} on")
+        f"--override-opt_param-scheduler follows the flags' from iteration {resume.meta['iteration']} on"
+    )
 
 
 def switch_schedule(engine, lr: float) -> None:
@@ -169,7 +224,10 @@ def switch_schedule(engine, lr: float) -> None:
     """
     schedule = engine.lr_scheduler
     schedule.base_lrs = [lr] * len(schedule.base_lrs)
-    rates = [base * rate(schedule.last_epoch) for base, rate in zip(schedule.base_lrs, schedule.lr_lambdas)]
+    rates = [
+        base * rate(schedule.last_epoch)
+        for base, rate in zip(schedule.base_lrs, schedule.lr_lambdas)
+    ]
     schedule._last_lr = rates
     for group, value in zip(engine.optimizer.param_groups, rates):
         group["lr"] = value
@@ -182,7 +240,9 @@ class Trainer:
 
     def __init__(self, job: JobConfig):
         self.job = job
-        self.started = time.monotonic()  # --exit-duration-in-mins counts from here (set-up included)
+        self.started = (
+            time.monotonic()
+        )  # --exit-duration-in-mins counts from here (set-up included)
         self.device = job.device
         for flag, folder in (("--save", job.checkpoint.save), ("--log-dir", job.log_dir)):
             if folder:
@@ -195,10 +255,21 @@ class Trainer:
         par = job.parallel
         self.tokenizer = GLMTokenizer(job.settings.tokenizer.resolved())
         self.tp, self.pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
-        self.model_cfg = job.model_config(self.tokenizer.padded_vocab_size(self.tp, par.make_vocab_size_divisible_by))
-        self.tasks = build_tasks(job, self.tokenizer)  # a task file that cannot be read fails here, before any work
-        self.resume = ckpt.find_resume(job.checkpoint.load, job.checkpoint.save, self.model_cfg,
-                                       self.tokenizer.fingerprint(), self.tp, self.pp, job.checkpoint.finetune)
+        self.model_cfg = job.model_config(
+            self.tokenizer.padded_vocab_size(self.tp, par.make_vocab_size_divisible_by)
+        )
+        self.tasks = build_tasks(
+            job, self.tokenizer
+        )  # a task file that cannot be read fails here, before any work
+        self.resume = ckpt.find_resume(
+            job.checkpoint.load,
+            job.checkpoint.save,
+            self.model_cfg,
+            self.tokenizer.fingerprint(),
+            self.tp,
+            self.pp,
+            job.checkpoint.finetune,
+        )
         job, self.follow_flags_schedule = resumed_schedule(job, self.resume)
         self.job = job
         init_distributed(self.device, self.tp, self.pp, self.model_cfg)
@@ -206,63 +277,110 @@ class Trainer:
 
         self.rank = dist.get_rank()
         self.vpp = par.virtual_stages(self.model_cfg.num_layers)
-        self.grad_accum = job.global_batch_size // (job.training.micro_batch_size
-                                                    * state.get_data_parallel_world_size())
-        self.train_batches, self.valid_batches = build_data(job, self.tokenizer, self.model_cfg.vocab_size)
+        self.grad_accum = job.global_batch_size // (
+            job.training.micro_batch_size * state.get_data_parallel_world_size()
+        )
+        self.train_batches, self.valid_batches = build_data(
+            job, self.tokenizer, self.model_cfg.vocab_size
+        )
         if self.valid_batches is None and job.logging.eval_interval <= job.train_iters:
-            logger.warning(f"--split {job.data.split} leaves no validation data, so the validation every "
-                           f"--eval-interval {job.logging.eval_interval} iterations measures nothing: give the split "
-                           "a validation share (e.g. 98,2,0)")
+            logger.warning(
+                f"--split {job.data.split} leaves no validation data, so the validation every "
+                f"--eval-interval {job.logging.eval_interval} iterations measures nothing: give the split "
+                "a validation share (e.g. 98,2,0)"
+            )
 
         seed_everything(job.training.seed)
         kernels.set_backend(job.settings.implementation.kernels)
         self.chunks, self.setup_peak = build_model(job, self.model_cfg, self.resume)
-        self.module = (self.chunks[0] if len(self.chunks) == 1 else torch.nn.ModuleList(self.chunks)).to(self.device)
+        self.module = (
+            self.chunks[0] if len(self.chunks) == 1 else torch.nn.ModuleList(self.chunks)
+        ).to(self.device)
         state.mark_for_gradient_norm(self.module.parameters())
         self.rank_weight_bytes = sum(p.numel() * p.element_size() for p in self.module.parameters())
         # one engine.backward per micro-batch and chunk: that is the engine's accumulation count
         self.engine = build_engine(job, self.module, self.grad_accum * len(self.chunks))
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(job.training.precision, torch.float32)
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+            job.training.precision, torch.float32
+        )
         self.tied = TiedEmbedding(self.chunks, self.dtype)
         self.iteration, self.consumed = self._restore() if self.resume else (0, 0)
         self.tied.broadcast_weight()
         seq_local = job.data.seq_length // self.tp if par.sequence_parallel else job.data.seq_length
-        self.runner = StepRunner(self.engine, self.chunks, self.tied, self.vpp,
-                                 (job.training.micro_batch_size, seq_local, self.model_cfg.hidden_size), self.dtype,
-                                 self.device)
+        self.runner = StepRunner(
+            self.engine,
+            self.chunks,
+            self.tied,
+            self.vpp,
+            (job.training.micro_batch_size, seq_local, self.model_cfg.hidden_size),
+            self.dtype,
+            self.device,
+        )
         if self.meter:
             self.meter.mark()
 
-        self.save_lock = ckpt.lock_save_folder(job.checkpoint.save, self.rank)  # before anything is written there
+        self.save_lock = ckpt.lock_save_folder(
+            job.checkpoint.save, self.rank
+        )  # before anything is written there
         self.log = build_metrics(job, self.rank)
         self._announce()
-        self.checkpointer = ckpt.Checkpointer(job.checkpoint.save, job.checkpoint.save_interval,
-                                              job.checkpoint.keep_last, self._checkpoint_meta(), self.rank,
-                                              self.resume, job.checkpoint.async_save)
+        self.checkpointer = ckpt.Checkpointer(
+            job.checkpoint.save,
+            job.checkpoint.save_interval,
+            job.checkpoint.keep_last,
+            self._checkpoint_meta(),
+            self.rank,
+            self.resume,
+            job.checkpoint.async_save,
+        )
         self.stream = build_loader(job, self.train_batches, self.consumed, self.device)
         cfg = self.model_cfg
-        self.speed = Throughput(job.data.seq_length,
-                                flops_per_token(cfg.num_layers, cfg.hidden_size, job.data.seq_length, cfg.vocab_size),
-                                job.train_iters, self.iteration, self.consumed)
+        self.speed = Throughput(
+            job.data.seq_length,
+            flops_per_token(cfg.num_layers, cfg.hidden_size, job.data.seq_length, cfg.vocab_size),
+            job.train_iters,
+            self.iteration,
+            self.consumed,
+        )
         minutes = job.training.exit_duration_in_mins
-        self.preemption = Preemption(job.training.stop_file, self.device, self.rank,
-                                     self.started + 60.0 * minutes if minutes else None)
+        self.preemption = Preemption(
+            job.training.stop_file,
+            self.device,
+            self.rank,
+            self.started + 60.0 * minutes if minutes else None,
+        )
 
     def _restore(self) -> tuple[int, int]:
         """(iteration, consumed samples) of the resume point, its state restored into the engine."""
         job, resume = self.job, self.resume
-        ckpt.check_data_parallel(resume, state.get_data_parallel_world_size(), self.engine.zero_optimization_stage())
+        ckpt.check_data_parallel(
+            resume, state.get_data_parallel_world_size(), self.engine.zero_optimization_stage()
+        )
         trust = job.checkpoint.trust_checkpoint
-        reader = universal.reader_for(resume, RankLayout.from_state(), self.model_cfg.geglu, trust) \
-            if resume.universal else None
-        position = ckpt.Checkpointer.load(self.engine, resume, trust, job.checkpoint.load_optim,
-                                          job.checkpoint.load_rng, self.chunks, reader)
-        serialization.check_finite(((name, getattr(p, "ds_tensor", p)) for name, p in self.module.named_parameters()),
-                                   str(resume))
+        reader = (
+            universal.reader_for(resume, RankLayout.from_state(), self.model_cfg.geglu, trust)
+            if resume.universal
+            else None
+        )
+        position = ckpt.Checkpointer.load(
+            self.engine,
+            resume,
+            trust,
+            job.checkpoint.load_optim,
+            job.checkpoint.load_rng,
+            self.chunks,
+            reader,
+        )
+        serialization.check_finite(
+            ((name, getattr(p, "ds_tensor", p)) for name, p in self.module.named_parameters()),
+            str(resume),
+        )
         if self.follow_flags_schedule:
             switch_schedule(self.engine, job.schedule.lr)
-            logger.info(f"following the flags' lr schedule from iteration {position[0]} "
-                        "(--override-opt_param-scheduler)")
+            logger.info(
+                f"following the flags' lr schedule from iteration {position[0]} "
+                "(--override-opt_param-scheduler)"
+            )
         return position
 
     # -- set-up reports ---------------------------------------------------------------------
@@ -270,17 +388,24 @@ class Trainer:
         job, cfg, par = self.job, self.model_cfg, self.job.parallel
         n_params = count_parameters(cfg, self.tp)
         world = state.get_data_parallel_world_size()
-        resumed = f"; resumed from {self.resume} at iteration {self.iteration}" if self.resume else ""
+        resumed = (
+            f"; resumed from {self.resume} at iteration {self.iteration}" if self.resume else ""
+        )
         notes, resume = [], self.resume
         if resume and not resume.finetune:
             if resume.weights_only:
                 notes.append("converted weights")
             if resume.universal:
                 meta = resume.meta
-                saved = (meta.get("tensor_model_parallel_size", 1), meta.get("pipeline_model_parallel_size", 1))
+                saved = (
+                    meta.get("tensor_model_parallel_size", 1),
+                    meta.get("pipeline_model_parallel_size", 1),
+                )
                 stage = ckpt.settings_of(meta).parallel.zero_stage
-                notes.append(f"universal checkpoint of a TP {saved[0]} x PP {saved[1]} x DP "
-                             f"{meta.get('data_parallel_size', '?')} ZeRO-{stage} run")
+                notes.append(
+                    f"universal checkpoint of a TP {saved[0]} x PP {saved[1]} x DP "
+                    f"{meta.get('data_parallel_size', '?')} ZeRO-{stage} run"
+                )
                 if saved != (self.tp, self.pp) and job.checkpoint.load_rng:
                     notes.append(f"random state from --seed {job.training.seed} (another TP x PP)")
             if resume.weights_only or not job.checkpoint.load_optim:
@@ -290,7 +415,11 @@ class Trainer:
         converted = f" ({'; '.join(notes)})" if notes else ""
         if self.resume and self.resume.finetune:
             resumed = f"; fine-tuning from {self.resume}'s weights (iteration, data, optimizer and RNG start fresh)"
-        ramp = " (ramped up from {} by {} over {} samples)".format(*job.batches.rampup) if job.batches.rampup else ""
+        ramp = (
+            " (ramped up from {} by {} over {} samples)".format(*job.batches.rampup)
+            if job.batches.rampup
+            else ""
+        )
         logger.info(
             f"glm-pretrain: {n_params / 1e6:.2f} M parameters (this TP rank's share), {cfg.num_layers} layers, "
             f"hidden {cfg.hidden_size}, vocab {cfg.vocab_size} (padded), seq {job.data.seq_length}, global batch "
@@ -300,21 +429,31 @@ class Trainer:
             # read back from the engine: what a --deepspeed-config made of the flags
             f"ZeRO {self.engine.zero_optimization_stage()}, clip {self.engine.gradient_clipping()}, "
             f"{'bf16' if self.engine.bfloat16_enabled() else 'fp16' if self.engine.fp16_enabled() else 'fp32'}, "
-            f"device {self.device}{resumed}{converted}")
+            f"device {self.device}{resumed}{converted}"
+        )
         if self.setup_peak is not None:
-            logger.info(f"model set-up (rank {self.rank}): {self.rank_weight_bytes / 2**20:,.0f} MiB of weights "
-                             f"built, host memory peak +{self.setup_peak / 2**20:,.0f} MiB")
+            logger.info(
+                f"model set-up (rank {self.rank}): {self.rank_weight_bytes / 2**20:,.0f} MiB of weights "
+                f"built, host memory peak +{self.setup_peak / 2**20:,.0f} MiB"
+            )
 
     def _checkpoint_meta(self) -> dict:
         job, cfg, par = self.job, self.model_cfg, self.job.parallel
         explicit = list(par.pipeline_layers) if par.pipeline_layers else None
         stages = partition_layers(cfg.num_layers, self.pp, self.vpp, explicit)
-        return {"model": cfg.to_dict(), "tokenizer": self.tokenizer.describe(), "seq_length": job.data.seq_length,
-                "tensor_model_parallel_size": self.tp, "pipeline_model_parallel_size": self.pp,
-                "data_parallel_size": state.get_data_parallel_world_size(),
-                "pipeline_layers": [[[r.start, r.stop] for r in stage] for stage in stages],
-                "global_batch_size": job.global_batch_size, "train_iters": job.train_iters,
-                "lr_schedule": job.schedule.record(), "settings": job.settings.record()}
+        return {
+            "model": cfg.to_dict(),
+            "tokenizer": self.tokenizer.describe(),
+            "seq_length": job.data.seq_length,
+            "tensor_model_parallel_size": self.tp,
+            "pipeline_model_parallel_size": self.pp,
+            "data_parallel_size": state.get_data_parallel_world_size(),
+            "pipeline_layers": [[[r.start, r.stop] for r in stage] for stage in stages],
+            "global_batch_size": job.global_batch_size,
+            "train_iters": job.train_iters,
+            "lr_schedule": job.schedule.record(),
+            "settings": job.settings.record(),
+        }
 
     # -- steps ------------------------------------------------------------------------------
     def _to_device(self, batch: dict) -> dict:
@@ -323,8 +462,13 @@ class Trainer:
     def train_step(self) -> dict:
         """One optimizer step over the next global batch; its values (losses, norm, lr, data wait, ...)."""
         batches, data_wait = [], 0.0
-        batch_size = self.job.batches.size_at(self.consumed)  # below --global-batch-size while ramping up
-        for _ in range(batch_size // (self.job.training.micro_batch_size * state.get_data_parallel_world_size())):
+        batch_size = self.job.batches.size_at(
+            self.consumed
+        )  # below --global-batch-size while ramping up
+        for _ in range(
+            batch_size
+            // (self.job.training.micro_batch_size * state.get_data_parallel_world_size())
+        ):
             batch, waited = self.stream.next()
             batches.append(self._to_device(batch))
             data_wait += waited
@@ -335,15 +479,27 @@ class Trainer:
         if not math.isfinite(loss) and self.job.training.precision != "fp16":
             save = self.job.checkpoint.save
             newest = ckpt.resume_tag(save) if save else None
-            where = f"the newest checkpoint is {save}/{newest}" if newest else \
-                f"--save {save} holds no checkpoint yet" if save else "there is no --save"
+            where = (
+                f"the newest checkpoint is {save}/{newest}"
+                if newest
+                else f"--save {save} holds no checkpoint yet"
+                if save
+                else "there is no --save"
+            )
             raise TrainingError(
                 f"loss is {loss} at iteration {self.iteration}; stopped without saving, {where}"
                 + (f" (this run started from {self.resume})" if self.resume and not newest else "")
-                + ". Lower --lr, raise --clip-grad or --lr-warmup-iters, or check the data")
-        values.update({"data_wait_ms": 1000.0 * data_wait, "lr": self.engine.get_lr()[0],
-                       "consumed_samples": self.consumed, "batch_size": batch_size,
-                       "skipped_steps": int(getattr(self.engine, "skipped_steps", 0))})
+                + ". Lower --lr, raise --clip-grad or --lr-warmup-iters, or check the data"
+            )
+        values.update(
+            {
+                "data_wait_ms": 1000.0 * data_wait,
+                "lr": self.engine.get_lr()[0],
+                "consumed_samples": self.consumed,
+                "batch_size": batch_size,
+                "skipped_steps": int(getattr(self.engine, "skipped_steps", 0)),
+            }
+        )
         if self.job.training.precision == "fp16":
             scale = getattr(self.engine.optimizer, "cur_scale", None)
             values["loss_scale"] = float(scale) if scale is not None else None
@@ -352,11 +508,19 @@ class Trainer:
     def evaluate(self) -> float:
         """Mean loss per token over the first ``--eval-iters`` global batches of the validation split (Megatron's
         count; the same samples every time), each data-parallel rank taking its share as in training."""
-        sampler = PretrainingSampler(len(self.valid_batches), 0, self.job.training.micro_batch_size,
-                                     state.get_data_parallel_rank(), state.get_data_parallel_world_size())
-        micro_batches = itertools.islice(iter(sampler), self.job.logging.eval_iters * self.grad_accum)
-        return self.runner.evaluate([self._to_device(collate_now(self.valid_batches, indices))
-                                     for indices in micro_batches])
+        sampler = PretrainingSampler(
+            len(self.valid_batches),
+            0,
+            self.job.training.micro_batch_size,
+            state.get_data_parallel_rank(),
+            state.get_data_parallel_world_size(),
+        )
+        micro_batches = itertools.islice(
+            iter(sampler), self.job.logging.eval_iters * self.grad_accum
+        )
+        return self.runner.evaluate(
+            [self._to_device(collate_now(self.valid_batches, indices)) for indices in micro_batches]
+        )
 
     def evaluate_tasks(self) -> dict:
         """``--eval-tasks`` on the training model, any layout: micro-batches of rows spread over the data-parallel
@@ -369,30 +533,54 @@ class Trainer:
             unit = dp * (self.pp if self.vpp > 1 else 1)  # the interleaved schedule's multiple
             count = math.ceil(math.ceil(len(rows) / mb) / unit) * unit
             mine = list(range(dp_rank, count, dp))
-            batches = [self._to_device({k: torch.from_numpy(v) for k, v in eval_tasks.layout(
-                rows[k * mb:(k + 1) * mb], seq, self.tokenizer.pad_id, mb).items()}) for k in mine]
+            batches = [
+                self._to_device(
+                    {
+                        k: torch.from_numpy(v)
+                        for k, v in eval_tasks.layout(
+                            rows[k * mb : (k + 1) * mb], seq, self.tokenizer.pad_id, mb
+                        ).items()
+                    }
+                )
+                for k in mine
+            ]
             scores = self.runner.score(batches)
             full = torch.zeros(count * mb, 3, dtype=torch.float64)
             for k, s in zip(mine, scores or []):
-                full[k * mb:(k + 1) * mb] = s.double().cpu()
-            for size, group in ((dp, state.get_data_parallel_group), (self.pp,
-                                                                      state.get_pipeline_model_parallel_group)):
+                full[k * mb : (k + 1) * mb] = s.double().cpu()
+            for size, group in (
+                (dp, state.get_data_parallel_group),
+                (self.pp, state.get_pipeline_model_parallel_group),
+            ):
                 if size > 1:
                     torch.distributed.all_reduce(full, group=group())
-            metrics = eval_tasks.metrics(kind, rows, full[:len(rows)].numpy(), labels)
+            metrics = eval_tasks.metrics(kind, rows, full[: len(rows)].numpy(), labels)
             out.update({f"eval/{name}/{key}": value for key, value in metrics.items()})
-            logger.info(f"{name} at iter {self.iteration}: " + ", ".join(
-                f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+            logger.info(
+                f"{name} at iter {self.iteration}: "
+                + ", ".join(
+                    f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                    for k, v in metrics.items()
+                )
+            )
         return out
 
     def _console_line(self, values: dict) -> str:
         parts = [f"iter {self.iteration}/{self.job.train_iters}", f"loss {values['lm_loss']:.4f}"]
         parts += [f"{n} {values['loss_' + n]:.3f}" for n in OBJECTIVES if "loss_" + n in values]
-        parts += [f"lr {values['lr']:.2e}", f"grad {values['grad_norm']:.3f}", f"{values['tokens_per_s']:,.0f} tok/s",
-                  f"{values['tflops']:.2f} TFLOP/s", f"data wait {values['data_wait_ms']:.1f} ms"]
+        parts += [
+            f"lr {values['lr']:.2e}",
+            f"grad {values['grad_norm']:.3f}",
+            f"{values['tokens_per_s']:,.0f} tok/s",
+            f"{values['tflops']:.2f} TFLOP/s",
+            f"data wait {values['data_wait_ms']:.1f} ms",
+        ]
         if "mfu" in values:
             parts.append(f"MFU {values['mfu']:.1%}")
-        parts += [memory_summary(), f"ETA {time.strftime('%H:%M:%S', time.gmtime(values['eta_s']))}"]
+        parts += [
+            memory_summary(),
+            f"ETA {time.strftime('%H:%M:%S', time.gmtime(values['eta_s']))}",
+        ]
         return " | ".join(parts)
 
     def _save(self) -> None:
@@ -401,8 +589,10 @@ class Trainer:
             logger.info(f"saved {folder} ({self.checkpointer.blocked_s:.2f} s)")
         else:
             c = self.checkpointer
-            logger.info(f"saving {folder} in the background (training held {c.blocked_s:.2f} s: host copy "
-                        f"{c.blocked_s - c.waited_s:.2f} s, waiting for the previous save {c.waited_s:.2f} s)")
+            logger.info(
+                f"saving {folder} in the background (training held {c.blocked_s:.2f} s: host copy "
+                f"{c.blocked_s - c.waited_s:.2f} s, waiting for the previous save {c.waited_s:.2f} s)"
+            )
 
     def _stop(self, reason: str) -> int:
         """A stop after a step: save unless just saved; the exit status that says what happened."""
@@ -413,20 +603,30 @@ class Trainer:
         self.checkpointer.wait()
         planned = reason in (DURATION, "--exit-interval")
         code = 0 if planned else EXIT_INTERRUPTED if reason == "SIGINT" else EXIT_REQUEUE
-        outcome = {0: "exit status 0; run the same command to continue",
-                   EXIT_INTERRUPTED: "exit status 130 (interrupted); run the same command to resume",
-                   EXIT_REQUEUE: f"exit status {EXIT_REQUEUE} asks the launcher to requeue"}[code]
-        logger.info(f"stopping after iteration {self.iteration} ({reason}): "
-                    + (f"saved {save}/{self.checkpointer.last_saved}; " if save else "no --save, nothing saved; ")
-                    + outcome)
+        outcome = {
+            0: "exit status 0; run the same command to continue",
+            EXIT_INTERRUPTED: "exit status 130 (interrupted); run the same command to resume",
+            EXIT_REQUEUE: f"exit status {EXIT_REQUEUE} asks the launcher to requeue",
+        }[code]
+        logger.info(
+            f"stopping after iteration {self.iteration} ({reason}): "
+            + (
+                f"saved {save}/{self.checkpointer.last_saved}; "
+                if save
+                else "no --save, nothing saved; "
+            )
+            + outcome
+        )
         return code
 
     def train(self) -> dict:
         """The loop to ``--train-iters`` or a stop request; a summary (iterations, losses, exit status)."""
         job, history, exit_code = self.job, [], 0
         if self.iteration >= job.train_iters:
-            logger.info(f"nothing to do: the run is at iteration {self.iteration}, --train-iters is {job.train_iters} "
-                        "(raise --train-iters, with --lr-decay-iters to keep the schedule, to train on)")
+            logger.info(
+                f"nothing to do: the run is at iteration {self.iteration}, --train-iters is {job.train_iters} "
+                "(raise --train-iters, with --lr-decay-iters to keep the schedule, to train on)"
+            )
         self.engine.train()
         while self.iteration < job.train_iters:
             values = self.train_step()
@@ -435,8 +635,10 @@ class Trainer:
                 logger.info(self._console_line(values))
             if self.valid_batches is not None and self.iteration % job.logging.eval_interval == 0:
                 values["valid_loss"] = self.evaluate()
-                logger.info(f"validation at iter {self.iteration}: loss {values['valid_loss']:.4f} "
-                                 f"(ppl {math.exp(min(values['valid_loss'], 50)):.2f})")
+                logger.info(
+                    f"validation at iter {self.iteration}: loss {values['valid_loss']:.4f} "
+                    f"(ppl {math.exp(min(values['valid_loss'], 50)):.2f})"
+                )
             if self.tasks and self.iteration % job.logging.eval_interval == 0:
                 values.update(self.evaluate_tasks())
             self.log.record(self.iteration, values)
@@ -458,20 +660,34 @@ class Trainer:
         if self.meter:
             from megatron_glm.training.memory import write_report
 
-            write_report(job.log_dir, self.rank, self.meter.finish(),
-                         {"tp_rank": state.get_tensor_model_parallel_rank(),
-                          "pp_rank": state.get_pipeline_model_parallel_rank(),
-                          "dp_rank": state.get_data_parallel_rank(),
-                          "setup_host_peak_bytes": self.setup_peak, "rank_weight_bytes": self.rank_weight_bytes})
+            write_report(
+                job.log_dir,
+                self.rank,
+                self.meter.finish(),
+                {
+                    "tp_rank": state.get_tensor_model_parallel_rank(),
+                    "pp_rank": state.get_pipeline_model_parallel_rank(),
+                    "dp_rank": state.get_data_parallel_rank(),
+                    "setup_host_peak_bytes": self.setup_peak,
+                    "rank_weight_bytes": self.rank_weight_bytes,
+                },
+            )
         whole = self.chunks[0] if len(self.chunks) == 1 and self.pp == 1 else None
-        return {"iteration": self.iteration, "losses": history, "model": whole, "tokenizer": self.tokenizer,
-                "exit_code": exit_code}
+        return {
+            "iteration": self.iteration,
+            "losses": history,
+            "model": whole,
+            "tokenizer": self.tokenizer,
+            "exit_code": exit_code,
+        }
 
     def close(self) -> None:
         """Let a save in flight finish, stop the loader's workers, restore the signal handlers, close the logs."""
         try:
             self.checkpointer.wait()
-        except ckpt.CheckpointError as e:  # the run is already ending on another error: report this one too
+        except (
+            ckpt.CheckpointError
+        ) as e:  # the run is already ending on another error: report this one too
             logger.error(str(e))
         self.stream.close()
         self.preemption.close()

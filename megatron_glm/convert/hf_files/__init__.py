@@ -5,4 +5,8 @@ export must load where this package is not installed. ``tests/test_hf_export.py`
 them to our model, tokenizer and glm-generate.
 """
 
-FILES = ("configuration_megatron_glm.py", "modeling_megatron_glm.py", "tokenization_megatron_glm.py")
+FILES = (
+    "configuration_megatron_glm.py",
+    "modeling_megatron_glm.py",
+    "tokenization_megatron_glm.py",
+)

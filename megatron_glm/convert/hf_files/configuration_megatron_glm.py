@@ -12,15 +12,38 @@ class MegatronGLMConfig(PretrainedConfig):
     """
 
     model_type = "megatron_glm"
-    attribute_map = {"num_hidden_layers": "num_layers", "intermediate_size": "ffn_hidden_size",
-                     "layer_norm_eps": "layernorm_epsilon"}
+    attribute_map = {
+        "num_hidden_layers": "num_layers",
+        "intermediate_size": "ffn_hidden_size",
+        "layer_norm_eps": "layernorm_epsilon",
+    }
 
-    def __init__(self, vocab_size=50304, hidden_size=1024, num_layers=24, num_attention_heads=16,
-                 ffn_hidden_size=None, max_position_embeddings=512, position_embedding_type="learned_2d",
-                 layernorm_epsilon=1e-5, geglu=False, deepnorm=False, rotary_base=10000.0, hidden_dropout=0.0,
-                 attention_dropout=0.0, initializer_range=0.02, mask_token_id=None, smask_token_id=None,
-                 gmask_token_id=None, sop_token_id=None, eop_token_id=None, pad_token_id=None, eos_token_id=None,
-                 tie_word_embeddings=False, **kwargs):
+    def __init__(
+        self,
+        vocab_size=50304,
+        hidden_size=1024,
+        num_layers=24,
+        num_attention_heads=16,
+        ffn_hidden_size=None,
+        max_position_embeddings=512,
+        position_embedding_type="learned_2d",
+        layernorm_epsilon=1e-5,
+        geglu=False,
+        deepnorm=False,
+        rotary_base=10000.0,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        initializer_range=0.02,
+        mask_token_id=None,
+        smask_token_id=None,
+        gmask_token_id=None,
+        sop_token_id=None,
+        eop_token_id=None,
+        pad_token_id=None,
+        eos_token_id=None,
+        tie_word_embeddings=False,
+        **kwargs,
+    ):
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_layers = num_layers
@@ -41,5 +64,9 @@ class MegatronGLMConfig(PretrainedConfig):
         self.sop_token_id = sop_token_id
         self.eop_token_id = eop_token_id
         # the logits are the word embeddings' transpose by construction: there is no separate head to tie
-        super().__init__(pad_token_id=pad_token_id, eos_token_id=eos_token_id,
-                         tie_word_embeddings=tie_word_embeddings, **kwargs)
+        super().__init__(
+            pad_token_id=pad_token_id,
+            eos_token_id=eos_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )

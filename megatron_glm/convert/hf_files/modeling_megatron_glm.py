@@ -30,7 +30,11 @@ def glm_layout(input_ids, config, attention_mask=None):
     """``(position_ids [B, 2, S], mask [B, 1, S, S] bool)`` of whole sequences in GLM's layout."""
     b, s = input_ids.shape
     device = input_ids.device
-    valid = torch.ones(b, s, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
+    valid = (
+        torch.ones(b, s, dtype=torch.bool, device=device)
+        if attention_mask is None
+        else attention_mask.bool()
+    )
     sop = (input_ids == config.sop_token_id) & valid
     index = torch.arange(s, device=device)
     sep = torch.where(sop.any(1), sop.int().argmax(1), s)  # the first [sop] opens Part B
@@ -38,14 +42,25 @@ def glm_layout(input_ids, config, attention_mask=None):
     part_a = valid & ~part_b
     position_a = (part_a.cumsum(1) - 1).clamp(min=0)
     # the k-th span of Part B fills the k-th blank of Part A (the end of Part A when there are fewer blanks)
-    blank_ids = [i for i in (config.mask_token_id, config.smask_token_id, config.gmask_token_id) if i is not None]
+    blank_ids = [
+        i
+        for i in (config.mask_token_id, config.smask_token_id, config.gmask_token_id)
+        if i is not None
+    ]
     blanks = torch.isin(input_ids, torch.tensor(blank_ids, device=device)) & part_a
     span = (sop & part_b).cumsum(1) - 1
     match = blanks[:, None, :] & ((blanks.cumsum(1) - 1)[:, None, :] == span[:, :, None])
-    span_position = torch.where(match.any(-1), (match * position_a[:, None, :]).sum(-1), part_a.sum(1, keepdim=True))
+    span_position = torch.where(
+        match.any(-1), (match * position_a[:, None, :]).sum(-1), part_a.sum(1, keepdim=True)
+    )
     last_sop = torch.where(sop, index, -1).cummax(1).values
-    position_ids = torch.stack([torch.where(part_b, span_position, position_a),
-                                torch.where(part_b, index - last_sop + 1, 0)], dim=1)
+    position_ids = torch.stack(
+        [
+            torch.where(part_b, span_position, position_a),
+            torch.where(part_b, index - last_sop + 1, 0),
+        ],
+        dim=1,
+    )
     # query i sees key j: j is a token, and j is in Part A, or i is in Part B and j <= i (itself always:
     # a padding row with nothing to see would make the softmax NaN)
     causal = index[None, :, None] >= index[None, None, :]
@@ -67,8 +82,13 @@ def _rotate(x, positions, base):
 def rotary_2d(x, position_ids, base):
     """ChatGLM's 2D rotary: the first half of each head by the position, the second by the block position."""
     half = x.shape[-1] // 2
-    return torch.cat([_rotate(x[..., :half], position_ids[:, 0], base),
-                      _rotate(x[..., half:], position_ids[:, 1], base)], dim=-1)
+    return torch.cat(
+        [
+            _rotate(x[..., :half], position_ids[:, 0], base),
+            _rotate(x[..., half:], position_ids[:, 1], base),
+        ],
+        dim=-1,
+    )
 
 
 class MegatronGLMAttention(nn.Module):
@@ -83,8 +103,10 @@ class MegatronGLMAttention(nn.Module):
         heads = self.config.num_attention_heads
         q, k, v = self.query_key_value(x).view(b, s, 3, heads, -1).permute(2, 0, 3, 1, 4)
         if self.config.position_embedding_type == "rotary_2d":
-            q, k = rotary_2d(q, position_ids, self.config.rotary_base), rotary_2d(k, position_ids,
-                                                                                  self.config.rotary_base)
+            q, k = (
+                rotary_2d(q, position_ids, self.config.rotary_base),
+                rotary_2d(k, position_ids, self.config.rotary_base),
+            )
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         p = self.config.attention_dropout if self.training else 0.0
@@ -115,13 +137,17 @@ class MegatronGLMLayer(nn.Module):
         self.alpha = (2.0 * config.num_layers) ** 0.5 if config.deepnorm else 1.0
         self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
         self.attention = MegatronGLMAttention(config, layer_idx)
-        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.post_attention_layernorm = nn.LayerNorm(
+            config.hidden_size, eps=config.layernorm_epsilon
+        )
         self.mlp = MegatronGLMMLP(config)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
     def forward(self, x, position_ids, mask, cache=None):
         if self.deepnorm:  # GLM-130B's post-LN: LN(alpha * x + f(x))
-            x = self.input_layernorm(self.alpha * x + self.dropout(self.attention(x, position_ids, mask, cache)))
+            x = self.input_layernorm(
+                self.alpha * x + self.dropout(self.attention(x, position_ids, mask, cache))
+            )
             return self.post_attention_layernorm(self.alpha * x + self.dropout(self.mlp(x)))
         x = x + self.dropout(self.attention(self.input_layernorm(x), position_ids, mask, cache))
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
@@ -131,8 +157,12 @@ class MegatronGLMTransformer(nn.Module):
     def __init__(self, config):
         super().__init__()
         if config.position_embedding_type == "learned_2d":
-            self.position_embeddings = nn.Embedding(config.max_position_embeddings + 1, config.hidden_size)
-            self.block_position_embeddings = nn.Embedding(config.max_position_embeddings + 1, config.hidden_size)
+            self.position_embeddings = nn.Embedding(
+                config.max_position_embeddings + 1, config.hidden_size
+            )
+            self.block_position_embeddings = nn.Embedding(
+                config.max_position_embeddings + 1, config.hidden_size
+            )
         self.embedding_dropout = nn.Dropout(config.hidden_dropout)
         self.layers = nn.ModuleList(MegatronGLMLayer(config, i) for i in range(config.num_layers))
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
@@ -160,8 +190,16 @@ class MegatronGLMForCausalLM(MegatronGLMPreTrainedModel, GenerationMixin):
     def set_input_embeddings(self, value):
         self.word_embeddings = value
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, labels=None,
-                use_cache=None, **kwargs):
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        labels=None,
+        use_cache=None,
+        **kwargs,
+    ):
         """``attention_mask``: ``[B, S]`` padding (the GLM mask follows from the layout) or ``[B, 1, S, S_all]`` bool.
 
         With a filled cache and neither a 4D mask nor ``position_ids``, the call cannot know the
@@ -170,8 +208,10 @@ class MegatronGLMForCausalLM(MegatronGLMPreTrainedModel, GenerationMixin):
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         if attention_mask is None or attention_mask.dim() == 2:
             if past:
-                raise ValueError("a call after the cache needs position_ids [B, 2, S] and a [B, 1, S, S_all] boolean "
-                                 "attention_mask (generate builds both)")
+                raise ValueError(
+                    "a call after the cache needs position_ids [B, 2, S] and a [B, 1, S, S_all] boolean "
+                    "attention_mask (generate builds both)"
+                )
             layout_positions, attention_mask = glm_layout(input_ids, self.config, attention_mask)
             position_ids = layout_positions if position_ids is None else position_ids
         elif position_ids is None:
@@ -189,16 +229,24 @@ class MegatronGLMForCausalLM(MegatronGLMPreTrainedModel, GenerationMixin):
         logits = F.linear(self.transformer.final_layernorm(h), self.word_embeddings.weight)
         loss = None
         if labels is not None:  # predict token i + 1 at position i; -100 ignored (Part A, padding)
-            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+            loss = F.cross_entropy(
+                logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100
+            )
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
 
-    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, **kwargs):
+    def prepare_inputs_for_generation(
+        self, input_ids, past_key_values=None, attention_mask=None, **kwargs
+    ):
         """The layout of the whole sequence so far, cut to the tokens the cache has not seen."""
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         position_ids, mask = glm_layout(input_ids, self.config, attention_mask)
-        return {"input_ids": input_ids[:, past:], "position_ids": position_ids[..., past:],
-                "attention_mask": mask[:, :, past:], "past_key_values": past_key_values,
-                "use_cache": kwargs.get("use_cache", True)}
+        return {
+            "input_ids": input_ids[:, past:],
+            "position_ids": position_ids[..., past:],
+            "attention_mask": mask[:, :, past:],
+            "past_key_values": past_key_values,
+            "use_cache": kwargs.get("use_cache", True),
+        }
 
 
 __all__ = ["MegatronGLMForCausalLM", "MegatronGLMPreTrainedModel", "glm_layout"]

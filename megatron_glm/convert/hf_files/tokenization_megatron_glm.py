@@ -15,8 +15,13 @@ import shutil
 from transformers import PreTrainedTokenizer
 
 # the file each backend reads, under the names the export gives them
-FILES = {"sentencepiece": ("tokenizer.model",), "hf": ("glm_tokenizer.json",), "bert": ("vocab.txt",),
-         "bert-cased": ("vocab.txt",), "gpt2": ("vocab.json", "merges.txt")}
+FILES = {
+    "sentencepiece": ("tokenizer.model",),
+    "hf": ("glm_tokenizer.json",),
+    "bert": ("vocab.txt",),
+    "bert-cased": ("vocab.txt",),
+    "gpt2": ("vocab.json", "merges.txt"),
+}
 
 
 class _SentencePiece:
@@ -75,36 +80,77 @@ class _Tokenizers:
 class MegatronGLMTokenizer(PreTrainedTokenizer):
     """GLM's tokenizer: ``tokenizer.sop_token_id``, ``eop_token_id``, ``gmask_token_id``... beside the usual ones."""
 
-    vocab_files_names = {"sp_model_file": "tokenizer.model", "json_file": "glm_tokenizer.json",
-                         "wordpiece_file": "vocab.txt", "gpt2_vocab_file": "vocab.json", "merges_file": "merges.txt"}
+    vocab_files_names = {
+        "sp_model_file": "tokenizer.model",
+        "json_file": "glm_tokenizer.json",
+        "wordpiece_file": "vocab.txt",
+        "gpt2_vocab_file": "vocab.json",
+        "merges_file": "merges.txt",
+    }
     model_input_names = ["input_ids", "attention_mask"]
 
-    def __init__(self, sp_model_file=None, json_file=None, wordpiece_file=None, gpt2_vocab_file=None, merges_file=None,
-                 glm_backend="sentencepiece", glm_special_tokens=None, **kwargs):
-        given = {"sentencepiece": [sp_model_file], "hf": [json_file], "bert": [wordpiece_file],
-                 "bert-cased": [wordpiece_file], "gpt2": [gpt2_vocab_file, merges_file]}
+    def __init__(
+        self,
+        sp_model_file=None,
+        json_file=None,
+        wordpiece_file=None,
+        gpt2_vocab_file=None,
+        merges_file=None,
+        glm_backend="sentencepiece",
+        glm_special_tokens=None,
+        **kwargs,
+    ):
+        given = {
+            "sentencepiece": [sp_model_file],
+            "hf": [json_file],
+            "bert": [wordpiece_file],
+            "bert-cased": [wordpiece_file],
+            "gpt2": [gpt2_vocab_file, merges_file],
+        }
         if glm_backend not in given or not glm_special_tokens:
-            raise ValueError(f"tokenizer_config.json: unknown glm_backend {glm_backend!r} or no glm_special_tokens")
+            raise ValueError(
+                f"tokenizer_config.json: unknown glm_backend {glm_backend!r} or no glm_special_tokens"
+            )
         files = given[glm_backend]
         if not all(files):
-            raise ValueError(f"a {glm_backend} GLM tokenizer needs {' and '.join(FILES[glm_backend])} beside "
-                             "tokenizer_config.json")
-        self.glm_backend, self.glm_files, self.glm_special_tokens = glm_backend, files, glm_special_tokens
-        self._base = _SentencePiece(files) if glm_backend == "sentencepiece" else _Tokenizers(glm_backend, files)
+            raise ValueError(
+                f"a {glm_backend} GLM tokenizer needs {' and '.join(FILES[glm_backend])} beside "
+                "tokenizer_config.json"
+            )
+        self.glm_backend, self.glm_files, self.glm_special_tokens = (
+            glm_backend,
+            files,
+            glm_special_tokens,
+        )
+        self._base = (
+            _SentencePiece(files)
+            if glm_backend == "sentencepiece"
+            else _Tokenizers(glm_backend, files)
+        )
         self._role_ids = {role: int(s["id"]) for role, s in glm_special_tokens.items()}
         self._spelling = {int(s["id"]): s["spellings"][0] for s in glm_special_tokens.values()}
-        self._id_of = {sp: int(s["id"]) for s in glm_special_tokens.values() for sp in s["spellings"]}
+        self._id_of = {
+            sp: int(s["id"]) for s in glm_special_tokens.values() for sp in s["spellings"]
+        }
         spellings = sorted(self._id_of, key=len, reverse=True)
         self._special_re = re.compile("(" + "|".join(map(re.escape, spellings)) + ")")
         self._appended = {i: sp for i, sp in self._spelling.items() if i >= self._base.size}
         self._appended_ids = {sp: i for i, sp in self._appended.items()}
         # a special id's string in the vocabulary: the base's own token if it had one, else the first spelling
-        self._token_of = {i: self._appended.get(i) or self._base.id_to_token(i) for i in self._spelling}
+        self._token_of = {
+            i: self._appended.get(i) or self._base.id_to_token(i) for i in self._spelling
+        }
         for role in ("pad", "cls", "mask", "eos", "unk", "sep"):
             if role in self._role_ids:
                 kwargs.setdefault(f"{role}_token", self._token_of[self._role_ids[role]])
-        kwargs.setdefault("extra_special_tokens", [self._token_of[self._role_ids[r]] for r in
-                                                   ("smask", "gmask", "sop", "eop", "dblock") if r in self._role_ids])
+        kwargs.setdefault(
+            "extra_special_tokens",
+            [
+                self._token_of[self._role_ids[r]]
+                for r in ("smask", "gmask", "sop", "eop", "dblock")
+                if r in self._role_ids
+            ],
+        )
         # passed on, so that save_pretrained writes them to tokenizer_config.json again
         super().__init__(glm_backend=glm_backend, glm_special_tokens=glm_special_tokens, **kwargs)
 
@@ -164,8 +210,10 @@ class MegatronGLMTokenizer(PreTrainedTokenizer):
             elif 0 <= i < self._base.size:
                 run.append(i)
             else:
-                raise ValueError(f"token id {i} is outside this tokenizer's {self.vocab_size} ids (a padding row "
-                                 "of the embedding table)")
+                raise ValueError(
+                    f"token id {i} is outside this tokenizer's {self.vocab_size} ids (a padding row "
+                    "of the embedding table)"
+                )
         if run:
             out.append(self._base.decode(run))
         return "".join(out)
@@ -173,7 +221,9 @@ class MegatronGLMTokenizer(PreTrainedTokenizer):
     def save_vocabulary(self, save_directory, filename_prefix=None):
         written = []
         for source, name in zip(self.glm_files, FILES[self.glm_backend]):
-            target = os.path.join(save_directory, (filename_prefix + "-" if filename_prefix else "") + name)
+            target = os.path.join(
+                save_directory, (filename_prefix + "-" if filename_prefix else "") + name
+            )
             if os.path.abspath(source) != os.path.abspath(target):
                 shutil.copyfile(source, target)
             written.append(target)
