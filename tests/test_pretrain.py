@@ -87,15 +87,27 @@ def uninterrupted(tmp_path_factory, data):
 
 def assert_killed_runs_match(save, reference):
     seen = records(save)
-    assert {r["iteration"] for r in seen} == set(reference)
-    for r in seen:  # every record of every attempt matches the uninterrupted run, bit for bit
+    assert [r["iteration"] for r in seen] == sorted(reference), "each iteration once, in order"
+    with open(
+        os.path.join(save, "metrics.replayed.jsonl")
+    ) as f:  # the rows of redone iterations, kept
+        replayed = [json.loads(line) for line in f]
+    assert replayed
+    for r in (
+        seen + replayed
+    ):  # every record of every attempt matches the uninterrupted run, bit for bit
         ref = reference[r["iteration"]]
         assert r["lm_loss"] == ref["lm_loss"] and r["grad_norm"] == ref["grad_norm"], r["iteration"]
         assert r.get("valid_loss") == ref.get("valid_loss")
     names = sorted(os.listdir(save))
-    assert names == [".lock", "iter_0000006", "iter_0000008", "latest", "metrics.jsonl"], (
-        "keeps the last 2, no temporaries"
-    )
+    assert names == [
+        ".lock",
+        "iter_0000006",
+        "iter_0000008",
+        "latest",
+        "metrics.jsonl",
+        "metrics.replayed.jsonl",
+    ], "keeps the last 2, no temporaries"
 
 
 @pytest.mark.slow

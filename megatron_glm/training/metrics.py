@@ -1,15 +1,20 @@
 """Training metrics: metrics.jsonl, TensorBoard and wandb; FLOPs and MFU.
 
 ``metrics.jsonl`` gets every iteration's exact loss (tests compare resumed and uninterrupted
-runs with it); the console line every ``--log-interval`` iterations is a log record
-(``megatron_glm/logs.py``).
+runs with it), each iteration once: a resumed run redoes the iterations after its checkpoint,
+so their earlier rows move to ``metrics.replayed.jsonl`` when it starts. The console line every
+``--log-interval`` iterations is a log record (``megatron_glm/logs.py``).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
+
+logger = logging.getLogger(__name__)
+METRICS, REPLAYED = "metrics.jsonl", "metrics.replayed.jsonl"
 
 # dense bf16 peak FLOP/s by device name fragment (the vendors' data sheets)
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -54,7 +59,40 @@ MEGATRON_TAGS = {
 }
 
 
+def set_aside_replayed(log_dir: str, after: int) -> int:
+    """Move the rows of iterations after ``after`` (which this run redoes) from metrics.jsonl to the end of
+    metrics.replayed.jsonl, and a line torn by a kill with them; how many moved. Nothing is deleted."""
+    path = os.path.join(log_dir, METRICS)
+    if not os.path.exists(path):
+        return 0
+    kept, moved = [], []
+    with open(path) as f:
+        for line in f:
+            try:
+                done = json.loads(line)["iteration"] <= after
+            except (ValueError, KeyError, TypeError):  # a torn last line
+                done = False
+            (kept if done else moved).append(line if line.endswith("\n") else line + "\n")
+    if moved:
+        with open(os.path.join(log_dir, REPLAYED), "a") as f:
+            f.writelines(moved)
+            f.flush()
+            os.fsync(f.fileno())
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+        logger.info(
+            f"{path}: {len(moved)} rows past iteration {after}, which this run redoes, moved to {REPLAYED}"
+        )
+    return len(moved)
+
+
 class MetricsLogger:
+    """metrics.jsonl, TensorBoard and wandb on the rank that logs; ``start``: the iteration the run starts
+    from (a resume redoes what was logged after it)."""
+
     def __init__(
         self,
         log_dir: str | None,
@@ -63,13 +101,15 @@ class MetricsLogger:
         config: dict,
         enabled: bool,
         tensorboard_dir: str | None = None,
+        start: int = 0,
     ):
         self.enabled, self.file, self.tb, self.wandb = enabled, None, None, None
         if not enabled:
             return
         if log_dir:
             os.makedirs(log_dir, exist_ok=True)
-            self.file = open(os.path.join(log_dir, "metrics.jsonl"), "a", buffering=1)
+            set_aside_replayed(log_dir, start)
+            self.file = open(os.path.join(log_dir, METRICS), "a", buffering=1)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter

@@ -165,7 +165,8 @@ def build_tasks(job: JobConfig, tokenizer: GLMTokenizer) -> list[tuple]:
     ]
 
 
-def build_metrics(job: JobConfig, rank: int) -> MetricsLogger:
+def build_metrics(job: JobConfig, rank: int, start: int) -> MetricsLogger:
+    """The run's metrics from iteration ``start`` on (rows a resumed run redoes are set aside first)."""
     log = job.logging
     return MetricsLogger(
         job.log_dir,
@@ -174,6 +175,7 @@ def build_metrics(job: JobConfig, rank: int) -> MetricsLogger:
         job.settings.record(),
         rank == 0,
         log.tensorboard_dir,
+        start,
     )
 
 
@@ -322,7 +324,7 @@ class Trainer:
         self.save_lock = ckpt.lock_save_folder(
             job.checkpoint.save, self.rank
         )  # before anything is written there
-        self.log = build_metrics(job, self.rank)
+        self.log = build_metrics(job, self.rank, self.iteration)
         self._announce()
         self.checkpointer = ckpt.Checkpointer(
             job.checkpoint.save,
