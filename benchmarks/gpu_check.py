@@ -237,9 +237,8 @@ def summarize(results: list[dict], out: str) -> dict:
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
 
-        def cell(
-            row, key, fmt
-        ):  # a figure the run did not produce (no GPU peak, no plan for flex) is "-"
+        # a figure the run did not produce (no GPU peak, no plan for flex) is "-"
+        def cell(row, key, fmt):
             return format(row[key], fmt) if row.get(key) is not None else "-"
 
         for t in summary["throughput"]:

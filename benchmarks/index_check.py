@@ -35,9 +35,8 @@ def load_reader(rev: str):
         text=True,
     ).stdout
     module = types.ModuleType(f"indexed_{rev}")
-    sys.modules[module.__name__] = (
-        module  # dataclass-free, but annotations resolve through sys.modules
-    )
+    # dataclass-free, but annotations resolve through sys.modules
+    sys.modules[module.__name__] = module
     exec(compile(source, f"{rev}:indexed.py", "exec"), module.__dict__)
     return module.IndexedDataset
 

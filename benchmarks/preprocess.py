@@ -190,9 +190,8 @@ def measure_ours(model, path, out_prefix, workers):
     rss = PeakRSS(proc.pid)
     out = proc.communicate()[0]
     seconds = time.perf_counter() - start
-    after = resource.getrusage(
-        resource.RUSAGE_CHILDREN
-    )  # the CLI and its workers (it waits for them)
+    # the CLI and its workers (it waits for them)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     peak = rss.stop()
     if proc.returncode:

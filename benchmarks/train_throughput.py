@@ -225,9 +225,8 @@ def main(argv=None) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")
         args.preset, args.num_layers, args.hidden_size, args.heads = None, 2, 64, 4
         args.seq_length, args.micro_batch_size, args.steps, args.warmup = 64, 2, 2, 1
-        args.compile_backend = (
-            "aot_eager"  # traced forward and backward without code generation: quick on a CPU
-        )
+        # traced forward and backward without code generation: quick on a CPU
+        args.compile_backend = "aot_eager"
         args.bf16 = False  # the Triton interpreter has no bf16
     args.device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     device = torch.device(args.device)

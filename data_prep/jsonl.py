@@ -179,15 +179,15 @@ def iter_line_batches(
         limit = None if piece.end is None else piece.end - begin  # bytes in which lines may start
         if begin:  # counting the lines before would read the file up to here: number them from here
             path = f"{path} (from byte {begin})"
+        # taken: bytes of the lines yielded (uncompressed)
         first, taken, reported, carry = (
             1,
             0,
             0,
             b"",
-        )  # taken: bytes of the lines yielded (uncompressed)
-        last = (
-            limit is not None and limit <= 0
-        )  # the piece's first line started before it: nothing is its own
+        )
+        # the piece's first line started before it: nothing is its own
+        last = limit is not None and limit <= 0
         with reader, raw:
             try:
                 while True:
@@ -276,9 +276,8 @@ def parse_lines(lines: Sequence[bytes], first_line: int, keys: Sequence[str]):
         ):
             return list(range(first_line, first_line + len(lines))), columns, []
     kept, columns, skips = [], [[] for _ in keys], []
-    for number, line in enumerate(
-        lines, first_line
-    ):  # a batch with some other line: each line's verdict
+    # a batch with some other line: each line's verdict
+    for number, line in enumerate(lines, first_line):
         cause, texts = parse_line(line, keys)
         if cause is None:
             kept.append(number)

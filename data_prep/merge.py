@@ -72,16 +72,14 @@ def merge(prefixes: list[str], output_prefix: str, overwrite: bool = False, forc
 
     meta = merged_meta(prefixes, force)
     tmp = f"{meta_path(output_prefix)}.tmp-{os.getpid()}"
-    merged = merge_datasets(
-        prefixes, output_prefix, overwrite=overwrite
-    )  # checks its output before the rename
+    # checks its output before the rename
+    merged = merge_datasets(prefixes, output_prefix, overwrite=overwrite)
     if meta is not None:
         with open(tmp, "w") as f:
             json.dump(meta, f, indent=1)
         os.replace(tmp, meta_path(output_prefix))
-    elif os.path.exists(
-        meta_path(output_prefix)
-    ):  # an older dataset's record must not describe this one
+    # an older dataset's record must not describe this one
+    elif os.path.exists(meta_path(output_prefix)):
         os.remove(meta_path(output_prefix))
     return merged
 

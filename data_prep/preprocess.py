@@ -323,9 +323,8 @@ def preprocess(
         from megatron_glm.data_prep.sentences import SentenceSplitError, load_splitter
 
         try:
-            load_splitter(
-                lang, keep_newlines, warn=True
-            )  # fail (or warn) here, once, not in every worker
+            # fail (or warn) here, once, not in every worker
+            load_splitter(lang, keep_newlines, warn=True)
         except SentenceSplitError as e:
             raise PreprocessError(str(e)) from e
         sentences = (lang, keep_newlines)
@@ -382,9 +381,8 @@ def preprocess(
             bar.update(summary, res.raw_bytes)
         summary.seconds = time.monotonic() - start
         summary.cpu = _cpu_seconds() - cpu_start  # the workers have exited: the pool is shut down
-        if (
-            summary.docs == 0 and not allow_empty and shard_of is None
-        ):  # a shard may fall on blank lines only
+        # a shard may fall on blank lines only
+        if summary.docs == 0 and not allow_empty and shard_of is None:
             causes = (
                 ", ".join(f"{c} {n:,}" for c, n in summary.skipped.items() if n)
                 or "the input is empty"
@@ -555,9 +553,8 @@ def main(argv=None) -> int:
     def _terminate(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
 
-    previous = signal.signal(
-        signal.SIGTERM, _terminate
-    )  # clean up temporary files on kill, as on Ctrl-C
+    # clean up temporary files on kill, as on Ctrl-C
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         summary = preprocess(
             args.input,

@@ -91,9 +91,8 @@ def _fwd_kernel(
     )
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
-    m_i = tl.full(
-        [BLOCK_M], -1.0e30, dtype=tl.float32
-    )  # finite: a row with no key yet stays NaN-free
+    # finite: a row with no key yet stays NaN-free
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range((union_lo // BLOCK_N) * BLOCK_N, union_hi, BLOCK_N):
@@ -110,9 +109,8 @@ def _fwd_kernel(
             other=0.0,
         )
         s = tl.dot(q, kt) * qk_scale
-        if (start_n < inner_lo) | (
-            start_n + BLOCK_N > inner_hi
-        ):  # an interval edge crosses this tile
+        # an interval edge crosses this tile
+        if (start_n < inner_lo) | (start_n + BLOCK_N > inner_hi):
             s = tl.where(
                 (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None]), s, float("-inf")
             )

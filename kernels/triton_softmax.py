@@ -51,9 +51,8 @@ def _fwd_kernel(X, Y, LO, HI, H, SQ, SK, slb, scale, BLOCK: tl.constexpr, SINGLE
                 * scale
             )
             m_new = tl.maximum(m, x)
-            m_safe = tl.where(
-                m_new == float("-inf"), 0.0, m_new
-            )  # lanes with no key yet: exp(-inf) = 0, no NaN
+            # lanes with no key yet: exp(-inf) = 0, no NaN
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             s = s * tl.exp(m - m_safe) + tl.exp(x - m_safe)
             m = m_new
         m_row = tl.max(m, 0)

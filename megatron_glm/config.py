@@ -26,9 +26,8 @@ class ModelConfig:
     max_position_embeddings: int = setting(
         256, "position table rows (default: the preset's, else --seq-length)", parser_default=None
     )
-    vocab_size: int = internal(
-        0
-    )  # padded vocabulary (tokenizer.padded_vocab_size); set from the tokenizer
+    # padded vocabulary (tokenizer.padded_vocab_size); set from the tokenizer
+    vocab_size: int = internal(0)
     position_embedding_type: str = setting(
         "learned_2d",
         "learned_2d: the paper's; rotary_2d: as in ChatGLM",

@@ -118,9 +118,8 @@ def main(argv=None) -> int:
         f"words to choose from (chance 25%) -> {tasks['choice']}"
     )
     ckpt = os.path.join(args.workdir, "checkpoints")
-    shutil.rmtree(
-        ckpt, ignore_errors=True
-    )  # a fresh run each time: the second step shows the resume
+    # a fresh run each time: the second step shows the resume
+    shutil.rmtree(ckpt, ignore_errors=True)
     half = args.train_iters // 2
     common = [
         "--data-path",
@@ -313,9 +312,8 @@ def score_before_and_after(ckpt: str, tasks: dict, device: str) -> tuple[dict, d
 
     trained, tok, meta = load_for_inference(ckpt, device)
     initial = GLMModel(ModelConfig.from_dict(meta["model"]))
-    initial.reset_parameters(
-        settings_of(meta).training.seed
-    )  # bitwise the weights glm-pretrain starts from
+    # bitwise the weights glm-pretrain starts from
+    initial.reset_parameters(settings_of(meta).training.seed)
     initial = initial.to(device).eval()
     out = []
     for model in (initial, trained):

@@ -1,8 +1,9 @@
 """Command-line flags made from settings dataclasses: a default, a type and a help text written once.
 
 A field made with ``setting`` carries its default and a one-line help; its flag is the field's
-name in Megatron's spelling (``--micro-batch-size`` for ``micro_batch_size``) unless ``flag``
-names another (``--bert-prob`` for the objective's ``token_prob``). ``add_flags`` turns a
+name in Megatron's spelling (``--micro-batch-size`` for ``micro_batch_size``) unless ``name``
+gives another (``--bert-prob`` for the objective's ``token_prob``); a field made with
+``internal`` has none. ``add_flags`` turns a
 dataclass into an argparse group; ``read_flags`` turns parsed flags back into the dataclass,
 from an argparse namespace or from a dict of the same names (a checkpoint's recorded flags).
 The type comes from the annotation: ``bool`` is a switch, ``X | None`` an optional ``X``,
@@ -32,15 +33,13 @@ class Flag:
     aliases: tuple[str, ...] = ()
     choices: tuple | None = None
     metavar: Any = None
-    negate: bool = (
-        False  # a bool field set False by its flag (``--no-load-optim`` for ``load_optim``)
-    )
+    # a bool field its flag sets False (``--no-load-optim`` for ``load_optim``)
+    negate: bool = False
     type: Callable | None = None  # an argparse type other than the annotation's
     nargs: Any = None  # an exact count (3) rather than one or more
-    parser_default: Any = (
-        UNSET  # what the parser holds when the flag is absent, where the field's default is
-    )
-    # filled in later from something else (a preset; the data-parallel size): the help says what
+    # what the parser holds when the flag is absent, where the field's default is filled in later
+    # from something else (a preset; the data-parallel size): the help says what
+    parser_default: Any = UNSET
     hidden: bool = False  # accepted, not listed (the launchers' --local_rank)
     required: bool = False
 
@@ -70,13 +69,12 @@ def dest(field: dataclasses.Field) -> str:
     return option(field).lstrip("-").replace("-", "_")
 
 
-def _unwrap(hint) -> tuple[Any, bool]:
-    """(the type inside ``X | None``, whether None is allowed)."""
+def _unwrap(hint) -> Any:
+    """The type inside ``X | None``."""
     args = typing.get_args(hint)
     if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
-        rest = [a for a in args if a is not type(None)]
-        return rest[0], True
-    return hint, False
+        return next(a for a in args if a is not type(None))
+    return hint
 
 
 def flagged_fields(cls) -> list[tuple[dataclasses.Field, Flag, Any]]:
@@ -87,12 +85,10 @@ def flagged_fields(cls) -> list[tuple[dataclasses.Field, Flag, Any]]:
     ]
 
 
-def add_flags(group, cls, skip: tuple[str, ...] = ()) -> None:
-    """One argparse argument per flagged field of ``cls`` (``skip``: field names another group declares)."""
+def add_flags(group, cls) -> None:
+    """One argparse argument per flagged field of ``cls``, in a parser or one of its groups."""
     for field, spec, hint in flagged_fields(cls):
-        if field.name in skip:
-            continue
-        kind, _ = _unwrap(hint)
+        kind = _unwrap(hint)
         default = field.default if spec.parser_default is UNSET else spec.parser_default
         kw: dict[str, Any] = {
             "dest": dest(field),
@@ -102,9 +98,8 @@ def add_flags(group, cls, skip: tuple[str, ...] = ()) -> None:
             kw["required"] = True
         elif default is not MISSING:
             kw["default"] = list(default) if isinstance(default, tuple) else default
-        if (
-            kind is bool
-        ):  # a switch; a negated one keeps Megatron's name and meaning (no_load_optim: do not load)
+        # a switch; a negated one keeps Megatron's name and meaning (no_load_optim: do not load)
+        if kind is bool:
             kw.update(action="store_true", default=False)
         else:
             element = typing.get_args(kind)[0] if typing.get_origin(kind) is tuple else kind
@@ -142,10 +137,3 @@ def flag_values(cls, values) -> dict[str, Any]:
 def read_flags(cls, values, **fixed):
     """``cls`` from parsed flags (``flag_values``); ``fixed``: fields without a flag, or set otherwise."""
     return cls(**{**flag_values(cls, values), **fixed})
-
-
-def parser_defaults(cls) -> dict[str, Any]:
-    """``{dest: default}`` of the flags ``add_flags`` makes, as argparse fills them in."""
-    parser = argparse.ArgumentParser()
-    add_flags(parser, cls)
-    return {a.dest: a.default for a in parser._actions if a.dest != "help"}

@@ -133,9 +133,8 @@ def load(path: str, map_location="cpu", trust: bool = False):
             if needed is None
             else set(needed) | {n for n in ALLOWED_GLOBALS if n.startswith("numpy.")}
         )
-        with torch.serialization.safe_globals(
-            allowed
-        ):  # the guarantee: torch's restricted unpickler
+        # the guarantee: torch's restricted unpickler
+        with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         names = re.findall(r"GLOBAL (\S+)", str(e))
@@ -143,12 +142,13 @@ def load(path: str, map_location="cpu", trust: bool = False):
             raise _refusal(path, names) from None
         detail = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()
         raise _corrupt(path, detail[0][:200] if detail else "unpickling failed") from None
+    # ours, or unreadable
     except (
         CheckpointFileError,
         FileNotFoundError,
         PermissionError,
         IsADirectoryError,
-    ):  # ours, or unreadable
+    ):
         raise
     except Exception as e:  # noqa: BLE001 - the restricted unpickler fails in many ways on garbage; none ran code
         detail = str(e).split(". ")[0][:200] or "the file ends early"

@@ -22,17 +22,17 @@ from megatron_glm.optional import apex_available
 from megatron_glm.parallel.state import ParallelLayoutError, check_layout
 
 OPTIMIZER_IMPLS = ("adamw", "fused-adamw", "apex")
+# Megatron's --lr-decay-style
 DECAY_STYLES = (
     "constant",
     "linear",
     "cosine",
     "inverse-square-root",
     "WSD",
-)  # Megatron's --lr-decay-style
-WSD_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")
-RECORD_FORMAT = (
-    1  # meta.json's "settings" layout; checkpoints before it recorded the flags as "args"
 )
+WSD_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")
+# meta.json's "settings" layout; checkpoints before it recorded the flags as "args"
+RECORD_FORMAT = 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -192,9 +192,10 @@ class TrainingConfig:
         False,
         "accepted for Megatron-DeepSpeed and THUDM/GLM command lines: DeepSpeed always runs here",
     )
+    # launchers
     local_rank: int | None = setting(
         None, name="--local_rank", aliases=("--local-rank",), hidden=True
-    )  # launchers
+    )
     stop_file: str | None = setting(
         None,
         "stop after the current step, save and exit 75 (requeue) once this file "

@@ -12,9 +12,8 @@ import sys
 import pytest
 import torch
 
-if (
-    not torch.cuda.is_available()
-):  # Triton kernels run in its interpreter on the CPU (before any kernel is built)
+# Triton kernels run in its interpreter on the CPU (before any kernel is built)
+if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from megatron_glm.data_prep.stdlib_corpus import write_corpus

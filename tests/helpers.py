@@ -80,9 +80,8 @@ def _entry(rank, fn, world, port, out_dir, args):
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     import torch.distributed as dist
 
-    if (
-        dist.is_initialized()
-    ):  # no rank leaves while a peer still talks to it (gloo aborts on a closed peer)
+    # no rank leaves while a peer still talks to it (gloo aborts on a closed peer)
+    if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
 

@@ -146,9 +146,8 @@ def test_layout_equals_one_process(tmp_path, data, single, name):
         with pytest.raises(CheckpointError, match="ZeRO-3 partitions"):
             load_model_weights(str(tmp_path))
         return
-    merged, _ = load_model_weights(
-        str(tmp_path)
-    )  # shards of every TP x PP rank (and chunk) put back together
+    # shards of every TP x PP rank (and chunk) put back together
+    merged, _ = load_model_weights(str(tmp_path))
     assert merged.keys() == reference.keys()
     for key in reference:
         torch.testing.assert_close(merged[key], reference[key], atol=1e-4, rtol=1e-3, msg=key)
@@ -514,7 +513,6 @@ def test_universal_resumes_refuse_what_cannot_work(tmp_path, data, tp2pp2, case,
         argv(data, str(tmp_path / "log"), iters=8, extra=extra + ["--load", load, "--save", out]),
     )
     assert result.returncode != 0 and message in result.stderr, result.stderr[-3000:]
-    assert (
-        nproc > 1 or "Traceback" not in result.stderr
-    )  # (torchrun prints its own when a rank fails)
+    # (torchrun prints its own when a rank fails)
+    assert nproc > 1 or "Traceback" not in result.stderr
     assert not os.path.exists(os.path.join(out, "latest")), "nothing saved"

@@ -56,9 +56,8 @@ def test_token_ids_beyond_the_vocabulary_stop_training_before_it_starts(
         IndexedDatasetError,
         match=r"token ids run from 0 to 60000, outside the tokenizer's 1500 ids",
     ):
-        open_for_training(
-            prefix, tokenizer, tmp_path
-        )  # the cached range of the sound file is not reused
+        # the cached range of the sound file is not reused
+        open_for_training(prefix, tokenizer, tmp_path)
 
 
 def test_a_changed_dtype_code_disagrees_with_the_record(dataset, tokenizer, tmp_path):
@@ -251,9 +250,8 @@ def test_a_full_disk_leaves_no_temporary_files(tmp_path):
     w = IndexedDatasetWriter(str(tmp_path / "d"), np.uint16)
     w.add_document(list(range(100)))
     w._bin.close()
-    w._bin = open(
-        "/dev/full", "wb", buffering=1 << 20
-    )  # a device whose every write fails with ENOSPC
+    # a device whose every write fails with ENOSPC
+    w._bin = open("/dev/full", "wb", buffering=1 << 20)
     w._bin.write(b"tokens still in the buffer")
     with pytest.raises(OSError, match="No space left"):
         w.finalize()

@@ -209,9 +209,8 @@ def test_sentence_and_document_objectives():
         row = sent.encode(i, text, None)
         assert row["objective"] == SENTENCE and SP.smask in row["tokens"]
         sep = int(row["attn_hi"][0])
-        for s in np.flatnonzero(
-            row["tokens"] == SP.sop
-        ):  # each span is whole sentences: ends at a period
+        # each span is whole sentences: ends at a period
+        for s in np.flatnonzero(row["tokens"] == SP.sop):
             span = row["labels"][s : s + 1 + np.argmax(row["labels"][s:] == SP.eop)]
             assert span[-1] == PERIOD or s + len(span) >= sep, (
                 "a masked sentence ends at a sentence end"

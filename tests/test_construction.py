@@ -64,9 +64,8 @@ def construction_worker(rank, world, load_dir, reference_seed):
     build_rank_model(
         ModelConfig(num_layers=2, hidden_size=8, num_attention_heads=2, vocab_size=16), layout, SEED
     )
-    assert (
-        reset_host_peak()
-    )  # after a tiny build: the meta device's first use imports ~150 MB of libraries (sympy)
+    # after a tiny build: the meta device's first use imports ~150 MB of libraries (sympy)
+    assert reset_host_peak()
     before = host_memory()["rss_bytes"]
     chunks = build_rank_model(cfg, layout, SEED, weights=weights)
     peak = host_memory()["peak_rss_bytes"] - before
@@ -81,9 +80,8 @@ def construction_worker(rank, world, load_dir, reference_seed):
         for n, p in params.items()
         if not torch.equal(p, expected_slice(n, reference[n], layout.tp_rank, 2))
     ]
-    planned = setup_host_bytes(
-        stage_parameters(cfg, 2, 2)[layout.pp_rank]
-    )  # glm-plan's figure for this rank
+    # glm-plan's figure for this rank
+    planned = setup_host_bytes(stage_parameters(cfg, 2, 2)[layout.pp_rank])
     return {
         "peak": peak,
         "shard": shard,

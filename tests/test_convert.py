@@ -368,8 +368,7 @@ def test_zero_checkpoints_consolidate_to_the_weights(tmp_path, data):
         assert state.keys() == whole.keys() and all(
             v.dtype == torch.float32 for v in state.values()
         )
-        for name in (
-            whole
-        ):  # ZeRO stages agree (tests/test_3d.py); consolidation must not lose or mix anything
+        # ZeRO stages agree (tests/test_3d.py); consolidation must not lose or mix anything
+        for name in whole:
             torch.testing.assert_close(state[name], whole[name], atol=1e-5, rtol=1e-4, msg=name)
     torch.testing.assert_close(logits_of(state, cfg), logits_of(whole, cfg), atol=1e-4, rtol=1e-4)

@@ -191,9 +191,8 @@ def test_rows_are_the_tasks_as_blank_filling(tokenizer, task_files):
     plan = collator.plan(0, np.asarray(doc[: 128 - collator.cfg.max_span_length - 2]))
     of_doc = [r for r in spans if r.item == 0]
     assert len(of_doc) == len(plan.starts) >= 1
-    for r, s, n in zip(
-        of_doc, plan.starts, plan.lengths
-    ):  # the collator's token-objective spans, one row each
+    # the collator's token-objective spans, one row each
+    for r, s, n in zip(of_doc, plan.starts, plan.lengths):
         assert r.part_b[1:] == doc[s : s + n] and r.targets == doc[s : s + n] + [tokenizer.eop_id]
         assert r.part_a.count(tokenizer.mask_id) == len(plan.starts)
 
@@ -228,9 +227,8 @@ def test_scores_equal_a_token_by_token_computation(model, tokenizer, task_files)
         want = by_hand(model, row)
         assert nll == pytest.approx(want[0], rel=1e-5) and (count, correct) == want[1:]
     for row, (_, count, correct) in zip(rows, got):
-        if (
-            row.targets[-1] == tokenizer.eop_id
-        ):  # blank rows: exact match <=> greedy generation gives the span
+        # blank rows: exact match <=> greedy generation gives the span
+        if row.targets[-1] == tokenizer.eop_id:
             span = greedy_span(model, row, len(row.targets) + 2, tokenizer.eop_id)
             assert (correct == count) == (span + [tokenizer.eop_id] == row.targets)
     assert all(c == n for _, n, c in got[-4:])

@@ -112,9 +112,8 @@ def test_layout_from_the_separator_is_the_collators(learned, tokenizer, corpus):
     from megatron_glm.convert.hf_files.modeling_megatron_glm import glm_layout
 
     config = MegatronGLMConfig.from_pretrained(learned[2])
-    one_span = samples(
-        tokenizer, corpus[1], token_prob=0.0
-    )  # the document objective: one [gMASK] span
+    # the document objective: one [gMASK] span
+    one_span = samples(tokenizer, corpus[1], token_prob=0.0)
     for row, in_order in [(r, True) for r in one_span] + [
         (r, False) for r in samples(tokenizer, corpus[1])
     ]:
@@ -147,9 +146,8 @@ def test_tokenization_is_ours_on_a_corpus_sample(learned, tokenizer, corpus, tmp
         theirs.eop_token_id,
         theirs.gmask_token_id,
     ) == (tokenizer.mask_id, tokenizer.sop_id, tokenizer.eop_id, tokenizer.gmask_id)
-    theirs.save_pretrained(
-        tmp_path / "saved"
-    )  # a tokenizer saved again by transformers loads the same
+    # a tokenizer saved again by transformers loads the same
+    theirs.save_pretrained(tmp_path / "saved")
     again = load_hf_tokenizer(tmp_path / "saved")
     assert again(texts[0])["input_ids"] == theirs(texts[0])["input_ids"]
 
@@ -226,9 +224,8 @@ def test_greedy_generate_fills_the_blank_as_glm_generate_does(learned, tokenizer
         ]
         alone.append(hf_tokenizer.decode([t for t in out.tolist() if t != eop][:new]))
     assert alone == expected
-    batch = hf_tokenizer(
-        [p + "[sop]" for p in prompts], return_tensors="pt", padding=True
-    )  # left padding
+    # left padding
+    batch = hf_tokenizer([p + "[sop]" for p in prompts], return_tensors="pt", padding=True)
     assert batch["attention_mask"].sum() < batch["attention_mask"].numel()
     out = theirs.generate(**batch, max_new_tokens=new + 1, do_sample=False)[
         :, batch["input_ids"].shape[1] :

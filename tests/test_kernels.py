@@ -54,9 +54,8 @@ def glm_rows(layouts, length):
                 lo[r, i], hi[r, i] = start, max(sep, i + 1)
                 dense[r, i, :] = False
                 for j in range(start, end):
-                    dense[r, i, j] = j < sep or (
-                        i >= sep and j <= i
-                    )  # all of Part A; Part B causally
+                    # all of Part A; Part B causally
+                    dense[r, i, j] = j < sep or (i >= sep and j <= i)
     return lo, hi, dense
 
 
@@ -162,10 +161,11 @@ def test_flash_attention_never_reads_key_tiles_outside_the_union():
     q, k, v = (t.detach() for t in qkv(1, 1, 20, 64, 16, torch.float32, "cpu"))
     lo = torch.full((1, 20), 32, dtype=torch.int32)
     hi = torch.arange(40, 60, dtype=torch.int32)[None]
+    # two whole 16-key tiles before every interval
     k[..., :32, :], v[..., :32, :] = (
         float("nan"),
         float("nan"),
-    )  # two whole 16-key tiles before every interval
+    )
     q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
     from megatron_glm.kernels.triton_attention import glm_flash_attention
 
@@ -201,9 +201,8 @@ def test_flash_attention_dropout_uses_one_mask_forward_and_backward(device):
     torch.manual_seed(7)
     if device == "cuda":
         torch.cuda.manual_seed(7)
-    seed = torch.randint(
-        0, 2**62, (1,), device=device, dtype=torch.int64
-    )  # the draw the kernel made
+    # the draw the kernel made
+    seed = torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64)
     keep = dropout_keep_mask(seed, 4, length, length, 0.25).view(2, 2, length, length)
     assert 0.70 < keep.float().mean().item() < 0.80
     expected = reference.attention_reference(q, k, v, lo, hi, dropout_p=0.25, keep_mask=keep)
@@ -256,15 +255,13 @@ def test_masked_softmax_has_no_length_cap():
 def test_fused_embedding_accumulates_repeated_indices(device, dtype):
     b, s, hidden, vocab, rows = 3, 19, 40, 11, 25
     g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, vocab, (b, s), generator=g).to(
-        device
-    )  # 57 tokens over 11 rows: many repeats
+    # 57 tokens over 11 rows: many repeats
+    tokens = torch.randint(0, vocab, (b, s), generator=g).to(device)
     position_ids = torch.stack(
         [torch.arange(s).expand(b, s), torch.zeros(b, s, dtype=torch.long)], 1
     ).clone()
-    position_ids[:, 1, 14:] = torch.arange(
-        1, 6
-    )  # Part B; block position 0 is shared by all of Part A
+    # Part B; block position 0 is shared by all of Part A
+    position_ids[:, 1, 14:] = torch.arange(1, 6)
     position_ids = position_ids.to(device)
     tables = [
         (torch.randn(n, hidden, generator=g) * 0.5).to(device, dtype).requires_grad_()
@@ -287,9 +284,8 @@ def test_fused_embedding_accumulates_repeated_indices(device, dtype):
 def test_fused_rotary_equals_reference_on_strided_qkv_views(device, dtype):
     b, s, heads, d = 2, 13, 3, 32
     qkv_out = torch.randn(b, s, 3 * heads * d).to(device, dtype).requires_grad_()
-    q, k, _ = qkv_out.view(b, s, 3, heads, d).permute(
-        2, 0, 3, 1, 4
-    )  # the model's views, not contiguous
+    # the model's views, not contiguous
+    q, k, _ = qkv_out.view(b, s, 3, heads, d).permute(2, 0, 3, 1, 4)
     position_ids = torch.stack([torch.randint(0, 500, (b, s)), torch.randint(0, 40, (b, s))], 1).to(
         device
     )
@@ -417,9 +413,8 @@ def test_the_fused_masked_softmax_computes_in_fp32():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize(
-    "sq, sk", [(40, 40), (7, 45)]
-)  # a whole GLM row; a KV-cached step (queries after keys)
+# a whole GLM row; a KV-cached step (queries after keys)
+@pytest.mark.parametrize("sq, sk", [(40, 40), (7, 45)])
 def test_flex_attention_equals_the_reference(device, sq, sk):
     """--attention-impl flex: PyTorch's FlexAttention under our interval mask (GLM rows and packed segments).
     The CPU has its forward only; on CUDA the backward is checked too."""

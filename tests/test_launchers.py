@@ -128,9 +128,8 @@ def test_torchrun_launcher_prints_its_command_and_trains(torchrun_run):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "+ torchrun --standalone --nproc_per_node 2" in result.stdout
     assert "x 2 data-parallel ranks" in result.stdout + result.stderr
-    assert (
-        " rank 0 INFO " in result.stdout and " rank 1 INFO " not in result.stdout
-    )  # rank 0 speaks
+    # rank 0 speaks
+    assert " rank 0 INFO " in result.stdout and " rank 1 INFO " not in result.stdout
     assert sorted(losses(save)) == list(range(1, ITERS + 1))
     assert os.path.exists(os.path.join(save, f"iter_{ITERS:07d}", "meta.json"))
 
@@ -272,9 +271,8 @@ def test_slurm_srun_script_one_task_per_gpu_and_requeue_on_usr1(tmp_path, data):
     )
     wait_for_iteration(save, 1, proc)
     pids = [int(p) for p in open(env["FAKE_SLURM_PIDS"]).read().split()]
-    os.kill(
-        pids[1], signal.SIGUSR1
-    )  # Slurm signals every task; one is enough for all to stop together
+    # Slurm signals every task; one is enough for all to stop together
+    os.kill(pids[1], signal.SIGUSR1)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-4000:]
     assert "+ srun --kill-on-bad-exit=1" in out and "x 2 data-parallel ranks" in out

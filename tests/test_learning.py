@@ -46,9 +46,8 @@ def one_sided_ceiling() -> float:
 @pytest.mark.slow
 def test_tiny_glm_learns_a_two_sided_blank():
     threads = torch.get_num_threads()
-    torch.set_num_threads(
-        1
-    )  # as fast alone; beside two busy cores 44 s, where 2 OpenMP threads passed 300 s
+    # as fast alone; beside two busy cores 44 s, where 2 OpenMP threads passed 300 s
+    torch.set_num_threads(1)
     try:
         _learn()
     finally:

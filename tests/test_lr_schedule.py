@@ -145,7 +145,6 @@ def test_sample_based_lr_lengths_are_megatrons_under_a_ramp_up():
     for step in range(45):  # Megatron's loop advances the schedule by each step's batch
         theirs.append(optimizer.param_groups[0]["lr"])
         scheduler.step(batches.size_at(batches.consumed_before(step)))
-    assert [ours(s) for s in range(4)] == pytest.approx(
-        theirs[1:5], rel=1e-12
-    )  # warm-up: a step earlier
+    # warm-up: a step earlier
+    assert [ours(s) for s in range(4)] == pytest.approx(theirs[1:5], rel=1e-12)
     assert [ours(s) for s in range(4, 44)] == pytest.approx(theirs[4:44], rel=1e-12)

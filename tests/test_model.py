@@ -292,9 +292,8 @@ def test_presets_have_the_published_sizes():
     )
 
 
-@pytest.mark.parametrize(
-    "kind", KINDS
-)  # learned 2D takes the fused embedding, rotary the plain lookup
+# learned 2D takes the fused embedding, rotary the plain lookup
+@pytest.mark.parametrize("kind", KINDS)
 def test_embedding_gradient_shrink(kind):
     """GLM-130B's shrink: forward bitwise unchanged; the word embedding's gradient from its lookup times alpha.
 
@@ -316,9 +315,8 @@ def test_embedding_gradient_shrink(kind):
     emb = "word_embeddings.weight"
     lookup_share = grads[1.0][emb] - grads[0.0][emb]
     assert lookup_share.abs().max() > 0
-    scale = float(
-        grads[1.0][emb].abs().max()
-    )  # the differences cancel the output's share: absolute tolerance
+    # the differences cancel the output's share: absolute tolerance
+    scale = float(grads[1.0][emb].abs().max())
     torch.testing.assert_close(
         grads[0.1][emb] - grads[0.0][emb], 0.1 * lookup_share, rtol=0, atol=1e-5 * scale
     )

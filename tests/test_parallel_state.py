@@ -79,9 +79,8 @@ def refuse_worker(rank, world):
 
     from megatron_glm.parallel import state
 
-    os.environ.pop(
-        "RANK"
-    )  # as a user would start it: the layout is checked before any group exists
+    # as a user would start it: the layout is checked before any group exists
+    os.environ.pop("RANK")
     os.environ.pop("WORLD_SIZE")
     try:
         state.initialize_model_parallel(tp=2, num_attention_heads=3)

@@ -113,9 +113,8 @@ def test_layer_activations_equal_what_autograd_saves(impl, dropout, dtype, varia
         torch.full((b, s), s),
     )
     measured = saved_bytes(layer, x, *args)
-    device = (
-        "cuda" if impl == "flash" else "cpu"
-    )  # flash: the GPU path's Triton kernels, run by the interpreter
+    # flash: the GPU path's Triton kernels, run by the interpreter
+    device = "cuda" if impl == "flash" else "cpu"
     estimated = sum(
         layer_activations(Workload(cfg, s, b, dtype, impl, device), Layout(micro_batch=b)).values()
     )
@@ -127,9 +126,8 @@ def test_pipeline_in_flight_and_bubble():
     assert [in_flight(Layout(pp=4), 8, r) for r in range(4)] == [4, 3, 2, 1]
     assert [in_flight(Layout(pp=4), 2, r) for r in range(4)] == [2, 2, 2, 1]
     assert in_flight(Layout(pp=4, vpp=2), 8, 0) == 6 + 4 + 1
-    assert (
-        in_flight(Layout(pp=2, vpp=2), 2, 0) == 4
-    )  # as many micro-batches as stages: all forwards first
+    # as many micro-batches as stages: all forwards first
+    assert in_flight(Layout(pp=2, vpp=2), 2, 0) == 4
     cfg = preset("glm-large", vocab_size=30592)
     w = Workload(cfg, 512, 64)
     from megatron_glm.plan.search import evaluate

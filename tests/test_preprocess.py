@@ -359,9 +359,8 @@ def test_shards_merged_equal_one_run_byte_for_byte(tmp_path, corpus, spm_model):
             skipped += summary.examples
         assert shards == sorted(shards), "shard names sort in shard order"
         assert len(skipped) == 1 and skipped[0].startswith(str(c)), skipped
-        where, number, _ = skipped[0].rsplit(
-            ":", 2
-        )  # "FILE:N" or "FILE (from byte B):N": the line is the bad one
+        # "FILE:N" or "FILE (from byte B):N": the line is the bad one
+        where, number, _ = skipped[0].rsplit(":", 2)
         offset = int(where.split("from byte ")[1].rstrip(")")) if "from byte" in where else 0
         assert c.read_bytes()[offset:].splitlines(keepends=True)[int(number) - 1] == bad
         out = tmp_path / f"merged{n}"

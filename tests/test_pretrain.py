@@ -93,9 +93,8 @@ def assert_killed_runs_match(save, reference):
     ) as f:  # the rows of redone iterations, kept
         replayed = [json.loads(line) for line in f]
     assert replayed
-    for r in (
-        seen + replayed
-    ):  # every record of every attempt matches the uninterrupted run, bit for bit
+    # every record of every attempt matches the uninterrupted run, bit for bit
+    for r in seen + replayed:
         ref = reference[r["iteration"]]
         assert r["lm_loss"] == ref["lm_loss"] and r["grad_norm"] == ref["grad_norm"], r["iteration"]
         assert r.get("valid_loss") == ref.get("valid_loss")
@@ -130,10 +129,11 @@ def test_kill_anywhere_then_resume_equals_an_uninterrupted_run(tmp_path, data, u
     for fault, mode in attempts:
         result = run(args(data, save, extra=mode), fault)
         assert result.returncode == (0 if fault is None else -9), result.stderr
+        # the first save never completed: nothing to resume from
         if fault in (
             "save:staged",
             "async:writing",
-        ):  # the first save never completed: nothing to resume from
+        ):
             assert "latest" not in os.listdir(save) and not [
                 n for n in os.listdir(save) if n.startswith("iter_")
             ]
@@ -378,12 +378,10 @@ def test_a_deepspeed_json_overrides_the_flags_it_sets(tmp_path):
     config = deepspeed_config(job, grad_accum=3)
     assert config["gradient_clipping"] == 0.5 and config["gradient_accumulation_steps"] == 3
     zero = config["zero_optimization"]
-    assert (
-        zero["stage"] == 1 and zero["reduce_bucket_size"] == 1000
-    )  # the JSON's keys win over the flags'
-    assert (
-        zero["allgather_bucket_size"] == 500_000_000
-    )  # keys the JSON does not set keep the flags' values
+    # the JSON's keys win over the flags'
+    assert zero["stage"] == 1 and zero["reduce_bucket_size"] == 1000
+    # keys the JSON does not set keep the flags' values
+    assert zero["allgather_bucket_size"] == 500_000_000
     # the job, and so the banner and meta.json, hold what runs
     assert job.parallel.zero_stage == 1 and job.optimizer.clip_grad == 0.5
     record = job.settings.record()
@@ -566,9 +564,8 @@ def test_tensor_parallel_pretraining_matches_one_process(tmp_path, data):
     assert meta["tensor_model_parallel_size"] == 2 and merged.keys() == single.keys()
     for name in single:
         torch.testing.assert_close(merged[name], single[name], atol=2e-4, rtol=1e-3, msg=name)
-    result = run(
-        args(data, two, iters=6, extra=no_dropout)
-    )  # resuming TP=2 on one process is refused
+    # resuming TP=2 on one process is refused
+    result = run(args(data, two, iters=6, extra=no_dropout))
     assert result.returncode == 1 and "--tensor-model-parallel-size 2" in result.stderr
 
 
@@ -658,9 +655,8 @@ def test_train_samples_with_a_batch_ramp_up_resumes_mid_ramp_as_if_uninterrupted
     assert 0 < reference[4]["lr"] < reference[3]["lr"] < 1e-3
 
     save = str(tmp_path / "stopped" / "ckpt")
-    first = run(
-        sample_based(data, save, extra=["--exit-interval", "3"])
-    )  # stops mid-ramp, at 8 samples
+    # stops mid-ramp, at 8 samples
+    first = run(sample_based(data, save, extra=["--exit-interval", "3"]))
     assert first.returncode == 0 and "stopping after iteration 3" in first.stdout, first.stderr[
         -3000:
     ]
@@ -709,9 +705,8 @@ def test_no_load_optim_and_rng_take_what_a_converted_checkpoint_gives(tmp_path, 
     assert b.returncode == 0, b.stderr[-3000:]
     ours, theirs = records(fresh), records(via_convert)
     assert [r["iteration"] for r in ours] == [5, 6] and ours[0]["consumed_samples"] == 20
-    for r, ref in zip(
-        ours, theirs, strict=True
-    ):  # DeepSpeed's module-only load = our converter's weights
+    # DeepSpeed's module-only load = our converter's weights
+    for r, ref in zip(ours, theirs, strict=True):
         assert (r["lm_loss"], r["grad_norm"], r["lr"]) == (
             ref["lm_loss"],
             ref["grad_norm"],

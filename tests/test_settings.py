@@ -56,9 +56,8 @@ def test_the_field_defaults_are_what_the_flags_give():
         got = getattr(settings, name)
         for field in dataclasses.fields(section):
             if name == "model" and field.name == "max_position_embeddings":
-                assert (
-                    got.max_position_embeddings == settings.data.seq_length
-                )  # no preset: the sequence's length
+                # no preset: the sequence's length
+                assert got.max_position_embeddings == settings.data.seq_length
             elif name == "model" and field.name == "ffn_hidden_size":
                 assert got.ffn_hidden_size == 4 * got.hidden_size
             elif name in ("objective",) and field.name in ("seq_length", "seed"):
@@ -80,9 +79,8 @@ def test_a_switch_without_its_negation_keeps_megatrons_attribute():
             "--no-shuffle-blocks",
         ]
     )
-    assert (
-        args.no_load_optim is True and args.no_shuffle_blocks is True
-    )  # Megatron's and THUDM's names
+    # Megatron's and THUDM's names
+    assert args.no_load_optim is True and args.no_shuffle_blocks is True
     settings = Settings.from_flags(args)
     assert settings.checkpoint.load_optim is False and settings.objective.shuffle_spans is False
 

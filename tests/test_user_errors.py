@@ -139,9 +139,8 @@ def test_a_save_that_fails_half_way_names_the_latest_good_checkpoint(tmp_path, d
     assert run_pretrain(pretrain_args(data, save, 2, ["--lr-decay-iters", "4"])).returncode == 0
 
     def small_files():
-        signal.signal(
-            signal.SIGXFSZ, signal.SIG_IGN
-        )  # the write fails with EFBIG instead of killing the process
+        # the write fails with EFBIG instead of killing the process
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
 
     result = run_pretrain(
@@ -174,9 +173,8 @@ def test_ctrl_c_saves_after_the_step_and_exits_130(tmp_path, data):
     )
     try:
         deadline = time.monotonic() + 300
-        while not (
-            os.path.exists(os.path.join(save, "metrics.jsonl")) and records(save)
-        ):  # inside the loop
+        # inside the loop
+        while not (os.path.exists(os.path.join(save, "metrics.jsonl")) and records(save)):
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][
                 -3000:
             ]
@@ -455,9 +453,8 @@ def test_a_resume_on_another_lr_schedule_is_refused_unless_a_flag_says_which_win
         )
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert lrs(kept, 5)[:4] == lrs(
-        original, 5
-    )  # then the checkpoint's schedule ends at --min-lr (0)
+    # then the checkpoint's schedule ends at --min-lr (0)
+    assert lrs(kept, 5)[:4] == lrs(original, 5)
     assert (
         json.load(open(os.path.join(kept, "iter_0000012", "meta.json")))["lr_schedule"]["lr"]
         == 1e-3

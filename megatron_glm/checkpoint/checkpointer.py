@@ -41,9 +41,8 @@ class Checkpointer:
         self.writer = None
         if asynchronous and save_dir:
             self.writer = BackgroundWriter()
-        self.blocked_s = self.waited_s = (
-            0.0  # the last save held the loop this long; of that, waiting for the last
-        )
+        # the last save held the loop this long; of that, waiting for the last
+        self.blocked_s = self.waited_s = 0.0
 
     def due(self, iteration: int, last_iteration: int) -> bool:
         return bool(self.save_dir) and (

@@ -71,9 +71,8 @@ def _publish(save_dir: str, tag: str, tmp_root: str, keep_last: int) -> None:
     staged = os.path.join(tmp_root, tag)
     _fsync_tree(staged)
     final = os.path.join(save_dir, tag)
-    if os.path.exists(
-        final
-    ):  # the same iteration saved again: keep the old one until the new is in place
+    # the same iteration saved again: keep the old one until the new is in place
+    if os.path.exists(final):
         os.replace(final, final + ".old")
     os.replace(staged, final)
     faults.crash_point("save:renamed")
@@ -153,9 +152,8 @@ def _save_in_background(
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 torch.save(state, path)
                 if i == 0:
-                    faults.crash_point(
-                        "async:writing"
-                    )  # killed mid-write, training running alongside
+                    # killed mid-write, training running alongside
+                    faults.crash_point("async:writing")
             if rank == 0:
                 with open(os.path.join(staged, META), "w") as f:
                     json.dump(meta, f, indent=1)

@@ -98,9 +98,8 @@ def restore_optimizer(engine, chunks, reader: UniversalReader, meta: dict) -> No
     def values(p, shape):
         return {state: reader.shard(names[id(p)], state, shape) for state in STATES}
 
-    if hasattr(
-        opt, "fp32_partitioned_groups_flat"
-    ):  # ZeRO-3: each parameter's DP partition, concatenated
+    # ZeRO-3: each parameter's DP partition, concatenated
+    if hasattr(opt, "fp32_partitioned_groups_flat"):
         for i, group in enumerate(opt.fp16_groups):
             flat = opt.fp32_partitioned_groups_flat[i]
             parts = {state: [] for state in STATES}
@@ -124,9 +123,8 @@ def restore_optimizer(engine, chunks, reader: UniversalReader, meta: dict) -> No
                 "step": step.clone(),
                 **{m: torch.cat(parts[m]).to(flat.device) for m in MOMENTS},
             }
-    elif hasattr(opt, "bit16_groups") or hasattr(
-        opt, "bf16_groups"
-    ):  # ZeRO-1/2, bf16: fragments of flat groups
+    # ZeRO-1/2, bf16: fragments of flat groups
+    elif hasattr(opt, "bit16_groups") or hasattr(opt, "bf16_groups"):
         from deepspeed.utils import safe_set_full_fp32_param
         from deepspeed.utils.tensor_fragment import map_to_flat_opt_states
 

@@ -84,9 +84,8 @@ def _global_name(name: str, ranges) -> str:
         return name
     parts = name.split(".")
     chunk = 0
-    if (
-        parts[0].isdigit() and len(ranges) > 1
-    ):  # interleaved: the engine wrapped a ModuleList of chunks
+    # interleaved: the engine wrapped a ModuleList of chunks
+    if parts[0].isdigit() and len(ranges) > 1:
         chunk, parts = int(parts[0]), parts[1:]
     if parts[:2] == ["transformer", "layers"]:
         parts[2] = str(ranges[chunk][0] + int(parts[2]))

@@ -218,9 +218,8 @@ def main(argv=None) -> int:
         return 1
     total = sum(size for _, size in plan)
     verb = "would write" if args.dry_run else "wrote"
-    shown = (
-        plan if len(plan) <= 24 else plan[:20] + plan[-2:]
-    )  # a universal checkpoint has a folder per tensor
+    # a universal checkpoint has a folder per tensor
+    shown = plan if len(plan) <= 24 else plan[:20] + plan[-2:]
     for name, size in shown:
         if len(shown) < len(plan) and name == plan[-2][0]:
             print(f"  ... {len(plan) - len(shown)} more")

@@ -118,9 +118,8 @@ def _consolidate_zero(
         ]
         if not any(f.endswith("_optim_states.pt") for f in files):
             raise ConversionError(f"{folder} has no ZeRO optimizer partitions for {mp}")
-        with (
-            tempfile.TemporaryDirectory() as tmp
-        ):  # one model-parallel rank's files under DeepSpeed's names
+        # one model-parallel rank's files under DeepSpeed's names
+        with tempfile.TemporaryDirectory() as tmp:
             os.makedirs(os.path.join(tmp, tag))
             for f in files:
                 source, staged = (
@@ -144,9 +143,8 @@ def _consolidate_zero(
 def _zero_partitions(optim: dict, source: str) -> tuple[str, dict]:
     """(key of the fp32 flat partitions, the base optimizer's state dict) in a ZeRO optimizer file."""
     osd = optim.get("optimizer_state_dict") if isinstance(optim, dict) else None
-    if (
-        isinstance(osd, dict) and "single_partition_of_fp32_groups" in osd
-    ):  # ZeRO-1/2 (and DeepSpeed's bf16)
+    # ZeRO-1/2 (and DeepSpeed's bf16)
+    if isinstance(osd, dict) and "single_partition_of_fp32_groups" in osd:
         return "single_partition_of_fp32_groups", osd["base_optimizer_state"]
     if isinstance(osd, dict) and "fp32_flat_groups" in osd:  # ZeRO-3
         return "fp32_flat_groups", osd["optimizer_state_dict"]
@@ -339,9 +337,8 @@ def read_thudm(
         if "transformer.position_embeddings.weight" in state
         else 512,
     )
-    if (
-        base is not None
-    ):  # the heads are not in the weights: a preset that disagrees on any size is the wrong one
+    # the heads are not in the weights: a preset that disagrees on any size is the wrong one
+    if base is not None:
         wrong = [
             f"{name} {getattr(base, name)} (the weights have {getattr(cfg, name)})"
             for name in ("num_layers", "hidden_size", "ffn_hidden_size", "max_position_embeddings")

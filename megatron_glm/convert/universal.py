@@ -119,9 +119,8 @@ def write_universal(
                 param_file(os.path.join(partial, tag), name, state),
             )
         torch.save(step, param_file(os.path.join(partial, tag), name, "step"))
-    for rng in glob.glob(
-        os.path.join(folder, "rng_state_*.pt")
-    ):  # meaningful again on the same TP x PP
+    # meaningful again on the same TP x PP
+    for rng in glob.glob(os.path.join(folder, "rng_state_*.pt")):
         shutil.copy2(rng, os.path.join(partial, tag))
     universal = {
         **meta,

@@ -198,9 +198,8 @@ class _Plan:
     objective: int
     eop: bool = True
     bias: int = 0  # added to row 0 of the positions (random_position)
-    block_masked: np.ndarray | None = (
-        None  # over Part B inputs after [sop], in Part B order: -> [dBLOCK]
-    )
+    # over Part B inputs after [sop], in Part B order: -> [dBLOCK]
+    block_masked: np.ndarray | None = None
     context_masked: np.ndarray | None = None  # Part A indices -> [dBLOCK]
 
 
@@ -233,12 +232,10 @@ class BlankInfillingCollator:
         )
         pmf = np.exp(log_pmf)
         self.span_cdf = np.cumsum(pmf / pmf.sum())
-        self._generators = SampleGenerators(
-            cfg.seed
-        )  # default_rng([seed, index]), a batch at a time
-        self._arange = np.arange(
-            cfg.seq_length + 16, dtype=np.int64
-        )  # columns; span counts stay under S/2 + 8
+        # default_rng([seed, index]), a batch at a time
+        self._generators = SampleGenerators(cfg.seed)
+        # columns; span counts stay under S/2 + 8
+        self._arange = np.arange(cfg.seq_length + 16, dtype=np.int64)
 
     # -- one sample's draws ----------------------------------------------------------------
     def objective_of(self, rng) -> int:
@@ -306,9 +303,8 @@ class BlankInfillingCollator:
         count = np.where(done.any(axis=1), done.argmax(axis=1) + 1, guess)
         length = np.minimum(available, S - 2 * count)
         room = length - 1  # all but the sample's last token
-        take = (((total + k - 1) <= room[:, None]) & (k <= count[:, None])).sum(
-            axis=1
-        )  # sum + gaps fit
+        # sum + gaps fit
+        take = (((total + k - 1) <= room[:, None]) & (k <= count[:, None])).sum(axis=1)
         kept = k <= take[:, None]
         free = room - np.where(kept, lengths, 0).sum(axis=1) - (take - 1)
         u[:] = 2.0
@@ -318,9 +314,8 @@ class BlankInfillingCollator:
             orders.append(
                 rng.permutation(int(take[r])) if cfg.shuffle_spans else np.arange(take[r])
             )
-        places = np.sort(
-            np.floor(u * (free + 1)[:, None]).astype(np.int64), axis=1
-        )  # unused ones sort last
+        # unused ones sort last
+        places = np.sort(np.floor(u * (free + 1)[:, None]).astype(np.int64), axis=1)
         starts = places + np.cumsum(lengths + 1, axis=1) - (lengths + 1)
         return [
             _Plan(
@@ -363,9 +358,8 @@ class BlankInfillingCollator:
         p = _Plan(text[:length], segments, starts, lengths, order, mask_id, objective, eop)
         if objective == DOCUMENT and eop is False:
             return p  # THUDM's suffix: no position shift, no [dBLOCK]
-        if (
-            cfg.random_position
-        ):  # THUDM: positions end at the last Part A one; shift them up to S - 1
+        # THUDM: positions end at the last Part A one; shift them up to S - 1
+        if cfg.random_position:
             last = int(_part_a_lengths(starts, lengths, segments)[1].max()) - 1
             if last < cfg.seq_length - 1:
                 p.bias = int(rng.integers(0, cfg.seq_length - last))
@@ -409,9 +403,8 @@ class BlankInfillingCollator:
         guess = int(cfg.mask_ratio * budget / 2) + 8
         lengths = self.span_cdf.searchsorted(rng.random(guess), side="right") + 1
         lengths = np.minimum(lengths, cfg.max_span_length)
-        text_len = np.minimum(
-            available, S - 2 * self._arange[1 : guess + 1]
-        )  # the text that k spans leave
+        # the text that k spans leave
+        text_len = np.minimum(available, S - 2 * self._arange[1 : guess + 1])
         done = lengths.cumsum() >= cfg.mask_ratio * text_len
         k = int(done.argmax()) + 1 if done.any() else guess
         length = int(min(available, S - 2 * k))
@@ -471,9 +464,10 @@ class BlankInfillingCollator:
             return places + before, lengths
         group = np.arange(counts.size).repeat(counts)
         first = (counts.cumsum() - counts).repeat(counts)
+        # per piece
         total = (
             np.bincount(group, weights=step, minlength=counts.size).astype(np.int64).repeat(counts)
-        )  # per piece
+        )
         before -= before[first]  # within its piece
         places = (u * (room - total + 2)).astype(np.int64)  # free = room - sum - (k - 1)
         places = places[np.lexsort((places, group))]  # sorted within each piece
@@ -521,9 +515,8 @@ class BlankInfillingCollator:
     def _document_spans(self, rng, text, available: int, docs):
         """A suffix (no [eop]) of the text, or of every document when packed; or one span anywhere (with [eop])."""
         cfg, S = self.cfg, self.cfg.seq_length
-        pieces = (
-            1 if docs.size == 1 else _cut(docs, min(available, S - 1)).size
-        )  # documents a suffix may take
+        # documents a suffix may take
+        pieces = 1 if docs.size == 1 else _cut(docs, min(available, S - 1)).size
         several = pieces > 1
         suffix = several or rng.random() < cfg.gpt_infill_prob
         if not suffix:  # one long span anywhere in a one-document sample, except its last token
@@ -685,9 +678,8 @@ class BlankInfillingCollator:
         tokens[dest] = text[kept]
         # a segment's columns [cursor, cursor + total) all attend from its first column; its Part A sees all of its
         # Part A, and Part B keeps hi = column + 1
-        if (
-            seg_len.size == B
-        ):  # a segment per row, from column 0: whole rows at once, cheaper than scattering
+        # a segment per row, from column 0: whole rows at once, cheaper than scattering
+        if seg_len.size == B:
             col, a_end = self._arange[:S], a_len[:, None]
             part_a = col < a_end
             lo.reshape(-1, S)[rows] = np.where(col < total[:, None], 0, col)
@@ -742,9 +734,8 @@ class BlankInfillingCollator:
         tokens[dest] = b_tok
         tokens[b_col0] = sp.sop
         labels[dest[:-1]] = true_next[1:]  # within a block, a label is the next input token ...
-        labels[b_last] = (
-            last_label  # ... but for the block's last, which is [eop] or the suffix's last token
-        )
+        # ... but for the block's last, which is [eop] or the suffix's last token
+        labels[b_last] = last_label
         pos0[dest] = np.repeat(mask_pos[order] + bias[span_row[order]], block)
         pos1[dest] = run - np.repeat(b_first - 1, block)
 

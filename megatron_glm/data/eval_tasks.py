@@ -172,9 +172,8 @@ def blank_rows(path: str, tokenizer, limit: int, collator) -> list[Row]:
     for item, (_, obj) in enumerate(read_jsonl(path, "blank")):
         ids = np.asarray(tokenizer.encode(obj["text"])[:budget], np.int64)
         plan = collator.plan(item, ids)
-        if (
-            len(plan.starts) == 0
-        ):  # too short for the objective's mask ratio: no blank, nothing to score
+        # too short for the objective's mask ratio: no blank, nothing to score
+        if len(plan.starts) == 0:
             continue
         part_a, places, prev = [], [], 0
         for s, length in zip(plan.starts.tolist(), plan.lengths.tolist()):

@@ -417,9 +417,8 @@ class IndexedDataset:
         self._bin = (
             np.memmap(bpath, dtype=self.dtype, mode="r") if bin_size else np.empty(0, self.dtype)
         )
-        self._document_lengths = self._fingerprint = self._token_range = (
-            None  # derived on first use, then kept
-        )
+        # derived on first use, then kept
+        self._document_lengths = self._fingerprint = self._token_range = None
 
     def _check_index(self, ipath: str) -> int:
         """The whole index, vectorised in chunks (milliseconds per million sequences); returns the .bin size.

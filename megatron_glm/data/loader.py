@@ -54,9 +54,8 @@ class MicroBatches(Dataset):
 
     def __init__(self, dataset, collate, vocab_size: int | None = None):
         self.dataset, self.collate, self.vocab_size = dataset, collate, vocab_size
-        self.progress = (
-            None  # shared with the workers: the sample each one is on (BatchStream sets it)
-        )
+        # shared with the workers: the sample each one is on (BatchStream sets it)
+        self.progress = None
 
     def __len__(self) -> int:
         return len(self.dataset)

@@ -54,9 +54,8 @@ class SampleGenerators:
         self.seed = int(seed)
         self._fast = 0 <= self.seed <= _M32
         self._pool: list[np.random.Generator] = []
-        consts = _hash_constants(
-            _INIT_A, _MULT_A, _POOL + _POOL * (_POOL - 1)
-        )  # mixing the entropy in
+        # mixing the entropy in
+        consts = _hash_constants(_INIT_A, _MULT_A, _POOL + _POOL * (_POOL - 1))
         # the pool after the entropy [seed, index, 0, 0] goes in; row 1, the index's, is filled per call
         self._entropy = _column(
             [_hashmix(self.seed, consts[0]), 0, _hashmix(0, consts[2]), _hashmix(0, consts[3])]
@@ -95,9 +94,8 @@ class SampleGenerators:
 
     def _pcg64_states(self, indices: list[int]) -> list[tuple[int, int]]:
         """PCG64's (state, increment) after seeding from ``SeedSequence([seed, index])``, per index."""
-        pool = np.repeat(
-            self._entropy, len(indices), axis=1
-        )  # uint32: products wrap as SeedSequence's do
+        # uint32: products wrap as SeedSequence's do
+        pool = np.repeat(self._entropy, len(indices), axis=1)
         v = (np.asarray(indices, np.uint32) ^ self._index_const[0]) * self._index_const[1]
         pool[1] = v ^ (v >> 16)
         for src, dst, c0, c1 in self._rounds:

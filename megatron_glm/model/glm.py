@@ -66,9 +66,8 @@ class CoreAttention(nn.Module):
         super().__init__()
         self.dropout_p = cfg.attention_dropout
         self.impl = "auto"
-        self.rng_fork = (
-            contextlib.nullcontext
-        )  # tensor parallelism: a per-rank RNG for dropout on split heads
+        # tensor parallelism: a per-rank RNG for dropout on split heads
+        self.rng_fork = contextlib.nullcontext
 
     def forward(self, q, k, v, attn_lo, attn_hi):
         with self.rng_fork():
@@ -160,9 +159,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerLayer(cfg, i) for i in layers)
         if post_process:
             self.final_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
-        self.recompute = (
-            None  # a parallel.recompute.Recompute: how the stack is recomputed in training
-        )
+        # a parallel.recompute.Recompute: how the stack is recomputed in training
+        self.recompute = None
 
     def run_layers(self, h, position_ids, attn_lo, attn_hi, cache=None):
         if self.recompute is not None and self.training and cache is None:
@@ -266,9 +264,8 @@ class GLMModel(nn.Module):
     def embed(self, tokens, position_ids):
         learned = self.cfg.position_embedding_type == "learned_2d"
         alpha = self.cfg.embedding_gradient_shrink_alpha
-        if (
-            learned and type(self.word_embeddings) is nn.Embedding
-        ):  # one fused pass (the vocab-parallel one reduces)
+        # one fused pass (the vocab-parallel one reduces)
+        if learned and type(self.word_embeddings) is nn.Embedding:
             # the lookup is linear in the table, so shrinking the gradient the lookup gives the table is
             # shrinking the word embedding output's; the tied output layer's share is untouched
             h = kernels.embedding_2d(
@@ -326,9 +323,8 @@ class GLMModel(nn.Module):
         return glm_loss(logits, labels, loss_mask, self.output_layer.cross_entropy)
 
     def set_attention_impl(self, impl: str) -> None:
-        for core in (
-            m for m in self.modules() if isinstance(m, CoreAttention)
-        ):  # wrapped by recomputation or not
+        # wrapped by recomputation or not
+        for core in (m for m in self.modules() if isinstance(m, CoreAttention)):
             core.impl = impl
 
 

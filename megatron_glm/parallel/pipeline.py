@@ -61,10 +61,11 @@ def _neighbours():
     return ranks[(i - 1) % len(ranks)], ranks[(i + 1) % len(ranks)]
 
 
+# message tags: with 2 stages (and rings), prev and next are the same rank
 ACTIVATION, GRADIENT = (
     1,
     2,
-)  # message tags: with 2 stages (and rings), prev and next are the same rank
+)
 
 
 def communicate(
@@ -249,9 +250,8 @@ def forward_backward_pipelining_with_interleaving(
     def forward_helper(k: int):
         c = chunk_id(k, True)
         if first_rank and c == 0 and len(inputs[c]) == len(outputs[c]):
-            inputs[c].append(
-                None
-            )  # the first virtual stage reads data, nothing was received for it
+            # the first virtual stage reads data, nothing was received for it
+            inputs[c].append(None)
         inp = inputs[c][len(outputs[c])]
         out = forward_step(chunks[c], micro_id(k), inp)
         outputs[c].append(out)

@@ -29,9 +29,8 @@ class TiedEmbedding:
         self.last_chunk = chunks[-1] if state.is_pipeline_last_stage() else None
         ranks = state._require()["pp_ranks"] if self.pp > 1 else None
         self.first_rank, self.last_rank = (ranks[0], ranks[-1]) if ranks else (None, None)
-        if (
-            self.active and self.last_chunk is not None
-        ):  # the copy, in the training dtype; broadcast_weight fills it
+        # the copy, in the training dtype; broadcast_weight fills it
+        if self.active and self.last_chunk is not None:
             chunk = self.last_chunk
             chunk.tied_weight_copy = torch.empty(
                 chunk.tied_weight_shape(),

@@ -68,9 +68,8 @@ def discover_launch(environ=None) -> Launch:
     """Rank, world size, local rank and rendezvous address from the launcher's environment."""
     env = os.environ if environ is None else environ
     port = int(env.get("MASTER_PORT", 0)) or None
-    if (
-        "RANK" in env and "WORLD_SIZE" in env
-    ):  # torchrun, deepspeed launcher, or anything exporting the same
+    # torchrun, deepspeed launcher, or anything exporting the same
+    if "RANK" in env and "WORLD_SIZE" in env:
         return Launch(
             int(env["RANK"]),
             int(env["WORLD_SIZE"]),

@@ -28,9 +28,8 @@ from megatron_glm.parallel.random import get_rng_tracker
 
 
 def shard_tensor(full: torch.Tensor, dim: int, stride: int, rank: int, world: int) -> torch.Tensor:
-    return torch.cat(
-        [part.chunk(world, dim)[rank] for part in full.chunk(stride, dim)], dim
-    )  # a copy: cat always is
+    # a copy: cat always is
+    return torch.cat([part.chunk(world, dim)[rank] for part in full.chunk(stride, dim)], dim)
 
 
 def unshard_tensors(shards: list[torch.Tensor], dim: int, stride: int) -> torch.Tensor:

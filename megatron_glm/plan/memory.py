@@ -39,9 +39,8 @@ class Workload:
     seq_length: int
     global_batch: int
     precision: str = "bf16"  # fp32 | bf16 | fp16
-    attention: str = (
-        "flash"  # flash (ours on GPU) | sdpa (CPU default) | eager (the reference path)
-    )
+    # flash (ours on GPU) | sdpa (CPU default) | eager (the reference path)
+    attention: str = "flash"
     device: str = "cuda"  # CUDA: Triton kernels, one-byte dropout masks; CPU: torch references, element-size masks
 
     def __post_init__(self):
@@ -89,9 +88,8 @@ class StageMemory:
     activations: int = 0
     transient: int = 0  # live only around the output layer's backward or the optimizer step
     in_flight: int = 0  # micro-batches (model-chunk forwards) whose activations are held at once
-    setup_host: int = (
-        0  # host (CPU) bytes while the rank builds its weights, before they move to the GPU
-    )
+    # host (CPU) bytes while the rank builds its weights, before they move to the GPU
+    setup_host: int = 0
     terms: dict = field(default_factory=dict)
 
     @property
@@ -172,9 +170,8 @@ def model_states(
     if zero >= 2:
         grads = e * part
     if zero == 3:
-        weights = e * part + e * bucket_elements(
-            params
-        )  # the gathered working set, one bucket's worth
+        # the gathered working set, one bucket's worth
+        weights = e * part + e * bucket_elements(params)
     if cpu_offload:
         optimizer = 0
     return {"weights": weights, "gradients": grads, "optimizer": optimizer, "buffers": buffers}
@@ -199,9 +196,8 @@ def layer_activations(w: Workload, lay: Layout) -> dict:
         + e * b * s * f // t * (2 if cfg.geglu else 1),
     }
     if cfg.position_embedding_type == "rotary_2d":
-        if (
-            w.device == "cuda"
-        ):  # the Triton kernel: rotated q and k (SDPA keeps one more copy), int64 positions
+        # the Triton kernel: rotated q and k (SDPA keeps one more copy), int64 positions
+        if w.device == "cuda":
             terms["rotary"] = (2 if w.attention == "flash" else 3) * e * n // t + 16 * b * s
         else:  # the torch reference: rotated halves and their concatenations
             terms["rotary"] = 4 * e * n // t
@@ -212,9 +208,8 @@ def layer_activations(w: Workload, lay: Layout) -> dict:
     elif w.attention == "sdpa":
         # O (the dense input is a view of it), log-sum-exp, and the dense additive mask built per layer
         terms["attention"] = e * n // t + 4 * b * heads * s + e * b * s * s
-        if (
-            cfg.attention_dropout > 0
-        ):  # PyTorch's math path (in fp32 on CPU): scores, probabilities, dropout mask
+        # PyTorch's math path (in fp32 on CPU): scores, probabilities, dropout mask
+        if cfg.attention_dropout > 0:
             terms["attention"] += 3 * 4 * b * heads * s * s
     else:  # the reference: fp32 probabilities, a boolean mask, the context
         terms["attention"] = 4 * b * heads * s * s + b * s * s + e * n // t
@@ -275,17 +270,15 @@ def estimate(w: Workload, lay: Layout) -> list[StageMemory]:
             st.terms["recompute"] = per_layer["attention"]
         else:
             st.terms["activations"] = st.in_flight * layers_per_chunk * layer_bytes
-        if (
-            r == lay.pp - 1
-        ):  # one micro-batch's logits in fp32: log-softmax, its gradient, the logits' gradient;
+        # one micro-batch's logits in fp32: log-softmax, its gradient, the logits' gradient;
+        if r == lay.pp - 1:
             # the vocab-parallel cross entropy also holds the shifted logits and their exponentials at once
             st.terms["output_layer"] = (12 if t == 1 else 16) * b * s * vocab_share
         # the optimizer step: torch's Adam makes a temporary the size of the largest tensor it updates
         # (the whole flat partition under ZeRO)
         biggest = -(-params // lay.dp) if lay.zero else max(counts["embedding"], 1)
-        step = 4 * biggest + (
-            4 * params if lay.zero == 0 and w.precision != "fp32" else 0
-        )  # + fp32 gradients
+        # + fp32 gradients
+        step = 4 * biggest + (4 * params if lay.zero == 0 and w.precision != "fp32" else 0)
         st.terms["optimizer_step"] = 0 if lay.cpu_offload else step
         st.weights = st.terms["weights"] + st.terms.get("tied_copy", 0)
         st.gradients = st.terms["gradients"] + st.terms.get("tied_copy", 0)

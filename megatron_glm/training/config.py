@@ -93,9 +93,8 @@ class JobConfig:
     batches: BatchSchedule  # each step's global batch (Megatron's ramp-up, or constant)
     schedule: ScheduleConfig
     device: str  # cpu or cuda: --device auto resolved
-    deepspeed_overrides: dict = field(
-        default_factory=dict
-    )  # --deepspeed-config's keys for the engine
+    # --deepspeed-config's keys for the engine
+    deepspeed_overrides: dict = field(default_factory=dict)
 
     # the sections the Trainer reads most, by their names
     parallel = property(lambda self: self.settings.parallel)
@@ -127,12 +126,13 @@ class JobConfig:
                 f"--num-layers {cfg.num_layers} is not divisible by --pipeline-model-parallel-size "
                 f"{pp} x --num-layers-per-virtual-pipeline-stage {per_chunk}"
             )
+        # an impossible split fails here
         partition_layers(
             cfg.num_layers,
             pp,
             par.virtual_stages(cfg.num_layers),
             list(par.pipeline_layers) if par.pipeline_layers else None,
-        )  # an impossible split fails here
+        )
         return cfg
 
 
@@ -217,9 +217,8 @@ def _lr_schedule(settings: Settings, batches: BatchSchedule, train_iters: int) -
 
 def from_args(args: argparse.Namespace, world_size: int) -> JobConfig:
     """The job the flags describe, or ``ValueError`` listing every flag that cannot work."""
-    args, overrides = _fold_deepspeed_json(
-        args, world_size
-    )  # its keys win: the settings hold the values that run
+    # its keys win: the settings hold the values that run
+    args, overrides = _fold_deepspeed_json(args, world_size)
     settings = Settings.from_flags(args)
     problems = settings.problems(world_size)
     device, device_problems = resolve_device(settings)

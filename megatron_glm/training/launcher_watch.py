@@ -35,8 +35,7 @@ def watch_launcher(source: str, interval: float = 1.0) -> None:
                 )
                 for stream in (sys.stdout, sys.stderr):
                     stream.flush()
-                os._exit(
-                    EXIT_LAUNCHER_GONE
-                )  # now, whatever the main thread is doing (a collective, a save)
+                # now, whatever the main thread is doing (a collective, a save)
+                os._exit(EXIT_LAUNCHER_GONE)
 
     threading.Thread(target=watch, name="launcher-watch", daemon=True).start()

@@ -109,9 +109,8 @@ def replay(profiler, total_is_global: bool) -> tuple[int, int]:
         if total_is_global:
             live = e["args"]["Total Allocated"]
         else:
-            live -= blocks.pop(
-                addr, 0
-            )  # freed here, or (address reused) freed unseen on another thread
+            # freed here, or (address reused) freed unseen on another thread
+            live -= blocks.pop(addr, 0)
             if nbytes > 0:
                 blocks[addr] = nbytes
                 live += nbytes

@@ -36,17 +36,15 @@ class Preemption:
         self.stop_file, self.device, self.rank, self.deadline = stop_file, device, rank, deadline
         self.received: str | None = None
         self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
-        if (
-            stop_file and rank == 0 and os.path.exists(stop_file)
-        ):  # left by the run before a requeue
+        # left by the run before a requeue
+        if stop_file and rank == 0 and os.path.exists(stop_file):
             os.remove(stop_file)
         if dist.is_initialized():
             dist.barrier()  # nobody checks the stop file before the stale one is gone
 
     def _handle(self, signum, _frame) -> None:
-        if (
-            signum == signal.SIGINT and self.received == "SIGINT"
-        ):  # Ctrl-C twice: stop now, without the save
+        # Ctrl-C twice: stop now, without the save
+        if signum == signal.SIGINT and self.received == "SIGINT":
             raise KeyboardInterrupt
         self.received = signal.Signals(signum).name
 

@@ -53,9 +53,8 @@ class StepRunner:
     def _run(
         self, batches, forward_only: bool, overflow: bool = False, collect: dict | None = None
     ):
-        stats = np.zeros(
-            2 + 2 * len(OBJECTIVES)
-        )  # loss sum, loss count, then (sum, tokens) per objective
+        # loss sum, loss count, then (sum, tokens) per objective
+        stats = np.zeros(2 + 2 * len(OBJECTIVES))
         engine, calls = self.engine, [0]
         total_calls = len(batches) * len(self.chunks)
         norm = [None]
@@ -80,9 +79,8 @@ class StepRunner:
             )
             if not chunk.post_process:
                 return out
-            if (
-                collect is not None
-            ):  # evaluation tasks: each row's score, and no loss (forward only)
+            # evaluation tasks: each row's score, and no loss (forward only)
+            if collect is not None:
                 collect[m] = torch.stack(chunk.score(out, b["labels"], b["loss_mask"]), dim=1)
                 return out
             loss, sums, counts = chunk.loss(out, b["labels"], b["loss_mask"])
@@ -106,13 +104,11 @@ class StepRunner:
                 backward_from(out, out_grad)
                 if last and self.tied.active and self.tied.first_chunk is not None:
                     self.tied.recv_grad_into(self.tied.first_chunk.output_weight())
-                empty = (
-                    torch.zeros((), requires_grad=True, device=self.device) * 1.0
-                )  # a loss with no parameters
+                # a loss with no parameters
+                empty = torch.zeros((), requires_grad=True, device=self.device) * 1.0
                 engine.backward(empty, scale_wrt_gas=False)
-            if (
-                not last
-            ):  # the engine counts micro-steps in step(); the real step waits for every stage
+            # the engine counts micro-steps in step(); the real step waits for every stage
+            if not last:
                 engine.step()
             return hidden.grad if hidden is not None else None
 
@@ -139,9 +135,8 @@ class StepRunner:
 
     def train(self, batches, inject_overflow: bool = False) -> dict:
         stats, norm = self._run(batches, forward_only=False, overflow=inject_overflow)
-        if (
-            state.get_data_parallel_world_size() > 1
-        ):  # the global batch's loss, not this replica's share
+        # the global batch's loss, not this replica's share
+        if state.get_data_parallel_world_size() > 1:
             t = torch.from_numpy(stats)
             dist.all_reduce(t, group=state.get_data_parallel_group())
             stats = t.numpy()
@@ -169,9 +164,8 @@ class StepRunner:
         with torch.no_grad():
             stats, _ = self._run(batches, forward_only=True)
         self.engine.train()
-        if (
-            state.get_data_parallel_world_size() > 1
-        ):  # each data-parallel rank saw its share of the samples
+        # each data-parallel rank saw its share of the samples
+        if state.get_data_parallel_world_size() > 1:
             t = torch.from_numpy(stats)
             dist.all_reduce(t, group=state.get_data_parallel_group())
             stats = t.numpy()

@@ -128,13 +128,11 @@ def build_model(job: JobConfig, model_cfg: ModelConfig, resume: ckpt.ResumePoint
             return ckpt.read_weights_only(
                 resume.load_dir, resume.tag, layout.pp_rank, layout.tp_rank, layout.tp, trust
             )
-    elif (
-        resume is not None and resume.universal
-    ):  # this rank's parameters' files, sliced to its TP shard
+    # this rank's parameters' files, sliced to its TP shard
+    elif resume is not None and resume.universal:
         weights = universal.reader_for(resume, layout, model_cfg.geglu, trust).weights
-    torch.nn.init.normal_(
-        torch.empty(1, device="meta")
-    )  # the meta kernels' one-time imports (~150 MB), not weights
+    # the meta kernels' one-time imports (~150 MB), not weights
+    torch.nn.init.normal_(torch.empty(1, device="meta"))
     reset_host_peak()
     before = host_memory()
     impl = job.settings.implementation
@@ -242,9 +240,8 @@ class Trainer:
 
     def __init__(self, job: JobConfig):
         self.job = job
-        self.started = (
-            time.monotonic()
-        )  # --exit-duration-in-mins counts from here (set-up included)
+        # --exit-duration-in-mins counts from here (set-up included)
+        self.started = time.monotonic()
         self.device = job.device
         for flag, folder in (("--save", job.checkpoint.save), ("--log-dir", job.log_dir)):
             if folder:
@@ -260,9 +257,8 @@ class Trainer:
         self.model_cfg = job.model_config(
             self.tokenizer.padded_vocab_size(self.tp, par.make_vocab_size_divisible_by)
         )
-        self.tasks = build_tasks(
-            job, self.tokenizer
-        )  # a task file that cannot be read fails here, before any work
+        # a task file that cannot be read fails here, before any work
+        self.tasks = build_tasks(job, self.tokenizer)
         self.resume = ckpt.find_resume(
             job.checkpoint.load,
             job.checkpoint.save,
@@ -321,9 +317,8 @@ class Trainer:
         if self.meter:
             self.meter.mark()
 
-        self.save_lock = ckpt.lock_save_folder(
-            job.checkpoint.save, self.rank
-        )  # before anything is written there
+        # before anything is written there
+        self.save_lock = ckpt.lock_save_folder(job.checkpoint.save, self.rank)
         self.log = build_metrics(job, self.rank, self.iteration)
         self._announce()
         self.checkpointer = ckpt.Checkpointer(
@@ -464,9 +459,8 @@ class Trainer:
     def train_step(self) -> dict:
         """One optimizer step over the next global batch; its values (losses, norm, lr, data wait, ...)."""
         batches, data_wait = [], 0.0
-        batch_size = self.job.batches.size_at(
-            self.consumed
-        )  # below --global-batch-size while ramping up
+        # below --global-batch-size while ramping up
+        batch_size = self.job.batches.size_at(self.consumed)
         for _ in range(
             batch_size
             // (self.job.training.micro_batch_size * state.get_data_parallel_world_size())
