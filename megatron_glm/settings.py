@@ -19,17 +19,12 @@ from megatron_glm.data.tokenizer import TokenizerSpec
 from megatron_glm.flags import read_flags, setting
 from megatron_glm.model.attention import IMPLEMENTATIONS as ATTENTION_IMPLS
 from megatron_glm.optional import apex_available
+from megatron_glm.parallel.pipeline import partition_layers, stage_layer_counts
 from megatron_glm.parallel.state import ParallelLayoutError, check_layout
 
 OPTIMIZER_IMPLS = ("adamw", "fused-adamw", "apex")
 # Megatron's --lr-decay-style
-DECAY_STYLES = (
-    "constant",
-    "linear",
-    "cosine",
-    "inverse-square-root",
-    "WSD",
-)
+DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
 WSD_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")
 # meta.json's "settings" layout; checkpoints before it recorded the flags as "args"
 RECORD_FORMAT = 1
@@ -72,8 +67,28 @@ class ParallelConfig:
     num_layers_per_virtual_pipeline_stage: int | None = setting(
         None, "interleaved 1F1B: layers per model chunk (each rank holds several chunks)"
     )
+    num_virtual_stages_per_pipeline_rank: int | None = setting(
+        None,
+        "interleaved 1F1B: model chunks per rank (Megatron's other way to say it; needed with an uneven split)",
+    )
     pipeline_layers: tuple[int, ...] | None = setting(
         None, "explicit layer counts per (virtual) stage, instead of a uniform split"
+    )
+    decoder_first_pipeline_num_layers: int | None = setting(
+        None,
+        "layers of the first pipeline stage; the stages between the first and last split the rest evenly "
+        "(Megatron's uneven split, e.g. GLM-130B's 70 layers on 8 stages: 8 + 6 x 9 + 8)",
+    )
+    decoder_last_pipeline_num_layers: int | None = setting(
+        None, "layers of the last pipeline stage (as above)"
+    )
+    account_for_embedding_in_pipeline_split: bool = setting(
+        False,
+        "count the input embedding as a layer of the first pipeline stage when splitting the layers",
+    )
+    account_for_loss_in_pipeline_split: bool = setting(
+        False,
+        "count the output layer and loss as a layer of the last pipeline stage when splitting the layers",
     )
     recompute_granularity: str | None = setting(None, choices=("full", "selective"))
     recompute_method: str = setting("uniform", choices=("uniform", "block"))
@@ -90,8 +105,49 @@ class ParallelConfig:
         return self.recompute_granularity, self.recompute_method, self.recompute_num_layers
 
     def virtual_stages(self, num_layers: int) -> int:
+        """Model chunks per pipeline rank (1 without the interleaved schedule)."""
         per_chunk = self.num_layers_per_virtual_pipeline_stage
-        return num_layers // (self.pipeline_model_parallel_size * per_chunk) if per_chunk else 1
+        if per_chunk:
+            return num_layers // (self.pipeline_model_parallel_size * per_chunk)
+        return self.num_virtual_stages_per_pipeline_rank or 1
+
+    def layer_counts(self, num_layers: int) -> list[int] | None:
+        """Layers of each virtual stage (``partition_layers``' order) when the split is not uniform: --pipeline-layers,
+        or Megatron's uneven-split flags. ``ValueError`` for a split that cannot be made."""
+        if self.pipeline_layers:
+            return list(self.pipeline_layers)
+        return stage_layer_counts(
+            num_layers,
+            self.pipeline_model_parallel_size,
+            self.virtual_stages(num_layers),
+            self.decoder_first_pipeline_num_layers,
+            self.decoder_last_pipeline_num_layers,
+            self.account_for_embedding_in_pipeline_split,
+            self.account_for_loss_in_pipeline_split,
+        )
+
+    @property
+    def uneven_flags(self) -> list[str]:
+        """Megatron's uneven-split flags that were given."""
+        return [
+            flag
+            for flag, value in (
+                (
+                    "--decoder-first-pipeline-num-layers",
+                    self.decoder_first_pipeline_num_layers is not None,
+                ),
+                (
+                    "--decoder-last-pipeline-num-layers",
+                    self.decoder_last_pipeline_num_layers is not None,
+                ),
+                (
+                    "--account-for-embedding-in-pipeline-split",
+                    self.account_for_embedding_in_pipeline_split,
+                ),
+                ("--account-for-loss-in-pipeline-split", self.account_for_loss_in_pipeline_split),
+            )
+            if value
+        ]
 
     def data_parallel_size(self, world_size: int) -> int:
         return max(
@@ -115,12 +171,38 @@ class ParallelConfig:
                 f"--zero-stage {self.zero_stage} cannot be combined with pipeline parallelism (DeepSpeed "
                 "partitions gradients that the pipeline schedule accumulates); use --zero-stage 0 or 1"
             )
-        per_chunk = self.num_layers_per_virtual_pipeline_stage
-        if per_chunk is not None and per_chunk < 1:
-            found.append("--num-layers-per-virtual-pipeline-stage must be positive")
-        elif per_chunk is not None and pp == 1:
+        per_chunk, chunks = (
+            self.num_layers_per_virtual_pipeline_stage,
+            self.num_virtual_stages_per_pipeline_rank,
+        )
+        for flag, value in (
+            ("--num-layers-per-virtual-pipeline-stage", per_chunk),
+            ("--num-virtual-stages-per-pipeline-rank", chunks),
+        ):
+            if value is not None and value < 1:
+                found.append(f"{flag} must be positive")
+            elif value is not None and pp == 1:
+                found.append(
+                    f"{flag} interleaves pipeline stages: it needs --pipeline-model-parallel-size > 1"
+                )
+        if per_chunk is not None and chunks is not None:
             found.append(
-                "--num-layers-per-virtual-pipeline-stage interleaves pipeline stages: it needs "
+                "--num-layers-per-virtual-pipeline-stage and --num-virtual-stages-per-pipeline-rank both set the "
+                "interleaving: pass one"
+            )
+        if per_chunk is not None and self.uneven_flags:
+            found.append(
+                f"{', '.join(self.uneven_flags)} split the layers unevenly, so chunks differ in size: give the "
+                "interleaving as --num-virtual-stages-per-pipeline-rank (Megatron's rule)"
+            )
+        if self.pipeline_layers and self.uneven_flags:
+            found.append(
+                f"--pipeline-layers gives every stage's layers; {', '.join(self.uneven_flags)} would split them "
+                "another way: pass one"
+            )
+        if self.uneven_flags and pp == 1:
+            found.append(
+                f"{', '.join(self.uneven_flags)} split the layers over pipeline stages: they need "
                 "--pipeline-model-parallel-size > 1"
             )
         if self.sequence_parallel and tp == 1:
@@ -502,7 +584,13 @@ class Settings:
                 f"{self.model.attention_dropout}), or use --attention-impl flash"
             )
         found += self._apex_problems()
-        if par.num_layers_per_virtual_pipeline_stage and pp > 1 and not found:
+        if not found:
+            found += self._split_problems()
+        if (
+            (par.num_layers_per_virtual_pipeline_stage or par.num_virtual_stages_per_pipeline_rank)
+            and pp > 1
+            and not found
+        ):
             micro = train.batch_size(dp) // (train.micro_batch_size * dp)
             if micro % pp:
                 found.append(
@@ -510,6 +598,21 @@ class Settings:
                     f"--pipeline-model-parallel-size {pp}"
                 )
         return found
+
+    def _split_problems(self) -> list[str]:
+        """Whether the model's layers split over the pipeline stages as the flags say."""
+        par, layers = self.parallel, self.model.num_layers
+        pp, per_chunk = par.pipeline_model_parallel_size, par.num_layers_per_virtual_pipeline_stage
+        if per_chunk and layers % (pp * per_chunk):
+            return [
+                f"--num-layers {layers} is not divisible by --pipeline-model-parallel-size {pp} x "
+                f"--num-layers-per-virtual-pipeline-stage {per_chunk}"
+            ]
+        try:
+            partition_layers(layers, pp, par.virtual_stages(layers), par.layer_counts(layers))
+        except ValueError as e:
+            return [str(e)]
+        return []
 
     def _length_problems(self) -> list[str]:
         """Megatron's two ways to say how long to train, and the lr lengths (and ramp-up) that go with each."""

@@ -1,5 +1,7 @@
 """Pipeline schedules on their own: real processes, a toy layer stack, gradients against one process."""
 
+import re
+
 import pytest
 import torch
 
@@ -136,3 +138,55 @@ def test_partitioning():
         partition_layers(6, 2, 2)
     with pytest.raises(ValueError, match="--pipeline-layers"):
         partition_layers(6, 2, explicit=[3, 2])
+
+
+@pytest.mark.parametrize(
+    "layers, pp, vpp, flags, counts",
+    [
+        # GLM-130B as published: 70 layers on 8 stages, the first and last holding fewer
+        (70, 8, 1, dict(first=8, last=8), [8, 9, 9, 9, 9, 9, 9, 8]),
+        (70, 8, 1, dict(embedding=True, loss=True), [8, 9, 9, 9, 9, 9, 9, 8]),
+        (7, 3, 1, dict(first=2, last=2), [2, 3, 2]),
+        (7, 3, 1, dict(first=1), [1, 3, 3]),
+        (7, 3, 1, dict(last=3), [2, 2, 3]),
+        (8, 3, 1, dict(embedding=True), [2, 3, 3]),
+        (8, 3, 1, dict(loss=True), [3, 3, 2]),
+        # interleaved: a rank's layers split over its chunks; the embedding is in the first chunk of rank 0
+        (12, 2, 2, dict(first=4, last=8), [2, 4, 2, 4]),
+        (10, 2, 2, dict(embedding=True, loss=True), [2, 3, 3, 2]),
+        (8, 2, 1, dict(), None),
+    ],
+)
+def test_megatrons_uneven_splits(layers, pp, vpp, flags, counts):
+    from megatron_glm.parallel.pipeline import stage_layer_counts
+
+    assert stage_layer_counts(layers, pp, vpp, **flags) == counts
+    if counts:  # and the ranks' chunks cover every layer once, in order
+        chunks = partition_layers(layers, pp, vpp, counts)
+        assert sorted(i for rank in chunks for chunk in rank for i in chunk) == list(range(layers))
+
+
+@pytest.mark.parametrize(
+    "layers, pp, vpp, flags, message",
+    [
+        (8, 4, 1, dict(first=2, last=1), "leaves 5 layers for the 2 stage(s) between"),
+        (7, 3, 1, dict(first=3, last=4), "leaves 0 layers for the 1 stage(s) between"),
+        (7, 2, 1, dict(first=3, last=3), "leaves 1 layers for the 0 stage(s) between"),
+        (7, 3, 1, dict(first=0), "each given stage needs at least one layer"),
+        (7, 3, 1, dict(first=2, embedding=True), "pass one"),
+        (7, 3, 1, dict(embedding=True), "--num-layers + the embedding = 8 does not split evenly"),
+        (
+            12,
+            2,
+            2,
+            dict(first=3),
+            "pipeline stage 0 gets 3 layers, not divisible into 2 virtual stages",
+        ),
+        (7, 1, 1, dict(first=7), "need --pipeline-model-parallel-size > 1"),
+    ],
+)
+def test_an_uneven_split_that_cannot_be_made_says_why(layers, pp, vpp, flags, message):
+    from megatron_glm.parallel.pipeline import stage_layer_counts
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        stage_layer_counts(layers, pp, vpp, **flags)

@@ -159,3 +159,54 @@ def test_every_section_is_keyword_only(section):
     cls = SECTIONS[section]
     with pytest.raises(TypeError):
         cls(*[1] * len(dataclasses.fields(cls)))
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--decoder-first-pipeline-num-layers", "2"], "need --pipeline-model-parallel-size > 1"),
+        (
+            ["--pipeline-model-parallel-size", "2", "--pipeline-layers", "1", "3"]
+            + ["--decoder-first-pipeline-num-layers", "1"],
+            "--pipeline-layers gives every stage's layers",
+        ),
+        (
+            ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"]
+            + ["--account-for-embedding-in-pipeline-split"],
+            "give the interleaving as --num-virtual-stages-per-pipeline-rank",
+        ),
+        (
+            ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"]
+            + ["--num-virtual-stages-per-pipeline-rank", "2"],
+            "both set the interleaving: pass one",
+        ),
+        (
+            ["--pipeline-model-parallel-size", "2", "--account-for-embedding-in-pipeline-split"],
+            "--num-layers + the embedding = 5 does not split evenly into --pipeline-model-parallel-size 2",
+        ),
+        (
+            ["--pipeline-model-parallel-size", "2", "--decoder-first-pipeline-num-layers", "1"]
+            + ["--decoder-last-pipeline-num-layers", "1"],
+            "leaves 2 layers for the 0 stage(s) between",
+        ),
+    ],
+)
+def test_an_uneven_pipeline_split_that_cannot_work_is_refused_before_any_work(flags, message):
+    import re
+
+    from megatron_glm.training.config import from_args
+
+    argv = [
+        "--data-path",
+        "x",
+        "--train-iters",
+        "1",
+        "--num-layers",
+        "4",
+        "--device",
+        "cpu",
+        *flags,
+    ]
+    world = 2 if "--pipeline-model-parallel-size" in flags else 1
+    with pytest.raises(ValueError, match=re.escape(message)):
+        from_args(build_parser().parse_args(argv), world)

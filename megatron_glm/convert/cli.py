@@ -21,6 +21,8 @@ import argparse
 import shutil
 import sys
 
+from megatron_glm.parallel.pipeline import stage_layer_counts
+
 
 def _common(sp, layout: bool = True):
     sp.add_argument("--load", required=True, help="source checkpoint (file or folder)")
@@ -46,7 +48,13 @@ def _common(sp, layout: bool = True):
             "--target-pp", type=int, default=1, help="pipeline-parallel size of the output"
         )
         sp.add_argument("--target-num-layers-per-virtual-pipeline-stage", type=int, default=None)
+        sp.add_argument("--target-num-virtual-stages-per-pipeline-rank", type=int, default=None)
         sp.add_argument("--target-pipeline-layers", type=int, nargs="+", default=None)
+        # Megatron's uneven splits, as glm-pretrain's flags of the same names say
+        sp.add_argument("--target-decoder-first-pipeline-num-layers", type=int, default=None)
+        sp.add_argument("--target-decoder-last-pipeline-num-layers", type=int, default=None)
+        sp.add_argument("--target-account-for-embedding-in-pipeline-split", action="store_true")
+        sp.add_argument("--target-account-for-loss-in-pipeline-split", action="store_true")
 
 
 def _shards(sp):
@@ -182,6 +190,24 @@ def convert(args) -> list[tuple[str, int]]:
             f"{vpp_layers} layers per virtual stage"
         )
     vpp = cfg.num_layers // (args.target_pp * vpp_layers) if vpp_layers else 1
+    vpp = args.target_num_virtual_stages_per_pipeline_rank or vpp
+    try:
+        uneven = stage_layer_counts(
+            cfg.num_layers,
+            args.target_pp,
+            vpp,
+            args.target_decoder_first_pipeline_num_layers,
+            args.target_decoder_last_pipeline_num_layers,
+            args.target_account_for_embedding_in_pipeline_split,
+            args.target_account_for_loss_in_pipeline_split,
+        )
+    except ValueError as e:
+        raise ConversionError(f"the target layout: {e}") from None
+    if uneven and args.target_pipeline_layers:
+        raise ConversionError(
+            "--target-pipeline-layers gives every stage's layers; the --target-decoder-*/--target-account-for-* "
+            "flags would split them another way: pass one"
+        )
     return writers.write_megatron_glm(
         args.save,
         state,
@@ -190,7 +216,7 @@ def convert(args) -> list[tuple[str, int]]:
         args.target_tp,
         args.target_pp,
         vpp,
-        args.target_pipeline_layers,
+        args.target_pipeline_layers or uneven,
         args.dtype,
         args.dry_run,
         args.overwrite,

@@ -54,6 +54,75 @@ def partition_layers(
     ]
 
 
+def stage_layer_counts(
+    num_layers: int,
+    pp: int,
+    vpp: int = 1,
+    first: int | None = None,
+    last: int | None = None,
+    embedding: bool = False,
+    loss: bool = False,
+) -> list[int] | None:
+    """Layer counts of the ``pp * vpp`` virtual stages (``partition_layers``' order) for Megatron's
+    uneven splits, or None for the uniform one.
+
+    ``first``/``last`` (``--decoder-first/last-pipeline-num-layers``) give the first and last
+    pipeline rank their layers and split the rest evenly over the ranks between them;
+    ``embedding``/``loss`` (``--account-for-embedding/loss-in-pipeline-split``) count the input
+    embedding (the output layer and loss) as one layer of the first (last) rank's first (last)
+    chunk, which then holds one transformer layer fewer. With ``vpp`` chunks per rank, a rank's
+    layers split evenly over its chunks. ``ValueError`` names the flags of a split that cannot be made.
+    """
+    if first is None and last is None and not embedding and not loss:
+        return None
+    uneven = "--decoder-first/last-pipeline-num-layers"
+    if pp < 2:
+        raise ValueError(
+            f"{uneven} and --account-for-*-in-pipeline-split need --pipeline-model-parallel-size > 1"
+        )
+    if (first is not None or last is not None) and (embedding or loss):
+        raise ValueError(
+            f"{uneven} and --account-for-embedding/loss-in-pipeline-split are two ways to split the "
+            "layers unevenly (as in Megatron): pass one"
+        )
+    if first is not None or last is not None:
+        ends = [n for n in (first, last) if n is not None]
+        if min(ends) < 1:
+            raise ValueError(f"{uneven}: each given stage needs at least one layer")
+        between = pp - len(ends)
+        rest = num_layers - sum(ends)
+        if rest < between or (between == 0 and rest != 0) or (between and rest % between):
+            raise ValueError(
+                f"--num-layers {num_layers} minus {uneven} ({'+'.join(map(str, ends))}) leaves {rest} "
+                f"layers for the {between} stage(s) between, which must split them evenly (at least one each)"
+            )
+        middle = rest // between if between else 0
+        ranks = [first if first is not None else middle] + [middle] * (pp - 2)
+        ranks.append(last if last is not None else middle)
+        for rank, count in enumerate(ranks):
+            if count % vpp:
+                raise ValueError(
+                    f"pipeline stage {rank} gets {count} layers, not divisible into {vpp} virtual stages "
+                    "(Megatron's rule for uneven splits)"
+                )
+        return [ranks[s] // vpp for c in range(vpp) for s in range(pp)]
+    units = num_layers + embedding + loss
+    if units % (pp * vpp):
+        what = " + ".join(["--num-layers"] + ["the embedding"] * embedding + ["the loss"] * loss)
+        raise ValueError(
+            f"{what} = {units} does not split evenly into --pipeline-model-parallel-size {pp}"
+            + (f" x {vpp} virtual stages" if vpp > 1 else "")
+        )
+    counts = [units // (pp * vpp)] * (pp * vpp)
+    counts[0] -= embedding
+    counts[-1] -= loss
+    if min(counts) < 1:
+        raise ValueError(
+            f"--num-layers {num_layers} leaves a pipeline stage with no layer after the embedding/loss"
+        )
+    return counts
+
+
 # -- point to point ----------------------------------------------------------------------
 def _neighbours():
     ranks = state._require()["pp_ranks"]

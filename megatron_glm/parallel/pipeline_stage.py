@@ -69,8 +69,8 @@ class TiedEmbedding:
 
     def broadcast_weight(self) -> None:
         """After each optimizer step (and after loading): the last stage's copy := the first stage's matrix."""
-        if not self.active:
-            return
+        if not self.active or (self.first_chunk is None and self.last_chunk is None):
+            return  # a middle stage holds neither end of the tied matrix
         group = state.get_embedding_group()
         if self.first_chunk is not None:
             w = self.first_chunk.output_weight().detach()

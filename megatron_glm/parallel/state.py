@@ -185,18 +185,14 @@ def initialize_model_parallel(
         "tp": [[index(p, d, t) for t in range(tp)] for p in range(pp) for d in range(dp)],
         "dp": [[index(p, d, t) for d in range(dp)] for p in range(pp) for t in range(tp)],
         "pp": pipelines,
-        "embedding": [
-            sorted({ranks[0], ranks[-1]}) for ranks in pipelines
-        ],  # first and last stage: the tied matrix
-        "mp": [
-            [index(p, d, t) for p in range(pp) for t in range(tp)] for d in range(dp)
-        ],  # DeepSpeed's "mp"
+        # first and last stage: the tied matrix
+        "embedding": [sorted({ranks[0], ranks[-1]}) for ranks in pipelines],
+        # DeepSpeed's "mp"
+        "mp": [[index(p, d, t) for p in range(pp) for t in range(tp)] for d in range(dp)],
     }
     groups = {}
-    for (
-        key,
-        rank_lists,
-    ) in layouts.items():  # every rank calls new_group for every group, in the same order
+    # every rank calls new_group for every group, in the same order
+    for key, rank_lists in layouts.items():
         for ranks in rank_lists:
             group = dist.new_group(ranks)
             if rank in ranks:

@@ -120,20 +120,17 @@ class JobConfig:
         par = self.parallel
         tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
         check_layout(tp * pp, tp, pp, cfg.num_attention_heads, cfg.hidden_size, cfg.vocab_size)
-        per_chunk = par.num_layers_per_virtual_pipeline_stage
-        if per_chunk and cfg.num_layers % (pp * per_chunk):
-            raise ValueError(
-                f"--num-layers {cfg.num_layers} is not divisible by --pipeline-model-parallel-size "
-                f"{pp} x --num-layers-per-virtual-pipeline-stage {per_chunk}"
-            )
-        # an impossible split fails here
-        partition_layers(
-            cfg.num_layers,
-            pp,
-            par.virtual_stages(cfg.num_layers),
-            list(par.pipeline_layers) if par.pipeline_layers else None,
-        )
         return cfg
+
+    def stages(self, num_layers: int) -> list[list[range]]:
+        """The global layer ids of each pipeline rank's chunks (checked in ``Settings.problems``)."""
+        par = self.parallel
+        return partition_layers(
+            num_layers,
+            par.pipeline_model_parallel_size,
+            par.virtual_stages(num_layers),
+            par.layer_counts(num_layers),
+        )
 
 
 def resolve_device(settings: Settings) -> tuple[str, list[str]]:

@@ -68,10 +68,8 @@ def deepspeed_config(job: JobConfig, grad_accum: int, rank_params: int | None = 
         "steps_per_print": 10**12,
         "wall_clock_breakdown": False,
     }
-    for (
-        key,
-        value,
-    ) in job.deepspeed_overrides.items():  # --deepspeed-config's keys (training/deepspeed_json.py)
+    # --deepspeed-config's keys (training/deepspeed_json.py)
+    for key, value in job.deepspeed_overrides.items():
         merge = isinstance(value, dict) and isinstance(config.get(key), dict)
         config[key] = {**config[key], **value} if merge else value
     return config

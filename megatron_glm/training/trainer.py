@@ -42,7 +42,6 @@ from megatron_glm.model.parallelize import (
     count_parameters,
 )
 from megatron_glm.parallel import state
-from megatron_glm.parallel.pipeline import partition_layers
 from megatron_glm.parallel.pipeline_stage import TiedEmbedding
 from megatron_glm.parallel.random import model_parallel_seed
 from megatron_glm.training.config import JobConfig
@@ -119,7 +118,9 @@ def build_loader(job: JobConfig, batches: MicroBatches, consumed: int, device: s
 def build_model(job: JobConfig, model_cfg: ModelConfig, resume: ckpt.ResumePoint | None):
     """(this rank's chunks, host memory peak of the build or None): only its shard is ever built."""
     par = job.parallel
-    layout = RankLayout.from_state(par.virtual_stages(model_cfg.num_layers), par.pipeline_layers)
+    layout = RankLayout.from_state(
+        par.virtual_stages(model_cfg.num_layers), par.layer_counts(model_cfg.num_layers)
+    )
     trust = job.checkpoint.trust_checkpoint
     weights = None
     if resume is not None and resume.weights_only:  # a glm-convert output: this rank's file only
@@ -435,9 +436,8 @@ class Trainer:
             )
 
     def _checkpoint_meta(self) -> dict:
-        job, cfg, par = self.job, self.model_cfg, self.job.parallel
-        explicit = list(par.pipeline_layers) if par.pipeline_layers else None
-        stages = partition_layers(cfg.num_layers, self.pp, self.vpp, explicit)
+        job, cfg = self.job, self.model_cfg
+        stages = job.stages(cfg.num_layers)
         return {
             "model": cfg.to_dict(),
             "tokenizer": self.tokenizer.describe(),
