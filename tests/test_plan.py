@@ -56,6 +56,68 @@ def test_parameters_per_stage_add_up_to_the_closed_form():
     assert two["other"] == 24 * (halved // 2 + whole) + 2 * 513 * 1024 + 2 * 1024
 
 
+def test_an_uneven_split_holds_each_stages_own_layers():
+    """GLM-130B's split, 8 + 6 x 9 + 8 layers: each stage's parameters and activations follow its layers."""
+    cfg = preset("glm-large", num_layers=70, vocab_size=30592)
+    total = closed_form_parameters(70, 1024, 30592, 512)
+    layer = (total - 30592 * 1024 - 2 * 513 * 1024 - 2 * 1024) // 70
+    counts = [8, 9, 9, 9, 9, 9, 9, 8]
+    stages = stage_parameters(cfg, 1, 8, 1, counts)
+    assert [s["embedding"] + s["other"] for s in stages] == [
+        30592 * 1024 + 2 * 513 * 1024 + 8 * layer,
+        *[9 * layer] * 6,
+        8 * layer + 2 * 1024,
+    ]
+    w = Workload(cfg, seq_length=512, global_batch=64, precision="bf16")
+    uneven = estimate(w, Layout(pp=8, dp=1, zero=0, ends=(8, 8)))
+    per_layer = sum(layer_activations(w, Layout(pp=8)).values())
+    assert [st.activations for st in uneven] == [
+        st.in_flight * n * per_layer for st, n in zip(uneven, counts)
+    ]
+
+
+def test_glm_plan_splits_layers_a_pipeline_does_not_divide_and_glm_pretrain_takes_its_flags():
+    from megatron_glm.plan.search import balanced_ends, candidates, evaluate, flags
+    from megatron_glm.training.arguments import build_parser
+    from megatron_glm.training.config import from_args
+
+    assert (
+        balanced_ends(70, 8) == (8, 8)
+        and balanced_ends(70, 12) == (5, 5)
+        and balanced_ends(7, 3) == (2, 2)
+    )
+    assert balanced_ends(64, 8) is None and balanced_ends(7, 2) == (3, 4)
+    cfg = ModelConfig(num_layers=70, hidden_size=64, num_attention_heads=4, vocab_size=1024)
+    w = Workload(cfg, seq_length=128, global_batch=64, precision="bf16")
+    cluster = Cluster(nodes=1, gpus_per_node=8)
+    found = [lay for lay in candidates(w, cluster) if lay.pp == 8]
+    assert found and all(lay.ends == (8, 8) and lay.vpp == 1 for lay in found)
+    lay = found[0]
+    argv = [
+        "--data-path",
+        "x",
+        "--train-iters",
+        "1",
+        "--num-layers",
+        "70",
+        "--hidden-size",
+        "64",
+        "--num-attention-heads",
+        "4",
+        "--device",
+        "cpu",
+        *flags(w, lay),
+    ]
+    job = from_args(build_parser().parse_args(argv), world_size=8)
+    assert job.parallel.layer_counts(70) == [8, 9, 9, 9, 9, 9, 9, 8]
+    # the pipeline runs at its heaviest stage's pace: 72 layers as 6 + 6 x 10 + 6 cost more than 8 x 9
+    w72 = Workload(ModelConfig(**{**cfg.to_dict(), "num_layers": 72}), 128, 64, "bf16")
+    even = Layout(**{**lay.__dict__, "ends": None})
+    lopsided = Layout(**{**lay.__dict__, "ends": (6, 6)})
+    assert lopsided.stage_layers(72) == [6, *[10] * 6, 6] and even.stage_layers(72) == [9] * 8
+    assert evaluate(w72, lopsided, cluster).step_time > evaluate(w72, even, cluster).step_time
+
+
 def saved_bytes(layer, x, *args):
     """Bytes of the distinct storages autograd keeps for backward (parameters excluded)."""
     params = {p.untyped_storage().data_ptr() for p in layer.parameters()}

@@ -109,6 +109,8 @@ def describe(c) -> dict:
         "pp": lay.pp,
         "dp": lay.dp,
         "vpp": lay.vpp,
+        # Megatron's uneven split: the first and last stages' layers (the others split the rest)
+        "first_last_layers": list(lay.ends) if lay.ends else None,
         "micro_batch": lay.micro_batch,
         "zero": lay.zero,
         "sequence_parallel": lay.sequence_parallel,
@@ -134,18 +136,21 @@ def describe(c) -> dict:
 
 def _table(ranked, top: int) -> str:
     head = (
-        f"{'layout':<34} {'peak GiB':>8} {'weights':>8} {'grads':>7} {'optim':>7} {'activ':>7} {'trans':>7} "
+        f"{'layout':<44} {'peak GiB':>8} {'weights':>8} {'grads':>7} {'optim':>7} {'activ':>7} {'trans':>7} "
         f"{'bubble':>6} {'comm GB':>8} {'step s':>8}"
     )
     rows = [head, "-" * len(head)]
     for c in ranked[:top]:
         lay, st = c.layout, max(c.stages, key=lambda s: s.peak)
+        ends = (
+            f"[{lay.ends[0]}|..|{lay.ends[1]}]" if lay.ends else ""
+        )  # the first and last stages' layers
         name = (
-            f"TP{lay.tp} PP{lay.pp}{f'x{lay.vpp}' if lay.vpp > 1 else ''} DP{lay.dp} mb{lay.micro_batch} "
+            f"TP{lay.tp} PP{lay.pp}{ends}{f'x{lay.vpp}' if lay.vpp > 1 else ''} DP{lay.dp} mb{lay.micro_batch} "
             f"Z{lay.zero}{' SP' if lay.sequence_parallel else ''}{' rc-' + lay.recompute if lay.recompute else ''}"
         )
         rows.append(
-            f"{name:<34} {_gib(c.peak):>8} {_gib(st.weights):>8} {_gib(st.gradients):>7} "
+            f"{name:<44} {_gib(c.peak):>8} {_gib(st.weights):>8} {_gib(st.gradients):>7} "
             f"{_gib(st.optimizer):>7} {_gib(st.activations):>7} {_gib(st.transient):>7} "
             f"{c.bubble:>6.1%} {sum(c.comm_bytes.values()) / 1e9:>8.2f} {c.step_time:>8.3f}"
         )

@@ -26,6 +26,8 @@ import functools
 from dataclasses import dataclass, field
 
 from megatron_glm.config import ModelConfig
+from megatron_glm.model.parallelize import partition_of
+from megatron_glm.parallel.pipeline import partition_layers, stage_layer_counts
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 ATTENTION = ("flash", "sdpa", "eager")
@@ -67,10 +69,25 @@ class Layout:
     sequence_parallel: bool = False
     recompute: str | None = None  # None | selective | full (uniform, one layer per chunk)
     cpu_offload: bool = False
+    # Megatron's uneven split (--decoder-first/last-pipeline-num-layers), None: the uniform one
+    ends: tuple[int, int] | None = None
 
     @property
     def world(self) -> int:
         return self.tp * self.pp * self.dp
+
+    def stage_layers(self, num_layers: int) -> list[int]:
+        """Transformer layers of each pipeline rank (all its chunks)."""
+        counts = self.layer_counts(num_layers)
+        if counts is None:
+            return [num_layers // self.pp] * self.pp
+        return [sum(counts[c * self.pp + r] for c in range(self.vpp)) for r in range(self.pp)]
+
+    def layer_counts(self, num_layers: int) -> list[int] | None:
+        """Layers of each virtual stage for an uneven split (``partition_layers``' order), else None."""
+        if self.ends is None:
+            return None
+        return stage_layer_counts(num_layers, self.pp, self.vpp, *self.ends)
 
     def micro_batches(self, global_batch: int) -> int:
         return global_batch // (self.micro_batch * self.dp)
@@ -113,12 +130,10 @@ def _parameter_shapes(cfg_items: tuple) -> tuple:
     return tuple((name, p.numel()) for name, p in model.named_parameters())
 
 
-def stage_parameters(cfg: ModelConfig, tp: int, pp: int, vpp: int = 1) -> list[dict]:
-    """Per pipeline rank: elements of this TP rank's parameters, split into ``embedding`` and ``other``."""
-    from megatron_glm.model.parallelize import partition_of
-    from megatron_glm.parallel.pipeline import partition_layers
-
-    ranges = partition_layers(cfg.num_layers, pp, vpp)
+def stage_parameters(cfg: ModelConfig, tp: int, pp: int, vpp: int = 1, counts=None) -> list[dict]:
+    """Per pipeline rank: elements of this TP rank's parameters, split into ``embedding`` and ``other``
+    (``counts``: the layers of each virtual stage of an uneven split)."""
+    ranges = partition_layers(cfg.num_layers, pp, vpp, counts)
     owner = {i: r for r, chunks in enumerate(ranges) for chunk in chunks for i in chunk}
     stages = [{"embedding": 0, "other": 0, "largest_full": 0} for _ in range(pp)]
     for name, numel in _parameter_shapes(tuple(sorted(cfg.to_dict().items()))):
@@ -242,13 +257,17 @@ def estimate(w: Workload, lay: Layout) -> list[StageMemory]:
     cfg, e = padded_for(w.cfg, lay.tp), BYTES[w.precision]
     w = dataclasses.replace(w, cfg=cfg)
     m = lay.micro_batches(w.global_batch)
-    layers_per_chunk = cfg.num_layers // (lay.pp * lay.vpp)
+    rank_layers = lay.stage_layers(cfg.num_layers)
     per_layer = layer_activations(w, lay)
     layer_bytes = sum(per_layer.values())
     b, s, h, t = lay.micro_batch, w.seq_length, cfg.hidden_size, lay.tp
     vocab_share = cfg.vocab_size // t
     out = []
-    for r, counts in enumerate(stage_parameters(cfg, t, lay.pp, lay.vpp)):
+    split = lay.layer_counts(cfg.num_layers)
+    for r, counts in enumerate(stage_parameters(cfg, t, lay.pp, lay.vpp, split)):
+        layers_per_chunk = (
+            rank_layers[r] / lay.vpp
+        )  # a chunk's layers (on average, for an uneven split)
         params = counts["embedding"] + counts["other"]
         st = StageMemory(
             stage=r,
@@ -261,15 +280,15 @@ def estimate(w: Workload, lay: Layout) -> list[StageMemory]:
             st.terms["tied_copy"] = e * vocab_share * h
         kept = e * b * s * h // (t if lay.sequence_parallel else 1)  # a layer's input
         if lay.recompute == "full":  # every layer's input stays; one layer at a time is rebuilt
-            st.terms["activations"] = st.in_flight * kept * layers_per_chunk
+            st.terms["activations"] = int(st.in_flight * kept * layers_per_chunk)
             st.terms["recompute"] = layer_bytes
         elif lay.recompute == "selective":  # the core attention is rebuilt, one layer at a time
-            st.terms["activations"] = (
+            st.terms["activations"] = int(
                 st.in_flight * layers_per_chunk * (layer_bytes - per_layer["attention"])
             )
             st.terms["recompute"] = per_layer["attention"]
         else:
-            st.terms["activations"] = st.in_flight * layers_per_chunk * layer_bytes
+            st.terms["activations"] = int(st.in_flight * layers_per_chunk * layer_bytes)
         # one micro-batch's logits in fp32: log-softmax, its gradient, the logits' gradient;
         if r == lay.pp - 1:
             # the vocab-parallel cross entropy also holds the shifted logits and their exponentials at once

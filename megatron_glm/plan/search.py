@@ -90,6 +90,20 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def balanced_ends(num_layers: int, pp: int) -> tuple[int, int] | None:
+    """The uneven split for a layer count that ``pp`` does not divide: the stages between the first and
+    the last take ``ceil(L / pp)`` layers each, the first and last share the rest (the first the smaller
+    half), as GLM-130B's 70 layers on 8 stages (8 + 6 x 9 + 8). None when that leaves an end empty."""
+    if pp < 2 or num_layers % pp == 0:
+        return None
+    middle = -(-num_layers // pp)
+    rest = num_layers - middle * (pp - 2)
+    first = rest // 2
+    if first < 1 or rest - first > middle:
+        return None
+    return first, rest - first
+
+
 def candidates(
     w: Workload,
     cluster: Cluster,
@@ -103,7 +117,8 @@ def candidates(
         if cfg.num_attention_heads % tp or world % tp:
             continue
         for pp in _divisors(world // tp):
-            if cfg.num_layers % pp:
+            ends = balanced_ends(cfg.num_layers, pp)
+            if cfg.num_layers % pp and ends is None:
                 continue
             dp = world // (tp * pp)
             for b in micro_batches:
@@ -111,7 +126,9 @@ def candidates(
                     continue
                 m = w.global_batch // (b * dp)
                 vpps = [1] + [
-                    v for v in (2, 4) if pp > 1 and cfg.num_layers % (pp * v) == 0 and m % pp == 0
+                    v
+                    for v in (2, 4)
+                    if pp > 1 and ends is None and cfg.num_layers % (pp * v) == 0 and m % pp == 0
                 ]
                 for v in vpps:
                     for z in zero_stages:
@@ -128,6 +145,7 @@ def candidates(
                                     zero=z,
                                     sequence_parallel=tp > 1 and w.seq_length % tp == 0,
                                     recompute=r,
+                                    ends=ends,
                                 )
                             )
     return out
@@ -152,10 +170,12 @@ def evaluate(w: Workload, lay: Layout, cluster: Cluster) -> Candidate:
     elif lay.recompute == "selective":
         flops += 4 * L * s * h * tokens  # QK^T and PV again (Korthikanti et al.)
     compute = flops / cluster.world / (cluster.peak_tflops * 1e12 * cluster.efficiency)
+    # the pipeline runs at its heaviest stage's pace: an uneven split costs its largest stage
+    layers_here = max(lay.stage_layers(L))
+    compute *= layers_here * lay.pp / L
     bubble = (lay.pp - 1) / (lay.vpp * m)
 
     act = lay.micro_batch * s * h * e  # one activation tensor of a micro-batch
-    layers_here = L // lay.pp
     tp_bytes = 4 * layers_here * m * _ring(act, lay.tp)
     pp_bytes = (
         0 if lay.pp == 1 else 2 * m * lay.vpp * act / (lay.tp if lay.sequence_parallel else 1)
@@ -206,6 +226,13 @@ def flags(w: Workload, lay: Layout) -> list[str]:
         out += [
             "--num-layers-per-virtual-pipeline-stage",
             str(w.cfg.num_layers // (lay.pp * lay.vpp)),
+        ]
+    if lay.ends:
+        out += [
+            "--decoder-first-pipeline-num-layers",
+            str(lay.ends[0]),
+            "--decoder-last-pipeline-num-layers",
+            str(lay.ends[1]),
         ]
     if lay.sequence_parallel:
         out.append("--sequence-parallel")
