@@ -325,25 +325,34 @@ def test_embedding_gradient_shrink_under_tp_and_pp(tmp_path, data, single):
 
 
 # -- uneven pipeline stages (Megatron's flags) -----------------------------------------------------------------
-UNEVEN = {
-    "first/last": [
-        "--decoder-first-pipeline-num-layers",
-        "2",
-        "--decoder-last-pipeline-num-layers",
-        "2",
-    ],
-    "embedding and loss as layers": [
-        "--account-for-embedding-in-pipeline-split",
-        "--account-for-loss-in-pipeline-split",
-    ],
+PP3 = ["--pipeline-model-parallel-size", "3"]
+UNEVEN = {  # name: (processes, flags, each rank's chunks as [start, stop) layer ranges)
+    "first/last": (
+        3,
+        PP3
+        + ["--decoder-first-pipeline-num-layers", "2", "--decoder-last-pipeline-num-layers", "2"],
+        [[[0, 2]], [[2, 5]], [[5, 7]]],
+    ),
+    "embedding and loss as layers": (
+        3,
+        PP3 + ["--account-for-embedding-in-pipeline-split", "--account-for-loss-in-pipeline-split"],
+        [[[0, 2]], [[2, 5]], [[5, 7]]],
+    ),
+    "interleaved, embedding as a layer": (  # 7 + 1 units over 2 x 2 chunks: 1 + 2 | 2 + 2
+        2,
+        ["--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "2"]
+        + ["--account-for-embedding-in-pipeline-split"],
+        [[[0, 1], [3, 5]], [[1, 3], [5, 7]]],
+    ),
 }
 
 
 @pytest.mark.slow
 def test_uneven_pipeline_stages_equal_one_process_convert_and_resume(tmp_path, data):
     """GLM-130B's kind of split at small size: 7 layers as 2 + 3 + 2 on PP 3, by Megatron's first/last flags and
-    by counting the embedding and the loss as layers. Losses and gradient norms equal one process's (fp32); the
-    checkpoint converts to PP 1 and back bitwise, and resumes as if uninterrupted."""
+    by counting the embedding and the loss as layers, and interleaved on PP 2 with the embedding as a layer.
+    Losses and gradient norms equal one process's (fp32); the checkpoint converts to PP 1 and back bitwise, and
+    resumes as if uninterrupted."""
     import json
 
     from megatron_glm.checkpoint import load_model_weights
@@ -354,46 +363,36 @@ def test_uneven_pipeline_stages_equal_one_process_convert_and_resume(tmp_path, d
         launch_pretrain(1, argv(data, one, iters=4, extra=seven + ["--save", one])).returncode == 0
     )
     reference = records(one)
-    for name, flags in UNEVEN.items():
-        out = str(tmp_path / name.replace(" ", "_").replace("/", "_"))
-        extra = seven + ["--pipeline-model-parallel-size", "3", *flags, "--save", out]
-        result = launch_pretrain(3, argv(data, out, iters=4, extra=extra))
+    for name, (nproc, flags, ranges) in UNEVEN.items():
+        out = str(tmp_path / name.replace(" ", "_").replace("/", "_").replace(",", ""))
+        result = launch_pretrain(
+            nproc, argv(data, out, iters=4, extra=seven + flags + ["--save", out])
+        )
         assert result.returncode == 0, result.stderr[-8000:]
         with open(os.path.join(out, "iter_0000004", "meta.json")) as f:
-            assert json.load(f)["pipeline_layers"] == [[[0, 2]], [[2, 5]], [[5, 7]]], name
+            assert json.load(f)["pipeline_layers"] == ranges, name
         ours = records(out)
         assert [r["iteration"] for r in ours] == [1, 2, 3, 4]
         for a, b in zip(ours, reference):
             assert a["lm_loss"] == pytest.approx(b["lm_loss"], rel=1e-5), name
             assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5), name
+    nproc, flags, ranges = UNEVEN["embedding and loss as layers"]
+    out = str(tmp_path / "embedding_and_loss_as_layers")
     whole, back = str(tmp_path / "pp1"), str(tmp_path / "back")
     assert convert_main(["reshard", "--load", out, "--save", whole]) == 0
-    assert (
-        convert_main(
-            [
-                "reshard",
-                "--load",
-                whole,
-                "--save",
-                back,
-                "--target-pp",
-                "3",
-                *map(lambda f: f.replace("--", "--target-", 1), flags),
-            ]
-        )
-        == 0
-    )
+    target = ["--target-pp", "3"] + [f.replace("--", "--target-", 1) for f in flags[2:]]
+    assert convert_main(["reshard", "--load", whole, "--save", back, *target]) == 0
     original, _ = load_model_weights(out)
     for converted in (whole, back):
         state, meta = load_model_weights(converted)
         assert state.keys() == original.keys() and all(
             torch_equal(state[k], original[k]) for k in state
         )
-    assert meta["pipeline_layers"] == [[[0, 2]], [[2, 5]], [[5, 7]]]
+    assert meta["pipeline_layers"] == ranges
     resumed = str(tmp_path / "resumed")
-    extra = seven + ["--pipeline-model-parallel-size", "3", *flags, "--save", resumed]
+    extra = seven + flags + ["--save", resumed]
     extra += ["--load", os.path.join(out, "iter_0000002")]
-    result = launch_pretrain(3, argv(data, resumed, iters=4, extra=extra))
+    result = launch_pretrain(nproc, argv(data, resumed, iters=4, extra=extra))
     assert result.returncode == 0 and "resumed from" in result.stdout, result.stderr[-8000:]
     exact = ("iteration", "lm_loss", "grad_norm", "valid_loss", "lr", "consumed_samples")
 
