@@ -148,3 +148,120 @@ def test_a_chunk_built_alone_equals_the_whole_models_layers(layers, pre, post):
         "transformer.final_layernorm.weight" in names
     ) == post
     assert all(torch.equal(p, whole[n]) for n, p in names.items())
+
+
+def zero3_construction_worker(rank, world, cfg_items):
+    """glm-pretrain's build under --zero-stage 3 on DP ``world``: the set-up peak, and whether the gathered
+    weights equal the one-process init's, tensor by tensor."""
+    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+    from megatron_glm.config import ModelConfig
+    from megatron_glm.model.glm import GLMModel
+    from megatron_glm.model.parallelize import RankLayout, build_rank_model, count_parameters
+    from megatron_glm.plan.memory import setup_host_bytes, stage_parameters
+    from megatron_glm.training.arguments import build_parser
+    from megatron_glm.training.config import from_args
+    from megatron_glm.training.engine import init_distributed, zero3_partitioner
+    from megatron_glm.training.memory import host_memory, reset_host_peak
+
+    cfg = ModelConfig(**dict(cfg_items))
+    argv = [
+        "--data-path",
+        "x",
+        "--train-iters",
+        "1",
+        "--zero-stage",
+        "3",
+        "--micro-batch-size",
+        "1",
+    ]
+    job = from_args(build_parser().parse_args(argv + ["--device", "cpu"]), world)
+    init_distributed("cpu", 1, 1, cfg)
+    layout = RankLayout.from_state()
+    build_rank_model(
+        ModelConfig(num_layers=2, hidden_size=8, num_attention_heads=2, vocab_size=16), layout, SEED
+    )  # the meta device's one-time imports, before the measurement
+    partition = zero3_partitioner(job, 1, count_parameters(cfg, 1))
+    assert reset_host_peak()
+    before = host_memory()["rss_bytes"]
+    (model,) = build_rank_model(cfg, layout, SEED, partition=partition)
+    peak = host_memory()["peak_rss_bytes"] - before
+    params = dict(model.named_parameters())
+    partitioned = all(
+        p.numel() == 0 and p.ds_tensor.numel() <= -(-p.ds_numel // world) for p in params.values()
+    )
+    shard = 4 * sum(p.ds_numel for p in params.values())
+    reference = GLMModel(cfg, seed=SEED).state_dict()
+    wrong = []
+    for name, p in params.items():  # gathered one at a time
+        with GatheredParameters([p]):
+            if not torch.equal(p.data, reference[name]):
+                wrong.append(name)
+    counts = stage_parameters(cfg, 1, 1)[0]
+    return {
+        "peak": peak,
+        "shard": shard,
+        "largest": 4 * counts["largest_full"],
+        "planned": setup_host_bytes(counts, world, "cpu"),
+        "partitioned": partitioned,
+        "wrong": wrong,
+        "names": sorted(params) == sorted(reference),
+    }
+
+
+@pytest.mark.slow
+def test_zero3_ranks_hold_only_their_partition_while_they_build(tmp_path):
+    """glm-large on DP 2 with ZeRO-3: each parameter is partitioned as soon as it exists, so a rank's set-up peak
+    is half its shard plus one full tensor (not the whole shard first), and the weights are the one-process
+    init's, bitwise."""
+    from megatron_glm.config import preset
+
+    cfg = preset("glm-large", vocab_size=30592)
+    results = spawn(zero3_construction_worker, 2, tmp_path, tuple(cfg.to_dict().items()))
+    for r in results:
+        assert r["partitioned"] and r["names"] and r["wrong"] == []
+        bound = r["shard"] // 2 + r["largest"] + CONSTANT
+        assert r["peak"] <= bound, (
+            f"set-up peak {r['peak'] / 2**20:.0f} MiB > {bound / 2**20:.0f} MiB"
+        )
+        assert r["peak"] < 0.75 * r["shard"]  # the whole shard never existed
+        # glm-plan's figure bounds it: the partitions and the largest tensor (the embedding, made first, when the
+        # partitions are few)
+        assert r["peak"] - CONSTANT <= r["planned"] <= r["peak"] + r["largest"] + CONSTANT
+
+
+def test_apex_layernorm_takes_the_same_parameters_before_they_are_made(monkeypatch):
+    """--layernorm-impl apex swaps the LayerNorms on the meta model (so ZeRO-3 can partition what is built):
+    the fused module holds the same parameter objects, so the weights and their parallel attributes match."""
+    import sys
+    import types
+
+    from megatron_glm.config import ModelConfig
+    from megatron_glm.model.parallelize import RankLayout, build_rank_model
+
+    class FusedLayerNorm(torch.nn.LayerNorm):  # apex's class, as far as this code can tell
+        pass
+
+    apex = types.ModuleType("apex")
+    apex.normalization = types.ModuleType("apex.normalization")
+    apex.normalization.FusedLayerNorm = FusedLayerNorm
+    monkeypatch.setitem(sys.modules, "apex", apex)
+    monkeypatch.setitem(sys.modules, "apex.normalization", apex.normalization)
+    cfg = ModelConfig(num_layers=2, hidden_size=16, num_attention_heads=2, vocab_size=32)
+    layout = RankLayout(tp=1, pp=1)
+    (plain,) = build_rank_model(cfg, layout, SEED)
+    (fused,) = build_rank_model(cfg, layout, SEED, layernorm_impl="apex")
+    norms = [m for m in fused.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert norms and all(type(m) is FusedLayerNorm for m in norms)
+    plain_state, fused_state = plain.state_dict(), fused.state_dict()
+    assert plain_state.keys() == fused_state.keys()
+    assert all(torch.equal(plain_state[k], fused_state[k]) for k in plain_state)
+    # the very parameters, so that attributes the parallel plan set (sequence_parallel, ...) stay with them
+    from megatron_glm.model.parallelize import apply_layernorm_impl
+
+    norm = torch.nn.LayerNorm(4)
+    norm.weight.sequence_parallel = True
+    holder = torch.nn.Sequential(norm)
+    apply_layernorm_impl(holder, "apex")
+    assert type(holder[0]) is FusedLayerNorm and holder[0].weight is norm.weight
+    assert holder[0].weight.sequence_parallel

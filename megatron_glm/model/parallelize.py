@@ -178,7 +178,7 @@ def build_chunks(cfg: ModelConfig, layout: RankLayout) -> list[GLMModel]:
         ]
 
 
-def initialize_shard(chunk: GLMModel, layout: RankLayout, seed: int) -> None:
+def initialize_shard(chunk: GLMModel, layout: RankLayout, seed: int, after=None) -> None:
     """Real weights for a meta chunk: each full tensor initialised by its generator, then sliced.
 
     A full tensor that is only sliced lives in its own anonymous mapping, handed back to the
@@ -189,6 +189,13 @@ def initialize_shard(chunk: GLMModel, layout: RankLayout, seed: int) -> None:
     def make(name, meta):
         full_name = chunk.full_name(name)
         spec = partition_of(full_name, chunk.cfg.geglu) if layout.tp > 1 else None
+        if (
+            not spec and after is not None
+        ):  # to be partitioned at once (ZeRO-3): its own mapping, as below
+            buffer = torch.frombuffer(mmap.mmap(-1, 4 * math.prod(meta.shape)), dtype=torch.float32)
+            return init_parameter(
+                chunk.cfg, full_name, meta.shape, seed, out=buffer.view(meta.shape)
+            )
         if not spec:
             return init_parameter(chunk.cfg, full_name, meta.shape, seed)
         shape = list(meta.shape)
@@ -205,10 +212,10 @@ def initialize_shard(chunk: GLMModel, layout: RankLayout, seed: int) -> None:
             del full  # the mapping closes only once nothing views it
         return shard
 
-    materialize(chunk, make)
+    materialize(chunk, make, after)
 
 
-def load_shard(chunk: nn.Module, weights: dict[str, torch.Tensor], where: str) -> None:
+def load_shard(chunk: nn.Module, weights: dict[str, torch.Tensor], where: str, after=None) -> None:
     """Real weights for a meta module from its own state dict (a converted checkpoint's rank file), taken as is."""
     missing = []
 
@@ -222,7 +229,7 @@ def load_shard(chunk: nn.Module, weights: dict[str, torch.Tensor], where: str) -
         return value
 
     try:
-        materialize(chunk, make)
+        materialize(chunk, make, after)
     except ValueError as e:  # a tensor of another shape
         raise ValueError(f"{where} does not fit this rank's model: {e}") from None
     if missing or weights:
@@ -240,26 +247,34 @@ def build_rank_model(
     recompute: tuple = (None,),
     attention_impl: str = "auto",
     weights=None,
+    layernorm_impl: str = "torch",
+    partition=None,
 ) -> list[GLMModel]:
     """This rank's chunks with real weights: initialised from ``seed``, or ``weights(chunks)`` (this rank's
-    state dict for the meta chunks, named as one module of them: a ModuleList's ``{c}.`` prefixes when several)."""
+    state dict for the meta chunks, named as one module of them: a ModuleList's ``{c}.`` prefixes when several).
+
+    ``partition(module)`` (ZeRO-3) runs as each submodule's parameters become real, so that only
+    one full tensor exists at a time and the rank never holds its whole shard."""
     chunks = build_chunks(cfg, layout)
     for chunk in chunks:
         chunk.set_attention_impl(attention_impl)
         apply_tp(chunk, sequence_parallel, layout.tp_rank, layout.tp)
         apply_ac(chunk, *recompute)
+        apply_layernorm_impl(chunk, layernorm_impl)  # on the meta model: its weights are made below
     if weights is None:
         for chunk in chunks:
-            initialize_shard(chunk, layout, seed)
+            initialize_shard(chunk, layout, seed, partition)
     else:
         state_dict, where = weights(chunks)
         module = chunks[0] if len(chunks) == 1 else nn.ModuleList(chunks)
-        load_shard(module, dict(state_dict), where)
+        load_shard(module, dict(state_dict), where, partition)
     return chunks
 
 
 def apply_layernorm_impl(model, impl: str) -> None:
-    """``--layernorm-impl apex``: every LayerNorm becomes apex's FusedLayerNorm, with the same weights and names."""
+    """``--layernorm-impl apex``: every LayerNorm becomes apex's FusedLayerNorm holding the same parameter
+    objects (their names, values and parallel attributes such as ``sequence_parallel``; on a meta model, made
+    real later by their names)."""
     if impl == "torch":
         return
     from apex.normalization import FusedLayerNorm
@@ -267,10 +282,9 @@ def apply_layernorm_impl(model, impl: str) -> None:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is torch.nn.LayerNorm:
-                fused = FusedLayerNorm(child.normalized_shape, eps=child.eps).to(
-                    child.weight.device
-                )
-                fused.load_state_dict(child.state_dict())
+                with torch.device("meta"):
+                    fused = FusedLayerNorm(child.normalized_shape, eps=child.eps)
+                fused.weight, fused.bias = child.weight, child.bias
                 setattr(parent, name, fused)
 
 

@@ -37,14 +37,16 @@ def unshard_tensors(shards: list[torch.Tensor], dim: int, stride: int) -> torch.
     return torch.cat([torch.cat([p[k] for p in pieces], dim) for k in range(stride)], dim)
 
 
-def materialize(module: nn.Module, make) -> None:
+def materialize(module: nn.Module, make, after=None) -> None:
     """Replace every meta parameter of ``module`` by ``make(name, meta_param)``, one at a time.
 
     ``make`` returns the tensor (this rank's shard: initialised, or read from a checkpoint); only
     one full tensor needs to exist at once. The new parameter keeps the old one's attributes
     (``tensor_model_parallel``, ``sequence_parallel``, ...) and gets the hooks they call for.
+    ``after(owner)`` runs once a submodule's parameters are real (ZeRO-3 partitions them there).
     """
     for prefix, owner in module.named_modules():
+        made = False
         for key, meta in list(owner._parameters.items()):
             if meta is None or not meta.is_meta:
                 continue
@@ -59,6 +61,9 @@ def materialize(module: nn.Module, make) -> None:
             if getattr(param, "sequence_parallel", False):
                 install_sequence_parallel_hook(param)
             owner._parameters[key] = param
+            made = True
+        if made and after is not None:
+            after(owner)
 
 
 class VocabParallelOutput(nn.Module):

@@ -238,8 +238,8 @@ def main(argv=None) -> int:
     if not args.json:
         host = max(s.setup_host for s in best.stages)
         print(
-            f"\nhost memory per rank while it builds its weights: {_gib(host)} GiB (its fp32 shard and one full "
-            "tensor at a time)"
+            f"\nhost memory per rank while it builds its weights: {_gib(host)} GiB (its fp32 shard, or with "
+            "ZeRO-3 its partition as it is made, and one full tensor at a time)"
         )
         print(
             "\nbest layout, glm-pretrain flags (add the model, data and optimizer flags):\n  "

@@ -12,7 +12,9 @@ Everything is counted for *this* implementation (tests compare it with measured 
   micro-batches in flight under the pipeline schedule, or only layer inputs with full
   recomputation;
 - **set-up host memory**: while a rank builds its weights on the CPU, its fp32 shard and one
-  full tensor (``setup_host_bytes``); nothing else of the model exists on any rank;
+  full tensor (``setup_host_bytes``); nothing else of the model exists on any rank. With ZeRO-3
+  each parameter becomes the rank's partition as soon as it exists: one full tensor at a time,
+  and on a CPU run the partitions;
 - **transients**: the logits and the fp32 cross entropy of one micro-batch on the last stage
   (about ``12 b s V / t`` bytes), and the optimizer step's temporaries.
 
@@ -151,10 +153,16 @@ def stage_parameters(cfg: ModelConfig, tp: int, pp: int, vpp: int = 1, counts=No
     return stages
 
 
-def setup_host_bytes(counts: dict) -> int:
+def setup_host_bytes(counts: dict, zero3_partitions: int = 0, device: str = "cuda") -> int:
     """Host memory a rank needs to build its weights (``model/parallelize.py``): its fp32 shard, plus
-    one full fp32 tensor at a time, initialised and then sliced."""
-    return 4 * (counts["embedding"] + counts["other"] + counts["largest_full"])
+    one full fp32 tensor at a time, initialised and then sliced. Under ZeRO-3 (``zero3_partitions``:
+    the data-parallel size) each parameter is partitioned as it is made: one full tensor, and the
+    partitions where they live on the host (a CPU run)."""
+    shard = counts["embedding"] + counts["other"]
+    if zero3_partitions:
+        kept = -(-shard // zero3_partitions) if device == "cpu" else 0
+        return 4 * (kept + counts["largest_full"])
+    return 4 * (shard + counts["largest_full"])
 
 
 def model_states(
@@ -273,7 +281,7 @@ def estimate(w: Workload, lay: Layout) -> list[StageMemory]:
             stage=r,
             parameters=params,
             in_flight=in_flight(lay, m, r),
-            setup_host=setup_host_bytes(counts),
+            setup_host=setup_host_bytes(counts, lay.dp if lay.zero == 3 else 0, w.device),
         )
         st.terms.update(model_states(params, w.precision, lay.zero, lay.dp, lay.cpu_offload))
         if lay.pp > 1 and r == lay.pp - 1:  # the tied output matrix's copy and its gradient

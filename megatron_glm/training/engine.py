@@ -31,6 +31,38 @@ def init_distributed(device: str, tp: int, pp: int, model_cfg) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", verbose=False)
 
 
+def numel(p) -> int:
+    """A parameter's elements, also when ZeRO-3 has partitioned it (its data is then empty)."""
+    return getattr(p, "ds_numel", p.numel())
+
+
+def zero3_partitioner(job: JobConfig, engine_steps: int, rank_params: int):
+    """ZeRO-3's partitioning for ``build_rank_model``: a submodule's parameters, as soon as they exist, become
+    this rank's data-parallel partition of them (DeepSpeed's ``zero.Init`` on that submodule), so that at most
+    one full tensor exists at a time, on the host or the device. The engine then finds them partitioned."""
+    import deepspeed
+    import torch
+
+    from megatron_glm.parallel import state
+
+    config = deepspeed_config(job, engine_steps, rank_params)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+        job.training.precision, torch.float32
+    )
+
+    def partition(module) -> None:
+        deepspeed.zero.Init(
+            module=module,
+            data_parallel_group=state.get_data_parallel_group(),
+            config_dict_or_path=config,
+            dtype=dtype,
+            mem_efficient_linear=False,  # a module given: no context, so no global patch of F.linear
+            mpu=state,
+        )
+
+    return partition
+
+
 def bucket_elements(rank_params: int | None) -> int:
     """ZeRO's communication buckets, capped at this rank's parameter count.
 
@@ -117,7 +149,7 @@ def build_engine(job: JobConfig, module, engine_steps: int):
         opt.betas,
         opt.adam_eps,
     )
-    config = deepspeed_config(job, engine_steps, sum(p.numel() for p in module.parameters()))
+    config = deepspeed_config(job, engine_steps, sum(numel(p) for p in module.parameters()))
     engine, _, _, _ = deepspeed.initialize(
         model=module,
         optimizer=optimizer,

@@ -37,7 +37,6 @@ from megatron_glm.data.sampler import PretrainingSampler
 from megatron_glm.data.tokenizer import GLMTokenizer
 from megatron_glm.model.parallelize import (
     RankLayout,
-    apply_layernorm_impl,
     build_rank_model,
     count_parameters,
 )
@@ -45,7 +44,7 @@ from megatron_glm.parallel import state
 from megatron_glm.parallel.pipeline_stage import TiedEmbedding
 from megatron_glm.parallel.random import model_parallel_seed
 from megatron_glm.training.config import JobConfig
-from megatron_glm.training.engine import build_engine, init_distributed
+from megatron_glm.training.engine import build_engine, init_distributed, numel, zero3_partitioner
 from megatron_glm.training.lr_schedule import schedule_differences
 from megatron_glm.training.memory import host_memory, reset_host_peak
 from megatron_glm.training.metrics import MetricsLogger, Throughput, flops_per_token, memory_summary
@@ -115,8 +114,11 @@ def build_loader(job: JobConfig, batches: MicroBatches, consumed: int, device: s
     return BatchStream(batches, sampler, job.data.num_workers, pin_memory=device == "cuda")
 
 
-def build_model(job: JobConfig, model_cfg: ModelConfig, resume: ckpt.ResumePoint | None):
-    """(this rank's chunks, host memory peak of the build or None): only its shard is ever built."""
+def build_model(
+    job: JobConfig, model_cfg: ModelConfig, resume: ckpt.ResumePoint | None, engine_steps: int
+):
+    """(this rank's chunks, host memory peak of the build or None): only its shard is ever built, and with
+    ZeRO-3 only its data-parallel partition of it (each parameter partitioned as soon as it exists)."""
     par = job.parallel
     layout = RankLayout.from_state(
         par.virtual_stages(model_cfg.num_layers), par.layer_counts(model_cfg.num_layers)
@@ -137,6 +139,9 @@ def build_model(job: JobConfig, model_cfg: ModelConfig, resume: ckpt.ResumePoint
     reset_host_peak()
     before = host_memory()
     impl = job.settings.implementation
+    partition = None
+    if par.zero_stage == 3:
+        partition = zero3_partitioner(job, engine_steps, count_parameters(model_cfg, layout.tp))
     chunks = build_rank_model(
         model_cfg,
         layout,
@@ -145,9 +150,9 @@ def build_model(job: JobConfig, model_cfg: ModelConfig, resume: ckpt.ResumePoint
         par.recompute,
         impl.attention_impl,
         weights=weights,
+        layernorm_impl=impl.layernorm_impl,
+        partition=partition,
     )
-    for chunk in chunks:
-        apply_layernorm_impl(chunk, impl.layernorm_impl)
     after = host_memory()
     return chunks, (after["peak_rss_bytes"] - before["rss_bytes"]) if after else None
 
@@ -291,12 +296,14 @@ class Trainer:
 
         seed_everything(job.training.seed)
         kernels.set_backend(job.settings.implementation.kernels)
-        self.chunks, self.setup_peak = build_model(job, self.model_cfg, self.resume)
+        self.chunks, self.setup_peak = build_model(
+            job, self.model_cfg, self.resume, self.grad_accum * self.vpp
+        )
         self.module = (
             self.chunks[0] if len(self.chunks) == 1 else torch.nn.ModuleList(self.chunks)
         ).to(self.device)
         state.mark_for_gradient_norm(self.module.parameters())
-        self.rank_weight_bytes = sum(p.numel() * p.element_size() for p in self.module.parameters())
+        self.rank_weight_bytes = sum(numel(p) * p.element_size() for p in self.module.parameters())
         # one engine.backward per micro-batch and chunk: that is the engine's accumulation count
         self.engine = build_engine(job, self.module, self.grad_accum * len(self.chunks))
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
