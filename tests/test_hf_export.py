@@ -237,6 +237,26 @@ def test_greedy_generate_fills_the_blank_as_glm_generate_does(learned, tokenizer
     assert together == expected
 
 
+def test_generate_reuses_the_cache_without_deprecation_warnings(learned, caplog):
+    """transformers 5.x names the cache ``cache``: the export's code takes it under that name (and the old
+    one), so every step after the prompt feeds one token, and nothing of ours is deprecated."""
+    import logging
+
+    _, _, hf = learned
+    theirs, hf_tokenizer = load_hf(hf)
+    fed = []
+    theirs.register_forward_pre_hook(
+        lambda _, args, kwargs: fed.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    inputs = hf_tokenizer("Return the [MASK] of a path.[sop]", return_tensors="pt")
+    with caplog.at_level(logging.WARNING):
+        theirs.generate(**inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert fed == [inputs["input_ids"].shape[1], 1, 1, 1, 1], (
+        "each new token alone, the rest from the cache"
+    )
+    assert not [r for r in caplog.records if "deprecated" in r.getMessage()]
+
+
 def test_export_import_round_trip_is_bitwise_through_shards(tmp_path, learned, tokenizer):
     ckpt, model, _ = learned
     hf = export(tmp_path, ckpt, "--max-shard-size", "100KB")

@@ -25,6 +25,10 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_megatron_glm import MegatronGLMConfig
 
+# the key-value cache's name: `cache` in transformers 5.x (`past_key_values` is deprecated there), and
+# `past_key_values` before it
+CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
 
 def glm_layout(input_ids, config, attention_mask=None):
     """``(position_ids [B, 2, S], mask [B, 1, S, S] bool)`` of whole sequences in GLM's layout."""
@@ -195,9 +199,10 @@ class MegatronGLMForCausalLM(MegatronGLMPreTrainedModel, GenerationMixin):
         input_ids,
         attention_mask=None,
         position_ids=None,
-        past_key_values=None,
+        cache=None,
         labels=None,
         use_cache=None,
+        past_key_values=None,
         **kwargs,
     ):
         """``attention_mask``: ``[B, S]`` padding (the GLM mask follows from the layout) or ``[B, 1, S, S_all]`` bool.
@@ -205,7 +210,10 @@ class MegatronGLMForCausalLM(MegatronGLMPreTrainedModel, GenerationMixin):
         With a filled cache and neither a 4D mask nor ``position_ids``, the call cannot know the
         layout of what came before: pass both, or use ``generate``.
         """
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        kv = (
+            cache if cache is not None else past_key_values
+        )  # either name, as the caller's transformers says
+        past = kv.get_seq_length() if kv is not None else 0
         if attention_mask is None or attention_mask.dim() == 2:
             if past:
                 raise ValueError(
@@ -216,35 +224,36 @@ class MegatronGLMForCausalLM(MegatronGLMPreTrainedModel, GenerationMixin):
             position_ids = layout_positions if position_ids is None else position_ids
         elif position_ids is None:
             raise ValueError("a 4D attention_mask needs position_ids [B, 2, S] beside it")
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and kv is None:
+            kv = DynamicCache(config=self.config)
         h = self.word_embeddings(input_ids)
         if self.config.position_embedding_type == "learned_2d":
             h = h + self.transformer.position_embeddings(position_ids[:, 0])
             h = h + self.transformer.block_position_embeddings(position_ids[:, 1])
         h = self.transformer.embedding_dropout(h)
-        cache = past_key_values if use_cache or past else None
+        kv = kv if use_cache or past else None
         for layer in self.transformer.layers:
-            h = layer(h, position_ids, attention_mask.bool(), cache)
+            h = layer(h, position_ids, attention_mask.bool(), kv)
         logits = F.linear(self.transformer.final_layernorm(h), self.word_embeddings.weight)
         loss = None
         if labels is not None:  # predict token i + 1 at position i; -100 ignored (Part A, padding)
             loss = F.cross_entropy(
                 logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100
             )
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE: kv})
 
     def prepare_inputs_for_generation(
-        self, input_ids, past_key_values=None, attention_mask=None, **kwargs
+        self, input_ids, cache=None, attention_mask=None, past_key_values=None, **kwargs
     ):
         """The layout of the whole sequence so far, cut to the tokens the cache has not seen."""
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        kv = cache if cache is not None else past_key_values
+        past = kv.get_seq_length() if kv is not None else 0
         position_ids, mask = glm_layout(input_ids, self.config, attention_mask)
         return {
             "input_ids": input_ids[:, past:],
             "position_ids": position_ids[..., past:],
             "attention_mask": mask[:, :, past:],
-            "past_key_values": past_key_values,
+            CACHE: kv,
             "use_cache": kwargs.get("use_cache", True),
         }
 
