@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from megatron_glm.flags import add_flags, flag_values, internal, setting
+from megatron_glm.flags import add_flags, flag_values, internal, setting, value_of
 
 
 @dataclass(kw_only=True)
@@ -165,7 +165,7 @@ def model_from_flags(values, vocab_size: int, seq_length: int) -> ModelConfig:
     table is ``seq_length`` rows: the defaults Megatron's users expect.
     """
     given = flag_values(ModelConfig, values)
-    name = getattr(values, "preset", None) if not isinstance(values, dict) else values.get("preset")
+    name = value_of(values, "preset")
     cfg = preset(name, vocab_size=vocab_size) if name else ModelConfig(vocab_size=vocab_size)
     for field, value in given.items():
         if value is not None or field not in PRESET_SIZES:

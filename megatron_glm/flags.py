@@ -113,17 +113,17 @@ def add_flags(group, cls) -> None:
         group.add_argument(option(field), *spec.aliases, **kw)
 
 
+def value_of(values, name: str, default: Any = None) -> Any:
+    """One parsed flag by its argparse name, from a namespace or a dict of the same names."""
+    return values.get(name, default) if isinstance(values, dict) else getattr(values, name, default)
+
+
 def flag_values(cls, values) -> dict[str, Any]:
     """``{field: value}`` of ``cls``'s flags among parsed flags: an argparse namespace, or a dict of the
     same names (the flags a checkpoint recorded; a name it lacks is left out)."""
-    get = (
-        values.get
-        if isinstance(values, dict)
-        else lambda name, default: getattr(values, name, default)
-    )
     out = {}
     for field, spec, _ in flagged_fields(cls):
-        value = get(dest(field), MISSING)
+        value = value_of(values, dest(field), MISSING)
         if value is MISSING:
             continue
         if spec.negate:

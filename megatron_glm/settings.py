@@ -16,7 +16,7 @@ from megatron_glm.config import ModelConfig, model_from_flags
 from megatron_glm.data.blank_infilling import BlankInfillingConfig
 from megatron_glm.data.eval_tasks import argparse_spec
 from megatron_glm.data.tokenizer import TokenizerSpec
-from megatron_glm.flags import read_flags, setting
+from megatron_glm.flags import read_flags, setting, value_of
 from megatron_glm.model.attention import IMPLEMENTATIONS as ATTENTION_IMPLS
 from megatron_glm.optional import apex_available
 from megatron_glm.parallel.pipeline import partition_layers, stage_layer_counts
@@ -533,15 +533,10 @@ class Settings:
     @classmethod
     def from_flags(cls, values) -> "Settings":
         """From parsed flags (an argparse namespace, or the flags an older checkpoint recorded)."""
-        get = (
-            values.get
-            if isinstance(values, dict)
-            else lambda name, default=None: getattr(values, name, default)
-        )
         data = read_flags(DataConfig, values)
         training = read_flags(TrainingConfig, values)
         return cls(
-            preset=get("preset", None),
+            preset=value_of(values, "preset"),
             model=model_from_flags(values, 0, data.seq_length),
             implementation=read_flags(ImplementationConfig, values),
             parallel=read_flags(ParallelConfig, values),
