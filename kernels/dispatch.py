@@ -9,6 +9,7 @@ slower, never wrong.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import warnings
@@ -17,6 +18,19 @@ import torch
 
 BACKENDS = ("auto", "triton", "torch")
 _backend = os.environ.get("MEGATRON_GLM_KERNELS", "auto")
+_as_if: str | None = None  # the device type kernels choose for, when not the tensors' own
+
+
+@contextlib.contextmanager
+def choosing_as_if_on(device_type: str):
+    """Kernels choose as for tensors on ``device_type``: a dry run's fake CPU tensors stand for CUDA ones
+    (autograd cannot run fake CUDA tensors on a CPU build of torch)."""
+    global _as_if
+    before, _as_if = _as_if, device_type
+    try:
+        yield
+    finally:
+        _as_if = before
 
 
 def set_backend(name: str) -> None:
@@ -55,14 +69,15 @@ def use_triton(kernel: str, device: torch.device, unsupported: str | None = None
 
     ``unsupported`` names why this particular call cannot (None when it can).
     """
-    if _backend == "torch" or (_backend == "auto" and device.type != "cuda"):
+    kind = _as_if or device.type
+    if _backend == "torch" or (_backend == "auto" and kind != "cuda"):
         return False
     if not triton_importable():
         if _backend == "triton":
             raise RuntimeError("--kernels triton: Triton is not installed (pip install triton)")
         _warn_once(kernel, "Triton is not installed")
         return False
-    if device.type != "cuda" and not interpreting():
+    if kind != "cuda" and not interpreting():
         raise RuntimeError(
             f"--kernels triton on {device.type} tensors: Triton kernels need a CUDA device; "
             "set TRITON_INTERPRET=1 to run them (slowly) on the CPU, or use --kernels auto"

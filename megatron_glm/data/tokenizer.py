@@ -55,6 +55,12 @@ class TokenizerError(ValueError):
     """A tokenizer that cannot be loaded as given (missing file, unknown type)."""
 
 
+def pad_vocab(size: int, tensor_parallel_size: int = 1, multiple: int = 128) -> int:
+    """``size`` rounded up to ``multiple * tensor_parallel_size`` (Megatron's padding)."""
+    step = multiple * tensor_parallel_size
+    return -(-size // step) * step
+
+
 @dataclass(frozen=True, kw_only=True)
 class TokenizerSpec:
     """How to load a tokenizer (the tokenizer flags): small and picklable, so worker processes load their own."""
@@ -248,8 +254,7 @@ class GLMTokenizer:
 
     def padded_vocab_size(self, tensor_parallel_size: int = 1, multiple: int = 128) -> int:
         """Vocabulary rounded up to ``multiple * tensor_parallel_size`` (Megatron's padding)."""
-        step = multiple * tensor_parallel_size
-        return -(-self.vocab_size // step) * step
+        return pad_vocab(self.vocab_size, tensor_parallel_size, multiple)
 
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
         if not allow_special:

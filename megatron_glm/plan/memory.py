@@ -243,8 +243,9 @@ def layer_activations(w: Workload, lay: Layout) -> dict:
 
 def padded_for(cfg: ModelConfig, tp: int, multiple: int = 128) -> ModelConfig:
     """The vocabulary padded as the tokenizer pads it for ``tp`` ranks (``padded_vocab_size``)."""
-    step = multiple * tp
-    return dataclasses.replace(cfg, vocab_size=-(-cfg.vocab_size // step) * step)
+    from megatron_glm.data.tokenizer import pad_vocab
+
+    return dataclasses.replace(cfg, vocab_size=pad_vocab(cfg.vocab_size, tp, multiple))
 
 
 def in_flight(lay: Layout, micro_batches: int, stage: int) -> int:

@@ -21,6 +21,7 @@ from megatron_glm.settings import (
     TokenizerSpec,
     TrainingConfig,
 )
+from megatron_glm.training.dry_run import DryRunConfig
 
 GROUPS = (  # --help's groups, and the sections whose flags each lists
     ("model", (ImplementationConfig,)),
@@ -33,6 +34,7 @@ GROUPS = (  # --help's groups, and the sections whose flags each lists
     ("tokenizer", (TokenizerSpec,)),
     ("training", (TrainingConfig, OptimizerConfig)),
     ("checkpoints and logging", (CheckpointConfig, LoggingConfig)),
+    ("dry run (one CPU process checks the whole job on fake tensors)", (DryRunConfig,)),
 )
 
 

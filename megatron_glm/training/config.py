@@ -133,12 +133,15 @@ class JobConfig:
         )
 
 
-def resolve_device(settings: Settings) -> tuple[str, list[str]]:
-    """(cpu or cuda, problems): ``--device auto`` is CUDA when a GPU is visible; what this device cannot run."""
+def resolve_device(settings: Settings, elsewhere: str | None = None) -> tuple[str, list[str]]:
+    """(cpu or cuda, problems): ``--device auto`` is CUDA when a GPU is visible; what this device cannot run.
+
+    ``elsewhere``: the device of machines other than this one (a dry run's), taken as present."""
     wanted = settings.training.device
-    device = wanted if wanted != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    visible = torch.cuda.is_available() if elsewhere is None else elsewhere == "cuda"
+    device = wanted if wanted != "auto" else ("cuda" if visible else "cpu")
     found = []
-    if device == "cuda" and not torch.cuda.is_available():
+    if device == "cuda" and not visible:
         found.append(
             "--device cuda, but no CUDA GPU is visible here (or this torch is a CPU build); use --device "
             "cpu, or auto"
@@ -212,13 +215,14 @@ def _lr_schedule(settings: Settings, batches: BatchSchedule, train_iters: int) -
     )
 
 
-def from_args(args: argparse.Namespace, world_size: int) -> JobConfig:
-    """The job the flags describe, or ``ValueError`` listing every flag that cannot work."""
+def from_args(args: argparse.Namespace, world_size: int, elsewhere: str | None = None) -> JobConfig:
+    """The job the flags describe, or ``ValueError`` listing every flag that cannot work
+    (``elsewhere``: the device the job runs on when that is not this machine, for a dry run)."""
     # its keys win: the settings hold the values that run
     args, overrides = _fold_deepspeed_json(args, world_size)
     settings = Settings.from_flags(args)
     problems = settings.problems(world_size)
-    device, device_problems = resolve_device(settings)
+    device, device_problems = resolve_device(settings, elsewhere)
     problems += device_problems
     train, par = settings.training, settings.parallel
     dp = par.data_parallel_size(world_size)

@@ -18,6 +18,7 @@ from megatron_glm.data.indexed import IndexedDatasetError
 from megatron_glm.data.loader import DataError
 from megatron_glm.data.tokenizer import TokenizerError
 from megatron_glm.parallel.state import discover_launch, exit_without_teardown
+from megatron_glm.training import dry_run
 from megatron_glm.training.arguments import build_parser
 from megatron_glm.training.config import from_args
 from megatron_glm.training.launcher_watch import watch_launcher
@@ -27,6 +28,9 @@ from megatron_glm.training.trainer import Trainer, TrainingError
 def pretrain(argv=None) -> dict:
     """Run glm-pretrain; returns a summary (iterations done, last losses, exit status)."""
     args = build_parser().parse_args(argv)
+    if args.dry_run:  # one process, no launcher: the whole job on fake tensors
+        logs.setup(0, False)
+        return dry_run.execute(args)
     launch = discover_launch()  # torchrun's variables, Slurm's, MPI's, or one process
     logs.setup(launch.rank, args.log_all_ranks)
     watch_launcher(launch.source)
