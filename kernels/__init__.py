@@ -1,7 +1,8 @@
 """Fused kernels for GLM, each with a torch reference (installed as ``megatron_glm.kernels``).
 
 The entry points are in ``ops`` and re-exported here: ``flash_attention`` (attention under the
-interval mask, never building it), ``masked_softmax``, ``embedding_2d``, ``rotary_2d``, with
+interval mask, never building it), ``masked_softmax``, ``embedding_2d``, ``rotary_2d``
+(and GLM-130B's ``rotary_1d``), with
 ``sdpa_attention``, ``softmax_attention`` and ``flex_attention`` as the other attention paths,
 and ``set_backend``/``get_backend`` to force Triton or the reference.
 """
@@ -14,6 +15,7 @@ if __name__ == "megatron_glm.kernels":
         flex_attention,
         get_backend,
         masked_softmax,
+        rotary_1d,
         rotary_2d,
         sdpa_attention,
         set_backend,
@@ -29,6 +31,7 @@ if __name__ == "megatron_glm.kernels":
         "softmax_attention",
         "masked_softmax",
         "embedding_2d",
+        "rotary_1d",
         "rotary_2d",
         "sdpa_attention",
     ]

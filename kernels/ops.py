@@ -5,7 +5,7 @@ Triton modules are imported only when a Triton kernel actually runs, so CPU runs
 - ``flash_attention``: attention under the interval mask, never building it.
 - ``masked_softmax``: scale + interval mask + softmax on materialised scores.
 - ``embedding_2d``: word + position + block-position embeddings in one pass.
-- ``rotary_2d``: 2D rotary applied to Q and K in one pass.
+- ``rotary_2d``: 2D rotary applied to Q and K in one pass; ``rotary_1d``: GLM-130B's (the reference).
 
 ``flex_attention`` is PyTorch's FlexAttention over the same mask, for comparison and as a path.
 """
@@ -29,6 +29,7 @@ __all__ = [
     "softmax_attention",
     "masked_softmax",
     "embedding_2d",
+    "rotary_1d",
     "rotary_2d",
     "sdpa_attention",
 ]
@@ -138,6 +139,14 @@ def embedding_2d(tokens, position_ids, word_weight, position_weight, block_weigh
 
         return glm_embedding_2d(tokens, position_ids, *weights)
     return reference.embedding_2d_reference(tokens, position_ids, *weights)
+
+
+def rotary_1d(q, k, positions, base: float = 10000.0):
+    """1D rotary (GLM-130B) applied to ``q`` and ``k`` ``[B, H, S, D]`` by ``positions [B, S]`` (the torch
+    reference: GLM-130B's pairing rotates dimension i with i + D/2, not the 2D kernel's halves)."""
+    return reference.rotary_1d_reference(q, positions, base), reference.rotary_1d_reference(
+        k, positions, base
+    )
 
 
 def rotary_2d(q, k, position_ids, base: float = 10000.0):

@@ -62,6 +62,15 @@ def _rope(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor) -> torc
     return (x.float() * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
 
 
+def rotary_1d_reference(
+    x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0
+) -> torch.Tensor:
+    """1D rotary (GLM-130B): the whole head rotated by ``positions [B, S]``, rotate-half convention."""
+    return _rope(
+        x, positions, inv_freq(2 * x.shape[-1], base, x.device)
+    )  # a "half-head" of all of it
+
+
 def rotary_2d_reference(
     x: torch.Tensor, position_ids: torch.Tensor, base: float = 10000.0
 ) -> torch.Tensor:

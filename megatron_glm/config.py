@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from megatron_glm.flags import add_flags, flag_values, internal, setting, value_of
 
+POSITION_TYPES = ("learned_2d", "rotary_2d", "rotary_1d")
+
 
 @dataclass(kw_only=True)
 class ModelConfig:
@@ -30,8 +32,10 @@ class ModelConfig:
     vocab_size: int = internal(0)
     position_embedding_type: str = setting(
         "learned_2d",
-        "learned_2d: the paper's; rotary_2d: as in ChatGLM",
-        choices=("learned_2d", "rotary_2d"),
+        "learned_2d: the paper's (the default); rotary_2d: as in ChatGLM; rotary_1d: GLM-130B's (Part A "
+        "0..n-1, a [MASK] span at its blank's position, a [gMASK] span continuing from its blank)",
+        choices=POSITION_TYPES,
+        parser_default=None,
     )
     hidden_dropout: float = setting(0.1)
     attention_dropout: float = setting(0.1)
@@ -51,6 +55,11 @@ class ModelConfig:
     def __post_init__(self):
         if self.ffn_hidden_size is None:
             self.ffn_hidden_size = 4 * self.hidden_size
+
+    @property
+    def positions_1d(self) -> bool:
+        """Row 0 of the batch's positions is GLM-130B's 1D position (row 1 still counts within a span)."""
+        return self.position_embedding_type == "rotary_1d"
 
     @property
     def head_dim(self) -> int:
@@ -77,9 +86,12 @@ class ModelConfig:
             problems.append(
                 f"2D rotary needs a head dim divisible by 4 (two rotated halves), got {self.head_dim}"
             )
-        if self.position_embedding_type not in ("learned_2d", "rotary_2d"):
+        elif self.position_embedding_type == "rotary_1d" and self.head_dim % 2:
+            problems.append(f"1D rotary needs an even head dim, got {self.head_dim}")
+        if self.position_embedding_type not in POSITION_TYPES:
             problems.append(
-                f"--position-embedding-type {self.position_embedding_type!r}: use learned_2d or rotary_2d"
+                f"--position-embedding-type {self.position_embedding_type!r}: use one of "
+                + ", ".join(POSITION_TYPES)
             )
         if self.vocab_size < 1:
             problems.append(
@@ -111,7 +123,8 @@ class ModelConfig:
         return [f"{k}: {a[k]} vs {b[k]}" for k in a if k not in ignore and a[k] != b[k]]
 
 
-# layers, hidden, heads, max positions (the GLM paper); a size flag given overrides the preset's
+# layers, hidden, heads, max positions (the GLM paper); a size flag given overrides the preset's, and so
+# does any other architecture flag given with a value other than its default
 PRESET_SIZES = (
     "num_layers",
     "hidden_size",
@@ -141,6 +154,20 @@ PRESETS: dict[str, dict] = {
     "glm-10b": dict(
         num_layers=48, hidden_size=4096, num_attention_heads=64, max_position_embeddings=1024
     ),
+    # GLM-130B (Zeng et al. 2022, arXiv 2210.02414, Table 11; THUDM/GLM-130B configs/model_glm_130b.sh):
+    # 70 layers, hidden 12,288, 96 heads, GeGLU FFN 32,768 (8h/3), sequence 2,048, post-LN DeepNorm, 1D
+    # rotary (its SAT model leaves position_encoding_2d off), word-embedding gradient shrink 0.1
+    "glm-130b": dict(
+        num_layers=70,
+        hidden_size=12288,
+        num_attention_heads=96,
+        ffn_hidden_size=32768,
+        max_position_embeddings=2048,
+        geglu=True,
+        deepnorm=True,
+        position_embedding_type="rotary_1d",
+        embedding_gradient_shrink_alpha=0.1,
+    ),
 }
 
 
@@ -167,9 +194,14 @@ def model_from_flags(values, vocab_size: int, seq_length: int) -> ModelConfig:
     given = flag_values(ModelConfig, values)
     name = value_of(values, "preset")
     cfg = preset(name, vocab_size=vocab_size) if name else ModelConfig(vocab_size=vocab_size)
+    defaults = ModelConfig()
     for field, value in given.items():
-        if value is not None or field not in PRESET_SIZES:
-            setattr(cfg, field, value)
+        if value is None:
+            continue
+        # a switch or value left at its default keeps the preset's (--preset glm-130b stays GeGLU)
+        if name and field in PRESETS[name] and value == getattr(defaults, field):
+            continue
+        setattr(cfg, field, value)
     if given.get("hidden_size") is not None and given.get("ffn_hidden_size") is None:
         cfg.ffn_hidden_size = 4 * given["hidden_size"]
     if given.get("max_position_embeddings") is None and not name:

@@ -89,7 +89,10 @@ def task_metrics(
     rows, labels = eval_tasks.build(kind, path, tokenizer, model.cfg.max_position_embeddings, seed)
     batches = [
         eval_tasks.layout(
-            rows[i : i + batch_size], max(map(len, rows[i : i + batch_size])), tokenizer.pad_id
+            rows[i : i + batch_size],
+            max(map(len, rows[i : i + batch_size])),
+            tokenizer.pad_id,
+            positions_1d=model.cfg.positions_1d,
         )
         for i in range(0, len(rows), batch_size)
     ]

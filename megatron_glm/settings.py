@@ -535,13 +535,18 @@ class Settings:
         """From parsed flags (an argparse namespace, or the flags an older checkpoint recorded)."""
         data = read_flags(DataConfig, values)
         training = read_flags(TrainingConfig, values)
+        model = model_from_flags(values, 0, data.seq_length)
         return cls(
             preset=value_of(values, "preset"),
-            model=model_from_flags(values, 0, data.seq_length),
+            model=model,
             implementation=read_flags(ImplementationConfig, values),
             parallel=read_flags(ParallelConfig, values),
             objective=read_flags(
-                BlankInfillingConfig, values, seq_length=data.seq_length, seed=training.seed
+                BlankInfillingConfig,
+                values,
+                seq_length=data.seq_length,
+                seed=training.seed,
+                positions_1d=model.positions_1d,
             ),
             data=data,
             tokenizer=read_flags(TokenizerSpec, values),
@@ -700,11 +705,17 @@ def recorded(meta: dict) -> Settings:
         }
         data = _section(DataConfig, {"data_path": (), **(record.get("data") or {})})
         objective = _section(
-            BlankInfillingConfig, {"seq_length": data.seq_length, **(record.get("objective") or {})}
+            BlankInfillingConfig,
+            {
+                "seq_length": data.seq_length,
+                **(record.get("objective") or {}),
+                "positions_1d": model.positions_1d,
+            },
         )
         return Settings(
             preset=record.get("preset"), model=model, objective=objective, data=data, **sections
         )
     flags = {"data_path": (), **(meta.get("args") or {})}
     settings = Settings.from_flags(flags)
-    return dataclasses.replace(settings, model=model)
+    objective = dataclasses.replace(settings.objective, positions_1d=model.positions_1d)
+    return dataclasses.replace(settings, model=model, objective=objective)

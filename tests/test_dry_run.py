@@ -92,3 +92,69 @@ def test_dry_run_memory_is_within_ten_percent_of_a_real_run(tmp_path, data, name
             report,
             measured[rank],
         )
+
+
+def small_job(tmp_path, *extra):
+    """A job whose data and tokenizer are not at hand: the dry run needs neither (--vocab-size)."""
+    return job_flags(str(tmp_path / "absent"), str(tmp_path / "absent.model"), tmp_path, *extra) + [
+        "--vocab-size",
+        "1500",
+    ]
+
+
+def test_traffic_per_group_is_the_count_by_hand(tmp_path):
+    b, s, h, layers, micro_batches, e = 2, 128, 64, 4, 4, 4  # fp32
+    activation = e * b * s * h
+
+    tp2 = dry_run(
+        small_job(tmp_path, "--tensor-model-parallel-size", "2"), 2, "--dry-run-ranks", "0", "1"
+    )["dry_run"]
+    # per micro-batch: the vocab-parallel embedding's all-reduce, two row-parallel all-reduces per layer
+    # forward and two column-parallel input-gradient all-reduces per layer backward, the output layer's
+    # input gradient, and the vocab-parallel cross entropy's max, target logit and sum of exponentials
+    per_micro_batch = activation * (1 + 2 * layers + 2 * layers + 1) + 3 * 4 * b * s
+    assert [r["traffic"] for r in tp2] == [{"tp": micro_batches * per_micro_batch}] * 2
+
+    pp2 = dry_run(
+        small_job(
+            tmp_path,
+            "--pipeline-model-parallel-size",
+            "2",
+            "--decoder-first-pipeline-num-layers",
+            "1",
+        ),
+        2,
+        "--dry-run-ranks",
+        "0",
+        "1",
+    )["dry_run"]
+    tied = e * 1536 * h  # the padded vocabulary's rows
+    first, last = pp2
+    assert (first["layers"], last["layers"]) == (1, 3)
+    # activations forward from the first stage, their gradients back from the last; the first stage
+    # broadcasts the tied matrix, the last sends it its gradient
+    assert first["traffic"] == {"pp": micro_batches * activation, "embedding": tied}
+    assert last["traffic"] == {"pp": micro_batches * activation, "embedding": tied}
+
+
+def test_fails_as_a_real_start_would(tmp_path):
+    import subprocess
+    import sys
+
+    def glm_pretrain(*extra):
+        cmd = [sys.executable, "-m", "megatron_glm.training.pretrain", *flags, *extra]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        return done.returncode, done.stderr
+
+    flags = [*small_job(tmp_path), "--dry-run", "--dry-run-device", "cpu"]
+    # a layout that does not divide the world
+    rc, err = glm_pretrain("--world-size", "6", "--tensor-model-parallel-size", "4")
+    assert rc == 1 and "world size 6 is not a multiple of tensor 4" in err, err
+    # no world size
+    rc, err = glm_pretrain()
+    assert rc == 1 and "--dry-run needs --world-size N" in err, err
+    # more memory than the devices have: the rank, what it needs, and what to change
+    rc, err = glm_pretrain("--world-size", "1", "--gpu-memory", "0.001")
+    assert rc == 1 and "rank 0 (pipeline stage 0) needs" in err, err
+    assert "more than --gpu-memory 0.001" in err and "Traceback" not in err
+    assert glm_pretrain("--world-size", "1", "--gpu-memory", "1")[0] == 0

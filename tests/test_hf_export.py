@@ -31,6 +31,9 @@ VARIANTS = {
     "learned_2d": {},
     "rotary_2d+geglu": dict(position_embedding_type="rotary_2d", geglu=True),
     "deepnorm": dict(deepnorm=True),
+    "glm-130b's (rotary_1d+geglu+deepnorm)": dict(
+        position_embedding_type="rotary_1d", geglu=True, deepnorm=True
+    ),
 }
 S = 48
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -119,6 +119,21 @@ def test_reference_rotary_is_a_complex_rotation_of_each_half():
         )
 
 
+def test_reference_1d_rotary_is_a_complex_rotation_of_the_whole_head():
+    """GLM-130B's: pairs (i, i + d/2) of the whole head turned by position x base^(-2i/d)."""
+    x = torch.randn(2, 3, 5, 16, dtype=torch.float64)
+    pos = torch.randint(0, 50, (2, 5))
+    z = torch.complex(x[..., :8], x[..., 8:])
+    freqs = 100.0 ** (-torch.arange(0, 16, 2, dtype=torch.float64) / 16)
+    rotated = z * torch.polar(torch.ones(1, dtype=torch.float64), pos[:, None, :, None] * freqs)
+    torch.testing.assert_close(
+        reference.rotary_1d_reference(x, pos, base=100.0),
+        torch.cat([rotated.real, rotated.imag], -1),
+        atol=1e-5,
+        rtol=0,
+    )
+
+
 # ---------------------------------------------------------------- flash attention
 
 

@@ -48,7 +48,7 @@ def logits(model, b, tokens=None):
     )
 
 
-KINDS = ["learned_2d", "rotary_2d"]
+KINDS = ["learned_2d", "rotary_2d", "rotary_1d"]
 
 
 @pytest.mark.parametrize(
@@ -58,6 +58,7 @@ KINDS = ["learned_2d", "rotary_2d"]
         ("rotary_2d", {}),
         ("learned_2d", {"deepnorm": True}),
         ("rotary_2d", {"geglu": True}),
+        ("rotary_1d", {"geglu": True, "deepnorm": True}),
     ],
 )
 def test_part_b_never_leaks_backwards(kind, options):
@@ -163,6 +164,75 @@ def test_kv_cache_logits_equal_full_recompute(kind):
     torch.testing.assert_close(torch.stack(incremental), full, atol=1e-5, rtol=1e-5)
 
 
+def test_glm_130b_positions_follow_its_generation_rule():
+    """GLM-130B's 1D positions (THUDM/GLM-130B generate.py): a [gMASK] at the end of Part A is generated
+    at positions that go on counting (Part A 0..a-1, [sop] a, ...); a [MASK] span stays at its blank."""
+    text = np.random.default_rng(7).integers(6, VOCAB, 60)
+    document = BlankInfillingConfig(
+        seq_length=64, token_prob=0.0, gpt_infill_prob=1.0, positions_1d=True
+    )
+    b = BlankInfillingCollator(document, SP)([(3, {"text": text, "document_lengths": [60]})])
+    tokens, (pos0, pos1) = b["tokens"][0], b["position_ids"][0]
+    a = int((tokens == SP.gmask).nonzero()) + 1  # the [gMASK] ends Part A
+    used = int((tokens != SP.pad).sum())
+    assert tokens[a] == SP.sop and torch.equal(pos0[:used], torch.arange(used))
+    assert torch.equal(pos1[a:used], torch.arange(1, used - a + 1))
+
+    token = BlankInfillingConfig(seq_length=64, positions_1d=True)
+    b = BlankInfillingCollator(token, SP)([(3, {"text": text, "document_lengths": [60]})])
+    flat = BlankInfillingConfig(seq_length=64)
+    assert torch.equal(
+        b["position_ids"],
+        BlankInfillingCollator(flat, SP)([(3, {"text": text, "document_lengths": [60]})])[
+            "position_ids"
+        ],
+    ), "[MASK] spans keep their blank's position"
+
+    # generation feeds a [gMASK] span at the positions one forward over the whole sequence uses
+    model = model_for("rotary_1d", geglu=True, deepnorm=True)
+    part_a, span = [9, 10, 11, 12, SP.gmask], [20, 21, 22]
+    a = len(part_a)
+    cache = KVCache(model.cfg.num_layers)
+    zeros = torch.zeros(1, a, dtype=torch.long)
+    bounds = torch.zeros(1, a, dtype=torch.int32), torch.full((1, a), a, dtype=torch.int32)
+    model(torch.tensor([part_a]), torch.stack([torch.arange(a)[None], zeros], 1), *bounds, cache)
+    fed = [
+        _feed(
+            model,
+            cache,
+            torch.tensor([[t]]),
+            torch.tensor([[a - 1]]),
+            torch.tensor([[j + 1]]),
+            VOCAB,
+            True,
+        )[0]
+        for j, t in enumerate([SP.sop] + span)
+    ]
+    tokens = part_a + [SP.sop] + span
+    n = len(tokens)
+    positions = torch.tensor([[list(range(n)), [0] * a + list(range(1, n - a + 1))]])
+    hi = torch.tensor([[a] * a + list(range(a + 1, n + 1))], dtype=torch.int32)
+    full = model(torch.tensor([tokens]), positions, torch.zeros(1, n, dtype=torch.int32), hi)
+    torch.testing.assert_close(torch.stack(fed), full[0, a:], atol=1e-5, rtol=1e-5)
+
+
+def test_glm_130b_preset_is_the_published_model():
+    """About 130B parameters (the paper's count) in 70 layers, hidden 12,288, GeGLU 32,768, 1D rotary."""
+    from megatron_glm.model.parallelize import count_parameters
+
+    cfg = preset("glm-130b", vocab_size=150528)
+    cfg.validate(2048)
+    assert (cfg.num_layers, cfg.hidden_size, cfg.num_attention_heads) == (70, 12288, 96)
+    assert (
+        cfg.geglu
+        and cfg.deepnorm
+        and cfg.positions_1d
+        and cfg.embedding_gradient_shrink_alpha == 0.1
+    )
+    # per layer 4h^2 (attention) + 3 h f (GeGLU's two input halves and its output), plus the embedding
+    assert count_parameters(cfg, 1) == pytest.approx(130e9, rel=0.02)
+
+
 class ToyTokenizer:
     """Ids are characters' code points (small alphabet); enough to drive fill_blanks."""
 
@@ -241,7 +311,7 @@ def test_the_padding_rows_of_the_vocabulary_are_never_generated(strategy, temper
     [
         (dict(hidden_size=100, num_attention_heads=3), "not divisible"),
         (dict(vocab_size=0), "vocab size"),
-        (dict(position_embedding_type="alibi"), "learned_2d or rotary_2d"),
+        (dict(position_embedding_type="alibi"), "use one of learned_2d, rotary_2d, rotary_1d"),
         (dict(hidden_dropout=1.5), "hidden-dropout"),
     ],
 )

@@ -112,6 +112,8 @@ class BlankInfillingConfig:
         False, "one segment per document (GLM-130B style)", name="--packed-segments"
     )
     seed: int = internal(1234)  # the job's (--seed)
+    # the model's rotary_1d: row 0 of the positions is GLM-130B's 1D position (ModelConfig.positions_1d)
+    positions_1d: bool = internal(False)
 
     def validate(self) -> None:
         probs = (self.token_prob, self.sentence_prob)
@@ -589,6 +591,11 @@ class BlankInfillingCollator:
         for b in one:
             self._layout_one_span(plans[b], b, out)
         tokens, labels, pos0, pos1, lo, hi = out
+        if self.cfg.positions_1d:
+            # GLM-130B's 1D positions: a [gMASK] span continues from its blank (the blank's position + 1, 2,
+            # ...: Part A's count goes on when the blank ends it), a [MASK] or [sMASK] span stays at its blank's
+            continues = np.asarray([p.mask_id == self.special.gmask for p in plans])
+            pos0 = pos0 + pos1 * np.repeat(continues, S)
         shape = (B, S)
         return {
             "tokens": tokens.reshape(shape),

@@ -43,16 +43,18 @@ class Row:
     targets: list[int]  # what each Part B input predicts
     item: int  # the task item the row belongs to
     choice: int = 0
+    gmask: bool = False  # a [gMASK] blank: GLM-130B's 1D positions continue from it
 
     def __len__(self) -> int:
         return len(self.part_a) + len(self.part_b)
 
 
 def layout(
-    rows: list[Row], length: int, pad: int, size: int | None = None
+    rows: list[Row], length: int, pad: int, size: int | None = None, positions_1d: bool = False
 ) -> dict[str, np.ndarray]:
     """The batch contract for ``rows`` padded to ``length`` (and to ``size`` rows, with rows that score nothing):
-    Part A bidirectional, Part B causal."""
+    Part A bidirectional, Part B causal; ``positions_1d``: GLM-130B's positions in row 0 (the model's
+    ``positions_1d``), where a [gMASK] span continues from its blank."""
     n = size or len(rows)
     tokens = np.full((n, length), pad, np.int64)
     labels = np.zeros((n, length), np.int64)
@@ -66,6 +68,8 @@ def layout(
         labels[r, a : a + b], loss_mask[r, a : a + b] = row.targets, 1.0
         positions[r, 0, :a], positions[r, 0, a : a + b] = np.arange(a), row.mask_pos
         positions[r, 1, a : a + b] = np.arange(1, b + 1)
+        if positions_1d and row.gmask:
+            positions[r, 0, a : a + b] += np.arange(1, b + 1)
         hi[r, :a], hi[r, a : a + b] = a, np.arange(a + 1, a + b + 1)
     return {
         "tokens": tokens,
@@ -156,7 +160,9 @@ def lambada_rows(path: str, tokenizer, limit: int) -> list[Row]:
             else tokenizer.encode(word)
         )
         part_a = ctx + [tokenizer.gmask_id]
-        rows.append(Row(part_a, len(ctx), [tokenizer.sop_id] + target[:-1], target, item))
+        rows.append(
+            Row(part_a, len(ctx), [tokenizer.sop_id] + target[:-1], target, item, gmask=True)
+        )
     _check_lengths(rows, limit, path)
     return rows
 

@@ -52,12 +52,17 @@ class GenerationConfig:
             raise ValueError("; ".join(problems))
 
 
-def _feed(model: GLMModel, cache: KVCache, tokens, pos0, pos1, vocab: int):
+def _feed(model: GLMModel, cache: KVCache, tokens, pos0, pos1, vocab: int, continues=False):
     """Run ``tokens [B, t]`` after the cache; causal over the new ones. Returns last logits ``[B, vocab]``:
-    the rows past the tokenizer's ids (Megatron's padding of the embedding) are never chosen."""
+    the rows past the tokenizer's ids (Megatron's padding of the embedding) are never chosen.
+
+    ``continues``: a [gMASK] span under GLM-130B's 1D positions, which go on from the blank's
+    (``pos0 + pos1``) where a [MASK] span's stay at it."""
     b, t = tokens.shape
     start = cache.length
     device = tokens.device
+    if continues and model.cfg.positions_1d:
+        pos0 = pos0 + pos1
     position_ids = torch.stack([pos0, pos1], dim=1)
     lo = torch.zeros(b, t, dtype=torch.int32, device=device)
     hi = torch.arange(start + 1, start + t + 1, dtype=torch.int32, device=device).expand(b, t)
@@ -77,7 +82,9 @@ def _filter(logits, cfg: GenerationConfig):
     return logits
 
 
-def _span_greedy_or_sample(model, cache, mask_pos, sop, eop, cfg, generator, device, vocab):
+def _span_greedy_or_sample(
+    model, cache, mask_pos, sop, eop, cfg, generator, device, vocab, continues=False
+):
     out = []
     token = torch.tensor([[sop]], device=device)
     for step in range(1, cfg.max_new_tokens + 2):
@@ -88,6 +95,7 @@ def _span_greedy_or_sample(model, cache, mask_pos, sop, eop, cfg, generator, dev
             torch.tensor([[mask_pos]], device=device),
             torch.tensor([[step]], device=device),
             vocab,
+            continues,
         )
         if cfg.strategy == "greedy":
             nxt = int(logits.argmax(-1))
@@ -101,7 +109,7 @@ def _span_greedy_or_sample(model, cache, mask_pos, sop, eop, cfg, generator, dev
     return out
 
 
-def _span_beam(model, cache, mask_pos, sop, eop, cfg, device, vocab):
+def _span_beam(model, cache, mask_pos, sop, eop, cfg, device, vocab, continues=False):
     """Beam search over one span on a copy of the cache; returns the best token list."""
     beams = cfg.num_beams
     work = cache.copy()
@@ -112,6 +120,7 @@ def _span_beam(model, cache, mask_pos, sop, eop, cfg, device, vocab):
         torch.tensor([[mask_pos]], device=device),
         torch.tensor([[1]], device=device),
         vocab,
+        continues,
     )
     work.reorder(torch.zeros(beams, dtype=torch.long, device=device))
     seqs = [[] for _ in range(beams)]
@@ -153,6 +162,7 @@ def _span_beam(model, cache, mask_pos, sop, eop, cfg, device, vocab):
             torch.full((n, 1), mask_pos, device=device),
             torch.full((n, 1), step + 1, device=device),
             vocab,
+            continues,
         )
         logprobs = torch.log_softmax(logits, -1)
         if n < beams:
@@ -216,9 +226,10 @@ def fill_blanks(
     model(tokens, position_ids, *bounds, cache)  # Part A, bidirectional, once
     spans = []
     for pos in blanks:
+        continues = ids[pos] == tokenizer.gmask_id
         if cfg.strategy == "beam":
             span = _span_beam(
-                model, cache, pos, tokenizer.sop_id, tokenizer.eop_id, cfg, device, vocab
+                model, cache, pos, tokenizer.sop_id, tokenizer.eop_id, cfg, device, vocab, continues
             )
             fed = torch.tensor([[tokenizer.sop_id] + span], device=device)
             n = fed.shape[1]
@@ -229,10 +240,20 @@ def fill_blanks(
                 torch.full((1, n), pos, device=device),
                 torch.arange(1, n + 1, device=device)[None],
                 vocab,
+                continues,
             )
         else:
             span = _span_greedy_or_sample(
-                model, cache, pos, tokenizer.sop_id, tokenizer.eop_id, cfg, generator, device, vocab
+                model,
+                cache,
+                pos,
+                tokenizer.sop_id,
+                tokenizer.eop_id,
+                cfg,
+                generator,
+                device,
+                vocab,
+                continues,
             )
         spans.append(span)
     out, k = [], 0

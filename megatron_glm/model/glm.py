@@ -98,6 +98,8 @@ class Attention(nn.Module):
         q, k, v = qkv.view(b, s, 3, heads, d).permute(2, 0, 3, 1, 4)
         if self.cfg.position_embedding_type == "rotary_2d":
             q, k = kernels.rotary_2d(q, k, position_ids, self.cfg.rotary_base)
+        elif self.cfg.position_embedding_type == "rotary_1d":  # row 0 holds the 1D position
+            q, k = kernels.rotary_1d(q, k, position_ids[:, 0], self.cfg.rotary_base)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         out = self.core_attention(q, k, v, attn_lo, attn_hi)

@@ -19,7 +19,7 @@ from megatron_glm.plan.memory import ATTENTION, BYTES, Workload
 from megatron_glm.plan.search import Cluster, GiB, flags, rank
 
 # the tokenizers of the published models: BERT WordPiece, GPT-2 BPE
-PRESET_VOCAB = {"glm-2b": 50257, "glm-10b": 50257}
+PRESET_VOCAB = {"glm-2b": 50257, "glm-10b": 50257, "glm-130b": 150528}  # GLM-130B's IceTokenizer
 DEFAULT_VOCAB = 30522
 
 
@@ -87,6 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("output")
     g.add_argument("--top", type=int, default=5)
     g.add_argument("--json", action="store_true", help="the ranked layouts as JSON on stdout")
+    g.add_argument(
+        "--verify",
+        type=int,
+        default=0,
+        metavar="K",
+        help="dry-run the K best layouts (glm-pretrain --dry-run: one process, fake tensors; minutes for a "
+        "100B model) and recommend the best that fits by the traced peak",
+    )
     return p
 
 
@@ -141,14 +149,8 @@ def _table(ranked, top: int) -> str:
     )
     rows = [head, "-" * len(head)]
     for c in ranked[:top]:
-        lay, st = c.layout, max(c.stages, key=lambda s: s.peak)
-        ends = (
-            f"[{lay.ends[0]}|..|{lay.ends[1]}]" if lay.ends else ""
-        )  # the first and last stages' layers
-        name = (
-            f"TP{lay.tp} PP{lay.pp}{ends}{f'x{lay.vpp}' if lay.vpp > 1 else ''} DP{lay.dp} mb{lay.micro_batch} "
-            f"Z{lay.zero}{' SP' if lay.sequence_parallel else ''}{' rc-' + lay.recompute if lay.recompute else ''}"
-        )
+        st = max(c.stages, key=lambda s: s.peak)
+        name = c.layout.label
         rows.append(
             f"{name:<44} {_gib(c.peak):>8} {_gib(st.weights):>8} {_gib(st.gradients):>7} "
             f"{_gib(st.optimizer):>7} {_gib(st.activations):>7} {_gib(st.transient):>7} "
@@ -170,8 +172,10 @@ def smallest_fitting_nodes(w: Workload, cluster: Cluster, limit: int = 4096, **k
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if min(args.micro_batch_sizes) < 1 or args.top < 1:
-            raise ValueError("--micro-batch-sizes and --top must be positive")
+        if min(args.micro_batch_sizes) < 1 or args.top < 1 or args.verify < 0:
+            raise ValueError(
+                "--micro-batch-sizes and --top must be positive, --verify not negative"
+            )
         cfg = model_from_args(args)
         cluster = Cluster(
             nodes=args.nodes,
@@ -235,6 +239,23 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.verify:
+        from megatron_glm.plan.verify import table, verify
+
+        verified = verify(w, cluster, ranked, args.verify)
+        print(
+            "\ndry runs (glm-pretrain --dry-run) beside the estimates, per-GPU peak:\n"
+            + table(verified)
+        )
+        fitting = [v.candidate for v in verified if v.fits]
+        if not fitting:
+            print(
+                f"\nglm-plan: none of the {len(verified)} best layouts fits when dry-run: their traced peaks "
+                "exceed the GPUs' memory. Verify more (--verify), give more nodes, or shorten --seq-length.",
+                file=sys.stderr,
+            )
+            return 2
+        best = fitting[0]
     if not args.json:
         host = max(s.setup_host for s in best.stages)
         print(

@@ -30,8 +30,10 @@ from dataclasses import dataclass, field
 from megatron_glm.config import ModelConfig
 from megatron_glm.model.parallelize import partition_of
 from megatron_glm.parallel.pipeline import partition_layers, stage_layer_counts
+from megatron_glm.training.zero_states import BYTES, model_states, setup_host_bytes
 
-BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+__all__ = ["BYTES", "model_states", "setup_host_bytes"]  # and what is defined below
+
 ATTENTION = ("flash", "sdpa", "eager")
 
 
@@ -94,6 +96,16 @@ class Layout:
     def micro_batches(self, global_batch: int) -> int:
         return global_batch // (self.micro_batch * self.dp)
 
+    @property
+    def label(self) -> str:
+        """``TP4 PP8[8|..|8] DP24 mb1 Z1 rc-full``: ``[first|..|last]``, an uneven split's end stages' layers."""
+        ends = f"[{self.ends[0]}|..|{self.ends[1]}]" if self.ends else ""
+        vpp = f"x{self.vpp}" if self.vpp > 1 else ""
+        return (
+            f"TP{self.tp} PP{self.pp}{ends}{vpp} DP{self.dp} mb{self.micro_batch} Z{self.zero}"
+            f"{' SP' if self.sequence_parallel else ''}{' rc-' + self.recompute if self.recompute else ''}"
+        )
+
 
 @dataclass
 class StageMemory:
@@ -153,53 +165,6 @@ def stage_parameters(cfg: ModelConfig, tp: int, pp: int, vpp: int = 1, counts=No
     return stages
 
 
-def setup_host_bytes(counts: dict, zero3_partitions: int = 0, device: str = "cuda") -> int:
-    """Host memory a rank needs to build its weights (``model/parallelize.py``): its fp32 shard, plus
-    one full fp32 tensor at a time, initialised and then sliced. Under ZeRO-3 (``zero3_partitions``:
-    the data-parallel size) each parameter is partitioned as it is made: one full tensor, and the
-    partitions where they live on the host (a CPU run)."""
-    shard = counts["embedding"] + counts["other"]
-    if zero3_partitions:
-        kept = -(-shard // zero3_partitions) if device == "cpu" else 0
-        return 4 * (kept + counts["largest_full"])
-    return 4 * (shard + counts["largest_full"])
-
-
-def model_states(
-    params: int, precision: str, zero: int, dp: int, cpu_offload: bool = False
-) -> dict:
-    """Weights, gradients, optimizer and communication-buffer bytes for ``params`` elements on one rank.
-
-    As DeepSpeed lays them out (Rajbhandari et al. 2020 for the partitioning):
-
-    - Adam's two fp32 moments (8 bytes); mixed precision adds an fp32 master copy (4). Without
-      ZeRO they exist in full on every rank, and the fp32 gradients of the step are a temporary.
-    - ZeRO >= 1 keeps the fp32 master, the moments and an fp32 gradient partition per rank
-      (``/dp``), even in fp32 training, plus a reduce bucket (``bucket_elements``).
-    - ZeRO-2 also partitions the gradients; ZeRO-3 also the weights (gathered layer by layer).
-    """
-    from megatron_glm.training.engine import bucket_elements
-
-    e = BYTES[precision]
-    mixed = precision != "fp32"
-    part = -(-params // dp)
-    weights = grads = e * params
-    buffers = 0
-    if zero == 0:
-        optimizer = (4 + 8) * params if mixed else 8 * params
-    else:
-        optimizer = (4 + 8 + 4) * part
-        buffers = e * bucket_elements(params)
-    if zero >= 2:
-        grads = e * part
-    if zero == 3:
-        # the gathered working set, one bucket's worth
-        weights = e * part + e * bucket_elements(params)
-    if cpu_offload:
-        optimizer = 0
-    return {"weights": weights, "gradients": grads, "optimizer": optimizer, "buffers": buffers}
-
-
 def layer_activations(w: Workload, lay: Layout) -> dict:
     """Bytes one transformer layer saves for backward, per micro-batch, by term (see module doc)."""
     cfg, e, t = w.cfg, BYTES[w.precision], lay.tp
@@ -224,6 +189,8 @@ def layer_activations(w: Workload, lay: Layout) -> dict:
             terms["rotary"] = (2 if w.attention == "flash" else 3) * e * n // t + 16 * b * s
         else:  # the torch reference: rotated halves and their concatenations
             terms["rotary"] = 4 * e * n // t
+    elif cfg.position_embedding_type == "rotary_1d":  # the torch reference on every device
+        terms["rotary"] = 4 * e * n // t
     heads = a // t
     if w.attention == "flash":
         # O and its [b, s, h] copy for the dense layer; fp32 log-sum-exp; int32 bounds

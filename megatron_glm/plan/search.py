@@ -176,7 +176,9 @@ def evaluate(w: Workload, lay: Layout, cluster: Cluster) -> Candidate:
     bubble = (lay.pp - 1) / (lay.vpp * m)
 
     act = lay.micro_batch * s * h * e  # one activation tensor of a micro-batch
-    tp_bytes = 4 * layers_here * m * _ring(act, lay.tp)
+    # two all-reduces per layer forward, two backward, and with full recompute the forward's two again
+    reduces = 6 if lay.recompute == "full" else 4
+    tp_bytes = reduces * layers_here * m * _ring(act, lay.tp)
     pp_bytes = (
         0 if lay.pp == 1 else 2 * m * lay.vpp * act / (lay.tp if lay.sequence_parallel else 1)
     )

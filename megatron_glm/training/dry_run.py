@@ -14,7 +14,7 @@ then, for each impersonated rank:
   measured from those, not from glm-plan's formulas; the collectives are counted per group.
 
 DeepSpeed cannot run on fake tensors (it flattens and copies real buffers), so its part is
-DeepSpeed's partitioning arithmetic (``plan/memory.model_states``): the optimizer state, the
+DeepSpeed's partitioning arithmetic (``training/zero_states.py``): the optimizer state, the
 ZeRO-2/3 gradient and weight partitions, and the data-parallel traffic. The report says which
 figures are traced and which are arithmetic. Nothing reads the data (the tokenizer sets the
 vocabulary), and no weight is ever allocated.
@@ -107,7 +107,8 @@ def impersonated_ranks(tp: int, pp: int, dp: int, given=None) -> list[int]:
 
 # -- traffic ---------------------------------------------------------------------------------------
 class Traffic:
-    """Bytes handed to collectives and sends, per group (tp, pp, dp, embedding, mp, world)."""
+    """Bytes a rank hands to each group's collectives and sends per step (tp, pp, embedding, ...): the
+    payload, before the algorithm (a ring all-reduce moves about twice it over the links)."""
 
     def __init__(self, groups: dict):
         self.by_group: dict[str, int] = {}
@@ -146,7 +147,11 @@ class Traffic:
 
         measures = {
             "all_reduce": lambda t, *a, group=None, **k: (group, size(t)),
-            "broadcast": lambda t, src, group=None, **k: (group, size(t)),
+            # a broadcast sends from its source only
+            "broadcast": lambda t, src, group=None, **k: (
+                group,
+                size(t) if src == dist.get_rank() else 0,
+            ),
             "all_gather": lambda out, t, group=None, **k: (group, size(t)),
             "all_gather_into_tensor": lambda out, t, group=None, **k: (group, size(t)),
             "reduce_scatter": lambda out, parts, *a, group=None, **k: (
@@ -290,7 +295,7 @@ def impersonate(job, model_cfg, dry: DryRunConfig, rank: int) -> RankReport:
     from megatron_glm.parallel import state
     from megatron_glm.parallel.pipeline_stage import TiedEmbedding
     from megatron_glm.parallel.tensor_parallel import materialize
-    from megatron_glm.plan.memory import BYTES, model_states, setup_host_bytes
+    from megatron_glm.training.zero_states import BYTES, model_states, setup_host_bytes
 
     par, train = job.parallel, job.training
     world = dry.world_size
@@ -564,8 +569,9 @@ def over_budget(reports: list[RankReport], gpu_memory: float | None) -> str | No
     return None
 
 
-def execute(args) -> dict:
-    """glm-pretrain --dry-run: check the job, impersonate its ranks, print (and save) the report."""
+def execute(args, quiet: bool = False) -> dict:
+    """glm-pretrain --dry-run: check the job, impersonate its ranks, print (unless ``quiet``) and save the
+    report; ``ValueError`` for what a real start would fail on."""
     from megatron_glm.training.config import from_args
 
     dry = dry_run_config(args)
@@ -574,8 +580,8 @@ def execute(args) -> dict:
         raise ValueError("; ".join(problems))
     job = from_args(args, world_size=dry.world_size, elsewhere=dry.dry_run_device)
     reports = run(job, dry)
-    text = table(reports, dry.gpu_memory)
-    print(text)
+    if not quiet:
+        print(table(reports, dry.gpu_memory))
     if job.log_dir:
         os.makedirs(job.log_dir, exist_ok=True)
         path = os.path.join(job.log_dir, "dry_run.json")

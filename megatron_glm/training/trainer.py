@@ -541,7 +541,11 @@ class Trainer:
                     {
                         k: torch.from_numpy(v)
                         for k, v in eval_tasks.layout(
-                            rows[k * mb : (k + 1) * mb], seq, self.tokenizer.pad_id, mb
+                            rows[k * mb : (k + 1) * mb],
+                            seq,
+                            self.tokenizer.pad_id,
+                            mb,
+                            self.model_cfg.positions_1d,
                         ).items()
                     }
                 )

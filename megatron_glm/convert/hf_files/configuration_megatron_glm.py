@@ -6,8 +6,9 @@ from transformers import PretrainedConfig
 class MegatronGLMConfig(PretrainedConfig):
     """The architecture as megatron-glm trains it; ``megatron_glm`` keeps its own record for ``import-hf``.
 
-    ``position_embedding_type``: ``learned_2d`` (the paper: two learned tables) or ``rotary_2d``
-    (ChatGLM: the two halves of each head rotated by the two positions). ``geglu`` and ``deepnorm``
+    ``position_embedding_type``: ``learned_2d`` (the paper: two learned tables), ``rotary_2d``
+    (ChatGLM: the two halves of each head rotated by the two positions) or ``rotary_1d`` (GLM-130B:
+    the whole head rotated by one position). ``geglu`` and ``deepnorm``
     are GLM-130B's gated MLP and post-LN residual scaling. The special ids are the tokenizer's.
     """
 

@@ -7,7 +7,8 @@ generated. Unless the caller passes them, positions and mask come from that layo
 - Part A: positions 0, 1, ... with block position 0, attending bidirectionally within Part A;
 - Part B: each ``[sop]`` starts a span; the k-th span takes the position of the k-th blank in
   Part A (the end of Part A if there are fewer blanks) and block positions 1, 2, ...; Part B
-  is causal and sees all of Part A. Spans in another order (GLM's training shuffles them)
+  is causal and sees all of Part A. With ``rotary_1d`` (GLM-130B) a ``[gMASK]`` span's positions
+  go on from its blank's: blank + 1, blank + 2, ... Spans in another order (GLM's training shuffles them)
   need their ``position_ids`` passed; the mask is the same.
 
 Without ``[sop]`` the whole input is Part A (a bidirectional encoder, as for classification).
@@ -58,12 +59,13 @@ def glm_layout(input_ids, config, attention_mask=None):
         match.any(-1), (match * position_a[:, None, :]).sum(-1), part_a.sum(1, keepdim=True)
     )
     last_sop = torch.where(sop, index, -1).cummax(1).values
+    block_position = torch.where(part_b, index - last_sop + 1, 0)
+    if config.position_embedding_type == "rotary_1d" and config.gmask_token_id is not None:
+        # GLM-130B's 1D positions: a [gMASK] span goes on from its blank's position
+        gmask_span = (match & (input_ids == config.gmask_token_id)[:, None, :]).any(-1)
+        span_position = span_position + torch.where(gmask_span, block_position, 0)
     position_ids = torch.stack(
-        [
-            torch.where(part_b, span_position, position_a),
-            torch.where(part_b, index - last_sop + 1, 0),
-        ],
-        dim=1,
+        [torch.where(part_b, span_position, position_a), block_position], dim=1
     )
     # query i sees key j: j is a token, and j is in Part A, or i is in Part B and j <= i (itself always:
     # a padding row with nothing to see would make the softmax NaN)
@@ -110,6 +112,13 @@ class MegatronGLMAttention(nn.Module):
             q, k = (
                 rotary_2d(q, position_ids, self.config.rotary_base),
                 rotary_2d(k, position_ids, self.config.rotary_base),
+            )
+        elif (
+            self.config.position_embedding_type == "rotary_1d"
+        ):  # GLM-130B: the whole head, by row 0
+            q, k = (
+                _rotate(q, position_ids[:, 0], self.config.rotary_base),
+                _rotate(k, position_ids[:, 0], self.config.rotary_base),
             )
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
