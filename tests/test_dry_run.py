@@ -158,3 +158,56 @@ def test_fails_as_a_real_start_would(tmp_path):
     assert rc == 1 and "rank 0 (pipeline stage 0) needs" in err, err
     assert "more than --gpu-memory 0.001" in err and "Traceback" not in err
     assert glm_pretrain("--world-size", "1", "--gpu-memory", "1")[0] == 0
+
+
+PLAN = [
+    "--num-layers",
+    "4",
+    "--hidden-size",
+    "64",
+    "--num-attention-heads",
+    "4",
+    "--vocab-size",
+    "1500",
+    "--seq-length",
+    "128",
+    "--global-batch-size",
+    "8",
+    "--nodes",
+    "1",
+    "--gpus-per-node",
+    "2",
+    "--device",
+    "cpu",
+    "--precision",
+    "fp32",
+    "--attention-impl",
+    "sdpa",
+    "--reserve",
+    "1",
+]
+
+
+def test_glm_plan_verify_recommends_only_what_fits_when_dry_run(capsys):
+    from megatron_glm.plan.cli import main
+    from megatron_glm.plan.search import GiB
+
+    assert main([*PLAN, "--json", "--top", "1"]) == 0
+    top = json.loads(capsys.readouterr().out)[0]
+    # room for the best layout's estimate, but not for the few per cent more that the dry run traces
+    gpu_memory = 1 + top["peak_bytes"] * 1.005 / GiB
+    rc = main([*PLAN, "--gpu-memory", repr(gpu_memory), "--verify", "3"])
+    out, err = capsys.readouterr()
+    rows = out.split("beside the estimates, per-GPU peak:\n")[1].split("\n\n")[0].splitlines()[2:]
+    verified = [(line[:44].strip(), line.split()[-1]) for line in rows]
+    assert len(verified) == 3 and verified[0][1] == "NO", out
+    fitting = [name for name, fits in verified if fits == "yes"]
+    if fitting:  # the recommendation is the best layout that fits when dry-run
+        assert rc == 0
+        tp, pp = fitting[0].split()[:2]
+        recommended = out.split("glm-pretrain flags")[1]
+        assert f"--tensor-model-parallel-size {tp[2:]} --pipeline-model-parallel-size {pp[2]}" in (
+            recommended
+        )
+    else:
+        assert rc == 2 and "none of the 3 best layouts fits when dry-run" in err

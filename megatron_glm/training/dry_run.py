@@ -10,14 +10,15 @@ then, for each impersonated rank:
 - one training step runs through the real pipeline schedule: forward, loss and backward of
   every micro-batch, the point-to-point and tensor-parallel traffic, the tied embedding's;
   Triton kernels run their Python side (every tensor they allocate), their launches skipped;
-- torch's ``MemTracker`` traces every tensor the step allocates and frees: the device peak is
-  measured from those, not from glm-plan's formulas; the collectives are counted per group.
+- ``AllocationTracker`` (a dispatch mode, as torch's ``MemTracker``) traces every tensor the step
+  allocates and frees: the device peak is measured from those, not from glm-plan's formulas;
+  the collectives are counted per group (``Traffic``).
 
 DeepSpeed cannot run on fake tensors (it flattens and copies real buffers), so its part is
 DeepSpeed's partitioning arithmetic (``training/zero_states.py``): the optimizer state, the
 ZeRO-2/3 gradient and weight partitions, and the data-parallel traffic. The report says which
-figures are traced and which are arithmetic. Nothing reads the data (the tokenizer sets the
-vocabulary), and no weight is ever allocated.
+figures are traced and which are arithmetic. Nothing reads the data (the tokenizer, or
+``--vocab-size``, sets the vocabulary), and no weight is ever allocated.
 """
 
 from __future__ import annotations
@@ -57,8 +58,8 @@ class DryRunConfig:
     )
     dry_run_ranks: tuple[int, ...] | None = setting(
         None,
-        "global ranks to impersonate (default: TP rank 0 of data-parallel rank 0 on the first, a middle "
-        "and the last pipeline stage)",
+        "global ranks to impersonate (default: TP rank 0 of data-parallel rank 0 on the first, the second "
+        "(the busiest middle one) and the last pipeline stage)",
     )
     gpu_memory: float | None = setting(
         None,
@@ -92,7 +93,8 @@ def dry_run_config(args) -> DryRunConfig:
 
 
 def impersonated_ranks(tp: int, pp: int, dp: int, given=None) -> list[int]:
-    """The ranks to stand in for: ``given``, or one of each pipeline role (first, middle, last stage)."""
+    """The ranks to stand in for: ``given``, or one of each pipeline role (the first stage, the busiest
+    middle one, the last)."""
     world = tp * pp * dp
     if given:
         bad = [r for r in given if not 0 <= r < world]
@@ -101,7 +103,8 @@ def impersonated_ranks(tp: int, pp: int, dp: int, given=None) -> list[int]:
                 f"--dry-run-ranks {bad} outside the world of {world} ranks (0..{world - 1})"
             )
         return sorted(set(given))
-    stages = sorted({0, pp // 2, pp - 1})
+    # of the middle stages the first holds the most micro-batches in flight (1F1B warms up pp - stage - 1)
+    stages = sorted({0, min(1, pp - 1), pp - 1})
     return [stage * dp * tp for stage in stages]  # (p * dp + d) * tp + t with d = t = 0
 
 
@@ -204,26 +207,25 @@ class RankReport:
     dp_rank: int
     layers: int
     parameters: int  # elements this rank holds (its TP x PP shard)
-    weights: (
-        int  # bytes on the device, training dtype (ZeRO-3: its partition and a gathered bucket)
-    )
+    # bytes on the device: weights in the training dtype (ZeRO-3: its partition and a gathered bucket)
+    weights: int
     gradients: int
     optimizer: int  # DeepSpeed's fp32 master, Adam moments and buffers (arithmetic)
     setup_host: int  # peak host bytes while the rank builds its weights
     setup_device: int  # peak device bytes while the weights arrive and are cast
     static: int  # model states: weights, gradients, optimizer
     activations_peak: int  # traced: the step's peak above the weights and gradients
-    peak: int  # device peak of the step: model states and the larger of activations and the optimizer step
-    traffic: dict = field(
-        default_factory=dict
-    )  # bytes per group per step (tp, pp, embedding: counted)
+    # device peak of the step: the model states and the larger of activations and the optimizer step
+    peak: int
+    # bytes per group per step (tp, pp, embedding: counted; dp: arithmetic)
+    traffic: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-def _fake_batches(job, model_cfg, micro_batches: int, device):
+def _fake_batches(job, micro_batches: int, device):
     """Micro-batches in the batch contract's shapes and dtypes (values never matter on fake tensors)."""
     b, s = job.training.micro_batch_size, job.data.seq_length
     long = dict(dtype=torch.long, device=device)
@@ -233,8 +235,8 @@ def _fake_batches(job, model_cfg, micro_batches: int, device):
             "labels": torch.zeros(b, s, **long),
             "loss_mask": torch.ones(b, s, device=device),
             "position_ids": torch.zeros(b, 2, s, **long),
-            "attn_lo": torch.zeros(b, s, **long),
-            "attn_hi": torch.ones(b, s, **long),
+            "attn_lo": torch.zeros(b, s, dtype=torch.int32, device=device),
+            "attn_hi": torch.ones(b, s, dtype=torch.int32, device=device),
         }
         for _ in range(micro_batches)
     ]
@@ -279,27 +281,93 @@ def _one_step(chunks, tied, batches, vpp: int, shape, dtype, drop_grads: bool):
     tied.broadcast_weight()
 
 
-def impersonate(job, model_cfg, dry: DryRunConfig, rank: int) -> RankReport:
-    """Stand in for global ``rank`` of the job: build its chunks on fake tensors and run one step."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
+def _meta_chunks(job, model_cfg, layout, device_kind: str):
+    """This rank's chunks on the meta device, planned as training plans them; and the elements of the
+    largest full tensor and of the largest shard (what the build and the cast hold at once)."""
     from megatron_glm.model.parallelize import (
-        RankLayout,
         apply_ac,
         apply_layernorm_impl,
         apply_tp,
         build_chunks,
         partition_of,
     )
+
+    par, impl = job.parallel, job.settings.implementation
+    attention = impl.attention_impl
+    if attention == "auto":
+        attention = "flash" if device_kind == "cuda" else "sdpa"
+    chunks = build_chunks(model_cfg, layout)
+    largest_full = largest_shard = 0
+    for chunk in chunks:
+        chunk.set_attention_impl(attention)
+        apply_tp(chunk, par.sequence_parallel, layout.tp_rank, layout.tp)
+        apply_ac(chunk, *par.recompute)
+        apply_layernorm_impl(chunk, impl.layernorm_impl)
+        for name, p in chunk.named_parameters():
+            split = partition_of(chunk.full_name(name), model_cfg.geglu)
+            largest_full = max(largest_full, p.numel() * (layout.tp if split else 1))
+            largest_shard = max(largest_shard, p.numel())
+    return chunks, largest_full, largest_shard
+
+
+def _traced_step(job, model_cfg, chunks, dtype, vpp: int, device_kind: str) -> dict:
+    """The chunks made real as fake tensors, then one step, traced and counted."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
     from megatron_glm.parallel import state
     from megatron_glm.parallel.pipeline_stage import TiedEmbedding
     from megatron_glm.parallel.tensor_parallel import materialize
-    from megatron_glm.training.zero_states import BYTES, model_states, setup_host_bytes
 
     par, train = job.parallel, job.training
-    world = dry.world_size
-    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
+    tp, dp = state.get_tensor_model_parallel_world_size(), state.get_data_parallel_world_size()
+    # fake tensors live on the CPU (autograd cannot run fake CUDA ones on a CPU build of torch); the
+    # kernels and the attention choose as they would on the job's device
+    cpu = torch.device("cpu")
+    traffic = Traffic(dict(state._require()["groups"]))
+    with (
+        FakeTensorMode(allow_non_fake_inputs=False),
+        choosing_as_if_on(device_kind),
+        triton_launches_skipped() as triton,
+        traffic.counting(),
+    ):
+        for chunk in chunks:  # the weights in the training dtype, as the engine casts them
+            materialize(chunk, lambda name, meta: torch.empty(meta.shape, dtype=dtype, device=cpu))
+        tied = TiedEmbedding(chunks, dtype)
+        batches = _fake_batches(job, job.global_batch_size // (train.micro_batch_size * dp), cpu)
+        seq = job.data.seq_length // tp if par.sequence_parallel else job.data.seq_length
+        tracker = AllocationTracker()
+        resident = [p for c in chunks for p in c.parameters()]
+        if tied.active and tied.last_chunk is not None:
+            resident.append(tied.last_chunk.tied_weight_copy)
+        for p in resident:
+            tracker.track(p)
+            # below ZeRO-2 the step's gradients stay whole until the optimizer step: made up front, they
+            # are model states, and the rest of the trace is activations and temporaries
+            if par.zero_stage < 2:
+                p.grad = torch.zeros_like(p)
+                tracker.track(p.grad)
+        static = tracker.live
+        with tracker:
+            shape = (train.micro_batch_size, seq, model_cfg.hidden_size)
+            _one_step(chunks, tied, batches, vpp, shape, dtype, drop_grads=par.zero_stage >= 2)
+    return {
+        "activations": max(tracker.peak - static, 0),
+        "resident": sum(p.numel() for p in resident),  # the weights and the tied copy
+        "traffic": traffic.by_group,
+        "triton": triton,
+    }
+
+
+def impersonate(job, model_cfg, dry: DryRunConfig, rank: int) -> RankReport:
+    """Stand in for global ``rank`` of the job: build its chunks on fake tensors and run one step."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from megatron_glm.model.parallelize import RankLayout
+    from megatron_glm.parallel import state
+    from megatron_glm.training.zero_states import BYTES, model_states, setup_host_bytes
+
+    par, precision, device_kind = job.parallel, job.training.precision, dry.dry_run_device
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=dry.world_size)
     try:
         state.initialize_model_parallel(
             tp=par.tensor_model_parallel_size,
@@ -308,76 +376,21 @@ def impersonate(job, model_cfg, dry: DryRunConfig, rank: int) -> RankReport:
             hidden_size=model_cfg.hidden_size,
             vocab_size=model_cfg.vocab_size,
         )
-        tp, dp = state.get_tensor_model_parallel_world_size(), state.get_data_parallel_world_size()
+        dp = state.get_data_parallel_world_size()
         vpp = par.virtual_stages(model_cfg.num_layers)
         layout = RankLayout.from_state(vpp, par.layer_counts(model_cfg.num_layers))
-        precision = train.precision
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-        # fake tensors live on the CPU (autograd cannot run fake CUDA ones on a CPU build of torch); the
-        # kernels and the attention choose as they would on the job's device
-        device = torch.device("cpu")
-        notes = []
-
-        chunks = build_chunks(model_cfg, layout)
-        impl = job.settings.implementation
-        largest_full = largest_shard = 0
-        attention = impl.attention_impl
-        if attention == "auto":
-            attention = "flash" if dry.dry_run_device == "cuda" else "sdpa"
-        for chunk in chunks:
-            chunk.set_attention_impl(attention)
-            apply_tp(chunk, par.sequence_parallel, layout.tp_rank, layout.tp)
-            apply_ac(chunk, *par.recompute)
-            apply_layernorm_impl(chunk, impl.layernorm_impl)
-            for name, p in chunk.named_parameters():
-                full = p.numel() * (
-                    tp if partition_of(chunk.full_name(name), model_cfg.geglu) else 1
-                )
-                largest_full, largest_shard = max(largest_full, full), max(largest_shard, p.numel())
+        chunks, largest_full, largest_shard = _meta_chunks(job, model_cfg, layout, device_kind)
         params = sum(p.numel() for c in chunks for p in c.parameters())
-
-        fake = FakeTensorMode(allow_non_fake_inputs=False)
-        traffic = Traffic(dict(state._require()["groups"]))
-        with (
-            fake,
-            choosing_as_if_on(dry.dry_run_device),
-            triton_launches_skipped() as triton,
-            traffic.counting(),
-        ):
-            for chunk in chunks:  # the weights in the training dtype, as the engine casts them
-                materialize(
-                    chunk, lambda name, meta: torch.empty(meta.shape, dtype=dtype, device=device)
-                )
-            tied = TiedEmbedding(chunks, dtype)
-            m = job.global_batch_size // (train.micro_batch_size * dp)
-            batches = _fake_batches(job, model_cfg, m, device)
-            seq_local = job.data.seq_length // tp if par.sequence_parallel else job.data.seq_length
-            shape = (train.micro_batch_size, seq_local, model_cfg.hidden_size)
-            tracker = AllocationTracker()
-            resident = [p for c in chunks for p in c.parameters()]
-            if tied.active and tied.last_chunk is not None:
-                resident.append(tied.last_chunk.tied_weight_copy)
-            for p in resident:
-                tracker.track(p)
-                # below ZeRO-2 the step's gradients stay whole until the optimizer step: made up front, they
-                # are model states, and the rest of the trace is activations and temporaries
-                if par.zero_stage < 2:
-                    p.grad = torch.zeros_like(p)
-                    tracker.track(p.grad)
-            traced_static = tracker.live
-            with tracker:
-                _one_step(chunks, tied, batches, vpp, shape, dtype, drop_grads=par.zero_stage >= 2)
-            peak_traced = tracker.peak
-        if dry.dry_run_device == "cuda" and not triton:
+        traced = _traced_step(job, model_cfg, chunks, dtype, vpp, device_kind)
+        notes = ["optimizer states and the optimizer step: DeepSpeed's partitioning arithmetic"]
+        if device_kind == "cuda" and not traced["triton"]:
             notes.append("Triton is not installed here: the kernels' torch references were traced")
 
         # model states: traced where the step made them, DeepSpeed's arithmetic where DeepSpeed holds them
         e = BYTES[precision]
         states = model_states(params, precision, par.zero_stage, dp, par.cpu_offload)
-        tied_copy = (
-            tied.last_chunk.tied_weight_copy.numel() if tied.active and tied.last_chunk else 0
-        )
-        weights = gradients = e * (params + tied_copy)
+        weights = gradients = e * traced["resident"]
         if par.zero_stage >= 2:
             gradients = states["gradients"]
         if par.zero_stage == 3:
@@ -388,25 +401,19 @@ def impersonate(job, model_cfg, dry: DryRunConfig, rank: int) -> RankReport:
             )
         optimizer = states["optimizer"] + states["buffers"]
         static = weights + gradients + optimizer
-        activations = max(peak_traced - traced_static, 0)
         # the optimizer step's temporary: the largest tensor it updates (the flat partition under ZeRO)
-        step_transient = (
-            0 if par.cpu_offload else 4 * (-(-params // dp) if par.zero_stage else params)
-        )
-        peak = static + max(activations, step_transient)
-        setup_host = setup_host_bytes(
-            {"embedding": 0, "other": params, "largest_full": largest_full},
-            dp if par.zero_stage == 3 else 0,
-            dry.dry_run_device,
-        )
-        shard_fp32 = 4 * (-(-params // dp) if par.zero_stage == 3 else params)
-        setup_device = shard_fp32 + e * largest_shard if dry.dry_run_device == "cuda" else 0
+        step = 0 if par.cpu_offload else 4 * (-(-params // dp) if par.zero_stage else params)
+        traffic = dict(traced["traffic"])
         if dp > 1:
-            traffic.by_group["dp"] = _data_parallel_bytes(params, e, par.zero_stage)
+            traffic["dp"] = _data_parallel_bytes(params, e, par.zero_stage)
             notes.append(
                 "dp traffic: DeepSpeed's gradient reduction and parameter gathers (arithmetic)"
             )
-        notes.append("optimizer states and the optimizer step: DeepSpeed's partitioning arithmetic")
+        notes.append(
+            "set-up: the build's own count (its fp32 shard, or ZeRO-3 partition, and one full tensor at a "
+            "time on the host; the fp32 shard and the largest cast on the device)"
+        )
+        shard_fp32 = 4 * (-(-params // dp) if par.zero_stage == 3 else params)
         return RankReport(
             rank=rank,
             tp_rank=state.get_tensor_model_parallel_rank(),
@@ -417,12 +424,16 @@ def impersonate(job, model_cfg, dry: DryRunConfig, rank: int) -> RankReport:
             weights=weights,
             gradients=gradients,
             optimizer=optimizer,
-            setup_host=setup_host,
-            setup_device=setup_device,
+            setup_host=setup_host_bytes(
+                {"embedding": 0, "other": params, "largest_full": largest_full},
+                dp if par.zero_stage == 3 else 0,
+                device_kind,
+            ),
+            setup_device=shard_fp32 + e * largest_shard if device_kind == "cuda" else 0,
             static=static,
-            activations_peak=activations,
-            peak=peak,
-            traffic=dict(sorted(traffic.by_group.items())),
+            activations_peak=traced["activations"],
+            peak=static + max(traced["activations"], step),
+            traffic=dict(sorted(traffic.items())),
             notes=notes,
         )
     finally:
