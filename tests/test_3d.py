@@ -600,3 +600,50 @@ def test_universal_resumes_refuse_what_cannot_work(tmp_path, data, tp2pp2, case,
     # (torchrun prints its own when a rank fails)
     assert nproc > 1 or "Traceback" not in result.stderr
     assert not os.path.exists(os.path.join(out, "latest")), "nothing saved"
+
+
+def _embedding_after_resume(rank, world, argv_):
+    """The word embedding's fp32 master and Adam moments right after a universal resume."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    from megatron_glm.training.arguments import build_parser
+    from megatron_glm.training.config import from_args
+    from megatron_glm.training.trainer import Trainer
+
+    trainer = Trainer(from_args(build_parser().parse_args(argv_), world_size=world))
+    p = trainer.chunks[0].word_embeddings.weight
+    got = {
+        "fp32": safe_get_full_fp32_param(p).clone(),
+        **{m: safe_get_full_optimizer_state(p, m).clone() for m in ("exp_avg", "exp_avg_sq")},
+    }
+    trainer.close()
+    return got
+
+
+@pytest.mark.slow
+def test_tp2_to_tp1_changes_the_vocabulary_padding_with_no_flag(tmp_path_factory, tmp_path, data):
+    """--make-vocab-size-divisible-by 140 pads the tokenizer's 1,500 ids to 1,680 rows on TP 2 and to 1,540 on
+    TP 1. The universal checkpoint of the TP 2 run resumes on TP 1 as it is: the padding rows past 1,540 are
+    dropped (a warning says so), and the tokenizer's rows of the weights and Adam moments are bitwise the files'."""
+    import torch
+
+    from megatron_glm.checkpoint.universal import read_state
+    from tests.helpers import spawn
+
+    pad = ["--make-vocab-size-divisible-by", "140"]
+    tp2 = ["--tensor-model-parallel-size", "2", *pad]
+    _, universal = uninterrupted(tmp_path_factory, data, "tp2pad", 2, tp2)
+    tp1 = ["--zero-stage", "1", *pad, "--load", universal]
+    out = str(tmp_path / "tp1")
+    got = spawn(_embedding_after_resume, 2, tmp_path / "ranks", argv(data, out, iters=8, extra=tp1))
+    tokenizer_rows = 1500
+    for state in ("fp32", "exp_avg", "exp_avg_sq"):
+        saved = read_state(os.path.join(universal, "iter_0000004"), "word_embeddings.weight", state)
+        assert saved.shape[0] == 1680 and all(g[state].shape[0] == 1540 for g in got)
+        for g in got:
+            assert torch.equal(g[state][:tokenizer_rows], saved[:tokenizer_rows]), state
+
+    result = launch_pretrain(2, argv(data, out, iters=8, extra=tp1 + ["--save", out]))
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert "its 140 last padding rows are dropped" in result.stderr + result.stdout
+    assert [r["iteration"] for r in records(out)] == [5, 6, 7, 8]

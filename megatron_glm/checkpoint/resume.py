@@ -25,8 +25,12 @@ def check_compatible(
     where: str,
     tensor_parallel: int = 1,
     pipeline_parallel: int = 1,
+    vocab_in_use: int | None = None,
 ) -> None:
     """Refuse a checkpoint of another architecture, tokenizer or layout, naming every difference.
+
+    A universal checkpoint takes another vocabulary padding (the padding follows TP) when the
+    tokenizer's ``vocab_in_use`` rows fit both: its reader drops padding rows or adds zero ones.
 
     A universal checkpoint takes any layout; the others the TP x PP they were saved with.
     """
@@ -50,6 +54,24 @@ def check_compatible(
             )
     saved = ModelConfig.from_dict(meta["model"])
     diffs = saved.architecture_differences(model_cfg)
+    repadded = (
+        meta.get("universal")
+        and diffs == [f"vocab_size: {saved.vocab_size} vs {model_cfg.vocab_size}"]
+        and vocab_in_use is not None
+        and vocab_in_use <= min(saved.vocab_size, model_cfg.vocab_size)
+    )
+    if repadded:
+        change = (
+            f"its {saved.vocab_size - model_cfg.vocab_size} last padding rows are dropped"
+            if saved.vocab_size > model_cfg.vocab_size
+            else f"{model_cfg.vocab_size - saved.vocab_size} zero rows are added"
+        )
+        logger.warning(
+            f"{where} pads the vocabulary to {saved.vocab_size} rows, this layout to {model_cfg.vocab_size} "
+            f"(--make-vocab-size-divisible-by x TP): {change}, in the weights and the Adam moments; the "
+            f"tokenizer's {vocab_in_use} rows move unchanged"
+        )
+        diffs = []
     if diffs:
         padding = saved.vocab_size != model_cfg.vocab_size and len(diffs) == 1
         raise CheckpointError(
@@ -111,6 +133,7 @@ def find_resume(
     tp: int,
     pp: int,
     finetune: bool = False,
+    vocab_in_use: int | None = None,
 ) -> ResumePoint | None:
     """Where to resume: ``--load``'s checkpoint, or ``--save``'s when a restarted (requeued) job finds one there.
 
@@ -136,5 +159,5 @@ def find_resume(
             )
         return None
     meta = read_meta(load, tag)
-    check_compatible(meta, model_cfg, tokenizer_fingerprint, load, tp, pp)
+    check_compatible(meta, model_cfg, tokenizer_fingerprint, load, tp, pp, vocab_in_use)
     return ResumePoint(load, tag, meta, finetune)

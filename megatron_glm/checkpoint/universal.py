@@ -23,6 +23,8 @@ from megatron_glm.parallel.tensor_parallel import shard_tensor
 
 PARAM = "param"  # the tensor's key in a universal parameter file (DeepSpeed's)
 STATES = ("fp32", "exp_avg", "exp_avg_sq")
+MOMENTS = STATES[1:]
+EMBEDDING = "word_embeddings.weight"  # its rows: the padded vocabulary, which follows TP
 
 
 def param_file(folder: str, name: str, state: str) -> str:
@@ -53,10 +55,30 @@ def local_parameters(chunks):
             yield (f"{c}.{name}" if len(chunks) > 1 else name), p, chunk.full_name(name)
 
 
-class UniversalReader:
-    """This rank's shards of a universal checkpoint's tensors."""
+def _repad(whole: torch.Tensor, rows: int) -> torch.Tensor:
+    """The first ``rows`` rows, or zero rows appended up to ``rows``."""
+    if rows < whole.shape[0]:
+        return whole[:rows].clone()
+    return torch.cat([whole, whole.new_zeros(rows - whole.shape[0], *whole.shape[1:])])
 
-    def __init__(self, folder: str, tp_rank: int, tp: int, geglu: bool, trust: bool = False):
+
+class UniversalReader:
+    """This rank's shards of a universal checkpoint's tensors.
+
+    ``vocab_rows``: this layout's padded vocabulary. The word embeddings (weights and moments) of a
+    checkpoint padded otherwise get their padding rows dropped, or zero rows added (the resume
+    check has made sure the tokenizer's rows fit both); the true vocabulary's rows are unchanged.
+    """
+
+    def __init__(
+        self,
+        folder: str,
+        tp_rank: int,
+        tp: int,
+        geglu: bool,
+        trust: bool = False,
+        vocab_rows: int | None = None,
+    ):
         self.folder, self.tp_rank, self.tp, self.geglu, self.trust = (
             folder,
             tp_rank,
@@ -64,9 +86,12 @@ class UniversalReader:
             geglu,
             trust,
         )
+        self.vocab_rows = vocab_rows
 
     def shard(self, full_name: str, state: str, shape) -> torch.Tensor:
         whole = read_state(self.folder, full_name, state, self.trust)
+        if full_name == EMBEDDING and self.vocab_rows and whole.shape[0] != self.vocab_rows:
+            whole = _repad(whole, self.vocab_rows)
         spec = partition_of(full_name, self.geglu) if self.tp > 1 else None
         value = shard_tensor(whole, *spec, self.tp_rank, self.tp) if spec else whole
         if tuple(value.shape) != tuple(shape):
@@ -81,9 +106,6 @@ class UniversalReader:
         return {
             local: self.shard(full, "fp32", p.shape) for local, p, full in local_parameters(chunks)
         }, self.folder
-
-
-MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 def restore_optimizer(engine, chunks, reader: UniversalReader, meta: dict) -> None:
@@ -159,9 +181,16 @@ def restore_optimizer(engine, chunks, reader: UniversalReader, meta: dict) -> No
         scaler.cur_scale = meta["loss_scale"]
 
 
-def reader_for(resume, layout, geglu: bool, trust: bool = False) -> UniversalReader:
+def reader_for(
+    resume, layout, geglu: bool, trust: bool = False, vocab_rows: int | None = None
+) -> UniversalReader:
     return UniversalReader(
-        os.path.join(resume.load_dir, resume.tag), layout.tp_rank, layout.tp, geglu, trust
+        os.path.join(resume.load_dir, resume.tag),
+        layout.tp_rank,
+        layout.tp,
+        geglu,
+        trust,
+        vocab_rows,
     )
 
 

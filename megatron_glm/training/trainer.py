@@ -133,7 +133,9 @@ def build_model(
             )
     # this rank's parameters' files, sliced to its TP shard
     elif resume is not None and resume.universal:
-        weights = universal.reader_for(resume, layout, model_cfg.geglu, trust).weights
+        weights = universal.reader_for(
+            resume, layout, model_cfg.geglu, trust, model_cfg.vocab_size
+        ).weights
     # the meta kernels' one-time imports (~150 MB), not weights
     torch.nn.init.normal_(torch.empty(1, device="meta"))
     reset_host_peak()
@@ -273,6 +275,7 @@ class Trainer:
             self.tp,
             self.pp,
             job.checkpoint.finetune,
+            self.tokenizer.vocab_size,
         )
         job, self.follow_flags_schedule = resumed_schedule(job, self.resume)
         self.job = job
@@ -363,7 +366,13 @@ class Trainer:
         )
         trust = job.checkpoint.trust_checkpoint
         reader = (
-            universal.reader_for(resume, RankLayout.from_state(), self.model_cfg.geglu, trust)
+            universal.reader_for(
+                resume,
+                RankLayout.from_state(),
+                self.model_cfg.geglu,
+                trust,
+                self.model_cfg.vocab_size,
+            )
             if resume.universal
             else None
         )
