@@ -74,6 +74,7 @@ setup(
             "glm-train-tokenizer=megatron_glm.data_prep.train_tokenizer:main",
             "glm-merge-datasets=megatron_glm.data_prep.merge:main",
             "glm-pretrain=megatron_glm.training.pretrain:cli",
+            "glm-torchrun=megatron_glm.training.torchrun:main",
             "glm-generate=megatron_glm.generate:main",
             "glm-eval=megatron_glm.evaluate:cli",
             "glm-convert=megatron_glm.convert.cli:main",

@@ -126,7 +126,7 @@ def torchrun_run(tmp_path_factory, data):
 def test_torchrun_launcher_prints_its_command_and_trains(torchrun_run):
     save, result = torchrun_run
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "+ torchrun --standalone --nproc_per_node 2" in result.stdout
+    assert "-m megatron_glm.training.torchrun --standalone --nproc_per_node 2" in result.stdout
     assert "x 2 data-parallel ranks" in result.stdout + result.stderr
     # rank 0 speaks
     assert " rank 0 INFO " in result.stdout and " rank 1 INFO " not in result.stdout
@@ -236,6 +236,9 @@ def test_slurm_torchrun_script_rendezvous_preemption_and_requeue(tmp_path, data,
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-4000:]
     assert "--rdzv_backend c10d --rdzv_endpoint 127.0.0.1:" in out and "--nnodes 2" in out
+    # a stop for a requeue reads as one: no crash report from torchrun
+    assert "stopped to be requeued (exit 75)" in out
+    assert "FAILED" not in out and "Traceback" not in out and "ChildFailedError" not in out
     assert open(env["FAKE_SLURM_LOG"]).read() == "requeue 4242\n"
     stopped = max(losses(save))
     assert stopped == 2 and os.path.exists(os.path.join(save, "iter_0000002", "meta.json"))
@@ -355,6 +358,44 @@ def test_deepspeed_launcher_forwards_the_cluster_variables_to_every_node(tmp_pat
     assert "-w\nnode1,node2\n" in command
     for key, value in cluster.items():  # what every node's shell runs before the launch
         assert f"export {key}={value};" in command
+
+
+def test_a_one_line_error_stays_one_line_under_torchrun(tmp_path, data):
+    """An impossible layout under launchers/torchrun.sh: the workers' one line and their status, no crash report."""
+    env = env_for(data, str(tmp_path / "ckpt"), GPUS_PER_NODE="2")
+    env["EXTRA_ARGS"] += " --tensor-model-parallel-size 3"
+    result = subprocess.run(
+        ["bash", os.path.join(LAUNCHERS, "torchrun.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1
+    assert "world size 2 is not a multiple of tensor 3" in result.stderr, result.stderr
+    for noise in ("FAILED", "Traceback", "ChildFailedError", "exitcode"):
+        assert noise not in result.stdout + result.stderr, noise
+
+
+def test_a_crash_under_torchrun_keeps_torchruns_report(tmp_path):
+    """A worker that raises: glm-torchrun shows torchrun's report with the worker's traceback, and fails."""
+    script = tmp_path / "worker.py"
+    script.write_text(
+        "from torch.distributed.elastic.multiprocessing.errors import record\n"
+        "@record\n"
+        "def main():\n"
+        "    raise RuntimeError('a genuine bug')\n"
+        "main()\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "megatron_glm.training.torchrun", "--standalone"]
+        + ["--nproc_per_node", "2", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1
+    assert "FAILED" in result.stderr and "RuntimeError: a genuine bug" in result.stderr
 
 
 def test_launchers_name_missing_settings(tmp_path):

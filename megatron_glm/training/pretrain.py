@@ -11,6 +11,7 @@ import faulthandler
 import sys
 
 import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from megatron_glm import logs
 from megatron_glm.checkpoint import CheckpointError
@@ -71,6 +72,7 @@ def main(argv=None) -> int:
     return result["exit_code"]
 
 
+@record  # under torchrun, an uncaught exception goes to its error file: glm-torchrun reports it as a crash
 def cli() -> None:
     """The ``glm-pretrain`` command: ``main``, then leave without the interpreter's teardown.
 
