@@ -459,6 +459,7 @@ def test_slurm_preprocess_array_then_merge_equals_one_run(tmp_path, corpus, spm_
         SLURM_ARRAY_TASK_COUNT="3",
         SLURM_ARRAY_TASK_MIN="0",
         SLURM_ARRAY_TASK_MAX="2",
+        SLURM_CPUS_PER_TASK="1",  # sbatch --array=0-2 --cpus-per-task=1
         FAKE_SLURM_LOG=str(log),
         PYTHON=sys.executable,
     )
@@ -478,6 +479,8 @@ def test_slurm_preprocess_array_then_merge_equals_one_run(tmp_path, corpus, spm_
     assert len(submissions) == 1, "only task 0 submits the merge"
     merge = submissions[0]
     assert "--dependency=afterok:900" in merge and merge[-1].endswith("slurm_preprocess.sbatch")
+    # one task, and no more CPUs than the array's tasks got (not the header's 32, unschedulable on small nodes)
+    assert "--ntasks=1" in merge and "--cpus-per-task=1" in merge
     export = next(a for a in merge if a.startswith("--export="))[len("--export=") :].split(",")
     stage = dict(kv.split("=", 1) for kv in export if "=" in kv)
     assert "ALL" in export and stage == {"GLM_PREPROCESS_STAGE": "merge", "NUM_SHARDS": "3"}
