@@ -1,8 +1,10 @@
 """Launchers and preemption, with real processes on the CPU.
 
-Each launcher script trains a few steps of glm-tiny with 2 processes. Slurm is simulated:
-``srun`` and ``scontrol`` are small stand-ins on PATH that start the tasks with Slurm's
-variables, so the scripts' rank, rendezvous, signal and requeue logic is what runs.
+Each launcher script trains a few steps of glm-tiny with 2 processes. What one machine cannot
+show under a real Slurm (test_slurm.py runs one real node) uses stand-ins: ``srun`` and
+``scontrol`` on PATH that start two "nodes" with Slurm's variables, so the several-node
+rendezvous, signal and requeue logic is what runs; and ``sbatch`` recording a submission, for
+the preprocessing script's arguments and its merge stage on a missing shard.
 """
 
 import os
@@ -257,31 +259,6 @@ def test_slurm_torchrun_script_rendezvous_preemption_and_requeue(tmp_path, data,
     assert sorted(ours) == sorted(ref)
     for it in ref:
         assert ours[it] == pytest.approx(ref[it], rel=1e-5)
-
-
-@pytest.mark.slow
-def test_slurm_srun_script_one_task_per_gpu_and_requeue_on_usr1(tmp_path, data):
-    save = str(tmp_path / "ckpt")
-    env = env_for(data, save, **fake_slurm(tmp_path, 1, 2))
-    env.pop("MASTER_PORT")
-    env["SLURM_JOB_ID"] = str(free_port() - 20000)  # the script derives its port from the job id
-    proc = subprocess.Popen(
-        ["bash", os.path.join(LAUNCHERS, "slurm_srun.sbatch")],
-        env={**env, "MEGATRON_GLM_FAULT": "hold:1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    wait_for_iteration(save, 1, proc)
-    pids = [int(p) for p in open(env["FAKE_SLURM_PIDS"]).read().split()]
-    # Slurm signals every task; one is enough for all to stop together
-    os.kill(pids[1], signal.SIGUSR1)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out[-4000:]
-    assert "+ srun --kill-on-bad-exit=1" in out and "x 2 data-parallel ranks" in out
-    assert "another rank was told to stop" in out
-    assert open(env["FAKE_SLURM_LOG"]).read() == f"requeue {env['SLURM_JOB_ID']}\n"
-    assert os.path.exists(os.path.join(save, f"iter_{max(losses(save)):07d}", "meta.json"))
 
 
 @pytest.mark.slow

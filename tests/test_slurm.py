@@ -60,9 +60,8 @@ class Slurm:
         out = self.run("scontrol", "show", "job", "-o", job_id).stdout.splitlines()
         return dict(f.split("=", 1) for f in out[0].split() if "=" in f) if out else {}
 
-    def wait(self, job_id, states=("COMPLETED",), timeout=600, release=False) -> dict:
-        """Poll until the job is in one of ``states``. ``release``: start a requeued job now rather than after
-        Slurm's fixed requeue delay (two minutes, not a setting; the scripts are unchanged by this)."""
+    def wait(self, job_id, states=("COMPLETED",), timeout=600) -> dict:
+        """Poll until the job is in one of ``states``."""
         end = time.time() + timeout
         while time.time() < end:
             info = self.job(job_id)
@@ -71,8 +70,6 @@ class Slurm:
                 return info
             if state in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
                 raise AssertionError(f"job {job_id} ended {state}: {info}")
-            if release and state == "PENDING" and int(info.get("Restarts", 0)) > 0:
-                self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
             time.sleep(0.5)
         raise AssertionError(f"job {job_id} not {states} within {timeout} s: {self.job(job_id)}")
 
@@ -105,6 +102,8 @@ def _write_conf(root: str) -> str:
         "ReturnToService": 2,
         "MpiDefault": "none",
         "JobRequeue": 1,
+        # a requeued job waits until its old credentials expire (two minutes by default): 10 s here
+        "AuthInfo": "cred_expire=10",
     }
     with open(conf, "w") as f:
         f.writelines(f"{k}={v}\n" for k, v in settings.items())
@@ -177,7 +176,7 @@ def test_torchrun_script_trains_stops_on_usr1_is_requeued_and_finishes(
     )
     wait_for_iteration(save, 2, slurm, job)
     assert slurm.run("scancel", "--batch", "--signal=USR1", job).returncode == 0
-    info = slurm.wait(job, release=True)
+    info = slurm.wait(job)
     assert int(info["Restarts"]) == 1 and info["ExitCode"] == "0:0"
     out = open(log).read()
     assert "requeueing job " + job in out and "stopped to be requeued (exit 75)" in out
@@ -188,9 +187,14 @@ def test_torchrun_script_trains_stops_on_usr1_is_requeued_and_finishes(
         assert ours[it] == pytest.approx(ref[it], rel=1e-5)
 
 
-def test_srun_script_with_two_tasks_trains(slurm, tmp_path, data):
+def test_srun_script_two_tasks_stop_on_usr1_are_requeued_and_finish(
+    slurm, tmp_path, data, torchrun_run
+):
+    """sbatch slurm_srun.sbatch, two tasks; USR1 to every task at step 2: they save together and exit 75, the
+    script requeues the job, and the restart resumes and finishes as the uninterrupted run."""
+    reference, _ = torchrun_run
     save = str(tmp_path / "ckpt")
-    env = env_for(data, save, TRAIN_ITERS="3")
+    env = env_for(data, save, **HOLD)
     env.pop("MASTER_PORT")
     log = str(tmp_path / "job.out")
     job = slurm.submit(
@@ -201,10 +205,18 @@ def test_srun_script_with_two_tasks_trains(slurm, tmp_path, data):
         "--cpus-per-task=1",
         f"--output={log}",
     )
-    slurm.wait(job)
+    wait_for_iteration(save, 2, slurm, job)
+    assert (
+        slurm.run("scancel", "--signal=USR1", job).returncode == 0
+    )  # Slurm's warning, to every task
+    info = slurm.wait(job)
+    assert int(info["Restarts"]) == 1 and info["ExitCode"] == "0:0"
     out = open(log).read()
-    assert "x 2 data-parallel ranks" in out, out[-3000:]
-    assert sorted(losses(save)) == [1, 2, 3]
+    assert "x 2 data-parallel ranks" in out and "requeueing job " + job in out, out[-3000:]
+    ours, ref = losses(save), losses(reference)
+    assert sorted(ours) == list(range(1, ITERS + 1))
+    for it in ref:
+        assert ours[it] == pytest.approx(ref[it], rel=1e-5)
 
 
 def test_preprocess_array_and_its_merge_equal_one_run(slurm, tmp_path, corpus, spm_model):
@@ -248,6 +260,10 @@ def test_preprocess_array_and_its_merge_equal_one_run(slurm, tmp_path, corpus, s
         assert time.time() < end, [open(p).read() for p in tmp_path.glob("*.out")]
         time.sleep(0.5)
     assert array
+    # task 0 printed the merge's submission: one task on one CPU, as much as an array task had
+    merge = open(tmp_path / "array-0.out").read().split("Submitted batch job ")[1].split()[0]
+    info = slurm.job(merge)
+    assert (info["NumTasks"], info["NumCPUs"], info["JobState"]) == ("1", "1", "COMPLETED"), info
     for ext in (".bin", ".idx"):
         merged = (tmp_path / "out" / f"corpus_text_document{ext}").read_bytes()
         assert merged == (tmp_path / f"single_text_document{ext}").read_bytes(), ext
