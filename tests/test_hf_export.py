@@ -135,11 +135,17 @@ def test_layout_from_the_separator_is_the_collators(learned, tokenizer, corpus):
 
 def test_tokenization_is_ours_on_a_corpus_sample(learned, tokenizer, corpus, tmp_path):
     _, theirs = load_hf(learned[2])
-    texts = corpus[1][:300] + ["a [MASK] b [sMASK] c[gMASK]", "x [sop] y [eop] <unk> [CLS]"]
+    texts = corpus[1][:300] + [
+        "a [MASK] b [sMASK] c[gMASK]",
+        "x [sop] y [eop] <unk> [CLS]",
+        "number [MASK] seconds",
+        "number[MASK]seconds",
+        " x  [MASK]  \n y [gMASK]",
+    ]
     for text in texts:
-        assert theirs(text, add_special_tokens=False)["input_ids"] == tokenizer.encode(
-            text, allow_special=True
-        )
+        special = theirs(text, add_special_tokens=False)["input_ids"]
+        assert special == tokenizer.encode(text, allow_special=True)
+        assert theirs.decode(special) == tokenizer.decode(special)
         ids = theirs(text, split_special_tokens=True)["input_ids"]
         assert ids == tokenizer.encode(text)
         assert theirs.decode(ids) == tokenizer.decode(ids)

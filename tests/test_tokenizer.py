@@ -168,3 +168,98 @@ def test_train_tokenizer_cli_keeps_an_existing_model(spm_model, corpus, capsys):
     assert open(spm_model, "rb").read() == before
     assert main(["--input", "/nonexistent/*.jsonl", "--model-prefix", prefix + "2"]) == 1
     assert "matches no file" in capsys.readouterr().err
+
+
+# -- THUDM's rule beside special tokens ------------------------------------------------------------
+WORDS = ["the", "cat", "sat", "on", "mat", "a", "dog", "cats", "number", "seconds"]
+
+
+@pytest.fixture(scope="module")
+def spm_default_normalizer(tmp_path_factory, corpus):
+    """sentencepiece with its default normalizer (extra whitespace removed), unlike glm-train-tokenizer's."""
+    import sentencepiece
+
+    root = tmp_path_factory.mktemp("spm-default")
+    sentencepiece.SentencePieceTrainer.train(
+        input=_plain_text(corpus, root),
+        model_prefix=str(root / "spm"),
+        vocab_size=600,
+        num_threads=1,
+        minloglevel=2,
+    )
+    return str(root / "spm.model")
+
+
+def _plain_text(corpus, root) -> str:
+    path = root / "text.txt"
+    path.write_text("\n".join(corpus[1][:500]))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def every_kind(spm_model, spm_default_normalizer, trained_bpe, bert_vocab):
+    return {
+        "sentencepiece (extra whitespace kept)": load_tokenizer(model=spm_model),
+        "sentencepiece (default normalizer)": load_tokenizer(model=spm_default_normalizer),
+        "gpt2": load_tokenizer(
+            vocab_file=str(trained_bpe / "vocab.json"), merge_file=str(trained_bpe / "merges.txt")
+        ),
+        "bert": load_tokenizer(vocab_file=bert_vocab),
+    }
+
+
+KINDS = [
+    "sentencepiece (extra whitespace kept)",
+    "sentencepiece (default normalizer)",
+    "gpt2",
+    "bert",
+]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_blank_encodes_to_the_pieces_training_shows(every_kind, kind):
+    """A word of running text replaced by [MASK] (whatever the spaces around it): the text's own ids with that
+    word's ids replaced by the blank, as the collator lays out a blank; decode spells it one way."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    tok = every_kind[kind]
+    spaces = st.sampled_from(["", " ", "  ", "\n", " \t "])
+
+    @settings(max_examples=150, deadline=None, derandomize=True)
+    @given(st.lists(st.sampled_from(WORDS), min_size=2, max_size=6), st.data())
+    def check(words, data):
+        j = data.draw(st.integers(0, len(words) - 1))
+        full = tok.encode(" ".join(words))
+        before = tok.encode(" ".join(words[:j])) if j else []
+        through = tok.encode(" ".join(words[: j + 1]))
+        assert full[: len(through)] == through and through[: len(before)] == before
+        expected = before + [tok.mask_id] + full[len(through) :]
+        left = data.draw(spaces) if j else ""
+        right = data.draw(spaces.filter(bool)) if j < len(words) - 1 else data.draw(spaces)
+        text = " ".join(words[:j]) + left + "[MASK]" + right + " ".join(words[j + 1 :])
+        ids = tok.encode(text, allow_special=True)
+        assert ids == expected, (text, ids, expected)
+        assert tok.encode(tok.decode(ids), allow_special=True) == ids
+        if (
+            kind != "gpt2"
+        ):  # a word glued to the blank is still a word (GPT-2 spells it without its space)
+            glued = " ".join(words[:j]) + "[MASK]" + " ".join(words[j + 1 :])
+            assert tok.encode(glued, allow_special=True) == expected
+
+    check()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_decode_spells_text_beside_special_tokens_one_way(every_kind, kind):
+    tok = every_kind[kind]
+    for variants in (
+        ["number [MASK] seconds", "number[MASK] seconds", "number  [MASK]   seconds"],
+        ["[gMASK] the cat [sop]", "[gMASK]  the cat[sop]"],
+    ):
+        spelled = {tok.decode(tok.encode(v, allow_special=True)) for v in variants}
+        assert len(spelled) == 1, spelled
+        canonical = spelled.pop()
+        assert tok.encode(canonical, allow_special=True) == tok.encode(
+            variants[0], allow_special=True
+        )

@@ -210,6 +210,9 @@ class _HuggingFace:
         return self.tok.decode(list(ids), skip_special_tokens=False)
 
 
+_PROBE = "a"  # a word every base vocabulary spells as its own token(s)
+
+
 class GLMTokenizer:
     """A base tokenizer plus the GLM special tokens, with ids fixed by the rule above."""
 
@@ -257,15 +260,42 @@ class GLMTokenizer:
         return pad_vocab(self.vocab_size, tensor_parallel_size, multiple)
 
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        """The base tokenizer's ids; with ``allow_special`` the special spellings become their ids, by THUDM's
+        rule beside them: whitespace before a special token is dropped, and text after one that starts
+        with whitespace is a word of running text, as training shows a word after a blank (``▁seconds``;
+        not ``▁ ▁second s`` from a sentencepiece model that keeps extra whitespace)."""
         if not allow_special:
             return self._base.encode_batch([text])[0]
         ids: list[int] = []
-        for k, part in enumerate(self._special_re.split(text)):
+        parts = self._special_re.split(text)
+        for k, part in enumerate(parts):
             if k % 2:
                 ids.append(self._id_of_spelling[part])
+                continue
+            if k < len(parts) - 1:
+                part = part.rstrip()
+            if k > 0 and part[:1].isspace():
+                ids.extend(self.encode_running(part.lstrip()))
             elif part:
                 ids.extend(self._base.encode_batch([part])[0])
         return ids
+
+    def encode_running(self, text: str) -> list[int]:
+        """``text`` as a word of running text (after a space) tokenizes: what training shows after a blank and
+        in one. Tokenized behind a probe word whose ids are then dropped (the base tokenizers split at
+        whitespace first); a tokenizer that merges across it encodes ``text`` alone."""
+        if not text:
+            return []
+        probe = self._probe_ids()
+        ids = self._base.encode_batch([_PROBE + " " + text])[0]
+        return (
+            ids[len(probe) :] if ids[: len(probe)] == probe else self._base.encode_batch([text])[0]
+        )
+
+    def _probe_ids(self) -> list[int]:
+        if self.__dict__.get("_probe") is None:
+            self._probe = self._base.encode_batch([_PROBE])[0]
+        return self._probe
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return self._base.encode_batch(texts)
@@ -275,20 +305,34 @@ class GLMTokenizer:
         return self._base.encode_arrays(texts)
 
     def decode(self, ids: Sequence[int]) -> str:
-        out, run = [], []
+        """The text of ``ids``, spelled one way beside special tokens: a space between a special token and a word
+        (and between two specials), a word after one as running text spells it; ``encode`` of the result
+        gives ``ids`` back."""
+        out, run = "", []
+
+        def flush():
+            nonlocal out, run
+            if run:
+                out += self._decode_running(run) if out else self._base.decode(run)
+                run = []
+
         for i in map(int, ids):
             if i in self._spelling:
-                if run:
-                    out.append(self._base.decode(run))
-                    run = []
-                out.append(self._spelling[i])
+                flush()
+                out = out.rstrip()
+                out += (" " if out else "") + self._spelling[i]
             elif 0 <= i < self.base_vocab_size:
                 run.append(i)
             else:
                 raise ValueError(f"token id {i} is outside this tokenizer's {self.vocab_size} ids")
-        if run:
-            out.append(self._base.decode(run))
-        return "".join(out)
+        flush()
+        return out
+
+    def _decode_running(self, run: list[int]) -> str:
+        """A run after a special token, with the space its first word starts with (``" b"``), or none (``"b"``)."""
+        probe = self._probe_ids()
+        head, whole = self._base.decode(probe), self._base.decode(probe + run)
+        return whole[len(head) :] if whole.startswith(head) else self._base.decode(run)
 
     def fingerprint(self) -> str:
         """sha256 over the tokenizer files: datasets record it to catch a tokenizer swap (hashed once)."""

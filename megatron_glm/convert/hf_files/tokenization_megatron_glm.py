@@ -24,6 +24,9 @@ FILES = {
 }
 
 
+_PROBE = "a"  # a word every base vocabulary spells as its own token(s)
+
+
 class _SentencePiece:
     def __init__(self, files):
         import sentencepiece
@@ -170,16 +173,32 @@ class MegatronGLMTokenizer(PreTrainedTokenizer):
         return vocab
 
     def tokenize(self, text, **kwargs):
-        """Base tokens, with the special spellings (unless ``split_special_tokens``) as tokens of their own."""
+        """Base tokens, with the special spellings (unless ``split_special_tokens``) as tokens of their own, by
+        THUDM's rule beside them (as glm-pretrain's tokenizer): whitespace before a special token is
+        dropped, and text after one that starts with whitespace is a word of running text."""
         if kwargs.pop("split_special_tokens", self.split_special_tokens):
             return self._base.tokenize(text)
         tokens = []
-        for k, part in enumerate(self._special_re.split(text)):
+        parts = self._special_re.split(text)
+        for k, part in enumerate(parts):
             if k % 2:
                 tokens.append(self._token_of[self._id_of[part]])
+                continue
+            if k < len(parts) - 1:
+                part = part.rstrip()
+            if k > 0 and part[:1].isspace():
+                tokens.extend(self._running(part.lstrip()))
             elif part:
                 tokens.extend(self._base.tokenize(part))
         return tokens
+
+    def _running(self, text):
+        """``text`` as a word of running text tokenizes (behind a probe word whose tokens are dropped)."""
+        if not text:
+            return []
+        probe = self._base.tokenize(_PROBE)
+        tokens = self._base.tokenize(_PROBE + " " + text)
+        return tokens[len(probe) :] if tokens[: len(probe)] == probe else self._base.tokenize(text)
 
     def _tokenize(self, text, **kwargs):
         return self._base.tokenize(text)
@@ -197,16 +216,28 @@ class MegatronGLMTokenizer(PreTrainedTokenizer):
         return self._decode([self._convert_token_to_id(t) for t in tokens])
 
     def _decode(self, token_ids, skip_special_tokens=False, **kwargs):
-        """The base decoder over each run of ordinary ids; a special id spelled one way (or skipped)."""
+        """The base decoder over each run of ordinary ids; a special id spelled one way (or skipped), with a space
+        between it and a word, and a word after it as running text spells it."""
         ids = [token_ids] if isinstance(token_ids, int) else list(token_ids)
-        out, run = [], []
+        probe = [self._base.token_to_id(t) for t in self._base.tokenize(_PROBE)]
+        out, run = "", []
+
+        def flush():
+            nonlocal out, run
+            if run:
+                if out:  # after a special token: the space its first word starts with, or none
+                    head, whole = self._base.decode(probe), self._base.decode(probe + run)
+                    out += whole[len(head) :] if whole.startswith(head) else self._base.decode(run)
+                else:
+                    out = self._base.decode(run)
+                run = []
+
         for i in map(int, ids):
             if i in self._spelling:
-                if run:
-                    out.append(self._base.decode(run))
-                    run = []
+                flush()
                 if not skip_special_tokens:
-                    out.append(self._spelling[i])
+                    out = out.rstrip()
+                    out += (" " if out else "") + self._spelling[i]
             elif 0 <= i < self._base.size:
                 run.append(i)
             else:
@@ -214,9 +245,8 @@ class MegatronGLMTokenizer(PreTrainedTokenizer):
                     f"token id {i} is outside this tokenizer's {self.vocab_size} ids (a padding row "
                     "of the embedding table)"
                 )
-        if run:
-            out.append(self._base.decode(run))
-        return "".join(out)
+        flush()
+        return out
 
     def save_vocabulary(self, save_directory, filename_prefix=None):
         written = []
