@@ -136,7 +136,8 @@ def choice_rows(path: str, tokenizer, limit: int) -> tuple[list[Row], list[int]]
                 f"{path}:{n}: the text has {len(blanks)} [MASK] blanks; a choice fills exactly one"
             )
         for c, text in enumerate(choices):
-            ids = tokenizer.encode(text)
+            # as a span of running text: what training shows in a blank (GPT-2's Ġword, sentencepiece's ▁word)
+            ids = tokenizer.encode_running(text.strip())
             if not ids:
                 raise TaskError(f"{path}:{n}: choice {c} ({text!r}) has no tokens")
             rows.append(Row(part_a, blanks[0], [sop] + ids[:-1], ids, item, c))
