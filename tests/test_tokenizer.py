@@ -263,3 +263,21 @@ def test_decode_spells_text_beside_special_tokens_one_way(every_kind, kind):
         assert tok.encode(canonical, allow_special=True) == tok.encode(
             variants[0], allow_special=True
         )
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_choice_is_scored_as_the_words_it_stands_for_in_running_text(every_kind, kind, tmp_path):
+    """glm-eval's candidate ids are the ids the words have in the text with the blank filled."""
+    from megatron_glm.data.eval_tasks import choice_rows
+
+    tok = every_kind[kind]
+    path = tmp_path / "task.jsonl"
+    path.write_text(
+        json.dumps({"text": "the cat [MASK] on the mat", "choices": ["sat", "dog"], "label": 0})
+    )
+    rows, _ = choice_rows(str(path), tok, 64)
+    for row, word in zip(rows, ["sat", "dog"]):
+        filled = tok.encode(f"the cat {word} on the mat")
+        start = len(tok.encode("the cat"))
+        assert row.targets == filled[start : start + len(row.targets)]
+        assert tok.encode(f"the cat {word}") == filled[:start] + row.targets
