@@ -246,7 +246,20 @@ def test_greedy_generate_fills_the_blank_as_glm_generate_does(learned, tokenizer
     assert together == expected
 
 
-def test_generate_reuses_the_cache_without_deprecation_warnings(learned, caplog):
+@pytest.fixture
+def transformers_logs(caplog):
+    """transformers' own log lines in ``caplog``: its loggers do not propagate to the root by default, so
+    without this a test of its warnings could never fail; and its once-only warnings forgotten, so that
+    an earlier test cannot have used one up."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.warning_once.cache_clear()
+    transformers_logging.enable_propagation()
+    yield caplog
+    transformers_logging.disable_propagation()
+
+
+def test_generate_reuses_the_cache_without_deprecation_warnings(learned, transformers_logs):
     """transformers 5.x names the cache ``cache``: the export's code takes it under that name (and the old
     one), so every step after the prompt feeds one token, and nothing of ours is deprecated."""
     import logging
@@ -258,12 +271,29 @@ def test_generate_reuses_the_cache_without_deprecation_warnings(learned, caplog)
         lambda _, args, kwargs: fed.append(kwargs["input_ids"].shape[1]), with_kwargs=True
     )
     inputs = hf_tokenizer("Return the [MASK] of a path.[sop]", return_tensors="pt")
-    with caplog.at_level(logging.WARNING):
+    with transformers_logs.at_level(logging.WARNING):
         theirs.generate(**inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False)
     assert fed == [inputs["input_ids"].shape[1], 1, 1, 1, 1], (
         "each new token alone, the rest from the cache"
     )
-    assert not [r for r in caplog.records if "deprecated" in r.getMessage()]
+    assert not [r for r in transformers_logs.records if "deprecated" in r.getMessage()]
+
+
+def test_load_run_and_generate_warn_of_nothing(learned, transformers_logs):
+    """Every Python warning an error and every transformers log line at WARNING or above a failure, from loading
+    the export through a forward pass to generate: our files use nothing transformers deprecates."""
+    import logging
+    import warnings
+
+    _, _, hf = learned
+    with warnings.catch_warnings(), transformers_logs.at_level(logging.WARNING):
+        warnings.simplefilter("error")
+        theirs, hf_tokenizer = load_hf(hf)
+        inputs = hf_tokenizer("Return the [MASK] of a path.[sop]", return_tensors="pt")
+        theirs(**inputs)
+        theirs.generate(**inputs, max_new_tokens=3, do_sample=False)
+        theirs.generate(**inputs, max_new_tokens=3, num_beams=2, do_sample=False)
+    assert not [r.getMessage() for r in transformers_logs.records if r.levelno >= logging.WARNING]
 
 
 def test_export_import_round_trip_is_bitwise_through_shards(tmp_path, learned, tokenizer):
