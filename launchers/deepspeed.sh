@@ -2,7 +2,7 @@
 # The deepspeed launcher. With HOSTFILE (lines "host slots=8"): multi-node over
 # DS_LAUNCHER=pdsh (default; passwordless ssh), openmpi or slurm. Without: this node,
 # NUM_GPUS processes. Multi-node, the cluster variables (NCCL_*, TORCH_NCCL_*, GLOO_*,
-# OMP_NUM_THREADS, WANDB_*, ...; FORWARD_ENV, a regex of prefixes, replaces the list) reach the
+# OMP_NUM_THREADS, WANDB_*, TORCH_EXTENSIONS_DIR, ...; FORWARD_ENV, a regex of prefixes, replaces the list) reach the
 # nodes through $SAVE_DIR/.deepspeed_env (DS_ENV_FILE).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -16,7 +16,7 @@ if [[ -n "${HOSTFILE:-}" ]]; then
     if [[ -z "${DS_ENV_FILE:-}" ]]; then
         mkdir -p "$SAVE_DIR"
         export DS_ENV_FILE="$SAVE_DIR/.deepspeed_env"
-        env | grep -E "^(${FORWARD_ENV:-NCCL_|TORCH_NCCL_|GLOO_|OMP_NUM_THREADS=|WANDB_|MEGATRON_GLM_|TRITON_|CUDA_DEVICE_MAX_CONNECTIONS=|PYTORCH_CUDA_ALLOC_CONF=|TOKENIZERS_PARALLELISM=})" \
+        env | grep -E "^(${FORWARD_ENV:-NCCL_|TORCH_NCCL_|GLOO_|OMP_NUM_THREADS=|WANDB_|MEGATRON_GLM_|TRITON_|CUDA_DEVICE_MAX_CONNECTIONS=|PYTORCH_CUDA_ALLOC_CONF=|TOKENIZERS_PARALLELISM=|TORCH_EXTENSIONS_DIR=})" \
             | grep -v -E '^[^=]*=.*[[:cntrl:]]' > "$DS_ENV_FILE" || true
         echo "launcher: $(wc -l < "$DS_ENV_FILE") variables go to every node through $DS_ENV_FILE"
     fi

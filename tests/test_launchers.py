@@ -3,8 +3,9 @@
 Each launcher script trains a few steps of glm-tiny with 2 processes. What one machine cannot
 show under a real Slurm (test_slurm.py runs one real node) uses stand-ins: ``srun`` and
 ``scontrol`` on PATH that start two "nodes" with Slurm's variables, so the several-node
-rendezvous, signal and requeue logic is what runs; and ``sbatch`` recording a submission, for
-the preprocessing script's arguments and its merge stage on a missing shard.
+rendezvous, signal and requeue logic is what runs; ``sbatch`` recording a submission, for
+the preprocessing script's arguments and its merge stage on a missing shard; and ``pdsh``
+recording the command DeepSpeed sends to every node (test_ssh.py launches over a real sshd).
 """
 
 import os
@@ -299,7 +300,8 @@ def test_deepspeed_launcher_on_localhost(tmp_path, data):
 
 
 def test_deepspeed_launcher_forwards_the_cluster_variables_to_every_node(tmp_path, data):
-    """Two nodes by hostfile: DeepSpeed's real runner builds the pdsh command; stand-in ssh and pdsh record it."""
+    """Two nodes by hostfile: DeepSpeed's real runner builds the pdsh command; stand-in ssh and pdsh record it,
+    to read the exports it sends to every node (test_ssh.py runs the launch itself over a real sshd)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "ssh").write_text("#!/bin/sh\nexit 0\n")  # the runner's passwordless-ssh check
