@@ -68,7 +68,9 @@ class Slurm:
             state = info.get("JobState")
             if state in states:
                 return info
-            if state in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            if state in {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"} - set(
+                states
+            ):
                 raise AssertionError(f"job {job_id} ended {state}: {info}")
             time.sleep(0.5)
         raise AssertionError(f"job {job_id} not {states} within {timeout} s: {self.job(job_id)}")
@@ -267,3 +269,4 @@ def test_preprocess_array_and_its_merge_equal_one_run(slurm, tmp_path, corpus, s
     for ext in (".bin", ".idx"):
         merged = (tmp_path / "out" / f"corpus_text_document{ext}").read_bytes()
         assert merged == (tmp_path / f"single_text_document{ext}").read_bytes(), ext
+
