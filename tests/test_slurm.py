@@ -269,4 +269,3 @@ def test_preprocess_array_and_its_merge_equal_one_run(slurm, tmp_path, corpus, s
     for ext in (".bin", ".idx"):
         merged = (tmp_path / "out" / f"corpus_text_document{ext}").read_bytes()
         assert merged == (tmp_path / f"single_text_document{ext}").read_bytes(), ext
-
