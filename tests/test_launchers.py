@@ -403,11 +403,9 @@ print("Submitted batch job 777")
 '''
 
 
-def test_slurm_preprocess_array_then_merge_equals_one_run(tmp_path, corpus, spm_model):
-    """An array of 3 tasks, each its shard; task 0 submits the merge after the array (afterany); the merged
-    dataset is byte-identical to one glm-preprocess run."""
-    import json
-
+def split_corpus(tmp_path, corpus, spm_model) -> None:
+    """The corpus as three files in ``raw/`` (an array's three shards), and one glm-preprocess run over them
+    (``single_text_document``), the reference a merge must equal byte for byte."""
     from megatron_glm.data.tokenizer import TokenizerSpec
     from megatron_glm.data_prep.preprocess import preprocess
 
@@ -421,6 +419,14 @@ def test_slurm_preprocess_array_then_merge_equals_one_run(tmp_path, corpus, spm_
         TokenizerSpec(model=spm_model),
         append_eod=True,
     )
+
+
+def test_slurm_preprocess_array_then_merge_equals_one_run(tmp_path, corpus, spm_model):
+    """An array of 3 tasks, each its shard; task 0 submits the merge after the array (afterany); the merged
+    dataset is byte-identical to one glm-preprocess run."""
+    import json
+
+    split_corpus(tmp_path, corpus, spm_model)
     bin_dir = tmp_path / "fake-slurm"
     bin_dir.mkdir()
     (bin_dir / "sbatch").write_text(FAKE_SBATCH.replace("#!PYTHON", "#!" + sys.executable))

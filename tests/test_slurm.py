@@ -17,7 +17,15 @@ import time
 import pytest
 
 from tests.helpers import free_port
-from tests.test_launchers import HOLD, ITERS, LAUNCHERS, env_for, losses, torchrun_run
+from tests.test_launchers import (
+    HOLD,
+    ITERS,
+    LAUNCHERS,
+    env_for,
+    losses,
+    split_corpus,
+    torchrun_run,
+)
 
 __all__ = ["torchrun_run"]  # the uninterrupted reference run, a fixture of test_launchers
 
@@ -224,19 +232,7 @@ def test_srun_script_two_tasks_stop_on_usr1_are_requeued_and_finish(
 def test_preprocess_array_and_its_merge_equal_one_run(slurm, tmp_path, corpus, spm_model):
     """sbatch --array=0-2 --cpus-per-task=1: three shards, then the merge job task 0 submits (one task, one CPU)
     once they all succeed; the merged dataset is byte-identical to one glm-preprocess run."""
-    from megatron_glm.data.tokenizer import TokenizerSpec
-    from megatron_glm.data_prep.preprocess import preprocess
-
-    lines = open(corpus[0], "rb").read().splitlines(keepends=True)
-    (tmp_path / "raw").mkdir()
-    for i, part in enumerate((lines[:500], lines[500:1100], lines[1100:])):
-        (tmp_path / "raw" / f"part{i}.jsonl").write_bytes(b"".join(part))
-    preprocess(
-        [str(tmp_path / "raw")],
-        str(tmp_path / "single"),
-        TokenizerSpec(model=spm_model),
-        append_eod=True,
-    )
+    split_corpus(tmp_path, corpus, spm_model)
     (tmp_path / "out").mkdir()
     env = {
         **os.environ,
