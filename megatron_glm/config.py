@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from megatron_glm.flags import add_flags, flag_values, internal, setting, value_of
+from megatron_glm.flags import add_flags, flag_values, flagged_fields, internal, setting, value_of
 
 POSITION_TYPES = ("learned_2d", "rotary_2d", "rotary_1d")
 
@@ -195,11 +195,20 @@ def model_from_flags(values, vocab_size: int, seq_length: int) -> ModelConfig:
     name = value_of(values, "preset")
     cfg = preset(name, vocab_size=vocab_size) if name else ModelConfig(vocab_size=vocab_size)
     defaults = ModelConfig()
+    # flags whose parser holds None when absent: any value of theirs was given
+    given_when_set = {
+        f.name for f, spec, _ in flagged_fields(ModelConfig) if spec.parser_default is None
+    }
     for field, value in given.items():
         if value is None:
             continue
-        # a switch or value left at its default keeps the preset's (--preset glm-130b stays GeGLU)
-        if name and field in PRESETS[name] and value == getattr(defaults, field):
+        # a switch or number left at its default keeps the preset's (--preset glm-130b stays GeGLU)
+        if (
+            name
+            and field in PRESETS[name]
+            and field not in given_when_set
+            and value == getattr(defaults, field)
+        ):
             continue
         setattr(cfg, field, value)
     if given.get("hidden_size") is not None and given.get("ffn_hidden_size") is None:

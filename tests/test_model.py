@@ -396,3 +396,19 @@ def test_embedding_gradient_shrink(kind):
     for name in grads[1.0]:
         if name != emb:
             torch.testing.assert_close(grads[0.1][name], grads[1.0][name], rtol=0, atol=0, msg=name)
+
+
+def test_a_preset_keeps_its_switches_and_a_given_flag_overrides_it():
+    from megatron_glm.config import model_from_flags
+    from megatron_glm.training.arguments import build_parser
+
+    def model(*flags):
+        return model_from_flags(build_parser().parse_args(["--data-path", "x", *flags]), 1000, 256)
+
+    big = model("--preset", "glm-130b")
+    assert big.geglu and big.deepnorm and big.positions_1d and big.ffn_hidden_size == 32768
+    learned = model("--preset", "glm-130b", "--position-embedding-type", "learned_2d")
+    assert learned.position_embedding_type == "learned_2d" and learned.geglu
+    # a size given equal to the preset-less default is still given
+    small = model("--preset", "glm-large", "--hidden-size", "128", "--num-attention-heads", "4")
+    assert (small.hidden_size, small.num_attention_heads, small.ffn_hidden_size) == (128, 4, 512)
