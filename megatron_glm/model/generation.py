@@ -3,7 +3,8 @@
 Part A (the text with its blanks) is encoded once, bidirectionally, into the KV cache. Each
 blank is then generated as GLM was trained: ``[sop]`` at position (mask position, 1), then
 tokens at (mask position, 2, 3, ...) until ``[eop]``, each attending to Part A and everything
-generated before it. Greedy, sampling (temperature, top-k, top-p) and beam search choose the
+generated before it (with GLM-130B's 1D positions a ``[gMASK]`` span goes on counting from its
+blank instead: mask position + 1, + 2, ...). Greedy, sampling (temperature, top-k, top-p) and beam search choose the
 tokens; a finished span is fed back into the cache so later blanks see it. (The command
 itself, which reads checkpoints, is ``megatron_glm/generate.py``.)
 """
