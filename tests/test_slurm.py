@@ -265,3 +265,68 @@ def test_preprocess_array_and_its_merge_equal_one_run(slurm, tmp_path, corpus, s
     for ext in (".bin", ".idx"):
         merged = (tmp_path / "out" / f"corpus_text_document{ext}").read_bytes()
         assert merged == (tmp_path / f"single_text_document{ext}").read_bytes(), ext
+
+
+def test_a_failed_array_task_is_named_by_the_merge_and_a_rerun_finishes(
+    slurm, tmp_path, corpus, spm_model
+):
+    """One input is damaged: the merge runs once the array has ended and names the task that failed (with
+    afterok it would wait for good); with the file mended, requeueing that task and submitting the merge again
+    gives what one run gives."""
+    import gzip
+
+    from megatron_glm.data.tokenizer import TokenizerSpec
+    from megatron_glm.data_prep.preprocess import preprocess
+
+    lines = open(corpus[0], "rb").read().splitlines(keepends=True)
+    (tmp_path / "raw").mkdir()
+    for i, part in enumerate((lines[:500], lines[500:1100], lines[1100:])):
+        # a compressed file goes whole to one task
+        (tmp_path / "raw" / f"part{i}.jsonl.gz").write_bytes(gzip.compress(b"".join(part)))
+    preprocess([str(tmp_path / "raw")], str(tmp_path / "single"), TokenizerSpec(model=spm_model))
+    good = (tmp_path / "raw" / "part1.jsonl.gz").read_bytes()
+    # damaged in the middle, its size kept: the tasks split the inputs by size, so the rerun's share must match
+    middle = len(good) // 2
+    bad = good[:middle] + bytes(b ^ 0xFF for b in good[middle : middle + 64]) + good[middle + 64 :]
+    (tmp_path / "raw" / "part1.jsonl.gz").write_bytes(bad)
+    (tmp_path / "out").mkdir()
+    env = {
+        **os.environ,
+        "INPUT": str(tmp_path / "raw"),
+        "OUTPUT_PREFIX": str(tmp_path / "out" / "corpus"),
+        "TOKENIZER_ARGS": f"--tokenizer-model {spm_model}",
+        "PYTHON": sys.executable,
+    }
+    script = os.path.join(LAUNCHERS, "slurm_preprocess.sbatch")
+    array = slurm.submit(
+        script, env, "--array=0-2", "--cpus-per-task=1", f"--output={tmp_path}/array-%a.out"
+    )
+    first, end = tmp_path / "array-0.out", time.time() + 120
+    while not first.exists() or "Submitted batch job " not in first.read_text(errors="ignore"):
+        assert time.time() < end
+        time.sleep(0.5)
+    merge = first.read_text().split("Submitted batch job ")[1].split()[0]
+    info = slurm.wait(merge, states=("FAILED", "COMPLETED"))
+    log = open(info["StdOut"]).read()
+    # the task that read part1 failed (which one depends on how the inputs' sizes split): the merge names it
+    failed = [i for i in range(3) if "error:" in (tmp_path / f"array-{i}.out").read_text()]
+    assert len(failed) == 1 and info["JobState"] == "FAILED", log
+    assert (
+        f"array task(s) {failed[0]} failed" in log and f"scontrol requeue {array}_<task>" in log
+    ), log
+    assert "sbatch --ntasks=1 --cpus-per-task=1" in log
+
+    (tmp_path / "raw" / "part1.jsonl.gz").write_bytes(good)
+    assert slurm.run("scontrol", "requeue", f"{array}_{failed[0]}").returncode == 0
+    slurm.wait(f"{array}_{failed[0]}", timeout=120)
+    again = slurm.submit(
+        script,
+        {**env, "GLM_PREPROCESS_STAGE": "merge", "NUM_SHARDS": "3"},
+        "--ntasks=1",
+        "--cpus-per-task=1",  # as the message says: the header asks for 32
+        f"--output={tmp_path}/merge-again.out",
+    )
+    slurm.wait(again, timeout=120)
+    for ext in (".bin", ".idx"):
+        merged = (tmp_path / "out" / f"corpus_text_document{ext}").read_bytes()
+        assert merged == (tmp_path / f"single_text_document{ext}").read_bytes(), ext
