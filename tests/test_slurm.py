@@ -114,6 +114,9 @@ def _write_conf(root: str) -> str:
         "JobRequeue": 1,
         # a requeued job waits until its old credentials expire (two minutes by default): 10 s here
         "AuthInfo": "cred_expire=10",
+        # slurm_srun.sbatch derives its port from the job id (20000 + id % 20000): ids from 10000 keep it clear
+        # of the tests' own ports (tests/helpers.free_port hands out 20000 and up)
+        "FirstJobId": 10000,
     }
     with open(conf, "w") as f:
         f.writelines(f"{k}={v}\n" for k, v in settings.items())
