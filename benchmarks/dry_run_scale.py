@@ -95,6 +95,19 @@ def stage_rows(candidate, report) -> str:
     return "\n".join(rows)
 
 
+def section(title: str, candidate) -> dict:
+    """Dry-run one layout and print its heading, command and per-rank table; the report."""
+    argv = dry_run_argv(WORKLOAD, candidate, CLUSTER)
+    report = dry_run(argv)
+    print(f"## {title}\n")
+    print("glm-pretrain " + " ".join(argv) + "\n")
+    if "error" in report:
+        print(f"dry run failed: {report['error']}")
+    else:
+        print(stage_rows(candidate, report))
+    return report
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", choices=["published", "recommended"])
@@ -103,15 +116,9 @@ def main() -> None:
     budget = (CLUSTER.gpu_memory_gib - CLUSTER.reserve_gib) * GiB
     if args.only in (None, "published"):
         cand = evaluate(WORKLOAD, PUBLISHED, CLUSTER)
-        argv = dry_run_argv(WORKLOAD, cand, CLUSTER)
-        report = dry_run(argv)
-        out["published"] = report
-        print(f"## GLM-130B as published: {PUBLISHED.label}, {CLUSTER.world} ranks\n")
-        print("glm-pretrain " + " ".join(argv) + "\n")
-        if "error" in report:
-            print(f"dry run failed: {report['error']}")
-        else:
-            print(stage_rows(cand, report))
+        title = f"GLM-130B as published: {PUBLISHED.label}, {CLUSTER.world} ranks"
+        report = out["published"] = section(title, cand)
+        if "error" not in report:
             print(
                 f"\ndry run: {report['wall_s']:.0f} s, peak RSS {report['peak_rss_gib']:.2f} GiB; "
                 f"glm-plan's modelled step {cand.step_time:.1f} s (efficiency {CLUSTER.efficiency}) vs "
@@ -119,15 +126,9 @@ def main() -> None:
             )
     if args.only in (None, "recommended"):
         best = rank(WORKLOAD, CLUSTER)[0]
-        argv = dry_run_argv(WORKLOAD, best, CLUSTER)
-        report = dry_run(argv)
-        out["recommended"] = report
-        print(f"## glm-plan's recommendation for the same cluster: {best.layout.label}\n")
-        print("glm-pretrain " + " ".join(argv) + "\n")
-        if "error" in report:
-            print(f"dry run failed: {report['error']}")
-        else:
-            print(stage_rows(best, report))
+        title = f"glm-plan's recommendation for the same cluster: {best.layout.label}"
+        report = out["recommended"] = section(title, best)
+        if "error" not in report:
             worst = max(r["peak"] for r in report["ranks"])
             verdict = "fits" if worst <= budget else "does NOT fit"
             print(

@@ -32,8 +32,6 @@ from megatron_glm.model.parallelize import partition_of
 from megatron_glm.parallel.pipeline import partition_layers, stage_layer_counts
 from megatron_glm.training.zero_states import BYTES, model_states, setup_host_bytes
 
-__all__ = ["BYTES", "model_states", "setup_host_bytes"]  # and what is defined below
-
 ATTENTION = ("flash", "sdpa", "eager")
 
 

@@ -130,6 +130,9 @@ class MegatronGLMTokenizer(PreTrainedTokenizer):
             if glm_backend == "sentencepiece"
             else _Tokenizers(glm_backend, files)
         )
+        # the probe word's tokens and ids: text after a special token is tokenized and decoded behind it
+        self._probe = self._base.tokenize(_PROBE)
+        self._probe_ids = [self._base.token_to_id(t) for t in self._probe]
         self._role_ids = {role: int(s["id"]) for role, s in glm_special_tokens.items()}
         self._spelling = {int(s["id"]): s["spellings"][0] for s in glm_special_tokens.values()}
         self._id_of = {
@@ -196,7 +199,7 @@ class MegatronGLMTokenizer(PreTrainedTokenizer):
         """``text`` as a word of running text tokenizes (behind a probe word whose tokens are dropped)."""
         if not text:
             return []
-        probe = self._base.tokenize(_PROBE)
+        probe = self._probe
         tokens = self._base.tokenize(_PROBE + " " + text)
         return tokens[len(probe) :] if tokens[: len(probe)] == probe else self._base.tokenize(text)
 
@@ -219,7 +222,7 @@ class MegatronGLMTokenizer(PreTrainedTokenizer):
         """The base decoder over each run of ordinary ids; a special id spelled one way (or skipped), with a space
         between it and a word, and a word after it as running text spells it."""
         ids = [token_ids] if isinstance(token_ids, int) else list(token_ids)
-        probe = [self._base.token_to_id(t) for t in self._base.tokenize(_PROBE)]
+        probe = self._probe_ids
         out, run = "", []
 
         def flush():
