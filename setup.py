@@ -37,6 +37,8 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
         # owns data parallelism, ZeRO, mixed precision and the optimizer step
         "deepspeed>=0.14.1",
+        # glm-finetune's ROUGE-1/2/L: Google's reimplementation of ROUGE-1.5.5, the scores papers report
+        "rouge-score>=0.1.2",
     ],
     extras_require={
         "test": [
@@ -74,6 +76,7 @@ setup(
             "glm-train-tokenizer=megatron_glm.data_prep.train_tokenizer:main",
             "glm-merge-datasets=megatron_glm.data_prep.merge:main",
             "glm-pretrain=megatron_glm.training.pretrain:cli",
+            "glm-finetune=megatron_glm.training.finetune:cli",
             "glm-torchrun=megatron_glm.training.torchrun:main",
             "glm-generate=megatron_glm.generate:main",
             "glm-eval=megatron_glm.evaluate:cli",

@@ -85,9 +85,12 @@ def flagged_fields(cls) -> list[tuple[dataclasses.Field, Flag, Any]]:
     ]
 
 
-def add_flags(group, cls) -> None:
-    """One argparse argument per flagged field of ``cls``, in a parser or one of its groups."""
+def add_flags(group, cls, exclude: tuple[str, ...] = ()) -> None:
+    """One argparse argument per flagged field of ``cls`` (but the fields named in ``exclude``), in a parser or
+    one of its groups."""
     for field, spec, hint in flagged_fields(cls):
+        if field.name in exclude:
+            continue
         kind = _unwrap(hint)
         default = field.default if spec.parser_default is UNSET else spec.parser_default
         kw: dict[str, Any] = {

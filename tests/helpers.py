@@ -106,8 +106,9 @@ def spawn(fn, world, out_dir, *args):
     ]
 
 
-def launch_pretrain(nproc, args, fault=None):
-    """glm-pretrain in ``nproc`` processes under torchrun (one plain process for 1); the completed run."""
+def launch_pretrain(nproc, args, fault=None, module="megatron_glm.training.pretrain"):
+    """glm-pretrain (or another command's ``module``) in ``nproc`` processes under torchrun (one plain process
+    for 1); the completed run."""
     import os
     import subprocess
     import sys
@@ -127,11 +128,11 @@ def launch_pretrain(nproc, args, fault=None):
         "--master_port",
         str(free_port()),
         "-m",
-        "megatron_glm.training.pretrain",
+        module,
         *args,
     ]
     if nproc == 1:
-        cmd = [sys.executable, "-m", "megatron_glm.training.pretrain", *args]
+        cmd = [sys.executable, "-m", module, *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 

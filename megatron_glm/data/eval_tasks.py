@@ -82,7 +82,9 @@ def layout(
     }
 
 
-def read_jsonl(path: str, kind: str) -> list[dict]:
+def read_jsonl(path: str, kind: str, text_field: str | None = "text") -> list[tuple[int, dict]]:
+    """(line number, object) of each non-empty line; each must hold a non-empty string ``text_field`` (None:
+    any JSON object)."""
     if not os.path.exists(path):
         raise TaskError(f"{kind} task file {path} does not exist")
     rows = []
@@ -96,24 +98,28 @@ def read_jsonl(path: str, kind: str) -> list[dict]:
                 raise TaskError(
                     f"{path}:{n}: not a JSON object ({e}); one object per line"
                 ) from None
-            if (
-                not isinstance(row, dict)
-                or not isinstance(row.get("text"), str)
-                or not row["text"].strip()
+            if not isinstance(row, dict):
+                raise TaskError(f"{path}:{n}: not a JSON object; one object per line")
+            if text_field and (
+                not isinstance(row.get(text_field), str) or not row[text_field].strip()
             ):
-                raise TaskError(f'{path}:{n}: needs a non-empty "text"')
+                raise TaskError(f'{path}:{n}: needs a non-empty "{text_field}"')
             rows.append((n, row))
     if not rows:
         raise TaskError(f"{path} holds no items: an empty {kind} task file")
     return rows
 
 
-def choice_rows(path: str, tokenizer, limit: int) -> tuple[list[Row], list[int]]:
-    """Rows of a multiple-choice file, and each item's label."""
+def choice_rows(
+    path: str, tokenizer, limit: int, objects: list[tuple[int, dict]] | None = None
+) -> tuple[list[Row], list[int]]:
+    """Rows of a multiple-choice file (or of its ``objects`` already read), and each item's label."""
     rows, labels = [], []
     sop, mask = tokenizer.sop_id, tokenizer.mask_id
-    for item, (n, obj) in enumerate(read_jsonl(path, "choice")):
+    for item, (n, obj) in enumerate(objects or read_jsonl(path, "choice")):
         choices, label = obj.get("choices"), obj.get("label")
+        if not isinstance(obj.get("text"), str) or not obj["text"].strip():
+            raise TaskError(f'{path}:{n}: needs a non-empty "text"')
         if (
             not isinstance(choices, list)
             or len(choices) < 2
@@ -142,7 +148,7 @@ def choice_rows(path: str, tokenizer, limit: int) -> tuple[list[Row], list[int]]
                 raise TaskError(f"{path}:{n}: choice {c} ({text!r}) has no tokens")
             rows.append(Row(part_a, blanks[0], [sop] + ids[:-1], ids, item, c))
         labels.append(label)
-    _check_lengths(rows, limit, path)
+    check_lengths(rows, limit, path)
     return rows, labels
 
 
@@ -164,7 +170,7 @@ def lambada_rows(path: str, tokenizer, limit: int) -> list[Row]:
         rows.append(
             Row(part_a, len(ctx), [tokenizer.sop_id] + target[:-1], target, item, gmask=True)
         )
-    _check_lengths(rows, limit, path)
+    check_lengths(rows, limit, path)
     return rows
 
 
@@ -200,16 +206,16 @@ def blank_rows(path: str, tokenizer, limit: int, collator) -> list[Row]:
         raise TaskError(
             f"{path}: no document is long enough for the token objective to blank a span in it"
         )
-    _check_lengths(rows, limit, path)
+    check_lengths(rows, limit, path)
     return rows
 
 
-def _check_lengths(rows: list[Row], limit: int, path: str) -> None:
+def check_lengths(rows: list[Row], limit: int, path: str, what: str = "it") -> None:
     longest = max(rows, key=len)
     if len(longest) > limit:
         raise TaskError(
             f"{path}: item {longest.item + 1} needs {len(longest)} positions, the model has {limit}; "
-            "shorten it or evaluate a model with longer positions"
+            f"shorten {what} or use a model with longer positions"
         )
 
 

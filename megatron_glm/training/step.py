@@ -41,17 +41,25 @@ class StepRunner:
     ``train`` is one optimizer step (losses, gradient norm), ``evaluate`` a validation loss and
     ``score`` per-row scores for the zero-shot tasks; ``shape`` is the activation a stage sends
     (micro-batch, local sequence, hidden), ``tied`` keeps the first and last stage's embeddings one.
+    ``objective``: fine-tuning's loss and scores (``model/cloze.py``) instead of pretraining's, whose
+    losses per blank-infilling objective are then not reported.
     """
 
-    def __init__(self, engine, chunks, tied, vpp: int, shape, dtype, device):
+    def __init__(self, engine, chunks, tied, vpp: int, shape, dtype, device, objective=None):
         self.engine, self.chunks, self.tied = engine, chunks, tied
         self.shape, self.dtype, self.device = shape, dtype, device
+        self.objective = objective
         self.pp = state.get_pipeline_model_parallel_world_size()
         self.schedule = get_schedule(self.pp, vpp)
         self.params = [p for c in chunks for p in c.parameters() if p.requires_grad]
 
     def _run(
-        self, batches, forward_only: bool, overflow: bool = False, collect: dict | None = None
+        self,
+        batches,
+        forward_only: bool,
+        overflow: bool = False,
+        collect: dict | None = None,
+        scorer=None,
     ):
         # loss sum, loss count, then (sum, tokens) per objective
         stats = np.zeros(2 + 2 * len(OBJECTIVES))
@@ -81,16 +89,21 @@ class StepRunner:
                 return out
             # evaluation tasks: each row's score, and no loss (forward only)
             if collect is not None:
-                collect[m] = torch.stack(chunk.score(out, b["labels"], b["loss_mask"]), dim=1)
+                collect[m] = scorer(chunk, out, b)
                 return out
-            loss, sums, counts = chunk.loss(out, b["labels"], b["loss_mask"])
+            sums = counts = None
+            if self.objective is not None:
+                loss = self.objective.loss(chunk, out, b)
+            else:
+                loss, sums, counts = chunk.loss(out, b["labels"], b["loss_mask"])
             if overflow:  # fault injection: an fp16 overflow, as a too-large loss scale would cause
                 loss = loss * float("inf")
             stats[0] += float(loss.detach())
             stats[1] += 1
-            for obj, s, c in zip(b["objective"].tolist(), sums.tolist(), counts.tolist()):
-                stats[2 + 2 * obj] += s
-                stats[3 + 2 * obj] += c
+            if sums is not None:
+                for obj, s, c in zip(b["objective"].tolist(), sums.tolist(), counts.tolist()):
+                    stats[2 + 2 * obj] += s
+                    stats[3 + 2 * obj] += c
             return loss
 
         def backward_step(chunk, hidden, out, out_grad):
@@ -150,12 +163,18 @@ class StepRunner:
                 out[f"loss_{name}"] = stats[2 + 2 * k] / stats[3 + 2 * k]
         return out
 
-    def score(self, batches) -> list | None:
-        """Each micro-batch's per-row scores (``GLMModel.score``) on the last pipeline stage; None on the others."""
+    def score(self, batches, scorer=None) -> list | None:
+        """Each micro-batch's scores on the last pipeline stage, None on the others: per row (``GLMModel.score``),
+        or what ``scorer(chunk, logits, batch)`` makes of them (a fine-tuning objective's ``score``)."""
         self.engine.eval()
         collected: dict = {}
+        if scorer is None:
+
+            def scorer(chunk, logits, b):
+                return torch.stack(chunk.score(logits, b["labels"], b["loss_mask"]), dim=1)
+
         with torch.no_grad():
-            self._run(batches, forward_only=True, collect=collected)
+            self._run(batches, forward_only=True, collect=collected, scorer=scorer)
         self.engine.train()
         return [collected[m] for m in range(len(batches))] if collected else None
 

@@ -244,7 +244,15 @@ def switch_schedule(engine, lr: float) -> None:
 class Trainer:
     """glm-pretrain's run: ``__init__`` builds the components in order (tokenizer, resume point, process
     groups, data, this rank's model shard, engine, restore, loader, metrics, checkpointer, stop
-    handling), ``train`` runs the loop, ``close`` releases what the set-up started."""
+    handling), ``train`` runs the loop, ``close`` releases what the set-up started.
+
+    A subclass changes what is trained on (``build_batches``: glm-finetune's labelled examples), how
+    a micro-batch becomes a loss (``objective``) and what each validation measures (``validate``).
+    """
+
+    command = "glm-pretrain"
+    objective = None  # pretraining's: blank infilling's loss per objective (``StepRunner``)
+    rows_per_sample = 1  # micro-batch rows each sample takes
 
     def __init__(self, job: JobConfig):
         self.job = job
@@ -279,6 +287,7 @@ class Trainer:
         )
         job, self.follow_flags_schedule = resumed_schedule(job, self.resume)
         self.job = job
+        self.read_inputs()
         init_distributed(self.device, self.tp, self.pp, self.model_cfg)
         import torch.distributed as dist
 
@@ -287,15 +296,7 @@ class Trainer:
         self.grad_accum = job.global_batch_size // (
             job.training.micro_batch_size * state.get_data_parallel_world_size()
         )
-        self.train_batches, self.valid_batches = build_data(
-            job, self.tokenizer, self.model_cfg.vocab_size
-        )
-        if self.valid_batches is None and job.logging.eval_interval <= job.train_iters:
-            logger.warning(
-                f"--split {job.data.split} leaves no validation data, so the validation every "
-                f"--eval-interval {job.logging.eval_interval} iterations measures nothing: give the split "
-                "a validation share (e.g. 98,2,0)"
-            )
+        self.train_batches, self.valid_batches = self.build_batches()
 
         seed_everything(job.training.seed)
         kernels.set_backend(job.settings.implementation.kernels)
@@ -316,14 +317,16 @@ class Trainer:
         self.iteration, self.consumed = self._restore() if self.resume else (0, 0)
         self.tied.broadcast_weight()
         seq_local = job.data.seq_length // self.tp if par.sequence_parallel else job.data.seq_length
+        rows = job.training.micro_batch_size * self.rows_per_sample
         self.runner = StepRunner(
             self.engine,
             self.chunks,
             self.tied,
             self.vpp,
-            (job.training.micro_batch_size, seq_local, self.model_cfg.hidden_size),
+            (rows, seq_local, self.model_cfg.hidden_size),
             self.dtype,
             self.device,
+            self.objective,
         )
         if self.meter:
             self.meter.mark()
@@ -344,7 +347,7 @@ class Trainer:
         self.stream = build_loader(job, self.train_batches, self.consumed, self.device)
         cfg = self.model_cfg
         self.speed = Throughput(
-            job.data.seq_length,
+            job.data.seq_length * self.rows_per_sample,
             flops_per_token(cfg.num_layers, cfg.hidden_size, job.data.seq_length, cfg.vocab_size),
             job.train_iters,
             self.iteration,
@@ -357,6 +360,22 @@ class Trainer:
             self.rank,
             self.started + 60.0 * minutes if minutes else None,
         )
+
+    def read_inputs(self) -> None:
+        """Read and check what the run trains on that fits in memory (fine-tuning's splits), before any work;
+        the corpus is opened by ``build_batches``."""
+
+    def build_batches(self):
+        """(train, validation) micro-batch datasets: the corpus, collated by the blank-infilling objective."""
+        job = self.job
+        train, valid = build_data(job, self.tokenizer, self.model_cfg.vocab_size)
+        if valid is None and job.logging.eval_interval <= job.train_iters:
+            logger.warning(
+                f"--split {job.data.split} leaves no validation data, so the validation every "
+                f"--eval-interval {job.logging.eval_interval} iterations measures nothing: give the split "
+                "a validation share (e.g. 98,2,0)"
+            )
+        return train, valid
 
     def _restore(self) -> tuple[int, int]:
         """(iteration, consumed samples) of the resume point, its state restored into the engine."""
@@ -435,7 +454,7 @@ class Trainer:
             else ""
         )
         logger.info(
-            f"glm-pretrain: {n_params / 1e6:.2f} M parameters (this TP rank's share), {cfg.num_layers} layers, "
+            f"{self.command}: {n_params / 1e6:.2f} M parameters (this TP rank's share), {cfg.num_layers} layers, "
             f"hidden {cfg.hidden_size}, vocab {cfg.vocab_size} (padded), seq {job.data.seq_length}, global batch "
             f"{job.global_batch_size} = {job.training.micro_batch_size} x {self.grad_accum} accumulation x {world} "
             f"data-parallel ranks{ramp}, TP {self.tp}{' + sequence parallel' if par.sequence_parallel else ''}, "
@@ -534,42 +553,71 @@ class Trainer:
             [self._to_device(collate_now(self.valid_batches, indices)) for indices in micro_batches]
         )
 
+    def validation_due(self) -> bool:
+        return self.iteration % self.job.logging.eval_interval == 0
+
+    def validate(self) -> dict:
+        """What every ``--eval-interval`` measures: the validation loss, and the ``--eval-tasks``."""
+        values = {}
+        if self.valid_batches is not None:
+            values["valid_loss"] = self.evaluate()
+            logger.info(
+                f"validation at iter {self.iteration}: loss {values['valid_loss']:.4f} "
+                f"(ppl {math.exp(min(values['valid_loss'], 50)):.2f})"
+            )
+        if self.tasks:
+            values.update(self.evaluate_tasks())
+        return values
+
+    def spread_scores(self, count: int, make, rows: int, width: int, scorer=None):
+        """Score an evaluation's ``count`` micro-batches (``make(k)``, ``rows`` scored rows each) on any layout:
+        micro-batch ``k`` on data-parallel rank ``k % dp``, scored on the last stage; ``[count * rows, width]``
+        float64 on every rank.
+
+        ``count`` is a multiple of the data-parallel size (x the pipeline size under the interleaved schedule,
+        ``micro_batch_count``): with ZeRO-3 every replica gathers in each forward.
+        """
+        dp, dp_rank = state.get_data_parallel_world_size(), state.get_data_parallel_rank()
+        mine = list(range(dp_rank, count, dp))
+        scores = self.runner.score([self._to_device(make(k)) for k in mine], scorer)
+        full = torch.zeros(count * rows, width, dtype=torch.float64)
+        for k, s in zip(mine, scores or []):
+            full[k * rows : (k + 1) * rows] = s.double().cpu().reshape(rows, width)
+        for size, group in (
+            (dp, state.get_data_parallel_group),
+            (self.pp, state.get_pipeline_model_parallel_group),
+        ):
+            if size > 1:
+                torch.distributed.all_reduce(full, group=group())
+        return full
+
+    def micro_batch_count(self, items: int, per_batch: int) -> int:
+        """Micro-batches for ``items`` at ``per_batch`` each, rounded up to what ``spread_scores`` needs."""
+        unit = state.get_data_parallel_world_size() * (self.pp if self.vpp > 1 else 1)
+        return math.ceil(math.ceil(items / per_batch) / unit) * unit
+
     def evaluate_tasks(self) -> dict:
         """``--eval-tasks`` on the training model, any layout: micro-batches of rows spread over the data-parallel
         replicas (as many on each: ZeRO-3 gathers in every forward; padded with rows that score nothing), scored on
         the last stage, summed everywhere."""
         out = {}
-        mb, seq = self.job.training.micro_batch_size, self.job.data.seq_length
-        dp, dp_rank = state.get_data_parallel_world_size(), state.get_data_parallel_rank()
+        mb, seq = (
+            self.job.training.micro_batch_size * self.rows_per_sample,
+            self.job.data.seq_length,
+        )
         for name, kind, rows, labels in self.tasks:
-            unit = dp * (self.pp if self.vpp > 1 else 1)  # the interleaved schedule's multiple
-            count = math.ceil(math.ceil(len(rows) / mb) / unit) * unit
-            mine = list(range(dp_rank, count, dp))
-            batches = [
-                self._to_device(
-                    {
-                        k: torch.from_numpy(v)
-                        for k, v in eval_tasks.layout(
-                            rows[k * mb : (k + 1) * mb],
-                            seq,
-                            self.tokenizer.pad_id,
-                            mb,
-                            self.model_cfg.positions_1d,
-                        ).items()
-                    }
+
+            def make(k, rows=rows):
+                arrays = eval_tasks.layout(
+                    rows[k * mb : (k + 1) * mb],
+                    seq,
+                    self.tokenizer.pad_id,
+                    mb,
+                    self.model_cfg.positions_1d,
                 )
-                for k in mine
-            ]
-            scores = self.runner.score(batches)
-            full = torch.zeros(count * mb, 3, dtype=torch.float64)
-            for k, s in zip(mine, scores or []):
-                full[k * mb : (k + 1) * mb] = s.double().cpu()
-            for size, group in (
-                (dp, state.get_data_parallel_group),
-                (self.pp, state.get_pipeline_model_parallel_group),
-            ):
-                if size > 1:
-                    torch.distributed.all_reduce(full, group=group())
+                return {key: torch.from_numpy(v) for key, v in arrays.items()}
+
+            full = self.spread_scores(self.micro_batch_count(len(rows), mb), make, mb, 3)
             metrics = eval_tasks.metrics(kind, rows, full[: len(rows)].numpy(), labels)
             out.update({f"eval/{name}/{key}": value for key, value in metrics.items()})
             logger.info(
@@ -649,14 +697,8 @@ class Trainer:
             if self.iteration % job.logging.log_interval == 0 or self.iteration == job.train_iters:
                 values.update(self.speed.report(self.iteration, self.consumed))
                 logger.info(self._console_line(values))
-            if self.valid_batches is not None and self.iteration % job.logging.eval_interval == 0:
-                values["valid_loss"] = self.evaluate()
-                logger.info(
-                    f"validation at iter {self.iteration}: loss {values['valid_loss']:.4f} "
-                    f"(ppl {math.exp(min(values['valid_loss'], 50)):.2f})"
-                )
-            if self.tasks and self.iteration % job.logging.eval_interval == 0:
-                values.update(self.evaluate_tasks())
+            if self.validation_due():
+                values.update(self.validate())
             self.log.record(self.iteration, values)
             history.append(values["lm_loss"])
             faults.crash_point(f"iteration:{self.iteration}")
