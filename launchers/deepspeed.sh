@@ -23,4 +23,4 @@ if [[ -n "${HOSTFILE:-}" ]]; then
 else
     DS_ARGS+=(--num_nodes 1 --num_gpus "${NUM_GPUS:-1}")
 fi
-run deepspeed "${DS_ARGS[@]}" ${DEEPSPEED_ARGS:-} --module megatron_glm.training.pretrain "${GLM_ARGS[@]}"
+run deepspeed "${DS_ARGS[@]}" ${DEEPSPEED_ARGS:-} --module "$GLM_MODULE" "${GLM_ARGS[@]}"

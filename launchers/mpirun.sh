@@ -6,4 +6,4 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 NP=${NP:?set NP (total processes)}
 MPIRUN=${MPIRUN:-mpirun}
-run "$MPIRUN" -n "$NP" ${MPI_ARGS:-} "$PYTHON" -m megatron_glm.training.pretrain "${GLM_ARGS[@]}"
+run "$MPIRUN" -n "$NP" ${MPI_ARGS:-} "$PYTHON" -m "$GLM_MODULE" "${GLM_ARGS[@]}"

@@ -9,8 +9,10 @@
 6. glm-tiny pretrained with blank infilling (CPU, or the GPU when there is one), in two
    runs: the second resumes from the first's checkpoint and continues the same schedule;
    the tasks are scored during training too (``--eval-tasks``);
-7. the tasks before and after, beside chance; the loss curves as a PNG;
-8. held-out sentences: the word it picks for a blank, and what the KV-cache generator writes.
+7. glm-finetune: the multiple-choice task as cloze classification, from the pretrained checkpoint,
+   on items made from training documents, tested on the held-out task;
+8. the tasks before and after pretraining and after fine-tuning, beside chance; the loss curves as a PNG;
+9. held-out sentences: the word it picks for a blank, and what the KV-cache generator writes.
 """
 
 from __future__ import annotations
@@ -179,14 +181,73 @@ def main(argv=None) -> int:
         f"({time.perf_counter() - t:.0f} s) loss {second['losses'][0]:.2f} -> {second['losses'][-1]:.2f}"
     )
 
+    from megatron_glm.training.finetune import finetune
+
+    ft = finetune_tasks(corpus, os.path.join(args.workdir, "finetune"))
+    tuned_dir = os.path.join(args.workdir, "finetuned")
+    shutil.rmtree(tuned_dir, ignore_errors=True)
+    t = step(
+        f"glm-finetune: the multiple-choice task as cloze classification, from the pretrained checkpoint: "
+        f"{ft['train_items']} items made from training documents, {ft['dev_items']} more as the dev split, "
+        "the held-out task as the test split"
+    )
+    tuned = finetune(
+        [
+            "--task",
+            "classification",
+            "--train-data",
+            ft["train"],
+            "--valid-data",
+            ft["dev"],
+            "--test-data",
+            tasks["choice"],
+            "--load",
+            ckpt,
+            "--finetune",
+            "--save",
+            tuned_dir,
+            "--tokenizer-model",
+            model,
+            "--preset",
+            "glm-tiny",
+            "--seq-length",
+            "128",
+            "--micro-batch-size",
+            "16",
+            "--global-batch-size",
+            "32",
+            "--epochs",
+            "2",
+            "--lr",
+            "5e-4",
+            "--lr-warmup-fraction",
+            "0.1",
+            "--hidden-dropout",
+            "0.0",
+            "--attention-dropout",
+            "0.0",
+            "--eval-interval",
+            "25",
+            "--log-interval",
+            "25",
+        ]
+    )
+    results = tuned["results"]
+    print(
+        f"({time.perf_counter() - t:.0f} s) dev accuracy {results['zero_shot_dev']['accuracy']:.1%} -> "
+        f"{results['best']['value']:.1%} (best at iteration {results['best']['iteration']})"
+    )
+
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     step(
-        "glm-eval: the held-out tasks before training (the model glm-pretrain starts from) and after"
+        "glm-eval: the held-out tasks before training (the model glm-pretrain starts from), after pretraining, "
+        "and after fine-tuning on the multiple-choice task"
     )
     before, after = score_before_and_after(ckpt, tasks, device)
-    print(f"{'':34} {'chance':>8} {'before':>8} {'after':>8}")
+    tuned_accuracy = {("choice", "accuracy"): results["test"]["accuracy"]}
+    print(f"{'':34} {'chance':>8} {'before':>8} {'after':>8} {'tuned':>8}")
     for label, kind, key, chance in (
         ("blank filling, span exact match", "blank", "exact_match", None),
         ("blank filling, token accuracy", "blank", "token_accuracy", None),
@@ -194,7 +255,11 @@ def main(argv=None) -> int:
         ("multiple choice, per-token score", "choice", "accuracy_per_token", 0.25),
     ):
         shown = f"{chance:8.1%}" if chance is not None else f"{'~0%':>8}"
-        print(f"{label:34} {shown} {before[kind][key]:8.1%} {after[kind][key]:8.1%}")
+        tuned_value = tuned_accuracy.get((kind, key))
+        tuned_shown = f"{tuned_value:8.1%}" if tuned_value is not None else f"{'-':>8}"
+        print(
+            f"{label:34} {shown} {before[kind][key]:8.1%} {after[kind][key]:8.1%} {tuned_shown}"
+        )
     plot = plot_curves(os.path.join(ckpt, "metrics.jsonl"), os.path.join(args.workdir, "loss.png"))
     if plot:
         print(f"loss per objective, validation loss and the tasks against iterations -> {plot}")
@@ -258,18 +323,7 @@ def held_out_tasks(corpus: str, folder: str, items: int = 200, seed: int = 1234)
     function words (chance 25%): grammar a small model learns first, unlike the content words
     that a 2 M-parameter model after a few minutes cannot tell apart.
     """
-    from megatron_glm.data.blended_dataset import split_documents
-
-    with open(corpus, encoding="utf-8") as f:
-        texts = [json.loads(line)["text"] for line in f]
-    start, stop = split_documents(len(texts), [0.95, 0.05, 0.0])[
-        1
-    ]  # glm-pretrain --split 95,5,0's valid range
-    sentences = []
-    for text in texts[start:stop]:
-        first = " ".join(text.split("\n\n")[0].split()).split(". ")[0].rstrip(".")
-        if 5 <= len(first.split()) <= 20:
-            sentences.append(first.split())
+    sentences = first_sentences(corpus, 1)  # glm-pretrain --split 95,5,0's valid range
     rng = random.Random(seed)
     rng.shuffle(sentences)
     os.makedirs(folder, exist_ok=True)
@@ -277,11 +331,37 @@ def held_out_tasks(corpus: str, folder: str, items: int = 200, seed: int = 1234)
     with open(blank, "w") as f:
         for words in sentences[:items]:
             f.write(json.dumps({"text": " ".join(words) + "."}) + "\n")
-    n_choice = 0
-    with open(choice, "w") as f:
+    return {
+        "blank": blank,
+        "choice": choice,
+        "blank_items": min(items, len(sentences)),
+        "choice_items": write_choices(sentences, choice, items, rng),
+    }
+
+
+def first_sentences(corpus: str, split: int) -> list[list[str]]:
+    """The words of the first sentence of each document in the split (0: train, 1: valid of 95,5,0)."""
+    from megatron_glm.data.blended_dataset import split_documents
+
+    with open(corpus, encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for line in f]
+    start, stop = split_documents(len(texts), [0.95, 0.05, 0.0])[split]
+    sentences = []
+    for text in texts[start:stop]:
+        first = " ".join(text.split("\n\n")[0].split()).split(". ")[0].rstrip(".")
+        if 5 <= len(first.split()) <= 20:
+            sentences.append(first.split())
+    return sentences
+
+
+def write_choices(sentences: list[list[str]], path: str, items: int, rng: random.Random) -> int:
+    """The multiple-choice task: the first function word after a sentence's first word blanked, it and three
+    other function words to choose from; how many items were written."""
+    n = 0
+    with open(path, "w") as f:
         for words in sentences:
             at = next((i for i, w in enumerate(words) if i > 0 and w in FUNCTION_WORDS), None)
-            if at is None or n_choice == items:
+            if at is None or n == items:
                 continue
             options = [words[at]] + rng.sample([w for w in FUNCTION_WORDS if w != words[at]], 3)
             rng.shuffle(options)
@@ -292,13 +372,21 @@ def held_out_tasks(corpus: str, folder: str, items: int = 200, seed: int = 1234)
                 json.dumps({"text": text, "choices": options, "label": options.index(words[at])})
                 + "\n"
             )
-            n_choice += 1
-    return {
-        "blank": blank,
-        "choice": choice,
-        "blank_items": min(items, len(sentences)),
-        "choice_items": n_choice,
-    }
+            n += 1
+    return n
+
+
+def finetune_tasks(corpus: str, folder: str, seed: int = 1234) -> dict:
+    """The multiple-choice task made from the training split's documents, for fine-tuning: a train file and a
+    dev file (sentences the fine-tuning never trains on); the held-out task stays the test."""
+    sentences = first_sentences(corpus, 0)
+    rng = random.Random(seed)
+    rng.shuffle(sentences)
+    os.makedirs(folder, exist_ok=True)
+    train, dev = os.path.join(folder, "train.jsonl"), os.path.join(folder, "dev.jsonl")
+    n_dev = write_choices(sentences[:600], dev, 200, rng)
+    n_train = write_choices(sentences[600:], train, 2000, rng)
+    return {"train": train, "dev": dev, "train_items": n_train, "dev_items": n_dev}
 
 
 def score_before_and_after(ckpt: str, tasks: dict, device: str) -> tuple[dict, dict]:

@@ -394,6 +394,60 @@ def test_launchers_name_missing_settings(tmp_path):
     assert result.returncode == 2 and "PRECISION=fp8; use bf16, fp16 or fp32" in result.stderr
 
 
+def test_the_launchers_run_glm_finetune_and_resume_it(tmp_path, data):
+    """GLM_COMMAND=finetune: the same launcher, glm-finetune's module and the task's flags; run again, the job
+    finds its own checkpoint in SAVE_DIR and resumes it rather than starting over from --load."""
+    from tests.helpers import write_jsonl
+
+    words = ["file", "name", "value", "object"]
+    rows = [
+        {"text": f"Return the [MASK] of item {k}.", "choices": words[:2], "label": k % 2}
+        for k in range(16)
+    ]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    save = str(tmp_path / "ckpt")
+    env = env_for(
+        data,
+        save,
+        GLM_COMMAND="finetune",
+        GPUS_PER_NODE="2",
+        FINETUNE_ARGS=f"--task classification --train-data {train} --valid-data {train}",
+        EXTRA_ARGS="--hidden-dropout 0 --attention-dropout 0 --eval-interval 6",
+        TRAIN_ITERS="6",
+        SAVE_INTERVAL="3",
+    )
+    first = subprocess.run(
+        ["bash", os.path.join(LAUNCHERS, "torchrun.sh")],
+        env={**env, "MEGATRON_GLM_FAULT": "iteration:4"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert (
+        first.returncode != 0
+        and "-m megatron_glm.training.finetune --preset glm-tiny --task" in first.stdout
+    )
+    assert "--data-path" not in first.stdout and os.path.isdir(os.path.join(save, "iter_0000003"))
+    second = subprocess.run(
+        ["bash", os.path.join(LAUNCHERS, "torchrun.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stdout and "at iteration 3" in second.stdout
+    assert os.path.exists(os.path.join(save, "finetune_results.json"))
+    missing = {k: v for k, v in env.items() if k != "FINETUNE_ARGS"}
+    result = subprocess.run(
+        ["bash", os.path.join(LAUNCHERS, "torchrun.sh")],
+        env=missing,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0 and "set FINETUNE_ARGS" in result.stderr
+
+
 FAKE_SBATCH = r'''#!PYTHON
 """sbatch stand-in: record the submission (one JSON line) instead of queueing it."""
 import json, os, sys

@@ -53,7 +53,7 @@ from megatron_glm.training.config import JobConfig, from_args
 from megatron_glm.training.launcher_watch import watch_launcher
 from megatron_glm.training.trainer import Trainer, TrainingError
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("megatron_glm.training.finetune")  # also when run as -m (__main__)
 
 BEST = "best"  # {save}/best: the best dev checkpoint, a checkpoint folder of its own
 RESULTS = "finetune_results.json"
