@@ -43,7 +43,9 @@ def prepare(workdir: str) -> dict:
     with open(s2s, "w") as f:
         for s in sentences[:2000]:
             words = s.split()
-            f.write(json.dumps({"source": " ".join(words[:-3]), "target": " ".join(words[-3:])}) + "\n")
+            f.write(
+                json.dumps({"source": " ".join(words[:-3]), "target": " ".join(words[-3:])}) + "\n"
+            )
     return {
         "data": os.path.join(workdir, "stdlib_text_document"),
         "spm": os.path.join(workdir, "spm.model"),
@@ -88,7 +90,13 @@ def run(kind: str, files: dict, folder: str, args) -> dict:
     else:
         module = "megatron_glm.training.finetune"
         own = ["--task", "classification", "--train-data", files["cls"]]
-        own += ["--pattern", "{sentence} Does it return? [MASK].", "--verbalizer", "yes it does", "no"]
+        own += [
+            "--pattern",
+            "{sentence} Does it return? [MASK].",
+            "--verbalizer",
+            "yes it does",
+            "no",
+        ]
         # two rows (a candidate each) per example: half the examples give the same rows
         mb //= 2
     batch = ["--micro-batch-size", str(mb), "--global-batch-size", str(2 * mb)]
@@ -137,7 +145,9 @@ def main(argv=None) -> int:
     for kind in kinds:
         step = statistics.median(samples[kind]["step_ms"])
         wait = statistics.median(samples[kind]["wait_ms"])
-        print(f"| {kind} | {step:,.1f} ms | {step / base:.3f}x | {wait:.2f} ms | {wait / step:.2%} |")
+        print(
+            f"| {kind} | {step:,.1f} ms | {step / base:.3f}x | {wait:.2f} ms | {wait / step:.2%} |"
+        )
     return 0
 
 

@@ -257,9 +257,7 @@ def main(argv=None) -> int:
         shown = f"{chance:8.1%}" if chance is not None else f"{'~0%':>8}"
         tuned_value = tuned_accuracy.get((kind, key))
         tuned_shown = f"{tuned_value:8.1%}" if tuned_value is not None else f"{'-':>8}"
-        print(
-            f"{label:34} {shown} {before[kind][key]:8.1%} {after[kind][key]:8.1%} {tuned_shown}"
-        )
+        print(f"{label:34} {shown} {before[kind][key]:8.1%} {after[kind][key]:8.1%} {tuned_shown}")
     plot = plot_curves(os.path.join(ckpt, "metrics.jsonl"), os.path.join(args.workdir, "loss.png"))
     if plot:
         print(f"loss per objective, validation loss and the tasks against iterations -> {plot}")
