@@ -13,8 +13,11 @@
   token) and ``lambada`` (``{"text"}``: the last word after ``[gMASK]``, accuracy and perplexity).
 
 Under torchrun the rows are spread over the ranks (data parallel); each batch is the same
-rows whatever the world size, so the results equal one process's. Results go to the console
-and, with ``--output``, to JSON.
+rows whatever the world size, so the results equal one process's. With
+``--tensor-model-parallel-size`` / ``--pipeline-model-parallel-size`` each rank builds only its
+shard, as training does, from a glm-pretrain checkpoint of any layout (``ShardReader``), and the
+batches go through the pipeline schedule (``PipelineScorer``); data parallelism spans the ranks
+left over. Results go to the console and, with ``--output``, to JSON.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from megatron_glm.data.loader import MicroBatches, collate_now
 from megatron_glm.data.tokenizer import TokenizerError, add_tokenizer_args, spec_from_args
 from megatron_glm.generate import load_for_inference
 from megatron_glm.parallel import state
-from megatron_glm.parallel.state import discover_launch, exit_without_teardown
+from megatron_glm.parallel.state import ParallelLayoutError, discover_launch, exit_without_teardown
 
 logger = logging.getLogger(__name__)
 
@@ -54,12 +57,80 @@ class EvalError(ValueError):
     """A checkpoint, tokenizer or task that cannot be evaluated."""
 
 
+class PipelineScorer:
+    """This rank's shard of a checkpoint's model under TP x PP, built as training builds it (the meta device,
+    then only its own parameters, read per parameter by ``ShardReader``); batches scored through the pipeline
+    schedule, data parallel over the remaining ranks (``step.spread_scores``)."""
+
+    def __init__(self, reader, device: str, pad: int, batch_size: int):
+        from megatron_glm.config import ModelConfig
+        from megatron_glm.model.parallelize import RankLayout, build_rank_model
+        from megatron_glm.parallel.pipeline_stage import TiedEmbedding
+
+        self.cfg = ModelConfig.from_dict(reader.meta["model"])
+        self.device, self.pad, self.batch_size = device, pad, batch_size
+        layout = RankLayout.from_state()
+        self.chunks = [
+            c.to(device).eval()
+            for c in build_rank_model(self.cfg, layout, 0, weights=reader.weights(layout))
+        ]
+        self.tied = TiedEmbedding(self.chunks)
+        self.tied.broadcast_weight()
+
+    def score(self, batches: list[dict]) -> np.ndarray:
+        from megatron_glm.training.step import StepRunner, score_count, spread_scores
+
+        rows, length = self.batch_size, max(b["tokens"].shape[1] for b in batches)
+        runner = StepRunner(
+            _Forward(self.chunks[0]),
+            self.chunks,
+            self.tied,
+            1,
+            (rows, length, self.cfg.hidden_size),
+            torch.float32,
+            self.device,
+        )
+
+        def make(k):
+            arrays = eval_tasks.layout([], length, self.pad, rows)
+            if k < len(batches):
+                b = batches[k]
+                n, width = b["tokens"].shape
+                for name, value in b.items():
+                    if name in arrays and name != "objective":
+                        arrays[name][:n, ..., :width] = value
+            return {k: torch.from_numpy(v).to(self.device) for k, v in arrays.items()}
+
+        pp = state.get_pipeline_model_parallel_world_size()
+        full = spread_scores(runner, score_count(len(batches), 1, pp, 1), make, rows, 3).numpy()
+        return np.concatenate(
+            [full[k * rows : k * rows + len(b["tokens"])] for k, b in enumerate(batches)]
+        )
+
+
+class _Forward:
+    """The engine ``StepRunner`` calls for a whole model, without DeepSpeed: glm-eval only runs forwards."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def eval(self):
+        self.module.eval()
+
+    train = eval
+
+
 def score(model, batches: list[dict], device: str) -> np.ndarray:
     """``[rows, 3]``: each row's summed negative log-likelihood, targets and argmax-correct targets.
 
     Batch ``k`` runs on rank ``k % world``; every rank returns all rows (an all-reduce of sums
-    over zeros, exact), in the order of the batches.
+    over zeros, exact), in the order of the batches. A ``PipelineScorer`` scores them its own way.
     """
+    if isinstance(model, PipelineScorer):
+        return model.score(batches)
 
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
     sizes = [len(b["tokens"]) for b in batches]
@@ -191,6 +262,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="write the results here as JSON")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
+        "--tensor-model-parallel-size",
+        type=int,
+        default=1,
+        help="split the model over this many ranks as training does (under torchrun, Slurm or MPI); each "
+        "reads only its shard, from a checkpoint of any layout",
+    )
+    p.add_argument(
+        "--pipeline-model-parallel-size",
+        type=int,
+        default=1,
+        help="pipeline stages (as above); the ranks left over are data parallel",
+    )
+    p.add_argument(
         "--trust-checkpoint",
         action="store_true",
         help="unpickle the checkpoint without restriction (it can run code): only for a trusted source",
@@ -207,7 +291,17 @@ def evaluate(args) -> dict:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise EvalError(f"--device {args.device}: this machine has no CUDA GPU; use --device cpu")
     spec = spec_from_args(args) if (args.tokenizer_model or args.vocab_file) else None
-    model, tokenizer, meta = load_for_inference(args.load, args.device, spec, args.trust_checkpoint)
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    if tp < 1 or pp < 1:
+        raise EvalError(
+            "--tensor-model-parallel-size and --pipeline-model-parallel-size must be positive"
+        )
+    if tp * pp > 1:
+        model, tokenizer, meta = sharded_model(args.load, tp, pp, args, spec)
+    else:
+        model, tokenizer, meta = load_for_inference(
+            args.load, args.device, spec, args.trust_checkpoint
+        )
     results = {
         "checkpoint": os.path.abspath(args.load),
         "iteration": meta.get("iteration"),
@@ -232,6 +326,32 @@ def evaluate(args) -> dict:
     return results
 
 
+def sharded_model(path: str, tp: int, pp: int, args, spec):
+    """(``PipelineScorer``, tokenizer, meta): the process groups for TP x PP (x DP), then this rank's shard."""
+    from megatron_glm.checkpoint.shard_reader import ShardReader
+    from megatron_glm.convert.readers import detect_format
+    from megatron_glm.generate import checkpoint_tokenizer
+
+    if detect_format(path) != "megatron-glm":
+        raise EvalError(
+            f"{path}: --tensor-model-parallel-size and --pipeline-model-parallel-size read glm-pretrain "
+            "checkpoints (import an export first: glm-convert import-hf)"
+        )
+    reader = ShardReader(path, args.trust_checkpoint)
+    tokenizer = checkpoint_tokenizer(reader.meta, spec, path)
+    cfg = reader.meta["model"]
+    state.initialize_model_parallel(
+        tp=tp,
+        pp=pp,
+        backend="nccl" if args.device.startswith("cuda") else "gloo",
+        num_attention_heads=cfg["num_attention_heads"],
+        hidden_size=cfg["hidden_size"],
+        vocab_size=cfg["vocab_size"],
+    )
+    scorer = PipelineScorer(reader, args.device, tokenizer.pad_id, args.batch_size)
+    return scorer, tokenizer, reader.meta
+
+
 def report(results: dict) -> str:
     lines = [f"glm-eval: {results['checkpoint']} (iteration {results['iteration']})"]
     for name, values in results["tasks"].items():
@@ -245,11 +365,19 @@ def report(results: dict) -> str:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     launch = discover_launch()
-    if launch.world_size > 1:  # data parallel: every rank holds the whole model
+    sharded = args.tensor_model_parallel_size * args.pipeline_model_parallel_size > 1
+    if launch.world_size > 1 and not sharded:  # data parallel: every rank holds the whole model
         state.initialize_model_parallel(tp=1, pp=1, backend="gloo")
     try:
         results = evaluate(args)
-    except (ValueError, TokenizerError, CheckpointError, ConversionError, FileNotFoundError) as e:
+    except (
+        ValueError,
+        TokenizerError,
+        CheckpointError,
+        ConversionError,
+        FileNotFoundError,
+        ParallelLayoutError,
+    ) as e:
         print(f"glm-eval: error: {e}", file=sys.stderr)
         return 1
     finally:

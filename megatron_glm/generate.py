@@ -6,6 +6,7 @@ import argparse
 import sys
 
 import torch
+import torch.distributed as dist
 
 from megatron_glm.checkpoint import load_model_weights
 from megatron_glm.config import ModelConfig
@@ -37,6 +38,29 @@ def spec_of(recorded: dict | None):
     }.get(recorded["type"], TokenizerSpec(type=recorded["type"], vocab_file=files[0]))
 
 
+def checkpoint_tokenizer(meta: dict, tokenizer_spec, path: str) -> GLMTokenizer:
+    """The tokenizer a checkpoint records, or the one the flags give, which must be the same (its fingerprint)
+    and pad to the model's vocabulary."""
+    recorded = meta.get("tokenizer") or {}
+    tokenizer = GLMTokenizer(tokenizer_spec or spec_of(recorded))
+    if tokenizer_spec is not None and recorded.get("fingerprint") not in (
+        None,
+        tokenizer.fingerprint(),
+    ):
+        raise ValueError(
+            f"{path} was trained with another tokenizer ({recorded.get('files')}): drop the tokenizer "
+            "flags to use its own, or pass the same files"
+        )
+    vocab = meta["model"].get("vocab_size")
+    padded = tokenizer.padded_vocab_size(meta.get("tensor_model_parallel_size", 1))
+    if vocab is not None and tokenizer.padded_vocab_size() != vocab and padded != vocab:
+        raise ValueError(
+            f"the tokenizer's padded vocabulary ({tokenizer.padded_vocab_size()}) differs from the "
+            f"model's ({vocab}): pass the tokenizer {path} was trained with"
+        )
+    return tokenizer
+
+
 def load_for_inference(path: str, device: str = "cpu", tokenizer_spec=None, trust: bool = False):
     """``(model, tokenizer, meta)`` from a glm-pretrain checkpoint (any layout, shards merged; a folder or
     one ``iter_N`` in it) or an export-hf folder. A tokenizer given by flags must be the one the checkpoint
@@ -58,25 +82,63 @@ def load_for_inference(path: str, device: str = "cpu", tokenizer_spec=None, trus
         }
     else:
         state, meta = load_model_weights(path, trust=trust)
-    recorded = meta.get("tokenizer") or {}
-    tokenizer = GLMTokenizer(tokenizer_spec or spec_of(recorded))
-    if tokenizer_spec is not None and recorded.get("fingerprint") not in (
-        None,
-        tokenizer.fingerprint(),
-    ):
-        raise ValueError(
-            f"{path} was trained with another tokenizer ({recorded.get('files')}): drop the tokenizer "
-            "flags to use its own, or pass the same files"
-        )
+    tokenizer = checkpoint_tokenizer(meta, tokenizer_spec, path)
     with torch.device("meta"):  # shapes only: the checkpoint's tensors become the parameters
         model = GLMModel(ModelConfig.from_dict(meta["model"]))
-    if tokenizer.padded_vocab_size() != model.cfg.vocab_size:
-        raise ValueError(
-            f"the tokenizer's padded vocabulary ({tokenizer.padded_vocab_size()}) differs from the "
-            f"model's ({model.cfg.vocab_size}): pass the tokenizer {path} was trained with"
-        )
     model.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)
     return model.to(device).eval(), tokenizer, meta
+
+
+class GatheredLogits(torch.nn.Module):
+    """A tensor-parallel model whose logits come back over the whole vocabulary on every rank: each rank
+    generates the same tokens from them (greedy, beam, and sampling with the same generator seed)."""
+
+    def __init__(self, model: GLMModel):
+        super().__init__()
+        self.model, self.cfg = model, model.cfg
+
+    def forward(self, *args, **kwargs):
+        from megatron_glm.parallel import state
+
+        local = self.model(*args, **kwargs)
+        parts = [
+            torch.empty_like(local) for _ in range(state.get_tensor_model_parallel_world_size())
+        ]
+        dist.all_gather(parts, local.contiguous(), group=state.get_tensor_model_parallel_group())
+        return torch.cat(parts, dim=-1)
+
+
+def load_sharded(path: str, tp: int, device: str, tokenizer_spec=None, trust: bool = False):
+    """``(model, tokenizer, meta)`` of a glm-pretrain checkpoint of any layout on ``tp`` ranks: each builds and
+    reads only its shard (``ShardReader``), as training does."""
+    from megatron_glm.checkpoint.shard_reader import ShardReader
+    from megatron_glm.model.parallelize import RankLayout, build_rank_model
+    from megatron_glm.parallel import state
+
+    if detect_format(path) != "megatron-glm":
+        raise ValueError(
+            f"{path}: --tensor-model-parallel-size reads glm-pretrain checkpoints (import an export first: "
+            "glm-convert import-hf)"
+        )
+    reader = ShardReader(path, trust)
+    tokenizer = checkpoint_tokenizer(reader.meta, tokenizer_spec, path)
+    cfg = ModelConfig.from_dict(reader.meta["model"])
+    launch = state.initialize_model_parallel(
+        tp=tp,
+        pp=1,
+        backend="nccl" if device.startswith("cuda") else "gloo",
+        num_attention_heads=cfg.num_attention_heads,
+        hidden_size=cfg.hidden_size,
+        vocab_size=cfg.vocab_size,
+    )
+    if state.get_data_parallel_world_size() > 1:
+        raise ValueError(
+            f"glm-generate runs on exactly --tensor-model-parallel-size {tp} ranks, not "
+            f"{launch.world_size if launch else 'more'}: start that many"
+        )
+    layout = RankLayout.from_state()
+    (chunk,) = build_rank_model(cfg, layout, 0, weights=reader.weights(layout))
+    return GatheredLogits(chunk.to(device)).eval(), tokenizer, reader.meta
 
 
 def main(argv=None) -> int:
@@ -103,6 +165,13 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
+        "--tensor-model-parallel-size",
+        type=int,
+        default=1,
+        help="split the model over this many ranks (under torchrun, Slurm or MPI), each reading only its "
+        "shard, from a checkpoint of any layout; rank 0 prints",
+    )
+    p.add_argument(
         "--trust-checkpoint",
         action="store_true",
         help="unpickle the checkpoint without restriction (it can run code): only for a trusted source",
@@ -125,9 +194,17 @@ def main(argv=None) -> int:
             args.length_penalty,
             args.seed,
         )
-        model, tokenizer, _ = load_for_inference(
-            args.load, args.device, spec, args.trust_checkpoint
-        )
+        tp = args.tensor_model_parallel_size
+        if tp < 1:
+            raise ValueError("--tensor-model-parallel-size must be positive")
+        if tp > 1:
+            model, tokenizer, _ = load_sharded(
+                args.load, tp, args.device, spec, args.trust_checkpoint
+            )
+        else:
+            model, tokenizer, _ = load_for_inference(
+                args.load, args.device, spec, args.trust_checkpoint
+            )
         # the whole input is checked before any of it runs: one output line per input line, or none
         named = (
             [(f"--text {i + 1}", t) for i, t in enumerate(args.text)]
@@ -145,12 +222,18 @@ def main(argv=None) -> int:
                 + "; ".join(problems[:5])
                 + ("; ..." if len(problems) > 5 else "")
             )
+        speaks = not dist.is_initialized() or dist.get_rank() == 0
         for _, text in named:
             filled, _ = fill_blanks(model, tokenizer, text, cfg)
-            print(filled, flush=True)
+            if speaks:
+                print(filled, flush=True)
     except (ValueError, FileNotFoundError) as e:
         print(f"glm-generate: error: {e}", file=sys.stderr)
         return 1
+    finally:
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
     return 0
 
 

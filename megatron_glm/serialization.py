@@ -114,11 +114,12 @@ def _corrupt(path: str, problem: str) -> CorruptCheckpointError:
     )
 
 
-def load(path: str, map_location="cpu", trust: bool = False):
-    """``torch.load`` that refuses files able to run code, unless ``trust``."""
+def load(path: str, map_location="cpu", trust: bool = False, mmap: bool = False):
+    """``torch.load`` that refuses files able to run code, unless ``trust``; ``mmap``: tensors stay in the file
+    (memory-mapped) until read, so a reader that needs a few of them holds only those."""
     path = os.fspath(path)
     if trust:
-        return torch.load(path, map_location=map_location, weights_only=False)
+        return torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
     try:
         if os.path.getsize(path) == 0:
             raise _corrupt(path, "empty")
@@ -135,7 +136,7 @@ def load(path: str, map_location="cpu", trust: bool = False):
         )
         # the guarantee: torch's restricted unpickler
         with torch.serialization.safe_globals(allowed):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         names = re.findall(r"GLOBAL (\S+)", str(e))
         if names:

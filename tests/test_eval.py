@@ -351,6 +351,78 @@ def test_glm_eval_data_parallel_hf_export_and_training_agree(tmp_path, checkpoin
             )
 
 
+@pytest.mark.slow
+def test_glm_eval_with_tensor_and_pipeline_parallelism_equals_one_process(
+    tmp_path, checkpoint, task_files
+):
+    """A TP 1 checkpoint scored on TP 2 and on TP 2 x PP 2 (each rank reading only its shard): every task
+    kind, and the objective's loss, equal one process's."""
+    tasks = [arg for kind, path in task_files.items() for arg in ("--task", f"{kind}:{path}")]
+    results = {}
+    for name, nproc, extra in (
+        ("one", 1, []),
+        ("tp2", 2, ["--tensor-model-parallel-size", "2"]),
+        (
+            "tp2pp2",
+            4,
+            ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"],
+        ),
+    ):
+        out = str(tmp_path / f"{name}.json")
+        argv = ["--load", checkpoint, *tasks, "--lm-samples", "12", "--batch-size", "3"]
+        argv += ["--output", out, "--data-cache-path", str(tmp_path / "cache"), *extra]
+        done = glm_eval(argv, nproc)
+        assert done.returncode == 0, done.stderr[-5000:]
+        results[name] = json.load(open(out))["tasks"]
+    one = results["one"]
+    for name in ("tp2", "tp2pp2"):
+        assert results[name].keys() == one.keys()
+        for task in one:
+            assert results[name][task].keys() == one[task].keys()
+            for key, value in one[task].items():
+                assert results[name][task][key] == pytest.approx(value, rel=1e-5, abs=1e-7), (
+                    name,
+                    task,
+                    key,
+                )
+    bad = glm_eval(["--load", checkpoint, *tasks, "--tensor-model-parallel-size", "3"], 2)
+    assert bad.returncode == 1 and "glm-eval: error:" in bad.stderr, bad.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_glm_generate_on_two_tensor_parallel_ranks_writes_what_one_process_writes(checkpoint):
+    texts = ["--text", "Return the [MASK] of the file.", "--text", "Open a file [gMASK]"]
+    outputs = {}
+    for name, nproc in (("one", 1), ("tp2", 2)):
+        for strategy in ("greedy", "beam"):
+            argv = ["--load", checkpoint, *texts, "--strategy", strategy, "--max-new-tokens", "6"]
+            if nproc > 1:
+                argv += ["--tensor-model-parallel-size", "2"]
+            cmd = [sys.executable, "-m", "megatron_glm.generate", *argv]
+            if nproc > 1:
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    "--nproc_per_node",
+                    "2",
+                    "--master_port",
+                    str(free_port()),
+                    *cmd[1:],
+                ]
+            env = {
+                k: v
+                for k, v in os.environ.items()
+                if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
+            }
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+            assert done.returncode == 0, done.stderr[-4000:]
+            outputs[name, strategy] = [line for line in done.stdout.splitlines() if line.strip()]
+            assert len(outputs[name, strategy]) == 2, done.stdout  # rank 0 alone prints
+    for strategy in ("greedy", "beam"):
+        assert outputs["tp2", strategy] == outputs["one", strategy], strategy
+
+
 @pytest.mark.parametrize(
     "kind, rows, message",
     [

@@ -200,6 +200,35 @@ def test_torchrun_script_trains_stops_on_usr1_is_requeued_and_finishes(
         assert ours[it] == pytest.approx(ref[it], rel=1e-5)
 
 
+def test_an_external_scontrol_requeue_resumes_and_finishes(slurm, tmp_path, data, torchrun_run):
+    """An operator's (or Slurm's own) `scontrol requeue` of the running job: Slurm terminates every process of
+    the job (SIGTERM, then SIGKILL after KillWait) and queues it again. The ranks save on the SIGTERM; the
+    restart resumes from that checkpoint and finishes exactly as the uninterrupted run."""
+    reference, _ = torchrun_run
+    save = str(tmp_path / "ckpt")
+    env = env_for(data, save, GPUS_PER_NODE="2", RDZV_PORT=str(free_port()), **HOLD)
+    log = str(tmp_path / "job.out")
+    job = slurm.submit(
+        os.path.join(LAUNCHERS, "slurm_torchrun.sbatch"),
+        env,
+        "--gpus-per-node=0",
+        f"--cpus-per-task={os.cpu_count()}",
+        f"--output={log}",
+        "--open-mode=append",  # the restart's output follows the first run's
+    )
+    wait_for_iteration(save, 2, slurm, job)
+    assert slurm.run("scontrol", "requeue", job).returncode == 0
+    info = slurm.wait(job)
+    assert int(info["Restarts"]) >= 1 and info["ExitCode"] == "0:0", info
+    out = open(log).read()
+    assert "resumed from" in out, out[-4000:]
+    assert "iter_0000002" in os.listdir(save), "the SIGTERM's save"
+    ours, ref = losses(save), losses(reference)
+    assert sorted(ours) == list(range(1, ITERS + 1))
+    for it in ref:
+        assert ours[it] == pytest.approx(ref[it], rel=1e-5)
+
+
 def test_srun_script_two_tasks_stop_on_usr1_are_requeued_and_finish(
     slurm, tmp_path, data, torchrun_run
 ):

@@ -12,6 +12,8 @@ the engine is told not to scale them again.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -189,3 +191,32 @@ class StepRunner:
             dist.all_reduce(t, group=state.get_data_parallel_group())
             stats = t.numpy()
         return sum(stats[2::2]) / max(sum(stats[3::2]), 1.0)
+
+
+def spread_scores(runner: StepRunner, count: int, make, rows: int, width: int, scorer=None):
+    """Score an evaluation's ``count`` micro-batches (``make(k)``, on the device, ``rows`` scored rows each) on
+    any layout: micro-batch ``k`` on data-parallel rank ``k % dp``, scored on the last stage; ``[count * rows,
+    width]`` float64 on every rank.
+
+    ``count`` is a multiple of the data-parallel size (x the pipeline size under the interleaved schedule):
+    with ZeRO-3 every replica gathers in each forward, and the pipeline's stages run the same schedule.
+    """
+    dp, dp_rank = state.get_data_parallel_world_size(), state.get_data_parallel_rank()
+    mine = list(range(dp_rank, count, dp))
+    scores = runner.score([make(k) for k in mine], scorer)
+    full = torch.zeros(count * rows, width, dtype=torch.float64)
+    for k, s in zip(mine, scores or []):
+        full[k * rows : (k + 1) * rows] = s.double().cpu().reshape(rows, width)
+    for size, group in (
+        (dp, state.get_data_parallel_group),
+        (runner.pp, state.get_pipeline_model_parallel_group),
+    ):
+        if size > 1:
+            dist.all_reduce(full, group=group())
+    return full
+
+
+def score_count(items: int, per_batch: int, pp: int, vpp: int) -> int:
+    """Micro-batches for ``items`` at ``per_batch`` each, rounded up to what ``spread_scores`` needs."""
+    unit = state.get_data_parallel_world_size() * (pp if vpp > 1 else 1)
+    return math.ceil(math.ceil(items / per_batch) / unit) * unit

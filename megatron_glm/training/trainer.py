@@ -49,7 +49,7 @@ from megatron_glm.training.lr_schedule import schedule_differences
 from megatron_glm.training.memory import host_memory, reset_host_peak
 from megatron_glm.training.metrics import MetricsLogger, Throughput, flops_per_token, memory_summary
 from megatron_glm.training.preemption import DURATION, EXIT_INTERRUPTED, EXIT_REQUEUE, Preemption
-from megatron_glm.training.step import StepRunner
+from megatron_glm.training.step import StepRunner, score_count, spread_scores
 
 logger = logging.getLogger(__name__)
 
@@ -570,31 +570,13 @@ class Trainer:
         return values
 
     def spread_scores(self, count: int, make, rows: int, width: int, scorer=None):
-        """Score an evaluation's ``count`` micro-batches (``make(k)``, ``rows`` scored rows each) on any layout:
-        micro-batch ``k`` on data-parallel rank ``k % dp``, scored on the last stage; ``[count * rows, width]``
-        float64 on every rank.
-
-        ``count`` is a multiple of the data-parallel size (x the pipeline size under the interleaved schedule,
-        ``micro_batch_count``): with ZeRO-3 every replica gathers in each forward.
-        """
-        dp, dp_rank = state.get_data_parallel_world_size(), state.get_data_parallel_rank()
-        mine = list(range(dp_rank, count, dp))
-        scores = self.runner.score([self._to_device(make(k)) for k in mine], scorer)
-        full = torch.zeros(count * rows, width, dtype=torch.float64)
-        for k, s in zip(mine, scores or []):
-            full[k * rows : (k + 1) * rows] = s.double().cpu().reshape(rows, width)
-        for size, group in (
-            (dp, state.get_data_parallel_group),
-            (self.pp, state.get_pipeline_model_parallel_group),
-        ):
-            if size > 1:
-                torch.distributed.all_reduce(full, group=group())
-        return full
+        """``step.spread_scores`` of this run's model: ``make(k)``'s micro-batches moved to the device."""
+        return spread_scores(
+            self.runner, count, lambda k: self._to_device(make(k)), rows, width, scorer
+        )
 
     def micro_batch_count(self, items: int, per_batch: int) -> int:
-        """Micro-batches for ``items`` at ``per_batch`` each, rounded up to what ``spread_scores`` needs."""
-        unit = state.get_data_parallel_world_size() * (self.pp if self.vpp > 1 else 1)
-        return math.ceil(math.ceil(items / per_batch) / unit) * unit
+        return score_count(items, per_batch, self.pp, self.vpp)
 
     def evaluate_tasks(self) -> dict:
         """``--eval-tasks`` on the training model, any layout: micro-batches of rows spread over the data-parallel
