@@ -17,7 +17,7 @@ COPY constraints.txt /tmp/constraints.txt
 RUN grep -vE '^(torch|triton|numpy)==' /tmp/constraints.txt > /tmp/image-constraints.txt \
     && pip install -c /tmp/image-constraints.txt \
         deepspeed sentencepiece tokenizers safetensors huggingface_hub \
-        orjson zstandard tqdm wandb nltk
+        orjson zstandard tqdm wandb nltk rouge-score
 
 # mpi4py compiled against the image's own MPI (mpirun launches), not a wheel that brings another one
 RUN pip install -c /tmp/image-constraints.txt --no-binary=mpi4py mpi4py \
