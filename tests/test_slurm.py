@@ -222,6 +222,7 @@ def test_an_external_scontrol_requeue_resumes_and_finishes(slurm, tmp_path, data
     assert int(info["Restarts"]) >= 1 and info["ExitCode"] == "0:0", info
     out = open(log).read()
     assert "resumed from" in out, out[-4000:]
+    assert "glm-torchrun: stopped by SIGTERM" in out and "Traceback" not in out, out[-4000:]
     assert "iter_0000002" in os.listdir(save), "the SIGTERM's save"
     ours, ref = losses(save), losses(reference)
     assert sorted(ours) == list(range(1, ITERS + 1))

@@ -6,13 +6,16 @@ traceback and a "FAILED" box follow, and it exits 1. glm-pretrain exits non-zero
 75 after saving for a requeue, 1 after its one-line error (a wrong flag, an impossible layout),
 130 on an interrupt. Those keep their own line, and their status is this command's. A worker that
 raised (glm-pretrain's ``record`` writes torchrun's error file) or died of a signal still gets
-torchrun's whole report. Arguments and behaviour are otherwise torchrun's own (``run``).
+torchrun's whole report. A signal to torchrun itself (Slurm's SIGTERM when a job is requeued or
+cancelled) stops the workers, which save on it, and is one line too, with status 128 + the
+signal. Arguments and behaviour are otherwise torchrun's own (``run``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 
 from megatron_glm.training.preemption import EXIT_INTERRUPTED, EXIT_REQUEUE
@@ -25,6 +28,7 @@ DELIBERATE = {
 
 
 def main(argv=None) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -48,6 +52,14 @@ def main(argv=None) -> int:
         if DELIBERATE[code]:
             print(f"glm-torchrun: {DELIBERATE[code]}", file=sys.stderr)
         return code
+    except SignalException as e:  # torchrun has stopped the workers with the same signal
+        name = signal.Signals(e.sigval).name
+        print(
+            f"glm-torchrun: stopped by {name}; the workers save and stop on SIGTERM and SIGUSR1 "
+            "(their log says which checkpoint they wrote)",
+            file=sys.stderr,
+        )
+        return 128 + int(e.sigval)
     return 0
 
 
