@@ -167,9 +167,8 @@ class Finetuner(Trainer):
 
     def __init__(self, job: JobConfig, ft: FinetuneConfig):
         self.ft = ft
-        self.best: dict | None = (
-            None  # {"metric", "value", "iteration"} of the best dev score so far
-        )
+        # {"metric", "value", "iteration"} of the best dev score so far
+        self.best: dict | None = None
         self.zero_shot: dict | None = None  # the dev metrics of the model fine-tuning starts from
         super().__init__(job)
         if self.resume is not None and not self.resume.finetune:  # this run's own checkpoint
