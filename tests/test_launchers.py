@@ -394,6 +394,7 @@ def test_launchers_name_missing_settings(tmp_path):
     assert result.returncode == 2 and "PRECISION=fp8; use bf16, fp16 or fp32" in result.stderr
 
 
+@pytest.mark.slow
 def test_the_launchers_run_glm_finetune_and_resume_it(tmp_path, data):
     """GLM_COMMAND=finetune: the same launcher, glm-finetune's module and the task's flags; run again, the job
     finds its own checkpoint in SAVE_DIR and resumes it rather than starting over from --load."""
