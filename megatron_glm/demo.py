@@ -248,6 +248,10 @@ def main(argv=None) -> int:
     before, after = score_before_and_after(ckpt, tasks, device)
     tuned_accuracy = {("choice", "accuracy"): results["test"]["accuracy"]}
     print(f"{'':34} {'chance':>8} {'before':>8} {'after':>8} {'tuned':>8}")
+    print(
+        f"{'blank filling, loss per target token':34} {'':>8} {before['blank']['loss']:8.2f} "
+        f"{after['blank']['loss']:8.2f} {'-':>8}"
+    )
     for label, kind, key, chance in (
         ("blank filling, span exact match", "blank", "exact_match", None),
         ("blank filling, token accuracy", "blank", "token_accuracy", None),
@@ -431,14 +435,15 @@ def plot_curves(metrics: str, path: str) -> str | None:
         ("loss_sentence", "sentence objective"),
         ("loss_document", "document objective"),
         ("valid_loss", "validation (all)"),
+        ("eval/blank:blank.jsonl/loss", "held-out blank filling"),
     ):
         points = [(r["iteration"], r[key]) for r in rows if key in r]
         if points:
             left.plot(
                 *zip(*points),
-                "o-" if key == "valid_loss" else "-",
+                "o-" if key.startswith(("valid", "eval")) else "-",
                 label=label,
-                linewidth=2 if key == "valid_loss" else 0.8,
+                linewidth=2 if key.startswith(("valid", "eval")) else 0.8,
             )
     left.set(xlabel="iteration", ylabel="loss (nats per target token)", title="pretraining")
     left.legend()

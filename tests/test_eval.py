@@ -249,6 +249,7 @@ def test_metrics_from_scores_by_hand():
     }
     m = metrics("blank", r, scores)
     assert m["exact_match"] == pytest.approx(2 / 5) and m["token_accuracy"] == pytest.approx(3 / 9)
+    assert m["loss"] == pytest.approx(10.5 / 9)
     m = metrics("lambada", r, scores)
     assert m["accuracy"] == pytest.approx(2 / 5) and m["perplexity"] == pytest.approx(
         math.exp(10.5 / 9)

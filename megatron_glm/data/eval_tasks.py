@@ -9,7 +9,8 @@ model's argmax (``GLMModel.score``). The metrics follow:
 - ``blank``: held-out documents, spans blanked by the collator's token objective (its draws,
   seeded per document); one row per span, with ``[eop]`` as its last target. A span is an
   exact match when every target is the argmax given the true prefix: that is exactly when
-  greedy generation reproduces it and stops. Token accuracy is the teacher-forced share.
+  greedy generation reproduces it and stops. Token accuracy is the teacher-forced share, and
+  the loss the mean negative log-likelihood per target token.
 - ``choice``: JSONL ``{"text": "... [MASK] ...", "choices": [...], "label": i}``; one row per
   choice, scored by its log-likelihood in the blank, summed and per token (both reported).
 - ``lambada``: JSONL ``{"text": ...}``; the context and ``[gMASK]``, then the last word: right
@@ -228,6 +229,8 @@ def metrics(
         return {
             "exact_match": float(np.mean(correct == count)),
             "token_accuracy": float(correct.sum() / count.sum()),
+            # a continuous measure: it keeps falling while the discrete ones above sit between two values
+            "loss": float(nll.sum() / count.sum()),
             "spans": len(rows),
             "documents": len({r.item for r in rows}),
         }
