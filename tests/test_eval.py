@@ -276,8 +276,9 @@ def checkpoint(tmp_path_factory, data, task_files):
     return save
 
 
-def glm_eval(argv, nproc=1):
-    cmd = [sys.executable, "-m", "megatron_glm.evaluate", *argv]
+def glm_eval(argv, nproc=1, module="megatron_glm.evaluate"):
+    """glm-eval (or another command's ``module``) in ``nproc`` processes under torchrun."""
+    cmd = [sys.executable, "-m", module, *argv]
     if nproc > 1:
         cmd = [
             sys.executable,
@@ -288,7 +289,7 @@ def glm_eval(argv, nproc=1):
             "--master_port",
             str(free_port()),
             "-m",
-            "megatron_glm.evaluate",
+            module,
             *argv,
         ]
     env = {
@@ -399,24 +400,7 @@ def test_glm_generate_on_two_tensor_parallel_ranks_writes_what_one_process_write
             argv = ["--load", checkpoint, *texts, "--strategy", strategy, "--max-new-tokens", "6"]
             if nproc > 1:
                 argv += ["--tensor-model-parallel-size", "2"]
-            cmd = [sys.executable, "-m", "megatron_glm.generate", *argv]
-            if nproc > 1:
-                cmd = [
-                    sys.executable,
-                    "-m",
-                    "torch.distributed.run",
-                    "--nproc_per_node",
-                    "2",
-                    "--master_port",
-                    str(free_port()),
-                    *cmd[1:],
-                ]
-            env = {
-                k: v
-                for k, v in os.environ.items()
-                if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
-            }
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+            done = glm_eval(argv, nproc, module="megatron_glm.generate")
             assert done.returncode == 0, done.stderr[-4000:]
             outputs[name, strategy] = [line for line in done.stdout.splitlines() if line.strip()]
             assert len(outputs[name, strategy]) == 2, done.stdout  # rank 0 alone prints

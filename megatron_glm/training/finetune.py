@@ -16,25 +16,23 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import faulthandler
 import json
 import logging
 import math
 import os
-import sys
 from dataclasses import dataclass
 
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from megatron_glm import logs
-from megatron_glm.checkpoint import CheckpointError, load_checkpoint, resume_tag, save_checkpoint
+from megatron_glm.checkpoint import load_checkpoint, resume_tag, save_checkpoint
 from megatron_glm.config import add_model_flags
 from megatron_glm.data import finetune_data, finetune_metrics
 from megatron_glm.data.eval_tasks import TaskError
 from megatron_glm.data.finetune_data import TASKS, EpochSamples, Layout, TrainBatches
-from megatron_glm.data.indexed import IndexedDatasetError
-from megatron_glm.data.loader import DataError, MicroBatches
-from megatron_glm.data.tokenizer import TokenizerError
+from megatron_glm.data.loader import MicroBatches
 from megatron_glm.flags import add_flags, read_flags, setting
 from megatron_glm.model.cloze import LOSSES, SCORES, ClassificationLoss, Seq2SeqLoss
 from megatron_glm.parallel import state
@@ -51,7 +49,8 @@ from megatron_glm.settings import (
 )
 from megatron_glm.training.config import JobConfig, from_args
 from megatron_glm.training.launcher_watch import watch_launcher
-from megatron_glm.training.trainer import Trainer, TrainingError
+from megatron_glm.training.pretrain import run_command
+from megatron_glm.training.trainer import Trainer
 
 logger = logging.getLogger("megatron_glm.training.finetune")  # also when run as -m (__main__)
 
@@ -493,34 +492,13 @@ def finetune(argv=None) -> dict:
 
 
 def main(argv=None) -> int:
-    try:
-        result = finetune(argv)
-    except (
-        ValueError,
-        TokenizerError,
-        IndexedDatasetError,
-        CheckpointError,
-        FileNotFoundError,
-        TrainingError,
-        DataError,
-    ) as e:
-        print(f"glm-finetune: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(
-            "glm-finetune: interrupted; the latest complete checkpoint is untouched",
-            file=sys.stderr,
-        )
-        return 130
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-    return result["exit_code"]
+    return run_command("glm-finetune", finetune, argv)
 
 
 @record  # under torchrun, an uncaught exception goes to its error file (glm-torchrun reports it)
 def cli() -> None:
     """The ``glm-finetune`` command (see ``pretrain.cli`` for why it leaves without the interpreter's teardown)."""
+    faulthandler.enable()  # as glm-pretrain's: a rank that dies on a signal prints every thread's stack
     exit_without_teardown(main())
 
 

@@ -44,32 +44,37 @@ def pretrain(argv=None) -> dict:
         trainer.close()
 
 
-def main(argv=None) -> int:
-    faulthandler.enable()  # a rank that dies on a signal (SIGABRT, SIGSEGV) prints every thread's Python stack
+# what a user's mistake raises: one line, not a traceback
+USER_ERRORS = (
+    ValueError,
+    TokenizerError,
+    IndexedDatasetError,
+    CheckpointError,
+    FileNotFoundError,
+    TrainingError,
+    DataError,
+)
+
+
+def run_command(name: str, run, argv=None) -> int:
+    """A training command's exit status: ``run(argv)``'s, or 1 after one line for a user's mistake."""
     try:
-        result = pretrain(argv)
-    except (
-        ValueError,
-        TokenizerError,
-        IndexedDatasetError,
-        CheckpointError,
-        FileNotFoundError,
-        TrainingError,
-        DataError,
-    ) as e:
-        print(f"glm-pretrain: error: {e}", file=sys.stderr)
+        result = run(argv)
+    except USER_ERRORS as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # before the loop's handler was set, or a second Ctrl-C
-        print(
-            "glm-pretrain: interrupted; the latest complete checkpoint is untouched",
-            file=sys.stderr,
-        )
+        print(f"{name}: interrupted; the latest complete checkpoint is untouched", file=sys.stderr)
         return 130
 
     if dist.is_initialized():  # leave together: gloo aborts a rank whose peer has gone
         dist.barrier()
         dist.destroy_process_group()
     return result["exit_code"]
+
+
+def main(argv=None) -> int:
+    return run_command("glm-pretrain", pretrain, argv)
 
 
 @record  # under torchrun, an uncaught exception goes to its error file: glm-torchrun reports it as a crash
@@ -81,6 +86,7 @@ def cli() -> None:
     so the command exits directly.
     """
 
+    faulthandler.enable()  # a rank that dies on a signal (SIGABRT, SIGSEGV) prints every thread's Python stack
     exit_without_teardown(main())
 
 
