@@ -99,7 +99,7 @@ class PipelineScorer:
                 for name, value in b.items():
                     if name in arrays and name != "objective":
                         arrays[name][:n, ..., :width] = value
-            return {k: torch.from_numpy(v).to(self.device) for k, v in arrays.items()}
+            return {key: torch.from_numpy(v).to(self.device) for key, v in arrays.items()}
 
         pp = state.get_pipeline_model_parallel_world_size()
         full = spread_scores(runner, score_count(len(batches), 1, pp, 1), make, rows, 3).numpy()
