@@ -360,9 +360,8 @@ class Finetuner(Trainer):
         return int(meta["iteration"])
 
     def train(self) -> dict:
-        if (
-            self.iteration == 0 and self.dev is not None
-        ):  # the baseline: the starting model, before any step
+        # the baseline: the starting model, before any step
+        if self.iteration == 0 and self.dev is not None:
             self.zero_shot = self.score_split("dev")
             self.checkpointer.meta["finetune_zero_shot"] = self.zero_shot
             self.log.record(0, self._report("dev", self.zero_shot))
