@@ -300,39 +300,40 @@ def glm_eval(argv, nproc=1, module="megatron_glm.evaluate"):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
 
 
+def eval_argv(checkpoint, task_files, out, cache):
+    tasks = [arg for kind, path in task_files.items() for arg in ("--task", f"{kind}:{path}")]
+    argv = ["--load", checkpoint, *tasks, "--lm-samples", "12", "--batch-size", "3"]
+    return argv + ["--output", out, "--data-cache-path", cache]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, checkpoint, task_files):
+    """glm-eval's results on the checkpoint in one process: what every other way of scoring it must give."""
+    root = tmp_path_factory.mktemp("one-process")
+    out = str(root / "one.json")
+    done = glm_eval(eval_argv(checkpoint, task_files, out, str(root / "cache")))
+    assert done.returncode == 0, done.stderr[-5000:]
+    assert "choice:mc.jsonl: accuracy" in done.stdout
+    return json.load(open(out))["tasks"]
+
+
 @pytest.mark.slow
-def test_glm_eval_data_parallel_hf_export_and_training_agree(tmp_path, checkpoint, task_files):
+def test_glm_eval_data_parallel_hf_export_and_training_agree(
+    tmp_path, checkpoint, task_files, one_process
+):
     from megatron_glm.convert.cli import main as convert
 
-    tasks = [arg for kind, path in task_files.items() for arg in ("--task", f"{kind}:{path}")]
-    results = {}
+    results = {"one": one_process}
     for name, load, nproc in (
-        ("one", checkpoint, 1),
         ("dp2", checkpoint, 2),
         ("hf", str(tmp_path / "hf"), 1),
     ):
         if name == "hf":
             assert convert(["export-hf", "--load", checkpoint, "--save", load]) == 0
         out = str(tmp_path / f"{name}.json")
-        done = glm_eval(
-            [
-                "--load",
-                load,
-                *tasks,
-                "--lm-samples",
-                "12",
-                "--batch-size",
-                "3",
-                "--output",
-                out,
-                "--data-cache-path",
-                str(tmp_path / "cache"),
-            ],
-            nproc,
-        )
+        done = glm_eval(eval_argv(load, task_files, out, str(tmp_path / "cache")), nproc)
         assert done.returncode == 0, done.stderr[-5000:]
         results[name] = json.load(open(out))["tasks"]
-        assert "choice:mc.jsonl: accuracy" in done.stdout
     assert results["dp2"] == results["one"], (
         "two data-parallel ranks give exactly one process's numbers"
     )
@@ -355,14 +356,12 @@ def test_glm_eval_data_parallel_hf_export_and_training_agree(tmp_path, checkpoin
 
 @pytest.mark.slow
 def test_glm_eval_with_tensor_and_pipeline_parallelism_equals_one_process(
-    tmp_path, checkpoint, task_files
+    tmp_path, checkpoint, task_files, one_process
 ):
     """A TP 1 checkpoint scored on TP 2 and on TP 2 x PP 2 (each rank reading only its shard): every task
     kind, and the objective's loss, equal one process's."""
-    tasks = [arg for kind, path in task_files.items() for arg in ("--task", f"{kind}:{path}")]
-    results = {}
+    results = {"one": one_process}
     for name, nproc, extra in (
-        ("one", 1, []),
         ("tp2", 2, ["--tensor-model-parallel-size", "2"]),
         (
             "tp2pp2",
@@ -371,8 +370,7 @@ def test_glm_eval_with_tensor_and_pipeline_parallelism_equals_one_process(
         ),
     ):
         out = str(tmp_path / f"{name}.json")
-        argv = ["--load", checkpoint, *tasks, "--lm-samples", "12", "--batch-size", "3"]
-        argv += ["--output", out, "--data-cache-path", str(tmp_path / "cache"), *extra]
+        argv = eval_argv(checkpoint, task_files, out, str(tmp_path / "cache")) + extra
         done = glm_eval(argv, nproc)
         assert done.returncode == 0, done.stderr[-5000:]
         results[name] = json.load(open(out))["tasks"]
@@ -387,23 +385,35 @@ def test_glm_eval_with_tensor_and_pipeline_parallelism_equals_one_process(
                     task,
                     key,
                 )
+    tasks = [arg for kind, path in task_files.items() for arg in ("--task", f"{kind}:{path}")]
     bad = glm_eval(["--load", checkpoint, *tasks, "--tensor-model-parallel-size", "3"], 2)
     assert bad.returncode == 1 and "glm-eval: error:" in bad.stderr, bad.stderr[-3000:]
 
 
 @pytest.mark.slow
 def test_glm_generate_on_two_tensor_parallel_ranks_writes_what_one_process_writes(checkpoint):
-    texts = ["--text", "Return the [MASK] of the file.", "--text", "Open a file [gMASK]"]
+    from megatron_glm.generate import load_for_inference
+    from megatron_glm.model.generation import GenerationConfig, fill_blanks
+
+    texts = ["Return the [MASK] of the file.", "Open a file [gMASK]"]
+    model, tokenizer, _ = load_for_inference(checkpoint)
     outputs = {}
-    for name, nproc in (("one", 1), ("tp2", 2)):
-        for strategy in ("greedy", "beam"):
-            argv = ["--load", checkpoint, *texts, "--strategy", strategy, "--max-new-tokens", "6"]
-            if nproc > 1:
-                argv += ["--tensor-model-parallel-size", "2"]
-            done = glm_eval(argv, nproc, module="megatron_glm.generate")
-            assert done.returncode == 0, done.stderr[-4000:]
-            outputs[name, strategy] = [line for line in done.stdout.splitlines() if line.strip()]
-            assert len(outputs[name, strategy]) == 2, done.stdout  # rank 0 alone prints
+    for strategy in ("greedy", "beam"):
+        cfg = GenerationConfig(strategy, max_new_tokens=6)
+        outputs["one", strategy] = [fill_blanks(model, tokenizer, t, cfg)[0] for t in texts]
+        argv = ["--load", checkpoint, *(a for t in texts for a in ("--text", t))]
+        argv += [
+            "--strategy",
+            strategy,
+            "--max-new-tokens",
+            "6",
+            "--tensor-model-parallel-size",
+            "2",
+        ]
+        done = glm_eval(argv, 2, module="megatron_glm.generate")
+        assert done.returncode == 0, done.stderr[-4000:]
+        # rank 0 alone prints
+        outputs["tp2", strategy] = [line for line in done.stdout.splitlines() if line.strip()]
     for strategy in ("greedy", "beam"):
         assert outputs["tp2", strategy] == outputs["one", strategy], strategy
 
