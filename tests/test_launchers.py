@@ -91,6 +91,17 @@ def env_for(data, save, **extra):
     return env
 
 
+def run_launcher(script, env, timeout=600):
+    """``bash launchers/{script}`` with ``env``: the completed run, its output captured."""
+    return subprocess.run(
+        ["bash", os.path.join(LAUNCHERS, script)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def losses(save):
     return {r["iteration"]: r["lm_loss"] for r in records(save)}
 
@@ -116,14 +127,7 @@ def wait_for_iteration(save, n, proc, timeout=300):
 def torchrun_run(tmp_path_factory, data):
     """launchers/torchrun.sh, 2 processes (data parallel), uninterrupted: the reference for the Slurm runs."""
     save = str(tmp_path_factory.mktemp("torchrun") / "ckpt")
-    result = subprocess.run(
-        ["bash", os.path.join(LAUNCHERS, "torchrun.sh")],
-        env=env_for(data, save, GPUS_PER_NODE="2"),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    return save, result
+    return save, run_launcher("torchrun.sh", env_for(data, save, GPUS_PER_NODE="2"))
 
 
 def test_torchrun_launcher_prints_its_command_and_trains(torchrun_run):
@@ -267,13 +271,7 @@ def test_mpirun_launcher(tmp_path, data):
     save = str(tmp_path / "ckpt")
     env = env_for(data, save, NP="2", MPIRUN="mpiexec", TRAIN_ITERS="2")
     env.pop("MASTER_PORT")
-    result = subprocess.run(
-        ["bash", os.path.join(LAUNCHERS, "mpirun.sh")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_launcher("mpirun.sh", env)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     assert (
         "+ mpiexec -n 2" in result.stdout
@@ -286,13 +284,7 @@ def test_mpirun_launcher(tmp_path, data):
 def test_deepspeed_launcher_on_localhost(tmp_path, data):
     save = str(tmp_path / "ckpt")
     env = env_for(data, save, NUM_GPUS="2", TRAIN_ITERS="2")
-    result = subprocess.run(
-        ["bash", os.path.join(LAUNCHERS, "deepspeed.sh")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_launcher("deepspeed.sh", env)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     assert "+ deepspeed --launcher pdsh" in result.stdout
     assert "x 2 data-parallel ranks" in result.stdout + result.stderr
@@ -321,13 +313,7 @@ def test_deepspeed_launcher_forwards_the_cluster_variables_to_every_node(tmp_pat
     env = env_for(data, save, HOSTFILE=str(hostfile), MASTER_ADDR="node1", **cluster)
     env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
     env.pop("DS_ENV_FILE", None)
-    result = subprocess.run(
-        ["bash", os.path.join(LAUNCHERS, "deepspeed.sh")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_launcher("deepspeed.sh", env, timeout=300)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     with open(os.path.join(save, ".deepspeed_env")) as f:
         written = dict(line.rstrip("\n").split("=", 1) for line in f)
@@ -343,13 +329,7 @@ def test_a_one_line_error_stays_one_line_under_torchrun(tmp_path, data):
     """An impossible layout under launchers/torchrun.sh: the workers' one line and their status, no crash report."""
     env = env_for(data, str(tmp_path / "ckpt"), GPUS_PER_NODE="2")
     env["EXTRA_ARGS"] += " --tensor-model-parallel-size 3"
-    result = subprocess.run(
-        ["bash", os.path.join(LAUNCHERS, "torchrun.sh")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_launcher("torchrun.sh", env, timeout=300)
     assert result.returncode == 1
     assert "world size 2 is not a multiple of tensor 3" in result.stderr, result.stderr
     for noise in ("FAILED", "Traceback", "ChildFailedError", "exitcode"):
@@ -379,17 +359,12 @@ def test_a_crash_under_torchrun_keeps_torchruns_report(tmp_path):
 
 def test_launchers_name_missing_settings(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("DATA_PATH", "SAVE_DIR", "GLM_CONFIG")}
-    result = subprocess.run(
-        ["bash", os.path.join(LAUNCHERS, "torchrun.sh")], env=env, capture_output=True, text=True
-    )
+    result = run_launcher("torchrun.sh", env)
     assert result.returncode != 0 and "set DATA_PATH" in result.stderr
     bad = tmp_path / "bad.env"
     bad.write_text("PRECISION=fp8\n")
-    result = subprocess.run(
-        ["bash", os.path.join(LAUNCHERS, "torchrun.sh")],
-        env={**env, "GLM_CONFIG": str(bad), "DATA_PATH": "x", "SAVE_DIR": "y"},
-        capture_output=True,
-        text=True,
+    result = run_launcher(
+        "torchrun.sh", {**env, "GLM_CONFIG": str(bad), "DATA_PATH": "x", "SAVE_DIR": "y"}
     )
     assert result.returncode == 2 and "PRECISION=fp8; use bf16, fp16 or fp32" in result.stderr
 
@@ -417,35 +392,18 @@ def test_the_launchers_run_glm_finetune_and_resume_it(tmp_path, data):
         TRAIN_ITERS="6",
         SAVE_INTERVAL="3",
     )
-    first = subprocess.run(
-        ["bash", os.path.join(LAUNCHERS, "torchrun.sh")],
-        env={**env, "MEGATRON_GLM_FAULT": "iteration:4"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    first = run_launcher("torchrun.sh", {**env, "MEGATRON_GLM_FAULT": "iteration:4"})
     assert (
         first.returncode != 0
         and "-m megatron_glm.training.finetune --preset glm-tiny --task" in first.stdout
     )
     assert "--data-path" not in first.stdout and os.path.isdir(os.path.join(save, "iter_0000003"))
-    second = subprocess.run(
-        ["bash", os.path.join(LAUNCHERS, "torchrun.sh")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    second = run_launcher("torchrun.sh", env)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stdout and "at iteration 3" in second.stdout
     assert os.path.exists(os.path.join(save, "finetune_results.json"))
     missing = {k: v for k, v in env.items() if k != "FINETUNE_ARGS"}
-    result = subprocess.run(
-        ["bash", os.path.join(LAUNCHERS, "torchrun.sh")],
-        env=missing,
-        capture_output=True,
-        text=True,
-    )
+    result = run_launcher("torchrun.sh", missing)
     assert result.returncode != 0 and "set FINETUNE_ARGS" in result.stderr
 
 

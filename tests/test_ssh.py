@@ -15,7 +15,7 @@ import time
 import pytest
 
 from tests.helpers import free_port
-from tests.test_launchers import LAUNCHERS, env_for, losses
+from tests.test_launchers import env_for, losses, run_launcher
 
 pytestmark = pytest.mark.slow
 
@@ -94,13 +94,7 @@ def test_deepspeed_launcher_trains_on_two_hosts_reached_by_ssh(sshd, tmp_path, d
     save = str(tmp_path / "ckpt")
     env = env_for(data, save, HOSTFILE=str(hostfile), MASTER_ADDR="127.0.0.1", TRAIN_ITERS="2")
     env.pop("DS_ENV_FILE", None)
-    result = subprocess.run(
-        ["bash", os.path.join(LAUNCHERS, "deepspeed.sh")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_launcher("deepspeed.sh", env)
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-4000:]
     assert "+ deepspeed --launcher pdsh" in out and "x 2 data-parallel ranks" in out
