@@ -62,12 +62,11 @@ class PipelineScorer:
     then only its own parameters, read per parameter by ``ShardReader``); batches scored through the pipeline
     schedule, data parallel over the remaining ranks (``step.spread_scores``)."""
 
-    def __init__(self, reader, device: str, pad: int, batch_size: int):
-        from megatron_glm.config import ModelConfig
+    def __init__(self, reader, cfg, device: str, pad: int, batch_size: int):
         from megatron_glm.model.parallelize import RankLayout, build_rank_model
         from megatron_glm.parallel.pipeline_stage import TiedEmbedding
 
-        self.cfg = ModelConfig.from_dict(reader.meta["model"])
+        self.cfg = cfg
         self.device, self.pad, self.batch_size = device, pad, batch_size
         layout = RankLayout.from_state()
         self.chunks = [
@@ -328,27 +327,10 @@ def evaluate(args) -> dict:
 
 def sharded_model(path: str, tp: int, pp: int, args, spec):
     """(``PipelineScorer``, tokenizer, meta): the process groups for TP x PP (x DP), then this rank's shard."""
-    from megatron_glm.checkpoint.shard_reader import ShardReader
-    from megatron_glm.convert.readers import detect_format
-    from megatron_glm.generate import checkpoint_tokenizer
+    from megatron_glm.generate import open_sharded
 
-    if detect_format(path) != "megatron-glm":
-        raise EvalError(
-            f"{path}: --tensor-model-parallel-size and --pipeline-model-parallel-size read glm-pretrain "
-            "checkpoints (import an export first: glm-convert import-hf)"
-        )
-    reader = ShardReader(path, args.trust_checkpoint)
-    tokenizer = checkpoint_tokenizer(reader.meta, spec, path)
-    cfg = reader.meta["model"]
-    state.initialize_model_parallel(
-        tp=tp,
-        pp=pp,
-        backend="nccl" if args.device.startswith("cuda") else "gloo",
-        num_attention_heads=cfg["num_attention_heads"],
-        hidden_size=cfg["hidden_size"],
-        vocab_size=cfg["vocab_size"],
-    )
-    scorer = PipelineScorer(reader, args.device, tokenizer.pad_id, args.batch_size)
+    reader, tokenizer, cfg = open_sharded(path, tp, pp, args.device, spec, args.trust_checkpoint)
+    scorer = PipelineScorer(reader, cfg, args.device, tokenizer.pad_id, args.batch_size)
     return scorer, tokenizer, reader.meta
 
 

@@ -108,33 +108,44 @@ class GatheredLogits(torch.nn.Module):
         return torch.cat(parts, dim=-1)
 
 
-def load_sharded(path: str, tp: int, device: str, tokenizer_spec=None, trust: bool = False):
-    """``(model, tokenizer, meta)`` of a glm-pretrain checkpoint of any layout on ``tp`` ranks: each builds and
-    reads only its shard (``ShardReader``), as training does."""
+def open_sharded(
+    path: str, tp: int, pp: int, device: str, tokenizer_spec=None, trust: bool = False
+):
+    """``(reader, tokenizer, model config)`` of a glm-pretrain checkpoint of any layout, the process groups of
+    TP x PP (data parallel over the ranks left) started: each rank then builds and reads only its shard
+    (``ShardReader``), as training does. glm-eval's and glm-generate's model parallelism."""
     from megatron_glm.checkpoint.shard_reader import ShardReader
-    from megatron_glm.model.parallelize import RankLayout, build_rank_model
     from megatron_glm.parallel import state
 
     if detect_format(path) != "megatron-glm":
         raise ValueError(
-            f"{path}: --tensor-model-parallel-size reads glm-pretrain checkpoints (import an export first: "
-            "glm-convert import-hf)"
+            f"{path}: tensor and pipeline parallelism read glm-pretrain checkpoints (import an export "
+            "first: glm-convert import-hf)"
         )
     reader = ShardReader(path, trust)
     tokenizer = checkpoint_tokenizer(reader.meta, tokenizer_spec, path)
     cfg = ModelConfig.from_dict(reader.meta["model"])
-    launch = state.initialize_model_parallel(
+    state.initialize_model_parallel(
         tp=tp,
-        pp=1,
+        pp=pp,
         backend="nccl" if device.startswith("cuda") else "gloo",
         num_attention_heads=cfg.num_attention_heads,
         hidden_size=cfg.hidden_size,
         vocab_size=cfg.vocab_size,
     )
+    return reader, tokenizer, cfg
+
+
+def load_sharded(path: str, tp: int, device: str, tokenizer_spec=None, trust: bool = False):
+    """``(model, tokenizer, meta)`` of a glm-pretrain checkpoint of any layout on exactly ``tp`` ranks."""
+    from megatron_glm.model.parallelize import RankLayout, build_rank_model
+    from megatron_glm.parallel import state
+
+    reader, tokenizer, cfg = open_sharded(path, tp, 1, device, tokenizer_spec, trust)
     if state.get_data_parallel_world_size() > 1:
         raise ValueError(
             f"glm-generate runs on exactly --tensor-model-parallel-size {tp} ranks, not "
-            f"{launch.world_size if launch else 'more'}: start that many"
+            f"{tp * state.get_data_parallel_world_size()}: start that many"
         )
     layout = RankLayout.from_state()
     (chunk,) = build_rank_model(cfg, layout, 0, weights=reader.weights(layout))

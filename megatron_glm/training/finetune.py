@@ -193,17 +193,13 @@ class Finetuner(Trainer):
     def build_batches(self):
         """Each split's layout, and training's samples: examples in a fresh order each epoch."""
         ft, job = self.ft, self.job
+        splits = [s for s in (self.train_split, self.dev, self.test) if s is not None]
         if self.ft.task == "classification":
-            for split in (self.dev, self.test):
-                if split is not None and split.candidates > self.train_split.candidates:
-                    # one layout, so that the rows a micro-batch carries (the pipeline's shape) never change
-                    self.train_split.candidates = split.candidates
-            for split in (self.dev, self.test):
-                if split is not None:
-                    split.candidates = self.train_split.candidates
-            fast = ft.fast_path and all(
-                s is None or s.single_token for s in (self.train_split, self.dev, self.test)
-            )
+            # one layout, so that the rows a micro-batch carries (the pipeline's shape) never change
+            most = max(s.candidates for s in splits)
+            for split in splits:
+                split.candidates = most
+            fast = ft.fast_path and all(s.single_token for s in splits)
             self.objective = ClassificationLoss(ft.loss_func, ft.candidate_score == "per_token")
         else:
             fast = False
