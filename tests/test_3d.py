@@ -408,7 +408,7 @@ def torch_equal(a, b) -> bool:
     return a.dtype == b.dtype and torch.equal(a, b)
 
 
-# -- changing layout with the whole training state (glm-convert to-universal) --------------------------------------
+# -- changing layout with the whole training state: straight from the checkpoint, or a universal one -----------
 
 TP2PP2_ZERO1 = [
     "--tensor-model-parallel-size",
@@ -421,17 +421,20 @@ TP2PP2_ZERO1 = [
 
 
 def uninterrupted(tmp_path_factory, data, name, nproc, extra):
-    """8 steps saved after 4: the reference for steps 5-8 of a run resumed from step 4 on another layout."""
+    """8 steps saved after 4: the reference for steps 5-8 of a run resumed from step 4 on another layout,
+    and the checkpoint of step 4 (its iter_0000004 folder)."""
     out = str(tmp_path_factory.mktemp(name))
     result = launch_pretrain(
         nproc, argv(data, out, iters=8, extra=extra + ["--save", out, "--save-interval", "4"])
     )
     assert result.returncode == 0, result.stderr[-8000:]
-    universal = os.path.join(out + "-universal")
-    assert (
-        convert_main(["to-universal", "--load", out, "--iteration", "4", "--save", universal]) == 0
-    )
-    return {r["iteration"]: r for r in records(out)}, universal
+    return {r["iteration"]: r for r in records(out)}, os.path.join(out, "iter_0000004")
+
+
+def to_universal(step4: str) -> str:
+    universal = os.path.dirname(step4) + "-universal"
+    assert convert_main(["to-universal", "--load", step4, "--save", universal]) == 0
+    return universal
 
 
 @pytest.fixture(scope="module")
@@ -469,25 +472,36 @@ NEW_LAYOUTS = {
 
 @pytest.mark.parametrize("name", list(NEW_LAYOUTS))
 @pytest.mark.slow
-def test_a_universal_checkpoint_resumes_on_another_layout_as_if_uninterrupted(
-    tmp_path, data, tp2pp2, name
-):
-    """4 steps on TP2xPP2 (ZeRO-1), converted, 4 more on another TP x PP x DP (and ZeRO stage): steps 5-8 are the
-    uninterrupted run's, which they could not be with a fresh optimizer or schedule."""
-    reference, universal = tp2pp2
+def test_a_checkpoint_resumes_on_another_layout_as_if_uninterrupted(tmp_path, data, tp2pp2, name):
+    """4 steps on TP2xPP2 (ZeRO-1), 4 more on another TP x PP x DP (and ZeRO stage) straight from that
+    checkpoint: steps 5-8 are the uninterrupted run's, which they could not be with a fresh optimizer or
+    schedule."""
+    reference, original = tp2pp2
     nproc, extra = NEW_LAYOUTS[name]
     out = str(tmp_path / "moved")
     result = launch_pretrain(
-        nproc, argv(data, out, iters=8, extra=extra + ["--load", universal, "--save", out])
+        nproc, argv(data, out, iters=8, extra=extra + ["--load", original, "--save", out])
     )
     assert_continues(result, out, reference)
+    assert "resharded of a TP 2 x PP 2 x DP 1 ZeRO-1 run" in result.stdout
 
 
 @pytest.mark.slow
-def test_zero3_to_zero1_through_a_universal_checkpoint(tmp_path_factory, tmp_path, data):
-    reference, universal = uninterrupted(tmp_path_factory, data, "zero3", 2, ["--zero-stage", "3"])
+def test_a_universal_checkpoint_resumes_on_another_layout_as_if_uninterrupted(
+    tmp_path, data, tp2pp2, tp2pp2_universal
+):
+    """The same move through glm-convert to-universal's layout-free copy."""
+    reference, _ = tp2pp2
+    out = str(tmp_path / "moved")
+    extra = ["--zero-stage", "1", "--load", tp2pp2_universal, "--save", out]
+    assert_continues(launch_pretrain(2, argv(data, out, iters=8, extra=extra)), out, reference)
+
+
+@pytest.mark.slow
+def test_zero3_to_zero1_straight_from_the_checkpoint(tmp_path_factory, tmp_path, data):
+    reference, original = uninterrupted(tmp_path_factory, data, "zero3", 2, ["--zero-stage", "3"])
     out = str(tmp_path / "zero1")
-    extra = ["--zero-stage", "1", "--load", universal, "--save", out]
+    extra = ["--zero-stage", "1", "--load", original, "--save", out]
     result = launch_pretrain(2, argv(data, out, iters=8, extra=extra))
     assert_continues(result, out, reference)
 
@@ -496,24 +510,26 @@ def test_zero3_to_zero1_through_a_universal_checkpoint(tmp_path_factory, tmp_pat
 def test_zero0_through_a_universal_checkpoint_to_two_replicas(tmp_path_factory, tmp_path, data):
     """Without ZeRO the moments sit in each rank's model file (the optimizer's parameter order), and go back into
     the optimizer keyed by parameter: one process's run, converted, continues on DP2 as if uninterrupted."""
-    reference, universal = uninterrupted(tmp_path_factory, data, "zero0", 1, ["--zero-stage", "0"])
+    reference, original = uninterrupted(tmp_path_factory, data, "zero0", 1, ["--zero-stage", "0"])
     out = str(tmp_path / "dp2")
-    extra = ["--zero-stage", "0", "--load", universal, "--save", out]
+    extra = ["--zero-stage", "0", "--load", to_universal(original), "--save", out]
     assert_continues(launch_pretrain(2, argv(data, out, iters=8, extra=extra)), out, reference)
 
 
 def _state_after_resume(rank, world, argv_):
-    """Each parameter's fp32 master and Adam moments in the engine a universal resume built, beside the files'."""
+    """Each parameter's fp32 master and Adam moments in the engine a resume on TP 1 built, beside DeepSpeed's
+    own consolidation of the checkpoint's partitions (``zero_to_fp32``, merged over TP x PP)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     from megatron_glm.checkpoint import universal
-    from megatron_glm.model.parallelize import RankLayout
+    from megatron_glm.convert import readers
     from megatron_glm.training.arguments import build_parser
     from megatron_glm.training.config import from_args
     from megatron_glm.training.trainer import Trainer
 
     trainer = Trainer(from_args(build_parser().parse_args(argv_), world_size=world))
-    reader = universal.reader_for(trainer.resume, RankLayout.from_state(), False)
+    resume = trainer.resume
+    files = readers.optimizer_states(resume.load_dir, resume.tag, resume.meta)
     worst, steps = {}, set()
     for _, p, full in universal.local_parameters(trainer.chunks):
         for state in universal.STATES:
@@ -522,10 +538,7 @@ def _state_after_resume(rank, world, argv_):
                 if state == "fp32"
                 else safe_get_full_optimizer_state(p, state)
             )
-            worst[state] = max(
-                worst.get(state, 0.0),
-                (got - reader.shard(full, state, got.shape)).abs().max().item(),
-            )
+            worst[state] = max(worst.get(state, 0.0), (got - files[state][full]).abs().max().item())
     for s in trainer.engine.optimizer.optimizer.state.values():
         steps.add(int(s["step"]))
     result = {
@@ -533,64 +546,73 @@ def _state_after_resume(rank, world, argv_):
         "steps": steps,
         "iteration": trainer.iteration,
         "lr": trainer.engine.get_lr()[0],
+        "changes": resume.changes,
     }
     trainer.close()
     return result
 
 
 @pytest.mark.slow
-def test_the_moments_right_after_a_universal_resume_are_the_merged_originals(
+def test_the_moments_right_after_a_resume_on_another_layout_are_the_merged_originals(
     tmp_path, data, tp2pp2
 ):
-    """On DP2 ZeRO-1 the engine's fp32 masters and moments equal the files (merged from TP2xPP2's partitions)."""
+    """On TP1 x DP2 ZeRO-1 the engine's fp32 masters and moments equal the TP2xPP2 checkpoint's, as DeepSpeed's
+    own consolidation merges them."""
     from tests.helpers import spawn
 
-    reference, universal = tp2pp2
+    reference, original = tp2pp2
     out = str(tmp_path / "probe")
     results = spawn(
         _state_after_resume,
         2,
         tmp_path / "ranks",
-        argv(data, out, iters=8, extra=["--zero-stage", "1", "--load", universal]),
+        argv(data, out, iters=8, extra=["--zero-stage", "1", "--load", original]),
     )
     for r in results:
+        assert r["changes"][:2] == ["TP 2 -> 1", "PP 2 -> 1"] and "DP 1 -> 2" in r["changes"]
         assert r["iteration"] == 4 and r["steps"] == {4}
-        assert all(diff <= 1e-6 for diff in r["worst"].values()), r["worst"]
+        assert all(diff == 0.0 for diff in r["worst"].values()), r["worst"]
         assert r["lr"] == pytest.approx(reference[4]["lr"], rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def tp2pp2_universal(tp2pp2):
+    return to_universal(tp2pp2[1])
 
 
 @pytest.mark.parametrize(
     "case, message",
     [
-        ("a parameter file missing", "is missing: the universal checkpoint is incomplete"),
+        (
+            "a universal parameter file missing",
+            "is missing: the universal checkpoint is incomplete",
+        ),
+        ("an optimizer partition missing", "the checkpoint is incomplete"),
         ("layers that do not split", "is not divisible by pipeline stages 3"),
         ("another architecture", "another architecture"),
-        ("the original on another TP", "glm-convert to-universal --load"),
     ],
 )
-def test_universal_resumes_refuse_what_cannot_work(tmp_path, data, tp2pp2, case, message):
+def test_resumes_on_another_layout_refuse_what_cannot_work(
+    tmp_path, data, tp2pp2, tp2pp2_universal, case, message
+):
     import shutil
 
-    _, universal = tp2pp2
-    load, nproc, extra = universal, 1, []
-    if case == "a parameter file missing":
+    load, nproc, extra = tp2pp2[1], 1, []
+    if case == "a universal parameter file missing":
         load = str(tmp_path / "incomplete")
-        shutil.copytree(universal, load)
+        shutil.copytree(tp2pp2_universal, load)
+        zero = os.path.join(load, "iter_0000004", "zero")
         os.remove(
-            os.path.join(
-                load,
-                "iter_0000004",
-                "zero",
-                "transformer.layers.2.mlp.dense_4h_to_h.weight",
-                "exp_avg_sq.pt",
-            )
+            os.path.join(zero, "transformer.layers.2.mlp.dense_4h_to_h.weight", "exp_avg_sq.pt")
         )
+    elif case == "an optimizer partition missing":
+        load = str(tmp_path / "incomplete" / "iter_0000004")
+        shutil.copytree(tp2pp2[1], load)
+        os.remove(os.path.join(load, "zero_pp_rank_0_mp_rank_03_optim_states.pt"))
     elif case == "layers that do not split":
         nproc, extra = 3, ["--pipeline-model-parallel-size", "3"]
     elif case == "another architecture":
         extra = ["--hidden-size", "64"]
-    else:
-        load = universal.removesuffix("-universal")
     out = str(tmp_path / "out")
     result = launch_pretrain(
         nproc,
@@ -603,7 +625,7 @@ def test_universal_resumes_refuse_what_cannot_work(tmp_path, data, tp2pp2, case,
 
 
 def _embedding_after_resume(rank, world, argv_):
-    """The word embedding's fp32 master and Adam moments right after a universal resume."""
+    """The word embedding's fp32 master and Adam moments right after a resume on another layout."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     from megatron_glm.training.arguments import build_parser
@@ -623,22 +645,26 @@ def _embedding_after_resume(rank, world, argv_):
 @pytest.mark.slow
 def test_tp2_to_tp1_changes_the_vocabulary_padding_with_no_flag(tmp_path_factory, tmp_path, data):
     """--make-vocab-size-divisible-by 140 pads the tokenizer's 1,500 ids to 1,680 rows on TP 2 and to 1,540 on
-    TP 1. The universal checkpoint of the TP 2 run resumes on TP 1 as it is: the padding rows past 1,540 are
-    dropped (a warning says so), and the tokenizer's rows of the weights and Adam moments are bitwise the files'."""
+    TP 1. The TP 2 run's checkpoint resumes on TP 1 as it is: the padding rows past 1,540 are dropped (a
+    warning says so), and the tokenizer's rows of the weights and Adam moments are bitwise the checkpoint's,
+    as DeepSpeed's own consolidation reads them."""
     import torch
 
-    from megatron_glm.checkpoint.universal import read_state
+    from megatron_glm import checkpoint as ckpt
+    from megatron_glm.convert import readers
     from tests.helpers import spawn
 
     pad = ["--make-vocab-size-divisible-by", "140"]
     tp2 = ["--tensor-model-parallel-size", "2", *pad]
-    _, universal = uninterrupted(tmp_path_factory, data, "tp2pad", 2, tp2)
-    tp1 = ["--zero-stage", "1", *pad, "--load", universal]
+    _, original = uninterrupted(tmp_path_factory, data, "tp2pad", 2, tp2)
+    tp1 = ["--zero-stage", "1", *pad, "--load", original]
     out = str(tmp_path / "tp1")
     got = spawn(_embedding_after_resume, 2, tmp_path / "ranks", argv(data, out, iters=8, extra=tp1))
     tokenizer_rows = 1500
+    folder, tag = os.path.split(original)
+    files = readers.optimizer_states(folder, tag, ckpt.read_meta(folder, tag))
     for state in ("fp32", "exp_avg", "exp_avg_sq"):
-        saved = read_state(os.path.join(universal, "iter_0000004"), "word_embeddings.weight", state)
+        saved = files[state]["word_embeddings.weight"]
         assert saved.shape[0] == 1680 and all(g[state].shape[0] == 1540 for g in got)
         for g in got:
             assert torch.equal(g[state][:tokenizer_rows], saved[:tokenizer_rows]), state

@@ -747,9 +747,9 @@ def test_finetune_starts_at_zero_from_the_weights_and_a_restart_resumes_its_own_
     from megatron_glm.config import ModelConfig
 
     cfg = ModelConfig.from_dict(meta["model"])
-    again = find_resume(save, tuned, cfg, None, 1, 1, finetune=True)
+    again = find_resume(save, tuned, cfg, None, finetune=True)
     assert (again.load_dir, again.tag, again.finetune) == (tuned, "iter_0000002", False)
-    first_time = find_resume(save, str(tmp_path / "new"), cfg, None, 1, 1, finetune=True)
+    first_time = find_resume(save, str(tmp_path / "new"), cfg, None, finetune=True)
     assert (first_time.load_dir, first_time.finetune) == (save, True)
 
 

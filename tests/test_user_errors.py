@@ -293,7 +293,7 @@ def test_a_load_that_holds_no_checkpoint_is_refused(finished, data, where, messa
     path = str(root / where)
     message = message.format(root=root)
     with pytest.raises(CheckpointError) as e:
-        find_resume(path, str(root / "new"), None, None, 1, 1)
+        find_resume(path, str(root / "new"), None, None)
     assert str(e.value).startswith(f"{path} {message}")
     if where == "thudm":
         return  # glm-convert reads it (import-thudm), glm-eval says to import it first: tested with the importer

@@ -6,7 +6,8 @@ package; its parts, one concern each:
 - ``format``: names, ``latest``, ``meta.json``, what a user's path holds, the run's recorded settings;
 - ``save``, ``async_save``, ``save_lock``: staged saves published by rename, in the background, one run per folder;
 - ``rng``: random states per rank;
-- ``resume``, ``deepspeed_io``, ``universal``: where a run resumes, whether it can, and restoring the engine;
+- ``resume``, ``deepspeed_io``, ``universal``, ``partitions``: where a run resumes, whether it can, and
+  restoring the engine, on the layout it was saved on or another;
 - ``checkpointer``: a run's save policy;
 - ``weights``: weights without DeepSpeed, one rank's or all shards merged.
 """
@@ -34,8 +35,8 @@ from megatron_glm.checkpoint.format import (
 from megatron_glm.checkpoint.resume import (
     ResumePoint,
     check_compatible,
-    check_data_parallel,
     find_resume,
+    layout_changes,
 )
 from megatron_glm.checkpoint.save import prune, save_checkpoint
 from megatron_glm.checkpoint.save_lock import lock_save_folder
@@ -53,10 +54,10 @@ __all__ = [
     "Checkpointer",
     "ResumePoint",
     "check_compatible",
-    "check_data_parallel",
     "decays",
     "find_resume",
     "is_iteration_folder",
+    "layout_changes",
     "list_checkpoints",
     "load_checkpoint",
     "load_model_weights",

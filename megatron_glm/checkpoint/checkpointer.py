@@ -84,13 +84,13 @@ class Checkpointer:
         chunks=None,
         universal_reader=None,
     ) -> tuple[int, int]:
-        """(iteration, consumed samples) after restoring the engine; converted and universal weights are already in
-        the model (``chunks``), a universal checkpoint's optimizer state comes from ``universal_reader``.
+        """(iteration, consumed samples) after restoring the engine; converted and resharded weights are already
+        in the model (``chunks``), a resharded checkpoint's optimizer state comes from ``universal_reader``.
 
         ``optimizer``/``rng`` False (``--no-load-optim``/``--no-load-rng``) keep those fresh; fine-tuning takes the
         weights alone and starts at iteration 0.
         """
-        if resume.universal:
+        if resume.reshard:
             universal.load(
                 engine,
                 chunks,

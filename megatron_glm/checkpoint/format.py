@@ -19,7 +19,6 @@ from megatron_glm.settings import Settings, recorded
 LATEST = "latest"
 LOCK = ".lock"  # held by the run writing the folder (save_lock.py)
 META = "meta.json"
-TO_UNIVERSAL = "glm-convert to-universal --load {where} --save NEW_FOLDER, then --load NEW_FOLDER"
 
 
 class CheckpointError(ValueError):

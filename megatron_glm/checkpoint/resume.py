@@ -6,7 +6,6 @@ import logging
 import os
 
 from megatron_glm.checkpoint.format import (
-    TO_UNIVERSAL,
     CheckpointError,
     locate,
     read_meta,
@@ -23,39 +22,18 @@ def check_compatible(
     model_cfg: ModelConfig,
     tokenizer_fingerprint: str | None,
     where: str,
-    tensor_parallel: int = 1,
-    pipeline_parallel: int = 1,
     vocab_in_use: int | None = None,
 ) -> None:
-    """Refuse a checkpoint of another architecture, tokenizer or layout, naming every difference.
+    """Refuse a checkpoint of another architecture or tokenizer, naming every difference.
 
-    A universal checkpoint takes another vocabulary padding (the padding follows TP) when the
-    tokenizer's ``vocab_in_use`` rows fit both: its reader drops padding rows or adds zero ones.
-
-    A universal checkpoint takes any layout; the others the TP x PP they were saved with.
+    The layout may differ (``layout_changes``). So may the vocabulary padding, which follows TP,
+    when the tokenizer's ``vocab_in_use`` rows fit both: the reader drops padding rows or adds zero
+    ones. A weights-only checkpoint is read file by file, so its padding must be this run's.
     """
-    for flag, saved, now in (
-        (
-            "--tensor-model-parallel-size",
-            meta.get("tensor_model_parallel_size", 1),
-            tensor_parallel,
-        ),
-        (
-            "--pipeline-model-parallel-size",
-            meta.get("pipeline_model_parallel_size", 1),
-            pipeline_parallel,
-        ),
-    ):
-        if saved != now and not meta.get("universal") and not meta.get("weights_only"):
-            raise CheckpointError(
-                f"{where} was saved with {flag} {saved}, this run has {now}: resume with the same "
-                "layout, or keep the whole training state on the new one with "
-                + TO_UNIVERSAL.format(where=where)
-            )
     saved = ModelConfig.from_dict(meta["model"])
     diffs = saved.architecture_differences(model_cfg)
     repadded = (
-        meta.get("universal")
+        not meta.get("weights_only")
         and diffs == [f"vocab_size: {saved.vocab_size} vs {model_cfg.vocab_size}"]
         and vocab_in_use is not None
         and vocab_in_use <= min(saved.vocab_size, model_cfg.vocab_size)
@@ -91,18 +69,35 @@ def check_compatible(
         )
 
 
-def check_data_parallel(resume: ResumePoint, data_parallel: int, zero_stage: int) -> None:
-    """DeepSpeed's ZeRO partitions load only on the data-parallel size and stage that wrote them."""
-    meta = resume.meta
-    saved_stage, saved_dp = settings_of(meta).parallel.zero_stage, meta.get("data_parallel_size")
-    if resume.universal or resume.weights_only or resume.finetune or saved_dp is None:
-        return
-    if (saved_stage or zero_stage) and (saved_stage, saved_dp) != (zero_stage, data_parallel):
-        raise CheckpointError(
-            f"{resume} holds ZeRO-{saved_stage} partitions of {saved_dp} data-parallel ranks; this "
-            f"run has ZeRO-{zero_stage} on {data_parallel}: resume with the same, or keep the whole "
-            "training state on the new layout with " + TO_UNIVERSAL.format(where=resume.load_dir)
+def layout_changes(meta: dict, run: dict) -> list[str]:
+    """How this run (``run``: the meta.json it would write) lays out the training state otherwise than
+    the checkpoint did: what DeepSpeed's own loading cannot take, so that each rank reads its part of
+    every parameter instead (``universal.py``)."""
+    saved, now = settings_of(meta), settings_of(run)
+    changes = [
+        f"{what} {before} -> {after}"
+        for what, before, after in (
+            (
+                "TP",
+                meta.get("tensor_model_parallel_size", 1),
+                run["tensor_model_parallel_size"],
+            ),
+            (
+                "PP",
+                meta.get("pipeline_model_parallel_size", 1),
+                run["pipeline_model_parallel_size"],
+            ),
+            ("layers per stage", meta.get("pipeline_layers"), run["pipeline_layers"]),
+            ("ZeRO stage", saved.parallel.zero_stage, now.parallel.zero_stage),
+            ("precision", saved.training.precision, now.training.precision),
+            ("padded vocabulary", meta["model"]["vocab_size"], run["model"]["vocab_size"]),
         )
+        if before != after
+    ]
+    # ZeRO partitions its state over the data-parallel ranks; without it every rank holds it all
+    if saved.parallel.zero_stage and meta.get("data_parallel_size") != run["data_parallel_size"]:
+        changes.append(f"DP {meta.get('data_parallel_size')} -> {run['data_parallel_size']}")
+    return changes
 
 
 class ResumePoint:
@@ -110,6 +105,12 @@ class ResumePoint:
 
     def __init__(self, load_dir: str, tag: str, meta: dict, finetune: bool = False):
         self.load_dir, self.tag, self.meta, self.finetune = load_dir, tag, meta, finetune
+        self.changes: list[str] = []  # layout_changes, once the run's layout is known
+
+    def plan(self, run_meta: dict) -> None:
+        """Compare the checkpoint's layout with this run's (``run_meta``: the meta.json it would write)."""
+        if not self.weights_only:
+            self.changes = layout_changes(self.meta, run_meta)
 
     @property
     def weights_only(self) -> bool:
@@ -121,6 +122,12 @@ class ResumePoint:
         """A glm-convert to-universal output: the whole training state, for any layout."""
         return bool(self.meta.get("universal"))
 
+    @property
+    def reshard(self) -> bool:
+        """Each rank reads its part of every parameter's training state: a universal checkpoint, or one
+        saved on another layout. Otherwise DeepSpeed loads its own files, RNG states included."""
+        return self.universal or bool(self.changes)
+
     def __str__(self) -> str:
         return os.path.join(self.load_dir, self.tag)
 
@@ -130,8 +137,6 @@ def find_resume(
     save: str | None,
     model_cfg: ModelConfig,
     tokenizer_fingerprint: str | None,
-    tp: int,
-    pp: int,
     finetune: bool = False,
     vocab_in_use: int | None = None,
 ) -> ResumePoint | None:
@@ -159,5 +164,5 @@ def find_resume(
             )
         return None
     meta = read_meta(load, tag)
-    check_compatible(meta, model_cfg, tokenizer_fingerprint, load, tp, pp, vocab_in_use)
+    check_compatible(meta, model_cfg, tokenizer_fingerprint, load, vocab_in_use)
     return ResumePoint(load, tag, meta, finetune)

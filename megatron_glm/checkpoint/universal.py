@@ -1,11 +1,13 @@
-"""Resume a universal checkpoint (``glm-convert to-universal``) on any TP x PP x DP layout and ZeRO stage.
+"""Resume the whole training state on another TP x PP x DP layout, ZeRO stage or vocabulary padding.
 
-A universal checkpoint holds each parameter's whole fp32 master weight, Adam moments and step
-in DeepSpeed's universal layout (``zero/{name}/fp32.pt`` ...), under the single-model names.
-Each rank reads only its own parameters and slices its TP shard: the weights go into the model
-before the engine is built, then the exact fp32 masters, the moments and the step go into
-whatever optimizer DeepSpeed built (any ZeRO stage) through its tensor-fragment API, and the
-lr schedule and step counters into the engine.
+The source is a glm-pretrain checkpoint saved on any layout (read from its partitions,
+``partitions.py``), or a universal one (``glm-convert to-universal``): each parameter's whole
+fp32 master weight, Adam moments and step in DeepSpeed's universal layout
+(``zero/{name}/fp32.pt`` ...), under the single-model names. Either way each rank reads only its
+own parameters, one at a time, and slices its TP shard: the weights go into the model before the
+engine is built, then the exact fp32 masters, the moments and the step go into whatever optimizer
+DeepSpeed built (any ZeRO stage) through its tensor-fragment API, and the lr schedule and step
+counters into the engine.
 """
 
 from __future__ import annotations
@@ -16,13 +18,13 @@ import torch
 
 from megatron_glm import serialization
 from megatron_glm.checkpoint.format import CheckpointError
+from megatron_glm.checkpoint.partitions import STATES, SavedTrainingState
 from megatron_glm.checkpoint.rng import restore_rng
 from megatron_glm.model.parallelize import partition_of
 from megatron_glm.parallel import state as parallel_state
 from megatron_glm.parallel.tensor_parallel import shard_tensor
 
 PARAM = "param"  # the tensor's key in a universal parameter file (DeepSpeed's)
-STATES = ("fp32", "exp_avg", "exp_avg_sq")
 MOMENTS = STATES[1:]
 EMBEDDING = "word_embeddings.weight"  # its rows: the padded vocabulary, which follows TP
 
@@ -62,8 +64,22 @@ def _repad(whole: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([whole, whole.new_zeros(rows - whole.shape[0], *whole.shape[1:])])
 
 
-class UniversalReader:
-    """This rank's shards of a universal checkpoint's tensors.
+class UniversalFiles:
+    """A universal checkpoint's tensors; the training state beside them is in its meta.json already."""
+
+    def __init__(self, folder: str, trust: bool = False):
+        self.folder, self.trust = folder, trust
+
+    def whole(self, name: str, state: str) -> torch.Tensor:
+        return read_state(self.folder, name, state, self.trust)
+
+    def training_meta(self) -> dict:
+        return {}
+
+
+class StateReader:
+    """This rank's shards of a checkpoint's fp32 masters and Adam moments, from ``source`` (``UniversalFiles``
+    or ``SavedTrainingState``: ``whole(name, state)`` and ``training_meta()``).
 
     ``vocab_rows``: this layout's padded vocabulary. The word embeddings (weights and moments) of a
     checkpoint padded otherwise get their padding rows dropped, or zero rows added (the resume
@@ -72,31 +88,26 @@ class UniversalReader:
 
     def __init__(
         self,
-        folder: str,
+        source,
         tp_rank: int,
         tp: int,
         geglu: bool,
         trust: bool = False,
         vocab_rows: int | None = None,
     ):
-        self.folder, self.tp_rank, self.tp, self.geglu, self.trust = (
-            folder,
-            tp_rank,
-            tp,
-            geglu,
-            trust,
-        )
+        self.source, self.folder = source, source.folder
+        self.tp_rank, self.tp, self.geglu, self.trust = tp_rank, tp, geglu, trust
         self.vocab_rows = vocab_rows
 
     def shard(self, full_name: str, state: str, shape) -> torch.Tensor:
-        whole = read_state(self.folder, full_name, state, self.trust)
+        whole = self.source.whole(full_name, state)
         if full_name == EMBEDDING and self.vocab_rows and whole.shape[0] != self.vocab_rows:
             whole = _repad(whole, self.vocab_rows)
         spec = partition_of(full_name, self.geglu) if self.tp > 1 else None
         value = shard_tensor(whole, *spec, self.tp_rank, self.tp) if spec else whole
         if tuple(value.shape) != tuple(shape):
             raise CheckpointError(
-                f"{param_file(self.folder, full_name, state)}: {tuple(whole.shape)} does not give "
+                f"{self.folder} ({full_name}, {state}): {tuple(whole.shape)} does not give "
                 f"this rank's {tuple(shape)} for TP {self.tp}: the checkpoint holds another model"
             )
         return value
@@ -108,12 +119,14 @@ class UniversalReader:
         }, self.folder
 
 
-def restore_optimizer(engine, chunks, reader: UniversalReader, meta: dict) -> None:
-    """fp32 masters, Adam moments and step, the lr schedule and counters of ``meta`` into ``engine``.
+def restore_optimizer(engine, chunks, reader: StateReader, meta: dict) -> None:
+    """fp32 masters, Adam moments and step, the lr schedule and counters of ``reader``'s checkpoint
+    (``meta``: its meta.json) into ``engine``.
 
     Adam's state is created lazily at the first step, so it is built here, in the layout each of
     DeepSpeed's optimizers keeps (as DeepSpeed's own universal loader does for its names).
     """
+    meta = {**meta, **reader.source.training_meta()}
     opt, step = engine.optimizer, torch.tensor(float(meta["adam_step"]))
     names = {id(p): full for _, p, full in local_parameters(chunks)}
 
@@ -183,9 +196,17 @@ def restore_optimizer(engine, chunks, reader: UniversalReader, meta: dict) -> No
 
 def reader_for(
     resume, layout, geglu: bool, trust: bool = False, vocab_rows: int | None = None
-) -> UniversalReader:
-    return UniversalReader(
-        os.path.join(resume.load_dir, resume.tag),
+) -> StateReader:
+    """This rank's reader of ``resume``'s training state: a universal checkpoint's files, or the
+    partitions of one saved on another layout."""
+    folder = os.path.join(resume.load_dir, resume.tag)
+    source = (
+        UniversalFiles(folder, trust)
+        if resume.universal
+        else SavedTrainingState(folder, resume.meta, trust)
+    )
+    return StateReader(
+        source,
         layout.tp_rank,
         layout.tp,
         geglu,
@@ -195,7 +216,7 @@ def reader_for(
 
 
 def load(
-    engine, chunks, reader: UniversalReader, resume, optimizer: bool = True, rng: bool = True
+    engine, chunks, reader: StateReader, resume, optimizer: bool = True, rng: bool = True
 ) -> None:
     """The training state after the weights: optimizer and schedule unless ``optimizer`` is False
     (``--no-load-optim``), and RNG when the layout is the one it was saved on (otherwise the

@@ -131,8 +131,8 @@ def build_model(
             return ckpt.read_weights_only(
                 resume.load_dir, resume.tag, layout.pp_rank, layout.tp_rank, layout.tp, trust
             )
-    # this rank's parameters' files, sliced to its TP shard
-    elif resume is not None and resume.universal:
+    # this rank's parameters, one at a time, sliced to its TP shard
+    elif resume is not None and resume.reshard:
         weights = universal.reader_for(
             resume, layout, model_cfg.geglu, trust, model_cfg.vocab_size
         ).weights
@@ -280,8 +280,6 @@ class Trainer:
             job.checkpoint.save,
             self.model_cfg,
             self.tokenizer.fingerprint(),
-            self.tp,
-            self.pp,
             job.checkpoint.finetune,
             self.tokenizer.vocab_size,
         )
@@ -297,6 +295,8 @@ class Trainer:
             job.training.micro_batch_size * state.get_data_parallel_world_size()
         )
         self.train_batches, self.valid_batches = self.build_batches()
+        if self.resume:
+            self.resume.plan(self._checkpoint_meta())
 
         seed_everything(job.training.seed)
         kernels.set_backend(job.settings.implementation.kernels)
@@ -380,9 +380,6 @@ class Trainer:
     def _restore(self) -> tuple[int, int]:
         """(iteration, consumed samples) of the resume point, its state restored into the engine."""
         job, resume = self.job, self.resume
-        ckpt.check_data_parallel(
-            resume, state.get_data_parallel_world_size(), self.engine.zero_optimization_stage()
-        )
         trust = job.checkpoint.trust_checkpoint
         reader = (
             universal.reader_for(
@@ -392,7 +389,7 @@ class Trainer:
                 trust,
                 self.model_cfg.vocab_size,
             )
-            if resume.universal
+            if resume.reshard
             else None
         )
         position = ckpt.Checkpointer.load(
@@ -428,7 +425,7 @@ class Trainer:
         if resume and not resume.finetune:
             if resume.weights_only:
                 notes.append("converted weights")
-            if resume.universal:
+            if resume.reshard:
                 meta = resume.meta
                 saved = (
                     meta.get("tensor_model_parallel_size", 1),
@@ -436,8 +433,9 @@ class Trainer:
                 )
                 stage = ckpt.settings_of(meta).parallel.zero_stage
                 notes.append(
-                    f"universal checkpoint of a TP {saved[0]} x PP {saved[1]} x DP "
-                    f"{meta.get('data_parallel_size', '?')} ZeRO-{stage} run"
+                    f"{'universal checkpoint' if resume.universal else 'resharded'} of a TP {saved[0]} "
+                    f"x PP {saved[1]} x DP {meta.get('data_parallel_size', '?')} ZeRO-{stage} run"
+                    + (f": {', '.join(resume.changes)}" if resume.changes else "")
                 )
                 if saved != (self.tp, self.pp) and job.checkpoint.load_rng:
                     notes.append(f"random state from --seed {job.training.seed} (another TP x PP)")
