@@ -174,3 +174,37 @@ def thudm_checkpoint(folder, model, mp: int):
             },
             it / f"mp_rank_{r:02d}_model_states.pt",
         )
+
+
+def deepspeed_consolidation(path: str, tag: str, meta: dict) -> dict[str, dict]:
+    """``{"fp32" | "exp_avg" | "exp_avg_sq": whole state dict}`` of a glm-pretrain checkpoint, as DeepSpeed's own
+    ``zero_to_fp32`` consolidates its partitions (the whole model in memory), merged over TP x PP: the reference
+    the streaming reader (``checkpoint/partitions.py``) is held to.
+
+    Without ZeRO the weights are the fp32 masters and the moments sit in each rank's model file, in the order
+    the optimizer was given its parameters (decayed ones first).
+    """
+    import os
+
+    from megatron_glm import checkpoint as ckpt
+    from megatron_glm import serialization
+    from megatron_glm.convert.readers import _consolidate_zero
+
+    states = ("fp32", "exp_avg", "exp_avg_sq")
+    if ckpt.settings_of(meta).parallel.zero_stage:
+        return {state: _consolidate_zero(path, tag, meta, False, state) for state in states}
+    folder, tp = os.path.join(path, tag), meta.get("tensor_model_parallel_size", 1)
+
+    def read(p, t, state):
+        saved = serialization.load(ckpt.model_file(folder, p, t, tp))
+        module, optimizer = saved["module"], saved["optimizer"]
+        names = [n for n in module if ckpt.decays(n)] + [n for n in module if not ckpt.decays(n)]
+        ids = [i for group in optimizer["param_groups"] for i in group["params"]]
+        if state == "fp32":
+            return {k: v.float() for k, v in module.items()}
+        return {n: optimizer["state"][i][state].float() for n, i in zip(names, ids)}
+
+    return {
+        state: ckpt.merge_model_shards(lambda p, t, state=state: read(p, t, state), meta)
+        for state in states
+    }

@@ -9,7 +9,7 @@ import os
 import pytest
 
 from megatron_glm.data_prep.preprocess import preprocess
-from tests.helpers import launch_pretrain, records, write_jsonl
+from tests.helpers import deepspeed_consolidation, launch_pretrain, records, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -522,14 +522,13 @@ def _state_after_resume(rank, world, argv_):
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     from megatron_glm.checkpoint import universal
-    from megatron_glm.convert import readers
     from megatron_glm.training.arguments import build_parser
     from megatron_glm.training.config import from_args
     from megatron_glm.training.trainer import Trainer
 
     trainer = Trainer(from_args(build_parser().parse_args(argv_), world_size=world))
     resume = trainer.resume
-    files = readers.optimizer_states(resume.load_dir, resume.tag, resume.meta)
+    files = deepspeed_consolidation(resume.load_dir, resume.tag, resume.meta)
     worst, steps = {}, set()
     for _, p, full in universal.local_parameters(trainer.chunks):
         for state in universal.STATES:
@@ -651,7 +650,6 @@ def test_tp2_to_tp1_changes_the_vocabulary_padding_with_no_flag(tmp_path_factory
     import torch
 
     from megatron_glm import checkpoint as ckpt
-    from megatron_glm.convert import readers
     from tests.helpers import spawn
 
     pad = ["--make-vocab-size-divisible-by", "140"]
@@ -662,7 +660,7 @@ def test_tp2_to_tp1_changes_the_vocabulary_padding_with_no_flag(tmp_path_factory
     got = spawn(_embedding_after_resume, 2, tmp_path / "ranks", argv(data, out, iters=8, extra=tp1))
     tokenizer_rows = 1500
     folder, tag = os.path.split(original)
-    files = readers.optimizer_states(folder, tag, ckpt.read_meta(folder, tag))
+    files = deepspeed_consolidation(folder, tag, ckpt.read_meta(folder, tag))
     for state in ("fp32", "exp_avg", "exp_avg_sq"):
         saved = files[state]["word_embeddings.weight"]
         assert saved.shape[0] == 1680 and all(g[state].shape[0] == 1540 for g in got)
@@ -673,3 +671,63 @@ def test_tp2_to_tp1_changes_the_vocabulary_padding_with_no_flag(tmp_path_factory
     assert result.returncode == 0, result.stderr[-5000:]
     assert "its 140 last padding rows are dropped" in result.stderr + result.stdout
     assert [r["iteration"] for r in records(out)] == [5, 6, 7, 8]
+
+
+@pytest.mark.slow
+def test_to_universal_streams_in_parallel_and_equals_deepspeeds_consolidation(tmp_path, tp2pp2):
+    """glm-convert to-universal --workers 2, one parameter at a time: every file is DeepSpeed's own
+    consolidation of that state, bitwise, and meta.json carries the step, schedule and counters."""
+    import json
+
+    import torch
+
+    from megatron_glm import checkpoint as ckpt
+    from megatron_glm.checkpoint.universal import read_state
+
+    _, original = tp2pp2
+    out = str(tmp_path / "universal")
+    assert convert_main(["to-universal", "--load", original, "--save", out, "--workers", "2"]) == 0
+    folder, tag = os.path.split(original)
+    files = deepspeed_consolidation(folder, tag, ckpt.read_meta(folder, tag))
+    written = os.path.join(out, tag)
+    assert sorted(os.listdir(os.path.join(written, "zero"))) == sorted(files["fp32"])
+    for state, tensors in files.items():
+        for name, value in tensors.items():
+            assert torch.equal(read_state(written, name, state), value), (name, state)
+    with open(os.path.join(written, "meta.json")) as f:
+        meta = json.load(f)
+    assert meta["universal"] and meta["adam_step"] == 4 and meta["global_steps"] == 4
+    assert read_state(written, "word_embeddings.weight", "step") == 4
+
+
+SOURCES = {
+    "bf16 ZeRO-1 DP2 (DeepSpeed's bf16 optimizer)": (2, ["--bf16", "--zero-stage", "1"]),
+    "interleaved PP2": (
+        2,
+        ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(SOURCES))
+@pytest.mark.slow
+def test_the_partition_reader_equals_deepspeeds_consolidation(tmp_path, data, name):
+    """The streaming reader's fp32 masters and moments of other sources, against DeepSpeed's consolidation."""
+    import torch
+
+    from megatron_glm import checkpoint as ckpt
+    from megatron_glm.checkpoint.partitions import SavedTrainingState
+
+    nproc, extra = SOURCES[name]
+    out = str(tmp_path / "run")
+    result = launch_pretrain(nproc, argv(data, out, iters=2, extra=extra + ["--save", out]))
+    assert result.returncode == 0, result.stderr[-5000:]
+    tag = "iter_0000002"
+    meta = ckpt.read_meta(out, tag)
+    files = deepspeed_consolidation(out, tag, meta)
+    source = SavedTrainingState(os.path.join(out, tag), meta)
+    assert source.names() == sorted(files["fp32"])
+    for state, tensors in files.items():
+        for param, value in tensors.items():
+            assert torch.equal(source.whole(param, state), value), (param, state)
+    assert source.training_meta()["adam_step"] == 2

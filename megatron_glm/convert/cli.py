@@ -119,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the checkpoint to convert (default: the latest)",
     )
+    sp.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes that write parameters in parallel (each holds a few parameters at a time)",
+    )
     return p
 
 
@@ -133,6 +139,8 @@ def convert(args) -> list[tuple[str, int]]:
             raise ConversionError(
                 "to-universal keeps the fp32 training state as it is: drop --dtype"
             )
+        if args.workers < 1:
+            raise ConversionError(f"--workers {args.workers}: give 1 or more processes")
         return write_universal(
             args.load,
             args.save,
@@ -140,6 +148,7 @@ def convert(args) -> list[tuple[str, int]]:
             args.dry_run,
             args.overwrite,
             args.iteration,
+            args.workers,
         )
     if args.command == "import-thudm":
         state, cfg, info = readers.read_thudm(

@@ -4,20 +4,21 @@
 each parameter's whole fp32 master weight, Adam moments and step (``{"param": tensor}``, as
 DeepSpeed's ``ds_to_universal`` writes them), under the single-model names; ``meta.json``
 (``"universal": true``) carries the iteration, consumed samples, lr schedule and loss scale.
-Nothing in it depends on the TP x PP x DP layout or the ZeRO stage it came from: glm-pretrain
-resumes it on any layout, each rank reading only its own parameters and slicing its TP shard.
-DeepSpeed's own universal loader cannot be used for that: it finds parameters by the
-engine's names, which here are a pipeline stage's local ones (``transformer.layers.0`` on
-every stage).
+Nothing in it depends on the TP x PP x DP layout or the ZeRO stage it came from. DeepSpeed's own
+universal loader cannot read it back: it finds parameters by the engine's names, which here are
+a pipeline stage's local ones (``transformer.layers.0`` on every stage); glm-pretrain can.
 
-The conversion reads the whole model three times over (weights and two moments) into host
-memory, once; it runs offline, on one process.
+The conversion streams: each parameter is assembled from the source's partitions
+(``checkpoint/partitions.py``), written and dropped before the next, so memory holds a few
+parameters whatever the model's size; ``workers`` processes share the parameters.
 """
 
 from __future__ import annotations
 
 import glob
 import json
+import math
+import multiprocessing
 import os
 import shutil
 
@@ -26,43 +27,38 @@ from tqdm import tqdm
 
 from megatron_glm import checkpoint as ckpt
 from megatron_glm import serialization
-from megatron_glm.checkpoint.universal import PARAM, STATES, param_file
+from megatron_glm.checkpoint.partitions import STATES, SavedTrainingState
+from megatron_glm.checkpoint.universal import PARAM, param_file
 from megatron_glm.config import ModelConfig
-from megatron_glm.convert import readers
-from megatron_glm.convert.layout import ConversionError, check_state
-from megatron_glm.convert.writers import _commit, _nbytes, _stage
+from megatron_glm.convert.layout import ConversionError, expected_shapes
+from megatron_glm.convert.writers import _commit, _stage
 
 
-def _engine_state(folder: str, trust: bool) -> dict:
-    """The lr schedule and step counters DeepSpeed keeps in rank 0's model file."""
-    files = sorted(glob.glob(os.path.join(folder, "*mp_rank_00_model_states.pt")))
-    if not files:
-        raise ConversionError(
-            f"{folder} has no mp_rank_00_model_states.pt: the checkpoint is incomplete"
-        )
-    model = serialization.load(files[0], trust=trust)
-    sched = model.get("lr_scheduler")
-    if not isinstance(sched, dict):
-        raise ConversionError(
-            f"{files[0]} holds no lr schedule: a converted (weights-only) checkpoint has no "
-            "optimizer state to carry; use `glm-convert reshard`"
-        )
-    return {
-        "lr_scheduler": {k: v for k, v in sched.items() if k != "lr_lambdas"},
-        "global_steps": model.get("global_steps"),
-        "global_samples": model.get("global_samples"),
-        "skipped_steps": model.get("skipped_steps", 0),
-    }
+def _write_parameter(source: SavedTrainingState, dest: str, name: str, shape, step: int) -> None:
+    os.makedirs(os.path.dirname(param_file(dest, name, "fp32")))
+    for state in STATES:
+        value = source.whole(name, state)
+        if tuple(value.shape) != tuple(shape):
+            raise ConversionError(
+                f"{source}: {name} ({state}) has shape {tuple(value.shape)}, the model's is "
+                f"{tuple(shape)}: the checkpoint does not match its meta.json"
+            )
+        serialization.check_finite([(f"{name} ({state})", value)], str(source))
+        torch.save({PARAM: value.contiguous()}, param_file(dest, name, state))
+    torch.save(step, param_file(dest, name, "step"))
 
 
-def _loss_scale(folder: str, trust: bool) -> float | None:
-    files = sorted(glob.glob(os.path.join(folder, "*zero_pp_rank_0_mp_rank_00_optim_states.pt")))
-    if not files:
-        return None
-    scaler = (
-        serialization.load(files[0], trust=trust).get("optimizer_state_dict", {}).get("loss_scaler")
-    )
-    return float(scaler.cur_scale) if scaler is not None and hasattr(scaler, "cur_scale") else None
+_worker: dict = {}
+
+
+def _open_source(folder: str, meta: dict, trust: bool) -> None:
+    _worker["source"] = SavedTrainingState(folder, meta, trust)
+
+
+def _write_in_worker(job) -> str:
+    dest, name, shape, step = job
+    _write_parameter(_worker["source"], dest, name, shape, step)
+    return name
 
 
 def write_universal(
@@ -72,6 +68,7 @@ def write_universal(
     dry_run: bool = False,
     overwrite: bool = False,
     iteration: int | None = None,
+    workers: int = 1,
 ) -> list[tuple[str, int]]:
     """Convert ``load``'s checkpoint of ``iteration`` (the latest complete one by default); returns the plan."""
     try:
@@ -96,40 +93,55 @@ def write_universal(
             f"{load}/{tag} is already universal: glm-pretrain resumes it on any layout"
         )
     folder = os.path.join(load, tag)
-    cfg = ModelConfig.from_dict(meta["model"])
-    engine = _engine_state(folder, trust)
-    states = readers.optimizer_states(load, tag, meta, trust)
-    for state, tensors in states.items():
-        check_state(tensors, cfg, f"{folder} ({state})")
-    step = readers.adam_steps(load, tag, meta, trust)
-    names = sorted(states["fp32"])
+    want = expected_shapes(ModelConfig.from_dict(meta["model"]))
+    try:
+        source = SavedTrainingState(folder, meta, trust)
+        training = source.training_meta()
+    except ckpt.CheckpointError as e:
+        raise ConversionError(str(e)) from None
+    missing, unexpected = (
+        sorted(set(want) - set(source.names())),
+        sorted(set(source.names()) - set(want)),
+    )
+    if missing or unexpected:
+        raise ConversionError(
+            f"{folder} does not hold the model its meta.json describes: missing {missing[:8]}, "
+            f"unexpected {unexpected[:8]}"
+        )
+    names = sorted(want)
     plan = [
-        (param_file(tag, name, state), _nbytes([states[state][name]]) if state != "step" else 0)
+        (param_file(tag, name, state), 4 * math.prod(want[name]) if state != "step" else 0)
         for name in names
         for state in (*STATES, "step")
     ] + [(os.path.join(tag, ckpt.META), 0), (ckpt.LATEST, 0)]
     if dry_run:
         return plan
     partial = _stage(out, overwrite)
-    for name in tqdm(names, desc="writing parameters", unit="param", disable=len(names) < 64):
-        os.makedirs(os.path.dirname(param_file(os.path.join(partial, tag), name, "fp32")))
-        for state in STATES:
-            torch.save(
-                {PARAM: states[state][name].contiguous()},
-                param_file(os.path.join(partial, tag), name, state),
-            )
-        torch.save(step, param_file(os.path.join(partial, tag), name, "step"))
+    dest, step = os.path.join(partial, tag), training["adam_step"]
+    progress = tqdm(
+        total=len(names), desc="writing parameters", unit="param", disable=len(names) < 64
+    )
+    try:
+        if workers > 1:
+            jobs = [(dest, name, want[name], step) for name in names]
+            # spawned: a forked copy of a process that has run torch's thread pools can hang
+            context = multiprocessing.get_context("spawn")
+            with context.Pool(workers, _open_source, (folder, meta, trust)) as pool:
+                for _ in pool.imap_unordered(_write_in_worker, jobs):
+                    progress.update()
+        else:
+            for name in names:
+                _write_parameter(source, dest, name, want[name], step)
+                progress.update()
+    except (ckpt.CheckpointError, ValueError):
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    finally:
+        progress.close()
     # meaningful again on the same TP x PP
     for rng in glob.glob(os.path.join(folder, "rng_state_*.pt")):
         shutil.copy2(rng, os.path.join(partial, tag))
-    universal = {
-        **meta,
-        **engine,
-        "universal": True,
-        "adam_step": step,
-        "loss_scale": _loss_scale(folder, trust),
-        "converted_from": os.path.abspath(folder),
-    }
+    universal = {**meta, **training, "universal": True, "converted_from": os.path.abspath(folder)}
     with open(os.path.join(partial, tag, ckpt.META), "w") as f:
         json.dump(universal, f, indent=1)
     with open(os.path.join(partial, ckpt.LATEST), "w") as f:
