@@ -25,16 +25,12 @@ import tempfile
 BEFORE = "a0cde20"  # the last revision whose to-universal held the whole state
 
 WRAPPER = """
-import json, os, resource, runpy, sys
+import importlib, json, os, resource, sys
 out, module = sys.argv[1], sys.argv[2]
-sys.argv = [module, *sys.argv[3:]]
-try:
-    runpy.run_module(module, run_name="__main__")
-    code = 0
-except SystemExit as e:
-    code = e.code or 0
+code = importlib.import_module(module).main(sys.argv[3:])
 with open(os.path.join(out, f"rank{os.environ.get('RANK', '0')}.json"), "w") as f:
     json.dump({"code": code, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}, f)
+os._exit(0)  # past gloo's teardown, as glm-pretrain's own command does
 """
 
 OLD_CONVERSION = """
@@ -77,6 +73,8 @@ def pretrain_args(data: str, work: str, args, layers: int) -> list[str]:
         "100,0,0",
         "--zero-stage",
         "1",
+        "--lr-decay-iters",
+        "2",
         "--data-cache-path",
         os.path.join(work, "cache"),
     ]
@@ -90,10 +88,18 @@ def measured(folder: str, nproc: int, module: str, argv: list[str]) -> int:
         f.write(WRAPPER)
     cmd = [sys.executable, wrapper, folder, module, *argv]
     if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), *cmd[1:]]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            *cmd[1:],
+        ]
     done = subprocess.run(cmd, capture_output=True, text=True)
-    ranks = [json.load(open(os.path.join(folder, f"rank{r}.json"))) for r in range(nproc)]
-    if done.returncode or any(r["code"] for r in ranks):
+    files = [os.path.join(folder, f"rank{r}.json") for r in range(nproc)]
+    ranks = [json.load(open(f)) for f in files if os.path.exists(f)]
+    if done.returncode or len(ranks) < nproc or any(r["code"] for r in ranks):
         raise SystemExit(f"{module} {' '.join(argv[-6:])} failed:\n{done.stderr[-3000:]}")
     return max(r["peak_rss"] for r in ranks)
 
@@ -151,20 +157,29 @@ def main(argv=None) -> int:
             if old.returncode:
                 raise SystemExit(f"the {BEFORE} conversion failed:\n{old.stderr[-3000:]}")
             before = json.loads(old.stdout.strip().splitlines()[-1])["peak_rss"]
-            params = 12 * args.hidden_size**2 * layers
-            conversions.append((layers, params, before, streamed))
+            state = sum(
+                os.path.getsize(os.path.join(root, f))
+                for root, _, files in os.walk(os.path.join(work, f"u{layers}"))
+                for f in files
+                if f in ("fp32.pt", "exp_avg.pt", "exp_avg_sq.pt")
+            )
+            conversions.append((layers, state, before, streamed))
     mib = 2**20
     print(f"hidden {args.hidden_size}, fp32, ZeRO-1; saved on TP 2, resumed on TP 1 x DP 2")
     print("| layers | fresh start (baseline) | resume from TP 2 | ratio |")
     print("|---|---|---|---|")
     for layers, fresh, resumed in rows:
-        print(f"| {layers} | {fresh / mib:,.0f} MiB | {resumed / mib:,.0f} MiB | {resumed / fresh:.2f}x |")
-    print()
-    print("| layers | fp32 state (weights + 2 moments) | to-universal before (baseline) | streaming | ratio |")
-    print("|---|---|---|---|---|")
-    for layers, params, before, streamed in conversions:
         print(
-            f"| {layers} | {12 * params / mib:,.0f} MiB | {before / mib:,.0f} MiB | "
+            f"| {layers} | {fresh / mib:,.0f} MiB | {resumed / mib:,.0f} MiB | {resumed / fresh:.2f}x |"
+        )
+    print()
+    print(
+        "| layers | fp32 state (weights + 2 moments) | to-universal before (baseline) | streaming | ratio |"
+    )
+    print("|---|---|---|---|---|")
+    for layers, state, before, streamed in conversions:
+        print(
+            f"| {layers} | {state / mib:,.0f} MiB | {before / mib:,.0f} MiB | "
             f"{streamed / mib:,.0f} MiB | {streamed / before:.2f}x |"
         )
     return 0

@@ -63,6 +63,11 @@ class _Mapped:
 
     def __init__(self, path: str, trust: bool):
         self.path = path
+        if not os.path.exists(path):
+            raise CheckpointError(
+                f"{path} is missing: the checkpoint is incomplete (copy it whole, or resume an "
+                "earlier iteration)"
+            )
         self.value = serialization.load(path, trust=trust, mmap=True)
         if not isinstance(self.value, dict):
             raise CheckpointError(f"{path} is not a DeepSpeed checkpoint file")
