@@ -39,7 +39,7 @@ format: install
 
 # two pytest-xdist workers, a test file each: most tests wait on the processes they start
 test: install
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=30
 
 # The quick lane while developing: the suite without the tests marked slow (multi-process training, launchers,
 # kernels in the interpreter). make test stays the whole suite.
