@@ -133,7 +133,7 @@ def write_universal(
             for name in names:
                 _write_parameter(source, dest, name, want[name], step)
                 progress.update()
-    except (ckpt.CheckpointError, ValueError):
+    except ValueError:  # ours and the checkpoint's (CheckpointError): the staged output goes
         shutil.rmtree(partial, ignore_errors=True)
         raise
     finally:
