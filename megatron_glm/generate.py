@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from megatron_glm.checkpoint import load_model_weights
 from megatron_glm.config import ModelConfig
-from megatron_glm.convert.readers import detect_format, read_hf
+from megatron_glm.convert.sources import HuggingFace, detect_format
 from megatron_glm.data.tokenizer import (
     GLMTokenizer,
     TokenizerSpec,
@@ -19,7 +19,6 @@ from megatron_glm.data.tokenizer import (
 )
 from megatron_glm.model.generation import GenerationConfig, fill_blanks, prompt_problem
 from megatron_glm.model.glm import GLMModel
-from megatron_glm.serialization import check_finite
 
 
 def spec_of(recorded: dict | None):
@@ -72,8 +71,8 @@ def load_for_inference(path: str, device: str = "cpu", tokenizer_spec=None, trus
             f"{path} is an original GLM checkpoint: import it first (glm-convert import-thudm)"
         )
     if fmt == "hf":
-        state, cfg, info = read_hf(path)
-        check_finite(state.items(), path)
+        source = HuggingFace(path)
+        state, cfg, info = source.state_dict(), source.cfg, source.info
         meta = {
             "model": cfg.to_dict(),
             "tokenizer": info.get("tokenizer"),

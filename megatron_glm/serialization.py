@@ -118,6 +118,8 @@ def load(path: str, map_location="cpu", trust: bool = False, mmap: bool = False)
     """``torch.load`` that refuses files able to run code, unless ``trust``; ``mmap``: tensors stay in the file
     (memory-mapped) until read, so a reader that needs a few of them holds only those."""
     path = os.fspath(path)
+    # torch maps only its zip format; a file in the legacy one (torch < 1.6) is read whole
+    mmap = mmap and zipfile.is_zipfile(path)
     if trust:
         return torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
     try:

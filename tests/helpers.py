@@ -188,11 +188,10 @@ def deepspeed_consolidation(path: str, tag: str, meta: dict) -> dict[str, dict]:
 
     from megatron_glm import checkpoint as ckpt
     from megatron_glm import serialization
-    from megatron_glm.convert.readers import _consolidate_zero
 
     states = ("fp32", "exp_avg", "exp_avg_sq")
     if ckpt.settings_of(meta).parallel.zero_stage:
-        return {state: _consolidate_zero(path, tag, meta, False, state) for state in states}
+        return {state: zero_consolidation(path, tag, meta, False, state) for state in states}
     folder, tp = os.path.join(path, tag), meta.get("tensor_model_parallel_size", 1)
 
     def read(p, t, state):
@@ -208,3 +207,83 @@ def deepspeed_consolidation(path: str, tag: str, meta: dict) -> dict[str, dict]:
         state: ckpt.merge_model_shards(lambda p, t, state=state: read(p, t, state), meta)
         for state in states
     }
+
+
+def zero_consolidation(
+    path: str, tag: str, meta: dict, trust: bool = False, state: str = "fp32"
+) -> dict:
+    """DeepSpeed's consolidation, once per model-parallel rank (it assumes one), then the TP x PP merge.
+
+    ``state`` "exp_avg" or "exp_avg_sq" consolidates that Adam moment instead of the fp32 weights:
+    the moments are flat partitions laid out exactly as the weights' (one per parameter group),
+    so each optimizer file is staged with its fp32 partitions replaced by the moment's, and
+    DeepSpeed's own unflattening does the rest. DeepSpeed's consolidation unpickles without
+    restriction, so unless ``trust`` it reads copies that were loaded through the allow-list and
+    saved again: only vetted objects reach it.
+    """
+    import os
+    import tempfile
+
+    import torch
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from megatron_glm import checkpoint as ckpt
+    from megatron_glm import serialization
+
+    folder = os.path.join(path, tag)
+    tp = meta.get("tensor_model_parallel_size", 1)
+
+    def read(p, t):
+        mp = f"mp_rank_{p * tp + t:02d}"
+        files = [
+            f
+            for f in os.listdir(folder)
+            if mp in f and f.endswith(("_optim_states.pt", "_model_states.pt"))
+        ]
+        if not any(f.endswith("_optim_states.pt") for f in files):
+            raise ValueError(f"{folder} has no ZeRO optimizer partitions for {mp}")
+        # one model-parallel rank's files under DeepSpeed's names
+        with tempfile.TemporaryDirectory() as tmp:
+            os.makedirs(os.path.join(tmp, tag))
+            for f in files:
+                source, staged = (
+                    os.path.join(folder, f),
+                    os.path.join(tmp, tag, f.replace(mp, "mp_rank_00")),
+                )
+                if state != "fp32" and f.endswith("_optim_states.pt"):
+                    torch.save(
+                        _with_moment(serialization.load(source, trust=trust), state, source), staged
+                    )
+                elif trust:
+                    os.symlink(source, staged)
+                else:
+                    torch.save(serialization.load(source), staged)
+            merged = get_fp32_state_dict_from_zero_checkpoint(tmp, tag)
+        return {k: v.float() for k, v in merged.items()}
+
+    return ckpt.merge_model_shards(read, meta)
+
+
+def _zero_partitions(optim: dict, source: str) -> tuple[str, dict]:
+    """(key of the fp32 flat partitions, the base optimizer's state dict) in a ZeRO optimizer file."""
+    osd = optim.get("optimizer_state_dict") if isinstance(optim, dict) else None
+    # ZeRO-1/2 (and DeepSpeed's bf16)
+    if isinstance(osd, dict) and "single_partition_of_fp32_groups" in osd:
+        return "single_partition_of_fp32_groups", osd["base_optimizer_state"]
+    if isinstance(osd, dict) and "fp32_flat_groups" in osd:  # ZeRO-3
+        return "fp32_flat_groups", osd["optimizer_state_dict"]
+    raise ValueError(f"{source}: not a DeepSpeed ZeRO optimizer file (no fp32 flat partitions)")
+
+
+def _with_moment(optim: dict, state: str, source: str) -> dict:
+    key, base = _zero_partitions(optim, source)
+    groups = optim["optimizer_state_dict"][key]
+    try:
+        moments = [base["state"][i][state] for i in range(len(groups))]
+    except (KeyError, IndexError):
+        raise ValueError(
+            f"{source} holds no Adam {state} for every parameter group: not an Adam optimizer's "
+            "state, or saved before the first step"
+        ) from None
+    optim["optimizer_state_dict"][key] = [m.float() for m in moments]
+    return optim

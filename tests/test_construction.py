@@ -118,6 +118,7 @@ def test_tp2_pp2_ranks_initialise_only_their_shard_bitwise(tmp_path):
 @pytest.mark.slow
 def test_tp2_pp2_ranks_read_only_their_converted_shard(tmp_path):
     from megatron_glm.config import ModelConfig
+    from megatron_glm.convert.sources import StateDict
     from megatron_glm.convert.writers import write_megatron_glm
     from megatron_glm.model.glm import GLMModel
 
@@ -125,7 +126,7 @@ def test_tp2_pp2_ranks_read_only_their_converted_shard(tmp_path):
     converted = GLMModel(
         cfg, seed=SEED + 1
     ).state_dict()  # not what SEED initialises: the file's values must win
-    write_megatron_glm(str(tmp_path / "converted"), converted, cfg, {}, tp=2, pp=2)
+    write_megatron_glm(str(tmp_path / "converted"), StateDict(converted, cfg), tp=2, pp=2)
     del converted
     check(
         spawn(construction_worker, 4, tmp_path / "out", str(tmp_path / "converted"), SEED + 1),

@@ -16,6 +16,7 @@ import torch
 from megatron_glm.checkpoint import load_model_weights
 from megatron_glm.config import ModelConfig
 from megatron_glm.convert.cli import main as convert
+from megatron_glm.convert.sources import StateDict
 from megatron_glm.convert.writers import write_megatron_glm
 from megatron_glm.data.blank_infilling import (
     BlankInfillingCollator,
@@ -55,7 +56,8 @@ def checkpoint(root, tokenizer, **arch):
     model = GLMModel(cfg, seed=11).eval()
     path = str(root / "ckpt")
     write_megatron_glm(
-        path, model.state_dict(), cfg, {"tokenizer": tokenizer.describe(), "iteration": 5}
+        path,
+        StateDict(model.state_dict(), cfg, {"tokenizer": tokenizer.describe(), "iteration": 5}),
     )
     return path, model
 
@@ -193,9 +195,7 @@ def test_other_tokenizer_backends_are_ours_too(tmp_path, corpus, backend):
     )
     write_hf(
         str(tmp_path / "hf"),
-        GLMModel(cfg, seed=0).state_dict(),
-        cfg,
-        {"tokenizer": ours.describe()},
+        StateDict(GLMModel(cfg, seed=0).state_dict(), cfg, {"tokenizer": ours.describe()}),
     )
     theirs = load_hf_tokenizer(tmp_path / "hf")
     for text in texts:
@@ -298,7 +298,8 @@ def test_load_run_and_generate_warn_of_nothing(learned, transformers_logs):
 
 def test_export_import_round_trip_is_bitwise_through_shards(tmp_path, learned, tokenizer):
     ckpt, model, _ = learned
-    hf = export(tmp_path, ckpt, "--max-shard-size", "100KB")
+    # written tensor by tensor, a shard per worker process
+    hf = export(tmp_path, ckpt, "--max-shard-size", "100KB", "--workers", "2")
     index = json.load(open(os.path.join(hf, "model.safetensors.index.json")))
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 2 and all(os.path.exists(os.path.join(hf, s)) for s in shards)
@@ -310,7 +311,10 @@ def test_export_import_round_trip_is_bitwise_through_shards(tmp_path, learned, t
     assert all(torch.equal(theirs.state_dict()[n], p) for n, p in model.state_dict().items())
 
     back = str(tmp_path / "back")
-    assert convert(["import-hf", "--load", hf, "--save", back, "--target-tp", "2"]) == 0
+    assert (
+        convert(["import-hf", "--load", hf, "--save", back, "--target-tp", "2", "--workers", "2"])
+        == 0
+    )
     state, meta = load_model_weights(back)
     assert state.keys() == model.state_dict().keys()
     assert all(torch.equal(state[n], p) for n, p in model.state_dict().items())
@@ -413,7 +417,9 @@ def test_non_finite_weights_are_refused_by_every_reader(tmp_path, learned, token
     state = model.state_dict()
     state["word_embeddings.weight"][3, 5] = float("inf")
     ckpt = str(tmp_path / "ckpt")
-    write_megatron_glm(ckpt, state, model.cfg, {"tokenizer": tokenizer.describe(), "iteration": 5})
+    write_megatron_glm(
+        ckpt, StateDict(state, model.cfg, {"tokenizer": tokenizer.describe(), "iteration": 5})
+    )
     assert generate(["--load", ckpt, "--text", "a [MASK] b"]) == 1
     assert "1 tensor holds NaN or Inf (word_embeddings.weight)" in capsys.readouterr().err
     assert convert(["export-hf", "--load", ckpt, "--save", str(tmp_path / "y")]) == 1

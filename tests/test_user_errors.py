@@ -339,10 +339,10 @@ def test_a_mistyped_load_stops_glm_pretrain_and_an_iteration_folder_is_that_iter
     # --split 100,0,0 (these tests' split) with validation due: said once, not skipped silently
     assert result.stdout.count("--split 100,0,0 leaves no validation data") == 1
     assert [r["iteration"] for r in records(new)] == [2, 3]
-    from megatron_glm.convert.readers import detect_format, read_megatron_glm
+    from megatron_glm.convert.sources import MegatronGLM, detect_format
 
     assert detect_format(os.path.join(save, "iter_0000001")) == "megatron-glm"
-    assert read_megatron_glm(os.path.join(save, "iter_0000001"))[2]["iteration"] == 1
+    assert MegatronGLM(os.path.join(save, "iter_0000001")).info["iteration"] == 1
     assert tree_md5(save) == before
 
 

@@ -18,77 +18,20 @@ resuming on another layout (``glm-pretrain --load``) and ``glm-convert to-univer
 
 from __future__ import annotations
 
-import ctypes
 import glob
 import math
-import mmap
 import os
-import sys
 
 import torch
 
-from megatron_glm import serialization
 from megatron_glm.checkpoint.format import CheckpointError, decays, model_file, settings_of
+from megatron_glm.checkpoint.mapped import MappedFile
 from megatron_glm.checkpoint.weights import _global_name
 from megatron_glm.model.parallelize import partition_of
-from megatron_glm.parallel.tensor_parallel import unshard_tensors
+from megatron_glm.parallel.tensor_parallel import unshard_tensors, unsharded_shape
 
 STATES = ("fp32", "exp_avg", "exp_avg_sq")
 _OPTIM = "optimizer_state_dict"
-
-
-def _libc():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-        return libc
-    except (OSError, AttributeError):
-        return None
-
-
-_LIBC = _libc()
-_MADV_DONTNEED = 4
-
-
-class _Mapped:
-    """A checkpoint file loaded memory-mapped, and the addresses it is mapped at.
-
-    A page of a mapped file counts in the process's memory from its first read until the file is
-    unmapped, so a reader that walks a whole checkpoint would end up holding all of it. ``copy``
-    hands the pages of what it copied back to the kernel: they are clean (never written), and a
-    later read maps them again. Only addresses of this file's own mapping are handed back.
-    """
-
-    def __init__(self, path: str, trust: bool):
-        self.path = path
-        if not os.path.exists(path):
-            raise CheckpointError(
-                f"{path} is missing: the checkpoint is incomplete (copy it whole, or resume an "
-                "earlier iteration)"
-            )
-        self.value = serialization.load(path, trust=trust, mmap=True)
-        if not isinstance(self.value, dict):
-            raise CheckpointError(f"{path} is not a DeepSpeed checkpoint file")
-        self.ranges = []
-        if _LIBC is not None:
-            real = os.path.realpath(path)
-            with open("/proc/self/maps") as f:
-                for line in f:
-                    if line.rstrip("\n").endswith(" " + real):
-                        start, end = line.split()[0].split("-")
-                        self.ranges.append((int(start, 16), int(end, 16)))
-
-    def copy(self, view: torch.Tensor) -> torch.Tensor:
-        """An fp32 copy of ``view``, a tensor of this file."""
-        out = view.to(torch.float32, copy=True)
-        start = view.data_ptr()
-        end = start + view.numel() * view.element_size()
-        if view.numel() and any(a <= start and end <= b for a, b in self.ranges):
-            first = start - start % mmap.PAGESIZE
-            _LIBC.madvise(first, end - first, _MADV_DONTNEED)
-        return out
 
 
 def _require(value, path: str, what: str):
@@ -110,7 +53,7 @@ class _Partitioned:
         _complete(self.files, max(count) if isinstance(count, list) else count, folder, mp)
         _require(first.get("param_slice_mappings"), self.files[0].path, "param_slice_mappings")
         path = model_file(folder, 0, mp, 1)
-        groups = _require(_Mapped(path, trust).value.get("param_shapes"), path, "param_shapes")
+        groups = _require(MappedFile(path, trust).value.get("param_shapes"), path, "param_shapes")
         self.group = {name: g for g, group in enumerate(groups) for name in group}
         self.shapes = {name: torch.Size(shape) for group in groups for name, shape in group.items()}
 
@@ -144,7 +87,7 @@ class _Zero3:
         world = self.files[0].value[_OPTIM].get("partition_count")
         _complete(self.files, world, folder, mp)
         path = os.path.join(folder, f"zero_pp_rank_0_mp_rank_{mp:02d}_model_states.pt")
-        groups = _require(_Mapped(path, trust).value.get("param_shapes"), path, "param_shapes")
+        groups = _require(MappedFile(path, trust).value.get("param_shapes"), path, "param_shapes")
         self.shapes, self.place = {}, {}
         for g, group in enumerate(groups):
             offset = 0
@@ -177,7 +120,7 @@ class _Unpartitioned:
     """One model-parallel rank's parameters without ZeRO in fp32: the module and its optimizer state."""
 
     def __init__(self, folder: str, mp: int, trust: bool):
-        self.file = _Mapped(model_file(folder, 0, mp, 1), trust)
+        self.file = MappedFile(model_file(folder, 0, mp, 1), trust)
         path = self.file.path
         self.module = _require(self.file.value.get("module"), path, "model state dict")
         optimizer = self.file.value.get("optimizer")
@@ -199,6 +142,10 @@ class _Unpartitioned:
     def names(self):
         return list(self.module)
 
+    @property
+    def shapes(self) -> dict:
+        return {name: tensor.shape for name, tensor in self.module.items()}
+
     def read(self, name: str, state: str) -> torch.Tensor:
         if state == "fp32":
             return self.file.copy(self.module[name])
@@ -209,14 +156,14 @@ class _Unpartitioned:
         return self.optimizer
 
 
-def _optimizer_files(folder: str, mp: int, trust: bool, pattern: str) -> list[_Mapped]:
+def _optimizer_files(folder: str, mp: int, trust: bool, pattern: str) -> list[MappedFile]:
     paths = glob.glob(os.path.join(folder, f"{pattern}_mp_rank_{mp:02d}_optim_states.pt"))
     if not paths:
         raise CheckpointError(
             f"{folder} holds no optimizer partitions of model-parallel rank {mp} "
             f"({pattern}_mp_rank_{mp:02d}_optim_states.pt): the checkpoint is incomplete"
         )
-    return [_Mapped(p, trust) for p in sorted(paths, key=_dp_rank)]
+    return [MappedFile(p, trust) for p in sorted(paths, key=_dp_rank)]
 
 
 def _dp_rank(path: str) -> int:
@@ -252,6 +199,7 @@ class SavedTrainingState:
 
     def __init__(self, folder: str, meta: dict, trust: bool = False):
         self.folder, self.trust = folder, trust
+        self.opener = (SavedTrainingState, folder, meta, trust)  # how a worker process opens it
         self.tp = meta.get("tensor_model_parallel_size", 1)
         self.pp = meta.get("pipeline_model_parallel_size", 1)
         self.geglu = meta["model"].get("geglu", False)
@@ -280,10 +228,20 @@ class SavedTrainingState:
     def names(self) -> list[str]:
         return sorted(self.where)
 
-    def whole(self, name: str, state: str) -> torch.Tensor:
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The whole parameter's shape, without reading it."""
+        p, local = self._where(name)
+        return unsharded_shape(
+            self._rank(p, 0).shapes[local], partition_of(name, self.geglu), self.tp
+        )
+
+    def _where(self, name: str) -> tuple[int, str]:
         if name not in self.where:
             raise CheckpointError(f"{self} holds no {name}: it is not a checkpoint of this model")
-        p, local = self.where[name]
+        return self.where[name]
+
+    def whole(self, name: str, state: str) -> torch.Tensor:
+        p, local = self._where(name)
         spec = partition_of(name, self.geglu)
         if spec is None or self.tp == 1:
             return self._rank(p, 0).read(local, state)
@@ -298,7 +256,7 @@ class SavedTrainingState:
             if zero3
             else model_file(self.folder, 0, 0, 1)
         )
-        model = _Mapped(path, self.trust).value
+        model = MappedFile(path, self.trust).value
         schedule = model.get("lr_scheduler")
         if not isinstance(schedule, dict):
             raise CheckpointError(

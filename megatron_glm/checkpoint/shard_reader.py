@@ -1,8 +1,9 @@
 """One rank's weights for any TP x PP layout, read from a checkpoint saved on any other.
 
-Every source file is memory-mapped; a parameter is merged from its source TP shards, sliced to
-the target rank's shard and copied, one parameter at a time. A rank so holds its own shard and
-at most one whole parameter, never the model (glm-eval's tensor and pipeline parallelism).
+Every source file is memory-mapped; a parameter is copied out of its source TP shards (their pages
+handed back), merged, and sliced to the target rank's shard, one parameter at a time. A rank so
+holds its own shard and at most one whole parameter, never the model (glm-eval's tensor and
+pipeline parallelism); glm-convert reads whole parameters the same way.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from megatron_glm.checkpoint.format import (
     read_meta,
     settings_of,
 )
+from megatron_glm.checkpoint.mapped import MappedFile
 from megatron_glm.checkpoint.weights import _global_name, _module_of
 from megatron_glm.model.parallelize import RankLayout, partition_of
-from megatron_glm.parallel.tensor_parallel import shard_tensor, unshard_tensors
+from megatron_glm.parallel.tensor_parallel import shard_tensor, unshard_tensors, unsharded_shape
 
 
 class ShardReader:
@@ -40,7 +42,7 @@ class ShardReader:
         self.tp = self.meta.get("tensor_model_parallel_size", 1)
         self.pp = self.meta.get("pipeline_model_parallel_size", 1)
         self.geglu = self.meta["model"].get("geglu", False)
-        self._files: dict[tuple[int, int], dict] = {}
+        self._files: dict[tuple[int, int], tuple[MappedFile, dict]] = {}
         self.where: dict[str, tuple[int, str]] = {}  # global name -> (source stage, its name there)
         for p in range(self.pp):
             ranges = self.meta["pipeline_layers"][p] if self.pp > 1 else None
@@ -50,24 +52,40 @@ class ShardReader:
     def __str__(self) -> str:
         return f"{self.load_dir}/{self.tag}"
 
-    def _shard(self, p: int, t: int) -> dict:
+    def _file(self, p: int, t: int) -> tuple[MappedFile, dict]:
         if (p, t) not in self._files:
-            path = model_file(self.folder, p, t, self.tp)
-            if not os.path.exists(path):
-                raise CheckpointError(f"{path} is missing: the checkpoint is incomplete")
-            state = serialization.load(path, trust=self.trust, mmap=True)
-            self._files[(p, t)] = _module_of(state, path)
+            file = MappedFile(model_file(self.folder, p, t, self.tp), self.trust)
+            self._files[(p, t)] = file, _module_of(file.value, file.path)
         return self._files[(p, t)]
 
-    def full(self, name: str) -> torch.Tensor:
-        """The whole parameter ``name`` (single-model numbering), merged from its source shards."""
+    def _shard(self, p: int, t: int) -> dict:
+        return self._file(p, t)[1]
+
+    def _read(self, p: int, t: int, local: str) -> torch.Tensor:
+        file, module = self._file(p, t)
+        return file.copy(module[local], dtype=None)
+
+    def names(self) -> list[str]:
+        return sorted(self.where)
+
+    def _where(self, name: str) -> tuple[int, str]:
         if name not in self.where:
             raise CheckpointError(f"{self} holds no {name}: it is not a checkpoint of this model")
-        p, local = self.where[name]
+        return self.where[name]
+
+    def entry(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """The whole parameter's shape and saved dtype, without reading it."""
+        p, local = self._where(name)
+        saved = self._shard(p, 0)[local]
+        return unsharded_shape(saved.shape, partition_of(name, self.geglu), self.tp), saved.dtype
+
+    def full(self, name: str) -> torch.Tensor:
+        """The whole parameter ``name`` (single-model numbering, its saved dtype), merged from its source shards."""
+        p, local = self._where(name)
         spec = partition_of(name, self.geglu)
         if spec is None or self.tp == 1:
-            return self._shard(p, 0)[local]
-        return unshard_tensors([self._shard(p, t)[local] for t in range(self.tp)], *spec)
+            return self._read(p, 0, local)
+        return unshard_tensors([self._read(p, t, local) for t in range(self.tp)], *spec)
 
     def weights(self, layout: RankLayout):
         """``build_rank_model``'s ``weights``: this rank's state dict for its meta chunks, and where it came from."""
@@ -80,11 +98,8 @@ class ShardReader:
                     full_name = chunk.full_name(name)
                     full = self.full(full_name)
                     spec = partition_of(full_name, self.geglu) if layout.tp > 1 else None
-                    value = (
-                        shard_tensor(full, *spec, layout.tp_rank, layout.tp)
-                        if spec
-                        else full.clone()
-                    )
+                    # full is a copy already; a shard is cut into its own (cat) buffer
+                    value = shard_tensor(full, *spec, layout.tp_rank, layout.tp) if spec else full
                     if value.shape != meta.shape:
                         raise CheckpointError(
                             f"{self}: {full_name} has shape {tuple(full.shape)}, which does not split into this "

@@ -8,11 +8,12 @@
   glm-convert to-universal --load CKPT --save OUT
 
 ``--load`` takes any TP x PP megatron-glm checkpoint (ZeRO-3 partitions are consolidated
-on the way). reshard's output is weights-only: glm-pretrain resumes it at the same
-iteration and consumed samples with a fresh optimizer state. to-universal keeps the whole
-training state (fp32 master weights, Adam moments and step, lr schedule, data position) in
-DeepSpeed's universal layout, one folder per parameter: glm-pretrain --load resumes it on
-any TP x PP x DP layout and ZeRO stage.
+on the way). Every command streams: it holds a few parameters at a time, never the model, and
+``--workers N`` shares the parameters (or output files) among N processes. reshard's output
+is weights-only: glm-pretrain resumes it at the same iteration and consumed samples with a
+fresh optimizer state. to-universal keeps the whole training state (fp32 master weights, Adam
+moments and step, lr schedule, data position) in DeepSpeed's universal layout, one folder per
+parameter: glm-pretrain --load resumes it on any TP x PP x DP layout and ZeRO stage.
 """
 
 from __future__ import annotations
@@ -34,6 +35,12 @@ def _common(sp, layout: bool = True):
         "--dry-run", action="store_true", help="list what would be written, write nothing"
     )
     sp.add_argument("--overwrite", action="store_true", help="replace an existing --save")
+    sp.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes that write in parallel (each holds a few parameters at a time)",
+    )
     sp.add_argument(
         "--trust-checkpoint",
         action="store_true",
@@ -119,19 +126,49 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the checkpoint to convert (default: the latest)",
     )
-    sp.add_argument(
-        "--workers",
-        type=int,
-        default=1,
-        help="processes that write parameters in parallel (each holds a few parameters at a time)",
-    )
     return p
 
 
-def convert(args) -> list[tuple[str, int]]:
-    from megatron_glm.convert import readers, writers
-    from megatron_glm.convert.layout import ConversionError, check_state
+def _source(args):
+    """The checkpoint ``--load`` names, in the format the command reads."""
+    from megatron_glm.convert import sources
+    from megatron_glm.convert.layout import ConversionError
 
+    if args.command == "import-thudm":
+        source = sources.THUDM(
+            args.load, args.num_attention_heads, args.preset, args.trust_checkpoint
+        )
+        if args.tokenizer_model or args.vocab_file:
+            from megatron_glm.data.tokenizer import GLMTokenizer, spec_from_args
+
+            tokenizer = GLMTokenizer(spec_from_args(args))
+            if tokenizer.vocab_size > source.cfg.vocab_size:
+                raise ConversionError(
+                    f"the tokenizer has {tokenizer.vocab_size} ids but the checkpoint only "
+                    f"{source.cfg.vocab_size} embedding rows: another tokenizer"
+                )
+            source.info["tokenizer"] = tokenizer.describe()
+        return source
+    if args.command == "zero-to-fp32":
+        return sources.MegatronGLM(args.load, args.trust_checkpoint, masters=True)
+    fmt = sources.detect_format(args.load)
+    if args.command == "import-hf" and fmt != "hf":
+        raise ConversionError(f"{args.load} is a {fmt} checkpoint, not an export-hf folder")
+    if args.command in ("reshard", "export-hf") and fmt == "thudm":
+        raise ConversionError(
+            f"{args.load} is an original GLM checkpoint: use `glm-convert import-thudm`"
+        )
+    if fmt == "hf":
+        return sources.HuggingFace(args.load)
+    return sources.MegatronGLM(args.load, args.trust_checkpoint)
+
+
+def convert(args) -> list[tuple[str, int]]:
+    from megatron_glm.convert import writers
+    from megatron_glm.convert.layout import ConversionError
+
+    if args.workers < 1:
+        raise ConversionError(f"--workers {args.workers}: give 1 or more processes")
     if args.command == "to-universal":
         from megatron_glm.convert.universal import write_universal
 
@@ -139,8 +176,6 @@ def convert(args) -> list[tuple[str, int]]:
             raise ConversionError(
                 "to-universal keeps the fp32 training state as it is: drop --dtype"
             )
-        if args.workers < 1:
-            raise ConversionError(f"--workers {args.workers}: give 1 or more processes")
         return write_universal(
             args.load,
             args.save,
@@ -150,48 +185,20 @@ def convert(args) -> list[tuple[str, int]]:
             args.iteration,
             args.workers,
         )
-    if args.command == "import-thudm":
-        state, cfg, info = readers.read_thudm(
-            args.load, args.num_attention_heads, args.preset, args.trust_checkpoint
-        )
-        if args.tokenizer_model or args.vocab_file:
-            from megatron_glm.data.tokenizer import GLMTokenizer, spec_from_args
-
-            tokenizer = GLMTokenizer(spec_from_args(args))
-            if tokenizer.vocab_size > cfg.vocab_size:
-                raise ConversionError(
-                    f"the tokenizer has {tokenizer.vocab_size} ids but the checkpoint only "
-                    f"{cfg.vocab_size} embedding rows: another tokenizer"
-                )
-            info["tokenizer"] = tokenizer.describe()
-    elif args.command == "zero-to-fp32":
-        state, cfg, info = readers.zero_to_fp32(args.load, trust=args.trust_checkpoint)
+    source = _source(args)
+    if args.command == "zero-to-fp32":
         args.dtype = args.dtype or "fp32"
-    else:
-        fmt = readers.detect_format(args.load)
-        if args.command == "import-hf" and fmt != "hf":
-            raise ConversionError(f"{args.load} is a {fmt} checkpoint, not an export-hf folder")
-        if args.command in ("reshard", "export-hf") and fmt == "thudm":
-            raise ConversionError(
-                f"{args.load} is an original GLM checkpoint: use `glm-convert import-thudm`"
-            )
-        state, cfg, info = (
-            readers.read_hf(args.load)
-            if fmt == "hf"
-            else readers.read_megatron_glm(args.load, trust=args.trust_checkpoint)
-        )
-    check_state(state, cfg, args.load)
     if args.command == "export-hf" or (args.command == "zero-to-fp32" and args.hf):
         return writers.write_hf(
             args.save,
-            state,
-            cfg,
-            info,
+            source,
             args.dtype,
             args.dry_run,
             args.overwrite,
             args.max_shard_size,
+            args.workers,
         )
+    cfg = source.cfg
     vpp_layers = args.target_num_layers_per_virtual_pipeline_stage
     if vpp_layers and cfg.num_layers % (args.target_pp * vpp_layers):
         raise ConversionError(
@@ -219,9 +226,7 @@ def convert(args) -> list[tuple[str, int]]:
         )
     return writers.write_megatron_glm(
         args.save,
-        state,
-        cfg,
-        info,
+        source,
         args.target_tp,
         args.target_pp,
         vpp,
@@ -229,7 +234,8 @@ def convert(args) -> list[tuple[str, int]]:
         args.dtype,
         args.dry_run,
         args.overwrite,
-        source=f"{args.command} {args.load}",
+        converted_from=f"{args.command} {args.load}",
+        workers=args.workers,
     )
 
 

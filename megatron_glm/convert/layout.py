@@ -8,7 +8,6 @@ from megatron_glm.config import ModelConfig
 from megatron_glm.model.parallelize import partition_of
 from megatron_glm.parallel.pipeline import partition_layers
 from megatron_glm.parallel.tensor_parallel import shard_tensor
-from megatron_glm.serialization import check_finite
 
 
 class ConversionError(ValueError):
@@ -24,32 +23,25 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple]:
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
-def check_state(state: dict, cfg: ModelConfig, source: str) -> None:
-    """Refuse missing or unexpected tensors and shape mismatches, listing all of them."""
+def check_entries(entries: dict, cfg: ModelConfig, source: str) -> None:
+    """Refuse missing or unexpected tensors and shape mismatches, listing all of them (from shapes alone)."""
     want = expected_shapes(cfg)
-    missing = sorted(set(want) - set(state))
-    unexpected = sorted(set(state) - set(want))
+    shapes = {name: tuple(entry[0]) for name, entry in entries.items()}
+    missing = sorted(set(want) - set(shapes))
+    unexpected = sorted(set(shapes) - set(want))
     wrong = [
-        f"{n}: {tuple(state[n].shape)} != {want[n]}"
-        for n in sorted(set(want) & set(state))
-        if tuple(state[n].shape) != want[n]
+        f"{n}: {shapes[n]} != {want[n]}"
+        for n in sorted(set(want) & set(shapes))
+        if shapes[n] != want[n]
     ]
+
+    def listed(what: str, names: list[str]) -> list[str]:
+        more = " ..." if len(names) > 8 else ""
+        return [f"{what} {len(names)}: {', '.join(names[:8])}{more}"] if names else []
+
     problems = (
-        (
-            [
-                f"missing {len(missing)}: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}"
-            ]
-            if missing
-            else []
-        )
-        + (
-            [
-                f"unexpected {len(unexpected)}: {', '.join(unexpected[:8])}"
-                f"{' ...' if len(unexpected) > 8 else ''}"
-            ]
-            if unexpected
-            else []
-        )
+        listed("missing", missing)
+        + listed("unexpected", unexpected)
         + ([f"shape mismatches: {'; '.join(wrong[:8])}"] if wrong else [])
     )
     if problems:
@@ -57,7 +49,6 @@ def check_state(state: dict, cfg: ModelConfig, source: str) -> None:
             f"{source} does not match the model (layers {cfg.num_layers}, hidden {cfg.hidden_size}, "
             f"heads {cfg.num_attention_heads}, vocab {cfg.vocab_size}): " + " | ".join(problems)
         )
-    check_finite(state.items(), source)
 
 
 def check_target(cfg: ModelConfig, tp: int, pp: int, vpp: int, pipeline_layers) -> None:
@@ -81,58 +72,69 @@ def check_target(cfg: ModelConfig, tp: int, pp: int, vpp: int, pipeline_layers) 
         raise ConversionError("impossible target layout: " + "; ".join(problems))
 
 
-def repad_vocab(state: dict, rows: int, used: int | None) -> dict:
-    """Word embeddings with ``rows`` rows: zero rows appended, or padding rows (ids >= ``used``) dropped."""
-    w = state["word_embeddings.weight"]
-    if rows == w.shape[0]:
-        return state
-    if rows < w.shape[0] and (used is None or rows < used):
+def check_repad(saved_rows: int, rows: int, used: int | None) -> None:
+    """Padding rows may go; rows the tokenizer uses may not."""
+    if rows < saved_rows and (used is None or rows < used):
         raise ConversionError(
-            f"cannot shrink the vocabulary from {w.shape[0]} to {rows} rows: the tokenizer uses "
+            f"cannot shrink the vocabulary from {saved_rows} to {rows} rows: the tokenizer uses "
             f"{used or 'an unknown number of'} ids"
         )
+
+
+def repad_rows(w: torch.Tensor, rows: int) -> torch.Tensor:
+    """Word embeddings with ``rows`` rows: zero rows appended, or padding rows dropped (``check_repad`` first)."""
+    if rows == w.shape[0]:
+        return w
     if rows < w.shape[0]:
-        new = w[:rows].clone()
-    else:
-        new = torch.cat([w, w.new_zeros(rows - w.shape[0], w.shape[1])])
-    return {**state, "word_embeddings.weight": new}
+        return w[:rows].clone()
+    return torch.cat([w, w.new_zeros(rows - w.shape[0], w.shape[1])])
 
 
-def split_for_layout(
-    state: dict, cfg: ModelConfig, tp: int, pp: int, vpp: int = 1, pipeline_layers=None
-) -> dict[tuple[int, int], dict]:
-    """``{(pp_rank, tp_rank): module state dict}`` as glm-pretrain's ranks hold them (the inverse of the merge)."""
+def placement(
+    names, cfg: ModelConfig, tp: int, pp: int, vpp: int = 1, pipeline_layers=None
+) -> dict[str, list[tuple[int, int, str]]]:
+    """``{single-model name: [(pp_rank, tp_rank, name in that rank's file)]}``, as glm-pretrain's ranks hold
+    them (the inverse of the merge)."""
     ranges = partition_layers(cfg.num_layers, pp, vpp, pipeline_layers)
-    out = {}
+    out = {name: [] for name in names}
     for p in range(pp):
-        for t in range(tp):
-            shard = {}
-            for c, layers in enumerate(ranges[p]):
-                first, last = p == 0 and c == 0, p == pp - 1 and c == vpp - 1
-                prefix = f"{c}." if vpp > 1 else ""
-                for name, tensor in state.items():
-                    parts = name.split(".")
-                    if parts[:2] == ["transformer", "layers"]:
-                        i = int(parts[2])
-                        if i not in layers:
-                            continue
-                        parts[2] = str(i - layers.start)
-                    elif name.startswith(
-                        (
-                            "word_embeddings.",
-                            "transformer.position_embeddings.",
-                            "transformer.block_position_embeddings.",
-                        )
-                    ):
-                        if not first:
-                            continue
-                    elif name.startswith("transformer.final_layernorm."):
-                        if not last:
-                            continue
-                    spec = partition_of(name, cfg.geglu)
-                    local = (
-                        tensor if spec is None or tp == 1 else shard_tensor(tensor, *spec, t, tp)
+        for c, layers in enumerate(ranges[p]):
+            first, last = p == 0 and c == 0, p == pp - 1 and c == vpp - 1
+            prefix = f"{c}." if vpp > 1 else ""
+            for name in names:
+                parts = name.split(".")
+                if parts[:2] == ["transformer", "layers"]:
+                    i = int(parts[2])
+                    if i not in layers:
+                        continue
+                    parts[2] = str(i - layers.start)
+                elif name.startswith(
+                    (
+                        "word_embeddings.",
+                        "transformer.position_embeddings.",
+                        "transformer.block_position_embeddings.",
                     )
-                    shard[prefix + ".".join(parts)] = local.contiguous()
-            out[(p, t)] = shard
+                ):
+                    if not first:
+                        continue
+                elif name.startswith("transformer.final_layernorm."):
+                    if not last:
+                        continue
+                out[name] += [(p, t, prefix + ".".join(parts)) for t in range(tp)]
     return out
+
+
+def shard_of(
+    tensor: torch.Tensor, name: str, cfg: ModelConfig, tp_rank: int, tp: int
+) -> torch.Tensor:
+    """Rank ``tp_rank``'s piece of the whole parameter ``name``."""
+    spec = partition_of(name, cfg.geglu)
+    return tensor if spec is None or tp == 1 else shard_tensor(tensor, *spec, tp_rank, tp)
+
+
+def shard_shape(shape, name: str, cfg: ModelConfig, tp: int) -> tuple[int, ...]:
+    spec = partition_of(name, cfg.geglu)
+    shape = list(shape)
+    if spec is not None:
+        shape[spec[0]] //= tp
+    return tuple(shape)

@@ -18,12 +18,10 @@ from __future__ import annotations
 import glob
 import json
 import math
-import multiprocessing
 import os
 import shutil
 
 import torch
-from tqdm import tqdm
 
 from megatron_glm import checkpoint as ckpt
 from megatron_glm import serialization
@@ -31,10 +29,12 @@ from megatron_glm.checkpoint.partitions import STATES, SavedTrainingState
 from megatron_glm.checkpoint.universal import PARAM, param_file
 from megatron_glm.config import ModelConfig
 from megatron_glm.convert.layout import ConversionError, expected_shapes
-from megatron_glm.convert.writers import _commit, _stage
+from megatron_glm.convert.workers import run_jobs
+from megatron_glm.convert.writers import _commit, _discarded_on_error, _stage
 
 
-def _write_parameter(source: SavedTrainingState, dest: str, name: str, shape, step: int) -> None:
+def _write_parameter(work, dest: str, name: str, shape, step: int) -> None:
+    source = work.source
     os.makedirs(os.path.dirname(param_file(dest, name, "fp32")))
     for state in STATES:
         value = source.whole(name, state)
@@ -46,19 +46,6 @@ def _write_parameter(source: SavedTrainingState, dest: str, name: str, shape, st
         serialization.check_finite([(f"{name} ({state})", value)], str(source))
         torch.save({PARAM: value.contiguous()}, param_file(dest, name, state))
     torch.save(step, param_file(dest, name, "step"))
-
-
-_worker: dict = {}
-
-
-def _open_source(folder: str, meta: dict, trust: bool) -> None:
-    _worker["source"] = SavedTrainingState(folder, meta, trust)
-
-
-def _write_in_worker(job) -> str:
-    dest, name, shape, step = job
-    _write_parameter(_worker["source"], dest, name, shape, step)
-    return name
 
 
 def write_universal(
@@ -118,26 +105,9 @@ def write_universal(
         return plan
     partial = _stage(out, overwrite)
     dest, step = os.path.join(partial, tag), training["adam_step"]
-    progress = tqdm(
-        total=len(names), desc="writing parameters", unit="param", disable=len(names) < 64
-    )
-    try:
-        if workers > 1:
-            jobs = [(dest, name, want[name], step) for name in names]
-            # spawned: a forked copy of a process that has run torch's thread pools can hang
-            context = multiprocessing.get_context("spawn")
-            with context.Pool(workers, _open_source, (folder, meta, trust)) as pool:
-                for _ in pool.imap_unordered(_write_in_worker, jobs):
-                    progress.update()
-        else:
-            for name in names:
-                _write_parameter(source, dest, name, want[name], step)
-                progress.update()
-    except ValueError:  # ours and the checkpoint's (CheckpointError): the staged output goes
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    finally:
-        progress.close()
+    with _discarded_on_error(partial):
+        jobs = [(dest, name, want[name], step) for name in names]
+        run_jobs(source, _write_parameter, jobs, workers, "writing parameters", "param")
     # meaningful again on the same TP x PP
     for rng in glob.glob(os.path.join(folder, "rng_state_*.pt")):
         shutil.copy2(rng, os.path.join(partial, tag))

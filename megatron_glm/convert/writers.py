@@ -1,4 +1,5 @@
-"""Writers: a whole state dict -> a megatron-glm checkpoint in a target layout, or a HF style folder.
+"""Writers: a source (``convert/sources.py``) -> a megatron-glm checkpoint in a target layout, or a HF style
+folder, streamed one parameter (or output file) at a time.
 
 Output is staged in ``{out}.partial`` and renamed into place at the end, so an interrupted
 conversion leaves no half-written checkpoint; an existing ``out`` is replaced only with
@@ -7,17 +8,29 @@ conversion leaves no half-written checkpoint; an existing ``out`` is replaced on
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import shutil
+import struct
 
 import torch
-from tqdm import tqdm
 
 from megatron_glm.checkpoint import LATEST, META, model_file, tag_of
 from megatron_glm.checkpoint.format import settings_for_layout
 from megatron_glm.config import ModelConfig
-from megatron_glm.convert.layout import ConversionError, check_target, repad_vocab, split_for_layout
+from megatron_glm.convert.layout import (
+    ConversionError,
+    check_entries,
+    check_repad,
+    check_target,
+    placement,
+    repad_rows,
+    shard_of,
+    shard_shape,
+)
+from megatron_glm.convert.workers import run_jobs
 from megatron_glm.parallel.pipeline import partition_layers
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -59,11 +72,36 @@ def target_vocab(cfg: ModelConfig, info: dict, tp: int) -> int:
     )
 
 
+@contextlib.contextmanager
+def _discarded_on_error(partial: str):
+    """The staged output goes if a job fails (a tensor that is not finite, a source file missing)."""
+    try:
+        yield
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+def _reserve(path: str, tensors: dict[str, tuple[tuple, torch.dtype]], extra: dict) -> None:
+    """A torch file of empty tensors: their space is reserved (sparse), none of it allocated in memory."""
+    module = {name: torch.empty(shape, dtype=dtype) for name, (shape, dtype) in tensors.items()}
+    with torch.serialization.skip_data():
+        torch.save({"module": module, **extra}, path)
+
+
+def _fill_megatron_glm(work, name: str, places, rows: int, dtype, folder: str, cfg, tp: int):
+    value = work.source.get(name)
+    if name == "word_embeddings.weight":
+        value = repad_rows(value, rows)
+    value = value.to(dtype or value.dtype)
+    for p, t, local in places:
+        file = work.output(model_file(folder, p, t, tp))
+        file.fill(file.value["module"][local], shard_of(value, name, cfg, t, tp))
+
+
 def write_megatron_glm(
     out: str,
-    state: dict,
-    cfg: ModelConfig,
-    info: dict,
+    source,
     tp: int = 1,
     pp: int = 1,
     vpp: int = 1,
@@ -71,32 +109,48 @@ def write_megatron_glm(
     dtype: str | None = None,
     dry_run: bool = False,
     overwrite: bool = False,
-    source: str = "",
+    converted_from: str = "",
+    workers: int = 1,
 ) -> list[tuple[str, int]]:
-    """A weights-only glm-pretrain checkpoint for TP x PP (x vpp); glm-pretrain resumes it with a fresh optimizer."""
+    """A weights-only glm-pretrain checkpoint for TP x PP (x vpp) from ``source`` (``convert/sources.py``),
+    one parameter at a time; glm-pretrain resumes it with a fresh optimizer.
+
+    Each output file is first written with its tensors' space reserved, then mapped and filled in place
+    parameter by parameter (by ``workers`` processes), so memory holds a few parameters, never a shard.
+    """
+    cfg, info = source.cfg, source.info
+    check_entries(source.entries, cfg, str(source))
     rows = target_vocab(cfg, info, tp)
-    used = (info.get("tokenizer") or {}).get("vocab_size")
-    state = repad_vocab(state, rows, used)
+    check_repad(cfg.vocab_size, rows, (info.get("tokenizer") or {}).get("vocab_size"))
     cfg = ModelConfig.from_dict({**cfg.to_dict(), "vocab_size": rows})
     check_target(cfg, tp, pp, vpp, pipeline_layers)
-    if dtype:
-        state = {k: v.to(DTYPES[dtype]) for k, v in state.items()}
-    shards = split_for_layout(state, cfg, tp, pp, vpp, pipeline_layers)
+    places = placement(sorted(source.entries), cfg, tp, pp, vpp, pipeline_layers)
+    out_dtype = DTYPES[dtype] if dtype else None
+    files: dict[tuple[int, int], dict] = {(p, t): {} for p in range(pp) for t in range(tp)}
+    for name, (shape, saved) in sorted(source.entries.items()):
+        if name == "word_embeddings.weight":
+            shape = (rows, *shape[1:])
+        for p, t, local in places[name]:
+            files[p, t][local] = (shard_shape(shape, name, cfg, tp), out_dtype or saved)
     iteration = info.get("iteration", 0)
     tag = tag_of(iteration)
     plan = [
-        (model_file(tag, p, t, tp), _nbytes(sd.values())) for (p, t), sd in sorted(shards.items())
+        (model_file(tag, p, t, tp), sum(math.prod(s) * d.itemsize for s, d in tensors.values()))
+        for (p, t), tensors in sorted(files.items())
     ] + [(os.path.join(tag, META), 0), (LATEST, 0)]
     if dry_run:
         return plan
     partial = _stage(out, overwrite)
-    os.makedirs(os.path.join(partial, tag))
-    for (p, t), sd in tqdm(
-        sorted(shards.items()), desc="writing shards", unit="file", disable=len(shards) < 4
-    ):
-        torch.save(
-            {"module": sd, "iteration": iteration}, model_file(os.path.join(partial, tag), p, t, tp)
-        )
+    folder = os.path.join(partial, tag)
+    os.makedirs(folder)
+    with _discarded_on_error(partial):
+        for (p, t), tensors in sorted(files.items()):
+            _reserve(model_file(folder, p, t, tp), tensors, {"iteration": iteration})
+        jobs = [
+            (name, places[name], rows, out_dtype, folder, cfg, tp)
+            for name in sorted(source.entries)
+        ]
+        run_jobs(source, _fill_megatron_glm, jobs, workers, "writing parameters", "param")
     meta = {
         "model": cfg.to_dict(),
         "tokenizer": info.get("tokenizer"),
@@ -110,12 +164,12 @@ def write_megatron_glm(
         "iteration": iteration,
         "consumed_samples": info.get("consumed_samples", 0),
         "weights_only": True,
-        "converted_from": source,
+        "converted_from": converted_from,
         "settings": settings_for_layout(
             {"model": cfg.to_dict(), "settings": info.get("settings")}, tp, pp, vpp, pipeline_layers
         ),
     }
-    with open(os.path.join(partial, tag, META), "w") as f:
+    with open(os.path.join(folder, META), "w") as f:
         json.dump(meta, f, indent=1)
     with open(os.path.join(partial, LATEST), "w") as f:
         f.write(tag)
@@ -183,38 +237,70 @@ def hf_tokenizer_config(tokenizer: dict, max_length: int) -> dict:
     }
 
 
-def _as_created(folder: str, names: list[str]) -> None:
-    """The mode ``open`` gives a new file (0644 under the usual umask): huggingface_hub writes its shards
-    through temporary files (0600), which a serving container under another uid could not read."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for name in names:
-        os.chmod(os.path.join(folder, name), 0o666 & ~umask)
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def _write_safetensors(work, path: str, tensors: list[tuple[str, tuple, torch.dtype]], metadata):
+    """One safetensors file, written tensor by tensor: the header (8-byte length, JSON with every tensor's
+    dtype, shape and byte range, padded to 8 bytes), then the tensors' bytes in that order. The
+    safetensors package has no such writer: it takes every tensor's bytes at once."""
+    header, offset = {"__metadata__": metadata}, 0
+    for name, shape, dtype in tensors:
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, _, dtype in tensors:
+            value = work.source.get(name)
+            f.write(value.to(dtype).contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 def write_hf(
     out: str,
-    state: dict,
-    cfg: ModelConfig,
-    info: dict,
+    source,
     dtype: str | None = None,
     dry_run: bool = False,
     overwrite: bool = False,
     max_shard_size: str | int = "5GB",
+    workers: int = 1,
 ) -> list[tuple[str, int]]:
     """A folder transformers loads with ``trust_remote_code=True``: weights, config, code and tokenizer.
 
-    Weights are safetensors, split into shards with an index above ``max_shard_size``. The
-    tokenizer files take the names ``tokenization_megatron_glm`` reads; our own record of
-    them (type, fingerprint, special ids) stays in ``config.json`` for ``import-hf``.
+    Weights are safetensors, split into shards with an index above ``max_shard_size`` (huggingface_hub's
+    split), each written tensor by tensor (a shard per job of ``workers``). The tokenizer files take the
+    names ``tokenization_megatron_glm`` reads; our own record of them (type, fingerprint, special ids)
+    stays in ``config.json`` for ``import-hf``.
     """
-    from huggingface_hub import save_torch_state_dict, split_torch_state_dict_into_shards
+    from huggingface_hub import split_state_dict_into_shards_factory
 
     from megatron_glm.convert import hf_files
     from megatron_glm.convert.hf_files.tokenization_megatron_glm import FILES as TOKENIZER_FILES
 
-    if dtype:
-        state = {k: v.to(DTYPES[dtype]) for k, v in state.items()}
+    cfg, info = source.cfg, source.info
+    check_entries(source.entries, cfg, str(source))
+    entries = {
+        name: (tuple(shape), DTYPES[dtype] if dtype else saved)
+        for name, (shape, saved) in source.entries.items()
+    }
     tokenizer = dict(info.get("tokenizer") or {})
     sources = tokenizer.get("files") or []
     missing = [f for f in sources if not os.path.exists(f)]
@@ -228,14 +314,14 @@ def write_hf(
             f"a {tokenizer.get('type')} tokenizer with files {sources}: expected "
             f"{len(names)} ({', '.join(names) or 'a known tokenizer type'})"
         )
-    # a tensor that is a view of a larger buffer (a vocabulary cut from its padding) is written as its own copy
-    state = {
-        k: v if v.untyped_storage().nbytes() == _nbytes([v]) else v.clone()
-        for k, v in state.items()
-    }
-    split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
+    split = split_state_dict_into_shards_factory(
+        entries,
+        get_storage_size=lambda entry: math.prod(entry[0]) * entry[1].itemsize,
+        filename_pattern="model{suffix}.safetensors",
+        max_shard_size=max_shard_size,
+    )
     weights = [
-        (f, _nbytes(state[n] for n in tensors))
+        (f, sum(math.prod(entries[n][0]) * entries[n][1].itemsize for n in tensors))
         for f, tensors in sorted(split.filename_to_tensors.items())
     ]
     if split.is_sharded:
@@ -250,8 +336,17 @@ def write_hf(
     if dry_run:
         return plan
     partial = _stage(out, overwrite)
-    save_torch_state_dict(state, partial, max_shard_size=max_shard_size, metadata={"format": "pt"})
-    _as_created(partial, [f for f, _ in weights])
+    with _discarded_on_error(partial):
+        jobs = [
+            (os.path.join(partial, f), [(n, *entries[n]) for n in tensors], {"format": "pt"})
+            for f, tensors in sorted(split.filename_to_tensors.items())
+        ]
+        run_jobs(source, _write_safetensors, jobs, workers, "writing shards", "file")
+    if split.is_sharded:
+        with open(os.path.join(partial, "model.safetensors.index.json"), "w") as f:
+            json.dump(
+                {"metadata": split.metadata, "weight_map": split.tensor_to_filename}, f, indent=2
+            )
     for f in hf_files.FILES:
         shutil.copy2(os.path.join(os.path.dirname(hf_files.__file__), f), os.path.join(partial, f))
     for name, f in zip(names, sources):
@@ -261,7 +356,7 @@ def write_hf(
         with open(os.path.join(partial, "tokenizer_config.json"), "w") as f:
             json.dump(hf_tokenizer_config(tokenizer, cfg.max_position_embeddings), f, indent=1)
     config = hf_config(
-        cfg, {**info, "tokenizer": tokenizer or None}, next(iter(state.values())).dtype
+        cfg, {**info, "tokenizer": tokenizer or None}, entries["word_embeddings.weight"][1]
     )
     with open(os.path.join(partial, "config.json"), "w") as f:
         json.dump(config, f, indent=1)

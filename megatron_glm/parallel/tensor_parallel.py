@@ -32,6 +32,14 @@ def shard_tensor(full: torch.Tensor, dim: int, stride: int, rank: int, world: in
     return torch.cat([part.chunk(world, dim)[rank] for part in full.chunk(stride, dim)], dim)
 
 
+def unsharded_shape(shape, spec: tuple[int, int] | None, world: int) -> tuple[int, ...]:
+    """The whole tensor's shape from one of its ``world`` shards (``spec``: ``partition_of``'s dim and stride)."""
+    shape = list(shape)
+    if spec is not None:
+        shape[spec[0]] *= world
+    return tuple(shape)
+
+
 def unshard_tensors(shards: list[torch.Tensor], dim: int, stride: int) -> torch.Tensor:
     pieces = [s.chunk(stride, dim) for s in shards]
     return torch.cat([torch.cat([p[k] for p in pieces], dim) for k in range(stride)], dim)
