@@ -88,23 +88,48 @@ def load_for_inference(path: str, device: str = "cpu", tokenizer_spec=None, trus
     return model.to(device).eval(), tokenizer, meta
 
 
-class GatheredLogits(torch.nn.Module):
-    """A tensor-parallel model whose logits come back over the whole vocabulary on every rank: each rank
-    generates the same tokens from them (greedy, beam, and sampling with the same generator seed)."""
+class ShardedModel(torch.nn.Module):
+    """This rank's shard of a TP x PP model, called as the whole model is: each rank generates the same tokens.
 
-    def __init__(self, model: GLMModel):
+    Hidden states go from stage to stage (point to point, every rank's KV cache holding its own layers);
+    the last stage's logits, gathered over TP to the whole vocabulary, are broadcast to every stage. The
+    generation loop (greedy, beam, and sampling with the same generator seed) so runs identically on
+    every rank, and its decisions never need exchanging.
+    """
+
+    def __init__(self, chunk: GLMModel):
+        from megatron_glm.parallel import state
+        from megatron_glm.parallel.pipeline_stage import TiedEmbedding
+
         super().__init__()
-        self.model, self.cfg = model, model.cfg
+        self.model, self.cfg = chunk, chunk.cfg
+        self.pp = state.get_pipeline_model_parallel_world_size()
+        self.stage = state.get_pipeline_model_parallel_rank()
+        self.ranks = state._require()["pp_ranks"]
+        TiedEmbedding([chunk]).broadcast_weight()  # the last stage's copy of the output layer
 
-    def forward(self, *args, **kwargs):
+    def forward(self, tokens, position_ids, attn_lo, attn_hi, cache=None):
         from megatron_glm.parallel import state
 
-        local = self.model(*args, **kwargs)
-        parts = [
-            torch.empty_like(local) for _ in range(state.get_tensor_model_parallel_world_size())
-        ]
-        dist.all_gather(parts, local.contiguous(), group=state.get_tensor_model_parallel_group())
-        return torch.cat(parts, dim=-1)
+        rows, length = tokens.shape
+        like = next(self.model.parameters())
+        if self.stage == 0:
+            h = self.model(tokens, position_ids, attn_lo, attn_hi, cache)
+        else:
+            h = like.new_empty(rows, length, self.cfg.hidden_size)
+            dist.recv(h, self.ranks[self.stage - 1])
+            h = self.model(tokens, position_ids, attn_lo, attn_hi, cache, hidden_states=h)
+        if self.stage < self.pp - 1:
+            dist.send(h.contiguous(), self.ranks[self.stage + 1])
+            logits = like.new_empty(rows, length, self.cfg.vocab_size)
+        else:
+            tp_group = state.get_tensor_model_parallel_group()
+            parts = [torch.empty_like(h) for _ in range(dist.get_world_size(tp_group))]
+            dist.all_gather(parts, h.contiguous(), group=tp_group)
+            logits = torch.cat(parts, dim=-1)
+        if self.pp > 1:
+            dist.broadcast(logits, self.ranks[-1], group=state.get_pipeline_model_parallel_group())
+        return logits
 
 
 def open_sharded(
@@ -135,20 +160,23 @@ def open_sharded(
     return reader, tokenizer, cfg
 
 
-def load_sharded(path: str, tp: int, device: str, tokenizer_spec=None, trust: bool = False):
-    """``(model, tokenizer, meta)`` of a glm-pretrain checkpoint of any layout on exactly ``tp`` ranks."""
+def load_sharded(
+    path: str, tp: int, pp: int, device: str, tokenizer_spec=None, trust: bool = False
+):
+    """``(model, tokenizer, meta)`` of a glm-pretrain checkpoint of any layout on exactly ``tp x pp`` ranks."""
     from megatron_glm.model.parallelize import RankLayout, build_rank_model
     from megatron_glm.parallel import state
 
-    reader, tokenizer, cfg = open_sharded(path, tp, 1, device, tokenizer_spec, trust)
+    reader, tokenizer, cfg = open_sharded(path, tp, pp, device, tokenizer_spec, trust)
     if state.get_data_parallel_world_size() > 1:
         raise ValueError(
-            f"glm-generate runs on exactly --tensor-model-parallel-size {tp} ranks, not "
-            f"{tp * state.get_data_parallel_world_size()}: start that many"
+            f"glm-generate runs on exactly --tensor-model-parallel-size {tp} x "
+            f"--pipeline-model-parallel-size {pp} ranks, not "
+            f"{tp * pp * state.get_data_parallel_world_size()}: start that many"
         )
     layout = RankLayout.from_state()
     (chunk,) = build_rank_model(cfg, layout, 0, weights=reader.weights(layout))
-    return GatheredLogits(chunk.to(device)).eval(), tokenizer, reader.meta
+    return ShardedModel(chunk.to(device)).eval(), tokenizer, reader.meta
 
 
 def main(argv=None) -> int:
@@ -182,6 +210,12 @@ def main(argv=None) -> int:
         "shard, from a checkpoint of any layout; rank 0 prints",
     )
     p.add_argument(
+        "--pipeline-model-parallel-size",
+        type=int,
+        default=1,
+        help="pipeline stages (as above): the ranks started are exactly TP x PP",
+    )
+    p.add_argument(
         "--trust-checkpoint",
         action="store_true",
         help="unpickle the checkpoint without restriction (it can run code): only for a trusted source",
@@ -204,12 +238,14 @@ def main(argv=None) -> int:
             args.length_penalty,
             args.seed,
         )
-        tp = args.tensor_model_parallel_size
-        if tp < 1:
-            raise ValueError("--tensor-model-parallel-size must be positive")
-        if tp > 1:
+        tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+        if tp < 1 or pp < 1:
+            raise ValueError(
+                "--tensor-model-parallel-size and --pipeline-model-parallel-size must be positive"
+            )
+        if tp * pp > 1:
             model, tokenizer, _ = load_sharded(
-                args.load, tp, args.device, spec, args.trust_checkpoint
+                args.load, tp, pp, args.device, spec, args.trust_checkpoint
             )
         else:
             model, tokenizer, _ = load_for_inference(

@@ -391,31 +391,31 @@ def test_glm_eval_with_tensor_and_pipeline_parallelism_equals_one_process(
 
 
 @pytest.mark.slow
-def test_glm_generate_on_two_tensor_parallel_ranks_writes_what_one_process_writes(checkpoint):
+def test_glm_generate_with_tensor_and_pipeline_parallelism_writes_what_one_process_writes(
+    checkpoint,
+):
+    """Greedy filling and beam search on TP 2, TP 1 x PP 2 and TP 2 x PP 2, each rank reading only its shard
+    of a TP 1 checkpoint: rank 0 prints exactly one process's fills."""
     from megatron_glm.generate import load_for_inference
     from megatron_glm.model.generation import GenerationConfig, fill_blanks
 
     texts = ["Return the [MASK] of the file.", "Open a file [gMASK]"]
     model, tokenizer, _ = load_for_inference(checkpoint)
-    outputs = {}
-    for strategy in ("greedy", "beam"):
-        cfg = GenerationConfig(strategy, max_new_tokens=6)
-        outputs["one", strategy] = [fill_blanks(model, tokenizer, t, cfg)[0] for t in texts]
-        argv = ["--load", checkpoint, *(a for t in texts for a in ("--text", t))]
-        argv += [
-            "--strategy",
-            strategy,
-            "--max-new-tokens",
-            "6",
-            "--tensor-model-parallel-size",
-            "2",
+    one = {
+        strategy: [
+            fill_blanks(model, tokenizer, t, GenerationConfig(strategy, max_new_tokens=6))[0]
+            for t in texts
         ]
-        done = glm_eval(argv, 2, module="megatron_glm.generate")
+        for strategy in ("greedy", "beam")
+    }
+    for strategy, tp, pp in (("greedy", 2, 1), ("beam", 2, 1), ("beam", 1, 2), ("greedy", 2, 2)):
+        argv = ["--load", checkpoint, *(a for t in texts for a in ("--text", t))]
+        argv += ["--strategy", strategy, "--max-new-tokens", "6"]
+        argv += ["--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp)]
+        done = glm_eval(argv, tp * pp, module="megatron_glm.generate")
         assert done.returncode == 0, done.stderr[-4000:]
-        # rank 0 alone prints
-        outputs["tp2", strategy] = [line for line in done.stdout.splitlines() if line.strip()]
-    for strategy in ("greedy", "beam"):
-        assert outputs["tp2", strategy] == outputs["one", strategy], strategy
+        printed = [line for line in done.stdout.splitlines() if line.strip()]  # rank 0 alone
+        assert printed == one[strategy], (strategy, tp, pp)
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,10 @@ from megatron_glm.model.attention import interval_attention
 
 
 class KVCache:
-    """Keys and values per layer, ``[B, H, S_cached, D]``, grown by each incremental call."""
+    """Keys and values per layer, ``[B, H, S_cached, D]``, grown by each incremental call.
+
+    A pipeline stage fills only its own layers' entries; the others stay None.
+    """
 
     def __init__(self, num_layers: int):
         self.keys: list[torch.Tensor | None] = [None] * num_layers
@@ -42,16 +45,16 @@ class KVCache:
 
     @property
     def length(self) -> int:
-        return 0 if self.keys[0] is None else self.keys[0].shape[2]
+        return next((k.shape[2] for k in self.keys if k is not None), 0)
 
     def reorder(self, index: torch.Tensor) -> None:
         """Select batch rows (beam search keeps the caches of the surviving beams)."""
-        self.keys = [k.index_select(0, index) for k in self.keys]
-        self.values = [v.index_select(0, index) for v in self.values]
+        self.keys = [None if k is None else k.index_select(0, index) for k in self.keys]
+        self.values = [None if v is None else v.index_select(0, index) for v in self.values]
 
     def truncate(self, length: int) -> None:
-        self.keys = [k[:, :, :length] for k in self.keys]
-        self.values = [v[:, :, :length] for v in self.values]
+        self.keys = [None if k is None else k[:, :, :length] for k in self.keys]
+        self.values = [None if v is None else v[:, :, :length] for v in self.values]
 
     def copy(self) -> "KVCache":
         other = KVCache(len(self.keys))
