@@ -119,6 +119,9 @@ def launch_pretrain(nproc, args, fault=None, module="megatron_glm.training.pretr
         if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
     }
     env["MEGATRON_GLM_FAULT"] = fault or ""
+    # one thread, as torchrun gives each of several processes: two OpenMP threads spinning beside the other
+    # test worker's processes on two cores made a one-process run of many small ops several times slower
+    env.setdefault("OMP_NUM_THREADS", "1")
     cmd = [
         sys.executable,
         "-m",
