@@ -408,8 +408,11 @@ def test_the_launchers_run_glm_finetune_and_resume_it(tmp_path, data):
 
 
 FAKE_SBATCH = r'''#!PYTHON
-"""sbatch stand-in: record the submission (one JSON line) instead of queueing it."""
+"""sbatch stand-in: record the submission (one JSON line) instead of queueing it; --test-only passes (a real
+Slurm's refusal is test_slurm.py's)."""
 import json, os, sys
+if "--test-only" in sys.argv:
+    sys.exit(print("sbatch: Job 778 to start at now", file=sys.stderr))
 with open(os.environ["FAKE_SLURM_LOG"], "a") as f:
     f.write(json.dumps(sys.argv[1:]) + "\n")
 print("Submitted batch job 777")

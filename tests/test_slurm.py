@@ -300,6 +300,38 @@ def test_preprocess_array_and_its_merge_equal_one_run(slurm, tmp_path, corpus, s
         assert merged == (tmp_path / f"single_text_document{ext}").read_bytes(), ext
 
 
+def test_a_merge_no_node_can_run_is_reported_not_left_pending(slurm, tmp_path, corpus, spm_model):
+    """Slurm accepts a job no node can meet and leaves it PENDING for good (PartitionConfig): task 0 asks the
+    scheduler first (sbatch --test-only) and, refused, says so in its log and submits nothing; its shard is
+    written all the same."""
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "part.jsonl").write_bytes(open(corpus[0], "rb").read()[:20000])
+    (tmp_path / "out").mkdir()
+    env = {
+        **os.environ,
+        "INPUT": str(tmp_path / "raw"),
+        "OUTPUT_PREFIX": str(tmp_path / "out" / "corpus"),
+        "TOKENIZER_ARGS": f"--tokenizer-model {spm_model}",
+        "PYTHON": sys.executable,
+        "MERGE_SBATCH_ARGS": "--mem=100T",  # more memory than any node has
+    }
+    array = slurm.submit(
+        os.path.join(LAUNCHERS, "slurm_preprocess.sbatch"),
+        env,
+        "--array=0-0",
+        "--cpus-per-task=1",
+        f"--output={tmp_path}/array-%a.out",
+    )
+    slurm.wait(f"{array}_0", timeout=300)
+    log = (tmp_path / "array-0.out").read_text()
+    assert "cannot be scheduled on this cluster" in log and "--mem=100T" in log, log
+    assert "Requested node configuration is not available" in log, log
+    assert "Submitted batch job" not in log, log
+    merges = slurm.run("squeue", "-h", "-n", "glm-merge-datasets", "-o", "%i").stdout.split()
+    assert merges == [], "nothing left pending"
+    assert list((tmp_path / "out").glob("*.shard-00000-of-00001.idx"))
+
+
 def test_a_failed_array_task_is_named_by_the_merge_and_a_rerun_finishes(
     slurm, tmp_path, corpus, spm_model
 ):
