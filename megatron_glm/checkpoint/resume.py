@@ -74,6 +74,7 @@ def layout_changes(meta: dict, run: dict) -> list[str]:
     the checkpoint did: what DeepSpeed's own loading cannot take, so that each rank reads its part of
     every parameter instead (``universal.py``)."""
     saved, now = settings_of(meta), settings_of(run)
+    pp = meta.get("pipeline_model_parallel_size", 1), run["pipeline_model_parallel_size"]
     changes = [
         f"{what} {before} -> {after}"
         for what, before, after in (
@@ -82,12 +83,13 @@ def layout_changes(meta: dict, run: dict) -> list[str]:
                 meta.get("tensor_model_parallel_size", 1),
                 run["tensor_model_parallel_size"],
             ),
+            ("PP", *pp),
+            # a new PP splits the layers anew: only a new split on the same PP is news
             (
-                "PP",
-                meta.get("pipeline_model_parallel_size", 1),
-                run["pipeline_model_parallel_size"],
+                "layers per stage",
+                meta.get("pipeline_layers") if pp[0] == pp[1] else None,
+                run["pipeline_layers"] if pp[0] == pp[1] else None,
             ),
-            ("layers per stage", meta.get("pipeline_layers"), run["pipeline_layers"]),
             ("ZeRO stage", saved.parallel.zero_stage, now.parallel.zero_stage),
             ("precision", saved.training.precision, now.training.precision),
             ("padded vocabulary", meta["model"]["vocab_size"], run["model"]["vocab_size"]),
