@@ -139,10 +139,11 @@ def launch_pretrain(nproc, args, fault=None, module="megatron_glm.training.pretr
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
-def thudm_checkpoint(folder, model, mp: int):
+def thudm_checkpoint(folder, model, mp: int, legacy: bool = False):
     """The original implementation's files, sliced here independently: each partition [Q_r; K_r; V_r].
 
     Beside the weights they hold what THUDM/GLM's save adds: the arguments and the RNG states.
+    ``legacy``: torch's format before 1.6 (not a zip, so it cannot be memory-mapped).
     """
     import argparse
     import random
@@ -176,6 +177,7 @@ def thudm_checkpoint(folder, model, mp: int):
                 "torch_rng_state": torch.get_rng_state(),
             },
             it / f"mp_rank_{r:02d}_model_states.pt",
+            _use_new_zipfile_serialization=not legacy,
         )
 
 
