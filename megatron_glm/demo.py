@@ -4,20 +4,22 @@
 2. a sentencepiece tokenizer trained on it (``glm-train-tokenizer``);
 3. the indexed binary dataset (``glm-preprocess``);
 4. packed train/valid/test samples from it, decoded back to text;
-5. two tasks built from held-out docstrings (the validation split's: never trained on):
-   blank filling and a 4-way multiple choice, scored on the model glm-pretrain starts from;
+5. three tasks built from held-out docstrings (the validation split's: never trained on): blank
+   filling and two 4-way multiple choices (word order, function words), scored on the model
+   glm-pretrain starts from;
 6. glm-tiny pretrained with blank infilling (CPU, or the GPU when there is one), in two
    runs: the second resumes from the first's checkpoint and continues the same schedule;
-   the tasks are scored during training too (``--eval-tasks``);
-7. glm-finetune: the multiple-choice task as cloze classification, from the pretrained checkpoint,
+   blank filling and word order are scored during training too (``--eval-tasks``);
+7. glm-finetune: the function-word task as cloze classification, from the pretrained checkpoint,
    on items made from training documents, tested on the held-out task;
 8. the tasks before and after pretraining and after fine-tuning, beside chance; the loss curves as a PNG;
-9. held-out sentences: the word it picks for a blank, and what the KV-cache generator writes.
+9. held-out sentences: the order it picks for three blanked words, and what the KV-cache generator writes.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -116,8 +118,12 @@ def main(argv=None) -> int:
         f"blank filling: {tasks['blank_items']} sentences, spans blanked by the token objective -> {tasks['blank']}"
     )
     print(
-        f"multiple choice: {tasks['choice_items']} sentences, a function word blanked, it and 3 other function "
-        f"words to choose from (chance 25%) -> {tasks['choice']}"
+        f"multiple choice (word order): {tasks['order_items']} sentences, 3 consecutive words blanked, their "
+        f"order and 3 other orders to choose from (chance 25%) -> {tasks['order']}"
+    )
+    print(
+        f"multiple choice (function words): {tasks['words_items']} sentences, a function word blanked, it and 3 "
+        f"other function words to choose from (chance 25%) -> {tasks['words']}"
     )
     ckpt = os.path.join(args.workdir, "checkpoints")
     # a fresh run each time: the second step shows the resume
@@ -172,7 +178,7 @@ def main(argv=None) -> int:
         "100",
         "--eval-tasks",
         f"blank:{tasks['blank']}",
-        f"choice:{tasks['choice']}",
+        f"choice:{tasks['order']}",
     ]
     t = step(f"glm-pretrain: glm-tiny, {half} iterations, then stop")
     first = pretrain(common + ["--train-iters", str(half)])
@@ -191,7 +197,7 @@ def main(argv=None) -> int:
     tuned_dir = os.path.join(args.workdir, "finetuned")
     shutil.rmtree(tuned_dir, ignore_errors=True)
     t = step(
-        f"glm-finetune: the multiple-choice task as cloze classification, from the pretrained checkpoint: "
+        f"glm-finetune: the function-word task as cloze classification, from the pretrained checkpoint: "
         f"{ft['train_items']} items made from training documents, {ft['dev_items']} more as the dev split, "
         "the held-out task as the test split"
     )
@@ -204,7 +210,7 @@ def main(argv=None) -> int:
             "--valid-data",
             ft["dev"],
             "--test-data",
-            tasks["choice"],
+            tasks["words"],
             "--load",
             ckpt,
             "--finetune",
@@ -234,10 +240,10 @@ def main(argv=None) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     step(
         "glm-eval: the held-out tasks before training (the model glm-pretrain starts from), after pretraining, "
-        "and after fine-tuning on the multiple-choice task"
+        "and after fine-tuning on the function-word task"
     )
     before, after = score_before_and_after(ckpt, tasks, device)
-    tuned_accuracy = {("choice", "accuracy"): results["test"]["accuracy"]}
+    tuned_accuracy = {("words", "accuracy"): results["test"]["accuracy"]}
     print(f"{'':34} {'chance':>8} {'before':>8} {'after':>8} {'tuned':>8}")
     print(
         f"{'blank filling, loss per target token':34} {'':>8} {before['blank']['loss']:8.2f} "
@@ -246,8 +252,8 @@ def main(argv=None) -> int:
     for label, kind, key, chance in (
         ("blank filling, span exact match", "blank", "exact_match", None),
         ("blank filling, token accuracy", "blank", "token_accuracy", None),
-        ("multiple choice, accuracy", "choice", "accuracy", 0.25),
-        ("multiple choice, per-token score", "choice", "accuracy_per_token", 0.25),
+        ("multiple choice (order), accuracy", "order", "accuracy", 0.25),
+        ("multiple choice (function words)", "words", "accuracy", 0.25),
     ):
         shown = f"{chance:8.1%}" if chance is not None else f"{'~0%':>8}"
         tuned_value = tuned_accuracy.get((kind, key))
@@ -261,15 +267,16 @@ def main(argv=None) -> int:
     from megatron_glm.model.generation import GenerationConfig, fill_blanks
 
     step(
-        "held-out sentences: the word it picks for the blank (the most likely choice), and what glm-generate's "
-        "greedy filling writes there (a 1 M-parameter model after a few CPU minutes: grammar first, words later)"
+        "held-out sentences: the order it picks for the blanked words (the most likely choice), and what "
+        "glm-generate's greedy filling writes there (a 1 M-parameter model after a few CPU minutes: grammar "
+        "first, words later)"
     )
     glm, tok, _ = load_for_inference(ckpt, device=device)
-    for text, options, picked, truth in picked_choices(glm, tok, tasks["choice"], device)[:8]:
+    for text, options, picked, truth in picked_choices(glm, tok, tasks["order"], device)[:8]:
         _, spans = fill_blanks(glm, tok, text, GenerationConfig("greedy", max_new_tokens=6))
         shown = text.replace("[MASK]", " [MASK] ")
         print(
-            f"  {'right' if picked == truth else 'wrong'}: {shown}  {'/'.join(options)} -> {picked!r}"
+            f"  {'right' if picked == truth else 'wrong'}: {shown}  {' / '.join(options)} -> {picked!r}"
             f"{'' if picked == truth else f' (the text had {truth!r})'}; generated {spans[0]!r}"
         )
     return 0
@@ -305,30 +312,34 @@ def picked_choices(model, tok, path: str, device: str) -> list[tuple]:
     return out
 
 
-FUNCTION_WORDS = ("the", "a", "of", "to", "is", "if", "and", "in", "for", "or", "not", "an")
+ORDER_WORDS = 3  # the words of the word-order task's blank: 3! = 6 orders, 4 of them offered
 
 
 def held_out_tasks(corpus: str, folder: str, items: int = 200, seed: int = 1234) -> dict:
-    """Two task files from the first sentences of the validation split's documents.
+    """Three task files from the first sentences of the validation split's documents.
 
-    Blank filling: the sentences, spans blanked by the token objective. Multiple choice: the
-    first function word after a sentence's first word blanked, the choices it and three other
-    function words (chance 25%): grammar a small model learns first, unlike the content words
-    that a 2 M-parameter model after a few minutes cannot tell apart.
+    - Blank filling: the sentences, spans blanked by the token objective.
+    - Multiple choice, word order: three consecutive words blanked, the choices their order and
+      three other orders of the same words (chance 25%). The choices hold the same pieces, so
+      neither frequency nor length gives the answer away: only how well the model reads the
+      sentence, which keeps improving with its loss. glm-pretrain scores it as it trains.
+    - Multiple choice, function words: the first function word after the first word blanked, the
+      choices it and three other function words (chance 25%). A small model settles it within
+      its first hundred steps; glm-finetune then trains on items of the same kind.
     """
     sentences = first_sentences(corpus, 1)  # glm-pretrain --split 95,5,0's valid range
     rng = random.Random(seed)
     rng.shuffle(sentences)
     os.makedirs(folder, exist_ok=True)
-    blank, choice = os.path.join(folder, "blank.jsonl"), os.path.join(folder, "choice.jsonl")
-    with open(blank, "w") as f:
+    paths = {name: os.path.join(folder, f"{name}.jsonl") for name in ("blank", "order", "words")}
+    with open(paths["blank"], "w") as f:
         for words in sentences[:items]:
             f.write(json.dumps({"text": " ".join(words) + "."}) + "\n")
     return {
-        "blank": blank,
-        "choice": choice,
+        **paths,
         "blank_items": min(items, len(sentences)),
-        "choice_items": write_choices(sentences, choice, items, rng),
+        "order_items": write_order_choices(sentences, paths["order"], items, rng),
+        "words_items": write_word_choices(sentences, paths["words"], items, rng),
     }
 
 
@@ -347,8 +358,48 @@ def first_sentences(corpus: str, split: int) -> list[list[str]]:
     return sentences
 
 
-def write_choices(sentences: list[list[str]], path: str, items: int, rng: random.Random) -> int:
-    """The multiple-choice task: the first function word after a sentence's first word blanked, it and three
+def write_order_choices(
+    sentences: list[list[str]], path: str, items: int, rng: random.Random
+) -> int:
+    """The word-order task: three consecutive distinct words (after a sentence's first) blanked, their order and
+    three other orders of them to choose from; how many items were written."""
+    n = 0
+    with open(path, "w") as f:
+        for words in sentences:
+            starts = [
+                i
+                for i in range(1, len(words) - ORDER_WORDS + 1)
+                if all(w.isalpha() for w in words[i : i + ORDER_WORDS])
+                and len(set(words[i : i + ORDER_WORDS])) == ORDER_WORDS
+            ]
+            if not starts or n == items:
+                continue
+            at = rng.choice(starts)
+            span = words[at : at + ORDER_WORDS]
+            others = [list(p) for p in itertools.permutations(span) if list(p) != span]
+            options = [" ".join(span)] + [" ".join(p) for p in rng.sample(others, 3)]
+            rng.shuffle(options)
+            # no spaces beside the blank: it stands for the words and the first one's leading space, as in
+            # training (with sentencepiece, "a [MASK] b" would encode the spaces as pieces of their own)
+            rest = " ".join(words[at + ORDER_WORDS :])
+            text = " ".join(words[:at]) + "[MASK]" + (rest + "." if rest else ".")
+            f.write(
+                json.dumps(
+                    {"text": text, "choices": options, "label": options.index(" ".join(span))}
+                )
+                + "\n"
+            )
+            n += 1
+    return n
+
+
+FUNCTION_WORDS = ("the", "a", "of", "to", "is", "if", "and", "in", "for", "or", "not", "an")
+
+
+def write_word_choices(
+    sentences: list[list[str]], path: str, items: int, rng: random.Random
+) -> int:
+    """The function-word task: the first function word after a sentence's first word blanked, it and three
     other function words to choose from; how many items were written."""
     n = 0
     with open(path, "w") as f:
@@ -358,8 +409,6 @@ def write_choices(sentences: list[list[str]], path: str, items: int, rng: random
                 continue
             options = [words[at]] + rng.sample([w for w in FUNCTION_WORDS if w != words[at]], 3)
             rng.shuffle(options)
-            # no spaces beside the blank: it stands for the word and its leading space, as in training (with
-            # sentencepiece, "a [MASK] b" would encode the spaces as pieces of their own)
             text = " ".join(words[:at]) + "[MASK]" + " ".join(words[at + 1 :]) + "."
             f.write(
                 json.dumps({"text": text, "choices": options, "label": options.index(words[at])})
@@ -370,15 +419,15 @@ def write_choices(sentences: list[list[str]], path: str, items: int, rng: random
 
 
 def finetune_tasks(corpus: str, folder: str, seed: int = 1234) -> dict:
-    """The multiple-choice task made from the training split's documents, for fine-tuning: a train file and a
+    """The function-word task made from the training split's documents, for fine-tuning: a train file and a
     dev file (sentences the fine-tuning never trains on); the held-out task stays the test."""
     sentences = first_sentences(corpus, 0)
     rng = random.Random(seed)
     rng.shuffle(sentences)
     os.makedirs(folder, exist_ok=True)
     train, dev = os.path.join(folder, "train.jsonl"), os.path.join(folder, "dev.jsonl")
-    n_dev = write_choices(sentences[:600], dev, 200, rng)
-    n_train = write_choices(sentences[600:], train, 2000, rng)
+    n_dev = write_word_choices(sentences[:600], dev, 200, rng)
+    n_train = write_word_choices(sentences[600:], train, 2000, rng)
     return {"train": train, "dev": dev, "train_items": n_train, "dev_items": n_dev}
 
 
@@ -401,8 +450,8 @@ def score_before_and_after(ckpt: str, tasks: dict, device: str) -> tuple[dict, d
         with torch.no_grad():
             out.append(
                 {
-                    kind: task_metrics(model, tok, kind, tasks[kind], 16, device, 1234)
-                    for kind in ("blank", "choice")
+                    name: task_metrics(model, tok, kind, tasks[name], 16, device, 1234)
+                    for name, kind in (("blank", "blank"), ("order", "choice"), ("words", "choice"))
                 }
             )
     return out[0], out[1]

@@ -262,19 +262,24 @@ def test_srun_script_two_tasks_stop_on_usr1_are_requeued_and_finish(
         assert ours[it] == pytest.approx(ref[it], rel=1e-5)
 
 
+def preprocess_env(tmp_path, spm_model, **settings) -> dict:
+    """slurm_preprocess.sbatch's settings: the inputs in ``raw/``, the output under ``out/``."""
+    return {
+        **os.environ,
+        "INPUT": str(tmp_path / "raw"),
+        "OUTPUT_PREFIX": str(tmp_path / "out" / "corpus"),
+        "TOKENIZER_ARGS": f"--tokenizer-model {spm_model}",
+        "PYTHON": sys.executable,
+        **settings,
+    }
+
+
 def test_preprocess_array_and_its_merge_equal_one_run(slurm, tmp_path, corpus, spm_model):
     """sbatch --array=0-2 --cpus-per-task=1: three shards, then the merge job task 0 submits (one task, one CPU)
     once they all succeed; the merged dataset is byte-identical to one glm-preprocess run."""
     split_corpus(tmp_path, corpus, spm_model)
     (tmp_path / "out").mkdir()
-    env = {
-        **os.environ,
-        "INPUT": str(tmp_path / "raw"),
-        "OUTPUT_PREFIX": str(tmp_path / "out" / "corpus"),
-        "TOKENIZER_ARGS": f"--tokenizer-model {spm_model}",
-        "PREPROCESS_ARGS": "--append-eod",
-        "PYTHON": sys.executable,
-    }
+    env = preprocess_env(tmp_path, spm_model, PREPROCESS_ARGS="--append-eod")
     array = slurm.submit(
         os.path.join(LAUNCHERS, "slurm_preprocess.sbatch"),
         env,
@@ -307,14 +312,8 @@ def test_a_merge_no_node_can_run_is_reported_not_left_pending(slurm, tmp_path, c
     (tmp_path / "raw").mkdir()
     (tmp_path / "raw" / "part.jsonl").write_bytes(open(corpus[0], "rb").read()[:20000])
     (tmp_path / "out").mkdir()
-    env = {
-        **os.environ,
-        "INPUT": str(tmp_path / "raw"),
-        "OUTPUT_PREFIX": str(tmp_path / "out" / "corpus"),
-        "TOKENIZER_ARGS": f"--tokenizer-model {spm_model}",
-        "PYTHON": sys.executable,
-        "MERGE_SBATCH_ARGS": "--mem=100T",  # more memory than any node has
-    }
+    # more memory than any node has
+    env = preprocess_env(tmp_path, spm_model, MERGE_SBATCH_ARGS="--mem=100T")
     array = slurm.submit(
         os.path.join(LAUNCHERS, "slurm_preprocess.sbatch"),
         env,
@@ -355,13 +354,7 @@ def test_a_failed_array_task_is_named_by_the_merge_and_a_rerun_finishes(
     bad = good[:middle] + bytes(b ^ 0xFF for b in good[middle : middle + 64]) + good[middle + 64 :]
     (tmp_path / "raw" / "part1.jsonl.gz").write_bytes(bad)
     (tmp_path / "out").mkdir()
-    env = {
-        **os.environ,
-        "INPUT": str(tmp_path / "raw"),
-        "OUTPUT_PREFIX": str(tmp_path / "out" / "corpus"),
-        "TOKENIZER_ARGS": f"--tokenizer-model {spm_model}",
-        "PYTHON": sys.executable,
-    }
+    env = preprocess_env(tmp_path, spm_model)
     script = os.path.join(LAUNCHERS, "slurm_preprocess.sbatch")
     array = slurm.submit(
         script, env, "--array=0-2", "--cpus-per-task=1", f"--output={tmp_path}/array-%a.out"
