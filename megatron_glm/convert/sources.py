@@ -54,7 +54,7 @@ def detect_format(path: str) -> str:
 
 
 class Source:
-    """What every source has; subclasses fill ``cfg``, ``info``, ``entries``, ``opener`` and ``get``."""
+    """What every source has; subclasses fill ``cfg``, ``info``, ``entries``, ``opener`` and ``_read``."""
 
     cfg: ModelConfig
     info: dict
