@@ -122,7 +122,7 @@ class ShardedModel(torch.nn.Module):
         if self.stage < self.pp - 1:
             dist.send(h.contiguous(), self.ranks[self.stage + 1])
             logits = like.new_empty(rows, length, self.cfg.vocab_size)
-        else:
+        else:  # the last stage returns logits over its share of the vocabulary
             tp_group = state.get_tensor_model_parallel_group()
             parts = [torch.empty_like(h) for _ in range(dist.get_world_size(tp_group))]
             dist.all_gather(parts, h.contiguous(), group=tp_group)
