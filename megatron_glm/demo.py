@@ -491,7 +491,7 @@ def plot_curves(metrics: str, path: str) -> str | None:
     for key in sorted({k for r in rows for k in r if k.startswith("eval/") and k.endswith(shown)}):
         points = [(r["iteration"], r[key]) for r in rows if key in r]
         right.plot(*zip(*points), "o-", label=key.removeprefix("eval/"))
-    right.axhline(0.25, color="grey", linestyle=":", label="multiple choice: chance")
+    right.axhline(0.25, color="grey", linestyle=":", label="word order: chance (25%)")
     right.set(
         xlabel="iteration", ylabel="share", title="held-out tasks (--eval-tasks)", ylim=(0, 1)
     )
