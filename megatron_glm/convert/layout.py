@@ -130,11 +130,3 @@ def shard_of(
     """Rank ``tp_rank``'s piece of the whole parameter ``name``."""
     spec = partition_of(name, cfg.geglu)
     return tensor if spec is None or tp == 1 else shard_tensor(tensor, *spec, tp_rank, tp)
-
-
-def shard_shape(shape, name: str, cfg: ModelConfig, tp: int) -> tuple[int, ...]:
-    spec = partition_of(name, cfg.geglu)
-    shape = list(shape)
-    if spec is not None:
-        shape[spec[0]] //= tp
-    return tuple(shape)

@@ -81,7 +81,8 @@ class Source:
 
 
 class StateDict(Source):
-    """A state dict already in memory (tests, and tools that built one)."""
+    """A state dict already in memory (tests, and tools that built one), given as it is: not checked for
+    NaN/Inf, so that a test can write a broken checkpoint on purpose."""
 
     def __init__(self, state: dict, cfg: ModelConfig, info: dict | None = None):
         self.state, self.cfg, self.info = state, cfg, dict(info or {})

@@ -28,10 +28,11 @@ from megatron_glm.convert.layout import (
     placement,
     repad_rows,
     shard_of,
-    shard_shape,
 )
 from megatron_glm.convert.workers import run_jobs
+from megatron_glm.model.parallelize import partition_of
 from megatron_glm.parallel.pipeline import partition_layers
+from megatron_glm.parallel.tensor_parallel import sharded_shape
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -131,7 +132,10 @@ def write_megatron_glm(
         if name == "word_embeddings.weight":
             shape = (rows, *shape[1:])
         for p, t, local in places[name]:
-            files[p, t][local] = (shard_shape(shape, name, cfg, tp), out_dtype or saved)
+            files[p, t][local] = (
+                sharded_shape(shape, partition_of(name, cfg.geglu), tp),
+                out_dtype or saved,
+            )
     iteration = info.get("iteration", 0)
     tag = tag_of(iteration)
     plan = [

@@ -40,6 +40,14 @@ def unsharded_shape(shape, spec: tuple[int, int] | None, world: int) -> tuple[in
     return tuple(shape)
 
 
+def sharded_shape(shape, spec: tuple[int, int] | None, world: int) -> tuple[int, ...]:
+    """One of ``world`` shards' shape, from the whole tensor's (the inverse of ``unsharded_shape``)."""
+    shape = list(shape)
+    if spec is not None:
+        shape[spec[0]] //= world
+    return tuple(shape)
+
+
 def unshard_tensors(shards: list[torch.Tensor], dim: int, stride: int) -> torch.Tensor:
     pieces = [s.chunk(stride, dim) for s in shards]
     return torch.cat([torch.cat([p[k] for p in pieces], dim) for k in range(stride)], dim)
