@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import free_port, records, write_jsonl
+from tests.helpers import launch_pretrain, records, write_jsonl
 
 TEXTS = [
     "Return the number of items in the container.",
@@ -278,26 +278,7 @@ def checkpoint(tmp_path_factory, data, task_files):
 
 def glm_eval(argv, nproc=1, module="megatron_glm.evaluate"):
     """glm-eval (or another command's ``module``) in ``nproc`` processes under torchrun."""
-    cmd = [sys.executable, "-m", module, *argv]
-    if nproc > 1:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            str(nproc),
-            "--master_port",
-            str(free_port()),
-            "-m",
-            module,
-            *argv,
-        ]
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
-    }
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    return launch_pretrain(nproc, argv, module=module)
 
 
 def eval_argv(checkpoint, task_files, out, cache):
