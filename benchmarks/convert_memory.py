@@ -46,6 +46,16 @@ write_megatron_glm(out, StateDict(GLMModel(cfg, seed=0).state_dict(), cfg), tp=2
 """
 
 
+def package_at(rev: str, folder: str) -> str:
+    """The ``megatron_glm`` package of revision ``rev``, taken out of git into ``folder``; ``folder``."""
+    os.makedirs(folder)
+    archive = subprocess.run(
+        ["git", "archive", rev, "megatron_glm"], capture_output=True, check=True, cwd=ROOT
+    )
+    subprocess.run(["tar", "-x", "-C", folder], input=archive.stdout, check=True)
+    return folder
+
+
 def peak(package_root: str, argv: list[str]) -> int:
     """Peak RSS of ``glm-convert argv`` run from the package under ``package_root``."""
     env = {**os.environ, "PYTHONPATH": package_root}
@@ -94,12 +104,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as work:
-        old = os.path.join(work, "before")
-        os.makedirs(old)
-        archive = subprocess.run(
-            ["git", "archive", BEFORE, "megatron_glm"], capture_output=True, check=True, cwd=ROOT
-        )
-        subprocess.run(["tar", "-x", "-C", old], input=archive.stdout, check=True)
+        old = package_at(BEFORE, os.path.join(work, "before"))
         for layers in args.layers:
             ckpt = os.path.join(work, f"tp2-{layers}")
             subprocess.run(

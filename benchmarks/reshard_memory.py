@@ -6,9 +6,9 @@ A GLM is trained one step on TP 2 (ZeRO-1, fp32: weights, masters and Adam momen
   checkpoint. Baseline, in the same invocation: the same run on the same layout started fresh
   (two steps). The figure is the worst rank's peak RSS (``ru_maxrss``).
 - **Conversion**: glm-convert to-universal of the checkpoint, in one process. Baseline: the
-  conversion as it was before it streamed (``git show REV:megatron_glm/convert/universal.py``
-  and its readers, loaded from git), which held the whole state three times. Both run for two
-  depths, to show whether the peak grows with the number of layers.
+  conversion as it was before it streamed (revision ``BEFORE``'s package, taken out of git with
+  ``git archive``), which held the whole state three times. Both run for two depths, to show
+  whether the peak grows with the number of layers.
 
     python benchmarks/reshard_memory.py                   # 6 and 12 layers, hidden 1024, on the CPU
 """
@@ -22,6 +22,8 @@ import subprocess
 import sys
 import tempfile
 
+from convert_memory import package_at, peak  # this folder's: the script's own path comes first
+
 BEFORE = "a0cde20"  # the last revision whose to-universal held the whole state
 
 WRAPPER = """
@@ -31,23 +33,6 @@ code = importlib.import_module(module).main(sys.argv[3:])
 with open(os.path.join(out, f"rank{os.environ.get('RANK', '0')}.json"), "w") as f:
     json.dump({"code": code, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}, f)
 os._exit(0)  # past gloo's teardown, as glm-pretrain's own command does
-"""
-
-OLD_CONVERSION = """
-import json, os, resource, subprocess, sys, types
-import megatron_glm.convert as package
-rev, load, save = sys.argv[1:4]
-
-def from_git(path, name):
-    source = subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True, check=True).stdout
-    module = types.ModuleType(name)
-    exec(compile(source, f"{rev}:{path}", "exec"), module.__dict__)
-    return module
-
-package.readers = from_git("megatron_glm/convert/readers.py", "old_readers")
-old = from_git("megatron_glm/convert/universal.py", "old_universal")
-old.write_universal(load, save)
-print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """
 
 
@@ -115,6 +100,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as work:
         data = os.path.join(work, "data")
         demo(["--workdir", data, "--skip-training"])
+        old = package_at(BEFORE, os.path.join(work, "before"))
         for layers in args.layers:
             base = pretrain_args(data, work, args, layers)
             save = os.path.join(work, f"tp2-{layers}")
@@ -141,22 +127,9 @@ def main(argv=None) -> int:
                 "megatron_glm.convert.cli",
                 ["to-universal", "--load", save, "--save", os.path.join(work, f"u{layers}")],
             )
-            old = subprocess.run(
-                [
-                    sys.executable,
-                    "-c",
-                    OLD_CONVERSION,
-                    BEFORE,
-                    save,
-                    os.path.join(work, f"old{layers}"),
-                ],
-                capture_output=True,
-                text=True,
-                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+            before = peak(
+                old, ["to-universal", "--load", save, "--save", os.path.join(work, f"old{layers}")]
             )
-            if old.returncode:
-                raise SystemExit(f"the {BEFORE} conversion failed:\n{old.stderr[-3000:]}")
-            before = json.loads(old.stdout.strip().splitlines()[-1])["peak_rss"]
             state = sum(
                 os.path.getsize(os.path.join(root, f))
                 for root, _, files in os.walk(os.path.join(work, f"u{layers}"))
